@@ -1,0 +1,160 @@
+//! Distance kernels on `f32`: a portable implementation, an x86_64 AVX2+FMA one chosen at run
+//! time, and a plain scalar reference that tests compare both against.
+//!
+//! # One canonical accumulation order
+//! Floating-point addition is not associative, so two kernels that add the same products in a
+//! different order can return different bits, and a top-k near a tie can then differ between
+//! the native edge and the WASM guest. Every vectorised kernel here therefore adds in the same
+//! order: element `i` goes into partial sum `i mod 32` (four 8-lane accumulators), and the 32
+//! partial sums are reduced by the fixed tree in [`reduce32`]. The portable code is written in
+//! that shape so the compiler vectorises it (SSE2 here, `simd128` on wasm32) without reordering.
+//! The one remaining difference is that the AVX2 path fuses multiply and add (FMA, one rounding
+//! instead of two), so results agree to a few ulps rather than bit for bit: "agree except on
+//! near-ties", which the ground-truth comparison tolerates at 1e-5.
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use portable::{dot as dot_portable, l2_squared as l2_squared_portable};
+
+/// Number of partial sums in the canonical accumulation order.
+pub const LANES: usize = 32;
+
+/// Which implementation [`dot`] and [`l2_squared`] use on this machine.
+pub fn active() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        return "avx2+fma";
+    }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return "portable (simd128)";
+    #[allow(unreachable_code)]
+    "portable"
+}
+
+/// Inner product of two equally long vectors (extra elements of the longer one are ignored).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: `available()` checked that this CPU supports AVX2 and FMA.
+        return unsafe { x86::dot(a, b) };
+    }
+    portable::dot(a, b)
+}
+
+/// Squared Euclidean distance of two equally long vectors.
+#[inline]
+pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: `available()` checked that this CPU supports AVX2 and FMA.
+        return unsafe { x86::l2_squared(a, b) };
+    }
+    portable::l2_squared(a, b)
+}
+
+/// Hints the CPU to start loading the first cache lines of `row` (a vector about to be
+/// compared); a no-op where no prefetch instruction is available.
+#[inline(always)]
+pub fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // Four lines start the stream; the hardware prefetcher follows the rest of the row.
+        for line in row.chunks(16).take(4) {
+            // SAFETY: prefetching is a hint that never faults, and SSE is baseline on x86_64.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// Reduces 32 partial sums by the canonical tree: lanes `l`, `l+8`, `l+16`, `l+24` pairwise,
+/// then 8 → 4 → 2 → 1 by halves. The AVX2 kernel performs exactly these additions in registers.
+#[inline]
+pub(crate) fn reduce32(acc: &[f32; LANES]) -> f32 {
+    let mut s8 = [0.0f32; 8];
+    for l in 0..8 {
+        s8[l] = (acc[l] + acc[8 + l]) + (acc[16 + l] + acc[24 + l]);
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
+    s2[0] + s2[1]
+}
+
+/// The obvious sequential loops in `f64`: slow, order-independent enough to be the yardstick.
+pub mod reference {
+    /// Inner product accumulated in `f64`.
+    pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    /// Squared Euclidean distance accumulated in `f64`.
+    pub fn l2_squared(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let d = *x as f64 - *y as f64;
+                d * d
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vectors() -> impl Strategy<Value = (Vec<f32>, Vec<f32>)> {
+        (0usize..300).prop_flat_map(|n| {
+            (
+                proptest::collection::vec(-4.0f32..4.0, n),
+                proptest::collection::vec(-4.0f32..4.0, n),
+            )
+        })
+    }
+
+    /// Bound on the rounding error of an n-term f32 sum of products with magnitude sum `mag`.
+    fn tolerance(n: usize, mag: f64) -> f64 {
+        (n as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-6
+    }
+
+    proptest! {
+        #[test]
+        fn dispatched_dot_matches_reference((a, b) in vectors()) {
+            let mag: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+            let want = reference::dot(&a, &b);
+            prop_assert!((dot(&a, &b) as f64 - want).abs() <= tolerance(a.len(), mag));
+            prop_assert!((dot_portable(&a, &b) as f64 - want).abs() <= tolerance(a.len(), mag));
+        }
+
+        #[test]
+        fn dispatched_l2_matches_reference((a, b) in vectors()) {
+            let want = reference::l2_squared(&a, &b);
+            prop_assert!((l2_squared(&a, &b) as f64 - want).abs() <= tolerance(a.len(), want));
+            prop_assert!((l2_squared_portable(&a, &b) as f64 - want).abs() <= tolerance(a.len(), want));
+        }
+
+        #[test]
+        fn simd_and_portable_agree_to_a_few_ulps((a, b) in vectors()) {
+            // Same accumulation order: only FMA's single rounding separates them.
+            let mag: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+            let diff = (dot(&a, &b) - dot_portable(&a, &b)).abs() as f64;
+            prop_assert!(diff <= 4.0 * f32::EPSILON as f64 * mag + 1e-7);
+        }
+    }
+
+    #[test]
+    fn empty_and_tail_only_vectors() {
+        assert_eq!(dot(&[], &[]), 0.0);
+        assert_eq!(l2_squared(&[1.0], &[3.0]), 4.0);
+        let a: Vec<f32> = (0..33).map(|i| i as f32).collect();
+        assert_eq!(dot(&a, &a), (0..33).map(|i| (i * i) as f32).sum::<f32>());
+    }
+}

@@ -1,0 +1,29 @@
+//! # tiervec-shared
+//!
+//! The pure core of tiervec, used by the edge, the cloud and the WASM guest alike. It performs
+//! no IO, reads no clock and starts no threads: time, randomness (as seeds) and bytes come in as
+//! arguments, so everything here compiles to `wasm32-wasip1` and is tested deterministically.
+//!
+//! How the parts connect:
+//! * [`metric`] defines what a distance *is* (once, for thresholds, certificates and ground
+//!   truth); [`kernels`] computes it fast, in one canonical accumulation order.
+//! * [`query`] validates every search request (dimension, NaN/inf, `k`, `ef`).
+//! * [`hnsw`] builds graphs ([`hnsw::HnswBuilder`]) and searches any [`hnsw::Graph`].
+//! * [`snapshot`] is the edge cache file format: [`snapshot::encode`] writes it,
+//!   [`snapshot::Snapshot::open`] validates it once and then searches the archived bytes in
+//!   place through [`snapshot::SnapshotView`].
+//! * [`vecs`] parses the `.fvecs`/`.ivecs` dataset layout from bytes.
+//! * [`exact`] is brute-force search, the yardstick for recall.
+
+pub mod exact;
+pub mod hnsw;
+pub mod identity;
+pub mod kernels;
+pub mod metric;
+pub mod query;
+pub mod snapshot;
+pub mod vecs;
+
+pub use identity::CollectionId;
+pub use metric::Metric;
+pub use query::QueryError;
