@@ -1,1 +1,20 @@
-//! placeholder
+//! # tiervec-edge
+//!
+//! The edge node's cache: a snapshot file (format in `tiervec_shared::snapshot`) memory-mapped,
+//! validated once, and searched in place. This crate owns the IO around the pure core:
+//!
+//! * [`files`] — opening snapshots (memory map or anonymous copy) and writing them atomically
+//!   (temp file, fsync, rename, fsync of the directory).
+//! * [`index`] — [`EdgeIndex`]: request validation and k-NN search over an open snapshot, with
+//!   a pool of reusable search buffers so the query path allocates nothing that grows with the
+//!   number of vectors.
+//! * [`inspect`] — the human-readable report behind `tiervec-edge inspect FILE`.
+//!
+//! Later issues add the overlay and delta log, the QUIC client and the local HTTP endpoint here.
+
+pub mod files;
+pub mod index;
+pub mod inspect;
+
+pub use files::{SnapshotBytes, write_snapshot_atomic};
+pub use index::{EdgeError, EdgeIndex, Hit, Searcher};

@@ -31,11 +31,16 @@ use std::ops::Deref;
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
+
+/// A heap buffer aligned for a snapshot body (rkyv's 16-byte aligned vector).
+pub use rkyv::util::AlignedVec as AlignedBytes;
 use rkyv::{Archive, Serialize};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::hnsw::{self, FlatGraph, Graph, HnswParams, MAX_LAYERS, Neighbour, SearchScratch};
+use crate::hnsw::{
+    self, FlatGraph, Graph, HnswBuilder, HnswParams, MAX_LAYERS, Neighbour, SearchScratch,
+};
 use crate::identity::CollectionId;
 use crate::metric::Metric;
 
@@ -125,6 +130,52 @@ impl From<FlatGraph> for GraphSection {
                 })
                 .collect(),
         }
+    }
+}
+
+impl SnapshotBody {
+    /// Assembles a body from a finished graph builder: node `i` gets `ids[i]`, `lsns[i]` and,
+    /// when given, `payloads[i]`. Fails if the lengths disagree or the text exceeds 4 GiB.
+    pub fn from_builder(
+        builder: &HnswBuilder,
+        collection_name: &str,
+        ids: Vec<u64>,
+        lsns: Vec<u64>,
+        payloads: Option<&[String]>,
+    ) -> Result<SnapshotBody, SnapshotError> {
+        let n = builder.len();
+        if ids.len() != n || lsns.len() != n || payloads.is_some_and(|p| p.len() != n) {
+            return Err(SnapshotError::Write(format!(
+                "{n} vectors but {} ids, {} LSNs and {} payloads",
+                ids.len(),
+                lsns.len(),
+                payloads.map_or(0, <[String]>::len)
+            )));
+        }
+        let mut payload_offsets = Vec::new();
+        let mut payload_text = String::new();
+        if let Some(texts) = payloads {
+            payload_offsets.reserve(n + 1);
+            payload_offsets.push(0);
+            for t in texts {
+                payload_text.push_str(t);
+                let end = u32::try_from(payload_text.len()).map_err(|_| {
+                    SnapshotError::Write("payload text exceeds 4 GiB".into())
+                })?;
+                payload_offsets.push(end);
+            }
+        }
+        Ok(SnapshotBody {
+            collection_name: collection_name.to_owned(),
+            ids,
+            lsns,
+            vectors: builder.vectors().to_vec(),
+            payload_offsets,
+            payload_text,
+            graph: builder.to_flat().into(),
+            manifest_version: 0,
+            anchors: AnchorSection::default(),
+        })
     }
 }
 

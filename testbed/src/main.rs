@@ -1,1 +1,75 @@
-fn main() {}
+//! `tiervec-testbed`: runs the benchmarks and tools of the testbed library.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tiervec_shared::hnsw::HnswParams;
+use tiervec_testbed::bench::local::{self, LocalArgs};
+use tiervec_testbed::dataset::Dataset;
+use tiervec_testbed::snapshots;
+
+#[derive(Parser)]
+#[command(name = "tiervec-testbed", version, about = "tiervec demos and benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks; each writes JSON (--json) and updates docs/benchmarks.md.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+    /// Build an edge snapshot from the first N base vectors of the dataset, with their texts.
+    BuildSnapshot {
+        /// Output file (written atomically).
+        out: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        #[arg(long, default_value_t = 16)]
+        m: usize,
+        #[arg(long, default_value_t = 200)]
+        ef_construction: usize,
+    },
+    /// Internal: the child process of `bench local` that measures resident memory.
+    #[command(hide = true)]
+    RssProbe {
+        snapshot: PathBuf,
+        #[arg(long, default_value_t = 5_000)]
+        queries: usize,
+        #[arg(long, default_value_t = 64)]
+        ef: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Edge snapshot search vs hnsw_rs vs exact on 10,000 vectors (ef sweep).
+    Local(LocalArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Bench { bench: Bench::Local(args) } => local::run(args),
+        Command::BuildSnapshot { out, count, m, ef_construction } => {
+            let ds = Dataset::load_default()?;
+            let texts = ds.base_texts()?;
+            let params = HnswParams { m, ef_construction, ..HnswParams::default() };
+            let bytes = snapshots::build(&ds.base, count, params, Some(&texts))?;
+            tiervec_edge::write_snapshot_atomic(&out, &bytes)?;
+            eprintln!("wrote {} ({} bytes)", out.display(), bytes.len());
+            Ok(())
+        }
+        Command::RssProbe { snapshot, queries, ef } => {
+            let probe = local::rss_probe(&snapshot, queries, ef)?;
+            println!("{}", serde_json::to_string(&probe)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! `tiervec-testbed bench local`: the edge's in-place snapshot search against hnsw_rs and exact
+//! brute force, on a 10,000-vector slice of the dataset, over an `ef` sweep.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hnsw_rs::prelude::{Distance, Hnsw};
+use serde::Serialize;
+use tiervec_edge::{EdgeIndex, Hit, Searcher, write_snapshot_atomic};
+use tiervec_shared::hnsw::HnswParams;
+use tiervec_shared::{Metric, exact};
+
+use super::{Latencies, Machine, memory, recall_at_10, update_benchmarks_md, write_json};
+use crate::dataset::Dataset;
+use crate::{plot, snapshots};
+
+/// Knobs of the local bench.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct LocalArgs {
+    /// Reduced run (1,000 queries, fewer ef values) for CI smoke tests.
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    #[serde(skip)]
+    pub json: Option<PathBuf>,
+    /// Base vectors in the snapshot (the first N rows of base.fvecs).
+    #[arg(long, default_value_t = 10_000)]
+    pub count: usize,
+    #[arg(long, default_value_t = 16)]
+    pub m: usize,
+    #[arg(long, default_value_t = 200)]
+    pub ef_construction: usize,
+    /// ef values to sweep (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10,16,24,32,48,64,96,128,192,256")]
+    pub ef: Vec<usize>,
+    /// Minimum latency samples per row (queries are repeated to reach it).
+    #[arg(long, default_value_t = 10_000)]
+    pub samples: usize,
+    /// Where the snapshot file is written.
+    #[arg(long, default_value = "target/tiervec-bench")]
+    #[serde(skip)]
+    pub work_dir: PathBuf,
+    /// Update docs/benchmarks.md and the SVG under this docs folder ("" to skip).
+    #[arg(long, default_value = "docs")]
+    #[serde(skip)]
+    pub docs: PathBuf,
+}
+
+/// One engine at one setting.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub engine: &'static str,
+    pub ef: Option<usize>,
+    pub recall_at_10: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub qps: f64,
+    pub threads: usize,
+}
+
+/// The best row of an engine that reaches a recall target.
+#[derive(Debug, Clone, Serialize)]
+pub struct AtRecall {
+    pub engine: &'static str,
+    pub ef: Option<usize>,
+    pub recall_at_10: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    bench: &'static str,
+    machine: Machine,
+    settings: serde_json::Value,
+    rows: Vec<Row>,
+    snapshot_bytes: u64,
+    open_ms: f64,
+    rss_file_bytes: u64,
+    rss_anon_bytes: u64,
+    rss_file_delta_bytes: u64,
+    rss_anon_delta_bytes: u64,
+    kernel_gbps: f64,
+    memory_gbps: f64,
+    build_seconds_tiervec: f64,
+    build_seconds_hnsw_rs: f64,
+    hnsw_rs_build_threads: usize,
+    at_recall_098: Vec<AtRecall>,
+    p50_ratio_tiervec_to_hnsw_rs_at_098: Option<f64>,
+    p99_ratio_tiervec_to_hnsw_rs_at_098: Option<f64>,
+}
+
+/// tiervec's cosine distance, handed to hnsw_rs (anndists' `DistDot` asserts `dot ≤ 1` and
+/// panics on normalised vectors whose f32 self-dot rounds above 1).
+struct TiervecCosine;
+
+impl Distance<f32> for TiervecCosine {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        Metric::Cosine.distance(a, b)
+    }
+}
+
+/// Exact top-10 ids and distances of every query over `vectors`, on all cores.
+fn ground_truth(vectors: &[f32], dim: usize, queries: &[&[f32]]) -> Vec<(Vec<u64>, Vec<f32>)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = queries.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = queries
+            .chunks(chunk)
+            .map(|qs| {
+                s.spawn(move || {
+                    qs.iter()
+                        .map(|q| {
+                            let top = exact::search(vectors, dim, Metric::Cosine, q, 10);
+                            (
+                                top.iter().map(|n| n.id as u64).collect(),
+                                top.iter().map(|n| n.distance).collect(),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("ground-truth thread"))
+            .collect()
+    })
+}
+
+/// Runs `search` over the queries `passes` times on this thread, recording each call's latency;
+/// recall comes from the first pass.
+fn measure(
+    engine: &'static str,
+    ef: Option<usize>,
+    queries: &[&[f32]],
+    truth: &[(Vec<u64>, Vec<f32>)],
+    samples: usize,
+    mut search: impl FnMut(&[f32], &mut Vec<(u64, f32)>),
+) -> Row {
+    let passes = samples.div_ceil(queries.len()).max(1);
+    let mut lat = Latencies::new();
+    let mut found = Vec::with_capacity(16);
+    let mut recall = 0.0;
+    let mut busy = Duration::ZERO;
+    for pass in 0..passes {
+        for (q, (ids, dists)) in queries.iter().zip(truth) {
+            let t = Instant::now();
+            search(q, &mut found);
+            let d = t.elapsed();
+            busy += d;
+            lat.record(d);
+            if pass == 0 {
+                recall += recall_at_10(&found, ids, dists);
+            }
+        }
+    }
+    let row = Row {
+        engine,
+        ef,
+        recall_at_10: recall / queries.len() as f64,
+        p50_us: lat.percentile_us(0.50),
+        p99_us: lat.percentile_us(0.99),
+        p999_us: lat.percentile_us(0.999),
+        qps: lat.len() as f64 / busy.as_secs_f64(),
+        threads: 1,
+    };
+    eprintln!(
+        "  {:<8} ef={:<4} recall@10={:.4} p50={:>8.1}µs p99={:>8.1}µs p99.9={:>8.1}µs qps={:>9.0}",
+        row.engine,
+        ef.map_or("-".into(), |e| e.to_string()),
+        row.recall_at_10,
+        row.p50_us,
+        row.p99_us,
+        row.p999_us,
+        row.qps
+    );
+    row
+}
+
+/// Best (lowest p50) row of `engine` with recall ≥ `target`.
+fn best_at(rows: &[Row], engine: &str, target: f64) -> Option<AtRecall> {
+    rows.iter()
+        .filter(|r| r.engine == engine && r.recall_at_10 >= target)
+        .min_by(|a, b| a.p50_us.total_cmp(&b.p50_us))
+        .map(|r| AtRecall {
+            engine: r.engine,
+            ef: r.ef,
+            recall_at_10: r.recall_at_10,
+            p50_us: r.p50_us,
+            p99_us: r.p99_us,
+        })
+}
+
+/// Resident memory of a child process that only opens the snapshot and searches it.
+#[derive(Debug, Default, serde::Deserialize, Serialize)]
+pub struct RssProbe {
+    pub rss_file_bytes: u64,
+    pub rss_anon_bytes: u64,
+    pub rss_file_before_open_bytes: u64,
+    pub rss_anon_before_open_bytes: u64,
+}
+
+/// Reads `RssFile` and `RssAnon` of this process from `/proc/self/status`, in bytes.
+pub fn rss_now() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("RssFile:"), field("RssAnon:"))
+}
+
+/// The child side of the RSS measurement: open `snapshot`, search with each stored vector as
+/// a query (so no query set is loaded), and report resident memory.
+pub fn rss_probe(snapshot: &Path, queries: usize, ef: usize) -> anyhow::Result<RssProbe> {
+    let (file0, anon0) = rss_now();
+    let index = EdgeIndex::open(snapshot)?;
+    let mut searcher = Searcher::new();
+    let mut hits: Vec<Hit<'_>> = Vec::with_capacity(10);
+    let mut query = vec![0.0f32; index.header().spec.dim as usize];
+    for i in 0..queries.min(index.len()) {
+        query.copy_from_slice(index.view().vector(i as u32).context("vector")?);
+        index.search_with(&mut searcher, &query, 10, ef, &mut hits)?;
+    }
+    let (file, anon) = rss_now();
+    Ok(RssProbe {
+        rss_file_bytes: file,
+        rss_anon_bytes: anon,
+        rss_file_before_open_bytes: file0,
+        rss_anon_before_open_bytes: anon0,
+    })
+}
+
+pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.samples = args.samples.min(1_000);
+        args.ef.retain(|e| [16, 32, 64, 128].contains(e));
+    }
+    let started = Instant::now();
+    let ds = Dataset::load_default()?;
+    let texts = ds.base_texts()?;
+    let dim = ds.base.dim;
+    let count = args.count.min(ds.base.rows());
+    let vectors = &ds.base.data[..count * dim];
+    let nq = if args.quick { 1_000 } else { ds.queries.rows() };
+    let queries: Vec<&[f32]> = (0..nq).map(|i| ds.queries.row(i)).collect();
+    let params = HnswParams {
+        m: args.m,
+        ef_construction: args.ef_construction,
+        ..HnswParams::default()
+    };
+    eprintln!("bench local: {count} vectors × {dim}, {nq} queries, M={}, ef_construction={}", args.m, args.ef_construction);
+
+    let truth = ground_truth(vectors, dim, &queries);
+
+    let t = Instant::now();
+    let bytes = snapshots::build(&ds.base, count, params, Some(&texts))?;
+    let build_seconds_tiervec = t.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&args.work_dir)?;
+    let path = args.work_dir.join(format!("local-{count}.tvs"));
+    write_snapshot_atomic(&path, &bytes)?;
+    let snapshot_bytes = bytes.len() as u64;
+    drop(bytes);
+    eprintln!("  tiervec build {build_seconds_tiervec:.1}s, snapshot {snapshot_bytes} bytes");
+
+    let mut opens: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            let index = EdgeIndex::open(&path);
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            index.map(|_| ms)
+        })
+        .collect::<Result<_, _>>()?;
+    opens.sort_by(f64::total_cmp);
+    let open_ms = opens[opens.len() / 2];
+    let index = EdgeIndex::open(&path)?;
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let t = Instant::now();
+    let peer: Hnsw<f32, TiervecCosine> = Hnsw::new(args.m, count, 16, args.ef_construction, TiervecCosine);
+    let rows_for_peer: Vec<(&[f32], usize)> = (0..count).map(|i| (ds.base.row(i), i)).collect();
+    peer.parallel_insert_slice(&rows_for_peer);
+    let build_seconds_hnsw_rs = t.elapsed().as_secs_f64();
+    eprintln!("  hnsw_rs build {build_seconds_hnsw_rs:.1}s on {threads} threads");
+
+    let mut rows = Vec::new();
+    let mut searcher = Searcher::new();
+    let mut hits = Vec::with_capacity(16);
+    for &ef in &args.ef {
+        rows.push(measure("tiervec", Some(ef), &queries, &truth, args.samples, |q, out| {
+            index
+                .search_with(&mut searcher, q, 10, ef, &mut hits)
+                .expect("valid query");
+            out.clear();
+            out.extend(hits.iter().map(|h| (h.id, h.distance)));
+        }));
+        rows.push(measure("hnsw_rs", Some(ef), &queries, &truth, args.samples, |q, out| {
+            let found = peer.search(q, 10, ef);
+            out.clear();
+            out.extend(found.iter().map(|n| (n.d_id as u64, n.distance)));
+        }));
+    }
+    rows.push(measure("exact", None, &queries, &truth, args.samples, |q, out| {
+        let found = exact::search(vectors, dim, Metric::Cosine, q, 10);
+        out.clear();
+        out.extend(found.iter().map(|n| (n.id as u64, n.distance)));
+    }));
+
+    // Kernel scan throughput: exact search over every base vector, single thread.
+    let scan_queries = if args.quick { 20 } else { 200 };
+    let t = Instant::now();
+    for q in queries.iter().take(scan_queries) {
+        std::hint::black_box(exact::search(&ds.base.data, dim, Metric::Cosine, q, 10));
+    }
+    let per_scan = t.elapsed().as_secs_f64() / scan_queries as f64;
+    let kernel_gbps = (ds.base.data.len() * 4) as f64 / per_scan / 1e9;
+    let memory_gbps = memory::read_bandwidth_gbps(1 << 30, 5);
+    eprintln!("  kernel scan {kernel_gbps:.1} GB/s over {} vectors; memory read {memory_gbps:.1} GB/s (1 GiB buffer)", ds.base.rows());
+
+    let probe = spawn_rss_probe(&path)?;
+
+    let at_recall_098: Vec<AtRecall> = ["tiervec", "hnsw_rs", "exact"]
+        .iter()
+        .filter_map(|e| best_at(&rows, e, 0.98))
+        .collect();
+    let ratio = |f: fn(&AtRecall) -> f64| {
+        let ours = at_recall_098.iter().find(|r| r.engine == "tiervec")?;
+        let peer = at_recall_098.iter().find(|r| r.engine == "hnsw_rs")?;
+        Some(f(ours) / f(peer))
+    };
+    let report = Report {
+        bench: "local",
+        machine: Machine::detect(),
+        settings: serde_json::json!({
+            "count": count, "dim": dim, "queries": nq, "k": 10, "m": args.m,
+            "ef_construction": args.ef_construction, "seed": params.seed,
+            "samples_per_row": args.samples, "quick": args.quick,
+            "ground_truth": "exact cosine top-10 over the same vectors (tiervec exact search)",
+            "hnsw_rs_distance": "tiervec cosine kernel",
+        }),
+        p50_ratio_tiervec_to_hnsw_rs_at_098: ratio(|r| r.p50_us),
+        p99_ratio_tiervec_to_hnsw_rs_at_098: ratio(|r| r.p99_us),
+        rows,
+        snapshot_bytes,
+        open_ms,
+        rss_file_bytes: probe.rss_file_bytes,
+        rss_anon_bytes: probe.rss_anon_bytes,
+        rss_file_delta_bytes: probe.rss_file_bytes.saturating_sub(probe.rss_file_before_open_bytes),
+        rss_anon_delta_bytes: probe.rss_anon_bytes.saturating_sub(probe.rss_anon_before_open_bytes),
+        kernel_gbps,
+        memory_gbps,
+        build_seconds_tiervec,
+        build_seconds_hnsw_rs,
+        hnsw_rs_build_threads: threads,
+        at_recall_098,
+    };
+    if let Some(json) = &args.json {
+        write_json(json, &report)?;
+    }
+    if !args.docs.as_os_str().is_empty() && !args.quick {
+        write_docs(&args, &report)?;
+    }
+    eprintln!("bench local done in {:.0}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn spawn_rss_probe(path: &Path) -> anyhow::Result<RssProbe> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("rss-probe")
+        .arg(path)
+        .output()
+        .context("starting the RSS probe process")?;
+    anyhow::ensure!(out.status.success(), "RSS probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn write_docs(args: &LocalArgs, r: &Report) -> anyhow::Result<()> {
+    let svg = args.docs.join("bench").join("local-recall-latency.svg");
+    plot::recall_latency(&svg, "bench local: recall@10 vs p50 latency (10,000 vectors, 1 thread)", &r.rows)?;
+    let mut md = String::new();
+    md.push_str("## bench local — edge snapshot search\n\n");
+    md.push_str(&format!(
+        "Command: `cargo run --release -p tiervec-testbed -- bench local --json target/bench-local.json`  \n\
+         Machine: {} ({} cpus, kernel {}), {} vectors × 384, {} queries, M={}, ef_construction={}, \
+         ≥{} samples per row, single thread.\n\n",
+        r.machine.cpu_model, r.machine.cpus, r.machine.kernel, args.count, r.settings["queries"], args.m,
+        args.ef_construction, args.samples
+    ));
+    md.push_str("| engine | ef | recall@10 | p50 µs | p99 µs | p99.9 µs | QPS |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    for row in &r.rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.4} | {:.1} | {:.1} | {:.1} | {:.0} |\n",
+            row.engine,
+            row.ef.map_or("-".into(), |e| e.to_string()),
+            row.recall_at_10,
+            row.p50_us,
+            row.p99_us,
+            row.p999_us,
+            row.qps
+        ));
+    }
+    md.push_str("\nBest row per engine at recall@10 ≥ 0.98:\n\n");
+    for a in &r.at_recall_098 {
+        md.push_str(&format!(
+            "- {}: ef={} recall {:.4}, p50 {:.1} µs, p99 {:.1} µs\n",
+            a.engine,
+            a.ef.map_or("-".into(), |e| e.to_string()),
+            a.recall_at_10,
+            a.p50_us,
+            a.p99_us
+        ));
+    }
+    if let (Some(p50), Some(p99)) = (r.p50_ratio_tiervec_to_hnsw_rs_at_098, r.p99_ratio_tiervec_to_hnsw_rs_at_098) {
+        md.push_str(&format!("- ratio tiervec / hnsw_rs at recall ≥ 0.98: p50 {p50:.2}×, p99 {p99:.2}×\n"));
+    }
+    md.push_str(&format!(
+        "\nSnapshot {} bytes; open (mmap + full validation) {:.2} ms median of 7; \
+         builds: tiervec {:.1} s (1 thread), hnsw_rs {:.1} s ({} threads).  \n\
+         Resident memory of a process that only opens and searches: file-backed {} KiB \
+         (+{} KiB on open), anonymous {} KiB (+{} KiB on open).  \n\
+         Kernel scan over 50,000 × 384 f32: {:.1} GB/s; memory read bandwidth (1 GiB buffer): {:.1} GB/s.\n\n\
+         ![recall vs latency](bench/local-recall-latency.svg)\n",
+        r.snapshot_bytes,
+        r.open_ms,
+        r.build_seconds_tiervec,
+        r.build_seconds_hnsw_rs,
+        r.hnsw_rs_build_threads,
+        r.rss_file_bytes / 1024,
+        r.rss_file_delta_bytes / 1024,
+        r.rss_anon_bytes / 1024,
+        r.rss_anon_delta_bytes / 1024,
+        r.kernel_gbps,
+        r.memory_gbps
+    ));
+    update_benchmarks_md(&args.docs.join("benchmarks.md"), "local", &md)
+}

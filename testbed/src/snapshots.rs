@@ -1,0 +1,47 @@
+//! Building edge snapshots from the dataset.
+
+use tiervec_shared::CollectionId;
+use tiervec_shared::Metric;
+use tiervec_shared::hnsw::{HnswBuilder, HnswParams};
+use tiervec_shared::snapshot::{self, AlignedBytes, SnapshotBody, SnapshotError, SnapshotSpec};
+use tiervec_shared::vecs::Matrix;
+
+/// The collection identity the testbed gives the dataset's collection.
+pub const DATASET_COLLECTION: CollectionId = CollectionId::from_u128(0x7469_6572_7665_6300_0000_0000_0000_0001);
+
+/// Builds and encodes a cosine snapshot of base rows `0..count`, with their texts as payloads
+/// when given. Ids are the row numbers; LSNs are 1-based row numbers.
+pub fn build(
+    base: &Matrix<f32>,
+    count: usize,
+    params: HnswParams,
+    texts: Option<&[String]>,
+) -> Result<AlignedBytes, SnapshotError> {
+    let count = count.min(base.rows());
+    let mut builder = HnswBuilder::new(base.dim, Metric::Cosine, params);
+    for i in 0..count {
+        builder
+            .insert(base.row(i))
+            .map_err(|e| SnapshotError::Write(format!("base row {i}: {e}")))?;
+    }
+    let texts = match texts {
+        Some(t) => Some(t.get(..count).ok_or_else(|| {
+            SnapshotError::Write(format!("{} texts for {count} vectors", t.len()))
+        })?),
+        None => None,
+    };
+    let body = SnapshotBody::from_builder(
+        &builder,
+        "wordnet",
+        (0..count as u64).collect(),
+        (1..=count as u64).collect(),
+        texts,
+    )?;
+    let spec = SnapshotSpec {
+        collection: DATASET_COLLECTION,
+        dim: base.dim as u32,
+        metric: Metric::Cosine,
+        params: builder.params(),
+    };
+    snapshot::encode(&spec, &body)
+}
