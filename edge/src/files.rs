@@ -75,7 +75,10 @@ impl Deref for SnapshotBytes {
     }
 }
 
-const _: () = assert!(BODY_ALIGN <= 16, "mmap pages and rkyv's AlignedVec give 16-byte alignment");
+const _: () = assert!(
+    BODY_ALIGN <= 16,
+    "mmap pages and rkyv's AlignedVec give 16-byte alignment"
+);
 
 // SAFETY: a mapping's address and length are fixed until it is dropped, and its contents do not
 // change because tiervec never rewrites a snapshot file in place (module docs); owned buffers
@@ -90,10 +93,17 @@ pub fn write_snapshot_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "snapshot path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "snapshot path has no file name",
+        )
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         file.write_all(bytes)?;

@@ -32,7 +32,11 @@ pub fn report<B: StableBytes>(bytes: B) -> (String, bool) {
     let _ = writeln!(
         out,
         "payloads:        {}",
-        if snapshot.header().has_payloads { "text" } else { "none" }
+        if snapshot.header().has_payloads {
+            "text"
+        } else {
+            "none"
+        }
     );
     let stats = view.layer_stats();
     let _ = writeln!(out, "graph layers:    {}", stats.len());
@@ -43,7 +47,11 @@ pub fn report<B: StableBytes>(bytes: B) -> (String, bool) {
             s.nodes, s.edges, s.mean_degree, s.max_degree
         );
     }
-    let _ = writeln!(out, "validates:       yes (format v{})", snapshot::FORMAT_VERSION);
+    let _ = writeln!(
+        out,
+        "validates:       yes (format v{})",
+        snapshot::FORMAT_VERSION
+    );
     (out, true)
 }
 

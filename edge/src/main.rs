@@ -46,9 +46,18 @@ fn main() -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot open {}", file.display()))?;
             let (report, valid) = tiervec_edge::inspect::report(bytes);
             print!("{report}");
-            Ok(if valid { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::Query { file, vector, k, ef } => {
+        Command::Query {
+            file,
+            vector,
+            k,
+            ef,
+        } => {
             let index = EdgeIndex::open(&file)?;
             for hit in index.search(&vector, k, ef)? {
                 println!(

@@ -23,7 +23,13 @@ impl Ord for Worst {
 
 /// The `k` rows of `vectors` (row-major, `dim` wide) nearest to `query`, nearest first; equal
 /// distances are ordered by row number. `query` must be prepared for the metric.
-pub fn search(vectors: &[f32], dim: usize, metric: Metric, query: &[f32], k: usize) -> Vec<Neighbour> {
+pub fn search(
+    vectors: &[f32],
+    dim: usize,
+    metric: Metric,
+    query: &[f32],
+    k: usize,
+) -> Vec<Neighbour> {
     if k == 0 || dim == 0 {
         return Vec::new();
     }

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 /// A 128-bit identity (a UUID's bytes) given to a collection when it is created. A collection
 /// dropped and recreated under the same name gets a new one, so an edge never mixes vectors
 /// from the old incarnation with answers from the new.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct CollectionId(pub [u8; 16]);
 
 impl CollectionId {

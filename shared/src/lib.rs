@@ -20,6 +20,7 @@ pub mod hnsw;
 pub mod identity;
 pub mod kernels;
 pub mod metric;
+pub mod quant;
 pub mod query;
 pub mod snapshot;
 pub mod vecs;

@@ -39,10 +39,12 @@ use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::hnsw::{
-    self, FlatGraph, Graph, HnswBuilder, HnswParams, MAX_LAYERS, Neighbour, SearchScratch,
+    self, ExactSpace, FlatGraph, Graph, HnswBuilder, HnswParams, MAX_LAYERS, Neighbour,
+    QuantizedSpace, SearchScratch,
 };
 use crate::identity::CollectionId;
 use crate::metric::Metric;
+use crate::{kernels, quant};
 
 /// First eight bytes of every snapshot. The CR LF pair catches a file mangled by a text-mode
 /// transfer, as PNG's signature does.
@@ -87,6 +89,40 @@ pub struct SnapshotBody {
     pub manifest_version: u64,
     /// Confidence anchors (empty until the push issue fills them).
     pub anchors: AnchorSection,
+    /// `i8` codes of the vectors for fast traversal (empty: search traverses in `f32`).
+    pub quantization: QuantSection,
+}
+
+/// Scalar quantisation of the vectors (see [`crate::quant`]); empty or complete.
+#[derive(Archive, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct QuantSection {
+    /// `dim` per-dimension scales.
+    pub scales: Vec<f32>,
+    /// `count × dim` codes in `-127..=127`.
+    pub codes: Vec<i8>,
+    /// Squared norm of each original vector.
+    pub norms: Vec<f32>,
+}
+
+impl QuantSection {
+    /// Quantises `vectors` (row-major, `dim` wide).
+    pub fn build(vectors: &[f32], dim: usize) -> QuantSection {
+        if vectors.is_empty() {
+            return QuantSection::default();
+        }
+        let scales = quant::train(vectors, dim);
+        let mut codes = Vec::with_capacity(vectors.len());
+        let mut norms = Vec::with_capacity(vectors.len() / dim);
+        for row in vectors.chunks_exact(dim) {
+            quant::encode(row, &scales, &mut codes);
+            norms.push(kernels::dot(row, row));
+        }
+        QuantSection {
+            scales,
+            codes,
+            norms,
+        }
+    }
 }
 
 /// The HNSW graph: per layer one flat neighbour array plus offsets, and an entry point.
@@ -159,9 +195,8 @@ impl SnapshotBody {
             payload_offsets.push(0);
             for t in texts {
                 payload_text.push_str(t);
-                let end = u32::try_from(payload_text.len()).map_err(|_| {
-                    SnapshotError::Write("payload text exceeds 4 GiB".into())
-                })?;
+                let end = u32::try_from(payload_text.len())
+                    .map_err(|_| SnapshotError::Write("payload text exceeds 4 GiB".into()))?;
                 payload_offsets.push(end);
             }
         }
@@ -175,6 +210,7 @@ impl SnapshotBody {
             graph: builder.to_flat().into(),
             manifest_version: 0,
             anchors: AnchorSection::default(),
+            quantization: QuantSection::build(builder.vectors(), builder.dim()),
         })
     }
 }
@@ -275,7 +311,10 @@ impl SnapshotHeader {
         }
         let bad = |what: String| Err(SnapshotError::BadHeader(what));
         if u32_at(12) as usize != HEADER_LEN {
-            return bad(format!("header length {} (expected {HEADER_LEN})", u32_at(12)));
+            return bad(format!(
+                "header length {} (expected {HEADER_LEN})",
+                u32_at(12)
+            ));
         }
         let dim = u32_at(16);
         if dim == 0 || dim > MAX_DIM {
@@ -294,11 +333,15 @@ impl SnapshotHeader {
         }
         let count = u64_at(40);
         if count >= u64::from(u32::MAX) {
-            return bad(format!("vector count {count} exceeds the u32 node-id space"));
+            return bad(format!(
+                "vector count {count} exceeds the u32 node-id space"
+            ));
         }
         let body_offset = u64_at(64);
         if body_offset != BODY_OFFSET as u64 {
-            return bad(format!("body offset {body_offset} (expected {BODY_OFFSET})"));
+            return bad(format!(
+                "body offset {body_offset} (expected {BODY_OFFSET})"
+            ));
         }
         let mut collection = [0u8; 16];
         collection.copy_from_slice(&bytes[48..64]);
@@ -385,8 +428,8 @@ pub enum SnapshotError {
 /// Serialises a snapshot (header and body) into bytes, after checking that the result passes
 /// the same validation [`Snapshot::open`] applies — tiervec never writes a file it would refuse.
 pub fn encode(spec: &SnapshotSpec, body: &SnapshotBody) -> Result<AlignedVec, SnapshotError> {
-    let archived = rkyv::to_bytes::<rancor::Error>(body)
-        .map_err(|e| SnapshotError::Write(e.to_string()))?;
+    let archived =
+        rkyv::to_bytes::<rancor::Error>(body).map_err(|e| SnapshotError::Write(e.to_string()))?;
     let count = body.ids.len() as u64;
     let header = SnapshotHeader {
         version: FORMAT_VERSION,
@@ -439,7 +482,12 @@ fn inconsistent<T>(what: String) -> Result<T, SnapshotError> {
 }
 
 /// Checks that `offsets` is a valid CSR offset array of `rows` rows over `len` items.
-fn check_offsets(name: &str, offsets: &[u32], rows: usize, len: usize) -> Result<(), SnapshotError> {
+fn check_offsets(
+    name: &str,
+    offsets: &[u32],
+    rows: usize,
+    len: usize,
+) -> Result<(), SnapshotError> {
     if offsets.len() != rows + 1 {
         return inconsistent(format!(
             "{name} has {} offsets for {rows} rows (expected {})",
@@ -498,10 +546,42 @@ fn check_contents(h: &SnapshotHeader, b: &ArchivedSnapshotBody) -> Result<(), Sn
         return inconsistent("payload text present without offsets".into());
     }
     check_graph(h, &b.graph, count)?;
-    check_anchors(&b.anchors, dim)
+    check_anchors(&b.anchors, dim)?;
+    check_quantization(&b.quantization, count, dim)
 }
 
-fn check_graph(h: &SnapshotHeader, g: &ArchivedGraphSection, count: usize) -> Result<(), SnapshotError> {
+fn check_quantization(
+    q: &ArchivedQuantSection,
+    count: usize,
+    dim: usize,
+) -> Result<(), SnapshotError> {
+    if q.scales.is_empty() && q.codes.is_empty() && q.norms.is_empty() {
+        return Ok(());
+    }
+    let scales: &[f32] = cast(&q.scales);
+    let norms: &[f32] = cast(&q.norms);
+    if scales.len() != dim || q.codes.len() != count * dim || norms.len() != count {
+        return inconsistent(format!(
+            "quantisation has {} scales, {} codes and {} norms for {count} vectors of dimension {dim}",
+            scales.len(),
+            q.codes.len(),
+            norms.len()
+        ));
+    }
+    if scales.iter().chain(norms).any(|x| !x.is_finite()) {
+        return inconsistent("quantisation scales or norms are not finite".into());
+    }
+    if q.codes.iter().any(|&c| c == i8::MIN) {
+        return inconsistent("quantisation code -128 is outside -127..=127".into());
+    }
+    Ok(())
+}
+
+fn check_graph(
+    h: &SnapshotHeader,
+    g: &ArchivedGraphSection,
+    count: usize,
+) -> Result<(), SnapshotError> {
     let entry = g.entry_point.as_ref().map(|e| e.to_native());
     let layers = g.layers.len();
     if count == 0 {
@@ -511,7 +591,9 @@ fn check_graph(h: &SnapshotHeader, g: &ArchivedGraphSection, count: usize) -> Re
         return Ok(());
     }
     let Some(entry) = entry.filter(|&e| (e as usize) < count) else {
-        return inconsistent(format!("entry point {entry:?} is not one of the {count} nodes"));
+        return inconsistent(format!(
+            "entry point {entry:?} is not one of the {count} nodes"
+        ));
     };
     if layers == 0 || layers > MAX_LAYERS {
         return inconsistent(format!("{layers} graph layers (expected 1..={MAX_LAYERS})"));
@@ -526,14 +608,19 @@ fn check_graph(h: &SnapshotHeader, g: &ArchivedGraphSection, count: usize) -> Re
             }
             count
         } else {
-            if nodes.windows(2).any(|w| w[1] <= w[0]) || nodes.last().is_some_and(|&n| n as usize >= count) {
+            if nodes.windows(2).any(|w| w[1] <= w[0])
+                || nodes.last().is_some_and(|&n| n as usize >= count)
+            {
                 return inconsistent(format!("layer {l} node list is unsorted or out of range"));
             }
             nodes.len()
         };
         check_offsets(&format!("layer {l}"), offsets, rows, neighbours.len())?;
         let max = h.spec.params.max_degree(l);
-        if let Some(i) = offsets.windows(2).position(|w| (w[1] - w[0]) as usize > max) {
+        if let Some(i) = offsets
+            .windows(2)
+            .position(|w| (w[1] - w[0]) as usize > max)
+        {
             return inconsistent(format!("layer {l} row {i} has more than {max} neighbours"));
         }
         if let Some(&n) = neighbours.iter().find(|&&n| n as usize >= count) {
@@ -561,7 +648,12 @@ fn check_anchors(a: &ArchivedAnchorSection, dim: usize) -> Result<(), SnapshotEr
         }
         return Ok(());
     }
-    check_offsets("anchor answers", answer_offsets, anchors, a.answer_ids.len())
+    check_offsets(
+        "anchor answers",
+        answer_offsets,
+        anchors,
+        a.answer_ids.len(),
+    )
 }
 
 /// Reinterprets an archived little-endian array as native values. The `bytemuck` cast checks
@@ -572,7 +664,9 @@ fn cast<A: bytemuck::Pod, N: bytemuck::Pod>(v: &rkyv::vec::ArchivedVec<A>) -> &[
 }
 
 #[cfg(not(target_endian = "little"))]
-compile_error!("tiervec's snapshot format is little-endian and is read in place: big-endian targets are not supported");
+compile_error!(
+    "tiervec's snapshot format is little-endian and is read in place: big-endian targets are not supported"
+);
 
 /// Byte containers whose contents and address cannot change while they are borrowed and are
 /// not changed by anyone else while they live, so that bytes validated once stay valid.
@@ -618,9 +712,8 @@ impl<B: StableBytes> Snapshot<B> {
     pub fn view(&self) -> SnapshotView<'_> {
         // SAFETY: `open` validated these exact bytes with `rkyv::access`, and `StableBytes`
         // guarantees they have not moved or changed since.
-        let body = unsafe {
-            rkyv::access_unchecked::<ArchivedSnapshotBody>(&self.bytes[BODY_OFFSET..])
-        };
+        let body =
+            unsafe { rkyv::access_unchecked::<ArchivedSnapshotBody>(&self.bytes[BODY_OFFSET..]) };
         let layer0 = body.graph.layers.first();
         SnapshotView {
             header: &self.header,
@@ -702,7 +795,10 @@ impl<'a> SnapshotView<'a> {
     /// Node `node`'s payload text, if the snapshot carries payloads.
     pub fn payload(&self, node: u32) -> Option<&'a str> {
         let offsets: &'a [u32] = cast(&self.body.payload_offsets);
-        let (start, end) = (*offsets.get(node as usize)?, *offsets.get(node as usize + 1)?);
+        let (start, end) = (
+            *offsets.get(node as usize)?,
+            *offsets.get(node as usize + 1)?,
+        );
         self.body.payload_text.get(start as usize..end as usize)
     }
 
@@ -730,7 +826,30 @@ impl<'a> SnapshotView<'a> {
         ef: usize,
         scratch: &'s mut SearchScratch,
     ) -> &'s [Neighbour] {
-        hnsw::search(self, self.vectors, self.dim(), self.metric(), query, k, ef, scratch)
+        let exact = ExactSpace {
+            vectors: self.vectors,
+            dim: self.dim(),
+            metric: self.metric(),
+            query,
+        };
+        let q = &self.body.quantization;
+        if q.codes.is_empty() {
+            return hnsw::search(self, &exact, k, ef, scratch);
+        }
+        let scales: &[f32] = cast(&q.scales);
+        let mut codes = std::mem::take(scratch.query_codes());
+        codes.prepare(query, scales);
+        let quantized = QuantizedSpace {
+            codes: q.codes.as_slice(),
+            norms: cast(&q.norms),
+            dim: self.dim(),
+            metric: self.metric(),
+            query: &codes,
+            query_norm: kernels::dot(query, query),
+        };
+        hnsw::search_reranked(self, &quantized, &exact, k, ef, scratch);
+        *scratch.query_codes() = codes;
+        scratch.found()
     }
 }
 
@@ -738,7 +857,13 @@ impl Graph for SnapshotView<'_> {
     #[inline]
     fn neighbours(&self, node: u32, layer: usize) -> &[u32] {
         if layer == 0 {
-            return hnsw::flat_neighbours(&[], self.layer0_offsets, self.layer0_neighbours, node, 0);
+            return hnsw::flat_neighbours(
+                &[],
+                self.layer0_offsets,
+                self.layer0_neighbours,
+                node,
+                0,
+            );
         }
         match self.body.graph.layers.get(layer) {
             Some(l) => hnsw::flat_neighbours(
@@ -754,6 +879,16 @@ impl Graph for SnapshotView<'_> {
 
     fn entry_point(&self) -> Option<u32> {
         self.body.graph.entry_point.as_ref().map(|e| e.to_native())
+    }
+
+    #[inline]
+    fn prefetch_neighbours(&self, node: u32, layer: usize) {
+        if layer == 0
+            && let Some(&start) = self.layer0_offsets.get(node as usize)
+            && let Some(first) = self.layer0_neighbours.get(start as usize)
+        {
+            kernels::prefetch_ptr(first);
+        }
     }
 
     fn layers(&self) -> usize {

@@ -117,7 +117,8 @@ pub fn encode_fvecs(dim: usize, data: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() / dim.max(1) * (4 + 4 * dim));
     for row in data.chunks_exact(dim) {
         out.extend_from_slice(&(dim as i32).to_le_bytes());
-        row.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        row.iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
     }
     out
 }
@@ -140,16 +141,28 @@ mod tests {
         ));
         assert!(matches!(
             parse_fvecs(&bytes[..2]),
-            Err(VecsError::Truncated { row: 0, needed: 4, .. })
+            Err(VecsError::Truncated {
+                row: 0,
+                needed: 4,
+                ..
+            })
         ));
         let mut changed = bytes.clone();
         changed[16..20].copy_from_slice(&2i32.to_le_bytes());
         assert!(matches!(
             parse_fvecs(&changed),
-            Err(VecsError::DimensionChanged { row: 1, expected: 3, found: 2, .. })
+            Err(VecsError::DimensionChanged {
+                row: 1,
+                expected: 3,
+                found: 2,
+                ..
+            })
         ));
         let mut negative = bytes;
         negative[0..4].copy_from_slice(&(-1i32).to_le_bytes());
-        assert!(matches!(parse_fvecs(&negative), Err(VecsError::BadDimension { dim: -1, .. })));
+        assert!(matches!(
+            parse_fvecs(&negative),
+            Err(VecsError::BadDimension { dim: -1, .. })
+        ));
     }
 }

@@ -49,7 +49,9 @@ pub struct Dataset {
 pub fn data_dir() -> PathBuf {
     match std::env::var_os("TIERVEC_DATA") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(DEFAULT_DATA_DIR),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(DEFAULT_DATA_DIR),
     }
 }
 
@@ -131,7 +133,10 @@ impl Dataset {
         let groundtruth = read_ivecs(&gt_path, None)?;
         let gtd_path = dir.join("groundtruth_distances.fvecs");
         let groundtruth_distances = read_fvecs(&gtd_path, Some(groundtruth.dim))?;
-        for (path, rows) in [(&gt_path, groundtruth.rows()), (&gtd_path, groundtruth_distances.rows())] {
+        for (path, rows) in [
+            (&gt_path, groundtruth.rows()),
+            (&gtd_path, groundtruth_distances.rows()),
+        ] {
             if rows != queries.rows() {
                 return Err(DatasetError::Shape {
                     path: path.clone(),
@@ -170,7 +175,11 @@ impl Dataset {
         if texts.len() != self.base.rows() {
             return Err(DatasetError::Shape {
                 path,
-                what: format!("{} lines for {} base vectors", texts.len(), self.base.rows()),
+                what: format!(
+                    "{} lines for {} base vectors",
+                    texts.len(),
+                    self.base.rows()
+                ),
             });
         }
         Ok(texts)
@@ -185,16 +194,25 @@ mod tests {
     fn missing_truncated_and_missized_files_have_typed_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.fvecs");
-        assert!(matches!(read_fvecs(&p, None), Err(DatasetError::Missing { .. })));
+        assert!(matches!(
+            read_fvecs(&p, None),
+            Err(DatasetError::Missing { .. })
+        ));
         let good = vecs::encode_fvecs(4, &[0.5; 8]);
         fs::write(&p, &good[..good.len() - 3]).unwrap();
         assert!(matches!(
             read_fvecs(&p, None),
-            Err(DatasetError::Parse { source: VecsError::Truncated { .. }, .. })
+            Err(DatasetError::Parse {
+                source: VecsError::Truncated { .. },
+                ..
+            })
         ));
         fs::write(&p, &good).unwrap();
         assert_eq!(read_fvecs(&p, Some(4)).unwrap().rows(), 2);
-        assert!(matches!(read_fvecs(&p, Some(384)), Err(DatasetError::Shape { .. })));
+        assert!(matches!(
+            read_fvecs(&p, Some(384)),
+            Err(DatasetError::Shape { .. })
+        ));
         let j = dir.path().join("t.jsonl");
         fs::write(&j, "{\"id\":0,\"text\":\"a\"}\nnot json\n").unwrap();
         assert!(matches!(read_texts(&j), Err(DatasetError::Shape { .. })));

@@ -9,7 +9,11 @@ use tiervec_testbed::dataset::Dataset;
 use tiervec_testbed::snapshots;
 
 #[derive(Parser)]
-#[command(name = "tiervec-testbed", version, about = "tiervec demos and benchmarks")]
+#[command(
+    name = "tiervec-testbed",
+    version,
+    about = "tiervec demos and benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,17 +60,32 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Bench { bench: Bench::Local(args) } => local::run(args),
-        Command::BuildSnapshot { out, count, m, ef_construction } => {
+        Command::Bench {
+            bench: Bench::Local(args),
+        } => local::run(args),
+        Command::BuildSnapshot {
+            out,
+            count,
+            m,
+            ef_construction,
+        } => {
             let ds = Dataset::load_default()?;
             let texts = ds.base_texts()?;
-            let params = HnswParams { m, ef_construction, ..HnswParams::default() };
+            let params = HnswParams {
+                m,
+                ef_construction,
+                ..HnswParams::default()
+            };
             let bytes = snapshots::build(&ds.base, count, params, Some(&texts))?;
             tiervec_edge::write_snapshot_atomic(&out, &bytes)?;
             eprintln!("wrote {} ({} bytes)", out.display(), bytes.len());
             Ok(())
         }
-        Command::RssProbe { snapshot, queries, ef } => {
+        Command::RssProbe {
+            snapshot,
+            queries,
+            ef,
+        } => {
             let probe = local::rss_probe(&snapshot, queries, ef)?;
             println!("{}", serde_json::to_string(&probe)?);
             Ok(())

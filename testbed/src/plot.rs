@@ -14,7 +14,9 @@ pub fn recall_latency(path: &Path, title: &str, rows: &[Row]) -> anyhow::Result<
     }
     let min_recall = rows.iter().map(|r| r.recall_at_10).fold(1.0, f64::min);
     let x0 = (min_recall - 0.01).clamp(0.0, 0.99);
-    let (y0, y1) = rows.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| (lo.min(r.p50_us), hi.max(r.p50_us)));
+    let (y0, y1) = rows.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
+        (lo.min(r.p50_us), hi.max(r.p50_us))
+    });
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let mut chart = ChartBuilder::on(&root)
@@ -46,7 +48,9 @@ pub fn recall_latency(path: &Path, title: &str, rows: &[Row]) -> anyhow::Result<
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
             .map_err(|e| anyhow!("{e}"))?
             .label(*engine)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart
             .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
             .map_err(|e| anyhow!("{e}"))?;

@@ -7,7 +7,8 @@ use tiervec_shared::snapshot::{self, AlignedBytes, SnapshotBody, SnapshotError, 
 use tiervec_shared::vecs::Matrix;
 
 /// The collection identity the testbed gives the dataset's collection.
-pub const DATASET_COLLECTION: CollectionId = CollectionId::from_u128(0x7469_6572_7665_6300_0000_0000_0000_0001);
+pub const DATASET_COLLECTION: CollectionId =
+    CollectionId::from_u128(0x7469_6572_7665_6300_0000_0000_0000_0001);
 
 /// Builds and encodes a cosine snapshot of base rows `0..count`, with their texts as payloads
 /// when given. Ids are the row numbers; LSNs are 1-based row numbers.

@@ -3,7 +3,7 @@
 use rand_pcg::Pcg64Mcg;
 use rand_pcg::rand_core::RngCore;
 
-use super::search::{Neighbour, SearchScratch, search_layer};
+use super::search::{ExactSpace, Neighbour, SearchScratch, Space, greedy, search_layer};
 use super::{FlatGraph, FlatLayer, Graph, HnswParams, MAX_LAYERS};
 use crate::metric::Metric;
 use crate::query::{QueryError, validate_vector};
@@ -30,7 +30,11 @@ impl Graph for Links {
     }
 
     fn layers(&self) -> usize {
-        if self.entry.is_some() { self.top + 1 } else { 0 }
+        if self.entry.is_some() {
+            self.top + 1
+        } else {
+            0
+        }
     }
 }
 
@@ -115,7 +119,9 @@ impl HnswBuilder {
         let id = u32::try_from(self.len())
             .ok()
             .filter(|&id| id < u32::MAX)
-            .ok_or(QueryError::TooManyVectors { max: u32::MAX as usize - 1 })?;
+            .ok_or(QueryError::TooManyVectors {
+                max: u32::MAX as usize - 1,
+            })?;
         let start = self.vectors.len();
         self.vectors.extend_from_slice(vector);
         self.metric.prepare(&mut self.vectors[start..]);
@@ -128,33 +134,30 @@ impl HnswBuilder {
             return Ok(id);
         };
         let query = self.row(id).to_vec();
+        let space = ExactSpace {
+            vectors: &self.vectors,
+            dim: self.dim,
+            metric: self.metric,
+            query: &query,
+        };
         let mut current = Neighbour {
             id: entry,
-            distance: self.distance_between(id, entry),
+            distance: space.distance(entry),
         };
         for layer in (level + 1..=self.links.top).rev() {
-            loop {
-                let mut moved = false;
-                for &n in self.links.neighbours(current.id, layer) {
-                    let distance = self.metric.distance(&query, self.row(n));
-                    if distance < current.distance {
-                        current = Neighbour { id: n, distance };
-                        moved = true;
-                    }
-                }
-                if !moved {
-                    break;
-                }
-            }
+            current = greedy(&self.links, &space, current, layer);
         }
         let mut entries = vec![current];
         for layer in (0..=level.min(self.links.top)).rev() {
+            let space = ExactSpace {
+                vectors: &self.vectors,
+                dim: self.dim,
+                metric: self.metric,
+                query: &query,
+            };
             search_layer(
                 &self.links,
-                &self.vectors,
-                self.dim,
-                self.metric,
-                &query,
+                &space,
                 &entries,
                 self.params.ef_construction,
                 layer,
@@ -314,7 +317,13 @@ mod tests {
         let mut hits = 0;
         for q in queries.chunks(dim) {
             let truth = exact_top(b.vectors(), dim, q, 10);
-            let got = search(&g, b.vectors(), dim, Metric::Cosine, q, 10, 64, &mut scratch);
+            let space = ExactSpace {
+                vectors: b.vectors(),
+                dim,
+                metric: Metric::Cosine,
+                query: q,
+            };
+            let got = search(&g, &space, 10, 64, &mut scratch);
             hits += got.iter().filter(|n| truth.contains(&n.id)).count();
         }
         let recall = hits as f64 / 500.0;
@@ -335,6 +344,12 @@ mod tests {
         let b = HnswBuilder::new(4, Metric::Cosine, HnswParams::default());
         let g = b.to_flat();
         let mut scratch = SearchScratch::new();
-        assert!(search(&g, &[], 4, Metric::Cosine, &[1.0, 0.0, 0.0, 0.0], 3, 10, &mut scratch).is_empty());
+        let space = ExactSpace {
+            vectors: &[],
+            dim: 4,
+            metric: Metric::Cosine,
+            query: &[1.0, 0.0, 0.0, 0.0],
+        };
+        assert!(search(&g, &space, 3, 10, &mut scratch).is_empty());
     }
 }

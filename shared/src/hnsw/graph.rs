@@ -9,6 +9,11 @@ pub trait Graph {
     fn entry_point(&self) -> Option<u32>;
     /// Number of layers (the top layer is `layers() - 1`).
     fn layers(&self) -> usize;
+    /// Starts loading `node`'s neighbour list on `layer`, which the search will read soon.
+    #[inline]
+    fn prefetch_neighbours(&self, node: u32, layer: usize) {
+        let _ = (node, layer);
+    }
 }
 
 /// One layer in compressed sparse row form: node `nodes[i]`'s neighbours are

@@ -13,14 +13,17 @@ mod graph;
 mod search;
 
 pub use build::HnswBuilder;
-pub use graph::{FlatGraph, FlatLayer, Graph};
 pub(crate) use graph::flat_neighbours;
+pub use graph::{FlatGraph, FlatLayer, Graph};
 
 /// Degree statistics of graph layers.
 pub mod graph_stats {
     pub use super::graph::{LayerStats, layer_stats};
 }
-pub use search::{Neighbour, SearchScratch, search, search_layer};
+pub use search::{
+    ExactSpace, Neighbour, QuantizedSpace, SearchScratch, Space, greedy, search, search_graph,
+    search_layer, search_reranked,
+};
 
 use serde::{Deserialize, Serialize};
 

@@ -1,11 +1,11 @@
 //! Query-time search over any [`Graph`]: greedy descent, then a beam search on layer 0.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 
 use super::Graph;
-use crate::kernels::prefetch;
+use crate::kernels::{prefetch, prefetch_bytes, prefetch_ptr};
 use crate::metric::Metric;
+use crate::quant::QueryCodes;
 
 /// A node and its distance to the query.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -24,45 +24,19 @@ impl Neighbour {
     }
 }
 
-/// Max-heap entry: the farthest result on top.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Farthest(Neighbour);
-impl Eq for Farthest {}
-impl PartialOrd for Farthest {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Farthest {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.cmp_nearest(&other.0)
-    }
-}
-
-/// Min-heap entry: the nearest candidate on top.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Nearest(Neighbour);
-impl Eq for Nearest {}
-impl PartialOrd for Nearest {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Nearest {
-    fn cmp(&self, other: &Self) -> Ordering {
-        other.0.cmp_nearest(&self.0)
-    }
-}
-
 /// Memory one search needs, reused across searches so the query path allocates nothing once it
-/// is warm: the visited marks are epoch numbers, so starting a search is O(1), not O(n).
+/// is warm: the visited marks are epoch numbers, so starting a search is O(1), not O(n), and
+/// 16-bit so the marks of a 10,000-node cache fit in L1.
 #[derive(Debug, Default)]
 pub struct SearchScratch {
-    visited: Vec<u32>,
-    epoch: u32,
-    candidates: BinaryHeap<Nearest>,
-    results: BinaryHeap<Farthest>,
+    visited: Vec<u16>,
+    epoch: u16,
+    /// The beam: nearest first, at most `ef` long.
+    pool: Vec<Neighbour>,
+    /// Whether `pool[i]` has been expanded.
+    expanded: Vec<bool>,
     found: Vec<Neighbour>,
+    query_codes: QueryCodes,
 }
 
 impl SearchScratch {
@@ -82,6 +56,14 @@ impl SearchScratch {
         }
     }
 
+    /// Starts loading `node`'s visited mark.
+    #[inline]
+    fn prefetch_mark(&self, node: u32) {
+        if let Some(mark) = self.visited.get(node as usize) {
+            prefetch_ptr(mark);
+        }
+    }
+
     /// Marks `node` visited; returns whether it was new.
     #[inline]
     fn visit(&mut self, node: u32) -> bool {
@@ -98,127 +80,210 @@ impl SearchScratch {
     pub fn found(&self) -> &[Neighbour] {
         &self.found
     }
+
+    /// Room for the quantised form of a query, reused across searches.
+    pub fn query_codes(&mut self) -> &mut QueryCodes {
+        &mut self.query_codes
+    }
 }
 
-/// Vectors of a graph's nodes, row-major, and how to compare a query with them.
+/// How the search measures the distance from its query to a node.
+pub trait Space {
+    /// Distance from the query to node `id` (an id below the node count).
+    fn distance(&self, id: u32) -> f32;
+    /// Starts loading node `id`'s row; called before [`Space::distance`] on the same node.
+    fn prefetch(&self, _id: u32) {}
+    /// Number of nodes that have rows.
+    fn nodes(&self) -> usize;
+}
+
+/// Exact distances over `f32` rows.
 #[derive(Clone, Copy)]
-struct Space<'a> {
-    vectors: &'a [f32],
-    dim: usize,
-    metric: Metric,
+pub struct ExactSpace<'a> {
+    pub vectors: &'a [f32],
+    pub dim: usize,
+    pub metric: Metric,
+    pub query: &'a [f32],
 }
 
-impl Space<'_> {
+impl ExactSpace<'_> {
     #[inline]
     fn row(&self, id: u32) -> &[f32] {
         let start = id as usize * self.dim;
         self.vectors.get(start..start + self.dim).unwrap_or(&[])
     }
 
+    /// Starts loading all of node `id`'s row (not only its first lines).
     #[inline]
-    fn distance(&self, query: &[f32], id: u32) -> f32 {
-        self.metric.distance(query, self.row(id))
+    fn prefetch_row(&self, id: u32) {
+        for line in self.row(id).chunks(16) {
+            prefetch_ptr(&line[0]);
+        }
+    }
+}
+
+impl Space for ExactSpace<'_> {
+    #[inline]
+    fn distance(&self, id: u32) -> f32 {
+        self.metric.distance(self.query, self.row(id))
+    }
+
+    #[inline]
+    fn prefetch(&self, id: u32) {
+        prefetch(self.row(id));
+    }
+
+    fn nodes(&self) -> usize {
+        self.vectors.len().checked_div(self.dim).unwrap_or(0)
+    }
+}
+
+/// Approximate distances over `i8` codes (see [`crate::quant`]).
+#[derive(Clone, Copy)]
+pub struct QuantizedSpace<'a> {
+    pub codes: &'a [i8],
+    /// Squared norms of the original rows (used by `l2`).
+    pub norms: &'a [f32],
+    pub dim: usize,
+    pub metric: Metric,
+    pub query: &'a QueryCodes,
+    /// Squared norm of the query (used by `l2`).
+    pub query_norm: f32,
+}
+
+impl QuantizedSpace<'_> {
+    #[inline]
+    fn row(&self, id: u32) -> &[i8] {
+        let start = id as usize * self.dim;
+        self.codes.get(start..start + self.dim).unwrap_or(&[])
+    }
+}
+
+impl Space for QuantizedSpace<'_> {
+    #[inline]
+    fn distance(&self, id: u32) -> f32 {
+        let dot = self.query.dot(self.row(id));
+        match self.metric {
+            Metric::Cosine => 1.0 - dot,
+            Metric::Dot => -dot,
+            Metric::L2 => {
+                let norm = self.norms.get(id as usize).copied().unwrap_or(0.0);
+                self.query_norm + norm - 2.0 * dot
+            }
+        }
+    }
+
+    #[inline]
+    fn prefetch(&self, id: u32) {
+        prefetch_bytes(self.row(id));
+    }
+
+    fn nodes(&self) -> usize {
+        self.codes.len().checked_div(self.dim).unwrap_or(0)
     }
 }
 
 /// Beam search of width `ef` on one layer from `entries`; the `ef` nearest nodes found are left
-/// in `scratch.found()`, nearest first. Callers guarantee that every node id in the graph is
-/// below `vectors.len() / dim` (snapshots check this when they are opened).
-#[allow(clippy::too_many_arguments)]
-pub fn search_layer<G: Graph + ?Sized>(
+/// in `scratch.found()`, nearest first. Every node id in the graph must have a row in `space`
+/// (snapshots check this when they are opened).
+///
+/// The beam is one sorted array of at most `ef` entries, each marked once expanded, with a
+/// cursor on the nearest unexpanded one — the same search as the paper's pair of heaps (it stops
+/// when every one of the `ef` nearest found has been expanded), with less bookkeeping: an
+/// insertion is a binary search and a short move, and the result needs no final sort.
+pub fn search_layer<G: Graph + ?Sized, S: Space>(
     graph: &G,
-    vectors: &[f32],
-    dim: usize,
-    metric: Metric,
-    query: &[f32],
+    space: &S,
     entries: &[Neighbour],
     ef: usize,
     layer: usize,
     scratch: &mut SearchScratch,
 ) {
-    let space = Space {
-        vectors,
-        dim,
-        metric,
-    };
-    let nodes = vectors.len().checked_div(dim).unwrap_or(0);
-    beam(graph, space, query, entries, ef.max(1), layer, nodes, scratch);
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn beam<G: Graph + ?Sized>(
-    graph: &G,
-    space: Space<'_>,
-    query: &[f32],
-    entries: &[Neighbour],
-    ef: usize,
-    layer: usize,
-    nodes: usize,
-    scratch: &mut SearchScratch,
-) {
-    scratch.begin(nodes);
-    scratch.candidates.clear();
-    scratch.results.clear();
+    scratch.begin(space.nodes());
+    let ef = ef.max(1);
+    scratch.pool.clear();
+    scratch.expanded.clear();
     for &e in entries {
         if scratch.visit(e.id) {
-            scratch.candidates.push(Nearest(e));
-            scratch.results.push(Farthest(e));
+            let at = scratch.pool.partition_point(|p| p.cmp_nearest(&e).is_lt());
+            scratch.pool.insert(at, e);
+            scratch.expanded.insert(at, false);
         }
     }
-    while scratch.results.len() > ef {
-        scratch.results.pop();
-    }
+    scratch.pool.truncate(ef);
+    scratch.expanded.truncate(ef);
     // Unvisited neighbours of the node being expanded, fetched before their distances are
     // computed so the loads of later rows overlap with the arithmetic on earlier ones.
     let mut fresh = [0u32; 64];
-    while let Some(Nearest(current)) = scratch.candidates.pop() {
-        let bound = scratch.results.peek().map_or(f32::INFINITY, |f| f.0.distance);
-        if current.distance > bound && scratch.results.len() >= ef {
-            break;
+    let mut cursor = 0;
+    while cursor < scratch.pool.len() {
+        let current = scratch.pool[cursor];
+        scratch.expanded[cursor] = true;
+        let mut next = cursor + 1;
+        // The next node to expand is probably the next in the pool: start loading its list.
+        if let Some(n) = scratch.pool.get(next) {
+            graph.prefetch_neighbours(n.id, layer);
         }
         for chunk in graph.neighbours(current.id, layer).chunks(fresh.len()) {
+            for &n in chunk {
+                scratch.prefetch_mark(n);
+            }
             let mut count = 0;
             for &n in chunk {
                 if scratch.visit(n) {
-                    prefetch(space.row(n));
+                    space.prefetch(n);
                     fresh[count] = n;
                     count += 1;
                 }
             }
             for &n in &fresh[..count] {
-                let distance = space.distance(query, n);
-                let worst = scratch.results.peek().map_or(f32::INFINITY, |f| f.0.distance);
-                if scratch.results.len() < ef || distance < worst {
-                    let found = Neighbour { id: n, distance };
-                    scratch.candidates.push(Nearest(found));
-                    scratch.results.push(Farthest(found));
-                    if scratch.results.len() > ef {
-                        scratch.results.pop();
-                    }
+                let found = Neighbour {
+                    id: n,
+                    distance: space.distance(n),
+                };
+                let full = scratch.pool.len() >= ef;
+                if full
+                    && scratch
+                        .pool
+                        .last()
+                        .is_some_and(|w| found.cmp_nearest(w).is_ge())
+                {
+                    continue;
                 }
+                let at = scratch
+                    .pool
+                    .partition_point(|p| p.cmp_nearest(&found).is_lt());
+                if full {
+                    scratch.pool.pop();
+                    scratch.expanded.pop();
+                }
+                scratch.pool.insert(at, found);
+                scratch.expanded.insert(at, false);
+                next = next.min(at);
             }
+        }
+        // Everything before `next` that is still unexpanded was inserted there just now, and
+        // `next` is at most the first such slot; skip forward over expanded entries.
+        cursor = next;
+        while cursor < scratch.pool.len() && scratch.expanded[cursor] {
+            cursor += 1;
         }
     }
     scratch.found.clear();
-    scratch
-        .found
-        .extend(scratch.results.drain().map(|Farthest(n)| n));
-    scratch.found.sort_unstable_by(Neighbour::cmp_nearest);
+    scratch.found.extend_from_slice(&scratch.pool);
 }
 
 /// Greedy walk on one upper layer: move to the nearest neighbour until none is nearer.
-fn greedy<G: Graph + ?Sized>(
+pub fn greedy<G: Graph + ?Sized, S: Space>(
     graph: &G,
-    space: Space<'_>,
-    query: &[f32],
+    space: &S,
     mut current: Neighbour,
     layer: usize,
 ) -> Neighbour {
     loop {
         let mut moved = false;
         for &n in graph.neighbours(current.id, layer) {
-            let distance = space.distance(query, n);
+            let distance = space.distance(n);
             if distance < current.distance {
                 current = Neighbour { id: n, distance };
                 moved = true;
@@ -230,39 +295,65 @@ fn greedy<G: Graph + ?Sized>(
     }
 }
 
-/// k-nearest-neighbour search: greedy descent from the entry point through the upper layers,
-/// then a beam of width `max(ef, k)` on layer 0. The query must already be prepared for the
-/// metric (normalised for cosine) and validated. Returns at most `k` neighbours, nearest first,
-/// borrowed from `scratch`.
-#[allow(clippy::too_many_arguments)]
+/// Beam search from the entry point: greedy descent through the upper layers, then a beam of
+/// width `ef` on layer 0. Leaves up to `ef` nodes in `scratch.found()`, nearest first (by the
+/// distances of `space`).
+pub fn search_graph<G: Graph + ?Sized, S: Space>(
+    graph: &G,
+    space: &S,
+    ef: usize,
+    scratch: &mut SearchScratch,
+) {
+    scratch.found.clear();
+    let Some(entry) = graph.entry_point() else {
+        return;
+    };
+    let mut current = Neighbour {
+        id: entry,
+        distance: space.distance(entry),
+    };
+    for layer in (1..graph.layers()).rev() {
+        current = greedy(graph, space, current, layer);
+    }
+    search_layer(graph, space, &[current], ef, 0, scratch);
+}
+
+/// k-nearest-neighbour search with exact distances: [`search_graph`] with a beam of
+/// `max(ef, k)`, cut to `k`. The query must be prepared for the metric and validated.
+/// Returns at most `k` neighbours, nearest first, borrowed from `scratch`.
 pub fn search<'s, G: Graph + ?Sized>(
     graph: &G,
-    vectors: &[f32],
-    dim: usize,
-    metric: Metric,
-    query: &[f32],
+    space: &ExactSpace<'_>,
     k: usize,
     ef: usize,
     scratch: &'s mut SearchScratch,
 ) -> &'s [Neighbour] {
-    let space = Space {
-        vectors,
-        dim,
-        metric,
-    };
-    let nodes = vectors.len().checked_div(dim).unwrap_or(0);
-    scratch.found.clear();
-    let Some(entry) = graph.entry_point() else {
-        return &scratch.found;
-    };
-    let mut current = Neighbour {
-        id: entry,
-        distance: space.distance(query, entry),
-    };
-    for layer in (1..graph.layers()).rev() {
-        current = greedy(graph, space, query, current, layer);
+    search_graph(graph, space, ef.max(k), scratch);
+    scratch.found.truncate(k);
+    &scratch.found
+}
+
+/// k-nearest-neighbour search that traverses with quantised distances and re-ranks the `ef`
+/// nodes it found with exact ones, so the answer's distances and order are exact.
+pub fn search_reranked<'s, G: Graph + ?Sized>(
+    graph: &G,
+    quantized: &QuantizedSpace<'_>,
+    exact: &ExactSpace<'_>,
+    k: usize,
+    ef: usize,
+    scratch: &'s mut SearchScratch,
+) -> &'s [Neighbour] {
+    search_graph(graph, quantized, ef.max(k), scratch);
+    // Exact rows are four times longer than codes and mostly cold: fetch the next one whole
+    // while this one is compared.
+    for i in 0..scratch.found.len() {
+        if let Some(next) = scratch.found.get(i + 1) {
+            exact.prefetch_row(next.id);
+        }
+        let n = &mut scratch.found[i];
+        n.distance = exact.distance(n.id);
     }
-    beam(graph, space, query, &[current], ef.max(k), 0, nodes, scratch);
+    scratch.found.sort_unstable_by(Neighbour::cmp_nearest);
     scratch.found.truncate(k);
     &scratch.found
 }

@@ -16,7 +16,9 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use portable::{dot as dot_portable, l2_squared as l2_squared_portable};
+pub use portable::{
+    dot as dot_portable, dot_i8 as dot_i8_portable, l2_squared as l2_squared_portable,
+};
 
 /// Number of partial sums in the canonical accumulation order.
 pub const LANES: usize = 32;
@@ -57,6 +59,18 @@ pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
     portable::l2_squared(a, b)
 }
 
+/// Exact integer inner product of two `i8` rows whose codes lie in `-127..=127`.
+#[inline]
+pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: `available()` checked that this CPU supports AVX2 and FMA.
+        return unsafe { x86::dot_i8(a, b) };
+    }
+    portable::dot_i8(a, b)
+}
+
 /// Hints the CPU to start loading the first cache lines of `row` (a vector about to be
 /// compared); a no-op where no prefetch instruction is available.
 #[inline(always)]
@@ -66,6 +80,34 @@ pub fn prefetch(row: &[f32]) {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         // Four lines start the stream; the hardware prefetcher follows the rest of the row.
         for line in row.chunks(16).take(4) {
+            // SAFETY: prefetching is a hint that never faults, and SSE is baseline on x86_64.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// Hints the CPU to load the cache line holding `value`.
+#[inline(always)]
+pub fn prefetch_ptr<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: prefetching is a hint that never faults, and SSE is baseline on x86_64.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
+/// [`prefetch`] for a row of `i8` codes.
+#[inline(always)]
+pub fn prefetch_bytes(row: &[i8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        for line in row.chunks(64).take(8) {
             // SAFETY: prefetching is a hint that never faults, and SSE is baseline on x86_64.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
         }
@@ -147,6 +189,19 @@ mod tests {
             let mag: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
             let diff = (dot(&a, &b) - dot_portable(&a, &b)).abs() as f64;
             prop_assert!(diff <= 4.0 * f32::EPSILON as f64 * mag + 1e-7);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn integer_dot_is_exact(pair in (0usize..200).prop_flat_map(|n| (
+            proptest::collection::vec(-127i8..=127, n),
+            proptest::collection::vec(-127i8..=127, n),
+        ))) {
+            let (a, b) = pair;
+            let want: i32 = a.iter().zip(&b).map(|(x, y)| *x as i32 * *y as i32).sum();
+            prop_assert_eq!(dot_i8(&a, &b), want);
+            prop_assert_eq!(dot_i8_portable(&a, &b), want);
         }
     }
 

@@ -92,7 +92,47 @@ pub unsafe fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
     } else {
         finish_with_tail(
             acc,
-            a[full..n].iter().zip(&b[full..n]).map(|(x, y)| (x - y) * (x - y)),
+            a[full..n]
+                .iter()
+                .zip(&b[full..n])
+                .map(|(x, y)| (x - y) * (x - y)),
         )
     }
+}
+
+/// # Safety
+/// The CPU must support AVX2 ([`available`]). Codes must lie in `-127..=127`: the kernel
+/// multiplies `|a|` (as unsigned) by `b · sign(a)`, and pairs of such products fit in `i16`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    let n = a.len().min(b.len());
+    let full = n / 32 * 32;
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_si256();
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 32 <= full <= n, within both slices.
+        let (x, y) = unsafe {
+            (
+                _mm256_loadu_si256(pa.add(i).cast()),
+                _mm256_loadu_si256(pb.add(i).cast()),
+            )
+        };
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+        i += 32;
+    }
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(acc),
+        _mm256_extracti128_si256(acc, 1),
+    );
+    let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1));
+    let tail: i32 = a[full..n]
+        .iter()
+        .zip(&b[full..n])
+        .map(|(x, y)| i32::from(*x) * i32::from(*y))
+        .sum();
+    _mm_cvtsi128_si32(s1) + tail
 }

@@ -18,7 +18,7 @@ use crate::{plot, snapshots};
 /// Knobs of the local bench.
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct LocalArgs {
-    /// Reduced run (1,000 queries, fewer ef values) for CI smoke tests.
+    /// Reduced run (1,000 queries, 1,000 samples per row) for CI smoke tests; leaves docs/ alone.
     #[arg(long)]
     pub quick: bool,
     /// Write the figures as JSON here.
@@ -33,7 +33,11 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = 200)]
     pub ef_construction: usize,
     /// ef values to sweep (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "10,16,24,32,48,64,96,128,192,256")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10,16,24,32,40,48,56,64,96,128,192,256"
+    )]
     pub ef: Vec<usize>,
     /// Minimum latency samples per row (queries are repeated to reach it).
     #[arg(long, default_value_t = 10_000)]
@@ -42,10 +46,14 @@ pub struct LocalArgs {
     #[arg(long, default_value = "target/tiervec-bench")]
     #[serde(skip)]
     pub work_dir: PathBuf,
-    /// Update docs/benchmarks.md and the SVG under this docs folder ("" to skip).
+    /// Update docs/benchmarks.md and the SVG under this docs folder.
     #[arg(long, default_value = "docs")]
     #[serde(skip)]
     pub docs: PathBuf,
+    /// Leave docs/ alone (implied by --quick).
+    #[arg(long)]
+    #[serde(skip)]
+    pub no_docs: bool,
 }
 
 /// One engine at one setting.
@@ -242,7 +250,6 @@ pub fn rss_probe(snapshot: &Path, queries: usize, ef: usize) -> anyhow::Result<R
 pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
     if args.quick {
         args.samples = args.samples.min(1_000);
-        args.ef.retain(|e| [16, 32, 64, 128].contains(e));
     }
     let started = Instant::now();
     let ds = Dataset::load_default()?;
@@ -257,7 +264,10 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
         ef_construction: args.ef_construction,
         ..HnswParams::default()
     };
-    eprintln!("bench local: {count} vectors × {dim}, {nq} queries, M={}, ef_construction={}", args.m, args.ef_construction);
+    eprintln!(
+        "bench local: {count} vectors × {dim}, {nq} queries, M={}, ef_construction={}",
+        args.m, args.ef_construction
+    );
 
     let truth = ground_truth(vectors, dim, &queries);
 
@@ -285,7 +295,8 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let t = Instant::now();
-    let peer: Hnsw<f32, TiervecCosine> = Hnsw::new(args.m, count, 16, args.ef_construction, TiervecCosine);
+    let peer: Hnsw<f32, TiervecCosine> =
+        Hnsw::new(args.m, count, 16, args.ef_construction, TiervecCosine);
     let rows_for_peer: Vec<(&[f32], usize)> = (0..count).map(|i| (ds.base.row(i), i)).collect();
     peer.parallel_insert_slice(&rows_for_peer);
     let build_seconds_hnsw_rs = t.elapsed().as_secs_f64();
@@ -295,24 +306,45 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
     let mut searcher = Searcher::new();
     let mut hits = Vec::with_capacity(16);
     for &ef in &args.ef {
-        rows.push(measure("tiervec", Some(ef), &queries, &truth, args.samples, |q, out| {
-            index
-                .search_with(&mut searcher, q, 10, ef, &mut hits)
-                .expect("valid query");
-            out.clear();
-            out.extend(hits.iter().map(|h| (h.id, h.distance)));
-        }));
-        rows.push(measure("hnsw_rs", Some(ef), &queries, &truth, args.samples, |q, out| {
-            let found = peer.search(q, 10, ef);
-            out.clear();
-            out.extend(found.iter().map(|n| (n.d_id as u64, n.distance)));
-        }));
+        rows.push(measure(
+            "tiervec",
+            Some(ef),
+            &queries,
+            &truth,
+            args.samples,
+            |q, out| {
+                index
+                    .search_with(&mut searcher, q, 10, ef, &mut hits)
+                    .expect("valid query");
+                out.clear();
+                out.extend(hits.iter().map(|h| (h.id, h.distance)));
+            },
+        ));
+        rows.push(measure(
+            "hnsw_rs",
+            Some(ef),
+            &queries,
+            &truth,
+            args.samples,
+            |q, out| {
+                let found = peer.search(q, 10, ef);
+                out.clear();
+                out.extend(found.iter().map(|n| (n.d_id as u64, n.distance)));
+            },
+        ));
     }
-    rows.push(measure("exact", None, &queries, &truth, args.samples, |q, out| {
-        let found = exact::search(vectors, dim, Metric::Cosine, q, 10);
-        out.clear();
-        out.extend(found.iter().map(|n| (n.id as u64, n.distance)));
-    }));
+    rows.push(measure(
+        "exact",
+        None,
+        &queries,
+        &truth,
+        args.samples,
+        |q, out| {
+            let found = exact::search(vectors, dim, Metric::Cosine, q, 10);
+            out.clear();
+            out.extend(found.iter().map(|n| (n.id as u64, n.distance)));
+        },
+    ));
 
     // Kernel scan throughput: exact search over every base vector, single thread.
     let scan_queries = if args.quick { 20 } else { 200 };
@@ -323,7 +355,10 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
     let per_scan = t.elapsed().as_secs_f64() / scan_queries as f64;
     let kernel_gbps = (ds.base.data.len() * 4) as f64 / per_scan / 1e9;
     let memory_gbps = memory::read_bandwidth_gbps(1 << 30, 5);
-    eprintln!("  kernel scan {kernel_gbps:.1} GB/s over {} vectors; memory read {memory_gbps:.1} GB/s (1 GiB buffer)", ds.base.rows());
+    eprintln!(
+        "  kernel scan {kernel_gbps:.1} GB/s over {} vectors; memory read {memory_gbps:.1} GB/s (1 GiB buffer)",
+        ds.base.rows()
+    );
 
     let probe = spawn_rss_probe(&path)?;
 
@@ -353,8 +388,12 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
         open_ms,
         rss_file_bytes: probe.rss_file_bytes,
         rss_anon_bytes: probe.rss_anon_bytes,
-        rss_file_delta_bytes: probe.rss_file_bytes.saturating_sub(probe.rss_file_before_open_bytes),
-        rss_anon_delta_bytes: probe.rss_anon_bytes.saturating_sub(probe.rss_anon_before_open_bytes),
+        rss_file_delta_bytes: probe
+            .rss_file_bytes
+            .saturating_sub(probe.rss_file_before_open_bytes),
+        rss_anon_delta_bytes: probe
+            .rss_anon_bytes
+            .saturating_sub(probe.rss_anon_before_open_bytes),
         kernel_gbps,
         memory_gbps,
         build_seconds_tiervec,
@@ -365,10 +404,13 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
     if let Some(json) = &args.json {
         write_json(json, &report)?;
     }
-    if !args.docs.as_os_str().is_empty() && !args.quick {
+    if !args.no_docs && !args.quick {
         write_docs(&args, &report)?;
     }
-    eprintln!("bench local done in {:.0}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "bench local done in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -378,13 +420,21 @@ fn spawn_rss_probe(path: &Path) -> anyhow::Result<RssProbe> {
         .arg(path)
         .output()
         .context("starting the RSS probe process")?;
-    anyhow::ensure!(out.status.success(), "RSS probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "RSS probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 fn write_docs(args: &LocalArgs, r: &Report) -> anyhow::Result<()> {
     let svg = args.docs.join("bench").join("local-recall-latency.svg");
-    plot::recall_latency(&svg, "bench local: recall@10 vs p50 latency (10,000 vectors, 1 thread)", &r.rows)?;
+    plot::recall_latency(
+        &svg,
+        "bench local: recall@10 vs p50 latency (10,000 vectors, 1 thread)",
+        &r.rows,
+    )?;
     let mut md = String::new();
     md.push_str("## bench local — edge snapshot search\n\n");
     md.push_str(&format!(
@@ -418,8 +468,13 @@ fn write_docs(args: &LocalArgs, r: &Report) -> anyhow::Result<()> {
             a.p99_us
         ));
     }
-    if let (Some(p50), Some(p99)) = (r.p50_ratio_tiervec_to_hnsw_rs_at_098, r.p99_ratio_tiervec_to_hnsw_rs_at_098) {
-        md.push_str(&format!("- ratio tiervec / hnsw_rs at recall ≥ 0.98: p50 {p50:.2}×, p99 {p99:.2}×\n"));
+    if let (Some(p50), Some(p99)) = (
+        r.p50_ratio_tiervec_to_hnsw_rs_at_098,
+        r.p99_ratio_tiervec_to_hnsw_rs_at_098,
+    ) {
+        md.push_str(&format!(
+            "- ratio tiervec / hnsw_rs at recall ≥ 0.98: p50 {p50:.2}×, p99 {p99:.2}×\n"
+        ));
     }
     md.push_str(&format!(
         "\nSnapshot {} bytes; open (mmap + full validation) {:.2} ms median of 7; \

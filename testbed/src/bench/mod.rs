@@ -34,7 +34,11 @@ impl Machine {
         Machine {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             cpu_model,
-            build_profile: if cfg!(debug_assertions) { "debug" } else { "release" },
+            build_profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
             kernel: tiervec_shared::kernels::active(),
         }
     }
