@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use thiserror::Error;
 use tiervec_shared::hnsw::{Neighbour, SearchScratch};
 use tiervec_shared::query::{QueryError, validate_search};
-use tiervec_shared::snapshot::{Snapshot, SnapshotError, SnapshotHeader, SnapshotView};
+use tiervec_shared::snapshot::{Expected, Snapshot, SnapshotError, SnapshotHeader, SnapshotView};
 use tracing::{debug_span, info};
 
 use crate::files::SnapshotBytes;
@@ -69,6 +69,19 @@ impl EdgeIndex {
             source,
         })?;
         Self::from_bytes(bytes, path)
+    }
+
+    /// [`EdgeIndex::open`], then checks the snapshot against what the caller's configuration
+    /// says the collection is (dimension, metric, identity).
+    pub fn open_expecting(path: &Path, expected: &Expected) -> Result<EdgeIndex, EdgeError> {
+        let index = Self::open(path)?;
+        expected
+            .check(index.header())
+            .map_err(|source| EdgeError::Snapshot {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(index)
     }
 
     /// Reads the snapshot at `path` into anonymous memory and validates it.

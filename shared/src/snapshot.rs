@@ -34,7 +34,7 @@ use rkyv::util::AlignedVec;
 
 /// A heap buffer aligned for a snapshot body (rkyv's 16-byte aligned vector).
 pub use rkyv::util::AlignedVec as AlignedBytes;
-use rkyv::{Archive, Serialize};
+use rkyv::{Archive, Deserialize, Serialize};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -69,7 +69,7 @@ const FLAG_PAYLOADS: u8 = 1;
 
 /// The archived body. Every large part is one flat array (rkyv's validation cost grows with
 /// the number of archived objects, not their size), indexed by the node id `0..count`.
-#[derive(Archive, Serialize, Clone, Debug, Default, PartialEq)]
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct SnapshotBody {
     /// Human name of the collection (the identity proper is in the header).
     pub collection_name: String,
@@ -94,7 +94,7 @@ pub struct SnapshotBody {
 }
 
 /// Scalar quantisation of the vectors (see [`crate::quant`]); empty or complete.
-#[derive(Archive, Serialize, Clone, Debug, Default, PartialEq)]
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct QuantSection {
     /// `dim` per-dimension scales.
     pub scales: Vec<f32>,
@@ -126,14 +126,14 @@ impl QuantSection {
 }
 
 /// The HNSW graph: per layer one flat neighbour array plus offsets, and an entry point.
-#[derive(Archive, Serialize, Clone, Debug, Default, PartialEq)]
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct GraphSection {
     pub entry_point: Option<u32>,
     pub layers: Vec<LayerSection>,
 }
 
 /// One layer; see [`hnsw::FlatLayer`] for the meaning of the arrays.
-#[derive(Archive, Serialize, Clone, Debug, Default, PartialEq)]
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct LayerSection {
     pub nodes: Vec<u32>,
     pub offsets: Vec<u32>,
@@ -141,7 +141,7 @@ pub struct LayerSection {
 }
 
 /// Anchors: points of query space with the ids of their exact answers and a certified radius.
-#[derive(Archive, Serialize, Clone, Debug, Default, PartialEq)]
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct AnchorSection {
     /// `anchors × dim` components.
     pub vectors: Vec<f32>,
@@ -222,6 +222,40 @@ pub struct SnapshotSpec {
     pub dim: u32,
     pub metric: Metric,
     pub params: HnswParams,
+}
+
+/// What a caller expects of a snapshot it opens; `None` accepts anything.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Expected {
+    pub dim: Option<u32>,
+    pub metric: Option<Metric>,
+    pub collection: Option<CollectionId>,
+}
+
+impl Expected {
+    /// Checks `header` against these expectations.
+    pub fn check(&self, header: &SnapshotHeader) -> Result<(), SnapshotError> {
+        let spec = &header.spec;
+        if let Some(expected) = self.dim.filter(|&d| d != spec.dim) {
+            return Err(SnapshotError::DimensionMismatch {
+                expected,
+                found: spec.dim,
+            });
+        }
+        if let Some(expected) = self.metric.filter(|&m| m != spec.metric) {
+            return Err(SnapshotError::MetricMismatch {
+                expected,
+                found: spec.metric,
+            });
+        }
+        if let Some(expected) = self.collection.filter(|&c| c != spec.collection) {
+            return Err(SnapshotError::CollectionMismatch {
+                expected,
+                found: spec.collection,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A decoded header.
@@ -428,6 +462,13 @@ pub enum SnapshotError {
 /// Serialises a snapshot (header and body) into bytes, after checking that the result passes
 /// the same validation [`Snapshot::open`] applies — tiervec never writes a file it would refuse.
 pub fn encode(spec: &SnapshotSpec, body: &SnapshotBody) -> Result<AlignedVec, SnapshotError> {
+    let out = assemble(spec, body)?;
+    validate(&out)?;
+    Ok(out)
+}
+
+/// Header plus archived body, unvalidated.
+fn assemble(spec: &SnapshotSpec, body: &SnapshotBody) -> Result<AlignedVec, SnapshotError> {
     let archived =
         rkyv::to_bytes::<rancor::Error>(body).map_err(|e| SnapshotError::Write(e.to_string()))?;
     let count = body.ids.len() as u64;
@@ -444,7 +485,6 @@ pub fn encode(spec: &SnapshotSpec, body: &SnapshotBody) -> Result<AlignedVec, Sn
     out.extend_from_slice(&header.encode());
     out.resize(BODY_OFFSET, 0);
     out.extend_from_slice(&archived);
-    validate(&out)?;
     Ok(out)
 }
 
@@ -802,6 +842,12 @@ impl<'a> SnapshotView<'a> {
         self.body.payload_text.get(start as usize..end as usize)
     }
 
+    /// An owned copy of the whole body (for rewriting a snapshot, e.g. compaction).
+    pub fn to_body(&self) -> Result<SnapshotBody, SnapshotError> {
+        rkyv::deserialize::<SnapshotBody, rancor::Error>(self.body)
+            .map_err(|e| SnapshotError::Malformed(e.to_string()))
+    }
+
     /// Number of anchors (zero in files written before the push issue).
     pub fn anchor_count(&self) -> usize {
         self.body.anchors.radii.len()
@@ -893,5 +939,173 @@ impl Graph for SnapshotView<'_> {
 
     fn layers(&self) -> usize {
         self.body.graph.layers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dim: u32) -> SnapshotSpec {
+        SnapshotSpec {
+            collection: CollectionId::from_u128(7),
+            dim,
+            metric: Metric::Cosine,
+            params: HnswParams::default(),
+        }
+    }
+
+    fn small_body() -> SnapshotBody {
+        let mut b = HnswBuilder::new(4, Metric::Cosine, HnswParams::default());
+        for i in 0..40 {
+            let x = i as f32;
+            b.insert(&[x.sin(), x.cos(), 1.0, (x * 0.3).sin()]).unwrap();
+        }
+        let texts: Vec<String> = (0..40).map(|i| format!("é{i}")).collect();
+        SnapshotBody::from_builder(&b, "t", (0..40).collect(), vec![1; 40], Some(&texts)).unwrap()
+    }
+
+    /// Encodes without the writer's validation, so the reader's checks can be exercised.
+    fn refused(body: SnapshotBody) -> SnapshotError {
+        let bytes = assemble(&spec(4), &body).unwrap();
+        let err = validate(&bytes).unwrap_err();
+        assert_eq!(
+            encode(&spec(4), &body).unwrap_err(),
+            err,
+            "the writer refuses it too"
+        );
+        err
+    }
+
+    #[test]
+    fn each_inconsistency_is_refused() {
+        let good = small_body();
+        assert!(encode(&spec(4), &good).is_ok());
+        let cases: Vec<(&str, Box<dyn Fn(&mut SnapshotBody)>)> = vec![
+            (
+                "ids",
+                Box::new(|b| {
+                    b.ids.pop();
+                }),
+            ),
+            (
+                "vectors",
+                Box::new(|b| {
+                    b.vectors.push(0.0);
+                }),
+            ),
+            ("non-finite", Box::new(|b| b.vectors[5] = f32::NAN)),
+            ("payload offsets", Box::new(|b| b.payload_offsets[3] = 1000)),
+            ("payload boundary", Box::new(|b| b.payload_offsets[1] = 1)),
+            (
+                "neighbour range",
+                Box::new(|b| b.graph.layers[0].neighbours[0] = 40),
+            ),
+            (
+                "offsets order",
+                Box::new(|b| b.graph.layers[0].offsets.swap(1, 2)),
+            ),
+            ("entry", Box::new(|b| b.graph.entry_point = Some(99))),
+            ("layers", Box::new(|b| b.graph.layers.clear())),
+            ("anchors", Box::new(|b| b.anchors.radii.push(1.0))),
+            ("codes", Box::new(|b| b.quantization.codes[0] = i8::MIN)),
+            (
+                "scales",
+                Box::new(|b| {
+                    b.quantization.scales.pop();
+                }),
+            ),
+        ];
+        for (what, mutate) in cases {
+            let mut body = good.clone();
+            mutate(&mut body);
+            assert!(
+                matches!(refused(body), SnapshotError::Inconsistent(_)),
+                "{what} must be refused as inconsistent"
+            );
+        }
+    }
+
+    #[test]
+    fn degree_above_the_header_bound_is_refused() {
+        let mut body = small_body();
+        let layer = &mut body.graph.layers[0];
+        let extra = HnswParams::default().max_degree(0) + 1;
+        let row0 = layer.offsets[1] as usize;
+        layer
+            .neighbours
+            .splice(row0..row0, std::iter::repeat_n(1, extra));
+        for o in layer.offsets.iter_mut().skip(1) {
+            *o += extra as u32;
+        }
+        assert!(matches!(refused(body), SnapshotError::Inconsistent(m) if m.contains("more than")));
+    }
+
+    #[test]
+    fn garbage_body_with_a_valid_checksum_fails_bytecheck() {
+        let mut bytes = encode(&spec(4), &small_body()).unwrap();
+        let len = bytes.len();
+        for b in &mut bytes[len - 64..] {
+            *b = 0xAB;
+        }
+        let sum = xxh3_64(&bytes[BODY_OFFSET..]);
+        bytes[80..88].copy_from_slice(&sum.to_le_bytes());
+        let hsum = xxh3_64(&bytes[..120]);
+        bytes[120..128].copy_from_slice(&hsum.to_le_bytes());
+        assert!(matches!(validate(&bytes), Err(SnapshotError::Malformed(_))));
+    }
+
+    #[test]
+    fn expectations_name_what_differs() {
+        let bytes = encode(&spec(4), &small_body()).unwrap();
+        let h = validate(&bytes).unwrap();
+        assert_eq!(Expected::default().check(&h), Ok(()));
+        let dim = Expected {
+            dim: Some(384),
+            ..Expected::default()
+        };
+        assert_eq!(
+            dim.check(&h),
+            Err(SnapshotError::DimensionMismatch {
+                expected: 384,
+                found: 4
+            })
+        );
+        let metric = Expected {
+            metric: Some(Metric::L2),
+            ..Expected::default()
+        };
+        assert!(matches!(
+            metric.check(&h),
+            Err(SnapshotError::MetricMismatch { .. })
+        ));
+        let coll = Expected {
+            collection: Some(CollectionId::from_u128(8)),
+            ..Expected::default()
+        };
+        assert!(matches!(
+            coll.check(&h),
+            Err(SnapshotError::CollectionMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn misaligned_bytes_are_refused_not_misread() {
+        let bytes = encode(&spec(4), &small_body()).unwrap();
+        let mut shifted: AlignedVec = AlignedVec::with_capacity(bytes.len() + 1);
+        shifted.push(0);
+        shifted.extend_from_slice(&bytes);
+        assert_eq!(
+            validate(&shifted[1..]),
+            Err(SnapshotError::Misaligned { align: BODY_ALIGN })
+        );
+    }
+
+    #[test]
+    fn body_round_trips_through_the_archive() {
+        let body = small_body();
+        let snap = Snapshot::open(encode(&spec(4), &body).unwrap()).unwrap();
+        assert_eq!(snap.view().to_body().unwrap(), body);
+        assert_eq!(snap.view().payload(3), Some("é3"));
     }
 }

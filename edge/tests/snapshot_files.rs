@@ -1,0 +1,374 @@
+//! Snapshot files on a real filesystem: atomic writes, memory-mapped opening, the search API's
+//! typed errors, and one typed error per kind of corruption.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use proptest::prelude::*;
+use tiervec_edge::{EdgeError, EdgeIndex, write_snapshot_atomic};
+use tiervec_shared::hnsw::{HnswBuilder, HnswParams};
+use tiervec_shared::query::{MAX_K, QueryError};
+use tiervec_shared::snapshot::{self, Expected, SnapshotBody, SnapshotError, SnapshotSpec};
+use tiervec_shared::{CollectionId, Metric, exact};
+
+const DIM: usize = 16;
+
+fn vector(i: usize, seed: u64) -> Vec<f32> {
+    (0..DIM)
+        .map(|d| (((i as u64 * 31 + d as u64 * 17 + seed * 101) % 1000) as f32 * 0.013).sin())
+        .collect()
+}
+
+fn spec(params: HnswParams) -> SnapshotSpec {
+    SnapshotSpec {
+        collection: CollectionId::from_u128(42),
+        dim: DIM as u32,
+        metric: Metric::Cosine,
+        params,
+    }
+}
+
+fn encode(n: usize, seed: u64, payloads: bool) -> Vec<u8> {
+    let params = HnswParams::default();
+    let mut b = HnswBuilder::new(DIM, Metric::Cosine, params);
+    for i in 0..n {
+        b.insert(&vector(i, seed)).unwrap();
+    }
+    let texts: Vec<String> = (0..n).map(|i| format!("text of {i}")).collect();
+    let body = SnapshotBody::from_builder(
+        &b,
+        "test",
+        (0..n as u64).map(|i| i * 10).collect(),
+        (0..n as u64).collect(),
+        payloads.then_some(&texts[..]),
+    )
+    .unwrap();
+    snapshot::encode(&spec(params), &body).unwrap().to_vec()
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    write_snapshot_atomic(&path, bytes).unwrap();
+    path
+}
+
+fn open_err(path: &Path) -> SnapshotError {
+    match EdgeIndex::open(path) {
+        Err(EdgeError::Snapshot { source, .. }) => source,
+        Err(other) => panic!("expected a snapshot error, got {other}"),
+        Ok(_) => panic!("{} opened although corrupt", path.display()),
+    }
+}
+
+/// Writes bytes without the atomic writer (it refuses nothing, but the file would be read-only
+/// and these tests overwrite files freely).
+fn write_raw(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn atomic_write_leaves_one_read_only_file_and_no_temp() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "a.tvs", &encode(50, 1, true));
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("a.tvs")]);
+    assert!(std::fs::metadata(&path).unwrap().permissions().readonly());
+    // Replacing it is a rename over the old file, even though that file is read-only.
+    write(dir.path(), "a.tvs", &encode(60, 2, true));
+    assert_eq!(EdgeIndex::open(&path).unwrap().len(), 60);
+}
+
+#[test]
+fn a_reader_of_the_old_file_is_unaffected_by_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "s.tvs", &encode(50, 1, true));
+    let old = EdgeIndex::open(&path).unwrap();
+    let before = old
+        .search(&vector(7, 1), 5, 32)
+        .unwrap()
+        .iter()
+        .map(|h| h.id)
+        .collect::<Vec<_>>();
+    write(dir.path(), "s.tvs", &encode(80, 9, false));
+    let after = old
+        .search(&vector(7, 1), 5, 32)
+        .unwrap()
+        .iter()
+        .map(|h| h.id)
+        .collect::<Vec<_>>();
+    assert_eq!(before, after);
+    assert_eq!(EdgeIndex::open(&path).unwrap().len(), 80);
+}
+
+#[test]
+fn search_returns_ids_distances_lsns_and_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "s.tvs", &encode(300, 3, true));
+    for index in [
+        EdgeIndex::open(&path).unwrap(),
+        EdgeIndex::load(&path).unwrap(),
+    ] {
+        let hits = index.search(&vector(42, 3), 3, 64).unwrap();
+        assert_eq!(hits.len(), 3);
+        assert_eq!(hits[0].id, 420, "ids are the cloud ids, not node numbers");
+        assert_eq!(hits[0].lsn, 42);
+        assert_eq!(hits[0].payload, Some("text of 42"));
+        assert!(hits[0].distance.abs() < 1e-5);
+        assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
+    }
+}
+
+#[test]
+fn bad_requests_get_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = EdgeIndex::open(&write(dir.path(), "s.tvs", &encode(50, 1, false))).unwrap();
+    let q = vector(1, 1);
+    let query_err = |r: Result<Vec<tiervec_edge::Hit<'_>>, EdgeError>| match r {
+        Err(EdgeError::Query(e)) => e,
+        other => panic!("expected a query error, got {other:?}"),
+    };
+    assert_eq!(
+        query_err(index.search(&q[..3], 5, 10)),
+        QueryError::DimensionMismatch {
+            expected: DIM,
+            found: 3
+        }
+    );
+    let mut nan = q.clone();
+    nan[4] = f32::NAN;
+    assert!(matches!(
+        query_err(index.search(&nan, 5, 10)),
+        QueryError::NonFinite { index: 4, .. }
+    ));
+    let mut inf = q.clone();
+    inf[0] = f32::INFINITY;
+    assert!(matches!(
+        query_err(index.search(&inf, 5, 10)),
+        QueryError::NonFinite { index: 0, .. }
+    ));
+    assert_eq!(query_err(index.search(&q, 0, 10)), QueryError::ZeroK);
+    assert!(matches!(
+        query_err(index.search(&q, MAX_K + 1, 10)),
+        QueryError::KTooLarge { .. }
+    ));
+    assert!(matches!(
+        query_err(index.search(&q, 5, usize::MAX)),
+        QueryError::EfTooLarge { .. }
+    ));
+    // k above the number of vectors is fine: all of them come back.
+    assert_eq!(index.search(&q, MAX_K, 10).unwrap().len(), 50);
+}
+
+#[test]
+fn empty_snapshot_is_valid_and_answers_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = EdgeIndex::open(&write(dir.path(), "e.tvs", &encode(0, 0, true))).unwrap();
+    assert!(index.is_empty());
+    assert!(index.search(&vector(0, 0), 10, 64).unwrap().is_empty());
+}
+
+#[test]
+fn dimension_metric_and_collection_expectations_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "s.tvs", &encode(20, 1, false));
+    let expected = Expected {
+        dim: Some(384),
+        ..Expected::default()
+    };
+    match EdgeIndex::open_expecting(&path, &expected) {
+        Err(EdgeError::Snapshot {
+            source:
+                SnapshotError::DimensionMismatch {
+                    expected: 384,
+                    found: 16,
+                },
+            ..
+        }) => {}
+        other => panic!("expected a dimension mismatch, got {:?}", other.err()),
+    }
+    let right = Expected {
+        dim: Some(16),
+        metric: Some(Metric::Cosine),
+        collection: Some(CollectionId::from_u128(42)),
+    };
+    assert!(EdgeIndex::open_expecting(&path, &right).is_ok());
+}
+
+#[test]
+fn every_corruption_has_its_own_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = encode(200, 5, true);
+    let len = good.len();
+
+    // Truncation at several offsets: inside the magic, the header, and the body.
+    for cut in [0, 5, 8, 11, 64, 127] {
+        let err = open_err(&write_raw(dir.path(), "t.tvs", &good[..cut]));
+        assert!(
+            matches!(err, SnapshotError::TooShort { .. }),
+            "cut at {cut}: {err}"
+        );
+    }
+    for cut in [128, 129, 4096, len / 2, len - 1] {
+        let err = open_err(&write_raw(dir.path(), "t.tvs", &good[..cut]));
+        assert_eq!(
+            err,
+            SnapshotError::Truncated {
+                expected: len as u64,
+                actual: cut as u64
+            },
+            "cut at {cut}"
+        );
+    }
+    let mut longer = good.clone();
+    longer.extend_from_slice(&[0; 16]);
+    assert!(matches!(
+        open_err(&write_raw(dir.path(), "t.tvs", &longer)),
+        SnapshotError::TrailingBytes { .. }
+    ));
+
+    // Wrong magic, and a file that is not a snapshot at all.
+    let mut magic = good.clone();
+    magic[0] = b'X';
+    assert!(matches!(
+        open_err(&write_raw(dir.path(), "t.tvs", &magic)),
+        SnapshotError::BadMagic { .. }
+    ));
+    assert!(matches!(
+        open_err(&write_raw(
+            dir.path(),
+            "t.tvs",
+            b"{\"not\": \"a snapshot\"}"
+        )),
+        SnapshotError::BadMagic { .. }
+    ));
+
+    // A newer (and an older) format version.
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    assert_eq!(
+        open_err(&write_raw(dir.path(), "t.tvs", &newer)),
+        SnapshotError::NewerVersion {
+            found: 2,
+            newest: 1
+        }
+    );
+    let mut older = good.clone();
+    older[8..12].copy_from_slice(&0u32.to_le_bytes());
+    assert!(matches!(
+        open_err(&write_raw(dir.path(), "t.tvs", &older)),
+        SnapshotError::OlderVersion { .. }
+    ));
+
+    // Flipped bits in every header field, and at several places in the body.
+    for at in [13, 16, 20, 21, 22, 30, 40, 50, 66, 75, 85, 100, 121] {
+        let mut flipped = good.clone();
+        flipped[at] ^= 0x10;
+        let err = open_err(&write_raw(dir.path(), "t.tvs", &flipped));
+        assert!(
+            matches!(err, SnapshotError::HeaderChecksum { .. }),
+            "flip at {at}: {err}"
+        );
+    }
+    for at in [128, 200, len / 3, len / 2, len - 8, len - 1] {
+        let mut flipped = good.clone();
+        flipped[at] ^= 0x01;
+        let err = open_err(&write_raw(dir.path(), "t.tvs", &flipped));
+        assert!(
+            matches!(err, SnapshotError::BodyChecksum { .. }),
+            "flip at {at}: {err}"
+        );
+    }
+
+    // A missing file is an IO error naming the path.
+    match EdgeIndex::open(&dir.path().join("missing.tvs")) {
+        Err(e @ EdgeError::Io { .. }) => assert!(e.to_string().contains("missing.tvs")),
+        other => panic!("expected an IO error, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn inspect_reports_valid_and_corrupt_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = encode(120, 4, true);
+    let path = write(dir.path(), "s.tvs", &good);
+    let out = Command::new(env!("CARGO_BIN_EXE_tiervec-edge"))
+        .arg("inspect")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for needle in [
+        "format version:  1",
+        "vectors:         120",
+        "dimension:       16",
+        "layer 0: 120 nodes",
+        "validates:       yes",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    let mut bad = good;
+    let n = bad.len();
+    bad[n - 10] ^= 0xff;
+    let path = write_raw(dir.path(), "bad.tvs", &bad);
+    let out = Command::new(env!("CARGO_BIN_EXE_tiervec-edge"))
+        .arg("inspect")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("vectors:         120")
+            && text.contains("validates:       no: snapshot body is corrupt"),
+        "{text}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Whatever goes in comes back out of the file, and graph search agrees with exact search
+    /// on a stored vector's nearest neighbour (itself).
+    #[test]
+    fn snapshot_round_trips_through_a_file(
+        rows in proptest::collection::vec(proptest::collection::vec(-1.0f32..1.0, DIM), 0..60),
+        payloads in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let params = HnswParams { seed, ..HnswParams::default() };
+        let mut b = HnswBuilder::new(DIM, Metric::Cosine, params);
+        for r in &rows {
+            b.insert(r).unwrap();
+        }
+        let n = rows.len();
+        let texts: Vec<String> = (0..n).map(|i| "ü".repeat(i % 4) + &i.to_string()).collect();
+        let ids: Vec<u64> = (0..n as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        let lsns: Vec<u64> = (0..n as u64).map(|i| i + 100).collect();
+        let body = SnapshotBody::from_builder(&b, "p", ids.clone(), lsns.clone(), payloads.then_some(&texts[..])).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "p.tvs", &snapshot::encode(&spec(params), &body).unwrap());
+        let index = EdgeIndex::open(&path).unwrap();
+        let view = index.view();
+        prop_assert_eq!(view.ids(), &ids[..]);
+        prop_assert_eq!(view.vectors(), b.vectors());
+        prop_assert_eq!(view.to_body().unwrap(), body);
+        for i in 0..n as u32 {
+            prop_assert_eq!(view.lsn(i), Some(lsns[i as usize]));
+            prop_assert_eq!(view.payload(i), payloads.then(|| texts[i as usize].as_str()));
+            let q = view.vector(i).unwrap();
+            // Skip zero rows: every row is then equally far from them.
+            if q.iter().all(|&x| x == 0.0) {
+                continue;
+            }
+            let truth = exact::search(view.vectors(), DIM, Metric::Cosine, q, 1)[0];
+            let hits = index.search(q, 1, 64).unwrap();
+            prop_assert!((hits[0].distance - truth.distance).abs() <= 1e-5);
+        }
+    }
+}
