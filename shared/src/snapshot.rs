@@ -570,7 +570,7 @@ fn check_contents(h: &SnapshotHeader, b: &ArchivedSnapshotBody) -> Result<(), Sn
         return inconsistent(format!("vector {} has a non-finite component", i / dim));
     }
     let payload_offsets: &[u32] = cast(&b.payload_offsets);
-    if h.has_payloads != !payload_offsets.is_empty() {
+    if h.has_payloads == payload_offsets.is_empty() {
         return inconsistent("payload flag disagrees with the payload section".into());
     }
     if h.has_payloads {
@@ -611,7 +611,7 @@ fn check_quantization(
     if scales.iter().chain(norms).any(|x| !x.is_finite()) {
         return inconsistent("quantisation scales or norms are not finite".into());
     }
-    if q.codes.iter().any(|&c| c == i8::MIN) {
+    if q.codes.contains(&i8::MIN) {
         return inconsistent("quantisation code -128 is outside -127..=127".into());
     }
     Ok(())
@@ -981,7 +981,8 @@ mod tests {
     fn each_inconsistency_is_refused() {
         let good = small_body();
         assert!(encode(&spec(4), &good).is_ok());
-        let cases: Vec<(&str, Box<dyn Fn(&mut SnapshotBody)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut SnapshotBody)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             (
                 "ids",
                 Box::new(|b| {

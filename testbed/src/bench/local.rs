@@ -173,7 +173,7 @@ fn measure(
         p50_us: lat.percentile_us(0.50),
         p99_us: lat.percentile_us(0.99),
         p999_us: lat.percentile_us(0.999),
-        qps: lat.len() as f64 / busy.as_secs_f64(),
+        qps: lat.samples() as f64 / busy.as_secs_f64(),
         threads: 1,
     };
     eprintln!(

@@ -56,7 +56,8 @@ impl Latencies {
         self.0.saturating_record(d.as_nanos().max(1) as u64);
     }
 
-    pub fn len(&self) -> u64 {
+    /// Number of samples recorded.
+    pub fn samples(&self) -> u64 {
         self.0.len()
     }
 
