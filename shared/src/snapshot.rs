@@ -179,12 +179,36 @@ impl SnapshotBody {
         lsns: Vec<u64>,
         payloads: Option<&[String]>,
     ) -> Result<SnapshotBody, SnapshotError> {
-        let n = builder.len();
-        if ids.len() != n || lsns.len() != n || payloads.is_some_and(|p| p.len() != n) {
+        Self::from_parts(BodyParts {
+            collection_name,
+            dim: builder.dim(),
+            ids,
+            lsns,
+            vectors: builder.vectors().to_vec(),
+            payloads,
+            graph: builder.to_flat(),
+        })
+    }
+
+    /// Assembles a body from its parts (vectors already prepared for the metric), quantising
+    /// the vectors for traversal. Fails if the lengths disagree or the text exceeds 4 GiB; the
+    /// graph itself is checked when the body is encoded.
+    pub fn from_parts(parts: BodyParts<'_>) -> Result<SnapshotBody, SnapshotError> {
+        let BodyParts {
+            collection_name,
+            dim,
+            ids,
+            lsns,
+            vectors,
+            payloads,
+            graph,
+        } = parts;
+        let n = ids.len();
+        if lsns.len() != n || vectors.len() != n * dim || payloads.is_some_and(|p| p.len() != n) {
             return Err(SnapshotError::Write(format!(
-                "{n} vectors but {} ids, {} LSNs and {} payloads",
-                ids.len(),
+                "{n} ids but {} LSNs, {} vector components (dimension {dim}) and {} payloads",
                 lsns.len(),
+                vectors.len(),
                 payloads.map_or(0, <[String]>::len)
             )));
         }
@@ -200,19 +224,33 @@ impl SnapshotBody {
                 payload_offsets.push(end);
             }
         }
+        let quantization = QuantSection::build(&vectors, dim);
         Ok(SnapshotBody {
             collection_name: collection_name.to_owned(),
             ids,
             lsns,
-            vectors: builder.vectors().to_vec(),
+            vectors,
             payload_offsets,
             payload_text,
-            graph: builder.to_flat().into(),
+            graph: graph.into(),
             manifest_version: 0,
             anchors: AnchorSection::default(),
-            quantization: QuantSection::build(builder.vectors(), builder.dim()),
+            quantization,
         })
     }
+}
+
+/// The contents of a snapshot body before it is assembled; node `i` is `ids[i]`.
+#[derive(Clone, Debug)]
+pub struct BodyParts<'a> {
+    pub collection_name: &'a str,
+    pub dim: usize,
+    pub ids: Vec<u64>,
+    pub lsns: Vec<u64>,
+    /// `ids.len() × dim` components, prepared for the metric.
+    pub vectors: Vec<f32>,
+    pub payloads: Option<&'a [String]>,
+    pub graph: FlatGraph,
 }
 
 /// What the header records besides lengths and checksums.

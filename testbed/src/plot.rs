@@ -36,8 +36,17 @@ pub fn recall_latency(path: &Path, title: &str, rows: &[Row]) -> anyhow::Result<
     engines.dedup();
     engines.sort();
     engines.dedup();
+    // Fixed, readable colours per engine (the first is tiervec's); others cycle.
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+    ];
+    engines.sort_by_key(|e| (*e != "tiervec", *e));
     for (i, engine) in engines.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = palette[i % palette.len()].to_rgba();
         let mut points: Vec<(f64, f64)> = rows
             .iter()
             .filter(|r| r.engine == *engine)

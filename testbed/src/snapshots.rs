@@ -2,8 +2,10 @@
 
 use tiervec_shared::CollectionId;
 use tiervec_shared::Metric;
-use tiervec_shared::hnsw::{HnswBuilder, HnswParams};
-use tiervec_shared::snapshot::{self, AlignedBytes, SnapshotBody, SnapshotError, SnapshotSpec};
+use tiervec_shared::hnsw::{FlatGraph, HnswBuilder, HnswParams};
+use tiervec_shared::snapshot::{
+    self, AlignedBytes, BodyParts, SnapshotBody, SnapshotError, SnapshotSpec,
+};
 use tiervec_shared::vecs::Matrix;
 
 /// The collection identity the testbed gives the dataset's collection.
@@ -43,6 +45,39 @@ pub fn build(
         dim: base.dim as u32,
         metric: Metric::Cosine,
         params: builder.params(),
+    };
+    snapshot::encode(&spec, &body)
+}
+
+/// Encodes a cosine snapshot of base rows `0..graph's node count` over a graph built elsewhere
+/// (the hnsw_rs peer's, exported), without payloads.
+pub fn encode_with_graph(
+    base: &Matrix<f32>,
+    graph: FlatGraph,
+    params: HnswParams,
+) -> Result<AlignedBytes, SnapshotError> {
+    let count = graph
+        .layers
+        .first()
+        .map_or(0, |l| l.offsets.len().saturating_sub(1));
+    let mut vectors = base.data[..count * base.dim].to_vec();
+    for row in vectors.chunks_exact_mut(base.dim) {
+        Metric::Cosine.prepare(row);
+    }
+    let body = SnapshotBody::from_parts(BodyParts {
+        collection_name: "wordnet",
+        dim: base.dim,
+        ids: (0..count as u64).collect(),
+        lsns: (1..=count as u64).collect(),
+        vectors,
+        payloads: None,
+        graph,
+    })?;
+    let spec = SnapshotSpec {
+        collection: DATASET_COLLECTION,
+        dim: base.dim as u32,
+        metric: Metric::Cosine,
+        params,
     };
     snapshot::encode(&spec, &body)
 }

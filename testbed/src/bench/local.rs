@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hnsw_rs::prelude::{Distance, Hnsw};
 use serde::Serialize;
 use tiervec_edge::{EdgeIndex, Hit, Searcher, write_snapshot_atomic};
 use tiervec_shared::hnsw::HnswParams;
@@ -13,7 +12,7 @@ use tiervec_shared::{Metric, exact};
 
 use super::{Latencies, Machine, memory, recall_at_10, update_benchmarks_md, write_json};
 use crate::dataset::Dataset;
-use crate::{plot, snapshots};
+use crate::{peer, plot, snapshots};
 
 /// Knobs of the local bench.
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -99,16 +98,6 @@ struct Report {
     at_recall_098: Vec<AtRecall>,
     p50_ratio_tiervec_to_hnsw_rs_at_098: Option<f64>,
     p99_ratio_tiervec_to_hnsw_rs_at_098: Option<f64>,
-}
-
-/// tiervec's cosine distance, handed to hnsw_rs (anndists' `DistDot` asserts `dot ≤ 1` and
-/// panics on normalised vectors whose f32 self-dot rounds above 1).
-struct TiervecCosine;
-
-impl Distance<f32> for TiervecCosine {
-    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        Metric::Cosine.distance(a, b)
-    }
 }
 
 /// Exact top-10 ids and distances of every query over `vectors`, on all cores.
@@ -295,12 +284,29 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let t = Instant::now();
-    let peer: Hnsw<f32, TiervecCosine> =
-        Hnsw::new(args.m, count, 16, args.ef_construction, TiervecCosine);
-    let rows_for_peer: Vec<(&[f32], usize)> = (0..count).map(|i| (ds.base.row(i), i)).collect();
-    peer.parallel_insert_slice(&rows_for_peer);
+    let base_rows: Vec<&[f32]> = (0..count).map(|i| ds.base.row(i)).collect();
+    let peer = peer::build(&base_rows, args.m, args.ef_construction);
     let build_seconds_hnsw_rs = t.elapsed().as_secs_f64();
     eprintln!("  hnsw_rs build {build_seconds_hnsw_rs:.1}s on {threads} threads");
+    // The same search over hnsw_rs's graph separates graph quality from search speed.
+    let peer_graph = peer::export_graph(&peer);
+    let peer_params = HnswParams {
+        m: peer_graph
+            .layers
+            .iter()
+            .skip(1)
+            .map(|l| l.stats().max_degree)
+            .max()
+            .unwrap_or(args.m)
+            .max(args.m),
+        ..params
+    };
+    let peer_path = args
+        .work_dir
+        .join(format!("local-{count}-hnsw_rs-graph.tvs"));
+    let peer_bytes = snapshots::encode_with_graph(&ds.base, peer_graph, peer_params)?;
+    write_snapshot_atomic(&peer_path, &peer_bytes)?;
+    let on_peer_graph = EdgeIndex::open(&peer_path)?;
 
     let mut rows = Vec::new();
     let mut searcher = Searcher::new();
@@ -314,6 +320,20 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
             args.samples,
             |q, out| {
                 index
+                    .search_with(&mut searcher, q, 10, ef, &mut hits)
+                    .expect("valid query");
+                out.clear();
+                out.extend(hits.iter().map(|h| (h.id, h.distance)));
+            },
+        ));
+        rows.push(measure(
+            "tiervec_on_hnsw_rs_graph",
+            Some(ef),
+            &queries,
+            &truth,
+            args.samples,
+            |q, out| {
+                on_peer_graph
                     .search_with(&mut searcher, q, 10, ef, &mut hits)
                     .expect("valid query");
                 out.clear();
@@ -362,7 +382,7 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
 
     let probe = spawn_rss_probe(&path)?;
 
-    let at_recall_098: Vec<AtRecall> = ["tiervec", "hnsw_rs", "exact"]
+    let at_recall_098: Vec<AtRecall> = ["tiervec", "tiervec_on_hnsw_rs_graph", "hnsw_rs", "exact"]
         .iter()
         .filter_map(|e| best_at(&rows, e, 0.98))
         .collect();
