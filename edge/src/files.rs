@@ -11,8 +11,8 @@
 //! its data directory; where that is possible, open snapshots with [`SnapshotBytes::read`],
 //! which copies the file into anonymous memory (immune to later changes, at the cost of RAM).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read};
 use std::ops::Deref;
 use std::path::Path;
 
@@ -85,37 +85,9 @@ const _: () = assert!(
 // change only through `&mut`, which is never handed out.
 unsafe impl StableBytes for SnapshotBytes {}
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the complete new one:
-/// a temp file in the same directory, fsync, read-only permissions, rename over `path`, then
-/// fsync of the directory so the rename itself is durable.
+/// Writes a snapshot so that a crash leaves either the old file or the complete new one, and
+/// makes it read-only: a temp file in the same directory, fsync, rename, fsync of the directory
+/// (`tiervec_shared::durable::write_atomic`).
 pub fn write_snapshot_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "snapshot path has no file name",
-        )
-    })?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        let mut perms = file.metadata()?.permissions();
-        perms.set_readonly(true);
-        fs::set_permissions(&tmp, perms)?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    tiervec_shared::durable::write_atomic(path, bytes, true)
 }

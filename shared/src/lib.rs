@@ -14,11 +14,17 @@
 //!   place through [`snapshot::SnapshotView`].
 //! * [`vecs`] parses the `.fvecs`/`.ivecs` dataset layout from bytes.
 //! * [`exact`] is brute-force search, the yardstick for recall.
+//! * [`log`] is the record format of every append-only log (cloud WAL, edge delta log).
+//! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
+//!   file replacement and directory syncs for the edge and the cloud.
 
+#[cfg(feature = "fs")]
+pub mod durable;
 pub mod exact;
 pub mod hnsw;
 pub mod identity;
 pub mod kernels;
+pub mod log;
 pub mod metric;
 pub mod quant;
 pub mod query;

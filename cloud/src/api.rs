@@ -1,0 +1,729 @@
+//! The HTTP/JSON API (axum), versioned under `/v1`, with its OpenAPI document generated from
+//! these types (utoipa). Errors are JSON `{code, message}` with the matching status.
+//!
+//! Authentication: when API keys are configured, every `/v1` route needs one, in
+//! `Authorization: Bearer <key>` or `api-key: <key>`. Missing key → 401; unknown key → 403;
+//! a read-only key on a write route → 403. Keys are compared in constant time and never logged.
+//! `/healthz`, `/readyz`, `/metrics` and `/v1/openapi.json` are open.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+use tiervec_shared::Metric;
+use tiervec_shared::hnsw::HnswParams;
+use tracing::{Instrument, info_span};
+use utoipa::{OpenApi, ToSchema};
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::collection::{Engine, SearchParams};
+use crate::config::{ApiKey, Role};
+use crate::service::{Service, ServiceError};
+
+/// Shared state of the handlers. The service appears once recovery has finished; until then
+/// `/readyz` and the `/v1` routes answer 503.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<OnceLock<Arc<Service>>>,
+    pub keys: Arc<Vec<ApiKey>>,
+    pub metrics: PrometheusHandle,
+    pub max_body_bytes: usize,
+}
+
+/// A JSON error with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `collection_not_found`.
+    pub code: String,
+    /// What went wrong and what to do, for a person.
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code.to_owned(),
+            message: self.message,
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
+        use ServiceError as E;
+        let (status, code) = match &e {
+            E::CollectionNotFound(_) => (StatusCode::NOT_FOUND, "collection_not_found"),
+            E::PointNotFound { .. } => (StatusCode::NOT_FOUND, "point_not_found"),
+            E::CollectionExists(_) => (StatusCode::CONFLICT, "collection_exists"),
+            E::Query(_) | E::BadPoint { .. } | E::Invalid(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
+            E::Wal(_) | E::Checkpoint(_) | E::DataDir { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "storage_error")
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// `Json<T>` whose rejections are API errors: 413 for a body over the limit, 400 otherwise.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body exceeds the server's max_body_bytes; send smaller batches",
+        );
+    }
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+        rejection.body_text(),
+    )
+}
+
+fn service(state: &AppState) -> Result<Arc<Service>, ApiError> {
+    state.service.get().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the server is still recovering; retry shortly",
+        )
+    })
+}
+
+/// Runs blocking service work (WAL commits, big searches) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+// ---- request and response types ----
+
+/// `POST /v1/collections`
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCollection {
+    /// 1–64 characters of `A-Z a-z 0-9 _ -`.
+    pub name: String,
+    pub dim: usize,
+    /// `cosine` (1 − dot of normalised vectors), `l2` (squared) or `dot` (−dot).
+    #[schema(value_type = String, example = "cosine")]
+    pub metric: Metric,
+    /// HNSW out-degree (default 16).
+    pub m: Option<usize>,
+    /// HNSW build beam width (default 200).
+    pub ef_construction: Option<usize>,
+}
+
+/// A collection's description.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CollectionDescription {
+    pub name: String,
+    /// Identity of this incarnation (a UUID): a dropped and recreated collection gets a new one.
+    pub id: String,
+    pub dim: usize,
+    #[schema(value_type = String)]
+    pub metric: Metric,
+    pub m: usize,
+    pub ef_construction: usize,
+    /// Live points.
+    pub points: usize,
+    /// Points in the searchable graph generation (the rest are searched exactly).
+    pub indexed_points: usize,
+    /// Which engine serves exact search (`cpu_simd`).
+    pub exact_engine: String,
+}
+
+/// `GET /v1/collections`
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CollectionList {
+    pub collections: Vec<CollectionDescription>,
+}
+
+/// One point to upsert.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PointIn {
+    pub id: u64,
+    pub vector: Vec<f32>,
+    /// Any JSON value, stored and returned as given.
+    #[schema(value_type = Object)]
+    pub payload: Option<Box<RawValue>>,
+}
+
+/// `PUT /v1/collections/{name}/points`
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpsertPoints {
+    pub points: Vec<PointIn>,
+}
+
+/// `POST /v1/collections/{name}/points/delete`
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeletePoints {
+    pub ids: Vec<u64>,
+}
+
+/// An acknowledged write: durable (fsync'ed) before this response was sent.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WriteAck {
+    /// Sequence number of the write in the WAL.
+    pub lsn: u64,
+}
+
+/// A stored point.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PointOut {
+    pub id: u64,
+    pub vector: Vec<f32>,
+    pub lsn: u64,
+    #[schema(value_type = Object)]
+    pub payload: Option<Box<RawValue>>,
+}
+
+/// `POST /v1/collections/{name}/search`
+#[derive(Debug, Serialize, Deserialize, ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    pub vector: Vec<f32>,
+    /// Results wanted, 1..=1024.
+    pub k: usize,
+    /// Beam width (default from the server config); raised to `k` if smaller.
+    pub ef: Option<usize>,
+    /// Exact brute-force search instead of the graph.
+    #[serde(default)]
+    pub exact: bool,
+    /// Drop hits farther than this (see docs/distances.md).
+    pub max_distance: Option<f32>,
+    /// Return payloads with the hits.
+    #[serde(default)]
+    pub with_payload: bool,
+}
+
+/// One search hit.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SearchHit {
+    pub id: u64,
+    pub distance: f32,
+    /// LSN of the write that last changed this point.
+    pub lsn: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub payload: Option<Box<RawValue>>,
+}
+
+/// The answer to one search.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SearchResponse {
+    pub hits: Vec<SearchHit>,
+    /// Server-side time of this search in microseconds.
+    pub took_us: u64,
+    /// `graph` or `exact`.
+    pub engine: String,
+}
+
+/// `POST /v1/collections/{name}/search/batch`
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSearchRequest {
+    pub searches: Vec<SearchRequest>,
+}
+
+/// Answers in request order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BatchSearchResponse {
+    pub results: Vec<SearchResponse>,
+    pub took_us: u64,
+}
+
+/// Most searches in one batch request.
+pub const MAX_BATCH_SEARCHES: usize = 1_024;
+
+fn describe(c: &crate::collection::Collection) -> CollectionDescription {
+    CollectionDescription {
+        name: c.info.name.clone(),
+        id: uuid::Uuid::from_bytes(c.info.id.0).to_string(),
+        dim: c.info.dim,
+        metric: c.info.metric,
+        m: c.info.params.m,
+        ef_construction: c.info.params.ef_construction,
+        points: c.len(),
+        indexed_points: c.generation_len().min(c.slots()),
+        exact_engine: "cpu_simd".into(),
+    }
+}
+
+fn raw(payload: Option<Arc<str>>) -> Option<Box<RawValue>> {
+    payload.and_then(|p| RawValue::from_string(p.to_string()).ok())
+}
+
+// ---- handlers ----
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Recovery done"), (status = 503, body = ErrorBody)))]
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    service(&state).map(|_| "ready")
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
+async fn metrics_text(State(state): State<AppState>) -> String {
+    state.metrics.render()
+}
+
+async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+#[utoipa::path(post, path = "/v1/collections", request_body = CreateCollection,
+    responses((status = 201, body = CollectionDescription), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_collection(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<CreateCollection>,
+) -> Result<(StatusCode, axum::Json<CollectionDescription>), ApiError> {
+    let svc = service(&state)?;
+    let defaults = HnswParams::default();
+    let params = HnswParams {
+        m: req.m.unwrap_or(defaults.m),
+        ef_construction: req.ef_construction.unwrap_or(defaults.ef_construction),
+        seed: defaults.seed,
+    };
+    let s = svc.clone();
+    let info =
+        blocking(move || s.create_collection(&req.name, req.dim, req.metric, params)).await?;
+    let c = svc
+        .catalog()
+        .get(&info.name)
+        .ok_or_else(|| ServiceError::CollectionNotFound(info.name.clone()))?;
+    Ok((StatusCode::CREATED, axum::Json(describe(&c))))
+}
+
+#[utoipa::path(get, path = "/v1/collections", responses((status = 200, body = CollectionList)))]
+async fn list_collections(
+    State(state): State<AppState>,
+) -> Result<axum::Json<CollectionList>, ApiError> {
+    let svc = service(&state)?;
+    Ok(axum::Json(CollectionList {
+        collections: svc.catalog().all().iter().map(|c| describe(c)).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/collections/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = CollectionDescription), (status = 404, body = ErrorBody)))]
+async fn get_collection(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<CollectionDescription>, ApiError> {
+    let svc = service(&state)?;
+    let c = svc
+        .catalog()
+        .get(&name)
+        .ok_or(ServiceError::CollectionNotFound(name))?;
+    Ok(axum::Json(describe(&c)))
+}
+
+#[utoipa::path(delete, path = "/v1/collections/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = WriteAck), (status = 404, body = ErrorBody)))]
+async fn drop_collection(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<WriteAck>, ApiError> {
+    let svc = service(&state)?;
+    blocking(move || svc.drop_collection(&name)).await?;
+    Ok(axum::Json(WriteAck { lsn: 0 }))
+}
+
+#[utoipa::path(put, path = "/v1/collections/{name}/points", params(("name" = String, Path)), request_body = UpsertPoints,
+    responses((status = 200, body = WriteAck), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn upsert_points(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<UpsertPoints>,
+) -> Result<axum::Json<WriteAck>, ApiError> {
+    let svc = service(&state)?;
+    let points = req
+        .points
+        .into_iter()
+        .map(|p| (p.id, p.vector, p.payload.map(|r| r.get().to_owned())))
+        .collect();
+    let lsn = blocking(move || svc.upsert(&name, points)).await?;
+    Ok(axum::Json(WriteAck { lsn }))
+}
+
+#[utoipa::path(post, path = "/v1/collections/{name}/points/delete", params(("name" = String, Path)), request_body = DeletePoints,
+    responses((status = 200, body = WriteAck), (status = 404, body = ErrorBody)))]
+async fn delete_points(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<DeletePoints>,
+) -> Result<axum::Json<WriteAck>, ApiError> {
+    let svc = service(&state)?;
+    let lsn = blocking(move || svc.delete(&name, req.ids)).await?;
+    Ok(axum::Json(WriteAck { lsn }))
+}
+
+#[utoipa::path(get, path = "/v1/collections/{name}/points/{id}", params(("name" = String, Path), ("id" = u64, Path)),
+    responses((status = 200, body = PointOut), (status = 404, body = ErrorBody)))]
+async fn get_point(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, u64)>,
+) -> Result<axum::Json<PointOut>, ApiError> {
+    let svc = service(&state)?;
+    let p = svc.get(&name, id)?;
+    Ok(axum::Json(PointOut {
+        id: p.id,
+        vector: p.vector,
+        lsn: p.lsn,
+        payload: raw(p.payload),
+    }))
+}
+
+fn run_search(
+    svc: &Service,
+    name: &str,
+    req: &SearchRequest,
+) -> Result<SearchResponse, ServiceError> {
+    let started = Instant::now();
+    let params = SearchParams {
+        k: req.k,
+        ef: req.ef.unwrap_or(svc.config.default_ef),
+        exact: req.exact,
+        max_distance: req.max_distance,
+    };
+    let (hits, engine) = svc.search(name, &req.vector, &params)?;
+    Ok(SearchResponse {
+        hits: hits
+            .into_iter()
+            .map(|h| SearchHit {
+                id: h.id,
+                distance: h.distance,
+                lsn: h.lsn,
+                payload: if req.with_payload {
+                    raw(h.payload)
+                } else {
+                    None
+                },
+            })
+            .collect(),
+        took_us: started.elapsed().as_micros() as u64,
+        engine: match engine {
+            Engine::Graph => "graph".into(),
+            Engine::Exact => "exact".into(),
+        },
+    })
+}
+
+#[utoipa::path(post, path = "/v1/collections/{name}/search", params(("name" = String, Path)), request_body = SearchRequest,
+    responses((status = 200, body = SearchResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn search(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<SearchRequest>,
+) -> Result<axum::Json<SearchResponse>, ApiError> {
+    let svc = service(&state)?;
+    // A graph search takes tens of microseconds: cheaper inline than a hop to the blocking pool.
+    if req.exact {
+        return Ok(axum::Json(
+            blocking(move || run_search(&svc, &name, &req)).await?,
+        ));
+    }
+    Ok(axum::Json(run_search(&svc, &name, &req)?))
+}
+
+#[utoipa::path(post, path = "/v1/collections/{name}/search/batch", params(("name" = String, Path)), request_body = BatchSearchRequest,
+    responses((status = 200, body = BatchSearchResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn search_batch(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<BatchSearchRequest>,
+) -> Result<axum::Json<BatchSearchResponse>, ApiError> {
+    let svc = service(&state)?;
+    if req.searches.len() > MAX_BATCH_SEARCHES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "{} searches in one batch; the maximum is {MAX_BATCH_SEARCHES}",
+                req.searches.len()
+            ),
+        ));
+    }
+    let started = Instant::now();
+    let results = blocking(move || {
+        req.searches
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                run_search(&svc, &name, s).map_err(|e| match e {
+                    ServiceError::Query(q) => ServiceError::Invalid(format!("search {i}: {q}")),
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    Ok(axum::Json(BatchSearchResponse {
+        results,
+        took_us: started.elapsed().as_micros() as u64,
+    }))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tiervec cloud API",
+        description = "Collections, durable writes and k-NN search. Distances: docs/distances.md."
+    ),
+    paths(
+        healthz,
+        readyz,
+        metrics_text,
+        create_collection,
+        list_collections,
+        get_collection,
+        drop_collection,
+        upsert_points,
+        delete_points,
+        get_point,
+        search,
+        search_batch
+    ),
+    components(schemas(
+        ErrorBody,
+        CreateCollection,
+        CollectionDescription,
+        CollectionList,
+        PointIn,
+        UpsertPoints,
+        DeletePoints,
+        WriteAck,
+        PointOut,
+        SearchRequest,
+        SearchHit,
+        SearchResponse,
+        BatchSearchRequest,
+        BatchSearchResponse
+    ))
+)]
+pub struct ApiDoc;
+
+// ---- middleware ----
+
+/// Which role a route needs; `None` for the open routes.
+fn required_role(method: &Method, path: &str) -> Option<Role> {
+    if !path.starts_with("/v1/") || path == "/v1/openapi.json" {
+        return None;
+    }
+    let write = match *method {
+        Method::PUT | Method::DELETE => true,
+        Method::POST => path == "/v1/collections" || path.ends_with("/points/delete"),
+        _ => false,
+    };
+    Some(if write {
+        Role::ReadWrite
+    } else {
+        Role::ReadOnly
+    })
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(v) = headers.get("authorization") {
+        return v.as_bytes().strip_prefix(b"Bearer ");
+    }
+    headers.get("api-key").map(|v| v.as_bytes())
+}
+
+/// The role of `presented`, comparing against every configured key in constant time: the
+/// digests are compared first (equal length, so no length leak), then the bytes.
+fn role_of(keys: &[ApiKey], presented: &[u8]) -> Option<Role> {
+    let digest = xxh3_128(presented).to_le_bytes();
+    let mut found = None;
+    for k in keys {
+        let same_digest = xxh3_128(k.key.as_bytes()).to_le_bytes().ct_eq(&digest);
+        let same = same_digest & k.key.as_bytes().ct_eq(presented);
+        if bool::from(same) {
+            found = Some(k.role);
+        }
+    }
+    found
+}
+
+async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.keys.is_empty() {
+        return next.run(req).await;
+    }
+    let Some(needed) = required_role(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let Some(presented) = presented_key(req.headers()) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "send an API key in `Authorization: Bearer <key>` or `api-key`",
+        )
+        .into_response();
+    };
+    match role_of(&state.keys, presented) {
+        None => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_api_key",
+            "the API key is not valid",
+        )
+        .into_response(),
+        Some(Role::ReadOnly) if needed == Role::ReadWrite => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this API key is read-only; writes need a read-write key",
+        )
+        .into_response(),
+        Some(_) => next.run(req).await,
+    }
+}
+
+/// A span and the request metrics (count and latency per route, method and status).
+async fn observe(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let span = info_span!("http", method = %method, route = %route);
+    let started = Instant::now();
+    let response = next.run(req).instrument(span).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [
+        ("route", route),
+        ("method", method.to_string()),
+        ("status", status),
+    ];
+    metrics::counter!("tiervec_http_requests_total", &labels).increment(1);
+    metrics::histogram!("tiervec_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/openapi.json", get(openapi))
+        .route(
+            "/v1/collections",
+            post(create_collection).get(list_collections),
+        )
+        .route(
+            "/v1/collections/{name}",
+            get(get_collection).delete(drop_collection),
+        )
+        .route("/v1/collections/{name}/points", put(upsert_points))
+        .route("/v1/collections/{name}/points/delete", post(delete_points))
+        .route("/v1/collections/{name}/points/{id}", get(get_point))
+        .route("/v1/collections/{name}/search", post(search))
+        .route("/v1/collections/{name}/search/batch", post(search_batch))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route_layer(middleware::from_fn(observe))
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state)
+}
+
+/// The process-wide Prometheus recorder (installed once; later calls share it).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 1.0,
+                ])
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Binds `config.http_addr`, starts recovery in the background and serves until `shutdown`
+/// resolves. `on_bound` receives the bound address (port 0 picks one) before recovery starts.
+pub async fn serve(
+    config: crate::config::CloudConfig,
+    on_bound: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
+    let addr = listener.local_addr()?;
+    on_bound(addr);
+    if config.api_keys.is_empty() {
+        tracing::warn!("no API keys configured: the API is open to anyone who can reach {addr}");
+    }
+    let cell: Arc<OnceLock<Arc<Service>>> = Arc::new(OnceLock::new());
+    let state = AppState {
+        service: cell.clone(),
+        keys: Arc::new(config.api_keys.clone()),
+        metrics: prometheus(),
+        max_body_bytes: config.max_body_bytes,
+    };
+    let recovery = tokio::task::spawn_blocking(move || Service::open(config));
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
+    let server = tokio::spawn(async move { server.await });
+    let service = recovery.await??;
+    tracing::info!(%addr, "serving");
+    let _ = cell.set(Arc::new(service));
+    server.await??;
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! Checkpoints: every collection's points at one LSN, in one checksummed file written
+//! atomically (format version 1, documented in `docs/wal.md`). Recovery loads the newest
+//! checkpoint and replays the WAL records after its LSN; the graph is rebuilt from the vectors
+//! (in parallel), so no index file is ever trusted.
+//!
+//! ```text
+//! header (64 bytes, little-endian):
+//!   magic "TVCKPT\r\n" | version u32 | reserved u32 | lsn u64 | body_len u64 | body_xxh3 u64
+//!   | reserved 16 | header_xxh3 u64 (of bytes 0..56)
+//! body: rkyv archive of CheckpointBody
+//! ```
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+use thiserror::Error;
+use xxhash_rust::xxh3::xxh3_64;
+
+pub const MAGIC: [u8; 8] = *b"TVCKPT\r\n";
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 64;
+
+/// One collection as of the checkpoint's LSN (live points only).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CollectionImage {
+    pub name: String,
+    pub id: [u8; 16],
+    pub dim: u32,
+    pub metric: u8,
+    pub m: u32,
+    pub ef_construction: u32,
+    pub seed: u64,
+    pub ids: Vec<u64>,
+    pub lsns: Vec<u64>,
+    /// `ids.len() × dim` components, prepared for the metric.
+    pub vectors: Vec<f32>,
+    pub payloads: Vec<Option<String>>,
+}
+
+/// Everything durable as of `lsn`.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct CheckpointBody {
+    pub lsn: u64,
+    pub collections: Vec<CollectionImage>,
+}
+
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "checkpoint {path} is damaged: {what}; move it aside to start from the WAL alone only if the WAL still holds every record"
+    )]
+    Corrupt { path: PathBuf, what: String },
+}
+
+fn checkpoint_path(dir: &Path, lsn: u64) -> PathBuf {
+    dir.join(format!("checkpoint-{lsn:020}.tvck"))
+}
+
+/// Checkpoint files in `dir`, oldest first, with their LSN.
+pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(lsn) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|n| n.strip_suffix(".tvck"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            out.push((lsn, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Encodes a checkpoint file.
+pub fn encode(body: &CheckpointBody) -> Vec<u8> {
+    let archived =
+        rkyv::to_bytes::<rancor::Error>(body).expect("serialising into memory cannot fail");
+    let mut out = Vec::with_capacity(HEADER_LEN + archived.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&body.lsn.to_le_bytes());
+    out.extend_from_slice(&(archived.len() as u64).to_le_bytes());
+    out.extend_from_slice(&xxh3_64(&archived).to_le_bytes());
+    out.resize(56, 0);
+    let sum = xxh3_64(&out[..56]);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out.extend_from_slice(&archived);
+    out
+}
+
+/// Validates and decodes checkpoint file bytes.
+pub fn decode(bytes: &[u8]) -> Result<CheckpointBody, String> {
+    if bytes.len() < HEADER_LEN {
+        return Err(format!("{} bytes, shorter than the header", bytes.len()));
+    }
+    if bytes[..8] != MAGIC {
+        return Err("bad magic".into());
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {version}, this build reads {FORMAT_VERSION}"
+        ));
+    }
+    if u64_at(56) != xxh3_64(&bytes[..56]) {
+        return Err("header checksum mismatch".into());
+    }
+    let body = &bytes[HEADER_LEN..];
+    if body.len() as u64 != u64_at(24) {
+        return Err(format!(
+            "body is {} bytes, header says {}",
+            body.len(),
+            u64_at(24)
+        ));
+    }
+    if xxh3_64(body) != u64_at(32) {
+        return Err("body checksum mismatch".into());
+    }
+    let mut aligned = AlignedVec::<16>::with_capacity(body.len());
+    aligned.extend_from_slice(body);
+    let decoded =
+        rkyv::from_bytes::<CheckpointBody, rancor::Error>(&aligned).map_err(|e| e.to_string())?;
+    if decoded.lsn != u64_at(16) {
+        return Err("header and body disagree on the LSN".into());
+    }
+    for c in &decoded.collections {
+        let n = c.ids.len();
+        if c.lsns.len() != n || c.payloads.len() != n || c.vectors.len() != n * c.dim as usize {
+            return Err(format!(
+                "collection `{}` has inconsistent array lengths",
+                c.name
+            ));
+        }
+    }
+    Ok(decoded)
+}
+
+/// Writes a checkpoint atomically into `dir`; returns its path.
+pub fn write(dir: &Path, body: &CheckpointBody) -> Result<PathBuf, CheckpointError> {
+    let path = checkpoint_path(dir, body.lsn);
+    tiervec_shared::durable::write_atomic(&path, &encode(body), false).map_err(|source| {
+        CheckpointError::Io {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(path)
+}
+
+/// Loads the newest checkpoint in `dir`, if any.
+pub fn load_latest(dir: &Path) -> Result<Option<(PathBuf, CheckpointBody)>, CheckpointError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CheckpointError::Io { path, source }
+    };
+    let Some((_, path)) = list(dir).map_err(io(dir))?.pop() else {
+        return Ok(None);
+    };
+    let bytes = fs::read(&path).map_err(io(&path))?;
+    let body = decode(&bytes).map_err(|what| CheckpointError::Corrupt {
+        path: path.clone(),
+        what,
+    })?;
+    Ok(Some((path, body)))
+}
+
+/// Removes checkpoints older than `lsn`.
+pub fn remove_before(dir: &Path, lsn: u64) -> io::Result<()> {
+    for (l, path) in list(dir)? {
+        if l < lsn {
+            fs::remove_file(path)?;
+        }
+    }
+    tiervec_shared::durable::sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> CheckpointBody {
+        CheckpointBody {
+            lsn: 42,
+            collections: vec![CollectionImage {
+                name: "c".into(),
+                id: [1; 16],
+                dim: 2,
+                metric: 1,
+                m: 16,
+                ef_construction: 100,
+                seed: 3,
+                ids: vec![5, 6],
+                lsns: vec![10, 11],
+                vectors: vec![1.0, 0.0, 0.0, 1.0],
+                payloads: vec![None, Some("\"x\"".into())],
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_refuses_damage() {
+        let bytes = encode(&body());
+        assert_eq!(decode(&bytes).unwrap(), body());
+        for at in [0, 9, 20, 60, 64, bytes.len() / 2, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x40;
+            assert!(decode(&b).is_err(), "flip at {at} accepted");
+        }
+        assert!(decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode(&bytes[..10]).is_err());
+    }
+
+    #[test]
+    fn newest_checkpoint_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_latest(dir.path()).unwrap().is_none());
+        let mut b = body();
+        write(dir.path(), &b).unwrap();
+        b.lsn = 50;
+        write(dir.path(), &b).unwrap();
+        assert_eq!(load_latest(dir.path()).unwrap().unwrap().1.lsn, 50);
+        remove_before(dir.path(), 50).unwrap();
+        assert_eq!(list(dir.path()).unwrap().len(), 1);
+    }
+}

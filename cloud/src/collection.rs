@@ -1,0 +1,424 @@
+//! A collection: its points (append-only slots with tombstones), its graph index and the
+//! generations searched, and the search itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use parking_lot::{Mutex, RwLock};
+use tiervec_shared::hnsw::{
+    ExactSpace, HnswParams, Neighbour, QuantizedSpace, SearchScratch, search_reranked,
+};
+use tiervec_shared::query::{MAX_EF, QueryError, validate_search};
+use tiervec_shared::{CollectionId, Metric, exact, kernels};
+
+use crate::index::{Generation, GraphIndex};
+
+/// What a collection is: fixed at creation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CollectionInfo {
+    pub name: String,
+    pub id: CollectionId,
+    pub dim: usize,
+    pub metric: Metric,
+    pub params: HnswParams,
+}
+
+/// Search knobs of one request.
+#[derive(Clone, Copy, Debug)]
+pub struct SearchParams {
+    pub k: usize,
+    pub ef: usize,
+    pub exact: bool,
+    pub max_distance: Option<f32>,
+}
+
+/// Which engine answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Graph,
+    Exact,
+}
+
+/// One result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hit {
+    pub id: u64,
+    pub distance: f32,
+    pub lsn: u64,
+    pub payload: Option<Arc<str>>,
+}
+
+/// A stored point, as returned by get-by-id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Point {
+    pub id: u64,
+    pub vector: Vec<f32>,
+    pub lsn: u64,
+    pub payload: Option<Arc<str>>,
+}
+
+/// The points of a collection. Slots are append-only: replacing a point tombstones its old
+/// slot and appends a new one, so slots below an exported generation never change.
+#[derive(Default)]
+pub struct Points {
+    slot_of: HashMap<u64, u32>,
+    ids: Vec<u64>,
+    lsns: Vec<u64>,
+    vectors: Vec<f32>,
+    payloads: Vec<Option<Arc<str>>>,
+    live: Vec<bool>,
+    live_count: usize,
+    /// Highest LSN that touched each deleted id, so a replayed older upsert cannot resurrect it.
+    deleted_at: HashMap<u64, u64>,
+}
+
+impl Points {
+    fn slots(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Collections below this many live points are always searched exactly: a scan of 2,048 rows
+/// of 384 floats takes about as long as a graph search and is exact.
+pub const EXACT_BELOW: usize = 2_048;
+
+/// Export a new generation once this many slots are indexed but not yet exported.
+const EXPORT_EVERY: usize = 1_024;
+
+pub struct Collection {
+    pub info: CollectionInfo,
+    points: RwLock<Points>,
+    index: RwLock<Arc<GraphIndex>>,
+    generation: ArcSwap<Generation>,
+    /// Slots inserted into the current index.
+    indexed: AtomicUsize,
+    /// Set while a background rebuild replaces the index.
+    rebuilding: AtomicBool,
+    scratches: Mutex<Vec<SearchScratch>>,
+}
+
+impl Collection {
+    pub fn new(info: CollectionInfo) -> Collection {
+        let index = GraphIndex::new(info.metric, info.params, 1024);
+        Collection {
+            info,
+            points: RwLock::new(Points::default()),
+            index: RwLock::new(Arc::new(index)),
+            generation: ArcSwap::from_pointee(Generation::empty()),
+            indexed: AtomicUsize::new(0),
+            rebuilding: AtomicBool::new(false),
+            scratches: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Applies an upsert logged at `lsn`. Vectors are prepared for the metric. Idempotent: a
+    /// point whose stored LSN is not older is left alone, so replays and duplicates are harmless.
+    pub fn apply_upsert(
+        &self,
+        lsn: u64,
+        ids: &[u64],
+        vectors: &[f32],
+        payloads: &[Option<String>],
+    ) {
+        let dim = self.info.dim;
+        let mut p = self.points.write();
+        for (i, &id) in ids.iter().enumerate() {
+            if p.deleted_at.get(&id).is_some_and(|&d| d >= lsn) {
+                continue;
+            }
+            if let Some(&slot) = p.slot_of.get(&id) {
+                if p.lsns[slot as usize] >= lsn {
+                    continue;
+                }
+                p.live[slot as usize] = false;
+                p.live_count -= 1;
+            }
+            let slot = p.ids.len() as u32;
+            p.slot_of.insert(id, slot);
+            p.deleted_at.remove(&id);
+            p.ids.push(id);
+            p.lsns.push(lsn);
+            p.vectors
+                .extend_from_slice(&vectors[i * dim..(i + 1) * dim]);
+            p.payloads
+                .push(payloads.get(i).cloned().flatten().map(Arc::from));
+            p.live.push(true);
+            p.live_count += 1;
+        }
+    }
+
+    /// Applies a delete logged at `lsn`: search stops returning the points at once.
+    pub fn apply_delete(&self, lsn: u64, ids: &[u64]) {
+        let mut p = self.points.write();
+        for &id in ids {
+            if let Some(&slot) = p.slot_of.get(&id) {
+                if p.lsns[slot as usize] >= lsn {
+                    continue;
+                }
+                p.live[slot as usize] = false;
+                p.live_count -= 1;
+                p.slot_of.remove(&id);
+            }
+            let at = p.deleted_at.entry(id).or_insert(lsn);
+            *at = (*at).max(lsn);
+        }
+    }
+
+    /// Number of live points.
+    pub fn len(&self) -> usize {
+        self.points.read().live_count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Slots ever used (live and dead).
+    pub fn slots(&self) -> usize {
+        self.points.read().slots()
+    }
+
+    /// Slots in the searchable graph generation.
+    pub fn generation_len(&self) -> usize {
+        self.generation.load().len
+    }
+
+    /// Fraction of slots that are tombstones.
+    pub fn dead_fraction(&self) -> f64 {
+        let p = self.points.read();
+        if p.slots() == 0 {
+            0.0
+        } else {
+            1.0 - p.live_count as f64 / p.slots() as f64
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<Point> {
+        let p = self.points.read();
+        let slot = *p.slot_of.get(&id)? as usize;
+        let dim = self.info.dim;
+        Some(Point {
+            id,
+            vector: p.vectors[slot * dim..(slot + 1) * dim].to_vec(),
+            lsn: p.lsns[slot],
+            payload: p.payloads[slot].clone(),
+        })
+    }
+
+    /// The live points (ids, LSNs, vectors, payloads) in slot order, for checkpoints.
+    pub fn live_image(&self) -> (Vec<u64>, Vec<u64>, Vec<f32>, Vec<Option<String>>) {
+        let p = self.points.read();
+        let dim = self.info.dim;
+        let mut out = (
+            Vec::with_capacity(p.live_count),
+            Vec::with_capacity(p.live_count),
+            Vec::with_capacity(p.live_count * dim),
+            Vec::with_capacity(p.live_count),
+        );
+        for slot in (0..p.slots()).filter(|&s| p.live[s]) {
+            out.0.push(p.ids[slot]);
+            out.1.push(p.lsns[slot]);
+            out.2
+                .extend_from_slice(&p.vectors[slot * dim..(slot + 1) * dim]);
+            out.3.push(p.payloads[slot].as_deref().map(str::to_owned));
+        }
+        out
+    }
+
+    /// One step of background indexing: inserts slots not yet in the graph and, when enough
+    /// accumulated (or `flush`), exports a new generation. Returns whether work was done.
+    pub fn index_step(&self, flush: bool) -> bool {
+        let index = self.index.read().clone();
+        let (start, end, rows) = {
+            let p = self.points.read();
+            let start = self.indexed.load(Ordering::Acquire);
+            let end = p.slots();
+            let dim = self.info.dim;
+            let rows: Vec<(Vec<f32>, usize)> = (start..end)
+                .filter(|&s| p.live[s])
+                .map(|s| (p.vectors[s * dim..(s + 1) * dim].to_vec(), s))
+                .collect();
+            (start, end, rows)
+        };
+        let mut worked = false;
+        if end > start {
+            let refs: Vec<(&[f32], usize)> = rows.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
+            index.insert(&refs);
+            self.indexed.store(end, Ordering::Release);
+            worked = true;
+        }
+        let indexed = self.indexed.load(Ordering::Acquire);
+        let exported = self.generation.load().len;
+        if indexed > exported && (flush || indexed - exported >= EXPORT_EVERY) {
+            let p = self.points.read();
+            let generation = Generation::export(&index, &p.vectors, self.info.dim, indexed);
+            drop(p);
+            self.generation.store(Arc::new(generation));
+            worked = true;
+        }
+        worked
+    }
+
+    /// Rebuilds the graph over live slots only (when tombstones pass the configured fraction).
+    pub fn rebuild_index(&self) {
+        if self.rebuilding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (rows, end) = {
+            let p = self.points.read();
+            let dim = self.info.dim;
+            let rows: Vec<(Vec<f32>, usize)> = (0..p.slots())
+                .filter(|&s| p.live[s])
+                .map(|s| (p.vectors[s * dim..(s + 1) * dim].to_vec(), s))
+                .collect();
+            (rows, p.slots())
+        };
+        let fresh = GraphIndex::new(self.info.metric, self.info.params, rows.len());
+        let refs: Vec<(&[f32], usize)> = rows.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
+        fresh.insert(&refs);
+        let fresh = Arc::new(fresh);
+        {
+            // Slots appended meanwhile are indexed by the next `index_step`.
+            let mut index = self.index.write();
+            *index = fresh.clone();
+            self.indexed.store(end, Ordering::Release);
+        }
+        let p = self.points.read();
+        let generation = Generation::export(&fresh, &p.vectors, self.info.dim, end);
+        drop(p);
+        self.generation.store(Arc::new(generation));
+        self.rebuilding.store(false, Ordering::Release);
+    }
+
+    /// hnsw_rs's own search over the current graph (for the benchmark's peer row).
+    pub fn search_hnsw_rs(&self, query: &[f32], k: usize, ef: usize) -> Vec<(u64, f32)> {
+        let mut q = query.to_vec();
+        self.info.metric.prepare(&mut q);
+        let index = self.index.read().clone();
+        let p = self.points.read();
+        index
+            .search_own(&q, k, ef)
+            .into_iter()
+            .filter(|&(slot, _)| p.live.get(slot) == Some(&true))
+            .map(|(slot, d)| (p.ids[slot], d))
+            .collect()
+    }
+
+    /// k-nearest-neighbour search. Exact when asked or when the collection is small; otherwise
+    /// the graph generation (quantised traversal, exact re-rank) plus an exact scan of points
+    /// written since it was exported. Tombstoned points are never returned.
+    pub fn search(
+        &self,
+        query: &[f32],
+        params: &SearchParams,
+    ) -> Result<(Vec<Hit>, Engine), QueryError> {
+        validate_search(query, self.info.dim, params.k, params.ef)?;
+        let mut q = query.to_vec();
+        self.info.metric.prepare(&mut q);
+        let p = self.points.read();
+        let generation = self.generation.load();
+        let use_exact = params.exact || p.live_count < EXACT_BELOW || generation.len == 0;
+        let mut found: Vec<Neighbour> = if use_exact {
+            self.scan(&p, &q, 0, params.k)
+        } else {
+            let mut ef = params.ef.max(params.k);
+            loop {
+                let mut found = self.graph_search(&p, &generation, &q, ef);
+                let mut tail = self.scan(&p, &q, generation.len, params.k);
+                found.append(&mut tail);
+                found.sort_unstable_by(Neighbour::cmp_nearest);
+                // Tombstones can crowd the beam: widen it rather than answer short.
+                if found.len() >= params.k || ef >= MAX_EF || p.live_count <= found.len() {
+                    break found;
+                }
+                ef = (ef * 2).min(MAX_EF);
+            }
+        };
+        found.truncate(params.k);
+        if let Some(max) = params.max_distance {
+            found.retain(|n| n.distance <= max);
+        }
+        let hits = found
+            .iter()
+            .map(|n| {
+                let slot = n.id as usize;
+                Hit {
+                    id: p.ids[slot],
+                    distance: n.distance,
+                    lsn: p.lsns[slot],
+                    payload: p.payloads[slot].clone(),
+                }
+            })
+            .collect();
+        Ok((
+            hits,
+            if use_exact {
+                Engine::Exact
+            } else {
+                Engine::Graph
+            },
+        ))
+    }
+
+    /// Live slots at or above `from`, scanned exactly: the `k` nearest.
+    fn scan(&self, p: &Points, q: &[f32], from: usize, k: usize) -> Vec<Neighbour> {
+        let dim = self.info.dim;
+        let rows = &p.vectors[from * dim..];
+        if p.live_count == p.slots() {
+            let mut top = exact::search(rows, dim, self.info.metric, q, k);
+            top.iter_mut().for_each(|n| n.id += from as u32);
+            return top;
+        }
+        let mut all: Vec<Neighbour> = rows
+            .chunks_exact(dim)
+            .enumerate()
+            .filter(|(i, _)| p.live[from + i])
+            .map(|(i, row)| Neighbour {
+                id: (from + i) as u32,
+                distance: self.info.metric.distance(q, row),
+            })
+            .collect();
+        all.sort_unstable_by(Neighbour::cmp_nearest);
+        all.truncate(k);
+        all
+    }
+
+    /// Beam search of width `ef` over the generation; returns live slots, nearest first.
+    fn graph_search(
+        &self,
+        p: &Points,
+        generation: &Generation,
+        q: &[f32],
+        ef: usize,
+    ) -> Vec<Neighbour> {
+        let dim = self.info.dim;
+        let mut scratch = self.scratches.lock().pop().unwrap_or_default();
+        let exact = ExactSpace {
+            vectors: &p.vectors[..generation.len * dim],
+            dim,
+            metric: self.info.metric,
+            query: q,
+        };
+        let mut codes = std::mem::take(scratch.query_codes());
+        codes.prepare(q, &generation.codes.scales);
+        let quantized = QuantizedSpace {
+            codes: &generation.codes.codes,
+            norms: &generation.codes.norms,
+            dim,
+            metric: self.info.metric,
+            query: &codes,
+            query_norm: kernels::dot(q, q),
+        };
+        let found: Vec<Neighbour> =
+            search_reranked(&generation.graph, &quantized, &exact, ef, ef, &mut scratch)
+                .iter()
+                .filter(|n| p.live[n.id as usize])
+                .copied()
+                .collect();
+        *scratch.query_codes() = codes;
+        self.scratches.lock().push(scratch);
+        found
+    }
+}

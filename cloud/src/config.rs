@@ -1,0 +1,145 @@
+//! `tiervec-cloud serve` configuration: a plain struct with defaults, read from TOML, and every
+//! field overridable by an environment variable `TIERVEC_CLOUD_<FIELD>` and by a flag
+//! `--set <field>=<value>` (values in TOML syntax; flags win over env, env over the file).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// An API key and what it may do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub key: String,
+    pub role: Role,
+}
+
+/// What a key may do: read-only keys search and read; read-write keys also write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    ReadOnly,
+    ReadWrite,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Where the WAL and checkpoints live (one server per directory, enforced by a lock).
+    pub data_dir: PathBuf,
+    /// HTTP/JSON API address.
+    pub http_addr: SocketAddr,
+    /// API keys; when empty, the API is open (a warning is logged at start).
+    pub api_keys: Vec<ApiKey>,
+    /// Largest request body; larger requests get 413.
+    pub max_body_bytes: usize,
+    /// Most points in one upsert or delete request.
+    pub max_batch: usize,
+    /// Beam width when a search request names none.
+    pub default_ef: usize,
+    /// Rebuild a collection's graph in the background once this fraction of its slots are
+    /// tombstones (deleted or replaced points).
+    pub tombstone_rebuild_fraction: f64,
+    /// Take a checkpoint (and drop covered WAL segments) once the WAL exceeds this many bytes.
+    pub checkpoint_wal_bytes: u64,
+    /// Tokio worker threads (default: one per core).
+    pub worker_threads: Option<usize>,
+    /// Log as JSON lines instead of text.
+    pub json_logs: bool,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            data_dir: PathBuf::from("tiervec-data"),
+            http_addr: "127.0.0.1:6380".parse().expect("valid address"),
+            api_keys: Vec::new(),
+            max_body_bytes: 64 << 20,
+            max_batch: 10_000,
+            default_ef: 64,
+            tombstone_rebuild_fraction: 0.25,
+            checkpoint_wal_bytes: 256 << 20,
+            worker_threads: None,
+            json_logs: false,
+        }
+    }
+}
+
+/// Environment variables that override fields start with this.
+pub const ENV_PREFIX: &str = "TIERVEC_CLOUD_";
+
+impl CloudConfig {
+    /// Reads `file` (if given), then applies `TIERVEC_CLOUD_*` variables from `env`, then the
+    /// `field=value` overrides.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> Result<CloudConfig, String> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| format!("config {}: {e}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (key, value) in env {
+            if let Some(field) = key.strip_prefix(ENV_PREFIX) {
+                set(&mut table, &field.to_ascii_lowercase(), &value)
+                    .map_err(|e| format!("environment variable {key}: {e}"))?;
+            }
+        }
+        for o in overrides {
+            let (field, value) = o
+                .split_once('=')
+                .ok_or_else(|| format!("--set {o}: expected field=value"))?;
+            set(&mut table, field.trim(), value.trim()).map_err(|e| format!("--set {o}: {e}"))?;
+        }
+        CloudConfig::deserialize(toml::Value::Table(table))
+            .map_err(|e| format!("configuration: {e}"))
+    }
+}
+
+/// Sets `field` to `value` parsed as a TOML value (bare words are taken as strings).
+fn set(table: &mut toml::Table, field: &str, value: &str) -> Result<(), String> {
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    if field.is_empty() {
+        return Err("empty field name".into());
+    }
+    table.insert(field.to_owned(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_env_and_flags_layer_in_that_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/srv/a\"\ndefault_ef = 80\n[[api_keys]]\nkey = \"k1\"\nrole = \"read_only\"\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("TIERVEC_CLOUD_DEFAULT_EF".to_owned(), "96".to_owned()),
+            ("TIERVEC_CLOUD_DATA_DIR".to_owned(), "/srv/b".to_owned()),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        let c = CloudConfig::load(Some(&path), env, &["default_ef=128".into()]).unwrap();
+        assert_eq!(c.default_ef, 128);
+        assert_eq!(c.data_dir, PathBuf::from("/srv/b"));
+        assert_eq!(c.api_keys[0].role, Role::ReadOnly);
+        assert_eq!(c.max_batch, CloudConfig::default().max_batch);
+        assert!(CloudConfig::load(None, vec![], &["no_such_field=1".into()]).is_err());
+        assert!(CloudConfig::load(None, vec![], &["default_ef=\"x\"".into()]).is_err());
+    }
+}

@@ -1,0 +1,405 @@
+//! The write-ahead log on disk: segment files, recovery, and group commit.
+//!
+//! Records use the shared log format (`tiervec_shared::log`, kind `CloudWal`) with
+//! [`WalEntry`] bodies; `docs/wal.md` documents both. Segments are named
+//! `wal-{first_lsn:020}.log` in the data directory; a checkpoint at LSN `c` starts a new
+//! segment at `c + 1`, after which older segments can be deleted.
+//!
+//! **Group commit.** A writer appends its encoded record to a shared pending buffer and waits.
+//! The first writer that finds no flush under way becomes the leader: it takes the whole pending
+//! buffer, writes it with one `write` and one `fdatasync`, applies the flushed entries to the
+//! in-memory state in LSN order (through the `apply` hook), marks them durable and wakes the
+//! others. So concurrent writers share fsyncs, nothing is visible before it is durable, and no
+//! write is acknowledged before its fsync returned. An IO error poisons the log: every later
+//! write fails until the process restarts and recovers from disk.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use thiserror::Error;
+use tiervec_shared::durable::sync_dir;
+use tiervec_shared::log::{self, LogError, LogHeader, LogKind};
+
+use crate::entry::WalEntry;
+
+/// Why the WAL failed.
+#[derive(Debug, Error)]
+pub enum WalError {
+    #[error("WAL file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("WAL file {path}: {source}")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: LogError,
+    },
+    #[error(
+        "WAL file {path} is corrupt at byte {offset}: {what}; the server will not start on a damaged log — restore the file or move it aside"
+    )]
+    BadEntry {
+        path: PathBuf,
+        offset: u64,
+        what: String,
+    },
+    #[error(
+        "WAL file {path} ends in a torn write but a later segment exists: an earlier segment cannot be torn"
+    )]
+    TornMiddle { path: PathBuf },
+    #[error(
+        "the WAL is unusable after an earlier write failure ({0}); restart the server to recover"
+    )]
+    Poisoned(String),
+    #[error("write too large for one WAL record: {0}")]
+    TooLarge(LogError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
+    move |source| WalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where recovery stopped, for logs and `inspect`.
+#[derive(Debug, Default, Clone)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub records_replayed: u64,
+    pub records_skipped: u64,
+    /// `(file, offset, why)` of a torn tail that was truncated.
+    pub truncated: Option<(PathBuf, u64, &'static str)>,
+}
+
+/// Lists `wal-*.log` segments in `dir` with their first LSN, oldest first.
+pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(lsn) = name
+            .strip_prefix("wal-")
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            out.push((lsn, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
+    dir.join(format!("wal-{first_lsn:020}.log"))
+}
+
+/// Reads every segment in `dir`, calling `replay` for each entry with an LSN above `after`, in
+/// order. Truncates a torn tail of the last segment (durably); any other damage is an error
+/// naming the file and offset. Returns the report and the highest LSN seen.
+pub fn recover(
+    dir: &Path,
+    after: u64,
+    mut replay: impl FnMut(u64, WalEntry),
+) -> Result<(RecoveryReport, u64), WalError> {
+    let segs = segments(dir).map_err(io_err(dir))?;
+    let mut report = RecoveryReport {
+        segments: segs.len(),
+        ..RecoveryReport::default()
+    };
+    let mut last = after;
+    for (i, (_, path)) in segs.iter().enumerate() {
+        let bytes = fs::read(path).map_err(io_err(path))?;
+        let scan = log::scan(&bytes, LogKind::CloudWal).map_err(|source| match source {
+            LogError::Corrupt { offset, what } => WalError::BadEntry {
+                path: path.clone(),
+                offset,
+                what: what.to_owned(),
+            },
+            source => WalError::Format {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        for r in &scan.records {
+            if r.lsn <= last {
+                report.records_skipped += 1;
+                continue;
+            }
+            let entry = WalEntry::decode(r.body).map_err(|what| WalError::BadEntry {
+                path: path.clone(),
+                offset: r.offset,
+                what,
+            })?;
+            replay(r.lsn, entry);
+            last = r.lsn;
+            report.records_replayed += 1;
+        }
+        if let Some(why) = scan.torn_tail {
+            if i + 1 != segs.len() {
+                return Err(WalError::TornMiddle { path: path.clone() });
+            }
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io_err(path))?;
+            file.set_len(scan.valid_len).map_err(io_err(path))?;
+            file.sync_all().map_err(io_err(path))?;
+            report.truncated = Some((path.clone(), scan.valid_len, why));
+        }
+    }
+    Ok((report, last))
+}
+
+type ApplyFn<S> = Box<dyn Fn(&S, &[(u64, WalEntry)]) + Send + Sync>;
+
+struct Segment {
+    file: File,
+    path: PathBuf,
+    bytes: u64,
+}
+
+struct WalState {
+    segment: Segment,
+    next_lsn: u64,
+    durable_lsn: u64,
+    pending: Vec<u8>,
+    pending_entries: Vec<(u64, WalEntry)>,
+    flushing: bool,
+    failed: Option<String>,
+    /// Flushes (write + fsync) so far: fewer than records when writers shared them.
+    flushes: u64,
+    /// Bytes in all live segments (for metrics and checkpoint triggers).
+    total_bytes: u64,
+}
+
+/// The open write-ahead log with group commit. `S` is the state the `apply` hook updates.
+pub struct Wal<S> {
+    dir: PathBuf,
+    state: Mutex<WalState>,
+    flushed: Condvar,
+    apply: ApplyFn<S>,
+}
+
+/// Statistics of one flush, reported to the metrics hook.
+#[derive(Clone, Copy, Debug)]
+pub struct FlushStats {
+    pub records: usize,
+    pub bytes: usize,
+    pub fsync_seconds: f64,
+}
+
+impl<S> Wal<S> {
+    /// Opens the log for appending after recovery: continues the newest segment (or starts one
+    /// at `next_lsn`). `apply` is called by flush leaders with durable entries in LSN order.
+    pub fn open(
+        dir: &Path,
+        next_lsn: u64,
+        apply: impl Fn(&S, &[(u64, WalEntry)]) + Send + Sync + 'static,
+    ) -> Result<Wal<S>, WalError> {
+        let segs = segments(dir).map_err(io_err(dir))?;
+        let segment = match segs.last() {
+            Some((_, path)) => {
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(io_err(path))?;
+                let bytes = file.metadata().map_err(io_err(path))?.len();
+                Segment {
+                    file,
+                    path: path.clone(),
+                    bytes,
+                }
+            }
+            None => create_segment(dir, next_lsn)?,
+        };
+        let older: u64 = segs
+            .iter()
+            .filter(|(_, p)| *p != segment.path)
+            .filter_map(|(_, p)| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        let total_bytes = older + segment.bytes;
+        Ok(Wal {
+            dir: dir.to_owned(),
+            state: Mutex::new(WalState {
+                segment,
+                next_lsn,
+                durable_lsn: next_lsn - 1,
+                pending: Vec::new(),
+                pending_entries: Vec::new(),
+                flushing: false,
+                failed: None,
+                flushes: 0,
+                total_bytes,
+            }),
+            flushed: Condvar::new(),
+            apply: Box::new(apply),
+        })
+    }
+
+    /// Appends `entry`, waits until it is on disk and applied, and returns its LSN.
+    pub fn commit(
+        &self,
+        state: &S,
+        entry: WalEntry,
+        on_flush: &dyn Fn(FlushStats),
+    ) -> Result<u64, WalError> {
+        let body = entry.encode();
+        let mut st = self.state.lock();
+        if let Some(why) = &st.failed {
+            return Err(WalError::Poisoned(why.clone()));
+        }
+        let lsn = st.next_lsn;
+        log::encode_record(lsn, &body, &mut st.pending).map_err(WalError::TooLarge)?;
+        st.next_lsn += 1;
+        st.pending_entries.push((lsn, entry));
+        loop {
+            if st.durable_lsn >= lsn {
+                return Ok(lsn);
+            }
+            if let Some(why) = &st.failed {
+                return Err(WalError::Poisoned(why.clone()));
+            }
+            if st.flushing {
+                self.flushed.wait(&mut st);
+            } else {
+                st = self.lead(st, state, on_flush);
+            }
+        }
+    }
+
+    /// Flushes everything pending as the leader; returns the re-taken lock.
+    fn lead<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, WalState>,
+        state: &S,
+        on_flush: &dyn Fn(FlushStats),
+    ) -> MutexGuard<'a, WalState> {
+        st.flushing = true;
+        let bytes = std::mem::take(&mut st.pending);
+        let entries = std::mem::take(&mut st.pending_entries);
+        let file = st.segment.file.try_clone();
+        let written = MutexGuard::unlocked(&mut st, || {
+            let started = Instant::now();
+            file.and_then(|mut f| {
+                f.write_all(&bytes)?;
+                f.sync_data()
+            })?;
+            let fsync_seconds = started.elapsed().as_secs_f64();
+            (self.apply)(state, &entries);
+            on_flush(FlushStats {
+                records: entries.len(),
+                bytes: bytes.len(),
+                fsync_seconds,
+            });
+            Ok::<(), io::Error>(())
+        });
+        match written {
+            Ok(()) => {
+                if let Some((lsn, _)) = entries.last() {
+                    st.durable_lsn = *lsn;
+                }
+                st.segment.bytes += bytes.len() as u64;
+                st.total_bytes += bytes.len() as u64;
+                st.flushes += 1;
+            }
+            Err(e) => st.failed = Some(e.to_string()),
+        }
+        st.flushing = false;
+        self.flushed.notify_all();
+        st
+    }
+
+    /// Runs `snapshot` with no write in flight and every acknowledged write applied, then starts
+    /// a new segment at the next LSN. Returns the snapshot and the LSN it reflects.
+    pub fn rotate<T>(&self, state: &S, snapshot: impl FnOnce() -> T) -> Result<(T, u64), WalError> {
+        let mut st = self.state.lock();
+        while st.flushing {
+            self.flushed.wait(&mut st);
+        }
+        if !st.pending.is_empty() {
+            st = self.lead(st, state, &|_| {});
+        }
+        if let Some(why) = &st.failed {
+            return Err(WalError::Poisoned(why.clone()));
+        }
+        let lsn = st.durable_lsn;
+        let taken = snapshot();
+        let segment = create_segment(&self.dir, lsn + 1)?;
+        st.total_bytes += segment.bytes;
+        st.segment = segment;
+        Ok((taken, lsn))
+    }
+
+    /// Deletes segments that hold only records at or below `lsn` (covered by a checkpoint).
+    pub fn remove_through(&self, lsn: u64) -> Result<(), WalError> {
+        let segs = segments(&self.dir).map_err(io_err(&self.dir))?;
+        let mut removed = 0u64;
+        for pair in segs.windows(2) {
+            let (_, path) = &pair[0];
+            let (next_first, _) = pair[1];
+            if next_first <= lsn + 1 {
+                removed += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(path).map_err(io_err(path))?;
+            }
+        }
+        sync_dir(&self.dir).map_err(io_err(&self.dir))?;
+        let mut st = self.state.lock();
+        st.total_bytes = st.total_bytes.saturating_sub(removed);
+        Ok(())
+    }
+
+    /// Bytes in the live segments.
+    pub fn bytes(&self) -> u64 {
+        self.state.lock().total_bytes
+    }
+
+    /// Bytes in the segment being appended to.
+    pub fn segment_bytes(&self) -> u64 {
+        self.state.lock().segment.bytes
+    }
+
+    /// Flushes (write + fsync) since the log was opened.
+    pub fn flushes(&self) -> u64 {
+        self.state.lock().flushes
+    }
+
+    /// The highest durable LSN.
+    pub fn durable_lsn(&self) -> u64 {
+        self.state.lock().durable_lsn
+    }
+
+    /// The file being appended to.
+    pub fn current_path(&self) -> PathBuf {
+        self.state.lock().segment.path.clone()
+    }
+}
+
+fn create_segment(dir: &Path, first_lsn: u64) -> Result<Segment, WalError> {
+    let path = segment_path(dir, first_lsn);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    let header = LogHeader {
+        kind: LogKind::CloudWal,
+        first_lsn,
+    }
+    .encode();
+    file.write_all(&header).map_err(io_err(&path))?;
+    file.sync_all().map_err(io_err(&path))?;
+    sync_dir(dir).map_err(io_err(dir))?;
+    Ok(Segment {
+        file,
+        path,
+        bytes: header.len() as u64,
+    })
+}
