@@ -94,6 +94,10 @@ pub struct Collection {
     generation: ArcSwap<Generation>,
     /// Slots inserted into the current index.
     indexed: AtomicUsize,
+    /// Points in the current index, and how many of them are tombstones by now: the graph is
+    /// rebuilt when the second passes a fraction of the first.
+    index_points: AtomicUsize,
+    index_dead: AtomicUsize,
     /// Set while a background rebuild replaces the index.
     rebuilding: AtomicBool,
     scratches: Mutex<Vec<SearchScratch>>,
@@ -108,6 +112,8 @@ impl Collection {
             index: RwLock::new(Arc::new(index)),
             generation: ArcSwap::from_pointee(Generation::empty()),
             indexed: AtomicUsize::new(0),
+            index_points: AtomicUsize::new(0),
+            index_dead: AtomicUsize::new(0),
             rebuilding: AtomicBool::new(false),
             scratches: Mutex::new(Vec::new()),
         }
@@ -134,6 +140,7 @@ impl Collection {
                 }
                 p.live[slot as usize] = false;
                 p.live_count -= 1;
+                self.note_tombstone(slot);
             }
             let slot = p.ids.len() as u32;
             p.slot_of.insert(id, slot);
@@ -160,9 +167,27 @@ impl Collection {
                 p.live[slot as usize] = false;
                 p.live_count -= 1;
                 p.slot_of.remove(&id);
+                self.note_tombstone(slot);
             }
             let at = p.deleted_at.entry(id).or_insert(lsn);
             *at = (*at).max(lsn);
+        }
+    }
+
+    /// Counts a tombstone against the graph if the slot is in it.
+    fn note_tombstone(&self, slot: u32) {
+        if (slot as usize) < self.indexed.load(Ordering::Acquire) {
+            self.index_dead.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Fraction of the graph's points that are tombstones (what triggers a rebuild).
+    pub fn index_dead_fraction(&self) -> f64 {
+        let points = self.index_points.load(Ordering::Acquire);
+        if points == 0 {
+            0.0
+        } else {
+            self.index_dead.load(Ordering::Acquire) as f64 / points as f64
         }
     }
 
@@ -183,16 +208,6 @@ impl Collection {
     /// Slots in the searchable graph generation.
     pub fn generation_len(&self) -> usize {
         self.generation.load().len
-    }
-
-    /// Fraction of slots that are tombstones.
-    pub fn dead_fraction(&self) -> f64 {
-        let p = self.points.read();
-        if p.slots() == 0 {
-            0.0
-        } else {
-            1.0 - p.live_count as f64 / p.slots() as f64
-        }
     }
 
     pub fn get(&self, id: u64) -> Option<Point> {
@@ -246,6 +261,7 @@ impl Collection {
         if end > start {
             let refs: Vec<(&[f32], usize)> = rows.iter().map(|(v, s)| (v.as_slice(), *s)).collect();
             index.insert(&refs);
+            self.index_points.fetch_add(refs.len(), Ordering::AcqRel);
             self.indexed.store(end, Ordering::Release);
             worked = true;
         }
@@ -266,6 +282,14 @@ impl Collection {
         if self.rebuilding.swap(true, Ordering::AcqRel) {
             return;
         }
+        /// Clears the flag however the rebuild ends (a panic in hnsw_rs included).
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _done = Done(&self.rebuilding);
         let (rows, end) = {
             let p = self.points.read();
             let dim = self.info.dim;
@@ -283,13 +307,14 @@ impl Collection {
             // Slots appended meanwhile are indexed by the next `index_step`.
             let mut index = self.index.write();
             *index = fresh.clone();
+            self.index_points.store(refs.len(), Ordering::Release);
+            self.index_dead.store(0, Ordering::Release);
             self.indexed.store(end, Ordering::Release);
         }
         let p = self.points.read();
         let generation = Generation::export(&fresh, &p.vectors, self.info.dim, end);
         drop(p);
         self.generation.store(Arc::new(generation));
-        self.rebuilding.store(false, Ordering::Release);
     }
 
     /// hnsw_rs's own search over the current graph (for the benchmark's peer row).

@@ -15,11 +15,21 @@ use tiervec_shared::snapshot::QuantSection;
 
 /// tiervec's distance for hnsw_rs (anndists' `DistDot` asserts `dot ≤ 1` and panics on
 /// normalised f32 vectors whose self-dot rounds above 1).
+///
+/// hnsw_rs asserts that distances are non-negative, which tiervec's are not quite: a cosine
+/// distance between (near-)identical unit vectors can round to −1e-7, and `dot` distances are
+/// negative by definition. hnsw_rs only *compares* distances, so it is given a monotone,
+/// non-negative image of them: cosine clamped at 0, `dot` mapped through `1 + d / (1 + |d|)`
+/// into (0, 2). Graph structure is unchanged; tiervec's search computes true distances.
 pub struct MetricDistance(pub Metric);
 
 impl Distance<f32> for MetricDistance {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        self.0.distance(a, b)
+        let d = self.0.distance(a, b);
+        match self.0 {
+            Metric::Cosine | Metric::L2 => d.max(0.0),
+            Metric::Dot => 1.0 + d / (1.0 + d.abs()),
+        }
     }
 }
 
@@ -58,7 +68,8 @@ impl GraphIndex {
         }
     }
 
-    /// hnsw_rs's own k-NN search: `(slot, distance)` nearest first.
+    /// hnsw_rs's own k-NN search: `(slot, distance)` nearest first (distances as given to
+    /// hnsw_rs; see [`MetricDistance`]).
     pub fn search_own(&self, query: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
         self.hnsw
             .search(query, k, ef)

@@ -486,16 +486,26 @@ fn maintain(catalog: &Catalog, wal: &Wal<Catalog>, stop: &AtomicBool, config: &C
     while !stop.load(Ordering::Acquire) {
         let mut worked = false;
         for c in catalog.all() {
-            if c.dead_fraction() > config.tombstone_rebuild_fraction
-                && c.slots() >= crate::collection::EXACT_BELOW
-            {
-                info!(collection = %c.info.name, dead = c.dead_fraction(), "rebuilding graph");
-                c.rebuild_index();
+            if c.index_dead_fraction() > config.tombstone_rebuild_fraction {
+                info!(collection = %c.info.name, dead = c.index_dead_fraction(), "rebuilding graph");
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.rebuild_index()))
+                    .is_err()
+                {
+                    tracing::error!(collection = %c.info.name, "graph rebuild panicked");
+                }
                 worked = true;
             }
-            worked |= c.index_step(false);
-            if !worked {
-                worked |= c.index_step(true);
+            // A panic inside hnsw_rs must not end maintenance for every collection: the
+            // collection keeps being served (exactly, from its last generation) and it is logged.
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                c.index_step(false) || c.index_step(true)
+            }));
+            match step {
+                Ok(did) => worked |= did,
+                Err(_) => {
+                    metrics::counter!("tiervec_index_failures_total", "collection" => c.info.name.clone()).increment(1);
+                    tracing::error!(collection = %c.info.name, "indexing panicked; searches fall back to the last generation and exact scans");
+                }
             }
             metrics::gauge!("tiervec_collection_points", "collection" => c.info.name.clone())
                 .set(c.len() as f64);

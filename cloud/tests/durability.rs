@@ -1,0 +1,351 @@
+//! The service over a real data directory: acknowledged writes survive restarts, concurrent
+//! writers share fsyncs, a torn WAL tail is truncated, earlier corruption is refused with the
+//! file and offset, checkpoints bound replay, deletes and replacements are honoured at once.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tiervec_cloud::collection::SearchParams;
+use tiervec_cloud::config::CloudConfig;
+use tiervec_cloud::service::{Service, ServiceError};
+use tiervec_cloud::wal::{self, WalError};
+use tiervec_shared::Metric;
+use tiervec_shared::hnsw::HnswParams;
+
+const DIM: usize = 8;
+
+fn config(dir: &Path) -> CloudConfig {
+    CloudConfig {
+        data_dir: dir.to_owned(),
+        ..CloudConfig::default()
+    }
+}
+
+fn vector(id: u64, version: u64) -> Vec<f32> {
+    (0..DIM)
+        .map(|d| ((id * 7 + d as u64 * 3 + version * 11) as f32 * 0.37).sin())
+        .collect()
+}
+
+fn points(ids: std::ops::Range<u64>, version: u64) -> Vec<(u64, Vec<f32>, Option<String>)> {
+    ids.map(|id| {
+        (
+            id,
+            vector(id, version),
+            Some(format!("{{\"v\":{version}}}")),
+        )
+    })
+    .collect()
+}
+
+fn open_with(dir: &Path) -> Service {
+    Service::open(config(dir)).unwrap()
+}
+
+fn create(svc: &Service, name: &str) {
+    svc.create_collection(name, DIM, Metric::Cosine, HnswParams::default())
+        .unwrap();
+}
+
+fn top1(svc: &Service, name: &str, q: &[f32]) -> u64 {
+    let params = SearchParams {
+        k: 1,
+        ef: 32,
+        exact: true,
+        max_distance: None,
+    };
+    svc.search(name, q, &params).unwrap().0[0].id
+}
+
+#[test]
+fn acknowledged_writes_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let svc = open_with(dir.path());
+        create(&svc, "c");
+        svc.upsert("c", points(0..100, 0)).unwrap();
+        svc.upsert("c", points(50..60, 1)).unwrap();
+        svc.delete("c", vec![7, 8, 1000]).unwrap();
+    }
+    let svc = open_with(dir.path());
+    assert_eq!(svc.start_report().wal.records_replayed, 4);
+    let c = svc.catalog().get("c").unwrap();
+    assert_eq!(c.len(), 98);
+    assert!(svc.get("c", 7).is_err());
+    let p = svc.get("c", 55).unwrap();
+    assert_eq!(p.payload.as_deref(), Some("{\"v\":1}"));
+    let mut want = vector(55, 1);
+    Metric::Cosine.prepare(&mut want);
+    assert_eq!(p.vector, want);
+    assert_eq!(top1(&svc, "c", &vector(3, 0)), 3);
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = open_with(dir.path());
+    match Service::open(config(dir.path())) {
+        Err(ServiceError::DataDir { what, .. }) => assert!(what.contains("LOCK")),
+        other => panic!("second open must be refused, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn concurrent_writers_share_fsyncs_and_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Arc::new(open_with(dir.path()));
+    create(&svc, "c");
+    let before = svc.wal_flushes();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let svc = svc.clone();
+            std::thread::spawn(move || {
+                for b in 0..25u64 {
+                    let base = (t * 25 + b) * 4;
+                    svc.upsert("c", points(base..base + 4, 0)).unwrap();
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let flushes = svc.wal_flushes() - before;
+    assert_eq!(svc.catalog().get("c").unwrap().len(), 800);
+    assert!(
+        flushes < 200,
+        "200 writes took {flushes} fsyncs: no group commit happened"
+    );
+    drop(svc);
+    assert_eq!(open_with(dir.path()).catalog().get("c").unwrap().len(), 800);
+}
+
+fn last_segment(dir: &Path) -> std::path::PathBuf {
+    wal::segments(dir).unwrap().pop().unwrap().1
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_everything_before_it_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let svc = open_with(dir.path());
+        create(&svc, "c");
+        svc.upsert("c", points(0..10, 0)).unwrap();
+    }
+    let seg = last_segment(dir.path());
+    let good_len = std::fs::metadata(&seg).unwrap().len();
+    // A record header promising more than was written, as a crash mid-write leaves it.
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&[200, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3])
+        .unwrap();
+    drop(f);
+    let svc = open_with(dir.path());
+    let (path, offset, _) = svc
+        .start_report()
+        .wal
+        .truncated
+        .clone()
+        .expect("torn tail reported");
+    assert_eq!((path, offset), (seg.clone(), good_len));
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len);
+    assert_eq!(svc.catalog().get("c").unwrap().len(), 10);
+    // The log keeps working after the truncation.
+    svc.upsert("c", points(10..12, 0)).unwrap();
+    drop(svc);
+    assert_eq!(open_with(dir.path()).catalog().get("c").unwrap().len(), 12);
+}
+
+#[test]
+fn corruption_before_valid_records_names_the_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let svc = open_with(dir.path());
+        create(&svc, "c");
+        svc.upsert("c", points(0..10, 0)).unwrap();
+        svc.upsert("c", points(10..20, 0)).unwrap();
+    }
+    let seg = last_segment(dir.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Inside the second record (the first upsert's body): the third record still follows.
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&seg, &bytes).unwrap();
+    match Service::open(config(dir.path())) {
+        Err(ServiceError::Wal(WalError::BadEntry { path, offset, .. })) => {
+            assert_eq!(path, seg);
+            assert!(offset < at as u64);
+            let msg = ServiceError::Wal(WalError::BadEntry {
+                path,
+                offset,
+                what: String::new(),
+            })
+            .to_string();
+            assert!(
+                msg.contains("wal-") && msg.contains(&format!("byte {offset}")),
+                "{msg}"
+            );
+        }
+        other => panic!("corruption must be refused, got {:?}", other.err()),
+    }
+    // Refused again on the next start: never a silent skip, and the file is left as it was.
+    assert!(Service::open(config(dir.path())).is_err());
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+}
+
+#[test]
+fn checkpoints_bound_replay_and_drop_covered_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let svc = open_with(dir.path());
+        create(&svc, "c");
+        svc.upsert("c", points(0..300, 0)).unwrap();
+        svc.delete("c", vec![0, 1, 2]).unwrap();
+        let (_, lsn) = svc.checkpoint().unwrap();
+        assert_eq!(lsn, 3);
+        svc.upsert("c", points(300..310, 0)).unwrap();
+        assert_eq!(
+            wal::segments(dir.path()).unwrap().len(),
+            1,
+            "covered segments are deleted"
+        );
+    }
+    let svc = open_with(dir.path());
+    let report = svc.start_report();
+    assert_eq!(report.checkpoint.as_ref().map(|c| c.1), Some(3));
+    assert_eq!(report.wal.records_replayed, 1);
+    let c = svc.catalog().get("c").unwrap();
+    assert_eq!(c.len(), 307);
+    assert!(svc.get("c", 1).is_err());
+    assert_eq!(svc.get("c", 305).unwrap().lsn, 4);
+}
+
+#[test]
+fn deletes_and_replacements_are_seen_by_the_next_search() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_with(dir.path());
+    create(&svc, "c");
+    svc.upsert("c", points(0..3000, 0)).unwrap();
+    assert!(svc.wait_indexed(Duration::from_secs(60)));
+    let graph = SearchParams {
+        k: 5,
+        ef: 64,
+        exact: false,
+        max_distance: None,
+    };
+    let q = vector(1234, 0);
+    let (hits, engine) = svc.search("c", &q, &graph).unwrap();
+    assert_eq!(engine, tiervec_cloud::collection::Engine::Graph);
+    assert_eq!(hits[0].id, 1234);
+    svc.delete("c", vec![1234]).unwrap();
+    let (hits, _) = svc.search("c", &q, &graph).unwrap();
+    assert!(hits.iter().all(|h| h.id != 1234), "deleted point returned");
+    // Replacing a point moves it: the old vector no longer finds it.
+    svc.upsert("c", vec![(42, vector(9999, 5), None)]).unwrap();
+    let (hits, _) = svc.search("c", &vector(42, 0), &graph).unwrap();
+    assert!(hits.first().is_none_or(|h| h.id != 42 || h.distance > 1e-4));
+    assert_eq!(
+        svc.search("c", &vector(9999, 5), &graph).unwrap().0[0].id,
+        42
+    );
+}
+
+#[test]
+fn a_recreated_collection_is_a_new_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_with(dir.path());
+    create(&svc, "c");
+    let first = svc.catalog().get("c").unwrap().info.id;
+    svc.upsert("c", points(0..5, 0)).unwrap();
+    svc.drop_collection("c").unwrap();
+    assert!(matches!(
+        svc.upsert("c", points(0..1, 0)),
+        Err(ServiceError::CollectionNotFound(_))
+    ));
+    create(&svc, "c");
+    let second = svc.catalog().get("c").unwrap();
+    assert_ne!(second.info.id, first);
+    assert!(second.is_empty());
+    assert!(matches!(
+        svc.create_collection("c", DIM, Metric::Cosine, HnswParams::default()),
+        Err(ServiceError::CollectionExists(_))
+    ));
+    drop((second, svc));
+    let svc = open_with(dir.path());
+    let c = svc.catalog().get("c").unwrap();
+    assert_ne!(c.info.id, first);
+    assert!(c.is_empty());
+}
+
+#[test]
+fn heavy_tombstones_trigger_a_graph_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_with(dir.path());
+    create(&svc, "c");
+    svc.upsert("c", points(0..4000, 0)).unwrap();
+    assert!(svc.wait_indexed(Duration::from_secs(60)));
+    svc.delete("c", (0..1500).collect()).unwrap();
+    let c = svc.catalog().get("c").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    assert!(
+        c.index_dead_fraction() > 0.3,
+        "1,500 of 4,000 indexed points deleted"
+    );
+    while (c.index_dead_fraction() > 0.0 || c.generation_len() < c.slots())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        c.index_dead_fraction(),
+        0.0,
+        "the graph was rebuilt without the tombstones"
+    );
+    let graph = SearchParams {
+        k: 10,
+        ef: 64,
+        exact: false,
+        max_distance: None,
+    };
+    for id in [1500u64, 2000, 3999] {
+        let (hits, _) = svc.search("c", &vector(id, 0), &graph).unwrap();
+        assert_eq!(hits.len(), 10);
+        assert_eq!(hits[0].id, id);
+        assert!(hits.iter().all(|h| h.id >= 1500));
+    }
+}
+
+#[test]
+fn bad_writes_are_refused_before_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_with(dir.path());
+    create(&svc, "c");
+    let lsn_before = svc.upsert("c", points(0..1, 0)).unwrap();
+    let mut nan = vector(1, 0);
+    nan[3] = f32::NAN;
+    assert!(matches!(
+        svc.upsert("c", vec![(1, nan, None)]),
+        Err(ServiceError::BadPoint {
+            index: 0,
+            id: 1,
+            ..
+        })
+    ));
+    assert!(matches!(
+        svc.upsert("c", vec![(1, vec![0.5; DIM + 1], None)]),
+        Err(ServiceError::BadPoint { .. })
+    ));
+    assert!(matches!(
+        svc.create_collection("bad name!", 4, Metric::L2, HnswParams::default()),
+        Err(ServiceError::Invalid(_))
+    ));
+    assert!(matches!(
+        svc.create_collection("z", 0, Metric::L2, HnswParams::default()),
+        Err(ServiceError::Invalid(_))
+    ));
+    assert_eq!(
+        svc.upsert("c", points(5..6, 0)).unwrap(),
+        lsn_before + 1,
+        "refused writes took no LSN"
+    );
+}
