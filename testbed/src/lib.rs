@@ -6,6 +6,5 @@
 
 pub mod bench;
 pub mod dataset;
-pub mod peer;
 pub mod plot;
 pub mod snapshots;

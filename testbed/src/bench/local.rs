@@ -12,7 +12,8 @@ use tiervec_shared::{Metric, exact};
 
 use super::{Latencies, Machine, memory, recall_at_10, update_benchmarks_md, write_json};
 use crate::dataset::Dataset;
-use crate::{peer, plot, snapshots};
+use crate::{plot, snapshots};
+use tiervec_cloud::index::GraphIndex;
 
 /// Knobs of the local bench.
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -284,12 +285,14 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let t = Instant::now();
-    let base_rows: Vec<&[f32]> = (0..count).map(|i| ds.base.row(i)).collect();
-    let peer = peer::build(&base_rows, args.m, args.ef_construction);
+    // hnsw_rs as the cloud tier holds it: tiervec's distance, parallel insert on all cores.
+    let peer = GraphIndex::new(Metric::Cosine, params, count);
+    let rows: Vec<(&[f32], usize)> = (0..count).map(|i| (ds.base.row(i), i)).collect();
+    peer.insert(&rows);
     let build_seconds_hnsw_rs = t.elapsed().as_secs_f64();
     eprintln!("  hnsw_rs build {build_seconds_hnsw_rs:.1}s on {threads} threads");
     // The same search over hnsw_rs's graph separates graph quality from search speed.
-    let peer_graph = peer::export_graph(&peer);
+    let peer_graph = peer.export(count);
     let peer_params = HnswParams {
         m: peer_graph
             .layers
@@ -347,9 +350,8 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
             &truth,
             args.samples,
             |q, out| {
-                let found = peer.search(q, 10, ef);
                 out.clear();
-                out.extend(found.iter().map(|n| (n.d_id as u64, n.distance)));
+                out.extend(peer.search_own(q, 10, ef).into_iter().map(|(slot, d)| (slot as u64, d)));
             },
         ));
     }
