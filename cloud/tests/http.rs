@@ -23,8 +23,14 @@ async fn start(max_body_bytes: usize) -> Server {
         data_dir: dir.path().to_owned(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         api_keys: vec![
-            ApiKey { key: RW.into(), role: Role::ReadWrite },
-            ApiKey { key: RO.into(), role: Role::ReadOnly },
+            ApiKey {
+                key: RW.into(),
+                role: Role::ReadWrite,
+            },
+            ApiKey {
+                key: RO.into(),
+                role: Role::ReadOnly,
+            },
         ],
         max_body_bytes,
         ..CloudConfig::default()
@@ -46,14 +52,24 @@ async fn start(max_body_bytes: usize) -> Server {
         if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
             && r.status() == StatusCode::OK
         {
-            return Server { addr, _stop: stop_tx, _dir: dir };
+            return Server {
+                addr,
+                _stop: stop_tx,
+                _dir: dir,
+            };
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("server never became ready");
 }
 
-async fn call(addr: SocketAddr, method: reqwest::Method, path: &str, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+async fn call(
+    addr: SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut req = reqwest::Client::new().request(method, format!("http://{addr}{path}"));
     if let Some(k) = key {
         req = req.bearer_auth(k);
@@ -64,11 +80,16 @@ async fn call(addr: SocketAddr, method: reqwest::Method, path: &str, key: Option
     let resp = req.send().await.unwrap();
     let status = resp.status();
     let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn vector(i: u64, dim: usize) -> Vec<f32> {
-    (0..dim).map(|d| ((i * 13 + d as u64 * 5) as f32 * 0.21).sin()).collect()
+    (0..dim)
+        .map(|d| ((i * 13 + d as u64 * 5) as f32 * 0.21).sin())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,55 +98,181 @@ async fn routes_statuses_and_errors() {
     let s = start(1 << 20).await;
     let a = s.addr;
 
-    let (st, body) = call(a, M::POST, "/v1/collections", Some(RW), Some(json!({"name": "docs", "dim": 8, "metric": "cosine"}))).await;
+    let (st, body) = call(
+        a,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(json!({"name": "docs", "dim": 8, "metric": "cosine"})),
+    )
+    .await;
     assert_eq!(st, StatusCode::CREATED, "{body}");
     assert_eq!(body["dim"], 8);
     assert_eq!(body["exact_engine"], "cpu_simd");
-    let (st, body) = call(a, M::POST, "/v1/collections", Some(RW), Some(json!({"name": "docs", "dim": 8, "metric": "cosine"}))).await;
-    assert_eq!((st, body["code"].as_str()), (StatusCode::CONFLICT, Some("collection_exists")));
+    let (st, body) = call(
+        a,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(json!({"name": "docs", "dim": 8, "metric": "cosine"})),
+    )
+    .await;
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("collection_exists"))
+    );
 
-    let points: Vec<Value> = (0..50).map(|i| json!({"id": i, "vector": vector(i, 8), "payload": {"n": i}})).collect();
-    let (st, body) = call(a, M::PUT, "/v1/collections/docs/points", Some(RW), Some(json!({"points": points}))).await;
+    let points: Vec<Value> = (0..50)
+        .map(|i| json!({"id": i, "vector": vector(i, 8), "payload": {"n": i}}))
+        .collect();
+    let (st, body) = call(
+        a,
+        M::PUT,
+        "/v1/collections/docs/points",
+        Some(RW),
+        Some(json!({"points": points})),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert!(body["lsn"].as_u64().unwrap() >= 2);
 
-    let (st, body) = call(a, M::POST, "/v1/collections/docs/search", Some(RO), Some(json!({"vector": vector(7, 8), "k": 3, "with_payload": true}))).await;
+    let (st, body) = call(
+        a,
+        M::POST,
+        "/v1/collections/docs/search",
+        Some(RO),
+        Some(json!({"vector": vector(7, 8), "k": 3, "with_payload": true})),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert_eq!(body["hits"][0]["id"], 7);
     assert_eq!(body["hits"][0]["payload"], json!({"n": 7}));
     assert_eq!(body["engine"], "exact");
     assert!(body["took_us"].is_u64());
-    let (_, body) = call(a, M::POST, "/v1/collections/docs/search", Some(RO), Some(json!({"vector": vector(7, 8), "k": 3, "max_distance": 0.0001}))).await;
+    let (_, body) = call(
+        a,
+        M::POST,
+        "/v1/collections/docs/search",
+        Some(RO),
+        Some(json!({"vector": vector(7, 8), "k": 3, "max_distance": 0.0001})),
+    )
+    .await;
     assert_eq!(body["hits"].as_array().unwrap().len(), 1);
     assert!(body["hits"][0].get("payload").is_none());
 
-    let (st, body) = call(a, M::POST, "/v1/collections/docs/search/batch", Some(RO), Some(json!({"searches": [
-        {"vector": vector(1, 8), "k": 1}, {"vector": vector(2, 8), "k": 2, "exact": true}]}))).await;
+    let (st, body) = call(
+        a,
+        M::POST,
+        "/v1/collections/docs/search/batch",
+        Some(RO),
+        Some(json!({"searches": [
+        {"vector": vector(1, 8), "k": 1}, {"vector": vector(2, 8), "k": 2, "exact": true}]})),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert_eq!(body["results"][1]["hits"][0]["id"], 2);
 
     let (st, body) = call(a, M::GET, "/v1/collections/docs/points/9", Some(RO), None).await;
-    assert_eq!((st, body["payload"].clone()), (StatusCode::OK, json!({"n": 9})));
-    let (st, body) = call(a, M::POST, "/v1/collections/docs/points/delete", Some(RW), Some(json!({"ids": [9]}))).await;
+    assert_eq!(
+        (st, body["payload"].clone()),
+        (StatusCode::OK, json!({"n": 9}))
+    );
+    let (st, body) = call(
+        a,
+        M::POST,
+        "/v1/collections/docs/points/delete",
+        Some(RW),
+        Some(json!({"ids": [9]})),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     let (st, body) = call(a, M::GET, "/v1/collections/docs/points/9", Some(RO), None).await;
-    assert_eq!((st, body["code"].as_str()), (StatusCode::NOT_FOUND, Some("point_not_found")));
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("point_not_found"))
+    );
     let (_, body) = call(a, M::GET, "/v1/collections", Some(RO), None).await;
     assert_eq!(body["collections"][0]["points"], 49);
 
     // Every bad input has its status and a message.
     let bad: Vec<(M, &str, Value, StatusCode, &str)> = vec![
-        (M::POST, "/v1/collections/nope/search", json!({"vector": vector(1, 8), "k": 1}), StatusCode::NOT_FOUND, "collection_not_found"),
-        (M::POST, "/v1/collections/docs/search", json!({"vector": vector(1, 7), "k": 1}), StatusCode::BAD_REQUEST, "invalid_request"),
-        (M::POST, "/v1/collections/docs/search", json!({"vector": vector(1, 8), "k": 0}), StatusCode::BAD_REQUEST, "invalid_request"),
-        (M::POST, "/v1/collections/docs/search", json!({"vector": vector(1, 8), "k": 5000}), StatusCode::BAD_REQUEST, "invalid_request"),
-        (M::POST, "/v1/collections/docs/search", json!({"vector": [1e39, 0, 0, 0, 0, 0, 0, 0], "k": 1}), StatusCode::BAD_REQUEST, "invalid_request"),
-        (M::POST, "/v1/collections/docs/search", json!({"vector": ["NaN", 0, 0, 0, 0, 0, 0, 0], "k": 1}), StatusCode::BAD_REQUEST, "invalid_json"),
-        (M::POST, "/v1/collections/docs/search", json!({"vector": vector(1, 8)}), StatusCode::BAD_REQUEST, "invalid_json"),
-        (M::PUT, "/v1/collections/docs/points", json!({"points": [{"id": 1, "vector": vector(1, 3)}]}), StatusCode::BAD_REQUEST, "invalid_request"),
-        (M::POST, "/v1/collections", json!({"name": "x y", "dim": 8, "metric": "cosine"}), StatusCode::BAD_REQUEST, "invalid_request"),
-        (M::POST, "/v1/collections", json!({"name": "x", "dim": 8, "metric": "manhattan"}), StatusCode::BAD_REQUEST, "invalid_json"),
-        (M::DELETE, "/v1/collections/nope", Value::Null, StatusCode::NOT_FOUND, "collection_not_found"),
+        (
+            M::POST,
+            "/v1/collections/nope/search",
+            json!({"vector": vector(1, 8), "k": 1}),
+            StatusCode::NOT_FOUND,
+            "collection_not_found",
+        ),
+        (
+            M::POST,
+            "/v1/collections/docs/search",
+            json!({"vector": vector(1, 7), "k": 1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            M::POST,
+            "/v1/collections/docs/search",
+            json!({"vector": vector(1, 8), "k": 0}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            M::POST,
+            "/v1/collections/docs/search",
+            json!({"vector": vector(1, 8), "k": 5000}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            M::POST,
+            "/v1/collections/docs/search",
+            json!({"vector": [1e39, 0, 0, 0, 0, 0, 0, 0], "k": 1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            M::POST,
+            "/v1/collections/docs/search",
+            json!({"vector": ["NaN", 0, 0, 0, 0, 0, 0, 0], "k": 1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            M::POST,
+            "/v1/collections/docs/search",
+            json!({"vector": vector(1, 8)}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            M::PUT,
+            "/v1/collections/docs/points",
+            json!({"points": [{"id": 1, "vector": vector(1, 3)}]}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            M::POST,
+            "/v1/collections",
+            json!({"name": "x y", "dim": 8, "metric": "cosine"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            M::POST,
+            "/v1/collections",
+            json!({"name": "x", "dim": 8, "metric": "manhattan"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            M::DELETE,
+            "/v1/collections/nope",
+            Value::Null,
+            StatusCode::NOT_FOUND,
+            "collection_not_found",
+        ),
     ];
     for (method, path, body, status, code) in bad {
         let body = (!body.is_null()).then_some(body);
@@ -136,18 +283,61 @@ async fn routes_statuses_and_errors() {
     }
 
     // Bodies over the limit get 413 as JSON.
-    let big: Vec<Value> = (0..20_000).map(|i| json!({"id": i, "vector": vector(i, 8)})).collect();
-    let (st, got) = call(a, M::PUT, "/v1/collections/docs/points", Some(RW), Some(json!({"points": big}))).await;
-    assert_eq!((st, got["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")), "{got}");
+    let big: Vec<Value> = (0..20_000)
+        .map(|i| json!({"id": i, "vector": vector(i, 8)}))
+        .collect();
+    let (st, got) = call(
+        a,
+        M::PUT,
+        "/v1/collections/docs/points",
+        Some(RW),
+        Some(json!({"points": big})),
+    )
+    .await;
+    assert_eq!(
+        (st, got["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")),
+        "{got}"
+    );
 
     // Keys: missing 401, unknown 403, read-only key writing 403; open routes need none.
     let q = json!({"vector": vector(1, 8), "k": 1});
-    let (st, got) = call(a, M::POST, "/v1/collections/docs/search", None, Some(q.clone())).await;
-    assert_eq!((st, got["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_api_key")));
-    let (st, got) = call(a, M::POST, "/v1/collections/docs/search", Some("rw-key-0123456780"), Some(q.clone())).await;
-    assert_eq!((st, got["code"].as_str()), (StatusCode::FORBIDDEN, Some("invalid_api_key")));
-    let (st, got) = call(a, M::POST, "/v1/collections/docs/points/delete", Some(RO), Some(json!({"ids": [1]}))).await;
-    assert_eq!((st, got["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")));
+    let (st, got) = call(
+        a,
+        M::POST,
+        "/v1/collections/docs/search",
+        None,
+        Some(q.clone()),
+    )
+    .await;
+    assert_eq!(
+        (st, got["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("missing_api_key"))
+    );
+    let (st, got) = call(
+        a,
+        M::POST,
+        "/v1/collections/docs/search",
+        Some("rw-key-0123456780"),
+        Some(q.clone()),
+    )
+    .await;
+    assert_eq!(
+        (st, got["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("invalid_api_key"))
+    );
+    let (st, got) = call(
+        a,
+        M::POST,
+        "/v1/collections/docs/points/delete",
+        Some(RO),
+        Some(json!({"ids": [1]})),
+    )
+    .await;
+    assert_eq!(
+        (st, got["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
     let resp = reqwest::Client::new()
         .post(format!("http://{a}/v1/collections/docs/search"))
         .header("api-key", RO)
@@ -162,14 +352,24 @@ async fn routes_statuses_and_errors() {
     }
 
     let (_, spec) = call(a, M::GET, "/v1/openapi.json", None, None).await;
-    for path in ["/v1/collections", "/v1/collections/{name}/search", "/v1/collections/{name}/points", "/v1/collections/{name}/search/batch"] {
+    for path in [
+        "/v1/collections",
+        "/v1/collections/{name}/search",
+        "/v1/collections/{name}/points",
+        "/v1/collections/{name}/search/batch",
+    ] {
         assert!(spec["paths"].get(path).is_some(), "OpenAPI lacks {path}");
     }
     assert!(spec["components"]["schemas"].get("SearchRequest").is_some());
 
     let (_, metrics) = call(a, M::GET, "/metrics", None, None).await;
     let text = metrics.as_str().unwrap();
-    for needle in ["tiervec_http_requests_total", "tiervec_http_request_duration_seconds", "tiervec_wal_fsync_seconds", "route=\"/v1/collections/{name}/search\""] {
+    for needle in [
+        "tiervec_http_requests_total",
+        "tiervec_http_request_duration_seconds",
+        "tiervec_wal_fsync_seconds",
+        "route=\"/v1/collections/{name}/search\"",
+    ] {
         assert!(text.contains(needle), "metrics lack {needle}");
     }
 

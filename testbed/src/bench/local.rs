@@ -351,7 +351,11 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
             args.samples,
             |q, out| {
                 out.clear();
-                out.extend(peer.search_own(q, 10, ef).into_iter().map(|(slot, d)| (slot as u64, d)));
+                out.extend(
+                    peer.search_own(q, 10, ef)
+                        .into_iter()
+                        .map(|(slot, d)| (slot as u64, d)),
+                );
             },
         ));
     }
