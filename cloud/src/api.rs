@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -296,7 +297,7 @@ fn describe(c: &crate::collection::Collection) -> CollectionDescription {
         m: c.info.params.m,
         ef_construction: c.info.params.ef_construction,
         points: c.len(),
-        indexed_points: c.generation_len().min(c.slots()),
+        indexed_points: c.indexed_points(),
         exact_engine: "cpu_simd".into(),
     }
 }
@@ -719,6 +720,10 @@ pub async fn serve(
         max_body_bytes: config.max_body_bytes,
     };
     let recovery = tokio::task::spawn_blocking(move || Service::open(config));
+    // Small JSON answers must not wait on Nagle's algorithm for the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
     let server = tokio::spawn(async move { server.await });
     let service = recovery.await??;

@@ -205,6 +205,13 @@ impl Collection {
         self.points.read().slots()
     }
 
+    /// Live points inside the searchable graph generation (the rest are scanned exactly).
+    pub fn indexed_points(&self) -> usize {
+        let p = self.points.read();
+        let from = self.generation.load().len.min(p.slots());
+        p.live_count - p.live[from..].iter().filter(|&&l| l).count()
+    }
+
     /// Slots in the searchable graph generation.
     pub fn generation_len(&self) -> usize {
         self.generation.load().len

@@ -238,6 +238,9 @@ impl Service {
             }
         })?);
         start.seconds = started.elapsed().as_secs_f64();
+        metrics::gauge!("tiervec_recovery_seconds").set(start.seconds);
+        metrics::gauge!("tiervec_recovery_wal_records_replayed")
+            .set(start.wal.records_replayed as f64);
         info!(
             seconds = start.seconds,
             replayed = start.wal.records_replayed,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use tiervec_shared::hnsw::HnswParams;
+use tiervec_testbed::bench::cloud::CloudArgs;
 use tiervec_testbed::bench::local::{self, LocalArgs};
 use tiervec_testbed::dataset::Dataset;
 use tiervec_testbed::snapshots;
@@ -52,6 +53,8 @@ enum Command {
 enum Bench {
     /// Edge snapshot search vs hnsw_rs vs exact on 10,000 vectors (ef sweep).
     Local(LocalArgs),
+    /// The cloud tier on 50,000 vectors: load, search, recovery, HTTP.
+    Cloud(CloudArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +66,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::Local(args),
         } => local::run(args),
+        Command::Bench {
+            bench: Bench::Cloud(args),
+        } => tiervec_testbed::bench::cloud::run(args),
         Command::BuildSnapshot {
             out,
             count,

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::anyhow;
 use plotters::prelude::*;
 
-use crate::bench::local::Row;
+use crate::bench::Row;
 
 /// Recall@10 (x) against p50 latency in µs (y, log scale), one line per engine.
 pub fn recall_latency(path: &Path, title: &str, rows: &[Row]) -> anyhow::Result<()> {

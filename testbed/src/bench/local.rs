@@ -2,7 +2,7 @@
 //! brute force, on a 10,000-vector slice of the dataset, over an `ef` sweep.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -10,7 +10,7 @@ use tiervec_edge::{EdgeIndex, Hit, Searcher, write_snapshot_atomic};
 use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::{Metric, exact};
 
-use super::{Latencies, Machine, memory, recall_at_10, update_benchmarks_md, write_json};
+use super::{AtRecall, Machine, Row, best_at, measure, memory, update_benchmarks_md, write_json};
 use crate::dataset::Dataset;
 use crate::{plot, snapshots};
 use tiervec_cloud::index::GraphIndex;
@@ -54,29 +54,6 @@ pub struct LocalArgs {
     #[arg(long)]
     #[serde(skip)]
     pub no_docs: bool,
-}
-
-/// One engine at one setting.
-#[derive(Debug, Clone, Serialize)]
-pub struct Row {
-    pub engine: &'static str,
-    pub ef: Option<usize>,
-    pub recall_at_10: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub qps: f64,
-    pub threads: usize,
-}
-
-/// The best row of an engine that reaches a recall target.
-#[derive(Debug, Clone, Serialize)]
-pub struct AtRecall {
-    pub engine: &'static str,
-    pub ef: Option<usize>,
-    pub recall_at_10: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,70 +104,6 @@ fn ground_truth(vectors: &[f32], dim: usize, queries: &[&[f32]]) -> Vec<(Vec<u64
             .flat_map(|h| h.join().expect("ground-truth thread"))
             .collect()
     })
-}
-
-/// Runs `search` over the queries `passes` times on this thread, recording each call's latency;
-/// recall comes from the first pass.
-fn measure(
-    engine: &'static str,
-    ef: Option<usize>,
-    queries: &[&[f32]],
-    truth: &[(Vec<u64>, Vec<f32>)],
-    samples: usize,
-    mut search: impl FnMut(&[f32], &mut Vec<(u64, f32)>),
-) -> Row {
-    let passes = samples.div_ceil(queries.len()).max(1);
-    let mut lat = Latencies::new();
-    let mut found = Vec::with_capacity(16);
-    let mut recall = 0.0;
-    let mut busy = Duration::ZERO;
-    for pass in 0..passes {
-        for (q, (ids, dists)) in queries.iter().zip(truth) {
-            let t = Instant::now();
-            search(q, &mut found);
-            let d = t.elapsed();
-            busy += d;
-            lat.record(d);
-            if pass == 0 {
-                recall += recall_at_10(&found, ids, dists);
-            }
-        }
-    }
-    let row = Row {
-        engine,
-        ef,
-        recall_at_10: recall / queries.len() as f64,
-        p50_us: lat.percentile_us(0.50),
-        p99_us: lat.percentile_us(0.99),
-        p999_us: lat.percentile_us(0.999),
-        qps: lat.samples() as f64 / busy.as_secs_f64(),
-        threads: 1,
-    };
-    eprintln!(
-        "  {:<8} ef={:<4} recall@10={:.4} p50={:>8.1}µs p99={:>8.1}µs p99.9={:>8.1}µs qps={:>9.0}",
-        row.engine,
-        ef.map_or("-".into(), |e| e.to_string()),
-        row.recall_at_10,
-        row.p50_us,
-        row.p99_us,
-        row.p999_us,
-        row.qps
-    );
-    row
-}
-
-/// Best (lowest p50) row of `engine` with recall ≥ `target`.
-fn best_at(rows: &[Row], engine: &str, target: f64) -> Option<AtRecall> {
-    rows.iter()
-        .filter(|r| r.engine == engine && r.recall_at_10 >= target)
-        .min_by(|a, b| a.p50_us.total_cmp(&b.p50_us))
-        .map(|r| AtRecall {
-            engine: r.engine,
-            ef: r.ef,
-            recall_at_10: r.recall_at_10,
-            p50_us: r.p50_us,
-            p99_us: r.p99_us,
-        })
 }
 
 /// Resident memory of a child process that only opens the snapshot and searches it.

@@ -1,11 +1,12 @@
 //! Benchmarks: each writes the figures of `../shared/docs/bench-json.md` as JSON, a table into
 //! `docs/benchmarks.md` and, where it plots, an SVG beside it.
 
+pub mod cloud;
 pub mod local;
 pub mod memory;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
@@ -61,6 +62,11 @@ impl Latencies {
         self.0.len()
     }
 
+    /// Adds another histogram's samples.
+    pub fn merge(&mut self, other: &Latencies) {
+        let _ = self.0.add(&other.0);
+    }
+
     pub fn percentile_us(&self, q: f64) -> f64 {
         self.0.value_at_quantile(q) as f64 / 1000.0
     }
@@ -86,6 +92,93 @@ pub fn recall_at_10(found: &[(u64, f32)], true_ids: &[u64], true_distances: &[f3
         .filter(|(id, d)| true_ids[..k].contains(id) || (d - tenth).abs() <= 1e-5)
         .count();
     hits as f64 / k as f64
+}
+
+/// One engine at one setting.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub engine: &'static str,
+    pub ef: Option<usize>,
+    pub recall_at_10: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub qps: f64,
+    pub threads: usize,
+}
+
+/// The best row of an engine that reaches a recall target.
+#[derive(Debug, Clone, Serialize)]
+pub struct AtRecall {
+    pub engine: &'static str,
+    pub ef: Option<usize>,
+    pub recall_at_10: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Runs `search` over the queries `passes` times on this thread, recording each call's latency;
+/// recall comes from the first pass.
+pub fn measure(
+    engine: &'static str,
+    ef: Option<usize>,
+    queries: &[&[f32]],
+    truth: &[(Vec<u64>, Vec<f32>)],
+    samples: usize,
+    mut search: impl FnMut(&[f32], &mut Vec<(u64, f32)>),
+) -> Row {
+    let passes = samples.div_ceil(queries.len()).max(1);
+    let mut lat = Latencies::new();
+    let mut found = Vec::with_capacity(16);
+    let mut recall = 0.0;
+    let mut busy = Duration::ZERO;
+    for pass in 0..passes {
+        for (q, (ids, dists)) in queries.iter().zip(truth) {
+            let t = Instant::now();
+            search(q, &mut found);
+            let d = t.elapsed();
+            busy += d;
+            lat.record(d);
+            if pass == 0 {
+                recall += recall_at_10(&found, ids, dists);
+            }
+        }
+    }
+    let row = Row {
+        engine,
+        ef,
+        recall_at_10: recall / queries.len() as f64,
+        p50_us: lat.percentile_us(0.50),
+        p99_us: lat.percentile_us(0.99),
+        p999_us: lat.percentile_us(0.999),
+        qps: lat.samples() as f64 / busy.as_secs_f64(),
+        threads: 1,
+    };
+    eprintln!(
+        "  {:<8} ef={:<4} recall@10={:.4} p50={:>8.1}µs p99={:>8.1}µs p99.9={:>8.1}µs qps={:>9.0}",
+        row.engine,
+        ef.map_or("-".into(), |e| e.to_string()),
+        row.recall_at_10,
+        row.p50_us,
+        row.p99_us,
+        row.p999_us,
+        row.qps
+    );
+    row
+}
+
+/// Best (lowest p50) row of `engine` with recall ≥ `target`.
+pub fn best_at(rows: &[Row], engine: &str, target: f64) -> Option<AtRecall> {
+    rows.iter()
+        .filter(|r| r.engine == engine && r.recall_at_10 >= target)
+        .min_by(|a, b| a.p50_us.total_cmp(&b.p50_us))
+        .map(|r| AtRecall {
+            engine: r.engine,
+            ef: r.ef,
+            recall_at_10: r.recall_at_10,
+            p50_us: r.p50_us,
+            p99_us: r.p99_us,
+        })
 }
 
 /// Writes `value` as pretty JSON to `path`.
