@@ -381,8 +381,8 @@ async fn drop_collection(
     Path(name): Path<String>,
 ) -> Result<axum::Json<WriteAck>, ApiError> {
     let svc = service(&state)?;
-    blocking(move || svc.drop_collection(&name)).await?;
-    Ok(axum::Json(WriteAck { lsn: 0 }))
+    let lsn = blocking(move || svc.drop_collection(&name)).await?;
+    Ok(axum::Json(WriteAck { lsn }))
 }
 
 #[utoipa::path(put, path = "/v1/collections/{name}/points", params(("name" = String, Path)), request_body = UpsertPoints,

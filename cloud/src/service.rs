@@ -332,13 +332,13 @@ impl Service {
         }
     }
 
-    pub fn drop_collection(&self, name: &str) -> Result<(), ServiceError> {
+    /// Drops a collection; acknowledged (returns the LSN) once durable.
+    pub fn drop_collection(&self, name: &str) -> Result<u64, ServiceError> {
         let c = self.collection(name)?;
         self.commit(WalEntry::DropCollection {
             name: name.to_owned(),
             id: c.info.id.0,
-        })?;
-        Ok(())
+        })
     }
 
     /// Inserts or replaces points; acknowledged (returns the LSN) once durable.

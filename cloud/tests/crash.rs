@@ -31,7 +31,17 @@ fn vector(id: u64, version: u64) -> Vec<f32> {
         .collect()
 }
 
-fn spawn(dir: &Path) -> (Child, String) {
+/// Kills the server however the test ends, so a failed assertion leaves no process behind.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(dir: &Path) -> (Server, String) {
     let addr_file = dir.join("addr");
     let _ = std::fs::remove_file(&addr_file);
     let log = std::fs::OpenOptions::new()
@@ -39,18 +49,20 @@ fn spawn(dir: &Path) -> (Child, String) {
         .append(true)
         .open(dir.join("server.log"))
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tiervec-cloud"))
-        .arg("serve")
-        .arg("--set")
-        .arg(format!("data_dir={:?}", dir.join("data").to_str().unwrap()))
-        .arg("--set")
-        .arg("http_addr=\"127.0.0.1:0\"")
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = Server(
+        Command::new(env!("CARGO_BIN_EXE_tiervec-cloud"))
+            .arg("serve")
+            .arg("--set")
+            .arg(format!("data_dir={:?}", dir.join("data").to_str().unwrap()))
+            .arg("--set")
+            .arg("http_addr=\"127.0.0.1:0\"")
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(a) = std::fs::read_to_string(&addr_file) {
@@ -206,7 +218,7 @@ async fn writer(http: reqwest::Client, base: String, ledger: Arc<Mutex<Ledger>>,
             let mut l = ledger.lock().unwrap();
             l.next_version += 1;
             let version = l.next_version;
-            let ids: Vec<u64> = if l.next_id + BATCH <= MAX_IDS && rng.next() % 3 != 0 {
+            let ids: Vec<u64> = if l.next_id + BATCH <= MAX_IDS && !rng.next().is_multiple_of(3) {
                 let start = l.next_id;
                 l.next_id += BATCH;
                 (start..start + BATCH).collect()
@@ -292,18 +304,18 @@ async fn kill_9_never_loses_an_acknowledged_write() {
                     http.clone(),
                     base.clone(),
                     ledger.clone(),
-                    Rng(rng.next() | w + 1),
+                    Rng(rng.next() | (w + 1)),
                 ))
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(30 + rng.next() % 300)).await;
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
         for w in writers {
             w.await.unwrap();
         }
     }
-    let (mut child, base) = spawn(dir.path());
+    let (child, base) = spawn(dir.path());
     wait_ready(&http, &base).await;
     let mut l = std::mem::take(&mut *ledger.lock().unwrap());
     verify(&http, &base, &mut l).await;
@@ -316,6 +328,5 @@ async fn kill_9_never_loses_an_acknowledged_write() {
         "{} ids acknowledged, all present after {ROUNDS} kill -9 rounds",
         l.acked.len()
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
 }

@@ -24,9 +24,17 @@ fn config(dir: &Path) -> CloudConfig {
     }
 }
 
+/// A pseudo-random vector per (id, version): no two ids collide (a formula built on `sin`
+/// repeats with its period and made near-duplicates that tie in search).
 fn vector(id: u64, version: u64) -> Vec<f32> {
-    (0..DIM)
-        .map(|d| ((id * 7 + d as u64 * 3 + version * 11) as f32 * 0.37).sin())
+    (0..DIM as u64)
+        .map(|d| {
+            let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (version << 40) ^ (d << 56);
+            x ^= x >> 31;
+            x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x ^= x >> 29;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
         .collect()
 }
 
@@ -348,4 +356,60 @@ fn bad_writes_are_refused_before_the_log() {
         lsn_before + 1,
         "refused writes took no LSN"
     );
+}
+
+#[test]
+fn load_into_a_stopped_servers_directory_and_inspect_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<f32> = (0..40).flat_map(|i| vector(i, 0)).collect();
+    let fvecs = dir.path().join("v.fvecs");
+    std::fs::write(&fvecs, tiervec_shared::vecs::encode_fvecs(DIM, &data)).unwrap();
+    let jsonl = dir.path().join("t.jsonl");
+    std::fs::write(
+        &jsonl,
+        (0..40)
+            .map(|i| format!("{{\"id\":{i},\"text\":\"t{i}\"}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data");
+    let bin = env!("CARGO_BIN_EXE_tiervec-cloud");
+    let out = std::process::Command::new(bin)
+        .args(["load", "--collection", "c", "--batch", "16", "--data-dir"])
+        .arg(&data_dir)
+        .arg("--fvecs")
+        .arg(&fvecs)
+        .arg("--jsonl")
+        .arg(&jsonl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = std::process::Command::new(bin)
+        .arg("inspect")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(text.contains("4 records (LSN 1..=4)"), "{text}");
+    // While a server holds the directory, a direct load is refused.
+    let svc = open_with(&data_dir);
+    assert_eq!(svc.catalog().get("c").unwrap().len(), 40);
+    assert_eq!(
+        svc.get("c", 7).unwrap().payload.as_deref(),
+        Some("{\"text\":\"t7\"}")
+    );
+    let refused = std::process::Command::new(bin)
+        .args(["load", "--collection", "c", "--data-dir"])
+        .arg(&data_dir)
+        .arg("--fvecs")
+        .arg(&fvecs)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("LOCK"));
 }

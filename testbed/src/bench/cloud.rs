@@ -340,23 +340,16 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let one = http_row(
-            "http",
-            &http,
-            &base,
-            &queries,
-            &truth,
-            args.samples,
-            1,
-            args.http_ef,
-        )
-        .await?;
+        let target = HttpTarget {
+            http: &http,
+            base: &base,
+            queries: &queries,
+            truth: &truth,
+        };
+        let one = http_row("http", &target, args.samples, 1, args.http_ef).await?;
         let many = http_row(
             "http_c32",
-            &http,
-            &base,
-            &queries,
-            &truth,
+            &target,
             args.samples.max(20_000),
             32,
             args.http_ef,
@@ -418,17 +411,28 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server under load and the queries with their ground truth.
+struct HttpTarget<'a> {
+    http: &'a reqwest::Client,
+    base: &'a str,
+    queries: &'a [&'a [f32]],
+    truth: &'a [(Vec<u64>, Vec<f32>)],
+}
+
 /// Searches over HTTP with `clients` concurrent clients until `samples` requests are answered.
 async fn http_row(
     engine: &'static str,
-    http: &reqwest::Client,
-    base: &str,
-    queries: &[&[f32]],
-    truth: &[(Vec<u64>, Vec<f32>)],
+    target: &HttpTarget<'_>,
     samples: usize,
     clients: usize,
     ef: usize,
 ) -> anyhow::Result<Row> {
+    let HttpTarget {
+        http,
+        base,
+        queries,
+        truth,
+    } = *target;
     let url = format!("{base}/v1/collections/{COLLECTION}/search");
     let bodies: Arc<Vec<String>> = Arc::new(
         queries
