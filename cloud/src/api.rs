@@ -732,3 +732,33 @@ pub async fn serve(
     server.await??;
     Ok(())
 }
+
+/// A server running on the current tokio runtime, for embedding (tests, demos); it stops when
+/// this is dropped.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Starts [`serve`] on the current runtime and returns once the socket is bound (recovery may
+/// still be running: poll `/readyz`).
+pub async fn spawn(config: crate::config::CloudConfig) -> anyhow::Result<Running> {
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        config,
+        move |addr| {
+            let _ = addr_tx.send(addr);
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    match addr_rx.await {
+        Ok(addr) => Ok(Running { addr, _stop: stop }),
+        Err(_) => Err(server
+            .await?
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("server stopped before binding"))),
+    }
+}

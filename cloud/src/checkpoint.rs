@@ -68,20 +68,7 @@ fn checkpoint_path(dir: &Path, lsn: u64) -> PathBuf {
 
 /// Checkpoint files in `dir`, oldest first, with their LSN.
 pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(lsn) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|n| n.strip_suffix(".tvck"))
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            out.push((lsn, path));
-        }
-    }
-    out.sort();
-    Ok(out)
+    crate::wal::numbered_files(dir, "checkpoint-", ".tvck")
 }
 
 /// Encodes a checkpoint file.

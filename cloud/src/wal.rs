@@ -77,22 +77,31 @@ pub struct RecoveryReport {
     pub truncated: Option<(PathBuf, u64, &'static str)>,
 }
 
-/// Lists `wal-*.log` segments in `dir` with their first LSN, oldest first.
-pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+/// Files in `dir` named `{prefix}{number}{suffix}`, with their number, in ascending order.
+pub(crate) fn numbered_files(
+    dir: &Path,
+    prefix: &str,
+    suffix: &str,
+) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(lsn) = name
-            .strip_prefix("wal-")
-            .and_then(|n| n.strip_suffix(".log"))
+        if let Some(n) = name
+            .strip_prefix(prefix)
+            .and_then(|n| n.strip_suffix(suffix))
             .and_then(|n| n.parse::<u64>().ok())
         {
-            out.push((lsn, path));
+            out.push((n, path));
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Lists `wal-*.log` segments in `dir` with their first LSN, oldest first.
+pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    numbered_files(dir, "wal-", ".log")
 }
 
 fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {

@@ -13,7 +13,7 @@ const RO: &str = "ro-key-0123456789";
 
 struct Server {
     addr: SocketAddr,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _running: tiervec_cloud::api::Running,
     _dir: tempfile::TempDir,
 }
 
@@ -35,18 +35,8 @@ async fn start(max_body_bytes: usize) -> Server {
         max_body_bytes,
         ..CloudConfig::default()
     };
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tiervec_cloud::api::serve(
-        config,
-        move |a| {
-            let _ = addr_tx.send(a);
-        },
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    let addr = addr_rx.await.unwrap();
+    let running = tiervec_cloud::api::spawn(config).await.unwrap();
+    let addr = running.addr;
     let http = reqwest::Client::new();
     for _ in 0..500 {
         if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
@@ -54,7 +44,7 @@ async fn start(max_body_bytes: usize) -> Server {
         {
             return Server {
                 addr,
-                _stop: stop_tx,
+                _running: running,
                 _dir: dir,
             };
         }

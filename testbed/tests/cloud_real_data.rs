@@ -24,18 +24,8 @@ async fn real_slice_over_http_has_high_recall() {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         ..CloudConfig::default()
     };
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tiervec_cloud::api::serve(
-        config,
-        move |a| {
-            let _ = addr_tx.send(a);
-        },
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    let client = Client::new(&format!("http://{}", addr_rx.await.unwrap()), None);
+    let running = tiervec_cloud::api::spawn(config).await.unwrap();
+    let client = Client::new(&format!("http://{}", running.addr), None);
     while !client.ready().await {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

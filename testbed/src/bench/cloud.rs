@@ -17,8 +17,8 @@ use tiervec_shared::Metric;
 use tiervec_shared::hnsw::HnswParams;
 
 use super::{
-    AtRecall, Latencies, Machine, Row, best_at, measure, recall_at_10, update_benchmarks_md,
-    write_json,
+    AtRecall, Latencies, Machine, Row, best_at, best_rows_list, measure, recall_at_10, rows_table,
+    update_benchmarks_md, write_json,
 };
 use crate::dataset::Dataset;
 use crate::plot;
@@ -536,31 +536,9 @@ fn write_docs(args: &CloudArgs, r: &Report) -> anyhow::Result<()> {
          number of concurrent clients.\n\n",
         r.machine.cpu_model, r.machine.cpus
     ));
-    md.push_str("| engine | ef | clients | recall@10 | p50 µs | p99 µs | p99.9 µs | QPS |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
-    for row in &r.rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.1} | {:.1} | {:.1} | {:.0} |\n",
-            row.engine,
-            row.ef.map_or("-".into(), |e| e.to_string()),
-            row.threads,
-            row.recall_at_10,
-            row.p50_us,
-            row.p99_us,
-            row.p999_us,
-            row.qps
-        ));
-    }
+    md.push_str(&rows_table(&r.rows, true));
     md.push_str("\nBest in-process row per engine at recall@10 ≥ 0.98:\n\n");
-    for a in &r.at_recall_098 {
-        md.push_str(&format!(
-            "- {}: ef={} recall {:.4}, p50 {:.1} µs, p99 {:.1} µs\n",
-            a.engine,
-            a.ef.map_or("-".into(), |e| e.to_string()),
-            a.recall_at_10,
-            a.p50_us,
-            a.p99_us
-        ));
-    }
+    md.push_str(&best_rows_list(&r.at_recall_098));
     if let Some(x) = r.p50_ratio_tiervec_to_hnsw_rs_at_098 {
         md.push_str(&format!(
             "- ratio tiervec / hnsw_rs p50 at recall ≥ 0.98: {x:.2}×\n"

@@ -10,7 +10,10 @@ use tiervec_edge::{EdgeIndex, Hit, Searcher, write_snapshot_atomic};
 use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::{Metric, exact};
 
-use super::{AtRecall, Machine, Row, best_at, measure, memory, update_benchmarks_md, write_json};
+use super::{
+    AtRecall, Machine, Row, best_at, best_rows_list, measure, memory, rows_table,
+    update_benchmarks_md, write_json,
+};
 use crate::dataset::Dataset;
 use crate::{plot, snapshots};
 use tiervec_cloud::index::GraphIndex;
@@ -383,30 +386,9 @@ fn write_docs(args: &LocalArgs, r: &Report) -> anyhow::Result<()> {
         r.machine.cpu_model, r.machine.cpus, r.machine.kernel, args.count, r.settings["queries"], args.m,
         args.ef_construction, args.samples
     ));
-    md.push_str("| engine | ef | recall@10 | p50 µs | p99 µs | p99.9 µs | QPS |\n|---|---:|---:|---:|---:|---:|---:|\n");
-    for row in &r.rows {
-        md.push_str(&format!(
-            "| {} | {} | {:.4} | {:.1} | {:.1} | {:.1} | {:.0} |\n",
-            row.engine,
-            row.ef.map_or("-".into(), |e| e.to_string()),
-            row.recall_at_10,
-            row.p50_us,
-            row.p99_us,
-            row.p999_us,
-            row.qps
-        ));
-    }
+    md.push_str(&rows_table(&r.rows, false));
     md.push_str("\nBest row per engine at recall@10 ≥ 0.98:\n\n");
-    for a in &r.at_recall_098 {
-        md.push_str(&format!(
-            "- {}: ef={} recall {:.4}, p50 {:.1} µs, p99 {:.1} µs\n",
-            a.engine,
-            a.ef.map_or("-".into(), |e| e.to_string()),
-            a.recall_at_10,
-            a.p50_us,
-            a.p99_us
-        ));
-    }
+    md.push_str(&best_rows_list(&r.at_recall_098));
     if let (Some(p50), Some(p99)) = (
         r.p50_ratio_tiervec_to_hnsw_rs_at_098,
         r.p99_ratio_tiervec_to_hnsw_rs_at_098,

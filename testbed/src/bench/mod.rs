@@ -181,6 +181,49 @@ pub fn best_at(rows: &[Row], engine: &str, target: f64) -> Option<AtRecall> {
         })
 }
 
+/// The markdown table of `rows`, with a column of concurrent clients when `with_clients`.
+pub fn rows_table(rows: &[Row], with_clients: bool) -> String {
+    let mut md = String::from(if with_clients {
+        "| engine | ef | clients | recall@10 | p50 µs | p99 µs | p99.9 µs | QPS |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    } else {
+        "| engine | ef | recall@10 | p50 µs | p99 µs | p99.9 µs | QPS |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    });
+    for row in rows {
+        let clients = if with_clients {
+            format!(" {} |", row.threads)
+        } else {
+            String::new()
+        };
+        md.push_str(&format!(
+            "| {} | {} |{clients} {:.4} | {:.1} | {:.1} | {:.1} | {:.0} |\n",
+            row.engine,
+            row.ef.map_or("-".into(), |e| e.to_string()),
+            row.recall_at_10,
+            row.p50_us,
+            row.p99_us,
+            row.p999_us,
+            row.qps
+        ));
+    }
+    md
+}
+
+/// The list of each engine's best row at recall@10 ≥ 0.98.
+pub fn best_rows_list(best: &[AtRecall]) -> String {
+    best.iter()
+        .map(|a| {
+            format!(
+                "- {}: ef={} recall {:.4}, p50 {:.1} µs, p99 {:.1} µs\n",
+                a.engine,
+                a.ef.map_or("-".into(), |e| e.to_string()),
+                a.recall_at_10,
+                a.p50_us,
+                a.p99_us
+            )
+        })
+        .collect()
+}
+
 /// Writes `value` as pretty JSON to `path`.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
