@@ -124,6 +124,12 @@ impl Catalog {
                 payloads,
             } => {
                 if let Some(c) = self.by_id(*collection) {
+                    // Logged entries were validated before they were written; a checksummed
+                    // record that still disagrees is skipped loudly, never a panic on replay.
+                    if vectors.len() != ids.len() * c.info.dim || payloads.len() != ids.len() {
+                        tracing::error!(lsn, collection = %c.info.name, "upsert record with inconsistent lengths skipped");
+                        return;
+                    }
                     c.apply_upsert(lsn, ids, vectors, payloads);
                 }
             }
