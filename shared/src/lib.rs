@@ -26,6 +26,7 @@ pub mod identity;
 pub mod kernels;
 pub mod log;
 pub mod metric;
+pub mod protocol;
 pub mod quant;
 pub mod query;
 pub mod snapshot;

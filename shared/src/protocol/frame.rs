@@ -1,0 +1,463 @@
+//! Frames of the edge–cloud protocol, version 1: a 5-byte prefix (body length `u32` LE, frame
+//! type `u8`) and an rkyv body, validated with bytecheck before use. The length is checked
+//! against the configured maximum before anything is buffered or allocated.
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+use thiserror::Error;
+
+/// The protocol version this build speaks, and the oldest it still accepts.
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// ALPN of QUIC connections carrying this protocol.
+pub const ALPN: &[u8] = b"tiervec/1";
+/// Default largest frame body (a 1,024-dim query or a k=1,024 answer is far below).
+pub const DEFAULT_MAX_FRAME: usize = 4 << 20;
+/// Bytes before a frame's body.
+pub const PREFIX_LEN: usize = 5;
+
+/// The edge's opening frame.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Hello {
+    /// Highest protocol version the edge speaks.
+    pub version: u16,
+    /// Lowest protocol version the edge accepts.
+    pub min_version: u16,
+    /// The edge's name for logs (its identity proper comes from its TLS certificate).
+    pub edge_name: String,
+    /// Version of the cache manifest the edge holds (0 until the push issue).
+    pub manifest_version: u64,
+}
+
+/// A collection as the cloud announces it.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct WireCollection {
+    pub name: String,
+    pub id: [u8; 16],
+    pub dim: u32,
+    pub metric: u8,
+}
+
+/// The cloud's answer to [`Hello`]: the version chosen and the collections this edge may query.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct HelloAck {
+    pub version: u16,
+    pub collections: Vec<WireCollection>,
+}
+
+/// A search the edge could not answer confidently.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Query {
+    pub query_id: u64,
+    pub collection: String,
+    /// Identity the edge's cache belongs to: a recreated collection is refused, not mixed.
+    pub collection_id: [u8; 16],
+    pub vector: Vec<f32>,
+    pub k: u32,
+    pub ef: u32,
+    /// The edge's tracing span id, so the cloud's span can name its parent.
+    pub span_id: u64,
+    /// A shadow query (measuring the edge's accuracy) that must not count towards hotness.
+    pub shadow: bool,
+}
+
+/// One hit of an [`Answer`].
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct WireHit {
+    pub id: u64,
+    pub distance: f32,
+    pub lsn: u64,
+}
+
+/// The cloud's answer to a [`Query`].
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Answer {
+    pub query_id: u64,
+    pub collection_id: [u8; 16],
+    pub hits: Vec<WireHit>,
+    pub took_us: u32,
+}
+
+/// Why a frame or a query was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    VersionMismatch = 1,
+    UnknownCollection = 2,
+    NotAllowed = 3,
+    BadQuery = 4,
+    FrameTooLarge = 5,
+    Malformed = 6,
+    UnknownFrameType = 7,
+    Unexpected = 8,
+    Internal = 9,
+}
+
+impl ErrorCode {
+    pub fn from_u16(code: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        [
+            VersionMismatch,
+            UnknownCollection,
+            NotAllowed,
+            BadQuery,
+            FrameTooLarge,
+            Malformed,
+            UnknownFrameType,
+            Unexpected,
+            Internal,
+        ]
+        .into_iter()
+        .find(|c| *c as u16 == code)
+    }
+
+    /// Label for metrics (`refused frames by reason`).
+    pub const fn label(self) -> &'static str {
+        match self {
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::UnknownCollection => "unknown_collection",
+            ErrorCode::NotAllowed => "not_allowed",
+            ErrorCode::BadQuery => "bad_query",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::UnknownFrameType => "unknown_frame_type",
+            ErrorCode::Unexpected => "unexpected",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A refusal; `query_id` 0 concerns the whole connection.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ErrorFrame {
+    pub query_id: u64,
+    pub code: u16,
+    pub message: String,
+}
+
+/// Every frame of protocol version 1. Types 16..=31 are reserved for the push messages.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    Query(Query),
+    Answer(Answer),
+    Error(ErrorFrame),
+    Ping(u64),
+    Pong(u64),
+}
+
+/// Frame type bytes.
+pub mod types {
+    pub const HELLO: u8 = 1;
+    pub const HELLO_ACK: u8 = 2;
+    pub const QUERY: u8 = 3;
+    pub const ANSWER: u8 = 4;
+    pub const ERROR: u8 = 5;
+    pub const PING: u8 = 6;
+    pub const PONG: u8 = 7;
+}
+
+/// Why bytes could not be read as a frame.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("frame type {frame_type} has a malformed body: {reason}")]
+    Malformed { frame_type: u8, reason: String },
+}
+
+impl FrameError {
+    /// The code a peer is told.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            FrameError::UnknownType(_) => ErrorCode::UnknownFrameType,
+            FrameError::Malformed { .. } => ErrorCode::Malformed,
+        }
+    }
+}
+
+fn archive<T>(value: &T) -> AlignedVec
+where
+    T: for<'a> Serialize<
+        rkyv::api::high::HighSerializer<
+            AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
+    >,
+{
+    rkyv::to_bytes::<rancor::Error>(value).expect("serialising plain data into memory cannot fail")
+}
+
+impl Frame {
+    pub fn frame_type(&self) -> u8 {
+        match self {
+            Frame::Hello(_) => types::HELLO,
+            Frame::HelloAck(_) => types::HELLO_ACK,
+            Frame::Query(_) => types::QUERY,
+            Frame::Answer(_) => types::ANSWER,
+            Frame::Error(_) => types::ERROR,
+            Frame::Ping(_) => types::PING,
+            Frame::Pong(_) => types::PONG,
+        }
+    }
+
+    /// Appends the encoded frame (prefix and body) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let body: Vec<u8> = match self {
+            Frame::Hello(v) => archive(v).to_vec(),
+            Frame::HelloAck(v) => archive(v).to_vec(),
+            Frame::Query(v) => archive(v).to_vec(),
+            Frame::Answer(v) => archive(v).to_vec(),
+            Frame::Error(v) => archive(v).to_vec(),
+            Frame::Ping(n) | Frame::Pong(n) => n.to_le_bytes().to_vec(),
+        };
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.push(self.frame_type());
+        out.extend_from_slice(&body);
+    }
+
+    /// Validates and decodes a body of type `frame_type`.
+    pub fn decode(frame_type: u8, body: &[u8]) -> Result<Frame, FrameError> {
+        let mut aligned = AlignedVec::<16>::with_capacity(body.len());
+        aligned.extend_from_slice(body);
+        let malformed = |e: rancor::Error| FrameError::Malformed {
+            frame_type,
+            reason: e.to_string(),
+        };
+        let nonce = || -> Result<u64, FrameError> {
+            body.try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| FrameError::Malformed {
+                    frame_type,
+                    reason: format!("ping/pong body is {} bytes, not 8", body.len()),
+                })
+        };
+        Ok(match frame_type {
+            types::HELLO => {
+                Frame::Hello(rkyv::from_bytes::<Hello, rancor::Error>(&aligned).map_err(malformed)?)
+            }
+            types::HELLO_ACK => Frame::HelloAck(
+                rkyv::from_bytes::<HelloAck, rancor::Error>(&aligned).map_err(malformed)?,
+            ),
+            types::QUERY => {
+                Frame::Query(rkyv::from_bytes::<Query, rancor::Error>(&aligned).map_err(malformed)?)
+            }
+            types::ANSWER => Frame::Answer(
+                rkyv::from_bytes::<Answer, rancor::Error>(&aligned).map_err(malformed)?,
+            ),
+            types::ERROR => Frame::Error(
+                rkyv::from_bytes::<ErrorFrame, rancor::Error>(&aligned).map_err(malformed)?,
+            ),
+            types::PING => Frame::Ping(nonce()?),
+            types::PONG => Frame::Pong(nonce()?),
+            other => return Err(FrameError::UnknownType(other)),
+        })
+    }
+}
+
+/// Splits a byte stream into frames, sans IO: feed bytes with [`FrameDecoder::push`], take
+/// frames with [`FrameDecoder::next_frame`]. A frame longer than the limit is refused as soon as
+/// its prefix arrives, before its body is buffered.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_frame: usize,
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new(max_frame: usize) -> FrameDecoder {
+        FrameDecoder {
+            max_frame,
+            buf: Vec::new(),
+        }
+    }
+
+    fn declared_len(&self) -> Option<usize> {
+        self.buf
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+    }
+
+    /// Buffers `bytes`; refuses a frame whose declared length exceeds the limit.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        self.buf.extend_from_slice(bytes);
+        match self.declared_len() {
+            Some(len) if len > self.max_frame => Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The next complete frame, if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let Some(len) = self.declared_len() else {
+            return Ok(None);
+        };
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        if self.buf.len() < PREFIX_LEN + len {
+            return Ok(None);
+        }
+        let frame_type = self.buf[4];
+        let result = Frame::decode(frame_type, &self.buf[PREFIX_LEN..PREFIX_LEN + len]);
+        self.buf.drain(..PREFIX_LEN + len);
+        result.map(Some)
+    }
+
+    /// Bytes buffered but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Hello(Hello {
+                version: 1,
+                min_version: 1,
+                edge_name: "edge-a".into(),
+                manifest_version: 3,
+            }),
+            Frame::HelloAck(HelloAck {
+                version: 1,
+                collections: vec![WireCollection {
+                    name: "c".into(),
+                    id: [9; 16],
+                    dim: 4,
+                    metric: 1,
+                }],
+            }),
+            Frame::Query(Query {
+                query_id: 7,
+                collection: "c".into(),
+                collection_id: [9; 16],
+                vector: vec![0.5, -0.25, 1.0, 0.0],
+                k: 10,
+                ef: 64,
+                span_id: 99,
+                shadow: false,
+            }),
+            Frame::Answer(Answer {
+                query_id: 7,
+                collection_id: [9; 16],
+                hits: vec![WireHit {
+                    id: 1,
+                    distance: 0.1,
+                    lsn: 5,
+                }],
+                took_us: 120,
+            }),
+            Frame::Error(ErrorFrame {
+                query_id: 7,
+                code: ErrorCode::BadQuery as u16,
+                message: "k = 0".into(),
+            }),
+            Frame::Ping(42),
+            Frame::Pong(42),
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for f in samples() {
+            let mut bytes = Vec::new();
+            f.encode(&mut bytes);
+            let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+            d.push(&bytes).unwrap();
+            assert_eq!(d.next_frame().unwrap(), Some(f));
+            assert_eq!(d.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn oversized_unknown_and_malformed_frames_are_refused() {
+        let mut d = FrameDecoder::new(1024);
+        let mut prefix = 1025u32.to_le_bytes().to_vec();
+        prefix.push(types::QUERY);
+        assert_eq!(
+            d.push(&prefix),
+            Err(FrameError::TooLarge {
+                len: 1025,
+                max: 1024
+            })
+        );
+
+        let mut d = FrameDecoder::new(1024);
+        d.push(&[1, 0, 0, 0, 200, 0]).unwrap();
+        assert_eq!(d.next_frame(), Err(FrameError::UnknownType(200)));
+        assert_eq!(
+            d.buffered(),
+            0,
+            "the refused frame is consumed; the stream can go on"
+        );
+
+        let mut d = FrameDecoder::new(1024);
+        d.push(&[16, 0, 0, 0, types::QUERY]).unwrap();
+        d.push(&[0xee; 16]).unwrap();
+        assert!(matches!(
+            d.next_frame(),
+            Err(FrameError::Malformed { frame_type: 3, .. })
+        ));
+        assert_eq!(
+            FrameError::UnknownType(9).code(),
+            ErrorCode::UnknownFrameType
+        );
+        assert_eq!(ErrorCode::from_u16(4), Some(ErrorCode::BadQuery));
+        assert_eq!(ErrorCode::from_u16(0), None);
+    }
+
+    proptest! {
+        /// Any chunking of a stream of frames yields the same frames, and the decoded lengths
+        /// plus the remainder account for every byte.
+        #[test]
+        fn chunking_does_not_matter(cuts in proptest::collection::vec(1usize..64, 1..40)) {
+            let frames = samples();
+            let mut stream = Vec::new();
+            for f in &frames {
+                f.encode(&mut stream);
+            }
+            let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+            let mut got = Vec::new();
+            let mut at = 0;
+            for c in cuts.iter().cycle() {
+                if at >= stream.len() {
+                    break;
+                }
+                let end = (at + c).min(stream.len());
+                d.push(&stream[at..end]).unwrap();
+                at = end;
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push(f);
+                }
+            }
+            prop_assert_eq!(got, frames);
+            prop_assert_eq!(d.buffered(), 0);
+        }
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut d = FrameDecoder::new(256);
+            if d.push(&bytes).is_ok() {
+                while let Ok(Some(_)) = d.next_frame() {}
+            }
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! The two sides of a connection as sans-IO state machines: they take events (`handle`) and
+//! the time (`now_us`, microseconds on any monotonic clock the driver chooses) and return
+//! actions for the driver to perform. No sockets, no clock: tested deterministically.
+//!
+//! Version rule: the edge announces `[min_version, version]`; the cloud answers with
+//! `min(version, its own)` if that is at least both minimums, and otherwise refuses with
+//! `VersionMismatch` and closes. So an old edge talks to a newer cloud at the edge's version,
+//! and a newer edge to an old cloud at the cloud's, as long as the ranges overlap.
+
+use std::collections::BTreeMap;
+
+use super::frame::{
+    Answer, ErrorCode, ErrorFrame, Frame, FrameError, Hello, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, Query, WireCollection,
+};
+use crate::Metric;
+use crate::query::validate_search;
+
+/// Why a query sent to the cloud got no answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QueryFailure {
+    /// The deadline passed first.
+    Timeout,
+    /// The session was not ready (not connected, or still in the handshake).
+    NotReady,
+    /// The connection went away with the query in flight.
+    Disconnected,
+    /// The cloud refused it.
+    Refused { code: ErrorCode, message: String },
+}
+
+/// What the edge's driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientAction {
+    Send(Frame),
+    /// The handshake finished: the collections this edge may query.
+    Ready {
+        version: u16,
+        collections: Vec<WireCollection>,
+    },
+    Answered(Answer),
+    Failed {
+        query_id: u64,
+        reason: QueryFailure,
+    },
+    /// Close the connection (and reconnect with backoff).
+    Close {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// What happens to the edge's session.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientEvent {
+    Connected,
+    Received(Frame),
+    /// The driver could not decode a frame from the cloud.
+    BadFrame(FrameError),
+    /// The application wants this query answered by `deadline_us`.
+    Ask {
+        query: Query,
+        deadline_us: u64,
+    },
+    Disconnected,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientState {
+    Disconnected,
+    Handshaking,
+    Ready(u16),
+}
+
+/// The edge side of a connection.
+#[derive(Debug)]
+pub struct ClientSession {
+    hello: Hello,
+    state: ClientState,
+    /// Queries in flight: id → deadline.
+    in_flight: BTreeMap<u64, u64>,
+}
+
+impl ClientSession {
+    pub fn new(edge_name: &str, manifest_version: u64) -> ClientSession {
+        ClientSession {
+            hello: Hello {
+                version: PROTOCOL_VERSION,
+                min_version: MIN_PROTOCOL_VERSION,
+                edge_name: edge_name.to_owned(),
+                manifest_version,
+            },
+            state: ClientState::Disconnected,
+            in_flight: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, ClientState::Ready(_))
+    }
+
+    /// The earliest deadline among queries in flight: when to call [`ClientSession::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.in_flight.values().min().copied()
+    }
+
+    /// Fails every query whose deadline is at or before `now_us`.
+    pub fn handle_timeout(&mut self, now_us: u64) -> Vec<ClientAction> {
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, d)| **d <= now_us)
+            .map(|(id, _)| *id)
+            .collect();
+        expired
+            .into_iter()
+            .map(|query_id| {
+                self.in_flight.remove(&query_id);
+                ClientAction::Failed {
+                    query_id,
+                    reason: QueryFailure::Timeout,
+                }
+            })
+            .collect()
+    }
+
+    fn fail_all(&mut self, reason: QueryFailure) -> Vec<ClientAction> {
+        std::mem::take(&mut self.in_flight)
+            .into_keys()
+            .map(|query_id| ClientAction::Failed {
+                query_id,
+                reason: reason.clone(),
+            })
+            .collect()
+    }
+
+    pub fn handle(&mut self, event: ClientEvent, now_us: u64) -> Vec<ClientAction> {
+        let mut actions = self.handle_timeout(now_us);
+        match event {
+            ClientEvent::Connected => {
+                self.state = ClientState::Handshaking;
+                actions.push(ClientAction::Send(Frame::Hello(self.hello.clone())));
+            }
+            ClientEvent::Disconnected => {
+                self.state = ClientState::Disconnected;
+                actions.extend(self.fail_all(QueryFailure::Disconnected));
+            }
+            ClientEvent::Ask { query, deadline_us } => {
+                if !self.is_ready() {
+                    actions.push(ClientAction::Failed {
+                        query_id: query.query_id,
+                        reason: QueryFailure::NotReady,
+                    });
+                } else {
+                    self.in_flight.insert(query.query_id, deadline_us);
+                    actions.push(ClientAction::Send(Frame::Query(query)));
+                }
+            }
+            ClientEvent::BadFrame(e) => {
+                actions.push(ClientAction::Close {
+                    code: e.code(),
+                    message: e.to_string(),
+                });
+                self.state = ClientState::Disconnected;
+                actions.extend(self.fail_all(QueryFailure::Disconnected));
+            }
+            ClientEvent::Received(frame) => actions.extend(self.receive(frame)),
+        }
+        actions
+    }
+
+    fn receive(&mut self, frame: Frame) -> Vec<ClientAction> {
+        match (self.state, frame) {
+            (ClientState::Handshaking, Frame::HelloAck(ack)) => {
+                if ack.version < self.hello.min_version || ack.version > self.hello.version {
+                    self.state = ClientState::Disconnected;
+                    return vec![ClientAction::Close {
+                        code: ErrorCode::VersionMismatch,
+                        message: format!(
+                            "cloud chose version {} outside {}..={}",
+                            ack.version, self.hello.min_version, self.hello.version
+                        ),
+                    }];
+                }
+                self.state = ClientState::Ready(ack.version);
+                vec![ClientAction::Ready {
+                    version: ack.version,
+                    collections: ack.collections,
+                }]
+            }
+            (ClientState::Ready(_), Frame::Answer(answer)) => {
+                match self.in_flight.remove(&answer.query_id) {
+                    Some(_) => vec![ClientAction::Answered(answer)],
+                    // A late answer to a query that already timed out: nobody waits for it.
+                    None => Vec::new(),
+                }
+            }
+            (_, Frame::Error(e)) if e.query_id != 0 => match self.in_flight.remove(&e.query_id) {
+                Some(_) => vec![ClientAction::Failed {
+                    query_id: e.query_id,
+                    reason: QueryFailure::Refused {
+                        code: ErrorCode::from_u16(e.code).unwrap_or(ErrorCode::Internal),
+                        message: e.message,
+                    },
+                }],
+                None => Vec::new(),
+            },
+            (_, Frame::Error(e)) => {
+                self.state = ClientState::Disconnected;
+                let mut actions = vec![ClientAction::Close {
+                    code: ErrorCode::from_u16(e.code).unwrap_or(ErrorCode::Internal),
+                    message: e.message,
+                }];
+                actions.extend(self.fail_all(QueryFailure::Disconnected));
+                actions
+            }
+            (_, Frame::Ping(n)) => vec![ClientAction::Send(Frame::Pong(n))],
+            (_, Frame::Pong(_)) => Vec::new(),
+            (_, other) => {
+                self.state = ClientState::Disconnected;
+                let mut actions = vec![ClientAction::Close {
+                    code: ErrorCode::Unexpected,
+                    message: format!(
+                        "unexpected frame type {} from the cloud",
+                        other.frame_type()
+                    ),
+                }];
+                actions.extend(self.fail_all(QueryFailure::Disconnected));
+                actions
+            }
+        }
+    }
+}
+
+/// What the cloud's driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ServerAction {
+    Send(Frame),
+    /// Run this (validated) query and reply with [`ServerSession::answer`].
+    Search(Query),
+    /// Count a refused frame or query (metrics), by reason.
+    Refused(ErrorCode),
+    Close {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerState {
+    AwaitingHello,
+    Ready(u16),
+    Closed,
+}
+
+/// The cloud side of one edge's connection. `collections` are those this edge may query.
+#[derive(Debug)]
+pub struct ServerSession {
+    collections: Vec<WireCollection>,
+    state: ServerState,
+}
+
+impl ServerSession {
+    pub fn new(collections: Vec<WireCollection>) -> ServerSession {
+        ServerSession {
+            collections,
+            state: ServerState::AwaitingHello,
+        }
+    }
+
+    pub fn version(&self) -> Option<u16> {
+        match self.state {
+            ServerState::Ready(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn refuse(query_id: u64, code: ErrorCode, message: String) -> Vec<ServerAction> {
+        vec![
+            ServerAction::Refused(code),
+            ServerAction::Send(Frame::Error(ErrorFrame {
+                query_id,
+                code: code as u16,
+                message,
+            })),
+        ]
+    }
+
+    fn close(&mut self, code: ErrorCode, message: String) -> Vec<ServerAction> {
+        self.state = ServerState::Closed;
+        let mut a = Self::refuse(0, code, message.clone());
+        a.push(ServerAction::Close { code, message });
+        a
+    }
+
+    /// A frame the driver could not decode: refused, counted, and the connection closed only
+    /// when the stream can no longer be trusted (an oversized or unparseable frame).
+    pub fn bad_frame(&mut self, e: &FrameError) -> Vec<ServerAction> {
+        match e {
+            FrameError::UnknownType(_) => Self::refuse(0, e.code(), e.to_string()),
+            _ => self.close(e.code(), e.to_string()),
+        }
+    }
+
+    pub fn handle(&mut self, frame: Frame) -> Vec<ServerAction> {
+        match (self.state, frame) {
+            (ServerState::Closed, _) => Vec::new(),
+            (ServerState::AwaitingHello, Frame::Hello(h)) => {
+                let version = h.version.min(PROTOCOL_VERSION);
+                if version < h.min_version.max(MIN_PROTOCOL_VERSION) {
+                    return self.close(
+                        ErrorCode::VersionMismatch,
+                        format!(
+                            "edge speaks versions {}..={}, this cloud {}..={}",
+                            h.min_version, h.version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+                        ),
+                    );
+                }
+                self.state = ServerState::Ready(version);
+                vec![ServerAction::Send(Frame::HelloAck(
+                    super::frame::HelloAck {
+                        version,
+                        collections: self.collections.clone(),
+                    },
+                ))]
+            }
+            (ServerState::Ready(_), Frame::Query(q)) => self.check_query(q),
+            (_, Frame::Ping(n)) => vec![ServerAction::Send(Frame::Pong(n))],
+            (_, Frame::Pong(_)) => Vec::new(),
+            (_, other) => self.close(
+                ErrorCode::Unexpected,
+                format!("frame type {} is not expected now", other.frame_type()),
+            ),
+        }
+    }
+
+    fn check_query(&mut self, q: Query) -> Vec<ServerAction> {
+        let Some(c) = self.collections.iter().find(|c| c.name == q.collection) else {
+            return Self::refuse(
+                q.query_id,
+                ErrorCode::NotAllowed,
+                format!(
+                    "collection `{}` does not exist or this edge may not query it",
+                    q.collection
+                ),
+            );
+        };
+        if c.id != q.collection_id {
+            return Self::refuse(
+                q.query_id,
+                ErrorCode::UnknownCollection,
+                format!(
+                    "collection `{}` was recreated; the edge's cache belongs to an older incarnation",
+                    q.collection
+                ),
+            );
+        }
+        if let Err(e) = validate_search(&q.vector, c.dim as usize, q.k as usize, q.ef as usize) {
+            return Self::refuse(q.query_id, ErrorCode::BadQuery, e.to_string());
+        }
+        if Metric::from_code(c.metric).is_none() {
+            return Self::refuse(
+                q.query_id,
+                ErrorCode::Internal,
+                "collection has an unknown metric".into(),
+            );
+        }
+        vec![ServerAction::Search(q)]
+    }
+
+    /// The frame answering a query the driver searched.
+    pub fn answer(&self, answer: Answer) -> Frame {
+        Frame::Answer(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::frame::{DEFAULT_MAX_FRAME, FrameDecoder, WireHit};
+    use super::*;
+
+    fn collections() -> Vec<WireCollection> {
+        vec![WireCollection {
+            name: "c".into(),
+            id: [1; 16],
+            dim: 3,
+            metric: Metric::Cosine.code(),
+        }]
+    }
+
+    fn query(id: u64) -> Query {
+        Query {
+            query_id: id,
+            collection: "c".into(),
+            collection_id: [1; 16],
+            vector: vec![1.0, 0.0, 0.0],
+            k: 2,
+            ef: 16,
+            span_id: 5,
+            shadow: false,
+        }
+    }
+
+    /// Carries frames between the two sessions through the real encoder and decoder.
+    fn wire(frame: &Frame) -> Frame {
+        let mut bytes = Vec::new();
+        frame.encode(&mut bytes);
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        d.push(&bytes).unwrap();
+        d.next_frame().unwrap().unwrap()
+    }
+
+    fn sent(actions: &[ClientAction]) -> Vec<Frame> {
+        actions
+            .iter()
+            .filter_map(|a| {
+                if let ClientAction::Send(f) = a {
+                    Some(wire(f))
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn handshake() -> (ClientSession, ServerSession) {
+        let mut edge = ClientSession::new("e", 0);
+        let mut cloud = ServerSession::new(collections());
+        let hello = sent(&edge.handle(ClientEvent::Connected, 0));
+        let replies = cloud.handle(hello[0].clone());
+        let ServerAction::Send(ack) = &replies[0] else {
+            panic!("{replies:?}")
+        };
+        let ready = edge.handle(ClientEvent::Received(wire(ack)), 1);
+        assert!(
+            matches!(&ready[0], ClientAction::Ready { version: 1, collections } if collections.len() == 1)
+        );
+        (edge, cloud)
+    }
+
+    #[test]
+    fn query_round_trip_through_both_sessions() {
+        let (mut edge, mut cloud) = handshake();
+        let out = sent(&edge.handle(
+            ClientEvent::Ask {
+                query: query(9),
+                deadline_us: 50_000,
+            },
+            10,
+        ));
+        let actions = cloud.handle(out[0].clone());
+        let ServerAction::Search(q) = &actions[0] else {
+            panic!("{actions:?}")
+        };
+        let answer = Answer {
+            query_id: q.query_id,
+            collection_id: q.collection_id,
+            hits: vec![WireHit {
+                id: 4,
+                distance: 0.0,
+                lsn: 2,
+            }],
+            took_us: 80,
+        };
+        let got = edge.handle(
+            ClientEvent::Received(wire(&cloud.answer(answer.clone()))),
+            200,
+        );
+        assert_eq!(got, vec![ClientAction::Answered(answer)]);
+        assert_eq!(edge.poll_timeout(), None);
+    }
+
+    #[test]
+    fn deadlines_expire_and_late_answers_are_dropped() {
+        let (mut edge, _) = handshake();
+        edge.handle(
+            ClientEvent::Ask {
+                query: query(1),
+                deadline_us: 100,
+            },
+            10,
+        );
+        edge.handle(
+            ClientEvent::Ask {
+                query: query(2),
+                deadline_us: 300,
+            },
+            20,
+        );
+        assert_eq!(edge.poll_timeout(), Some(100));
+        assert_eq!(
+            edge.handle_timeout(150),
+            vec![ClientAction::Failed {
+                query_id: 1,
+                reason: QueryFailure::Timeout
+            }]
+        );
+        let late = Answer {
+            query_id: 1,
+            collection_id: [1; 16],
+            hits: vec![],
+            took_us: 1,
+        };
+        assert!(
+            edge.handle(ClientEvent::Received(Frame::Answer(late)), 160)
+                .is_empty()
+        );
+        let gone = edge.handle(ClientEvent::Disconnected, 170);
+        assert_eq!(
+            gone,
+            vec![ClientAction::Failed {
+                query_id: 2,
+                reason: QueryFailure::Disconnected
+            }]
+        );
+        let early = edge.handle(
+            ClientEvent::Ask {
+                query: query(3),
+                deadline_us: 500,
+            },
+            180,
+        );
+        assert_eq!(
+            early,
+            vec![ClientAction::Failed {
+                query_id: 3,
+                reason: QueryFailure::NotReady
+            }]
+        );
+    }
+
+    #[test]
+    fn bad_queries_are_refused_per_query_and_the_session_lives_on() {
+        let (mut edge, mut cloud) = handshake();
+        let cases = [
+            (
+                Query {
+                    vector: vec![1.0, 0.0],
+                    ..query(1)
+                },
+                ErrorCode::BadQuery,
+            ),
+            (
+                Query {
+                    vector: vec![f32::NAN, 0.0, 0.0],
+                    ..query(2)
+                },
+                ErrorCode::BadQuery,
+            ),
+            (Query { k: 0, ..query(3) }, ErrorCode::BadQuery),
+            (
+                Query {
+                    collection: "secret".into(),
+                    ..query(4)
+                },
+                ErrorCode::NotAllowed,
+            ),
+            (
+                Query {
+                    collection_id: [2; 16],
+                    ..query(5)
+                },
+                ErrorCode::UnknownCollection,
+            ),
+        ];
+        for (q, code) in cases {
+            let id = q.query_id;
+            edge.handle(
+                ClientEvent::Ask {
+                    query: q.clone(),
+                    deadline_us: 1_000_000,
+                },
+                10,
+            );
+            let actions = cloud.handle(Frame::Query(q));
+            assert_eq!(actions[0], ServerAction::Refused(code));
+            let ServerAction::Send(err) = &actions[1] else {
+                panic!()
+            };
+            let failed = edge.handle(ClientEvent::Received(wire(err)), 20);
+            assert!(
+                matches!(&failed[0], ClientAction::Failed { query_id, reason: QueryFailure::Refused { code: c, .. } } if *query_id == id && *c == code)
+            );
+        }
+        assert!(matches!(
+            cloud.handle(Frame::Query(query(6)))[0],
+            ServerAction::Search(_)
+        ));
+    }
+
+    #[test]
+    fn version_ranges_must_overlap() {
+        let mut cloud = ServerSession::new(collections());
+        let newer = Hello {
+            version: 7,
+            min_version: 5,
+            edge_name: "future".into(),
+            manifest_version: 0,
+        };
+        let a = cloud.handle(Frame::Hello(newer));
+        assert!(matches!(
+            a.last(),
+            Some(ServerAction::Close {
+                code: ErrorCode::VersionMismatch,
+                ..
+            })
+        ));
+        assert!(
+            cloud.handle(Frame::Query(query(1))).is_empty(),
+            "a closed session ignores the rest"
+        );
+
+        let mut cloud = ServerSession::new(collections());
+        let wide = Hello {
+            version: 9,
+            min_version: 1,
+            edge_name: "newer edge".into(),
+            manifest_version: 0,
+        };
+        let a = cloud.handle(Frame::Hello(wide));
+        assert!(
+            matches!(&a[0], ServerAction::Send(Frame::HelloAck(ack)) if ack.version == PROTOCOL_VERSION)
+        );
+
+        let mut edge = ClientSession::new("e", 0);
+        edge.handle(ClientEvent::Connected, 0);
+        let bad_ack = super::super::frame::HelloAck {
+            version: 9,
+            collections: vec![],
+        };
+        let a = edge.handle(ClientEvent::Received(Frame::HelloAck(bad_ack)), 1);
+        assert!(matches!(
+            &a[0],
+            ClientAction::Close {
+                code: ErrorCode::VersionMismatch,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn frames_out_of_order_close_the_session() {
+        let mut cloud = ServerSession::new(collections());
+        let a = cloud.handle(Frame::Query(query(1)));
+        assert_eq!(a[0], ServerAction::Refused(ErrorCode::Unexpected));
+        assert!(matches!(
+            a.last(),
+            Some(ServerAction::Close {
+                code: ErrorCode::Unexpected,
+                ..
+            })
+        ));
+
+        let mut cloud = ServerSession::new(collections());
+        let a = cloud.bad_frame(&FrameError::UnknownType(99));
+        assert_eq!(a[0], ServerAction::Refused(ErrorCode::UnknownFrameType));
+        assert!(
+            !a.iter().any(|x| matches!(x, ServerAction::Close { .. })),
+            "an unknown type is skipped, not fatal"
+        );
+        let a = cloud.bad_frame(&FrameError::TooLarge { len: 10, max: 5 });
+        assert!(matches!(
+            a.last(),
+            Some(ServerAction::Close {
+                code: ErrorCode::FrameTooLarge,
+                ..
+            })
+        ));
+        assert_eq!(cloud.handle(Frame::Ping(3)), Vec::new(), "closed");
+    }
+}
