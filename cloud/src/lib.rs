@@ -18,6 +18,7 @@
 //! * [`client`] is a small HTTP client of that API (bulk loads, tests, benchmarks).
 
 pub mod api;
+pub mod certs;
 pub mod checkpoint;
 pub mod client;
 pub mod collection;

@@ -68,6 +68,21 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Make a deployment's certificates: a CA (kept if it exists), the server certificate, and
+    /// one client certificate per edge (the edge id is its Common Name), for mutual TLS.
+    Certs {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Name of the deployment, part of the CA's subject.
+        #[arg(long, default_value = "default")]
+        deployment: String,
+        /// DNS names or IP addresses of the cloud (repeat); none keeps the server certificate.
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// Edge ids to issue certificates for (repeat).
+        #[arg(long = "edge")]
+        edges: Vec<String>,
+    },
     /// Print the checkpoints and WAL segments of a data directory (read-only).
     Inspect {
         #[arg(long)]
@@ -177,6 +192,30 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Inspect { data_dir } => inspect(&data_dir),
+        Command::Certs {
+            dir,
+            deployment,
+            server_names,
+            edges,
+        } => {
+            let certs = tiervec_cloud::certs::CertDir { dir, deployment };
+            if certs.ensure_ca()? {
+                eprintln!("created CA {}", certs.ca_cert().display());
+            }
+            if !server_names.is_empty() {
+                certs.issue_server(&server_names)?;
+                eprintln!(
+                    "issued {} for {}",
+                    certs.server_cert().display(),
+                    server_names.join(", ")
+                );
+            }
+            for edge in &edges {
+                certs.issue_edge(edge)?;
+                eprintln!("issued {} for edge {edge}", certs.edge_cert(edge).display());
+            }
+            Ok(())
+        }
     }
 }
 
