@@ -25,5 +25,6 @@ pub mod collection;
 pub mod config;
 pub mod entry;
 pub mod index;
+pub mod quic;
 pub mod service;
 pub mod wal;

@@ -9,12 +9,14 @@
 //!   a pool of reusable search buffers so the query path allocates nothing that grows with the
 //!   number of vectors.
 //! * [`inspect`] — the human-readable report behind `tiervec-edge inspect FILE`.
+//! * [`link`] — the QUIC link to the cloud (mutual TLS), driving the sans-IO client session.
 //!
 //! Later issues add the overlay and delta log, the QUIC client and the local HTTP endpoint here.
 
 pub mod files;
 pub mod index;
 pub mod inspect;
+pub mod link;
 
 pub use files::{SnapshotBytes, write_snapshot_atomic};
 pub use index::{EdgeError, EdgeIndex, Hit, Searcher};

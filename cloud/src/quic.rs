@@ -1,0 +1,233 @@
+//! The cloud's QUIC endpoint (quinn + rustls with ring, TLS 1.3 only, ALPN `tiervec/1`) with
+//! mutual TLS: an edge must present a client certificate signed by the deployment's CA (see
+//! [`crate::certs`]); its edge id is the certificate's Common Name, and the access list says
+//! which collections it may query. One bidirectional stream per exchange: the edge writes one
+//! or more frames and finishes; the cloud answers on the same stream. The protocol logic is the
+//! sans-IO [`ServerSession`]; this module only moves bytes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+use tiervec_shared::protocol::frame::{
+    ALPN, Answer, DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameDecoder, PREFIX_LEN, Query,
+    WireCollection, WireHit,
+};
+use tiervec_shared::protocol::session::{ServerAction, ServerSession};
+use tracing::{Instrument, info_span, warn};
+
+use crate::certs::CertDir;
+use crate::collection::SearchParams;
+use crate::service::Service;
+
+#[derive(Debug, Error)]
+pub enum QuicError {
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn tls(e: impl std::fmt::Display) -> QuicError {
+    QuicError::Tls(e.to_string())
+}
+
+/// Which collections each edge may query; `*` grants all.
+#[derive(Clone, Debug, Default)]
+pub struct AccessList(pub HashMap<String, Vec<String>>);
+
+impl AccessList {
+    pub fn allows(&self, edge: &str, collection: &str) -> bool {
+        self.0
+            .get(edge)
+            .is_some_and(|c| c.iter().any(|n| n == "*" || n == collection))
+    }
+}
+
+/// The rustls provider: ring only, everywhere.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server crypto: the server certificate, and client certificates required and verified
+/// against the deployment CA.
+pub fn server_config(certs: &CertDir) -> Result<quinn::ServerConfig, QuicError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(certs.ca_cert()).map_err(tls)? {
+        roots.add(ca.map_err(tls)?).map_err(tls)?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(tls)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certs.server_cert())
+        .map_err(tls)?
+        .collect::<Result<_, _>>()
+        .map_err(tls)?;
+    let key = PrivateKeyDer::from_pem_file(certs.server_key()).map_err(tls)?;
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(tls)?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(tls)?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+/// The edge id: the Common Name of the verified client certificate.
+fn edge_id(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.to_owned())
+}
+
+/// Binds the QUIC endpoint.
+pub fn bind(addr: SocketAddr, certs: &CertDir) -> Result<quinn::Endpoint, QuicError> {
+    Ok(quinn::Endpoint::server(server_config(certs)?, addr)?)
+}
+
+/// Accepts edges until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, service: Arc<Service>, acl: Arc<AccessList>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (service, acl) = (service.clone(), acl.clone());
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => connection(conn, service, acl).await,
+                Err(e) => {
+                    metrics::counter!("tiervec_quic_handshake_failures_total").increment(1);
+                    warn!(error = %e, "QUIC handshake refused");
+                }
+            }
+        });
+    }
+}
+
+async fn connection(conn: quinn::Connection, service: Arc<Service>, acl: Arc<AccessList>) {
+    let Some(edge) = edge_id(&conn) else {
+        conn.close(
+            quinn::VarInt::from_u32(ErrorCode::NotAllowed as u32),
+            b"no edge id in the client certificate",
+        );
+        return;
+    };
+    let collections: Vec<WireCollection> = service
+        .catalog()
+        .all()
+        .iter()
+        .filter(|c| acl.allows(&edge, &c.info.name))
+        .map(|c| WireCollection {
+            name: c.info.name.clone(),
+            id: c.info.id.0,
+            dim: c.info.dim as u32,
+            metric: c.info.metric.code(),
+        })
+        .collect();
+    metrics::gauge!("tiervec_quic_connections").increment(1.0);
+    let session = Arc::new(Mutex::new(ServerSession::new(collections)));
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let (session, service, conn2) = (session.clone(), service.clone(), conn.clone());
+        let span = info_span!("quic_stream", edge = %edge);
+        tokio::spawn(exchange(send, recv, session, service, conn2).instrument(span));
+    }
+    metrics::gauge!("tiervec_quic_connections").decrement(1.0);
+}
+
+/// One stream: read the edge's frames, answer each through the session.
+async fn exchange(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    session: Arc<Mutex<ServerSession>>,
+    service: Arc<Service>,
+    conn: quinn::Connection,
+) {
+    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let mut actions = Vec::new();
+    match recv.read_to_end(DEFAULT_MAX_FRAME + PREFIX_LEN).await {
+        Ok(bytes) => match decoder.push(&bytes) {
+            Ok(()) => loop {
+                match decoder.next_frame() {
+                    Ok(Some(frame)) => actions.extend(session.lock().handle(frame)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        actions.extend(session.lock().bad_frame(&e));
+                        break;
+                    }
+                }
+            },
+            Err(e) => actions.extend(session.lock().bad_frame(&e)),
+        },
+        Err(quinn::ReadToEndError::TooLong) => actions.extend(session.lock().bad_frame(
+            &tiervec_shared::protocol::frame::FrameError::TooLarge {
+                len: DEFAULT_MAX_FRAME + PREFIX_LEN + 1,
+                max: DEFAULT_MAX_FRAME,
+            },
+        )),
+        Err(_) => return,
+    }
+    let mut out = Vec::new();
+    let mut close = None;
+    for action in actions {
+        match action {
+            ServerAction::Send(frame) => frame.encode(&mut out),
+            ServerAction::Search(q) => {
+                let svc = service.clone();
+                let answer = tokio::task::spawn_blocking(move || search(&svc, q)).await;
+                if let Ok(frame) = answer {
+                    frame.encode(&mut out);
+                }
+            }
+            ServerAction::Refused(code) => {
+                metrics::counter!("tiervec_quic_refused_total", "reason" => code.label())
+                    .increment(1);
+            }
+            ServerAction::Close { code, message } => close = Some((code, message)),
+        }
+    }
+    let _ = send.write_all(&out).await;
+    let _ = send.finish();
+    if let Some((code, message)) = close {
+        let _ = send.stopped().await;
+        conn.close(quinn::VarInt::from_u32(code as u32), message.as_bytes());
+    }
+}
+
+fn search(service: &Service, q: Query) -> Frame {
+    let started = Instant::now();
+    let params = SearchParams {
+        k: q.k as usize,
+        ef: q.ef as usize,
+        exact: false,
+        max_distance: None,
+    };
+    match service.search(&q.collection, &q.vector, &params) {
+        Ok((hits, _)) => Frame::Answer(Answer {
+            query_id: q.query_id,
+            collection_id: q.collection_id,
+            hits: hits
+                .iter()
+                .map(|h| WireHit {
+                    id: h.id,
+                    distance: h.distance,
+                    lsn: h.lsn,
+                })
+                .collect(),
+            took_us: started.elapsed().as_micros() as u32,
+        }),
+        Err(e) => Frame::Error(tiervec_shared::protocol::frame::ErrorFrame {
+            query_id: q.query_id,
+            code: ErrorCode::Internal as u16,
+            message: e.to_string(),
+        }),
+    }
+}
