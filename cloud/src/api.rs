@@ -719,6 +719,19 @@ pub async fn serve(
         metrics: prometheus(),
         max_body_bytes: config.max_body_bytes,
     };
+    // The QUIC endpoint binds now (so a bad certificate fails fast) and serves once recovered.
+    let quic = match config.quic_addr {
+        Some(quic_addr) => {
+            let certs = crate::certs::CertDir {
+                dir: config.certs_dir.clone(),
+                deployment: String::new(),
+            };
+            let endpoint = crate::quic::bind(quic_addr, &certs)?;
+            tracing::info!(addr = %endpoint.local_addr()?, "QUIC endpoint for edges (mutual TLS)");
+            Some((endpoint, crate::quic::AccessList(config.edges.clone())))
+        }
+        None => None,
+    };
     let recovery = tokio::task::spawn_blocking(move || Service::open(config));
     // Small JSON answers must not wait on Nagle's algorithm for the client's delayed ACK.
     let listener = listener.tap_io(|tcp| {
@@ -726,9 +739,12 @@ pub async fn serve(
     });
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
     let server = tokio::spawn(async move { server.await });
-    let service = recovery.await??;
+    let service = Arc::new(recovery.await??);
     tracing::info!(%addr, "serving");
-    let _ = cell.set(Arc::new(service));
+    if let Some((endpoint, acl)) = quic {
+        tokio::spawn(crate::quic::serve(endpoint, service.clone(), Arc::new(acl)));
+    }
+    let _ = cell.set(service);
     server.await??;
     Ok(())
 }

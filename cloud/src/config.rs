@@ -46,6 +46,12 @@ pub struct CloudConfig {
     pub worker_threads: Option<usize>,
     /// Log as JSON lines instead of text.
     pub json_logs: bool,
+    /// QUIC endpoint for edges (mutual TLS); none serves HTTP only.
+    pub quic_addr: Option<SocketAddr>,
+    /// Certificates made by `tiervec-cloud certs` (CA, server certificate and key).
+    pub certs_dir: PathBuf,
+    /// Which collections each edge (by certificate Common Name) may query; `"*"` grants all.
+    pub edges: std::collections::HashMap<String, Vec<String>>,
 }
 
 impl Default for CloudConfig {
@@ -61,6 +67,9 @@ impl Default for CloudConfig {
             checkpoint_wal_bytes: 256 << 20,
             worker_threads: None,
             json_logs: false,
+            quic_addr: None,
+            certs_dir: PathBuf::from("certs"),
+            edges: std::collections::HashMap::new(),
         }
     }
 }
