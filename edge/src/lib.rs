@@ -10,6 +10,8 @@
 //!   number of vectors.
 //! * [`inspect`] — the human-readable report behind `tiervec-edge inspect FILE`.
 //! * [`link`] — the QUIC link to the cloud (mutual TLS), driving the sans-IO client session.
+//! * [`node`] — the query path: local when confident, else the cloud within a deadline, else
+//!   local marked degraded; the link reconnects with backoff.
 //!
 //! Later issues add the overlay and delta log, the QUIC client and the local HTTP endpoint here.
 
@@ -17,6 +19,7 @@ pub mod files;
 pub mod index;
 pub mod inspect;
 pub mod link;
+pub mod node;
 
 pub use files::{SnapshotBytes, write_snapshot_atomic};
 pub use index::{EdgeError, EdgeIndex, Hit, Searcher};

@@ -153,6 +153,16 @@ impl CloudLink {
         })
     }
 
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    /// Resolves when the connection ends.
+    pub async fn closed(&self) {
+        self.conn.closed().await;
+    }
+
     /// The collections this edge may query, as the cloud announced them.
     pub fn collections(&self) -> &[WireCollection] {
         &self.collections

@@ -18,6 +18,7 @@
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
 //!   file replacement and directory syncs for the edge and the cloud.
 
+pub mod confidence;
 #[cfg(feature = "fs")]
 pub mod durable;
 pub mod exact;

@@ -193,3 +193,119 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
         9
     );
 }
+
+/// The edge's query path end to end: local when confident, the cloud otherwise, degraded (never
+/// an error) while the cloud is gone, and back to the cloud once it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_falls_back_degrades_and_reconnects() {
+    use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
+    use tiervec_edge::{EdgeIndex, write_snapshot_atomic};
+    use tiervec_shared::hnsw::HnswBuilder;
+    use tiervec_shared::snapshot::{self, SnapshotBody, SnapshotSpec};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = Arc::new(
+        Service::open(CloudConfig {
+            data_dir: dir.path().join("data"),
+            ..CloudConfig::default()
+        })
+        .unwrap(),
+    );
+    service
+        .create_collection("c", DIM, Metric::Cosine, HnswParams::default())
+        .unwrap();
+    service
+        .upsert("c", (0..300).map(|i| (i, vector(i), None)).collect())
+        .unwrap();
+    let acl = Arc::new(AccessList(HashMap::from([(
+        "edge-1".to_owned(),
+        vec!["*".to_owned()],
+    )])));
+    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(quic::serve(endpoint.clone(), service.clone(), acl.clone()));
+
+    // The edge caches the first 100 points.
+    let mut builder = HnswBuilder::new(DIM, Metric::Cosine, HnswParams::default());
+    for i in 0..100 {
+        builder.insert(&vector(i)).unwrap();
+    }
+    let texts: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
+    let body = SnapshotBody::from_builder(
+        &builder,
+        "c",
+        (0..100).collect(),
+        vec![1; 100],
+        Some(&texts),
+    )
+    .unwrap();
+    let spec = SnapshotSpec {
+        collection: tiervec_shared::CollectionId([0; 16]),
+        dim: DIM as u32,
+        metric: Metric::Cosine,
+        params: HnswParams::default(),
+    };
+    let path = dir.path().join("edge.tvs");
+    write_snapshot_atomic(&path, &snapshot::encode(&spec, &body).unwrap()).unwrap();
+    let config = NodeConfig {
+        collection: "c".into(),
+        max_distance: 1e-4,
+        deadline: Duration::from_millis(500),
+        cloud_ef: 64,
+        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+    };
+    let node = EdgeNode::start(
+        EdgeIndex::open(&path).unwrap(),
+        config,
+        Some(link(addr, &certs, Some(&certs), "edge-1")),
+    );
+    wait_for(|| node.connected()).await;
+
+    let (hits, source) = node.search(&vector(5), 1, 32).await.unwrap();
+    assert_eq!(
+        (source, hits[0].id, hits[0].payload.as_deref()),
+        (Source::Local, 5, Some("t5"))
+    );
+    let (hits, source) = node.search(&vector(250), 1, 32).await.unwrap();
+    assert_eq!(
+        (source, hits[0].id),
+        (Source::Cloud, 250),
+        "not cached: the cloud answers"
+    );
+
+    // The cloud goes away: answers keep coming, locally, marked degraded.
+    endpoint.close(quinn::VarInt::from_u32(0), b"cloud stopped");
+    endpoint.wait_idle().await;
+    drop(endpoint);
+    wait_for(|| !node.connected()).await;
+    let (hits, source) = node.search(&vector(250), 1, 32).await.unwrap();
+    assert_eq!(source, Source::Degraded);
+    assert_ne!(hits[0].id, 250, "the best the cache has");
+
+    // The cloud comes back on the same address: the edge reconnects by itself.
+    // (The old socket is released once the stopped accept loop drops its endpoint.)
+    let mut again = quic::bind(addr, &certs);
+    for _ in 0..200 {
+        if again.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        again = quic::bind(addr, &certs);
+    }
+    let again = again.unwrap();
+    tokio::spawn(quic::serve(again, service.clone(), acl));
+    wait_for(|| node.connected()).await;
+    let (hits, source) = node.search(&vector(250), 1, 32).await.unwrap();
+    assert_eq!((source, hits[0].id), (Source::Cloud, 250));
+}
+
+async fn wait_for(mut ready: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within 5 s");
+}
