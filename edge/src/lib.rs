@@ -13,9 +13,13 @@
 //! * [`node`] — the query path: local when confident, else the cloud within a deadline, else
 //!   local marked degraded; the link reconnects with backoff.
 //!
-//! Later issues add the overlay and delta log, the QUIC client and the local HTTP endpoint here.
+//! * [`http`] and [`config`] — the local HTTP endpoint and `tiervec-edge serve`'s configuration.
+//!
+//! Later issues add the overlay, the delta log and the WASM host here.
 
+pub mod config;
 pub mod files;
+pub mod http;
 pub mod index;
 pub mod inspect;
 pub mod link;

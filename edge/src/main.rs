@@ -21,6 +21,13 @@ enum Command {
         /// The snapshot file.
         file: PathBuf,
     },
+    /// Serve applications over local HTTP, answering from the snapshot and falling back to the
+    /// cloud over QUIC when not confident.
+    Serve {
+        /// TOML configuration (fields: `tiervec_edge::config::EdgeConfig`).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Search a snapshot with a query vector given as comma-separated numbers.
     Query {
         /// The snapshot file.
@@ -51,6 +58,33 @@ fn main() -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Serve { config } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let config: tiervec_edge::config::EdgeConfig =
+                toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let index = EdgeIndex::open(&config.snapshot)?;
+                let node = std::sync::Arc::new(tiervec_edge::node::EdgeNode::start(
+                    index,
+                    config.node(),
+                    config.link(),
+                ));
+                let state = tiervec_edge::http::EdgeState {
+                    node,
+                    default_ef: config.default_ef,
+                    collection: config.collection.clone(),
+                };
+                let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
+                tracing::info!(addr = %listener.local_addr()?, "edge serving");
+                axum::serve(listener, tiervec_edge::http::router(state)).await?;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Query {
             file,

@@ -255,11 +255,11 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         cloud_ef: 64,
         backoff: (Duration::from_millis(20), Duration::from_millis(200)),
     };
-    let node = EdgeNode::start(
+    let node = Arc::new(EdgeNode::start(
         EdgeIndex::open(&path).unwrap(),
         config,
         Some(link(addr, &certs, Some(&certs), "edge-1")),
-    );
+    ));
     wait_for(|| node.connected()).await;
 
     let (hits, source) = node.search(&vector(5), 1, 32).await.unwrap();
@@ -298,6 +298,58 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
     wait_for(|| node.connected()).await;
     let (hits, source) = node.search(&vector(250), 1, 32).await.unwrap();
     assert_eq!((source, hits[0].id), (Source::Cloud, 250));
+
+    // The applications' HTTP endpoint: the cloud's shapes plus `source` and `certified`.
+    let state = tiervec_edge::http::EdgeState {
+        node: node.clone(),
+        default_ef: 32,
+        collection: "c".into(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, tiervec_edge::http::router(state)).await });
+    let http = reqwest::Client::new();
+    let post = |body: serde_json::Value, name: &'static str| {
+        http.post(format!("http://{http_addr}/v1/collections/{name}/search"))
+            .json(&body)
+            .send()
+    };
+    let r: serde_json::Value = post(
+        serde_json::json!({"vector": vector(3), "k": 1, "with_payload": true}),
+        "c",
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            r["source"].as_str(),
+            r["hits"][0]["id"].as_u64(),
+            r["hits"][0]["payload"].as_str(),
+            r["certified"].as_bool()
+        ),
+        (Some("local"), Some(3), Some("t3"), Some(false))
+    );
+    let r: serde_json::Value = post(serde_json::json!({"vector": vector(250), "k": 1}), "c")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["source"].as_str(), r["hits"][0]["id"].as_u64()),
+        (Some("cloud"), Some(250))
+    );
+    let bad = post(serde_json::json!({"vector": [0.5, 0.5], "k": 1}), "c")
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
+    let missing = post(serde_json::json!({"vector": vector(1), "k": 1}), "other")
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
 }
 
 async fn wait_for(mut ready: impl FnMut() -> bool) {

@@ -1,0 +1,128 @@
+//! The edge's local HTTP/JSON endpoint for its applications: the cloud's
+//! `POST /v1/collections/{name}/search` request and response shapes, plus `source` (`local`,
+//! `cloud` or `degraded`) and `certified` (false until the push issue adds certificates).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::index::EdgeError;
+use crate::node::EdgeNode;
+
+/// `POST /v1/collections/{name}/search`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    pub vector: Vec<f32>,
+    pub k: usize,
+    pub ef: Option<usize>,
+    #[serde(default)]
+    pub with_payload: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchHit {
+    pub id: u64,
+    pub distance: f32,
+    pub lsn: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchResponse {
+    pub hits: Vec<SearchHit>,
+    pub took_us: u64,
+    /// `local`, `cloud` or `degraded`.
+    pub source: String,
+    pub certified: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(ErrorBody {
+                code: self.1.into(),
+                message: self.2,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// Shared state: the node and its default `ef`.
+#[derive(Clone)]
+pub struct EdgeState {
+    pub node: Arc<EdgeNode>,
+    pub default_ef: usize,
+    pub collection: String,
+}
+
+async fn search(
+    State(state): State<EdgeState>,
+    Path(name): Path<String>,
+    body: Result<Json<SearchRequest>, JsonRejection>,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let Json(req) =
+        body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "invalid_json", e.body_text()))?;
+    if name != state.collection {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "collection_not_found",
+            format!("this edge caches `{}`, not `{name}`", state.collection),
+        ));
+    }
+    let started = Instant::now();
+    let (hits, source) = state
+        .node
+        .search(&req.vector, req.k, req.ef.unwrap_or(state.default_ef))
+        .await
+        .map_err(|e| match e {
+            EdgeError::Query(q) => {
+                ApiError(StatusCode::BAD_REQUEST, "invalid_request", q.to_string())
+            }
+            other => ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                other.to_string(),
+            ),
+        })?;
+    Ok(Json(SearchResponse {
+        hits: hits
+            .into_iter()
+            .map(|h| SearchHit {
+                id: h.id,
+                distance: h.distance,
+                lsn: h.lsn,
+                payload: if req.with_payload { h.payload } else { None },
+            })
+            .collect(),
+        took_us: started.elapsed().as_micros() as u64,
+        source: source.name().into(),
+        certified: false,
+    }))
+}
+
+/// The router of the edge's local endpoint.
+pub fn router(state: EdgeState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/collections/{name}/search", post(search))
+        .with_state(state)
+}
