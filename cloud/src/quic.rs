@@ -57,8 +57,11 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Server crypto: the server certificate, and client certificates required and verified
 /// against the deployment CA.
 pub fn server_config(certs: &CertDir) -> Result<quinn::ServerConfig, QuicError> {
+    let at = |path: std::path::PathBuf| {
+        move |e: rustls::pki_types::pem::Error| QuicError::Tls(format!("{}: {e}", path.display()))
+    };
     let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(certs.ca_cert()).map_err(tls)? {
+    for ca in CertificateDer::pem_file_iter(certs.ca_cert()).map_err(at(certs.ca_cert()))? {
         roots.add(ca.map_err(tls)?).map_err(tls)?;
     }
     let verifier =
@@ -66,10 +69,10 @@ pub fn server_config(certs: &CertDir) -> Result<quinn::ServerConfig, QuicError> 
             .build()
             .map_err(tls)?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certs.server_cert())
-        .map_err(tls)?
+        .map_err(at(certs.server_cert()))?
         .collect::<Result<_, _>>()
         .map_err(tls)?;
-    let key = PrivateKeyDer::from_pem_file(certs.server_key()).map_err(tls)?;
+    let key = PrivateKeyDer::from_pem_file(certs.server_key()).map_err(at(certs.server_key()))?;
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
