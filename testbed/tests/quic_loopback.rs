@@ -70,24 +70,28 @@ fn query(collection: &str, id: [u8; 16], v: Vec<f32>) -> Query {
     }
 }
 
+/// A cloud service in `dir` with collection `c` holding points `0..count`.
+fn cloud_with_points(dir: &Path, count: u64) -> Arc<Service> {
+    let config = CloudConfig {
+        data_dir: dir.join("data"),
+        ..CloudConfig::default()
+    };
+    let service = Arc::new(Service::open(config).unwrap());
+    service
+        .create_collection("c", DIM, Metric::Cosine, HnswParams::default())
+        .unwrap();
+    service
+        .upsert("c", (0..count).map(|i| (i, vector(i), None)).collect())
+        .unwrap();
+    service
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_queries_and_refusals_over_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let certs = cert_dir(&dir.path().join("certs"), "ours");
     let foreign = cert_dir(&dir.path().join("foreign"), "theirs");
-    let service = Arc::new(
-        Service::open(CloudConfig {
-            data_dir: dir.path().join("data"),
-            ..CloudConfig::default()
-        })
-        .unwrap(),
-    );
-    service
-        .create_collection("c", DIM, Metric::Cosine, HnswParams::default())
-        .unwrap();
-    service
-        .upsert("c", (0..200).map(|i| (i, vector(i), None)).collect())
-        .unwrap();
+    let service = cloud_with_points(dir.path(), 200);
     let acl = AccessList(HashMap::from([
         ("edge-1".to_owned(), vec!["c".to_owned()]),
         ("edge-2".to_owned(), vec![]),
@@ -205,19 +209,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
 
     let dir = tempfile::tempdir().unwrap();
     let certs = cert_dir(&dir.path().join("certs"), "ours");
-    let service = Arc::new(
-        Service::open(CloudConfig {
-            data_dir: dir.path().join("data"),
-            ..CloudConfig::default()
-        })
-        .unwrap(),
-    );
-    service
-        .create_collection("c", DIM, Metric::Cosine, HnswParams::default())
-        .unwrap();
-    service
-        .upsert("c", (0..300).map(|i| (i, vector(i), None)).collect())
-        .unwrap();
+    let service = cloud_with_points(dir.path(), 300);
     let acl = Arc::new(AccessList(HashMap::from([(
         "edge-1".to_owned(),
         vec!["*".to_owned()],
