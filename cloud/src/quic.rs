@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -36,6 +37,10 @@ pub enum QuicError {
 fn tls(e: impl std::fmt::Display) -> QuicError {
     QuicError::Tls(e.to_string())
 }
+
+/// Resumable sessions the cloud remembers (each edge holds a couple of tickets); the oldest
+/// are forgotten first, which costs their edges a full handshake.
+pub const SESSION_CACHE_ENTRIES: usize = 8192;
 
 /// Which collections each edge may query; `*` grants all.
 #[derive(Clone, Debug, Default)]
@@ -80,6 +85,11 @@ pub fn server_config(certs: &CertDir) -> Result<quinn::ServerConfig, QuicError> 
         .with_single_cert(chain, key)
         .map_err(tls)?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
+    // 0-RTT for resuming edges: QUIC's sentinel for "early data accepted". Resumption is
+    // stateful (no ticketer): each ticket is an entry of this in-memory cache, taken out when
+    // used — single use — and gone when the process restarts.
+    crypto.max_early_data_size = u32::MAX;
+    crypto.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(tls)?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
 }
@@ -105,19 +115,67 @@ pub async fn serve(endpoint: quinn::Endpoint, service: Arc<Service>, acl: Arc<Ac
     while let Some(incoming) = endpoint.accept().await {
         let (service, acl) = (service.clone(), acl.clone());
         tokio::spawn(async move {
-            match incoming.await {
-                Ok(conn) => connection(conn, service, acl).await,
-                Err(e) => {
-                    metrics::counter!("tiervec_quic_handshake_failures_total").increment(1);
-                    warn!(error = %e, "QUIC handshake refused");
-                }
+            let connecting = match incoming.accept() {
+                Ok(connecting) => connecting,
+                Err(e) => return handshake_failed(&e),
+            };
+            // Accept 0-RTT data from edges that resume a session, and answer it at once
+            // (0.5-RTT). A resumed session carries the client certificate verified when its
+            // ticket was issued, so the edge id is known before the handshake completes.
+            let (conn, handshake_done) = match connecting.into_0rtt() {
+                Ok((conn, done)) => (conn, Some(done)),
+                Err(connecting) => match connecting.await {
+                    Ok(conn) => (conn, None),
+                    Err(e) => return handshake_failed(&e),
+                },
+            };
+            let (confirmed_tx, confirmed) = tokio::sync::watch::channel(handshake_done.is_none());
+            if let Some(done) = handshake_done {
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    done.await;
+                    match conn.close_reason() {
+                        None => {
+                            let _ = confirmed_tx.send(true);
+                        }
+                        Some(reason) => handshake_failed(&reason),
+                    }
+                });
             }
+            connection(conn, confirmed, service, acl).await;
         });
     }
 }
 
-async fn connection(conn: quinn::Connection, service: Arc<Service>, acl: Arc<AccessList>) {
-    let Some(edge) = edge_id(&conn) else {
+fn handshake_failed(e: &dyn std::fmt::Display) {
+    metrics::counter!("tiervec_quic_handshake_failures_total").increment(1);
+    warn!(error = %e, "QUIC handshake refused");
+}
+
+/// Per connection: the edge, its session, whether its handshake is confirmed, and the UDP
+/// bytes already counted.
+struct Peer {
+    edge: String,
+    session: Mutex<ServerSession>,
+    confirmed: tokio::sync::watch::Receiver<bool>,
+    wire: [AtomicU64; 2],
+}
+
+async fn connection(
+    conn: quinn::Connection,
+    mut confirmed: tokio::sync::watch::Receiver<bool>,
+    service: Arc<Service>,
+    acl: Arc<AccessList>,
+) {
+    // A full handshake proves the certificate only when it completes.
+    let edge = match edge_id(&conn) {
+        Some(edge) => Some(edge),
+        None => match confirmed.wait_for(|c| *c).await {
+            Ok(_) => edge_id(&conn),
+            Err(_) => return,
+        },
+    };
+    let Some(edge) = edge else {
         conn.close(
             quinn::VarInt::from_u32(ErrorCode::NotAllowed as u32),
             b"no edge id in the client certificate",
@@ -137,56 +195,97 @@ async fn connection(conn: quinn::Connection, service: Arc<Service>, acl: Arc<Acc
         })
         .collect();
     metrics::gauge!("tiervec_quic_connections").increment(1.0);
-    let session = Arc::new(Mutex::new(ServerSession::new(collections)));
+    let peer = Arc::new(Peer {
+        edge,
+        session: Mutex::new(ServerSession::new(collections)),
+        confirmed,
+        wire: [AtomicU64::new(0), AtomicU64::new(0)],
+    });
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let (session, service, conn2) = (session.clone(), service.clone(), conn.clone());
-        let span = info_span!("quic_stream", edge = %edge);
-        tokio::spawn(exchange(send, recv, session, service, conn2).instrument(span));
+        let (peer, service, conn2) = (peer.clone(), service.clone(), conn.clone());
+        let span = info_span!("quic_stream", edge = %peer.edge);
+        tokio::spawn(exchange(send, recv, peer, service, conn2).instrument(span));
     }
+    account_wire_bytes(&conn, &peer.wire);
     metrics::gauge!("tiervec_quic_connections").decrement(1.0);
 }
 
-/// One stream: read the edge's frames, answer each through the session.
-async fn exchange(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    session: Arc<Mutex<ServerSession>>,
-    service: Arc<Service>,
-    conn: quinn::Connection,
-) {
+/// Adds the connection's UDP traffic since the last call to the cloud's byte counters.
+fn account_wire_bytes(conn: &quinn::Connection, seen: &[AtomicU64; 2]) {
+    let stats = conn.stats();
+    for (direction, now, last) in [
+        ("tx", stats.udp_tx.bytes, &seen[0]),
+        ("rx", stats.udp_rx.bytes, &seen[1]),
+    ] {
+        let before = last.swap(now, Ordering::Relaxed);
+        metrics::counter!("tiervec_quic_udp_bytes_total", "direction" => direction)
+            .increment(now.saturating_sub(before));
+    }
+}
+
+/// Reads one stream's frames; a read error is the driver's to report.
+async fn read_frames(recv: &mut quinn::RecvStream, peer: &Peer) -> Option<Vec<ServerAction>> {
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
     let mut actions = Vec::new();
     match recv.read_to_end(DEFAULT_MAX_FRAME + PREFIX_LEN).await {
         Ok(bytes) => match decoder.push(&bytes) {
             Ok(()) => loop {
                 match decoder.next_frame() {
-                    Ok(Some(frame)) => actions.extend(session.lock().handle(frame)),
+                    Ok(Some(frame)) => actions.extend(peer.session.lock().handle(frame)),
                     Ok(None) => break,
                     Err(e) => {
-                        actions.extend(session.lock().bad_frame(&e));
+                        actions.extend(peer.session.lock().bad_frame(&e));
                         break;
                     }
                 }
             },
-            Err(e) => actions.extend(session.lock().bad_frame(&e)),
+            Err(e) => actions.extend(peer.session.lock().bad_frame(&e)),
         },
-        Err(quinn::ReadToEndError::TooLong) => actions.extend(session.lock().bad_frame(
+        Err(quinn::ReadToEndError::TooLong) => actions.extend(peer.session.lock().bad_frame(
             &tiervec_shared::protocol::frame::FrameError::TooLarge {
                 len: DEFAULT_MAX_FRAME + PREFIX_LEN + 1,
                 max: DEFAULT_MAX_FRAME,
             },
         )),
-        Err(_) => return,
+        Err(_) => return None,
     }
+    Some(actions)
+}
+
+/// One stream: read the edge's frames, answer each through the session.
+async fn exchange(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: Arc<Peer>,
+    service: Arc<Service>,
+    conn: quinn::Connection,
+) {
+    let Some(actions) = read_frames(&mut recv, &peer).await else {
+        return;
+    };
+    let early = !*peer.confirmed.borrow();
     let mut out = Vec::new();
     let mut close = None;
+    let mut answered = Vec::new();
     for action in actions {
         match action {
             ServerAction::Send(frame) => frame.encode(&mut out),
             ServerAction::Search(q) => {
+                let span = info_span!(
+                    "cloud_query",
+                    query_id = q.query_id,
+                    collection = %q.collection,
+                    edge_span_id = q.span_id,
+                    early,
+                );
                 let svc = service.clone();
-                let answer = tokio::task::spawn_blocking(move || search(&svc, q)).await;
-                if let Ok(frame) = answer {
+                let collection = q.collection.clone();
+                let frame =
+                    tokio::task::spawn_blocking(move || span.in_scope(|| search(&svc, q))).await;
+                if let Ok(frame) = frame {
+                    if matches!(frame, Frame::Answer(_)) {
+                        answered.push(collection);
+                    }
                     frame.encode(&mut out);
                 }
             }
@@ -199,9 +298,29 @@ async fn exchange(
     }
     let _ = send.write_all(&out).await;
     let _ = send.finish();
+    account_wire_bytes(&conn, &peer.wire);
     if let Some((code, message)) = close {
         let _ = send.stopped().await;
         conn.close(quinn::VarInt::from_u32(code as u32), message.as_bytes());
+    }
+    count_answered(&peer, answered, early).await;
+}
+
+/// Counts answered queries per collection — the statistics hot-vector selection reads. A query
+/// that arrived as 0-RTT data could be a replay, so it is counted only once the handshake is
+/// confirmed (the edge proved it holds the session keys); if it never is, it is not counted.
+async fn count_answered(peer: &Peer, answered: Vec<String>, early: bool) {
+    if answered.is_empty() {
+        return;
+    }
+    let mut confirmed = peer.confirmed.clone();
+    if confirmed.wait_for(|c| *c).await.is_err() {
+        return;
+    }
+    let flight = if early { "early" } else { "confirmed" };
+    for collection in answered {
+        metrics::counter!("tiervec_quic_queries_total", "collection" => collection, "flight" => flight)
+            .increment(1);
     }
 }
 

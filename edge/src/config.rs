@@ -71,12 +71,14 @@ impl EdgeConfig {
     }
 
     pub fn link(&self) -> Option<LinkConfig> {
-        self.cloud.as_ref().map(|c| LinkConfig {
-            cloud_addr: c.addr,
-            server_name: c.server_name.clone(),
-            ca_cert: c.ca_cert.clone(),
-            identity: Some((c.cert.clone(), c.key.clone())),
-            edge_name: self.name.clone(),
+        self.cloud.as_ref().map(|c| {
+            LinkConfig::new(
+                c.addr,
+                &c.server_name,
+                c.ca_cert.clone(),
+                Some((c.cert.clone(), c.key.clone())),
+                &self.name,
+            )
         })
     }
 }

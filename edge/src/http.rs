@@ -12,6 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use metrics_exporter_prometheus::{BuildError, PrometheusHandle};
 
 use crate::index::EdgeError;
 use crate::node::EdgeNode;
@@ -66,12 +69,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Shared state: the node and its default `ef`.
+/// Shared state: the node, its default `ef`, and the metrics to render at `/metrics`.
 #[derive(Clone)]
 pub struct EdgeState {
     pub node: Arc<EdgeNode>,
     pub default_ef: usize,
     pub collection: String,
+    pub metrics: PrometheusHandle,
+}
+
+/// Installs the process-wide Prometheus recorder, with histogram buckets from 25 µs (a local
+/// answer) to 1 s (a fallback stuck behind a dead link).
+pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+            1.0,
+        ])?
+        .install_recorder()
 }
 
 async fn search(
@@ -89,9 +104,11 @@ async fn search(
         ));
     }
     let started = Instant::now();
+    let span = tracing::info_span!("edge_http_search", collection = %name, k = req.k);
     let (hits, source) = state
         .node
         .search(&req.vector, req.k, req.ef.unwrap_or(state.default_ef))
+        .instrument(span)
         .await
         .map_err(|e| match e {
             EdgeError::Query(q) => {
@@ -123,6 +140,10 @@ async fn search(
 pub fn router(state: EdgeState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|State(state): State<EdgeState>| async move { state.metrics.render() }),
+        )
         .route("/v1/collections/{name}/search", post(search))
         .with_state(state)
 }

@@ -2,6 +2,16 @@
 //! mutual TLS with the edge's certificate). The protocol logic is the sans-IO
 //! [`ClientSession`]; this module moves its frames over one bidirectional stream per exchange
 //! and enforces deadlines.
+//!
+//! A [`Connector`] outlives connections: it keeps one endpoint and one rustls client
+//! configuration, whose in-memory session store holds the tickets the cloud issued. A
+//! reconnection that finds a ticket resumes the TLS session and sends its first flight — the
+//! Hello, and a query waiting for the link pipelined behind it — as 0-RTT data, so the first
+//! answer arrives one round trip after the first packet instead of three. Tickets are single
+//! use (the cloud keeps them in a stateful cache and takes each out when it is used) and live
+//! in memory only: a restart of the edge or of the cloud costs the next connection a full
+//! handshake. When the cloud rejects the early data (it lost the ticket), quinn reports the
+//! first flight's stream as rejected and the flight is sent again once the handshake is done.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,9 +52,36 @@ pub struct LinkConfig {
     /// The edge's client certificate and key; `None` connects without one (and is refused).
     pub identity: Option<(PathBuf, PathBuf)>,
     pub edge_name: String,
+    /// A connection with no packet for this long is dead (also bounds a connection attempt).
+    pub idle_timeout: Duration,
+    /// Keep-alive interval, so that an idle but healthy link is not closed.
+    pub keep_alive: Duration,
 }
 
-fn client_config(cfg: &LinkConfig) -> Result<quinn::ClientConfig, LinkError> {
+impl LinkConfig {
+    /// A configuration with the default timers.
+    pub fn new(
+        cloud_addr: SocketAddr,
+        server_name: &str,
+        ca_cert: PathBuf,
+        identity: Option<(PathBuf, PathBuf)>,
+        edge_name: &str,
+    ) -> LinkConfig {
+        LinkConfig {
+            cloud_addr,
+            server_name: server_name.to_owned(),
+            ca_cert,
+            identity,
+            edge_name: edge_name.to_owned(),
+            idle_timeout: Duration::from_secs(3),
+            keep_alive: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The QUIC client configuration: the deployment CA as the only root, the edge's certificate,
+/// early data enabled, and the link's timers.
+pub fn client_config(cfg: &LinkConfig) -> Result<quinn::ClientConfig, LinkError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_file_iter(&cfg.ca_cert).map_err(tls)? {
@@ -67,44 +104,135 @@ fn client_config(cfg: &LinkConfig) -> Result<quinn::ClientConfig, LinkError> {
         None => builder.with_no_client_auth(),
     };
     crypto.alpn_protocols = vec![ALPN.to_vec()];
+    crypto.enable_early_data = true;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(tls)?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(cfg.idle_timeout.try_into().map_err(tls)?))
+        .keep_alive_interval(Some(cfg.keep_alive));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }
 
-/// A connected, handshaken link.
-pub struct CloudLink {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    session: Mutex<ClientSession>,
-    started: Instant,
-    next_query: AtomicU64,
-    collections: Vec<WireCollection>,
+/// How a connection's handshake went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handshake {
+    /// No ticket: a full TLS handshake before the first flight.
+    Full,
+    /// Resumed, with the first flight sent and accepted as 0-RTT data.
+    ZeroRtt,
+    /// Resumed, but the cloud refused the early data; the first flight was sent again.
+    ZeroRttRejected,
 }
 
-/// Sends `frame` on a new stream and returns the frames of the answer.
-async fn exchange(conn: &quinn::Connection, frame: &Frame) -> Result<Vec<Frame>, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    frame.encode(&mut bytes);
-    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
-    let answer = recv
-        .read_to_end(DEFAULT_MAX_FRAME + PREFIX_LEN)
+impl Handshake {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Handshake::Full => "full",
+            Handshake::ZeroRtt => "0rtt",
+            Handshake::ZeroRttRejected => "0rtt_rejected",
+        }
+    }
+}
+
+/// Why an exchange on a stream failed.
+enum ExchangeError {
+    /// The stream was sent as 0-RTT data and the cloud rejected it.
+    EarlyDataRejected,
+    Other(String),
+}
+
+impl From<quinn::WriteError> for ExchangeError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ZeroRttRejected => ExchangeError::EarlyDataRejected,
+            other => ExchangeError::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<quinn::ReadToEndError> for ExchangeError {
+    fn from(e: quinn::ReadToEndError) -> Self {
+        match e {
+            quinn::ReadToEndError::Read(quinn::ReadError::ZeroRttRejected) => {
+                ExchangeError::EarlyDataRejected
+            }
+            other => ExchangeError::Other(other.to_string()),
+        }
+    }
+}
+
+impl ExchangeError {
+    fn message(self) -> String {
+        match self {
+            ExchangeError::EarlyDataRejected => "early data rejected".into(),
+            ExchangeError::Other(m) => m,
+        }
+    }
+}
+
+/// Adds the connection's UDP traffic since the last call to the edge's byte counters.
+fn account_wire_bytes(conn: &quinn::Connection, seen: &[AtomicU64; 2]) {
+    let stats = conn.stats();
+    for (direction, now, last) in [
+        ("tx", stats.udp_tx.bytes, &seen[0]),
+        ("rx", stats.udp_rx.bytes, &seen[1]),
+    ] {
+        let before = last.swap(now, Ordering::Relaxed);
+        metrics::counter!("tiervec_edge_link_udp_bytes_total", "direction" => direction)
+            .increment(now.saturating_sub(before));
+    }
+}
+
+/// Sends `flight` on a new stream and returns the frames of the answer.
+async fn exchange(conn: &quinn::Connection, flight: &[Frame]) -> Result<Vec<Frame>, ExchangeError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ExchangeError::Other(e.to_string()))?;
+    let mut bytes = Vec::new();
+    for frame in flight {
+        frame.encode(&mut bytes);
+    }
+    send.write_all(&bytes).await?;
+    send.finish()
+        .map_err(|e| ExchangeError::Other(e.to_string()))?;
+    let answer = recv.read_to_end(DEFAULT_MAX_FRAME + PREFIX_LEN).await?;
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
-    decoder.push(&answer).map_err(|e| e.to_string())?;
+    let bad = |e: tiervec_shared::protocol::frame::FrameError| {
+        metrics::counter!("tiervec_edge_link_refused_total", "reason" => e.code().label())
+            .increment(1);
+        ExchangeError::Other(e.to_string())
+    };
+    decoder.push(&answer).map_err(bad)?;
     let mut frames = Vec::new();
-    while let Some(f) = decoder.next_frame().map_err(|e| e.to_string())? {
+    while let Some(f) = decoder.next_frame().map_err(bad)? {
         frames.push(f);
     }
     Ok(frames)
 }
 
-impl CloudLink {
-    /// Connects, presents the edge's certificate, and completes the protocol handshake.
-    pub async fn connect(cfg: &LinkConfig) -> Result<CloudLink, LinkError> {
-        let bind: SocketAddr = if cfg.cloud_addr.is_ipv4() {
+/// Makes connections to the cloud, keeping the TLS session tickets between them.
+pub struct Connector {
+    endpoint: quinn::Endpoint,
+    config: LinkConfig,
+    /// The collections of the last handshake: what a query pipelined behind the next Hello
+    /// may name.
+    known: Mutex<Vec<WireCollection>>,
+}
+
+/// A new connection, and the answer to the query its first flight carried.
+pub struct Connected {
+    pub link: CloudLink,
+    pub first_answer: Option<Result<Answer, QueryFailure>>,
+    pub handshake: Handshake,
+}
+
+impl Connector {
+    /// Binds a client endpoint and loads the certificates.
+    pub fn new(config: LinkConfig) -> Result<Connector, LinkError> {
+        let bind: SocketAddr = if config.cloud_addr.is_ipv4() {
             "0.0.0.0:0"
         } else {
             "[::]:0"
@@ -113,44 +241,130 @@ impl CloudLink {
         .expect("valid wildcard address");
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| LinkError::Connect(e.to_string()))?;
-        endpoint.set_default_client_config(client_config(cfg)?);
-        let conn = endpoint
-            .connect(cfg.cloud_addr, &cfg.server_name)
-            .map_err(|e| LinkError::Connect(e.to_string()))?
-            .await
-            .map_err(|e| LinkError::Handshake(e.to_string()))?;
-        let started = Instant::now();
-        let mut session = ClientSession::new(&cfg.edge_name, 0);
-        let mut collections = None;
-        let now = |s: &Instant| s.elapsed().as_micros() as u64;
-        for action in session.handle(ClientEvent::Connected, now(&started)) {
-            if let ClientAction::Send(hello) = action {
-                let frames = exchange(&conn, &hello)
+        endpoint.set_default_client_config(client_config(&config)?);
+        Ok(Connector {
+            endpoint,
+            config,
+            known: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The collection `name` as the last handshake announced it, if any.
+    pub fn known_collection(&self, name: &str) -> Option<WireCollection> {
+        self.known.lock().iter().find(|c| c.name == name).cloned()
+    }
+
+    /// Connects (resuming with 0-RTT when a ticket is at hand), completes the protocol
+    /// handshake, and asks `first` in the same flight.
+    pub async fn connect(&self, first: Option<Query>) -> Result<Connected, LinkError> {
+        let connecting = self
+            .endpoint
+            .connect(self.config.cloud_addr, &self.config.server_name)
+            .map_err(|e| LinkError::Connect(e.to_string()))?;
+        let (conn, early) = match connecting.into_0rtt() {
+            Ok((conn, _accepted)) => (conn, true),
+            Err(connecting) => (
+                connecting
                     .await
-                    .map_err(LinkError::Handshake)?;
-                for f in frames {
-                    for a in session.handle(ClientEvent::Received(f), now(&started)) {
-                        match a {
-                            ClientAction::Ready { collections: c, .. } => collections = Some(c),
-                            ClientAction::Close { message, .. } => {
-                                return Err(LinkError::Handshake(message));
-                            }
-                            _ => {}
-                        }
+                    .map_err(|e| LinkError::Handshake(e.to_string()))?,
+                false,
+            ),
+        };
+        let started = Instant::now();
+        let now = || started.elapsed().as_micros() as u64;
+        let mut session = ClientSession::new(&self.config.edge_name, 0);
+        let mut flight = Vec::new();
+        for action in session.handle(ClientEvent::Connected, now()) {
+            if let ClientAction::Send(f) = action {
+                flight.push(f);
+            }
+        }
+        let first_id = first.as_ref().map(|_| 1);
+        if let Some(mut query) = first {
+            query.query_id = 1;
+            let deadline_us = now() + self.config.idle_timeout.as_micros() as u64;
+            for action in session.handle(ClientEvent::Ask { query, deadline_us }, now()) {
+                if let ClientAction::Send(f) = action {
+                    flight.push(f);
+                }
+            }
+        }
+        let wire = [AtomicU64::new(0), AtomicU64::new(0)];
+        let (frames, handshake) = match exchange(&conn, &flight).await {
+            Ok(frames) => (
+                frames,
+                if early {
+                    Handshake::ZeroRtt
+                } else {
+                    Handshake::Full
+                },
+            ),
+            Err(ExchangeError::EarlyDataRejected) => (
+                exchange(&conn, &flight)
+                    .await
+                    .map_err(|e| LinkError::Handshake(e.message()))?,
+                Handshake::ZeroRttRejected,
+            ),
+            Err(e) => return Err(LinkError::Handshake(e.message())),
+        };
+        account_wire_bytes(&conn, &wire);
+        metrics::counter!("tiervec_edge_link_connects_total", "handshake" => handshake.label())
+            .increment(1);
+        let mut collections = None;
+        let mut first_answer = None;
+        for f in frames {
+            for action in session.handle(ClientEvent::Received(f), now()) {
+                match action {
+                    ClientAction::Ready { collections: c, .. } => collections = Some(c),
+                    ClientAction::Answered(a) if Some(a.query_id) == first_id => {
+                        first_answer = Some(Ok(a));
                     }
+                    ClientAction::Failed { query_id, reason } if Some(query_id) == first_id => {
+                        first_answer = Some(Err(reason));
+                    }
+                    ClientAction::Close { message, .. } => {
+                        return Err(LinkError::Handshake(message));
+                    }
+                    _ => {}
                 }
             }
         }
         let collections =
             collections.ok_or_else(|| LinkError::Handshake("no HelloAck from the cloud".into()))?;
-        Ok(CloudLink {
-            _endpoint: endpoint,
-            conn,
-            session: Mutex::new(session),
-            started,
-            next_query: AtomicU64::new(1),
-            collections,
+        *self.known.lock() = collections.clone();
+        if first_id.is_some() && first_answer.is_none() {
+            first_answer = Some(Err(QueryFailure::Disconnected));
+        }
+        Ok(Connected {
+            link: CloudLink {
+                conn,
+                session: Mutex::new(session),
+                started,
+                next_query: AtomicU64::new(2),
+                collections,
+                wire,
+            },
+            first_answer,
+            handshake,
         })
+    }
+}
+
+/// A connected, handshaken link.
+pub struct CloudLink {
+    conn: quinn::Connection,
+    session: Mutex<ClientSession>,
+    started: Instant,
+    next_query: AtomicU64,
+    collections: Vec<WireCollection>,
+    /// UDP bytes already counted (tx, rx).
+    wire: [AtomicU64; 2],
+}
+
+impl CloudLink {
+    /// Connects once, without keeping the session tickets (tests and tools).
+    pub async fn connect(cfg: &LinkConfig) -> Result<CloudLink, LinkError> {
+        Ok(Connector::new(cfg.clone())?.connect(None).await?.link)
     }
 
     /// Whether the connection has ended.
@@ -168,8 +382,18 @@ impl CloudLink {
         &self.collections
     }
 
+    /// The collection `name`, if this edge may query it.
+    pub fn collection(&self, name: &str) -> Option<&WireCollection> {
+        self.collections.iter().find(|c| c.name == name)
+    }
+
     fn now(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
+    }
+
+    fn handle(&self, event: ClientEvent) -> Vec<ClientAction> {
+        let now = self.now();
+        self.session.lock().handle(event, now)
     }
 
     /// Asks the cloud; fails with `Timeout` when no answer arrives within `deadline`.
@@ -182,11 +406,7 @@ impl CloudLink {
         let id = query.query_id;
         let deadline_us = self.now() + deadline.as_micros() as u64;
         let mut frame = None;
-        for a in self
-            .session
-            .lock()
-            .handle(ClientEvent::Ask { query, deadline_us }, self.now())
-        {
+        for a in self.handle(ClientEvent::Ask { query, deadline_us }) {
             match a {
                 ClientAction::Send(f) => frame = Some(f),
                 ClientAction::Failed { reason, .. } => return Err(reason),
@@ -194,14 +414,12 @@ impl CloudLink {
             }
         }
         let frame = frame.ok_or(QueryFailure::NotReady)?;
-        let frames = match tokio::time::timeout(deadline, exchange(&self.conn, &frame)).await {
+        let outcome = tokio::time::timeout(deadline, exchange(&self.conn, &[frame])).await;
+        account_wire_bytes(&self.conn, &self.wire);
+        let frames = match outcome {
             Ok(Ok(frames)) => frames,
             Ok(Err(_)) => {
-                let actions = self
-                    .session
-                    .lock()
-                    .handle(ClientEvent::Disconnected, self.now());
-                drop(actions);
+                self.handle(ClientEvent::Disconnected);
                 return Err(QueryFailure::Disconnected);
             }
             Err(_) => {
@@ -210,11 +428,7 @@ impl CloudLink {
             }
         };
         for f in frames {
-            for a in self
-                .session
-                .lock()
-                .handle(ClientEvent::Received(f), self.now())
-            {
+            for a in self.handle(ClientEvent::Received(f)) {
                 match a {
                     ClientAction::Answered(answer) if answer.query_id == id => return Ok(answer),
                     ClientAction::Failed { query_id, reason } if query_id == id => {

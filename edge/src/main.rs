@@ -73,11 +73,12 @@ fn main() -> anyhow::Result<ExitCode> {
                     index,
                     config.node(),
                     config.link(),
-                ));
+                )?);
                 let state = tiervec_edge::http::EdgeState {
                     node,
                     default_ef: config.default_ef,
                     collection: config.collection.clone(),
+                    metrics: tiervec_edge::http::install_prometheus()?,
                 };
                 let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
                 tracing::info!(addr = %listener.local_addr()?, "edge serving");

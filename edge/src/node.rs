@@ -1,18 +1,26 @@
 //! The edge node's query path: search the local snapshot; if the answer is not confident
 //! (`tiervec_shared::confidence`), ask the cloud over the QUIC link within a deadline; if the
 //! cloud cannot answer in time or the link is down, return the local answer marked `Degraded`
-//! — never an error for the application. The link reconnects in the background with backoff.
+//! — never an error for the application.
+//!
+//! The link is kept by a background task. When a connection is lost, the next connection is
+//! made as soon as a query needs the cloud (that query rides in the first flight, 0-RTT when a
+//! ticket is at hand) or after the first backoff interval, whichever comes first; after a
+//! failed attempt the task waits the whole backoff (doubling up to a cap) so that an outage
+//! does not turn every query into a connection attempt.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use tiervec_shared::confidence::{Decision, decide};
-use tiervec_shared::protocol::frame::Query;
-use tracing::{debug, info_span, warn};
+use tiervec_shared::protocol::frame::{Answer, Query, WireCollection};
+use tiervec_shared::protocol::session::QueryFailure;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::index::{EdgeError, EdgeIndex};
-use crate::link::{CloudLink, LinkConfig};
+use crate::link::{CloudLink, Connector, LinkConfig, LinkError};
 
 /// Where an answer came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,31 +65,76 @@ pub struct NodeConfig {
     pub backoff: (Duration, Duration),
 }
 
+/// A query waiting for the next connection, to ride in its first flight.
+struct Pending {
+    query: Query,
+    reply: oneshot::Sender<Result<Answer, QueryFailure>>,
+}
+
+/// The link and the task that keeps it.
+struct Uplink {
+    connector: Arc<Connector>,
+    current: Arc<ArcSwapOption<CloudLink>>,
+    /// Capacity one: at most one query waits for a connection; others answer degraded.
+    pending: mpsc::Sender<Pending>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
 /// An edge: its snapshot, and its (possibly absent) link to the cloud.
 pub struct EdgeNode {
     index: EdgeIndex,
     config: NodeConfig,
-    link: Arc<ArcSwapOption<CloudLink>>,
+    uplink: Option<Uplink>,
 }
 
 impl EdgeNode {
     /// Starts the node; with a link configuration, connects in the background and keeps
-    /// reconnecting with exponential backoff whenever the connection is lost.
-    pub fn start(index: EdgeIndex, config: NodeConfig, link: Option<LinkConfig>) -> EdgeNode {
-        let slot: Arc<ArcSwapOption<CloudLink>> = Arc::new(ArcSwapOption::empty());
-        if let Some(link_config) = link {
-            tokio::spawn(keep_connected(link_config, slot.clone(), config.backoff));
-        }
-        EdgeNode {
+    /// reconnecting whenever the connection is lost. Must run inside a tokio runtime.
+    pub fn start(
+        index: EdgeIndex,
+        config: NodeConfig,
+        link: Option<LinkConfig>,
+    ) -> Result<EdgeNode, LinkError> {
+        let uplink = match link {
+            Some(link_config) => {
+                let connector = Arc::new(Connector::new(link_config)?);
+                let current = Arc::new(ArcSwapOption::empty());
+                let (pending, waiting) = mpsc::channel(1);
+                let keeper = tokio::spawn(keep_connected(
+                    connector.clone(),
+                    current.clone(),
+                    waiting,
+                    config.backoff,
+                ));
+                Some(Uplink {
+                    connector,
+                    current,
+                    pending,
+                    keeper,
+                })
+            }
+            None => None,
+        };
+        metrics::gauge!("tiervec_edge_link_up").set(0.0);
+        Ok(EdgeNode {
             index,
             config,
-            link: slot,
-        }
+            uplink,
+        })
     }
 
     /// Whether the link to the cloud is up.
     pub fn connected(&self) -> bool {
-        self.link.load().as_ref().is_some_and(|l| !l.is_closed())
+        self.uplink
+            .as_ref()
+            .and_then(|u| u.current.load_full())
+            .is_some_and(|l| !l.is_closed())
     }
 
     pub fn index(&self) -> &EdgeIndex {
@@ -95,8 +148,26 @@ impl EdgeNode {
         k: usize,
         ef: usize,
     ) -> Result<(Vec<NodeHit>, Source), EdgeError> {
-        let span = info_span!("edge_query", k, ef);
-        let _entered = span.enter();
+        let started = Instant::now();
+        let span = info_span!("edge_query", k, ef, source = tracing::field::Empty);
+        let (hits, source) = self
+            .answer(query, k, ef, &span)
+            .instrument(span.clone())
+            .await?;
+        span.record("source", source.name());
+        metrics::counter!("tiervec_edge_queries_total", "source" => source.name()).increment(1);
+        metrics::histogram!("tiervec_edge_query_seconds", "source" => source.name())
+            .record(started.elapsed().as_secs_f64());
+        Ok((hits, source))
+    }
+
+    async fn answer(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        span: &tracing::Span,
+    ) -> Result<(Vec<NodeHit>, Source), EdgeError> {
         let local: Vec<NodeHit> = self
             .index
             .search(query, k, ef)?
@@ -112,27 +183,13 @@ impl EdgeNode {
         if decide(&distances, k, self.config.max_distance) == Decision::Local {
             return Ok((local, Source::Local));
         }
-        let Some(link) = self.link.load_full() else {
+        let Some(uplink) = &self.uplink else {
             return Ok((local, Source::Degraded));
         };
-        let Some(collection) = link
-            .collections()
-            .iter()
-            .find(|c| c.name == self.config.collection)
-        else {
-            return Ok((local, Source::Degraded));
-        };
-        let q = Query {
-            query_id: 0,
-            collection: collection.name.clone(),
-            collection_id: collection.id,
-            vector: query.to_vec(),
-            k: k as u32,
-            ef: self.config.cloud_ef.max(k as u32),
-            span_id: span.id().map_or(0, |id| id.into_u64()),
-            shadow: false,
-        };
-        match link.query(q, self.config.deadline).await {
+        let asked = Instant::now();
+        let outcome = self.ask_cloud(uplink, query, k, span).await;
+        metrics::histogram!("tiervec_edge_fallback_seconds").record(asked.elapsed().as_secs_f64());
+        match outcome {
             Ok(answer) => Ok((
                 answer
                     .hits
@@ -147,6 +204,14 @@ impl EdgeNode {
                 Source::Cloud,
             )),
             Err(reason) => {
+                let label = match &reason {
+                    QueryFailure::Timeout => "timeout",
+                    QueryFailure::NotReady => "not_connected",
+                    QueryFailure::Disconnected => "disconnected",
+                    QueryFailure::Refused { code, .. } => code.label(),
+                };
+                metrics::counter!("tiervec_edge_fallback_failures_total", "reason" => label)
+                    .increment(1);
                 debug!(
                     ?reason,
                     "cloud did not answer; answering locally (degraded)"
@@ -155,28 +220,139 @@ impl EdgeNode {
             }
         }
     }
+
+    fn wire_query(
+        &self,
+        collection: &WireCollection,
+        query: &[f32],
+        k: usize,
+        span: &tracing::Span,
+    ) -> Query {
+        Query {
+            query_id: 0,
+            collection: collection.name.clone(),
+            collection_id: collection.id,
+            vector: query.to_vec(),
+            k: k as u32,
+            ef: self.config.cloud_ef.max(k as u32),
+            span_id: span.id().map_or(0, |id| id.into_u64()),
+            shadow: false,
+        }
+    }
+
+    /// The cloud's answer within the deadline: over the open link, or in the first flight of
+    /// the next connection.
+    async fn ask_cloud(
+        &self,
+        uplink: &Uplink,
+        query: &[f32],
+        k: usize,
+        span: &tracing::Span,
+    ) -> Result<Answer, QueryFailure> {
+        let deadline = self.config.deadline;
+        let not_allowed = || QueryFailure::Refused {
+            code: tiervec_shared::protocol::frame::ErrorCode::NotAllowed,
+            message: format!(
+                "the cloud does not offer collection `{}` to this edge",
+                self.config.collection
+            ),
+        };
+        if let Some(link) = uplink.current.load_full().filter(|l| !l.is_closed()) {
+            let collection = link
+                .collection(&self.config.collection)
+                .ok_or_else(not_allowed)?;
+            let q = self.wire_query(collection, query, k, span);
+            return link.query(q, deadline).await;
+        }
+        let collection = uplink
+            .connector
+            .known_collection(&self.config.collection)
+            .ok_or(QueryFailure::NotReady)?;
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            query: self.wire_query(&collection, query, k, span),
+            reply,
+        };
+        uplink
+            .pending
+            .try_send(pending)
+            .map_err(|_| QueryFailure::NotReady)?;
+        match tokio::time::timeout(deadline, answer).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(QueryFailure::Disconnected),
+            Err(_) => Err(QueryFailure::Timeout),
+        }
+    }
 }
 
-/// Connects, and reconnects after every loss, waiting `backoff.0` doubling up to `backoff.1`.
+/// The next query still waited for, if any (those whose caller gave up are dropped).
+fn live(pending: Option<Pending>, waiting: &mut mpsc::Receiver<Pending>) -> Option<Pending> {
+    let mut next = pending;
+    loop {
+        match next {
+            Some(p) if !p.reply.is_closed() => return Some(p),
+            _ => next = Some(waiting.try_recv().ok()?),
+        }
+    }
+}
+
+/// Connects, and reconnects after every loss (see the module docs for when).
 async fn keep_connected(
-    config: LinkConfig,
-    slot: Arc<ArcSwapOption<CloudLink>>,
+    connector: Arc<Connector>,
+    current: Arc<ArcSwapOption<CloudLink>>,
+    mut waiting: mpsc::Receiver<Pending>,
     backoff: (Duration, Duration),
 ) {
-    let mut wait = backoff.0;
+    let mut wait = Duration::ZERO;
+    let mut failed = false;
     loop {
-        match CloudLink::connect(&config).await {
-            Ok(link) => {
-                let link = Arc::new(link);
-                slot.store(Some(link.clone()));
+        let first = if failed {
+            tokio::time::sleep(wait).await;
+            live(None, &mut waiting)
+        } else {
+            tokio::select! {
+                p = waiting.recv() => match p {
+                    Some(p) => live(Some(p), &mut waiting),
+                    None => return,
+                },
+                () = tokio::time::sleep(wait) => live(None, &mut waiting),
+            }
+        };
+        let (query, reply) = match first {
+            Some(p) => (Some(p.query), Some(p.reply)),
+            None => (None, None),
+        };
+        match connector.connect(query).await {
+            Ok(connected) => {
+                info!(
+                    handshake = connected.handshake.label(),
+                    "connected to the cloud"
+                );
+                if let (Some(reply), Some(answer)) = (reply, connected.first_answer) {
+                    let _ = reply.send(answer);
+                }
+                let link = Arc::new(connected.link);
+                current.store(Some(link.clone()));
+                metrics::gauge!("tiervec_edge_link_up").set(1.0);
+                failed = false;
                 wait = backoff.0;
                 link.closed().await;
-                slot.store(None);
+                current.store(None);
+                metrics::gauge!("tiervec_edge_link_up").set(0.0);
                 warn!("link to the cloud lost; reconnecting");
             }
-            Err(e) => debug!(error = %e, "cannot connect to the cloud yet"),
+            Err(e) => {
+                debug!(error = %e, "cannot connect to the cloud yet");
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(QueryFailure::Disconnected));
+                }
+                wait = if failed {
+                    (wait * 2).min(backoff.1)
+                } else {
+                    backoff.0
+                };
+                failed = true;
+            }
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(backoff.1);
     }
 }

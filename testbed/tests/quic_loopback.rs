@@ -36,13 +36,13 @@ fn link(
     identity: Option<&CertDir>,
     edge: &str,
 ) -> LinkConfig {
-    LinkConfig {
-        cloud_addr: addr,
-        server_name: "localhost".into(),
-        ca_cert: certs.ca_cert(),
-        identity: identity.map(|c| (c.edge_cert(edge), c.edge_key(edge))),
-        edge_name: edge.into(),
-    }
+    LinkConfig::new(
+        addr,
+        "localhost",
+        certs.ca_cert(),
+        identity.map(|c| (c.edge_cert(edge), c.edge_key(edge))),
+        edge,
+    )
 }
 
 fn cert_dir(path: &Path, deployment: &str) -> CertDir {
@@ -202,6 +202,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
 /// an error) while the cloud is gone, and back to the cloud once it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_falls_back_degrades_and_reconnects() {
+    let metrics = tiervec_cloud::api::prometheus();
     use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
     use tiervec_edge::{EdgeIndex, write_snapshot_atomic};
     use tiervec_shared::hnsw::HnswBuilder;
@@ -247,11 +248,14 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         cloud_ef: 64,
         backoff: (Duration::from_millis(20), Duration::from_millis(200)),
     };
-    let node = Arc::new(EdgeNode::start(
-        EdgeIndex::open(&path).unwrap(),
-        config,
-        Some(link(addr, &certs, Some(&certs), "edge-1")),
-    ));
+    let node = Arc::new(
+        EdgeNode::start(
+            EdgeIndex::open(&path).unwrap(),
+            config,
+            Some(link(addr, &certs, Some(&certs), "edge-1")),
+        )
+        .unwrap(),
+    );
     wait_for(|| node.connected()).await;
 
     let (hits, source) = node.search(&vector(5), 1, 32).await.unwrap();
@@ -296,6 +300,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         node: node.clone(),
         default_ef: 32,
         collection: "c".into(),
+        metrics,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http_addr = listener.local_addr().unwrap();
@@ -342,6 +347,239 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         .await
         .unwrap();
     assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
+
+    // The edge's metrics: answers by source, the fallback histogram, the link state, bytes.
+    let metrics = http
+        .get(format!("http://{http_addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "tiervec_edge_queries_total{source=\"local\"}",
+        "tiervec_edge_queries_total{source=\"cloud\"}",
+        "tiervec_edge_queries_total{source=\"degraded\"}",
+        "tiervec_edge_fallback_seconds_bucket",
+        "tiervec_edge_link_up 1",
+        "tiervec_edge_link_udp_bytes_total{direction=\"tx\"}",
+        "tiervec_edge_link_connects_total{handshake=",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+    }
+}
+
+/// A reconnecting edge resumes its TLS session and sends its Hello and first query as 0-RTT
+/// data, answered in the first round trip; a restarted cloud has lost the ticket, rejects the
+/// early data, and the flight is sent again after the full handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnections_use_0rtt_and_survive_its_rejection() {
+    let metrics = tiervec_cloud::api::prometheus();
+    use tiervec_edge::link::{Connector, Handshake};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = cloud_with_points(dir.path(), 100);
+    let acl = Arc::new(AccessList(HashMap::from([(
+        "edge-1".to_owned(),
+        vec!["c".to_owned()],
+    )])));
+    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(quic::serve(endpoint.clone(), service.clone(), acl.clone()));
+
+    let connector = Connector::new(link(addr, &certs, Some(&certs), "edge-1")).unwrap();
+    let first = connector.connect(None).await.unwrap();
+    assert_eq!(first.handshake, Handshake::Full, "no ticket yet");
+    assert!(first.first_answer.is_none());
+    let id = connector.known_collection("c").unwrap().id;
+    drop(first);
+
+    for round in 0..3u64 {
+        let again = connector
+            .connect(Some(query("c", id, vector(10 + round))))
+            .await
+            .unwrap();
+        assert_eq!(again.handshake, Handshake::ZeroRtt, "round {round}");
+        let answer = again.first_answer.unwrap().unwrap();
+        assert_eq!(answer.hits[0].id, 10 + round);
+        // The link goes on serving after its 0-RTT start.
+        let later = again
+            .link
+            .query(query("c", id, vector(50)), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(later.hits[0].id, 50);
+    }
+    // Early queries are counted once their handshake is confirmed.
+    let counted = || {
+        metrics
+            .render()
+            .lines()
+            .any(|l| l.starts_with("tiervec_quic_queries_total{") && l.contains("flight=\"early\""))
+    };
+    wait_for(counted).await;
+
+    // The cloud restarts: its session cache is gone, the early data is rejected, and the
+    // flight is sent again once the full handshake is done.
+    endpoint.close(quinn::VarInt::from_u32(0), b"restart");
+    endpoint.wait_idle().await;
+    drop(endpoint);
+    let mut restarted = quic::bind(addr, &certs);
+    for _ in 0..200 {
+        if restarted.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        restarted = quic::bind(addr, &certs);
+    }
+    tokio::spawn(quic::serve(restarted.unwrap(), service.clone(), acl));
+    let after = connector
+        .connect(Some(query("c", id, vector(77))))
+        .await
+        .unwrap();
+    assert_eq!(after.handshake, Handshake::ZeroRttRejected);
+    assert_eq!(after.first_answer.unwrap().unwrap().hits[0].id, 77);
+}
+
+/// Raw bytes on a real socket: a frame above the size limit, a body that fails validation, an
+/// unknown frame type, a Hello of an unsupported version. Each gets a typed error frame and is
+/// counted by reason; the fatal ones close only their own connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_are_refused_typed_and_counted() {
+    let metrics = tiervec_cloud::api::prometheus();
+    use tiervec_shared::protocol::frame::{
+        DEFAULT_MAX_FRAME, Frame, FrameDecoder, Hello, PROTOCOL_VERSION,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = cloud_with_points(dir.path(), 50);
+    let acl = Arc::new(AccessList(HashMap::from([(
+        "edge-1".to_owned(),
+        vec!["c".to_owned()],
+    )])));
+    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(quic::serve(endpoint, service.clone(), acl));
+    let healthy = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
+        .await
+        .unwrap();
+    let id = healthy.collections()[0].id;
+
+    let cfg = link(addr, &certs, Some(&certs), "edge-1");
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(tiervec_edge::link::client_config(&cfg).unwrap());
+    let raw_connection = || async {
+        client
+            .connect(addr, "localhost")
+            .unwrap()
+            .await
+            .expect("handshake")
+    };
+    let send_raw = |conn: quinn::Connection, bytes: Vec<u8>| async move {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        send.finish().unwrap();
+        let answer = recv.read_to_end(1 << 20).await.unwrap_or_default();
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        decoder.push(&answer).unwrap();
+        let mut frames = Vec::new();
+        while let Some(f) = decoder.next_frame().unwrap() {
+            frames.push(f);
+        }
+        frames
+    };
+    let hello = |version: u16| {
+        let mut b = Vec::new();
+        Frame::Hello(Hello {
+            version,
+            min_version: version,
+            edge_name: "raw".into(),
+            manifest_version: 0,
+        })
+        .encode(&mut b);
+        b
+    };
+    let error_code = |frames: &[Frame]| -> ErrorCode {
+        match frames.last() {
+            Some(Frame::Error(e)) => ErrorCode::from_u16(e.code).unwrap(),
+            other => panic!("expected an error frame, got {other:?}"),
+        }
+    };
+
+    // Oversized: the prefix announces 64 MiB; refused before anything is buffered.
+    let conn = raw_connection().await;
+    let mut bytes = hello(PROTOCOL_VERSION);
+    bytes.extend_from_slice(&(64u32 << 20).to_le_bytes());
+    bytes.push(Frame::Query(query("c", id, vector(1))).frame_type());
+    let frames = send_raw(conn.clone(), bytes).await;
+    assert!(matches!(frames[0], Frame::HelloAck(_)));
+    assert_eq!(error_code(&frames), ErrorCode::FrameTooLarge);
+    conn.closed().await;
+
+    // A query frame whose body is not a valid archive.
+    let conn = raw_connection().await;
+    let mut bytes = hello(PROTOCOL_VERSION);
+    bytes.extend_from_slice(&16u32.to_le_bytes());
+    bytes.push(Frame::Query(query("c", id, vector(1))).frame_type());
+    bytes.extend_from_slice(&[0xA5; 16]);
+    assert_eq!(
+        error_code(&send_raw(conn.clone(), bytes).await),
+        ErrorCode::Malformed
+    );
+    conn.closed().await;
+
+    // An unknown frame type is skipped with an error; the connection lives on.
+    let conn = raw_connection().await;
+    let mut bytes = hello(PROTOCOL_VERSION);
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    bytes.push(250);
+    assert_eq!(
+        error_code(&send_raw(conn.clone(), bytes).await),
+        ErrorCode::UnknownFrameType
+    );
+    let mut ask = Vec::new();
+    Frame::Query(Query {
+        query_id: 5,
+        ..query("c", id, vector(3))
+    })
+    .encode(&mut ask);
+    let frames = send_raw(conn.clone(), ask).await;
+    assert!(
+        matches!(&frames[..], [Frame::Answer(a)] if a.hits[0].id == 3),
+        "{frames:?}"
+    );
+
+    // A Hello of a version this cloud does not speak.
+    let conn = raw_connection().await;
+    assert_eq!(
+        error_code(&send_raw(conn.clone(), hello(PROTOCOL_VERSION + 7)).await),
+        ErrorCode::VersionMismatch
+    );
+    conn.closed().await;
+
+    let rendered = metrics.render();
+    for reason in [
+        "frame_too_large",
+        "malformed",
+        "unknown_frame_type",
+        "version_mismatch",
+    ] {
+        assert!(
+            rendered.contains(&format!(
+                "tiervec_quic_refused_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} not counted:\n{rendered}"
+        );
+    }
+    // None of it harmed the well-behaved edge.
+    let answer = healthy
+        .query(query("c", id, vector(8)), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(answer.hits[0].id, 8);
 }
 
 async fn wait_for(mut ready: impl FnMut() -> bool) {

@@ -21,7 +21,7 @@ use crate::query::validate_search;
 pub enum QueryFailure {
     /// The deadline passed first.
     Timeout,
-    /// The session was not ready (not connected, or still in the handshake).
+    /// The session was not connected.
     NotReady,
     /// The connection went away with the query in flight.
     Disconnected,
@@ -145,8 +145,11 @@ impl ClientSession {
                 self.state = ClientState::Disconnected;
                 actions.extend(self.fail_all(QueryFailure::Disconnected));
             }
+            // A query asked during the handshake is pipelined behind the Hello: the driver
+            // sends both in one flight (0-RTT on a resumed connection), and the cloud, which
+            // reads a stream's frames in order, answers the Hello before the query.
             ClientEvent::Ask { query, deadline_us } => {
-                if !self.is_ready() {
+                if self.state == ClientState::Disconnected {
                     actions.push(ClientAction::Failed {
                         query_id: query.query_id,
                         reason: QueryFailure::NotReady,
@@ -667,5 +670,45 @@ mod tests {
             })
         ));
         assert_eq!(cloud.handle(Frame::Ping(3)), Vec::new(), "closed");
+    }
+
+    #[test]
+    fn a_query_asked_during_the_handshake_rides_behind_the_hello() {
+        let mut edge = ClientSession::new("e", 0);
+        let mut cloud = ServerSession::new(collections());
+        let mut flight = sent(&edge.handle(ClientEvent::Connected, 0));
+        flight.extend(sent(&edge.handle(
+            ClientEvent::Ask {
+                query: query(7),
+                deadline_us: 1_000,
+            },
+            1,
+        )));
+        assert!(matches!(
+            flight.as_slice(),
+            [Frame::Hello(_), Frame::Query(_)]
+        ));
+        let mut replies = Vec::new();
+        for frame in flight {
+            for action in cloud.handle(frame) {
+                match action {
+                    ServerAction::Send(f) => replies.push(f),
+                    ServerAction::Search(q) => replies.push(cloud.answer(Answer {
+                        query_id: q.query_id,
+                        collection_id: q.collection_id,
+                        hits: vec![],
+                        took_us: 1,
+                    })),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        let actions: Vec<ClientAction> = replies
+            .iter()
+            .flat_map(|f| edge.handle(ClientEvent::Received(wire(f)), 2))
+            .collect();
+        assert!(matches!(actions[0], ClientAction::Ready { .. }));
+        assert!(matches!(&actions[1], ClientAction::Answered(a) if a.query_id == 7));
+        assert_eq!(edge.poll_timeout(), None);
     }
 }
