@@ -39,6 +39,8 @@ pub struct EdgeConfig {
     pub deadline_ms: u64,
     pub default_ef: usize,
     pub cloud_ef: u32,
+    /// Tokio worker threads (`None`: one per core; 1: everything on one thread).
+    pub worker_threads: Option<usize>,
     /// The cloud link; none answers locally only (every unconfident answer degraded).
     pub cloud: Option<CloudLinkConfig>,
 }
@@ -54,6 +56,7 @@ impl Default for EdgeConfig {
             deadline_ms: 50,
             default_ef: 64,
             cloud_ef: 128,
+            worker_threads: None,
             cloud: None,
         }
     }

@@ -343,6 +343,7 @@ impl Connector {
                 next_query: AtomicU64::new(2),
                 collections,
                 wire,
+                missed: AtomicU64::new(0),
             },
             first_answer,
             handshake,
@@ -359,7 +360,14 @@ pub struct CloudLink {
     collections: Vec<WireCollection>,
     /// UDP bytes already counted (tx, rx).
     wire: [AtomicU64; 2],
+    /// Deadlines missed in a row; see [`UNRESPONSIVE_AFTER`].
+    missed: AtomicU64,
 }
+
+/// Deadlines missed in a row after which the link is closed and made again. A cloud that was
+/// killed and restarted leaves the old connection looking alive until the idle timeout; closing
+/// it early lets the edge reach the new process at once instead of degrading for seconds.
+pub const UNRESPONSIVE_AFTER: u64 = 3;
 
 impl CloudLink {
     /// Connects once, without keeping the session tickets (tests and tools).
@@ -424,9 +432,16 @@ impl CloudLink {
             }
             Err(_) => {
                 self.session.lock().handle_timeout(deadline_us);
+                if self.missed.fetch_add(1, Ordering::Relaxed) + 1 >= UNRESPONSIVE_AFTER {
+                    self.conn.close(
+                        quinn::VarInt::from_u32(0),
+                        b"cloud unresponsive: deadlines missed in a row",
+                    );
+                }
                 return Err(QueryFailure::Timeout);
             }
         };
+        self.missed.store(0, Ordering::Relaxed);
         for f in frames {
             for a in self.handle(ClientEvent::Received(f)) {
                 match a {

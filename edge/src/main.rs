@@ -64,9 +64,20 @@ fn main() -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("reading {}", config.display()))?;
             let config: tiervec_edge::config::EdgeConfig =
                 toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            // One worker means one thread: the current-thread scheduler, so that a request, the
+            // QUIC driver and the HTTP connection never wake each other across threads.
+            let mut rt = match config.worker_threads {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                Some(n) => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n);
+                    b
+                }
+                None => tokio::runtime::Builder::new_multi_thread(),
+            };
+            let rt = rt.enable_all().build()?;
+            // Installed before the node starts, so that no early metric goes to the no-op recorder.
+            let metrics = tiervec_edge::http::install_prometheus()?;
             rt.block_on(async move {
                 let index = EdgeIndex::open(&config.snapshot)?;
                 let node = std::sync::Arc::new(tiervec_edge::node::EdgeNode::start(
@@ -78,10 +89,14 @@ fn main() -> anyhow::Result<ExitCode> {
                     node,
                     default_ef: config.default_ef,
                     collection: config.collection.clone(),
-                    metrics: tiervec_edge::http::install_prometheus()?,
+                    metrics,
                 };
                 let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
                 tracing::info!(addr = %listener.local_addr()?, "edge serving");
+                // Small JSON answers must not wait on Nagle's algorithm.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 axum::serve(listener, tiervec_edge::http::router(state)).await?;
                 anyhow::Ok(())
             })?;

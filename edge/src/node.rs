@@ -101,6 +101,7 @@ impl EdgeNode {
         config: NodeConfig,
         link: Option<LinkConfig>,
     ) -> Result<EdgeNode, LinkError> {
+        metrics::gauge!("tiervec_edge_link_up").set(0.0);
         let uplink = match link {
             Some(link_config) => {
                 let connector = Arc::new(Connector::new(link_config)?);
@@ -121,7 +122,6 @@ impl EdgeNode {
             }
             None => None,
         };
-        metrics::gauge!("tiervec_edge_link_up").set(0.0);
         Ok(EdgeNode {
             index,
             config,

@@ -22,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job: a cloud and three edges as real processes on loopback, a Zipf trace of
+    /// application requests replayed through the edges, sources, recall and latency reported.
+    Demo(tiervec_testbed::demo::DemoArgs),
     /// Benchmarks; each writes JSON (--json) and updates docs/benchmarks.md.
     Bench {
         #[command(subcommand)]
@@ -37,6 +40,14 @@ enum Command {
         m: usize,
         #[arg(long, default_value_t = 200)]
         ef_construction: usize,
+    },
+    /// Internal: the raw QUIC echo server of `bench e2e`.
+    #[command(hide = true)]
+    QuicEcho {
+        #[arg(long)]
+        certs: PathBuf,
+        #[arg(long)]
+        addr_file: PathBuf,
     },
     /// Internal: the child process of `bench local` that measures resident memory.
     #[command(hide = true)]
@@ -55,6 +66,9 @@ enum Bench {
     Local(LocalArgs),
     /// The cloud tier on 50,000 vectors: load, search, recovery, HTTP.
     Cloud(CloudArgs),
+    /// The fallback path end to end over QUIC, with a raw quinn echo, and 0-RTT against a
+    /// full handshake under an emulated round trip.
+    E2e(tiervec_testbed::bench::e2e::E2eArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,12 +77,19 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Demo(args) => tiervec_testbed::demo::run(args),
         Command::Bench {
             bench: Bench::Local(args),
         } => local::run(args),
         Command::Bench {
             bench: Bench::Cloud(args),
         } => tiervec_testbed::bench::cloud::run(args),
+        Command::Bench {
+            bench: Bench::E2e(args),
+        } => tiervec_testbed::bench::e2e::run(args),
+        Command::QuicEcho { certs, addr_file } => {
+            tiervec_testbed::bench::e2e::echo_server(&certs, &addr_file)
+        }
         Command::BuildSnapshot {
             out,
             count,

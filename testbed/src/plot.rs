@@ -74,3 +74,165 @@ pub fn recall_latency(path: &Path, title: &str, rows: &[Row]) -> anyhow::Result<
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
+
+/// Latency distribution per source: percentile (y) against latency in µs (x, log scale).
+pub fn latency_cdf(
+    path: &Path,
+    title: &str,
+    per_source: &[(&str, crate::bench::Latencies)],
+) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let quantiles: Vec<f64> = (0..=200)
+        .map(|i| i as f64 / 200.0 * 0.999)
+        .chain([0.9995, 0.9999])
+        .collect();
+    let curves: Vec<(&str, Vec<(f64, f64)>)> = per_source
+        .iter()
+        .map(|(source, lat)| {
+            (
+                *source,
+                quantiles
+                    .iter()
+                    .map(|&q| (lat.percentile_us(q).max(1.0), q * 100.0))
+                    .collect(),
+            )
+        })
+        .collect();
+    let (x0, x1) = curves
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|p| p.0))
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        });
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(((x0 * 0.8).max(1.0)..x1 * 1.25).log_scale(), 0.0..100.0f64)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("latency at the application (µs, log)")
+        .y_desc("percentile")
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    let palette = [
+        RGBColor(44, 160, 44),
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+    ];
+    for (i, (source, points)) in curves.into_iter().enumerate() {
+        let color = palette[i % palette.len()].to_rgba();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(source)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Recall@10 and local fraction (y) against the threshold (x), for the reported trace (solid)
+/// and the calibration trace (dashed), with the chosen threshold and the measured point.
+pub fn threshold_sweep(
+    path: &Path,
+    title: &str,
+    reported: &[crate::demo::SweepPoint],
+    calibration: &[crate::demo::SweepPoint],
+    chosen: f64,
+    measured: (f64, f64),
+) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let x1 = reported
+        .iter()
+        .chain(calibration)
+        .map(|p| p.threshold)
+        .fold(chosen, f64::max)
+        * 1.05;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(0.0..x1, 0.0..1.02f64)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("max_distance on the 10th local cosine distance")
+        .y_desc("fraction")
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    let recall = RGBColor(31, 119, 180).to_rgba();
+    let local = RGBColor(44, 160, 44).to_rgba();
+    for (points, dashed, name) in [
+        (reported, false, "reported"),
+        (calibration, true, "calibration"),
+    ] {
+        for (color, what, get) in [
+            (
+                recall,
+                "recall@10",
+                (|p: &crate::demo::SweepPoint| p.recall_at_10) as fn(&_) -> f64,
+            ),
+            (local, "local fraction", |p: &crate::demo::SweepPoint| {
+                p.local_fraction
+            }),
+        ] {
+            let line: Vec<(f64, f64)> = points.iter().map(|p| (p.threshold, get(p))).collect();
+            let style = color.stroke_width(if dashed { 1 } else { 2 });
+            let series = if dashed {
+                chart.draw_series(DashedLineSeries::new(line, 6, 4, style))
+            } else {
+                chart.draw_series(LineSeries::new(line, style))
+            };
+            series
+                .map_err(|e| anyhow!("{e}"))?
+                .label(format!("{what} ({name} trace, predicted)"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        }
+    }
+    chart
+        .draw_series(LineSeries::new(
+            vec![(chosen, 0.0), (chosen, 1.02)],
+            BLACK.mix(0.6).stroke_width(1),
+        ))
+        .map_err(|e| anyhow!("{e}"))?
+        .label(format!("chosen max_distance {chosen:.3}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6)));
+    chart
+        .draw_series([
+            Circle::new((chosen, measured.0), 6, local.filled()),
+            Circle::new((chosen, measured.1), 6, recall.filled()),
+        ])
+        .map_err(|e| anyhow!("{e}"))?
+        .label("measured end to end (dots)")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 4, recall.filled()));
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}

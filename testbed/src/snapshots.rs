@@ -20,25 +20,49 @@ pub fn build(
     params: HnswParams,
     texts: Option<&[String]>,
 ) -> Result<AlignedBytes, SnapshotError> {
-    let count = count.min(base.rows());
+    let rows: Vec<usize> = (0..count.min(base.rows())).collect();
+    build_rows(base, &rows, params, texts)
+}
+
+/// Builds and encodes a cosine snapshot of the given base rows, in that order, with their
+/// texts (`texts[row]`) as payloads when given. Ids are the row numbers; LSNs are 1-based row
+/// numbers, as a bulk load in row order assigns them.
+pub fn build_rows(
+    base: &Matrix<f32>,
+    rows: &[usize],
+    params: HnswParams,
+    texts: Option<&[String]>,
+) -> Result<AlignedBytes, SnapshotError> {
     let mut builder = HnswBuilder::new(base.dim, Metric::Cosine, params);
-    for i in 0..count {
+    for &row in rows {
+        if row >= base.rows() {
+            return Err(SnapshotError::Write(format!(
+                "row {row} is past the {} base rows",
+                base.rows()
+            )));
+        }
         builder
-            .insert(base.row(i))
-            .map_err(|e| SnapshotError::Write(format!("base row {i}: {e}")))?;
+            .insert(base.row(row))
+            .map_err(|e| SnapshotError::Write(format!("base row {row}: {e}")))?;
     }
-    let texts = match texts {
-        Some(t) => Some(t.get(..count).ok_or_else(|| {
-            SnapshotError::Write(format!("{} texts for {count} vectors", t.len()))
-        })?),
+    let texts: Option<Vec<String>> = match texts {
+        Some(t) => Some(
+            rows.iter()
+                .map(|&r| {
+                    t.get(r).cloned().ok_or_else(|| {
+                        SnapshotError::Write(format!("no text for row {r} ({} texts)", t.len()))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
         None => None,
     };
     let body = SnapshotBody::from_builder(
         &builder,
         "wordnet",
-        (0..count as u64).collect(),
-        (1..=count as u64).collect(),
-        texts,
+        rows.iter().map(|&r| r as u64).collect(),
+        rows.iter().map(|&r| r as u64 + 1).collect(),
+        texts.as_deref(),
     )?;
     let spec = SnapshotSpec {
         collection: DATASET_COLLECTION,

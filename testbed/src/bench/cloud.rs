@@ -3,12 +3,11 @@
 //! same graph, exact), recovery after a crash with a 10,000-record WAL tail, and the HTTP API
 //! with one client and with 32, the server and the load generator pinned to different cores.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::Serialize;
 use tiervec_cloud::collection::SearchParams;
 use tiervec_cloud::config::CloudConfig;
@@ -22,6 +21,7 @@ use super::{
 };
 use crate::dataset::Dataset;
 use crate::plot;
+use crate::procs::{self, Process};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CloudArgs {
@@ -69,59 +69,27 @@ struct Report {
 
 const COLLECTION: &str = "wordnet";
 
-fn cloud_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name("tiervec-cloud");
-    if !path.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p tiervec-cloud`",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-/// Pins every thread of this process to `cpu` (taskset), so the load generator and the server
-/// do not compete for a core.
-fn pin_self(cpu: usize) -> anyhow::Result<()> {
-    let ok = Command::new("taskset")
-        .args([
-            "-a",
-            "-p",
-            "-c",
-            &cpu.to_string(),
-            &std::process::id().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .context("running taskset")?
-        .success();
-    anyhow::ensure!(ok, "taskset failed");
-    Ok(())
-}
-
-fn spawn_server(
-    data_dir: &std::path::Path,
-    addr_file: &std::path::Path,
-    cpu: usize,
-) -> anyhow::Result<Child> {
+/// `tiervec-cloud serve` over `data_dir` as a child process on `cpu`, one worker thread.
+fn spawn_server(data_dir: &Path, addr_file: &Path, cpu: usize) -> anyhow::Result<Process> {
     let _ = std::fs::remove_file(addr_file);
-    Ok(Command::new("taskset")
-        .arg("-c")
-        .arg(cpu.to_string())
-        .arg(cloud_binary()?)
-        .arg("serve")
-        .arg("--set")
-        .arg(format!("data_dir={:?}", data_dir.to_string_lossy()))
-        .arg("--set")
-        .arg("http_addr=\"127.0.0.1:0\"")
-        .arg("--set")
-        .arg("worker_threads=1")
-        .arg("--addr-file")
-        .arg(addr_file)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()?)
+    let args = [
+        "serve".to_owned(),
+        "--set".into(),
+        format!("data_dir={:?}", data_dir.to_string_lossy()),
+        "--set".into(),
+        "http_addr=\"127.0.0.1:0\"".into(),
+        "--set".into(),
+        "worker_threads=1".into(),
+        "--addr-file".into(),
+        addr_file.to_string_lossy().into_owned(),
+    ];
+    Process::start(
+        "tiervec-cloud",
+        &procs::binary("tiervec-cloud")?,
+        &args,
+        Some(&cpu.to_string()),
+        &data_dir.with_file_name("server.log"),
+    )
 }
 
 pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
@@ -307,7 +275,7 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
     let addr_file = args.work_dir.join("addr");
     let t = Instant::now();
     let mut server = spawn_server(&data_dir, &addr_file, 0)?;
-    pin_self(1)?;
+    procs::pin_self("1")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -357,8 +325,7 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
         .await?;
         anyhow::Ok((recovery_seconds, one, many))
     });
-    let _ = server.kill();
-    let _ = server.wait();
+    server.kill();
     let (recovery_seconds, one, many) = http_rows?;
     eprintln!(
         "  server process ready {recovery_seconds:.2} s after start (checkpoint + {wal_records_replayed}-record tail)"

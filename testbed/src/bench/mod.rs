@@ -2,6 +2,7 @@
 //! `docs/benchmarks.md` and, where it plots, an SVG beside it.
 
 pub mod cloud;
+pub mod e2e;
 pub mod local;
 pub mod memory;
 

@@ -1,0 +1,290 @@
+//! A tiervec deployment on loopback, as the demo and `bench e2e` run it: certificates made on
+//! the fly, `tiervec-cloud` bulk-loaded with the dataset and serving HTTP and QUIC, and
+//! `tiervec-edge` processes serving their snapshots over local HTTP with the cloud as fallback.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tiervec_cloud::certs::CertDir;
+use tiervec_edge::config::{CloudLinkConfig, EdgeConfig};
+use tiervec_edge::link::LinkConfig;
+
+use crate::bench::recall_at_10;
+use crate::dataset::Dataset;
+use crate::procs::{self, Process};
+
+/// The collection the dataset is loaded into.
+pub const COLLECTION: &str = "wordnet";
+/// The cloud `ef` ladder tried for its own recall ≥ 0.99.
+const CLOUD_EF_LADDER: [usize; 6] = [64, 96, 128, 160, 192, 256];
+const CLOUD_RECALL_TARGET: f64 = 0.99;
+
+/// A running cloud process and how to reach it.
+pub struct Cloud {
+    pub process: Process,
+    pub http_base: String,
+    pub quic_addr: SocketAddr,
+    pub certs: CertDir,
+    pub dir: PathBuf,
+}
+
+/// Makes certificates for `edges`, bulk-loads the dataset into a fresh data directory under
+/// `dir` with `tiervec-cloud load`, and starts `tiervec-cloud serve` (HTTP and QUIC, one tokio
+/// worker). It builds its graph in the background: see [`Cloud::wait_indexed`].
+pub fn start_cloud(dir: &Path, ds: &Dataset, edges: &[String]) -> anyhow::Result<Cloud> {
+    let certs = CertDir {
+        dir: dir.join("certs"),
+        deployment: "tiervec-testbed".into(),
+    };
+    certs.ensure_ca()?;
+    certs.issue_server(&["localhost".into()])?;
+    for name in edges {
+        certs.issue_edge(name)?;
+    }
+    let data_dir = dir.join("cloud-data");
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let t = Instant::now();
+    let load = std::process::Command::new(procs::binary("tiervec-cloud")?)
+        .arg("load")
+        .args(["--collection", COLLECTION])
+        .arg("--fvecs")
+        .arg(ds.dir.join("base.fvecs"))
+        .arg("--jsonl")
+        .arg(ds.dir.join("base.jsonl"))
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running tiervec-cloud load")?;
+    anyhow::ensure!(load.success(), "tiervec-cloud load failed");
+    eprintln!(
+        "  cloud: loaded {} vectors durably in {:.1} s",
+        ds.base.rows(),
+        t.elapsed().as_secs_f64()
+    );
+    let quic_addr: SocketAddr = format!("127.0.0.1:{}", procs::free_udp_port()?).parse()?;
+    let acl = edges
+        .iter()
+        .map(|n| format!("\"{n}\" = [\"{COLLECTION}\"]"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let addr_file = dir.join("cloud.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let args: Vec<String> = [
+        "serve".to_owned(),
+        "--set".into(),
+        format!("data_dir={:?}", data_dir.to_string_lossy()),
+        "--set".into(),
+        "http_addr=\"127.0.0.1:0\"".into(),
+        "--set".into(),
+        format!("quic_addr=\"{quic_addr}\""),
+        "--set".into(),
+        format!("certs_dir={:?}", certs.dir.to_string_lossy()),
+        "--set".into(),
+        format!("edges={{ {acl} }}"),
+        "--set".into(),
+        "worker_threads=1".into(),
+        "--addr-file".into(),
+        addr_file.to_string_lossy().into_owned(),
+    ]
+    .into();
+    let mut process = Process::start(
+        "tiervec-cloud",
+        &procs::binary("tiervec-cloud")?,
+        &args,
+        None,
+        &dir.join("cloud.log"),
+    )?;
+    let http = procs::wait_addr_file(&addr_file, &mut process)?;
+    Ok(Cloud {
+        process,
+        http_base: format!("http://{http}"),
+        quic_addr,
+        certs,
+        dir: dir.to_owned(),
+    })
+}
+
+impl Cloud {
+    /// Waits until the cloud has recovered and its graph covers every point.
+    pub async fn wait_indexed(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
+        let base = &self.http_base;
+        procs::wait_http_ok(http, &format!("{base}/readyz"), Duration::from_secs(120)).await?;
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            self.process.check_alive()?;
+            let d: serde_json::Value = http
+                .get(format!("{base}/v1/collections/{COLLECTION}"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if d["indexed_points"] == d["points"] {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the cloud's graph took over 15 min"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The smallest `ef` of the ladder at which the cloud's own recall@10 on `queries`
+    /// (with their exact top-10 `truth`) reaches 0.99, measured through its HTTP API.
+    pub async fn pick_ef(
+        &self,
+        http: &reqwest::Client,
+        queries: &[&[f32]],
+        truth: &[(&[u64], &[f32])],
+    ) -> anyhow::Result<(usize, f64)> {
+        let mut last = (0, 0.0);
+        for ef in CLOUD_EF_LADDER {
+            let mut recall = 0.0;
+            for (q, (ids, distances)) in queries.iter().zip(truth) {
+                let r: serde_json::Value = http
+                    .post(format!(
+                        "{}/v1/collections/{COLLECTION}/search",
+                        self.http_base
+                    ))
+                    .json(&serde_json::json!({"vector": q, "k": 10, "ef": ef}))
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
+                recall += recall_at_10(&hits_of(&r)?, ids, distances);
+            }
+            last = (ef, recall / queries.len().max(1) as f64);
+            if last.1 >= CLOUD_RECALL_TARGET {
+                break;
+            }
+        }
+        Ok(last)
+    }
+
+    /// The link configuration of edge `name` (for an edge inside this process).
+    pub fn link(&self, name: &str) -> LinkConfig {
+        LinkConfig::new(
+            self.quic_addr,
+            "localhost",
+            self.certs.ca_cert(),
+            Some((self.certs.edge_cert(name), self.certs.edge_key(name))),
+            name,
+        )
+    }
+}
+
+/// How one edge process runs.
+pub struct EdgeSpec<'a> {
+    pub name: &'a str,
+    pub snapshot: &'a Path,
+    pub max_distance: f32,
+    pub edge_ef: usize,
+    pub cloud_ef: usize,
+    pub deadline_ms: u64,
+    /// `taskset` CPU list, if pinned.
+    pub cpus: Option<&'a str>,
+}
+
+/// A running edge process and its applications' endpoint.
+pub struct Edge {
+    pub process: Process,
+    pub url: String,
+}
+
+/// Starts `tiervec-edge serve` (one tokio worker) with a config written next to the cloud's
+/// files, linked to `cloud`.
+pub fn start_edge(cloud: &Cloud, spec: &EdgeSpec) -> anyhow::Result<Edge> {
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = EdgeConfig {
+        name: spec.name.to_owned(),
+        snapshot: spec.snapshot.to_owned(),
+        collection: COLLECTION.into(),
+        http_addr: format!("127.0.0.1:{http_port}").parse()?,
+        max_distance: spec.max_distance,
+        deadline_ms: spec.deadline_ms,
+        default_ef: spec.edge_ef,
+        cloud_ef: spec.cloud_ef as u32,
+        worker_threads: Some(1),
+        cloud: Some(CloudLinkConfig {
+            addr: cloud.quic_addr,
+            server_name: "localhost".into(),
+            ca_cert: cloud.certs.ca_cert(),
+            cert: cloud.certs.edge_cert(spec.name),
+            key: cloud.certs.edge_key(spec.name),
+        }),
+    };
+    let config_path = cloud.dir.join(format!("{}.toml", spec.name));
+    std::fs::write(&config_path, toml::to_string(&config)?)?;
+    let process = Process::start(
+        spec.name,
+        &procs::binary("tiervec-edge")?,
+        &[
+            "serve".into(),
+            "--config".into(),
+            config_path.to_string_lossy().into_owned(),
+        ],
+        spec.cpus,
+        &cloud.dir.join(format!("{}.log", spec.name)),
+    )?;
+    Ok(Edge {
+        process,
+        url: format!("http://127.0.0.1:{http_port}"),
+    })
+}
+
+impl Edge {
+    /// Waits until the edge serves HTTP and its link to the cloud is up.
+    pub async fn wait_linked(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
+        procs::wait_http_ok(
+            http,
+            &format!("{}/healthz", self.url),
+            Duration::from_secs(30),
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.process.check_alive()?;
+            let text = http
+                .get(format!("{}/metrics", self.url))
+                .send()
+                .await?
+                .text()
+                .await?;
+            if text.lines().any(|l| l.trim() == "tiervec_edge_link_up 1") {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: no link to the cloud within 30 s",
+                self.url
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The applications' search URL.
+    pub fn search_url(&self) -> String {
+        format!("{}/v1/collections/{COLLECTION}/search", self.url)
+    }
+}
+
+/// The `(id, distance)` hits of a search response (cloud or edge).
+pub fn hits_of(response: &serde_json::Value) -> anyhow::Result<Vec<(u64, f32)>> {
+    response["hits"]
+        .as_array()
+        .context("response without hits")?
+        .iter()
+        .map(|h| {
+            Ok((
+                h["id"].as_u64().context("hit without id")?,
+                h["distance"].as_f64().context("hit without distance")? as f32,
+            ))
+        })
+        .collect()
+}

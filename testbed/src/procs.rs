@@ -1,0 +1,193 @@
+//! The real processes the demo and the benchmarks start: `tiervec-cloud` and `tiervec-edge`
+//! from the same build as this binary, pinned to cores with `taskset`, killed when their guard
+//! is dropped (however the run ends).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Builds the cloud and edge binaries when run under cargo (`cargo run` sets `CARGO`), so the
+/// processes started are those of the current sources; otherwise they must exist already.
+pub fn ensure_binaries() -> anyhow::Result<()> {
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let profile_is_release = !cfg!(debug_assertions);
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "tiervec-cloud",
+            "-p",
+            "tiervec-edge",
+            "--bins",
+        ]);
+        if profile_is_release {
+            cmd.arg("--release");
+        }
+        let ok = cmd.status().context("running cargo build")?.success();
+        anyhow::ensure!(ok, "building tiervec-cloud and tiervec-edge failed");
+    }
+    for name in ["tiervec-cloud", "tiervec-edge"] {
+        binary(name)?;
+    }
+    Ok(())
+}
+
+/// A binary of this workspace next to the running one.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p {name}`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Whether `taskset` can pin processes here.
+pub fn can_pin() -> bool {
+    Command::new("taskset")
+        .args(["-p", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Pins every thread of process `pid` to `cpus` (a taskset list, e.g. "0" or "0,1").
+pub fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset")?
+        .success();
+    anyhow::ensure!(ok, "taskset -a -p -c {cpus} {pid} failed");
+    Ok(())
+}
+
+/// Pins this process (the load generator) to `cpus`.
+pub fn pin_self(cpus: &str) -> anyhow::Result<()> {
+    pin(std::process::id(), cpus)
+}
+
+/// A UDP port free on loopback right now.
+pub fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process, killed and reaped on drop.
+pub struct Process {
+    pub name: String,
+    child: Child,
+}
+
+impl Process {
+    /// Starts `binary args…` with its stderr appended to `log`, under `taskset -c cpus` when
+    /// given.
+    pub fn start(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        cpus: Option<&str>,
+        log: &Path,
+    ) -> anyhow::Result<Process> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let mut cmd = match cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = cmd
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Process {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills it (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Fails if it has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited early ({status}); see its log", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `path` holds a socket address (written atomically by `--addr-file`).
+pub fn wait_addr_file(path: &Path, process: &mut Process) -> anyhow::Result<std::net::SocketAddr> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text
+                .trim()
+                .parse()
+                .with_context(|| format!("{} holds `{text}`", path.display()));
+        }
+        process.check_alive()?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} did not bind within 60 s",
+            process.name
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Polls `url` until it answers 2xx, for at most `limit`.
+pub async fn wait_http_ok(
+    http: &reqwest::Client,
+    url: &str,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(r) = http.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{url} not ready within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
