@@ -81,6 +81,14 @@ struct ZeroRtt {
     zero_rtt_accepted: usize,
 }
 
+/// Means from the fallback edge's own histograms over the `cloud` row: the whole query inside
+/// the edge, and the wait for the cloud within it.
+#[derive(Debug, Serialize)]
+struct EdgeBreakdown {
+    query_mean_us: Option<f64>,
+    fallback_wait_mean_us: Option<f64>,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     bench: &'static str,
@@ -89,6 +97,7 @@ struct Report {
     rows: Vec<E2eRow>,
     zero_rtt_speedup: f64,
     zero_rtt: ZeroRtt,
+    edge_breakdown: EdgeBreakdown,
     fallback_p50_target_met: bool,
     fallback_p99_target_met: bool,
 }
@@ -297,7 +306,13 @@ pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
         "e2e",
         &format!(
             "## e2e\n\nCommand: `cargo run --release -p tiervec-testbed -- bench e2e{quick} --json target/bench-e2e.json`. \
-             {}.\n\n{}",
+             {}. Rows: `quic_raw` a raw quinn echo of a query-sized message (same TLS \
+             configurations, server on core 1); `cloud_link` the edge's link from the bench \
+             process (QUIC + frames + the cloud's search); `cloud_search` the cloud's own search \
+             time inside that (`took_us`); `cloud` and `local` the latency at the application's \
+             HTTP call to an edge that always / never falls back. Recall is against exact search \
+             over all 50,000 vectors, so the `local` row (a cache of the first 10,000) is low by \
+             construction.\n\n{}",
             report.settings["processes"].as_str().unwrap_or(""),
             table(&report)
         ),
@@ -412,6 +427,27 @@ async fn measure_all(
         ));
     }
 
+    // Where the fallback's time goes inside the edge, from its own histograms (means).
+    let metrics = http
+        .get(fallback_url.replace("/v1/collections/wordnet/search", "/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mean_us = |name: &str, labels: &str| -> Option<f64> {
+        let value = |suffix: &str| {
+            metrics.lines().find_map(|l| {
+                l.strip_prefix(&format!("{name}{suffix}{labels} "))
+                    .and_then(|rest| rest.trim().parse::<f64>().ok())
+            })
+        };
+        Some(value("_sum")? / value("_count")? * 1e6)
+    };
+    let edge_breakdown = EdgeBreakdown {
+        query_mean_us: mean_us("tiervec_edge_query_seconds", "{source=\"cloud\"}"),
+        fallback_wait_mean_us: mean_us("tiervec_edge_fallback_seconds", ""),
+    };
+
     // 0-RTT against a full handshake, through the delaying relay.
     let relay = delaying_relay(cloud.quic_addr, Duration::from_millis(args.rtt_ms) / 2).await?;
     let mut cfg = cloud.link("edge-local");
@@ -478,6 +514,7 @@ async fn measure_all(
         rows,
         zero_rtt_speedup: zero_rtt.full_p50_ms / zero_rtt.zero_rtt_p50_ms,
         zero_rtt,
+        edge_breakdown,
     })
 }
 
@@ -497,6 +534,13 @@ fn table(r: &Report) -> String {
         ));
     }
     let z = &r.zero_rtt;
+    let us = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
+    md.push_str(&format!(
+        "\nInside the fallback edge (means over the `cloud` row): the whole query {} µs, of \
+         which waiting for the cloud {} µs.\n",
+        us(r.edge_breakdown.query_mean_us),
+        us(r.edge_breakdown.fallback_wait_mean_us)
+    ));
     md.push_str(&format!(
         "\nFallback at the application (`cloud` row): p50 {} 0.5 ms, p99 {} 2 ms.\n\n\
          First answer after reconnecting, {} ms emulated round trip (UDP relay), {} reconnections \
