@@ -29,6 +29,7 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use crate::collection::{Engine, SearchParams};
 use crate::config::{ApiKey, Role};
+use crate::hot::HotIds;
 use crate::service::{Service, ServiceError};
 
 /// Shared state of the handlers. The service appears once recovery has finished; until then
@@ -39,6 +40,7 @@ pub struct AppState {
     pub keys: Arc<Vec<ApiKey>>,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
+    pub hot: Arc<HotIds>,
 }
 
 /// A JSON error with its status.
@@ -218,6 +220,34 @@ pub struct DeletePoints {
 pub struct WriteAck {
     /// Sequence number of the write in the WAL.
     pub lsn: u64,
+}
+
+/// `GET /v1/collections/{name}/hot` parameters.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HotQuery {
+    /// An edge id (its certificate's Common Name); none: across all edges.
+    pub edge: Option<String>,
+    /// How many ids (default 20, at most 10,000).
+    pub n: Option<usize>,
+}
+
+/// One hot id: its decayed count (an upper bound) and the error bound within it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HotId {
+    pub id: u64,
+    pub count: f64,
+    pub error: f64,
+}
+
+/// What edges ask the cloud for most, lately (confirmed, non-shadow QUIC queries only).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HotResponse {
+    pub collection: String,
+    pub edge: Option<String>,
+    /// Total decayed weight of the table (answered ids counted once each).
+    pub total: f64,
+    pub ids: Vec<HotId>,
 }
 
 /// A stored point.
@@ -430,6 +460,35 @@ async fn get_point(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/collections/{name}/hot", params(("name" = String, Path), HotQuery),
+    responses((status = 200, body = HotResponse), (status = 404, body = ErrorBody)))]
+async fn hot_ids(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<HotQuery>,
+) -> Result<axum::Json<HotResponse>, ApiError> {
+    let svc = service(&state)?;
+    if svc.catalog().get(&name).is_none() {
+        return Err(ServiceError::CollectionNotFound(name).into());
+    }
+    let (total, top) = state
+        .hot
+        .top(&name, q.edge.as_deref(), q.n.unwrap_or(20).min(10_000));
+    Ok(axum::Json(HotResponse {
+        collection: name,
+        edge: q.edge,
+        total,
+        ids: top
+            .into_iter()
+            .map(|e| HotId {
+                id: e.id,
+                count: e.count,
+                error: e.error,
+            })
+            .collect(),
+    }))
+}
+
 fn run_search(
     svc: &Service,
     name: &str,
@@ -537,6 +596,7 @@ async fn search_batch(
         upsert_points,
         delete_points,
         get_point,
+        hot_ids,
         search,
         search_batch
     ),
@@ -550,6 +610,8 @@ async fn search_batch(
         DeletePoints,
         WriteAck,
         PointOut,
+        HotId,
+        HotResponse,
         SearchRequest,
         SearchHit,
         SearchResponse,
@@ -672,6 +734,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/collections/{name}/points", put(upsert_points))
         .route("/v1/collections/{name}/points/delete", post(delete_points))
         .route("/v1/collections/{name}/points/{id}", get(get_point))
+        .route("/v1/collections/{name}/hot", get(hot_ids))
         .route("/v1/collections/{name}/search", post(search))
         .route("/v1/collections/{name}/search/batch", post(search_batch))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -718,7 +781,9 @@ pub async fn serve(
         keys: Arc::new(config.api_keys.clone()),
         metrics: prometheus(),
         max_body_bytes: config.max_body_bytes,
+        hot: Arc::new(HotIds::new(config.hot.clone())),
     };
+    let hot = state.hot.clone();
     // The QUIC endpoint binds now (so a bad certificate fails fast) and serves once recovered.
     let quic = match config.quic_addr {
         Some(quic_addr) => {
@@ -742,7 +807,12 @@ pub async fn serve(
     let service = Arc::new(recovery.await??);
     tracing::info!(%addr, "serving");
     if let Some((endpoint, acl)) = quic {
-        tokio::spawn(crate::quic::serve(endpoint, service.clone(), Arc::new(acl)));
+        tokio::spawn(crate::quic::serve(
+            endpoint,
+            service.clone(),
+            Arc::new(acl),
+            hot,
+        ));
     }
     let _ = cell.set(service);
     server.await??;

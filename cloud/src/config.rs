@@ -52,6 +52,8 @@ pub struct CloudConfig {
     pub certs_dir: PathBuf,
     /// Which collections each edge (by certificate Common Name) may query; `"*"` grants all.
     pub edges: std::collections::HashMap<String, Vec<String>>,
+    /// Hotness tables over what edges ask the cloud (`hot.rs`).
+    pub hot: crate::hot::HotConfig,
 }
 
 impl Default for CloudConfig {
@@ -70,6 +72,7 @@ impl Default for CloudConfig {
             quic_addr: None,
             certs_dir: PathBuf::from("certs"),
             edges: std::collections::HashMap::new(),
+            hot: crate::hot::HotConfig::default(),
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod client;
 pub mod collection;
 pub mod config;
 pub mod entry;
+pub mod hot;
 pub mod index;
 pub mod quic;
 pub mod service;

@@ -24,6 +24,7 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::certs::CertDir;
 use crate::collection::SearchParams;
+use crate::hot::HotIds;
 use crate::service::Service;
 
 #[derive(Debug, Error)]
@@ -111,9 +112,14 @@ pub fn bind(addr: SocketAddr, certs: &CertDir) -> Result<quinn::Endpoint, QuicEr
 }
 
 /// Accepts edges until the endpoint closes.
-pub async fn serve(endpoint: quinn::Endpoint, service: Arc<Service>, acl: Arc<AccessList>) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    service: Arc<Service>,
+    acl: Arc<AccessList>,
+    hot: Arc<HotIds>,
+) {
     while let Some(incoming) = endpoint.accept().await {
-        let (service, acl) = (service.clone(), acl.clone());
+        let (service, acl, hot) = (service.clone(), acl.clone(), hot.clone());
         tokio::spawn(async move {
             let connecting = match incoming.accept() {
                 Ok(connecting) => connecting,
@@ -142,7 +148,7 @@ pub async fn serve(endpoint: quinn::Endpoint, service: Arc<Service>, acl: Arc<Ac
                     }
                 });
             }
-            connection(conn, confirmed, service, acl).await;
+            connection(conn, confirmed, service, acl, hot).await;
         });
     }
 }
@@ -156,6 +162,7 @@ fn handshake_failed(e: &dyn std::fmt::Display) {
 /// bytes already counted.
 struct Peer {
     edge: String,
+    hot: Arc<HotIds>,
     session: Mutex<ServerSession>,
     confirmed: tokio::sync::watch::Receiver<bool>,
     wire: [AtomicU64; 2],
@@ -166,6 +173,7 @@ async fn connection(
     mut confirmed: tokio::sync::watch::Receiver<bool>,
     service: Arc<Service>,
     acl: Arc<AccessList>,
+    hot: Arc<HotIds>,
 ) {
     // A full handshake proves the certificate only when it completes.
     let edge = match edge_id(&conn) {
@@ -197,6 +205,7 @@ async fn connection(
     metrics::gauge!("tiervec_quic_connections").increment(1.0);
     let peer = Arc::new(Peer {
         edge,
+        hot,
         session: Mutex::new(ServerSession::new(collections)),
         confirmed,
         wire: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -279,12 +288,16 @@ async fn exchange(
                     early,
                 );
                 let svc = service.clone();
-                let collection = q.collection.clone();
+                let (collection, shadow) = (q.collection.clone(), q.shadow);
                 let frame =
                     tokio::task::spawn_blocking(move || span.in_scope(|| search(&svc, q))).await;
                 if let Ok(frame) = frame {
-                    if matches!(frame, Frame::Answer(_)) {
-                        answered.push(collection);
+                    if let Frame::Answer(a) = &frame {
+                        answered.push(Answered {
+                            collection,
+                            ids: a.hits.iter().map(|h| h.id).collect(),
+                            shadow,
+                        });
                     }
                     frame.encode(&mut out);
                 }
@@ -306,10 +319,18 @@ async fn exchange(
     count_answered(&peer, answered, early).await;
 }
 
-/// Counts answered queries per collection — the statistics hot-vector selection reads. A query
-/// that arrived as 0-RTT data could be a replay, so it is counted only once the handshake is
-/// confirmed (the edge proved it holds the session keys); if it never is, it is not counted.
-async fn count_answered(peer: &Peer, answered: Vec<String>, early: bool) {
+/// A query the cloud answered, for the statistics.
+struct Answered {
+    collection: String,
+    ids: Vec<u64>,
+    shadow: bool,
+}
+
+/// Counts answered queries per collection, and feeds the ids of their answers to the hotness
+/// tables (shadow queries excepted). A query that arrived as 0-RTT data could be a replay, so
+/// it is counted only once the handshake is confirmed (the edge proved it holds the session
+/// keys); if it never is, it is not counted.
+async fn count_answered(peer: &Peer, answered: Vec<Answered>, early: bool) {
     if answered.is_empty() {
         return;
     }
@@ -318,8 +339,11 @@ async fn count_answered(peer: &Peer, answered: Vec<String>, early: bool) {
         return;
     }
     let flight = if early { "early" } else { "confirmed" };
-    for collection in answered {
-        metrics::counter!("tiervec_quic_queries_total", "collection" => collection, "flight" => flight)
+    for a in answered {
+        if !a.shadow {
+            peer.hot.record(&peer.edge, &a.collection, &a.ids);
+        }
+        metrics::counter!("tiervec_quic_queries_total", "collection" => a.collection, "flight" => flight)
             .increment(1);
     }
 }

@@ -325,6 +325,26 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
     )
     .await;
 
+    // What the edge asked the cloud for is tracked as hot, over the real socket: only ids the
+    // cache lacks (the edge answers the others itself).
+    let hot: Value = reqwest::get(format!("{base}/v1/collections/c/hot?edge=edge-1&n=50"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids = hot["ids"].as_array().unwrap();
+    assert!(!ids.is_empty(), "{hot}");
+    assert!(
+        ids.iter().all(|e| e["id"].as_u64().unwrap() >= CACHED),
+        "cached ids counted as hot: {hot}"
+    );
+    // Each listed id was answered at least once; counts decay (half-life 10 min) by a hair.
+    assert!(
+        hot["total"].as_f64().unwrap() >= 0.99 * ids.len() as f64,
+        "{hot}"
+    );
+
     // Phase 2: SIGKILL, mid-trace. The edge notices (keep-alives go unanswered) and keeps
     // answering, degraded, while its reconnection attempts fail.
     phase.store(2, Ordering::SeqCst);

@@ -14,6 +14,8 @@
 //!   place through [`snapshot::SnapshotView`].
 //! * [`vecs`] parses the `.fvecs`/`.ivecs` dataset layout from bytes.
 //! * [`exact`] is brute-force search, the yardstick for recall.
+//! * [`hot`] estimates which ids are asked for most lately (decaying Space-Saving), for the
+//!   cloud's choice of what to push to edges.
 //! * [`log`] is the record format of every append-only log (cloud WAL, edge delta log).
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
 //!   file replacement and directory syncs for the edge and the cloud.
@@ -23,6 +25,7 @@ pub mod confidence;
 pub mod durable;
 pub mod exact;
 pub mod hnsw;
+pub mod hot;
 pub mod identity;
 pub mod kernels;
 pub mod log;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tiervec_cloud::certs::CertDir;
 use tiervec_cloud::config::CloudConfig;
+use tiervec_cloud::hot::HotIds;
 use tiervec_cloud::quic::{self, AccessList};
 use tiervec_cloud::service::Service;
 use tiervec_edge::link::{CloudLink, LinkConfig, LinkError};
@@ -43,6 +44,10 @@ fn link(
         identity.map(|c| (c.edge_cert(edge), c.edge_key(edge))),
         edge,
     )
+}
+
+fn hot() -> Arc<HotIds> {
+    Arc::new(HotIds::new(Default::default()))
 }
 
 fn cert_dir(path: &Path, deployment: &str) -> CertDir {
@@ -98,7 +103,13 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
     ]));
     let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
     let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::serve(endpoint, service.clone(), Arc::new(acl)));
+    let hot_ids = hot();
+    tokio::spawn(quic::serve(
+        endpoint,
+        service.clone(),
+        Arc::new(acl),
+        hot_ids.clone(),
+    ));
 
     let edge1 = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
         .await
@@ -111,6 +122,32 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
         .unwrap();
     assert_eq!(answer.hits[0].id, 42);
     assert!(answer.hits[0].distance.abs() < 1e-5);
+    // The ids answered feed the hotness tables; a shadow query's never do.
+    let shadow = edge1
+        .query(
+            Query {
+                shadow: true,
+                ..query("c", id, vector(77))
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(shadow.hits[0].id, 77);
+    wait_for(|| {
+        hot_ids
+            .top("c", Some("edge-1"), 10)
+            .1
+            .iter()
+            .any(|e| e.id == 42)
+    })
+    .await;
+    let (_, top) = hot_ids.top("c", None, 100);
+    assert!(top.iter().any(|e| e.id == 42));
+    assert!(
+        !top.iter().any(|e| e.id == 77),
+        "shadow query counted: {top:?}"
+    );
 
     // Bad queries are refused one by one; the connection keeps serving.
     let refused = |r: Result<_, QueryFailure>| match r {
@@ -217,7 +254,13 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
     )])));
     let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
     let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::serve(endpoint.clone(), service.clone(), acl.clone()));
+    let hot_ids = hot();
+    tokio::spawn(quic::serve(
+        endpoint.clone(),
+        service.clone(),
+        acl.clone(),
+        hot_ids.clone(),
+    ));
 
     // The edge caches the first 100 points.
     let mut builder = HnswBuilder::new(DIM, Metric::Cosine, HnswParams::default());
@@ -290,7 +333,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         again = quic::bind(addr, &certs);
     }
     let again = again.unwrap();
-    tokio::spawn(quic::serve(again, service.clone(), acl));
+    tokio::spawn(quic::serve(again, service.clone(), acl, hot()));
     wait_for(|| node.connected()).await;
     let (hits, source) = node.search(&vector(250), 1, 32).await.unwrap();
     assert_eq!((source, hits[0].id), (Source::Cloud, 250));
@@ -387,7 +430,13 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
     )])));
     let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
     let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::serve(endpoint.clone(), service.clone(), acl.clone()));
+    let hot_ids = hot();
+    tokio::spawn(quic::serve(
+        endpoint.clone(),
+        service.clone(),
+        acl.clone(),
+        hot_ids.clone(),
+    ));
 
     let connector = Connector::new(link(addr, &certs, Some(&certs), "edge-1")).unwrap();
     let first = connector.connect(None).await.unwrap();
@@ -420,6 +469,11 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
             .any(|l| l.starts_with("tiervec_quic_queries_total{") && l.contains("flight=\"early\""))
     };
     wait_for(counted).await;
+    wait_for(|| {
+        let (_, top) = hot_ids.top("c", Some("edge-1"), 100);
+        (10..13).all(|id| top.iter().any(|e| e.id == id))
+    })
+    .await;
 
     // The cloud restarts: its session cache is gone, the early data is rejected, and the
     // flight is sent again once the full handshake is done.
@@ -434,7 +488,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
         tokio::time::sleep(Duration::from_millis(10)).await;
         restarted = quic::bind(addr, &certs);
     }
-    tokio::spawn(quic::serve(restarted.unwrap(), service.clone(), acl));
+    tokio::spawn(quic::serve(restarted.unwrap(), service.clone(), acl, hot()));
     let after = connector
         .connect(Some(query("c", id, vector(77))))
         .await
@@ -462,7 +516,7 @@ async fn malformed_frames_are_refused_typed_and_counted() {
     )])));
     let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
     let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::serve(endpoint, service.clone(), acl));
+    tokio::spawn(quic::serve(endpoint, service.clone(), acl, hot()));
     let healthy = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
         .await
         .unwrap();
