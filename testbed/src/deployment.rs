@@ -110,26 +110,13 @@ pub fn start_cloud(dir: &Path, ds: &Dataset, edges: &[String]) -> anyhow::Result
 impl Cloud {
     /// Waits until the cloud has recovered and its graph covers every point.
     pub async fn wait_indexed(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
-        let base = &self.http_base;
-        procs::wait_http_ok(http, &format!("{base}/readyz"), Duration::from_secs(120)).await?;
-        let deadline = Instant::now() + Duration::from_secs(900);
-        loop {
-            self.process.check_alive()?;
-            let d: serde_json::Value = http
-                .get(format!("{base}/v1/collections/{COLLECTION}"))
-                .send()
-                .await?
-                .json()
-                .await?;
-            if d["indexed_points"] == d["points"] {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the cloud's graph took over 15 min"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        procs::wait_http_ok(
+            http,
+            &format!("{}/readyz", self.http_base),
+            Duration::from_secs(120),
+        )
+        .await?;
+        wait_indexed(http, &self.http_base, &mut self.process).await
     }
 
     /// The smallest `ef` of the ladder at which the cloud's own recall@10 on `queries`
@@ -174,6 +161,33 @@ impl Cloud {
             Some((self.certs.edge_cert(name), self.certs.edge_key(name))),
             name,
         )
+    }
+}
+
+/// Waits until the graph of the dataset's collection on the (recovered) cloud at `base` covers
+/// every point, failing if `cloud` exits.
+pub async fn wait_indexed(
+    http: &reqwest::Client,
+    base: &str,
+    cloud: &mut Process,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        cloud.check_alive()?;
+        let d: serde_json::Value = http
+            .get(format!("{base}/v1/collections/{COLLECTION}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if d["indexed_points"] == d["points"] {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the cloud's graph took over 15 min"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

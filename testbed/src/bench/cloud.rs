@@ -20,6 +20,7 @@ use super::{
     update_benchmarks_md, write_json,
 };
 use crate::dataset::Dataset;
+use crate::deployment::COLLECTION;
 use crate::plot;
 use crate::procs::{self, Process};
 
@@ -66,8 +67,6 @@ struct Report {
     p50_ratio_tiervec_to_hnsw_rs_at_098: Option<f64>,
     http_server_worker_threads: usize,
 }
-
-const COLLECTION: &str = "wordnet";
 
 /// `tiervec-cloud serve` over `data_dir` as a child process on `cpu`, one worker thread.
 fn spawn_server(data_dir: &Path, addr_file: &Path, cpu: usize) -> anyhow::Result<Process> {
@@ -280,34 +279,11 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let http_rows = rt.block_on(async {
-        let base = loop {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                break format!("http://{a}");
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        };
+        let base = format!("http://{}", procs::wait_addr_file(&addr_file, &mut server)?);
         let http = reqwest::Client::new();
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await
-                && r.status().is_success()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        procs::wait_http_ok(&http, &format!("{base}/readyz"), Duration::from_secs(300)).await?;
         let recovery_seconds = t.elapsed().as_secs_f64();
-        loop {
-            let d: serde_json::Value = http
-                .get(format!("{base}/v1/collections/{COLLECTION}"))
-                .send()
-                .await?
-                .json()
-                .await?;
-            if d["indexed_points"] == d["points"] {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::deployment::wait_indexed(&http, &base, &mut server).await?;
         let target = HttpTarget {
             http: &http,
             base: &base,

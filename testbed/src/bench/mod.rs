@@ -239,6 +239,9 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
 pub fn update_benchmarks_md(path: &Path, name: &str, section: &str) -> anyhow::Result<()> {
     let start = format!("<!-- bench:{name}:start -->");
     let end = format!("<!-- bench:{name}:end -->");
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
     let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
     let block = format!("{start}\n{section}\n{end}");
     let new = match (old.find(&start), old.find(&end)) {
