@@ -86,6 +86,9 @@ pub const EXACT_BELOW: usize = 2_048;
 
 /// Export a new generation once this many slots are indexed but not yet exported.
 const EXPORT_EVERY: usize = 1_024;
+/// Fewest quantised candidates of a graph search re-ranked with exact distances (at least
+/// `4k`): the cloud's rows do not fit in cache, and each re-ranked row is a cold read.
+const RERANK_FLOOR: usize = 40;
 
 pub struct Collection {
     pub info: CollectionInfo,
@@ -357,7 +360,7 @@ impl Collection {
         } else {
             let mut ef = params.ef.max(params.k);
             loop {
-                let mut found = self.graph_search(&p, &generation, &q, ef);
+                let mut found = self.graph_search(&p, &generation, &q, params.k, ef);
                 let mut tail = self.scan(&p, &q, generation.len, params.k);
                 found.append(&mut tail);
                 found.sort_unstable_by(Neighbour::cmp_nearest);
@@ -423,8 +426,11 @@ impl Collection {
         p: &Points,
         generation: &Generation,
         q: &[f32],
+        k: usize,
         ef: usize,
     ) -> Vec<Neighbour> {
+        // Enough exact candidates for `k` answers after tombstones are filtered out.
+        let rerank = (4 * k).max(RERANK_FLOOR).min(ef);
         let dim = self.info.dim;
         let mut scratch = self.scratches.lock().pop().unwrap_or_default();
         let exact = ExactSpace {
@@ -443,12 +449,19 @@ impl Collection {
             query: &codes,
             query_norm: kernels::dot(q, q),
         };
-        let found: Vec<Neighbour> =
-            search_reranked(&generation.graph, &quantized, &exact, ef, ef, &mut scratch)
-                .iter()
-                .filter(|n| p.live[n.id as usize])
-                .copied()
-                .collect();
+        let found: Vec<Neighbour> = search_reranked(
+            &generation.graph,
+            &quantized,
+            &exact,
+            rerank,
+            ef,
+            rerank,
+            &mut scratch,
+        )
+        .iter()
+        .filter(|n| p.live[n.id as usize])
+        .copied()
+        .collect();
         *scratch.query_codes() = codes;
         self.scratches.lock().push(scratch);
         found

@@ -931,7 +931,7 @@ impl<'a> SnapshotView<'a> {
             query: &codes,
             query_norm: kernels::dot(query, query),
         };
-        hnsw::search_reranked(self, &quantized, &exact, k, ef, scratch);
+        hnsw::search_reranked(self, &quantized, &exact, k, ef, ef, scratch);
         *scratch.query_codes() = codes;
         scratch.found()
     }

@@ -333,17 +333,22 @@ pub fn search<'s, G: Graph + ?Sized>(
     &scratch.found
 }
 
-/// k-nearest-neighbour search that traverses with quantised distances and re-ranks the `ef`
-/// nodes it found with exact ones, so the answer's distances and order are exact.
+/// k-nearest-neighbour search that traverses with quantised distances and re-ranks the best
+/// `rerank` (at least `k`) of the nodes it found with exact ones, so the answer's distances and
+/// order are exact. Re-ranking fewer than `ef` saves exact rows, which are cold in memory once a
+/// corpus outgrows the cache; the quantised order is close enough that the true top-`k` sit
+/// near its front.
 pub fn search_reranked<'s, G: Graph + ?Sized>(
     graph: &G,
     quantized: &QuantizedSpace<'_>,
     exact: &ExactSpace<'_>,
     k: usize,
     ef: usize,
+    rerank: usize,
     scratch: &'s mut SearchScratch,
 ) -> &'s [Neighbour] {
     search_graph(graph, quantized, ef.max(k), scratch);
+    scratch.found.truncate(rerank.max(k));
     // Exact rows are four times longer than codes and mostly cold: fetch the next one whole
     // while this one is compared.
     for i in 0..scratch.found.len() {
