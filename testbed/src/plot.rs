@@ -119,6 +119,8 @@ pub fn latency_cdf(
         .configure_mesh()
         .x_desc("latency at the application (µs, log)")
         .y_desc("percentile")
+        .x_labels(8)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     let palette = [
