@@ -87,7 +87,8 @@ pub const EXACT_BELOW: usize = 2_048;
 /// Export a new generation once this many slots are indexed but not yet exported.
 const EXPORT_EVERY: usize = 1_024;
 /// Fewest quantised candidates of a graph search re-ranked with exact distances (at least
-/// `4k`): the cloud's rows do not fit in cache, and each re-ranked row is a cold read.
+/// `4k`, doubled with `ef` when tombstones leave too few): the cloud's rows do not fit in
+/// cache, and each re-ranked row is a cold read.
 const RERANK_FLOOR: usize = 40;
 
 pub struct Collection {
@@ -359,16 +360,20 @@ impl Collection {
             self.scan(&p, &q, 0, params.k)
         } else {
             let mut ef = params.ef.max(params.k);
+            let mut rerank = (4 * params.k).max(RERANK_FLOOR);
             loop {
-                let mut found = self.graph_search(&p, &generation, &q, params.k, ef);
+                let mut found = self.graph_search(&p, &generation, &q, ef, rerank.min(ef));
                 let mut tail = self.scan(&p, &q, generation.len, params.k);
                 found.append(&mut tail);
                 found.sort_unstable_by(Neighbour::cmp_nearest);
-                // Tombstones can crowd the beam: widen it rather than answer short.
-                if found.len() >= params.k || ef >= MAX_EF || p.live_count <= found.len() {
+                // Tombstones can crowd the beam and the re-ranked window: widen both rather
+                // than answer short.
+                let widest = ef >= MAX_EF && rerank >= ef;
+                if found.len() >= params.k || widest || p.live_count <= found.len() {
                     break found;
                 }
                 ef = (ef * 2).min(MAX_EF);
+                rerank = (rerank * 2).min(MAX_EF);
             }
         };
         found.truncate(params.k);
@@ -426,11 +431,9 @@ impl Collection {
         p: &Points,
         generation: &Generation,
         q: &[f32],
-        k: usize,
         ef: usize,
+        rerank: usize,
     ) -> Vec<Neighbour> {
-        // Enough exact candidates for `k` answers after tombstones are filtered out.
-        let rerank = (4 * k).max(RERANK_FLOOR).min(ef);
         let dim = self.info.dim;
         let mut scratch = self.scratches.lock().pop().unwrap_or_default();
         let exact = ExactSpace {

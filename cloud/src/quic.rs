@@ -102,6 +102,11 @@ fn edge_id(conn: &quinn::Connection) -> Option<String> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    // A resumed session carries the certificate verified when its ticket was issued; tickets
+    // are renewed on every resumption, so check the validity period again each time.
+    if !cert.validity().is_valid() {
+        return None;
+    }
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
     Some(cn.to_owned())
 }
@@ -226,7 +231,8 @@ fn account_wire_bytes(conn: &quinn::Connection, seen: &[AtomicU64; 2]) {
         ("tx", stats.udp_tx.bytes, &seen[0]),
         ("rx", stats.udp_rx.bytes, &seen[1]),
     ] {
-        let before = last.swap(now, Ordering::Relaxed);
+        // Stream tasks race here: only an increase counts, once.
+        let before = last.fetch_max(now, Ordering::Relaxed);
         metrics::counter!("tiervec_quic_udp_bytes_total", "direction" => direction)
             .increment(now.saturating_sub(before));
     }

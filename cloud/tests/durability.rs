@@ -258,6 +258,51 @@ fn deletes_and_replacements_are_seen_by_the_next_search() {
     );
 }
 
+/// Deleting every near neighbour of a query leaves tombstones in front of the graph search's
+/// re-ranked window; the search widens until it has `k` live answers, and they are the live
+/// exact top-`k`.
+#[test]
+fn a_query_whose_neighbours_were_all_deleted_still_gets_k_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_with(dir.path());
+    create(&svc, "c");
+    svc.upsert("c", points(0..3000, 0)).unwrap();
+    assert!(svc.wait_indexed(Duration::from_secs(60)));
+    let q = vector(77, 0);
+    let exact = |k| SearchParams {
+        k,
+        ef: 64,
+        exact: true,
+        max_distance: None,
+    };
+    let nearest: Vec<u64> = svc
+        .search("c", &q, &exact(100))
+        .unwrap()
+        .0
+        .iter()
+        .map(|h| h.id)
+        .collect();
+    svc.delete("c", nearest).unwrap();
+    let graph = SearchParams {
+        k: 10,
+        ef: 64,
+        exact: false,
+        max_distance: None,
+    };
+    let (hits, engine) = svc.search("c", &q, &graph).unwrap();
+    assert_eq!(engine, tiervec_cloud::collection::Engine::Graph);
+    assert_eq!(hits.len(), 10, "answered short: {hits:?}");
+    let live_truth: Vec<u64> = svc
+        .search("c", &q, &exact(10))
+        .unwrap()
+        .0
+        .iter()
+        .map(|h| h.id)
+        .collect();
+    let found = hits.iter().filter(|h| live_truth.contains(&h.id)).count();
+    assert!(found >= 8, "recall {found}/10 among live points");
+}
+
 #[test]
 fn a_recreated_collection_is_a_new_identity() {
     let dir = tempfile::tempdir().unwrap();

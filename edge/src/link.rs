@@ -179,7 +179,7 @@ fn account_wire_bytes(conn: &quinn::Connection, seen: &[AtomicU64; 2]) {
         ("tx", stats.udp_tx.bytes, &seen[0]),
         ("rx", stats.udp_rx.bytes, &seen[1]),
     ] {
-        let before = last.swap(now, Ordering::Relaxed);
+        let before = last.fetch_max(now, Ordering::Relaxed);
         metrics::counter!("tiervec_edge_link_udp_bytes_total", "direction" => direction)
             .increment(now.saturating_sub(before));
     }
@@ -344,6 +344,7 @@ impl Connector {
                 collections,
                 wire,
                 missed: AtomicU64::new(0),
+                last_answer_us: AtomicU64::new(0),
             },
             first_answer,
             handshake,
@@ -360,13 +361,18 @@ pub struct CloudLink {
     collections: Vec<WireCollection>,
     /// UDP bytes already counted (tx, rx).
     wire: [AtomicU64; 2],
-    /// Deadlines missed in a row; see [`UNRESPONSIVE_AFTER`].
+    /// Deadlines missed since the last answer; see [`UNRESPONSIVE_AFTER`].
     missed: AtomicU64,
+    /// When the last answer arrived (µs since `started`).
+    last_answer_us: AtomicU64,
 }
 
-/// Deadlines missed in a row after which the link is closed and made again. A cloud that was
-/// killed and restarted leaves the old connection looking alive until the idle timeout; closing
-/// it early lets the edge reach the new process at once instead of degrading for seconds.
+/// Deadlines missed since the last answer after which the link is closed and made again,
+/// provided the cloud has also been silent for that many deadlines (so that a burst of
+/// concurrent queries timing out in one short pause does not count three times). A cloud that
+/// was killed and restarted leaves the old connection looking alive until the idle timeout;
+/// closing it early lets the edge reach the new process at once instead of degrading for
+/// seconds.
 pub const UNRESPONSIVE_AFTER: u64 = 3;
 
 impl CloudLink {
@@ -399,6 +405,11 @@ impl CloudLink {
         self.started.elapsed().as_micros() as u64
     }
 
+    /// Closes the connection (the node's keeper then reconnects).
+    fn close(&self, reason: &[u8]) {
+        self.conn.close(quinn::VarInt::from_u32(0), reason);
+    }
+
     fn handle(&self, event: ClientEvent) -> Vec<ClientAction> {
         let now = self.now();
         self.session.lock().handle(event, now)
@@ -427,21 +438,26 @@ impl CloudLink {
         let frames = match outcome {
             Ok(Ok(frames)) => frames,
             Ok(Err(_)) => {
+                // The session is over; so is the connection, so that the edge reconnects.
                 self.handle(ClientEvent::Disconnected);
+                self.close(b"stream failed");
                 return Err(QueryFailure::Disconnected);
             }
             Err(_) => {
                 self.session.lock().handle_timeout(deadline_us);
-                if self.missed.fetch_add(1, Ordering::Relaxed) + 1 >= UNRESPONSIVE_AFTER {
-                    self.conn.close(
-                        quinn::VarInt::from_u32(0),
-                        b"cloud unresponsive: deadlines missed in a row",
-                    );
+                let missed = self.missed.fetch_add(1, Ordering::Relaxed) + 1;
+                let silent_us = self
+                    .now()
+                    .saturating_sub(self.last_answer_us.load(Ordering::Relaxed));
+                let patience_us = UNRESPONSIVE_AFTER * deadline.as_micros() as u64;
+                if missed >= UNRESPONSIVE_AFTER && silent_us >= patience_us {
+                    self.close(b"cloud unresponsive: deadlines missed in a row");
                 }
                 return Err(QueryFailure::Timeout);
             }
         };
         self.missed.store(0, Ordering::Relaxed);
+        self.last_answer_us.store(self.now(), Ordering::Relaxed);
         for f in frames {
             for a in self.handle(ClientEvent::Received(f)) {
                 match a {
@@ -449,6 +465,7 @@ impl CloudLink {
                     ClientAction::Failed { query_id, reason } if query_id == id => {
                         return Err(reason);
                     }
+                    ClientAction::Close { message, .. } => self.close(message.as_bytes()),
                     _ => {}
                 }
             }

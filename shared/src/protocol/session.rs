@@ -177,13 +177,16 @@ impl ClientSession {
             (ClientState::Handshaking, Frame::HelloAck(ack)) => {
                 if ack.version < self.hello.min_version || ack.version > self.hello.version {
                     self.state = ClientState::Disconnected;
-                    return vec![ClientAction::Close {
+                    let mut actions = vec![ClientAction::Close {
                         code: ErrorCode::VersionMismatch,
                         message: format!(
                             "cloud chose version {} outside {}..={}",
                             ack.version, self.hello.min_version, self.hello.version
                         ),
                     }];
+                    // Queries pipelined behind the Hello die with the session.
+                    actions.extend(self.fail_all(QueryFailure::Disconnected));
+                    return actions;
                 }
                 self.state = ClientState::Ready(ack.version);
                 vec![ClientAction::Ready {
