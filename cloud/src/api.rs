@@ -468,12 +468,14 @@ async fn hot_ids(
     axum::extract::Query(q): axum::extract::Query<HotQuery>,
 ) -> Result<axum::Json<HotResponse>, ApiError> {
     let svc = service(&state)?;
-    if svc.catalog().get(&name).is_none() {
+    let Some(collection) = svc.catalog().get(&name) else {
         return Err(ServiceError::CollectionNotFound(name).into());
-    }
-    let (total, top) = state
-        .hot
-        .top(&name, q.edge.as_deref(), q.n.unwrap_or(20).min(10_000));
+    };
+    let (total, top) = state.hot.top(
+        collection.info.id.0,
+        q.edge.as_deref(),
+        q.n.unwrap_or(20).min(10_000),
+    );
     Ok(axum::Json(HotResponse {
         collection: name,
         edge: q.edge,

@@ -294,13 +294,15 @@ async fn exchange(
                     early,
                 );
                 let svc = service.clone();
-                let (collection, shadow) = (q.collection.clone(), q.shadow);
+                let (collection, collection_id, shadow) =
+                    (q.collection.clone(), q.collection_id, q.shadow);
                 let frame =
                     tokio::task::spawn_blocking(move || span.in_scope(|| search(&svc, q))).await;
                 if let Ok(frame) = frame {
                     if let Frame::Answer(a) = &frame {
                         answered.push(Answered {
                             collection,
+                            collection_id,
                             ids: a.hits.iter().map(|h| h.id).collect(),
                             shadow,
                         });
@@ -328,6 +330,7 @@ async fn exchange(
 /// A query the cloud answered, for the statistics.
 struct Answered {
     collection: String,
+    collection_id: [u8; 16],
     ids: Vec<u64>,
     shadow: bool,
 }
@@ -347,7 +350,7 @@ async fn count_answered(peer: &Peer, answered: Vec<Answered>, early: bool) {
     let flight = if early { "early" } else { "confirmed" };
     for a in answered {
         if !a.shadow {
-            peer.hot.record(&peer.edge, &a.collection, &a.ids);
+            peer.hot.record(&peer.edge, a.collection_id, &a.ids);
         }
         metrics::counter!("tiervec_quic_queries_total", "collection" => a.collection, "flight" => flight)
             .increment(1);

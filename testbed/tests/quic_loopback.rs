@@ -136,13 +136,13 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
     assert_eq!(shadow.hits[0].id, 77);
     wait_for(|| {
         hot_ids
-            .top("c", Some("edge-1"), 10)
+            .top(id, Some("edge-1"), 10)
             .1
             .iter()
             .any(|e| e.id == 42)
     })
     .await;
-    let (_, top) = hot_ids.top("c", None, 100);
+    let (_, top) = hot_ids.top(id, None, 100);
     assert!(top.iter().any(|e| e.id == 42));
     assert!(
         !top.iter().any(|e| e.id == 77),
@@ -470,7 +470,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
     };
     wait_for(counted).await;
     wait_for(|| {
-        let (_, top) = hot_ids.top("c", Some("edge-1"), 100);
+        let (_, top) = hot_ids.top(id, Some("edge-1"), 100);
         (10..13).all(|id| top.iter().any(|e| e.id == id))
     })
     .await;
