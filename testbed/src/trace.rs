@@ -139,7 +139,7 @@ pub fn ground_truth(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = flat.len().div_ceil(threads).max(1);
     let mut answers: Vec<Truth> = Vec::with_capacity(flat.len());
-    std::thread::scope(|s| {
+    std::thread::scope(|s| -> anyhow::Result<()> {
         let handles: Vec<_> = flat
             .chunks(chunk)
             .map(|part| {
@@ -166,9 +166,13 @@ pub fn ground_truth(
             })
             .collect();
         for h in handles {
-            answers.extend(h.join().expect("ground-truth worker panicked"));
+            answers.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a ground-truth worker panicked"))?,
+            );
         }
-    });
+        Ok(())
+    })?;
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("creating {}", cache_dir.display()))?;
     tiervec_shared::durable::write_atomic(&path, &encode(&answers), false)

@@ -324,15 +324,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
 
     // The cloud comes back on the same address: the edge reconnects by itself.
     // (The old socket is released once the stopped accept loop drops its endpoint.)
-    let mut again = quic::bind(addr, &certs);
-    for _ in 0..200 {
-        if again.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        again = quic::bind(addr, &certs);
-    }
-    let again = again.unwrap();
+    let again = rebind(addr, &certs).await;
     tokio::spawn(quic::serve(again, service.clone(), acl, hot()));
     wait_for(|| node.connected()).await;
     let (hits, source) = node.search(&vector(250), 1, 32).await.unwrap();
@@ -480,15 +472,8 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
     endpoint.close(quinn::VarInt::from_u32(0), b"restart");
     endpoint.wait_idle().await;
     drop(endpoint);
-    let mut restarted = quic::bind(addr, &certs);
-    for _ in 0..200 {
-        if restarted.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        restarted = quic::bind(addr, &certs);
-    }
-    tokio::spawn(quic::serve(restarted.unwrap(), service.clone(), acl, hot()));
+    let restarted = rebind(addr, &certs).await;
+    tokio::spawn(quic::serve(restarted, service.clone(), acl, hot()));
     let after = connector
         .connect(Some(query("c", id, vector(77))))
         .await
@@ -634,6 +619,18 @@ async fn malformed_frames_are_refused_typed_and_counted() {
         .await
         .unwrap();
     assert_eq!(answer.hits[0].id, 8);
+}
+
+/// Binds a new cloud endpoint on the address a stopped one held (its socket is released once
+/// the stopped accept loop drops it).
+async fn rebind(addr: std::net::SocketAddr, certs: &CertDir) -> quinn::Endpoint {
+    for _ in 0..200 {
+        if let Ok(endpoint) = quic::bind(addr, certs) {
+            return endpoint;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    quic::bind(addr, certs).unwrap()
 }
 
 async fn wait_for(mut ready: impl FnMut() -> bool) {

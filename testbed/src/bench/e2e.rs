@@ -282,7 +282,7 @@ pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
             &ds,
             &cloud,
             &http,
-            &fallback.search_url(),
+            &fallback,
             &local.search_url(),
             echo_addr,
         )
@@ -324,12 +324,13 @@ async fn measure_all(
     ds: &Dataset,
     cloud: &deployment::Cloud,
     http: &reqwest::Client,
-    fallback_url: &str,
+    fallback: &deployment::Edge,
     local_url: &str,
     echo_addr: SocketAddr,
 ) -> anyhow::Result<Report> {
     let nq = ds.queries.rows();
     let samples = args.samples;
+    let fallback_url = fallback.search_url();
     let mut rows = Vec::new();
 
     // quic_raw: the same TLS configurations as the link, a query-sized message echoed.
@@ -391,7 +392,7 @@ async fn measure_all(
     }
 
     // cloud and local at the application's HTTP call.
-    for (source, url) in [("cloud", fallback_url), ("local", local_url)] {
+    for (source, url) in [("cloud", fallback_url.as_str()), ("local", local_url)] {
         let mut lat = Latencies::new();
         let mut recall = 0.0;
         let t = Instant::now();
@@ -429,7 +430,7 @@ async fn measure_all(
 
     // Where the fallback's time goes inside the edge, from its own histograms (means).
     let metrics = http
-        .get(fallback_url.replace("/v1/collections/wordnet/search", "/metrics"))
+        .get(format!("{}/metrics", fallback.url))
         .send()
         .await?
         .text()
