@@ -786,6 +786,7 @@ pub async fn serve(
         hot: Arc::new(HotIds::new(config.hot.clone())),
     };
     let hot = state.hot.clone();
+    let push_config = config.push.clone();
     // The QUIC endpoint binds now (so a bad certificate fails fast) and serves once recovered.
     let quic = match config.quic_addr {
         Some(quic_addr) => {
@@ -809,11 +810,12 @@ pub async fn serve(
     let service = Arc::new(recovery.await??);
     tracing::info!(%addr, "serving");
     if let Some((endpoint, acl)) = quic {
+        let push = crate::push::PushHub::start(push_config, service.clone(), hot);
         tokio::spawn(crate::quic::serve(
             endpoint,
             service.clone(),
             Arc::new(acl),
-            hot,
+            push,
         ));
     }
     let _ = cell.set(service);

@@ -21,7 +21,9 @@ use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const MAGIC: [u8; 8] = *b"TVCKPT\r\n";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the edges' cache manifests; a version 1 checkpoint is refused with a clear
+/// error (no deployment predates it).
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
 
 /// One collection as of the checkpoint's LSN (live points only).
@@ -41,11 +43,19 @@ pub struct CollectionImage {
     pub payloads: Vec<Option<String>>,
 }
 
+/// What the cloud believes one edge's cache of one collection holds.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EdgeCacheImage {
+    pub edge: String,
+    pub manifest: tiervec_shared::push::Inventory,
+}
+
 /// Everything durable as of `lsn`.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct CheckpointBody {
     pub lsn: u64,
     pub collections: Vec<CollectionImage>,
+    pub edge_caches: Vec<EdgeCacheImage>,
 }
 
 #[derive(Debug, Error)]
@@ -195,6 +205,19 @@ mod tests {
                 lsns: vec![10, 11],
                 vectors: vec![1.0, 0.0, 0.0, 1.0],
                 payloads: vec![None, Some("\"x\"".into())],
+            }],
+            edge_caches: vec![EdgeCacheImage {
+                edge: "edge-a".into(),
+                manifest: tiervec_shared::push::Inventory {
+                    collection_id: [1; 16],
+                    version: 7,
+                    vectors: vec![tiervec_shared::push::HeldVector {
+                        id: 5,
+                        lsn: 10,
+                        bytes: 300,
+                    }],
+                    anchors: vec![(99, vec![5])],
+                },
             }],
         }
     }

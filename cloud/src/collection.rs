@@ -233,6 +233,15 @@ impl Collection {
         })
     }
 
+    /// The LSN at which `id` was last deleted, if it was (and not written since).
+    pub fn deleted_at(&self, id: u64) -> Option<u64> {
+        let p = self.points.read();
+        if p.slot_of.contains_key(&id) {
+            return None;
+        }
+        p.deleted_at.get(&id).copied()
+    }
+
     /// The live points (ids, LSNs, vectors, payloads) in slot order, for checkpoints.
     pub fn live_image(&self) -> (Vec<u64>, Vec<u64>, Vec<f32>, Vec<Option<String>>) {
         let p = self.points.read();

@@ -54,6 +54,8 @@ pub struct CloudConfig {
     pub edges: std::collections::HashMap<String, Vec<String>>,
     /// Hotness tables over what edges ask the cloud (`hot.rs`).
     pub hot: crate::hot::HotConfig,
+    /// Pushing into edge caches (`push.rs`).
+    pub push: crate::push::PushConfig,
 }
 
 impl Default for CloudConfig {
@@ -73,6 +75,7 @@ impl Default for CloudConfig {
             certs_dir: PathBuf::from("certs"),
             edges: std::collections::HashMap::new(),
             hot: crate::hot::HotConfig::default(),
+            push: crate::push::PushConfig::default(),
         }
     }
 }

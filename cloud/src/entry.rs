@@ -7,6 +7,7 @@
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
+use tiervec_shared::push::{Inventory, ManifestStep};
 
 /// One logged write.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -33,6 +34,19 @@ pub enum WalEntry {
     },
     /// Points were deleted (absent ids are no-ops).
     Delete { collection: [u8; 16], ids: Vec<u64> },
+    /// A delta is about to be pushed to `edge`'s cache of `collection` (logged before it is
+    /// sent, so the cloud's manifest is a superset of what the edge holds).
+    EdgeStep {
+        edge: String,
+        collection: [u8; 16],
+        step: ManifestStep,
+    },
+    /// `edge` said its cache of `collection` holds exactly this (a resync).
+    EdgeReset {
+        edge: String,
+        collection: [u8; 16],
+        inventory: Inventory,
+    },
 }
 
 impl WalEntry {

@@ -57,7 +57,8 @@ impl HotIds {
         self.started.elapsed().as_micros() as u64
     }
 
-    fn half_life_us(&self) -> u64 {
+    /// The configured half-life, in µs (anchor tables decay alike).
+    pub fn half_life_us(&self) -> u64 {
         self.config.half_life_secs.saturating_mul(1_000_000)
     }
 

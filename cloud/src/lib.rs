@@ -26,6 +26,7 @@ pub mod config;
 pub mod entry;
 pub mod hot;
 pub mod index;
+pub mod push;
 pub mod quic;
 pub mod service;
 pub mod wal;

@@ -24,7 +24,7 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::certs::CertDir;
 use crate::collection::SearchParams;
-use crate::hot::HotIds;
+use crate::push::{PushHub, push_loop};
 use crate::service::Service;
 
 #[derive(Debug, Error)]
@@ -121,10 +121,10 @@ pub async fn serve(
     endpoint: quinn::Endpoint,
     service: Arc<Service>,
     acl: Arc<AccessList>,
-    hot: Arc<HotIds>,
+    push: Arc<PushHub>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let (service, acl, hot) = (service.clone(), acl.clone(), hot.clone());
+        let (service, acl, push) = (service.clone(), acl.clone(), push.clone());
         tokio::spawn(async move {
             let connecting = match incoming.accept() {
                 Ok(connecting) => connecting,
@@ -153,7 +153,7 @@ pub async fn serve(
                     }
                 });
             }
-            connection(conn, confirmed, service, acl, hot).await;
+            connection(conn, confirmed, service, acl, push).await;
         });
     }
 }
@@ -163,14 +163,15 @@ fn handshake_failed(e: &dyn std::fmt::Display) {
     warn!(error = %e, "QUIC handshake refused");
 }
 
-/// Per connection: the edge, its session, whether its handshake is confirmed, and the UDP
-/// bytes already counted.
+/// Per connection: the edge, its session, whether its handshake is confirmed, the UDP bytes
+/// already counted, and the signal that its cache was resynced.
 struct Peer {
     edge: String,
-    hot: Arc<HotIds>,
+    push: Arc<PushHub>,
     session: Mutex<ServerSession>,
     confirmed: tokio::sync::watch::Receiver<bool>,
     wire: [AtomicU64; 2],
+    resynced: Arc<tokio::sync::Notify>,
 }
 
 async fn connection(
@@ -178,7 +179,7 @@ async fn connection(
     mut confirmed: tokio::sync::watch::Receiver<bool>,
     service: Arc<Service>,
     acl: Arc<AccessList>,
-    hot: Arc<HotIds>,
+    push: Arc<PushHub>,
 ) {
     // A full handshake proves the certificate only when it completes.
     let edge = match edge_id(&conn) {
@@ -208,12 +209,14 @@ async fn connection(
         })
         .collect();
     metrics::gauge!("tiervec_quic_connections").increment(1.0);
+    let cache_versions = service.catalog().cache_versions(&edge);
     let peer = Arc::new(Peer {
         edge,
-        hot,
-        session: Mutex::new(ServerSession::new(collections)),
+        push,
+        session: Mutex::new(ServerSession::new(collections, cache_versions)),
         confirmed,
         wire: [AtomicU64::new(0), AtomicU64::new(0)],
+        resynced: Arc::new(tokio::sync::Notify::new()),
     });
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (peer, service, conn2) = (peer.clone(), service.clone(), conn.clone());
@@ -294,8 +297,8 @@ async fn exchange(
                     early,
                 );
                 let svc = service.clone();
-                let (collection, collection_id, shadow) =
-                    (q.collection.clone(), q.collection_id, q.shadow);
+                let (collection, collection_id, shadow, vector) =
+                    (q.collection.clone(), q.collection_id, q.shadow, q.vector.clone());
                 let frame =
                     tokio::task::spawn_blocking(move || span.in_scope(|| search(&svc, q))).await;
                 if let Ok(frame) = frame {
@@ -305,6 +308,7 @@ async fn exchange(
                             collection_id,
                             ids: a.hits.iter().map(|h| h.id).collect(),
                             shadow,
+                            vector,
                         });
                     }
                     frame.encode(&mut out);
@@ -315,6 +319,57 @@ async fn exchange(
                     .increment(1);
             }
             ServerAction::Close { code, message } => close = Some((code, message)),
+            ServerAction::CacheAnnounced(cache) => {
+                match service.catalog().get(&cache.collection) {
+                    Some(collection) => {
+                        let known = service
+                            .catalog()
+                            .edge_cache(&peer.edge, collection.info.id.0)
+                            .map(|m| m.version);
+                        let resync_first = cache.collection_id != collection.info.id.0
+                            || known != Some(cache.version);
+                        tokio::spawn(push_loop(
+                            peer.push.clone(),
+                            conn.clone(),
+                            peer.edge.clone(),
+                            collection,
+                            cache.budget_bytes,
+                            peer.confirmed.clone(),
+                            peer.resynced.clone(),
+                            resync_first,
+                        ));
+                    }
+                    None => warn!(collection = %cache.collection, "edge announced a cache of an unknown collection"),
+                }
+            }
+            ServerAction::Resync(inventory) => {
+                let (svc, edge, version) =
+                    (service.clone(), peer.edge.clone(), inventory.version);
+                let committed = match tokio::task::spawn_blocking(move || {
+                    svc.commit_edge_reset(&edge, inventory)
+                })
+                .await
+                {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match committed {
+                    Ok(_) => {
+                        Frame::InventoryAck(version).encode(&mut out);
+                        peer.resynced.notify_one();
+                    }
+                    Err(message) => {
+                        Frame::Error(tiervec_shared::protocol::frame::ErrorFrame {
+                            query_id: 0,
+                            code: ErrorCode::Internal as u16,
+                            message,
+                        })
+                        .encode(&mut out);
+                    }
+                }
+            }
+            // Acknowledgements come back on the streams the push task opens and reads itself.
+            ServerAction::DeltaAcked(_) => {}
         }
     }
     let _ = send.write_all(&out).await;
@@ -333,6 +388,7 @@ struct Answered {
     collection_id: [u8; 16],
     ids: Vec<u64>,
     shadow: bool,
+    vector: Vec<f32>,
 }
 
 /// Counts answered queries per collection, and feeds the ids of their answers to the hotness
@@ -350,7 +406,7 @@ async fn count_answered(peer: &Peer, answered: Vec<Answered>, early: bool) {
     let flight = if early { "early" } else { "confirmed" };
     for a in answered {
         if !a.shadow {
-            peer.hot.record(&peer.edge, a.collection_id, &a.ids);
+            peer.push.record_answer(&peer.edge, a.collection_id, &a.ids, &a.vector);
         }
         metrics::counter!("tiervec_quic_queries_total", "collection" => a.collection, "flight" => flight)
             .increment(1);

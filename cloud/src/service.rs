@@ -4,20 +4,21 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use thiserror::Error;
 use tiervec_shared::hnsw::HnswParams;
+use tiervec_shared::push::{Inventory, Manifest, ManifestStep};
 use tiervec_shared::query::{QueryError, validate_vector};
 use tiervec_shared::snapshot::MAX_DIM;
 use tiervec_shared::{CollectionId, Metric};
 use tracing::{info, warn};
 
-use crate::checkpoint::{self, CheckpointBody, CheckpointError, CollectionImage};
+use crate::checkpoint::{self, CheckpointBody, CheckpointError, CollectionImage, EdgeCacheImage};
 use crate::collection::{Collection, CollectionInfo, Engine, Hit, Point, SearchParams};
 use crate::config::CloudConfig;
 use crate::entry::WalEntry;
@@ -52,10 +53,22 @@ pub enum ServiceError {
     DataDir { path: PathBuf, what: String },
 }
 
-/// All collections, by name.
+/// Ids of a collection written (replaced or deleted) at `lsn` that some edge's cache holds:
+/// the push subsystem sends them to those edges at once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Invalidation {
+    pub collection: [u8; 16],
+    pub ids: Vec<u64>,
+    pub lsn: u64,
+}
+
+/// All collections, by name, and what the cloud believes each edge's cache of each holds.
 #[derive(Default)]
 pub struct Catalog {
     by_name: RwLock<HashMap<String, Arc<Collection>>>,
+    /// (edge, collection identity) → manifest: a superset of what the edge holds.
+    edge_caches: RwLock<HashMap<(String, [u8; 16]), Manifest>>,
+    invalidations: OnceLock<tokio::sync::mpsc::UnboundedSender<Invalidation>>,
 }
 
 impl Catalog {
@@ -69,7 +82,62 @@ impl Catalog {
         v
     }
 
-    fn by_id(&self, id: [u8; 16]) -> Option<Arc<Collection>> {
+    /// The manifest the cloud holds for `edge`'s cache of `collection`.
+    pub fn edge_cache(&self, edge: &str, collection: [u8; 16]) -> Option<Manifest> {
+        self.edge_caches
+            .read()
+            .get(&(edge.to_owned(), collection))
+            .cloned()
+    }
+
+    /// The manifest versions the cloud holds for `edge`'s caches, by collection identity.
+    pub fn cache_versions(&self, edge: &str) -> Vec<([u8; 16], u64)> {
+        self.edge_caches
+            .read()
+            .iter()
+            .filter(|((e, _), _)| e == edge)
+            .map(|((_, c), m)| (*c, m.version))
+            .collect()
+    }
+
+    /// Edges whose cache of `collection` holds any of `ids`, with those ids.
+    pub fn holders(&self, collection: [u8; 16], ids: &[u64]) -> Vec<(String, Vec<u64>)> {
+        self.edge_caches
+            .read()
+            .iter()
+            .filter(|((_, c), _)| *c == collection)
+            .filter_map(|((edge, _), m)| {
+                let held: Vec<u64> = ids.iter().copied().filter(|id| m.held(*id).is_some()).collect();
+                (!held.is_empty()).then(|| (edge.clone(), held))
+            })
+            .collect()
+    }
+
+    fn invalidate(&self, collection: [u8; 16], ids: &[u64], lsn: u64) {
+        let Some(tx) = self.invalidations.get() else {
+            return;
+        };
+        let caches = self.edge_caches.read();
+        let held: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                caches
+                    .iter()
+                    .any(|((_, c), m)| *c == collection && m.held(*id).is_some())
+            })
+            .collect();
+        if !held.is_empty() {
+            let _ = tx.send(Invalidation {
+                collection,
+                ids: held,
+                lsn,
+            });
+        }
+    }
+
+    /// The collection with this identity, if it exists.
+    pub fn by_id(&self, id: [u8; 16]) -> Option<Arc<Collection>> {
         self.by_name
             .read()
             .values()
@@ -116,6 +184,7 @@ impl Catalog {
                 if map.get(name).is_some_and(|c| c.info.id.0 == *id) {
                     map.remove(name);
                 }
+                self.edge_caches.write().retain(|(_, c), _| c != id);
             }
             WalEntry::Upsert {
                 collection,
@@ -131,11 +200,38 @@ impl Catalog {
                         return;
                     }
                     c.apply_upsert(lsn, ids, vectors, payloads);
+                    self.invalidate(*collection, ids, lsn);
                 }
             }
             WalEntry::Delete { collection, ids } => {
                 if let Some(c) = self.by_id(*collection) {
                     c.apply_delete(lsn, ids);
+                    self.invalidate(*collection, ids, lsn);
+                }
+            }
+            WalEntry::EdgeStep {
+                edge,
+                collection,
+                step,
+            } => {
+                if let Some(c) = self.by_id(*collection) {
+                    self.edge_caches
+                        .write()
+                        .entry((edge.clone(), *collection))
+                        .or_insert_with(|| Manifest::new(*collection, 0))
+                        .apply_step(step, c.info.dim);
+                }
+            }
+            WalEntry::EdgeReset {
+                edge,
+                collection,
+                inventory,
+            } => {
+                if let Some(c) = self.by_id(*collection) {
+                    self.edge_caches.write().insert(
+                        (edge.clone(), *collection),
+                        Manifest::from_inventory(inventory, c.info.dim),
+                    );
                 }
             }
         }
@@ -232,6 +328,21 @@ impl Service {
                 }
                 map.insert(image.name, Arc::new(c));
             }
+            drop(map);
+            let dims: HashMap<[u8; 16], usize> = catalog
+                .all()
+                .iter()
+                .map(|c| (c.info.id.0, c.info.dim))
+                .collect();
+            let mut caches = catalog.edge_caches.write();
+            for image in body.edge_caches {
+                if let Some(&dim) = dims.get(&image.manifest.collection_id) {
+                    caches.insert(
+                        (image.edge, image.manifest.collection_id),
+                        Manifest::from_inventory(&image.manifest, dim),
+                    );
+                }
+            }
         }
         let (report, last) = wal::recover(&dir, after, |lsn, entry| catalog.apply(lsn, &entry))?;
         if let Some((path, offset, why)) = &report.truncated {
@@ -288,6 +399,42 @@ impl Service {
     /// WAL flushes (write + fsync) since start; fewer than writes when writers shared them.
     pub fn wal_flushes(&self) -> u64 {
         self.wal.flushes()
+    }
+
+    /// Starts delivering [`Invalidation`]s (once; later calls get `None`). Writes replayed at
+    /// start-up are not delivered: a connecting edge is reconciled against current LSNs.
+    pub fn subscribe_invalidations(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<Invalidation>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.catalog.invalidations.set(tx).ok().map(|()| rx)
+    }
+
+    /// Logs (durably) that a delta with this step is about to be pushed to `edge`.
+    pub fn commit_edge_step(
+        &self,
+        edge: &str,
+        collection: [u8; 16],
+        step: ManifestStep,
+    ) -> Result<u64, ServiceError> {
+        self.commit(WalEntry::EdgeStep {
+            edge: edge.to_owned(),
+            collection,
+            step,
+        })
+    }
+
+    /// Logs (durably) that `edge`'s cache holds exactly `inventory`.
+    pub fn commit_edge_reset(
+        &self,
+        edge: &str,
+        inventory: Inventory,
+    ) -> Result<u64, ServiceError> {
+        self.commit(WalEntry::EdgeReset {
+            edge: edge.to_owned(),
+            collection: inventory.collection_id,
+            inventory,
+        })
     }
 
     fn collection(&self, name: &str) -> Result<Arc<Collection>, ServiceError> {
@@ -457,8 +604,17 @@ fn checkpoint_now(
     config: &CloudConfig,
 ) -> Result<(PathBuf, u64), ServiceError> {
     let started = Instant::now();
-    let (collections, lsn) = wal.rotate(catalog, || {
-        catalog
+    let ((collections, edge_caches), lsn) = wal.rotate(catalog, || {
+        let edge_caches: Vec<EdgeCacheImage> = catalog
+            .edge_caches
+            .read()
+            .iter()
+            .map(|((edge, _), m)| EdgeCacheImage {
+                edge: edge.clone(),
+                manifest: m.inventory(),
+            })
+            .collect();
+        let collections = catalog
             .all()
             .iter()
             .map(|c| {
@@ -477,9 +633,17 @@ fn checkpoint_now(
                     payloads,
                 }
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        (collections, edge_caches)
     })?;
-    let path = checkpoint::write(&config.data_dir, &CheckpointBody { lsn, collections })?;
+    let path = checkpoint::write(
+        &config.data_dir,
+        &CheckpointBody {
+            lsn,
+            collections,
+            edge_caches,
+        },
+    )?;
     wal.remove_through(lsn)?;
     checkpoint::remove_before(&config.data_dir, lsn).map_err(|source| CheckpointError::Io {
         path: config.data_dir.clone(),

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use tiervec_shared::confidence::ConfidenceRule;
+
+use crate::cache::CacheConfig;
 use crate::link::LinkConfig;
 use crate::node::NodeConfig;
 
@@ -27,14 +30,22 @@ pub struct CloudLinkConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
     pub name: String,
-    /// The cache snapshot (memory-mapped).
+    /// The cache snapshot (memory-mapped); it need not exist (a cold cache the cloud fills).
+    /// The delta log lives beside it (`.deltas`).
     pub snapshot: PathBuf,
+    /// Bytes (in the shared byte model) the cloud may fill the cache with.
+    pub budget_bytes: u64,
+    /// Fold the pushed overlay into a new snapshot once it holds this many vectors.
+    pub compact_after: usize,
     /// The collection it caches, by the cloud's name.
     pub collection: String,
     /// Local HTTP endpoint for applications.
     pub http_addr: SocketAddr,
-    /// Threshold on the k-th local distance above which the cloud is asked.
-    pub max_distance: f32,
+    /// When a local answer is confident: thresholds on the k-th local distance and on the
+    /// distance to the nearest anchor (either suffices).
+    pub confidence: ConfidenceRule,
+    /// Cut off from the cloud longer than this, local answers are marked stale.
+    pub lease_ms: u64,
     /// How long to wait for the cloud before answering degraded.
     pub deadline_ms: u64,
     pub default_ef: usize,
@@ -50,9 +61,12 @@ impl Default for EdgeConfig {
         EdgeConfig {
             name: "edge".into(),
             snapshot: PathBuf::from("cache.tvs"),
+            budget_bytes: 16 << 20,
+            compact_after: 2_048,
             collection: "default".into(),
             http_addr: "127.0.0.1:6390".parse().expect("valid address"),
-            max_distance: 0.35,
+            confidence: ConfidenceRule::kth(0.35),
+            lease_ms: 30_000,
             deadline_ms: 50,
             default_ef: 64,
             cloud_ef: 128,
@@ -66,10 +80,18 @@ impl EdgeConfig {
     pub fn node(&self) -> NodeConfig {
         NodeConfig {
             collection: self.collection.clone(),
-            max_distance: self.max_distance,
+            rule: self.confidence,
+            lease: Duration::from_millis(self.lease_ms),
             deadline: Duration::from_millis(self.deadline_ms),
             cloud_ef: self.cloud_ef,
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+        }
+    }
+
+    pub fn cache(&self) -> CacheConfig {
+        CacheConfig {
+            compact_after: self.compact_after,
+            ..CacheConfig::beside(&self.snapshot, self.budget_bytes)
         }
     }
 

@@ -1,6 +1,7 @@
 //! The edge's local HTTP/JSON endpoint for its applications: the cloud's
 //! `POST /v1/collections/{name}/search` request and response shapes, plus `source` (`local`,
-//! `cloud` or `degraded`) and `certified` (false until the push issue adds certificates).
+//! `cloud` or `degraded`), `stale` (a local answer while the edge's lease is over) and
+//! `certified` (false until certificates are built).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,6 +46,8 @@ pub struct SearchResponse {
     pub took_us: u64,
     /// `local`, `cloud` or `degraded`.
     pub source: String,
+    /// Answered locally while cut off from the cloud for longer than the lease.
+    pub stale: bool,
     pub certified: bool,
 }
 
@@ -105,7 +108,7 @@ async fn search(
     }
     let started = Instant::now();
     let span = tracing::info_span!("edge_http_search", collection = %name, k = req.k);
-    let (hits, source) = state
+    let answer = state
         .node
         .search(&req.vector, req.k, req.ef.unwrap_or(state.default_ef))
         .instrument(span)
@@ -121,7 +124,8 @@ async fn search(
             ),
         })?;
     Ok(Json(SearchResponse {
-        hits: hits
+        hits: answer
+            .hits
             .into_iter()
             .map(|h| SearchHit {
                 id: h.id,
@@ -131,7 +135,8 @@ async fn search(
             })
             .collect(),
         took_us: started.elapsed().as_micros() as u64,
-        source: source.name().into(),
+        source: answer.source.name().into(),
+        stale: answer.stale,
         certified: false,
     }))
 }

@@ -17,7 +17,9 @@
 //!
 //! Later issues add the overlay, the delta log and the WASM host here.
 
+pub mod cache;
 pub mod config;
+pub mod deltas;
 pub mod files;
 pub mod http;
 pub mod index;

@@ -27,6 +27,10 @@ use tiervec_shared::protocol::frame::{
     ALPN, Answer, DEFAULT_MAX_FRAME, Frame, FrameDecoder, PREFIX_LEN, Query, WireCollection,
 };
 use tiervec_shared::protocol::session::{ClientAction, ClientEvent, ClientSession, QueryFailure};
+use tiervec_shared::push::CacheAnnouncement;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::cache::EdgeCache;
 
 #[derive(Debug, Error)]
 pub enum LinkError {
@@ -213,10 +217,19 @@ async fn exchange(conn: &quinn::Connection, flight: &[Frame]) -> Result<Vec<Fram
     Ok(frames)
 }
 
+/// The cache a connector lets the cloud push into.
+#[derive(Clone)]
+pub struct PushTarget {
+    pub cache: Arc<EdgeCache>,
+    /// The collection it caches, by the cloud's name.
+    pub collection: String,
+}
+
 /// Makes connections to the cloud, keeping the TLS session tickets between them.
 pub struct Connector {
     endpoint: quinn::Endpoint,
     config: LinkConfig,
+    push: Option<PushTarget>,
     /// The collections of the last handshake: what a query pipelined behind the next Hello
     /// may name.
     known: Mutex<Vec<WireCollection>>,
@@ -245,7 +258,25 @@ impl Connector {
         Ok(Connector {
             endpoint,
             config,
+            push: None,
             known: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A connector whose connections let the cloud push into `target`.
+    pub fn with_push(config: LinkConfig, target: PushTarget) -> Result<Connector, LinkError> {
+        Ok(Connector {
+            push: Some(target),
+            ..Connector::new(config)?
+        })
+    }
+
+    fn announcement(&self) -> Option<CacheAnnouncement> {
+        self.push.as_ref().map(|t| CacheAnnouncement {
+            collection: t.collection.clone(),
+            collection_id: t.cache.collection_id(),
+            version: t.cache.version(),
+            budget_bytes: t.cache.config().budget_bytes,
         })
     }
 
@@ -272,7 +303,7 @@ impl Connector {
         };
         let started = Instant::now();
         let now = || started.elapsed().as_micros() as u64;
-        let mut session = ClientSession::new(&self.config.edge_name, 0);
+        let mut session = ClientSession::new(&self.config.edge_name, self.announcement());
         let mut flight = Vec::new();
         for action in session.handle(ClientEvent::Connected, now()) {
             if let ClientAction::Send(f) = action {
@@ -311,11 +342,19 @@ impl Connector {
         metrics::counter!("tiervec_edge_link_connects_total", "handshake" => handshake.label())
             .increment(1);
         let mut collections = None;
+        let mut cache_version = None;
         let mut first_answer = None;
         for f in frames {
             for action in session.handle(ClientEvent::Received(f), now()) {
                 match action {
-                    ClientAction::Ready { collections: c, .. } => collections = Some(c),
+                    ClientAction::Ready {
+                        collections: c,
+                        cache_version: v,
+                        ..
+                    } => {
+                        collections = Some(c);
+                        cache_version = v;
+                    }
                     ClientAction::Answered(a) if Some(a.query_id) == first_id => {
                         first_answer = Some(Ok(a));
                     }
@@ -335,10 +374,18 @@ impl Connector {
         if first_id.is_some() && first_answer.is_none() {
             first_answer = Some(Err(QueryFailure::Disconnected));
         }
+        let session = Arc::new(Mutex::new(session));
+        if let Some(target) = &self.push {
+            resync(&conn, &session, target, &collections, cache_version, started).await?;
+            tokio::spawn(
+                accept_pushes(conn.clone(), session.clone(), target.clone(), started)
+                    .instrument(info_span!("edge_push")),
+            );
+        }
         Ok(Connected {
             link: CloudLink {
                 conn,
-                session: Mutex::new(session),
+                session,
                 started,
                 next_query: AtomicU64::new(2),
                 collections,
@@ -355,7 +402,7 @@ impl Connector {
 /// A connected, handshaken link.
 pub struct CloudLink {
     conn: quinn::Connection,
-    session: Mutex<ClientSession>,
+    session: Arc<Mutex<ClientSession>>,
     started: Instant,
     next_query: AtomicU64,
     collections: Vec<WireCollection>,
@@ -471,5 +518,132 @@ impl CloudLink {
             }
         }
         Err(QueryFailure::Disconnected)
+    }
+}
+
+/// Brings the cloud's idea of the cache in line with the cache: a cache of an older
+/// incarnation of the collection is emptied (files set aside), and when the cloud's manifest
+/// version is not the cache's, the cache's inventory is sent and the cloud adopts it.
+async fn resync(
+    conn: &quinn::Connection,
+    session: &Mutex<ClientSession>,
+    target: &PushTarget,
+    collections: &[WireCollection],
+    cache_version: Option<u64>,
+    started: Instant,
+) -> Result<(), LinkError> {
+    let Some(collection) = collections.iter().find(|c| c.name == target.collection) else {
+        return Ok(());
+    };
+    let cache = &target.cache;
+    let bound = cache.collection_id();
+    if bound != [0; 16] && bound != collection.id {
+        warn!(
+            collection = %target.collection,
+            "the cache belongs to an older incarnation of the collection; emptying it"
+        );
+        let cache = cache.clone();
+        tokio::task::spawn_blocking(move || cache.reset("the collection was recreated in the cloud"))
+            .await
+            .map_err(|e| LinkError::Handshake(e.to_string()))?
+            .map_err(|e| LinkError::Handshake(e.to_string()))?;
+    }
+    let version = cache.version();
+    if cache_version == Some(version) && cache.collection_id() == collection.id {
+        return Ok(());
+    }
+    let mut inventory = cache.inventory();
+    inventory.collection_id = collection.id;
+    let held = inventory.vectors.len();
+    let frames = exchange(conn, &[Frame::Inventory(inventory)])
+        .await
+        .map_err(|e| LinkError::Handshake(format!("resync: {}", e.message())))?;
+    let now = started.elapsed().as_micros() as u64;
+    for f in frames {
+        for action in session.lock().handle(ClientEvent::Received(f), now) {
+            match action {
+                ClientAction::InventoryAcked(v) if v == version => {
+                    metrics::counter!("tiervec_edge_resyncs_total").increment(1);
+                    debug!(version, held, "cloud adopted the cache's inventory");
+                    return Ok(());
+                }
+                ClientAction::Close { message, .. } => {
+                    return Err(LinkError::Handshake(format!("resync refused: {message}")));
+                }
+                _ => {}
+            }
+        }
+    }
+    Err(LinkError::Handshake(
+        "the cloud did not acknowledge the cache inventory".into(),
+    ))
+}
+
+/// Serves the streams the cloud opens: each carries one delta, applied (durably) before its
+/// acknowledgement is written back. A delta that cannot be applied closes the connection; the
+/// next one resyncs by inventory.
+async fn accept_pushes(
+    conn: quinn::Connection,
+    session: Arc<Mutex<ClientSession>>,
+    target: PushTarget,
+    started: Instant,
+) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let bytes = match recv.read_to_end(DEFAULT_MAX_FRAME + PREFIX_LEN).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                debug!(error = %e, "push stream failed");
+                continue;
+            }
+        };
+        metrics::counter!("tiervec_edge_push_bytes_total").increment(bytes.len() as u64);
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let mut deltas = Vec::new();
+        let decoded = decoder.push(&bytes).and_then(|()| {
+            while let Some(f) = decoder.next_frame()? {
+                let now = started.elapsed().as_micros() as u64;
+                for action in session.lock().handle(ClientEvent::Received(f), now) {
+                    if let ClientAction::ApplyDelta(d) = action {
+                        deltas.push(d);
+                    }
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = decoded {
+            metrics::counter!("tiervec_edge_link_refused_total", "reason" => e.code().label())
+                .increment(1);
+            conn.close(quinn::VarInt::from_u32(e.code() as u32), e.to_string().as_bytes());
+            return;
+        }
+        let mut acks = Vec::new();
+        for delta in deltas {
+            let cache = target.cache.clone();
+            let version = delta.version;
+            let applied = tokio::task::spawn_blocking(move || cache.apply(&delta)).await;
+            match applied {
+                Ok(Ok(_)) => Frame::DeltaAck(version).encode(&mut acks),
+                Ok(Err(e)) => {
+                    warn!(version, error = %e, "cannot apply a pushed delta; resyncing");
+                    conn.close(quinn::VarInt::from_u32(0), b"delta not applicable; resync");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "delta application panicked");
+                    conn.close(quinn::VarInt::from_u32(0), b"delta application failed");
+                    return;
+                }
+            }
+        }
+        let _ = send.write_all(&acks).await;
+        let _ = send.finish();
+        if target.cache.wants_compaction() {
+            let cache = target.cache.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = cache.compact() {
+                    warn!(error = %e, "cache compaction failed; the overlay keeps serving");
+                }
+            });
+        }
     }
 }

@@ -79,9 +79,12 @@ fn main() -> anyhow::Result<ExitCode> {
             // Installed before the node starts, so that no early metric goes to the no-op recorder.
             let metrics = tiervec_edge::http::install_prometheus()?;
             rt.block_on(async move {
-                let index = EdgeIndex::open(&config.snapshot)?;
+                let (cache, report) = tiervec_edge::cache::EdgeCache::open(config.cache())?;
+                for (aside, why) in &report.set_aside {
+                    tracing::error!(file = %aside.display(), why, "damaged cache file set aside; the cloud resyncs the cache");
+                }
                 let node = std::sync::Arc::new(tiervec_edge::node::EdgeNode::start(
-                    index,
+                    std::sync::Arc::new(cache),
                     config.node(),
                     config.link(),
                 )?);

@@ -1,5 +1,6 @@
-//! The edge node's query path: search the local snapshot; if the answer is not confident
-//! (`tiervec_shared::confidence`), ask the cloud over the QUIC link within a deadline; if the
+//! The edge node's query path: search the local cache (snapshot + pushed overlay); if the
+//! answer is not confident (`tiervec_shared::confidence`: k-th distance and nearest anchor),
+//! ask the cloud over the QUIC link within a deadline; if the
 //! cloud cannot answer in time or the link is down, return the local answer marked `Degraded`
 //! — never an error for the application.
 //!
@@ -8,19 +9,25 @@
 //! ticket is at hand) or after the first backoff interval, whichever comes first; after a
 //! failed attempt the task waits the whole backoff (doubling up to a cap) so that an outage
 //! does not turn every query into a connection attempt.
+//!
+//! An edge cut off from the cloud for longer than its lease marks local answers `stale`: the
+//! cloud may have deleted or changed what it holds and could not say so. The mark goes once a
+//! connection is up again (its handshake resyncs the cache).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use tiervec_shared::confidence::{Decision, decide};
+use parking_lot::Mutex;
+use tiervec_shared::confidence::{ConfidenceRule, Decision};
 use tiervec_shared::protocol::frame::{Answer, Query, WireCollection};
 use tiervec_shared::protocol::session::QueryFailure;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::index::{EdgeError, EdgeIndex};
-use crate::link::{CloudLink, Connector, LinkConfig, LinkError};
+use crate::cache::EdgeCache;
+use crate::index::EdgeError;
+use crate::link::{CloudLink, Connector, LinkConfig, LinkError, PushTarget};
 
 /// Where an answer came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +48,7 @@ impl Source {
     }
 }
 
-/// One hit of an edge answer (payload text only for hits from the local snapshot).
+/// One hit of an edge answer (payload text only for hits from the local cache).
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeHit {
     pub id: u64,
@@ -55,8 +62,10 @@ pub struct NodeHit {
 pub struct NodeConfig {
     /// Collection the snapshot caches (the name the cloud knows).
     pub collection: String,
-    /// Threshold on the k-th local distance (see `docs/distances.md`).
-    pub max_distance: f32,
+    /// When a local answer is confident (see `docs/distances.md`).
+    pub rule: ConfidenceRule,
+    /// Cut off from the cloud longer than this, local answers are marked stale.
+    pub lease: Duration,
     /// How long to wait for the cloud.
     pub deadline: Duration,
     /// `ef` asked of the cloud.
@@ -71,10 +80,21 @@ struct Pending {
     reply: oneshot::Sender<Result<Answer, QueryFailure>>,
 }
 
+/// An answer of the node.
+#[derive(Clone, Debug)]
+pub struct NodeAnswer {
+    pub hits: Vec<NodeHit>,
+    pub source: Source,
+    /// A local answer given while the lease is over (cut off from the cloud too long).
+    pub stale: bool,
+}
+
 /// The link and the task that keeps it.
 struct Uplink {
     connector: Arc<Connector>,
     current: Arc<ArcSwapOption<CloudLink>>,
+    /// Since when the link has been down (`None` while it is up).
+    down_since: Arc<Mutex<Option<Instant>>>,
     /// Capacity one: at most one query waits for a connection; others answer degraded.
     pending: mpsc::Sender<Pending>,
     keeper: tokio::task::JoinHandle<()>,
@@ -86,36 +106,44 @@ impl Drop for Uplink {
     }
 }
 
-/// An edge: its snapshot, and its (possibly absent) link to the cloud.
+/// An edge: its cache, and its (possibly absent) link to the cloud.
 pub struct EdgeNode {
-    index: EdgeIndex,
+    cache: Arc<EdgeCache>,
     config: NodeConfig,
     uplink: Option<Uplink>,
 }
 
 impl EdgeNode {
-    /// Starts the node; with a link configuration, connects in the background and keeps
-    /// reconnecting whenever the connection is lost. Must run inside a tokio runtime.
+    /// Starts the node; with a link configuration, connects in the background (letting the
+    /// cloud push into the cache) and keeps reconnecting whenever the connection is lost. Must
+    /// run inside a tokio runtime.
     pub fn start(
-        index: EdgeIndex,
+        cache: Arc<EdgeCache>,
         config: NodeConfig,
         link: Option<LinkConfig>,
     ) -> Result<EdgeNode, LinkError> {
         metrics::gauge!("tiervec_edge_link_up").set(0.0);
         let uplink = match link {
             Some(link_config) => {
-                let connector = Arc::new(Connector::new(link_config)?);
+                let target = PushTarget {
+                    cache: cache.clone(),
+                    collection: config.collection.clone(),
+                };
+                let connector = Arc::new(Connector::with_push(link_config, target)?);
                 let current = Arc::new(ArcSwapOption::empty());
+                let down_since = Arc::new(Mutex::new(Some(Instant::now())));
                 let (pending, waiting) = mpsc::channel(1);
                 let keeper = tokio::spawn(keep_connected(
                     connector.clone(),
                     current.clone(),
+                    down_since.clone(),
                     waiting,
                     config.backoff,
                 ));
                 Some(Uplink {
                     connector,
                     current,
+                    down_since,
                     pending,
                     keeper,
                 })
@@ -123,7 +151,7 @@ impl EdgeNode {
             None => None,
         };
         Ok(EdgeNode {
-            index,
+            cache,
             config,
             uplink,
         })
@@ -137,17 +165,22 @@ impl EdgeNode {
             .is_some_and(|l| !l.is_closed())
     }
 
-    pub fn index(&self) -> &EdgeIndex {
-        &self.index
+    pub fn cache(&self) -> &Arc<EdgeCache> {
+        &self.cache
+    }
+
+    /// Whether the lease is over: the link has been down longer than the lease (an edge with
+    /// no link configured has no lease to lose).
+    pub fn stale(&self) -> bool {
+        self.uplink.as_ref().is_some_and(|u| {
+            u.down_since
+                .lock()
+                .is_some_and(|since| since.elapsed() > self.config.lease)
+        })
     }
 
     /// Answers a search: local when confident, else the cloud's, else local marked degraded.
-    pub async fn search(
-        &self,
-        query: &[f32],
-        k: usize,
-        ef: usize,
-    ) -> Result<(Vec<NodeHit>, Source), EdgeError> {
+    pub async fn search(&self, query: &[f32], k: usize, ef: usize) -> Result<NodeAnswer, EdgeError> {
         let started = Instant::now();
         let span = info_span!("edge_query", k, ef, source = tracing::field::Empty);
         let (hits, source) = self
@@ -158,7 +191,15 @@ impl EdgeNode {
         metrics::counter!("tiervec_edge_queries_total", "source" => source.name()).increment(1);
         metrics::histogram!("tiervec_edge_query_seconds", "source" => source.name())
             .record(started.elapsed().as_secs_f64());
-        Ok((hits, source))
+        let stale = source != Source::Cloud && self.stale();
+        if stale {
+            metrics::counter!("tiervec_edge_stale_answers_total").increment(1);
+        }
+        Ok(NodeAnswer {
+            hits,
+            source,
+            stale,
+        })
     }
 
     async fn answer(
@@ -168,19 +209,13 @@ impl EdgeNode {
         ef: usize,
         span: &tracing::Span,
     ) -> Result<(Vec<NodeHit>, Source), EdgeError> {
-        let local: Vec<NodeHit> = self
-            .index
-            .search(query, k, ef)?
-            .into_iter()
-            .map(|h| NodeHit {
-                id: h.id,
-                distance: h.distance,
-                lsn: h.lsn,
-                payload: h.payload.map(str::to_owned),
-            })
-            .collect();
+        let answer = self.cache.search(query, k, ef)?;
+        let local = answer.hits;
         let distances: Vec<f32> = local.iter().map(|h| h.distance).collect();
-        if decide(&distances, k, self.config.max_distance) == Decision::Local {
+        if self.config.rule.decide(&distances, k, answer.nearest_anchor) == Decision::Local {
+            if let Some(first_use) = answer.anchor_first_use {
+                first_use.record();
+            }
             return Ok((local, Source::Local));
         }
         let Some(uplink) = &self.uplink else {
@@ -300,6 +335,7 @@ fn live(pending: Option<Pending>, waiting: &mut mpsc::Receiver<Pending>) -> Opti
 async fn keep_connected(
     connector: Arc<Connector>,
     current: Arc<ArcSwapOption<CloudLink>>,
+    down_since: Arc<Mutex<Option<Instant>>>,
     mut waiting: mpsc::Receiver<Pending>,
     backoff: (Duration, Duration),
 ) {
@@ -333,11 +369,13 @@ async fn keep_connected(
                 }
                 let link = Arc::new(connected.link);
                 current.store(Some(link.clone()));
+                *down_since.lock() = None;
                 metrics::gauge!("tiervec_edge_link_up").set(1.0);
                 failed = false;
                 wait = backoff.0;
                 link.closed().await;
                 current.store(None);
+                *down_since.lock() = Some(Instant::now());
                 metrics::gauge!("tiervec_edge_link_up").set(0.0);
                 warn!("link to the cloud lost; reconnecting");
             }

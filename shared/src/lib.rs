@@ -16,6 +16,8 @@
 //! * [`exact`] is brute-force search, the yardstick for recall.
 //! * [`hot`] estimates which ids are asked for most lately (decaying Space-Saving), for the
 //!   cloud's choice of what to push to edges.
+//! * [`push`] is what the cloud pushes into edge caches (deltas, inventories) and the
+//!   manifest both sides keep of a cache, with the one byte model of its budget.
 //! * [`log`] is the record format of every append-only log (cloud WAL, edge delta log).
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
 //!   file replacement and directory syncs for the edge and the cloud.
@@ -31,6 +33,7 @@ pub mod kernels;
 pub mod log;
 pub mod metric;
 pub mod protocol;
+pub mod push;
 pub mod quant;
 pub mod query;
 pub mod snapshot;

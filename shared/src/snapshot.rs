@@ -85,9 +85,10 @@ pub struct SnapshotBody {
     pub payload_text: String,
     /// The HNSW graph over `vectors`.
     pub graph: GraphSection,
-    /// Version of the edge manifest this snapshot reflects (0 until the push issue fills it).
+    /// Version of the edge manifest this snapshot reflects (0 for a snapshot built outside an
+    /// edge; a compaction writes the version it reached).
     pub manifest_version: u64,
-    /// Confidence anchors (empty until the push issue fills them).
+    /// Confidence anchors the cloud pushed (a compaction writes them; empty otherwise).
     pub anchors: AnchorSection,
     /// `i8` codes of the vectors for fast traversal (empty: search traverses in `f32`).
     pub quantization: QuantSection,
@@ -886,9 +887,20 @@ impl<'a> SnapshotView<'a> {
             .map_err(|e| SnapshotError::Malformed(e.to_string()))
     }
 
-    /// Number of anchors (zero in files written before the push issue).
+    /// Number of anchors.
     pub fn anchor_count(&self) -> usize {
         self.body.anchors.radii.len()
+    }
+
+    /// Anchor `i`: its point and the ids of its answer (validated consistent on open).
+    pub fn anchor(&self, i: usize) -> Option<(&'a [f32], &'a [u64])> {
+        let a = &self.body.anchors;
+        let dim = self.dim();
+        let offsets: &'a [u32] = cast(&a.answer_offsets);
+        let vectors: &'a [f32] = cast(&a.vectors);
+        let ids: &'a [u64] = cast(&a.answer_ids);
+        let (start, end) = (*offsets.get(i)? as usize, *offsets.get(i + 1)? as usize);
+        Some((vectors.get(i * dim..(i + 1) * dim)?, ids.get(start..end)?))
     }
 
     /// Degree statistics of each graph layer, bottom first.

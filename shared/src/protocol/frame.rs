@@ -1,4 +1,4 @@
-//! Frames of the edge–cloud protocol, version 1: a 5-byte prefix (body length `u32` LE, frame
+//! Frames of the edge–cloud protocol, version 2: a 5-byte prefix (body length `u32` LE, frame
 //! type `u8`) and an rkyv body, validated with bytecheck before use. The length is checked
 //! against the configured maximum before anything is buffered or allocated.
 
@@ -7,9 +7,12 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::push::{CacheAnnouncement, Delta, Inventory};
+
 /// The protocol version this build speaks, and the oldest it still accepts.
-pub const PROTOCOL_VERSION: u16 = 1;
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added the push frames and the cache announcement; version 1 edges are refused.
+pub const PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// ALPN of QUIC connections carrying this protocol.
 pub const ALPN: &[u8] = b"tiervec/1";
 /// Default largest frame body (a 1,024-dim query or a k=1,024 answer is far below).
@@ -26,8 +29,8 @@ pub struct Hello {
     pub min_version: u16,
     /// The edge's name for logs (its identity proper comes from its TLS certificate).
     pub edge_name: String,
-    /// Version of the cache manifest the edge holds (0 until the push issue).
-    pub manifest_version: u64,
+    /// The cache the cloud may push into, if the edge keeps one.
+    pub cache: Option<CacheAnnouncement>,
 }
 
 /// A collection as the cloud announces it.
@@ -44,6 +47,9 @@ pub struct WireCollection {
 pub struct HelloAck {
     pub version: u16,
     pub collections: Vec<WireCollection>,
+    /// The manifest version the cloud believes the announced cache is at (`None`: it knows
+    /// nothing of it). When it differs from the edge's, the edge sends an [`Inventory`].
+    pub cache_version: Option<u64>,
 }
 
 /// A search the edge could not answer confidently.
@@ -136,7 +142,7 @@ pub struct ErrorFrame {
     pub message: String,
 }
 
-/// Every frame of protocol version 1. Types 16..=31 are reserved for the push messages.
+/// Every frame of protocol version 2. Types 16..=31 are the push messages.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
     Hello(Hello),
@@ -146,6 +152,14 @@ pub enum Frame {
     Error(ErrorFrame),
     Ping(u64),
     Pong(u64),
+    /// Cloud → edge, on a stream the cloud opens: the next step of the edge's cache.
+    Delta(Delta),
+    /// Edge → cloud, on the delta's stream: the version is durable in the edge's cache.
+    DeltaAck(u64),
+    /// Edge → cloud: what the cache holds, when the cloud's idea of it may be wrong.
+    Inventory(Inventory),
+    /// Cloud → edge: the cloud now believes the cache is at this version.
+    InventoryAck(u64),
 }
 
 /// Frame type bytes.
@@ -157,6 +171,10 @@ pub mod types {
     pub const ERROR: u8 = 5;
     pub const PING: u8 = 6;
     pub const PONG: u8 = 7;
+    pub const DELTA: u8 = 16;
+    pub const DELTA_ACK: u8 = 17;
+    pub const INVENTORY: u8 = 18;
+    pub const INVENTORY_ACK: u8 = 19;
 }
 
 /// Why bytes could not be read as a frame.
@@ -204,6 +222,10 @@ impl Frame {
             Frame::Error(_) => types::ERROR,
             Frame::Ping(_) => types::PING,
             Frame::Pong(_) => types::PONG,
+            Frame::Delta(_) => types::DELTA,
+            Frame::DeltaAck(_) => types::DELTA_ACK,
+            Frame::Inventory(_) => types::INVENTORY,
+            Frame::InventoryAck(_) => types::INVENTORY_ACK,
         }
     }
 
@@ -215,7 +237,11 @@ impl Frame {
             Frame::Query(v) => archive(v).to_vec(),
             Frame::Answer(v) => archive(v).to_vec(),
             Frame::Error(v) => archive(v).to_vec(),
-            Frame::Ping(n) | Frame::Pong(n) => n.to_le_bytes().to_vec(),
+            Frame::Delta(v) => archive(v).to_vec(),
+            Frame::Inventory(v) => archive(v).to_vec(),
+            Frame::Ping(n) | Frame::Pong(n) | Frame::DeltaAck(n) | Frame::InventoryAck(n) => {
+                n.to_le_bytes().to_vec()
+            }
         };
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.push(self.frame_type());
@@ -235,7 +261,7 @@ impl Frame {
                 .map(u64::from_le_bytes)
                 .map_err(|_| FrameError::Malformed {
                     frame_type,
-                    reason: format!("ping/pong body is {} bytes, not 8", body.len()),
+                    reason: format!("body is {} bytes, not 8", body.len()),
                 })
         };
         Ok(match frame_type {
@@ -256,6 +282,14 @@ impl Frame {
             ),
             types::PING => Frame::Ping(nonce()?),
             types::PONG => Frame::Pong(nonce()?),
+            types::DELTA => {
+                Frame::Delta(rkyv::from_bytes::<Delta, rancor::Error>(&aligned).map_err(malformed)?)
+            }
+            types::DELTA_ACK => Frame::DeltaAck(nonce()?),
+            types::INVENTORY => Frame::Inventory(
+                rkyv::from_bytes::<Inventory, rancor::Error>(&aligned).map_err(malformed)?,
+            ),
+            types::INVENTORY_ACK => Frame::InventoryAck(nonce()?),
             other => return Err(FrameError::UnknownType(other)),
         })
     }
@@ -333,7 +367,12 @@ mod tests {
                 version: 1,
                 min_version: 1,
                 edge_name: "edge-a".into(),
-                manifest_version: 3,
+                cache: Some(CacheAnnouncement {
+                    collection: "c".into(),
+                    collection_id: [9; 16],
+                    version: 3,
+                    budget_bytes: 1 << 20,
+                }),
             }),
             Frame::HelloAck(HelloAck {
                 version: 1,
@@ -343,6 +382,7 @@ mod tests {
                     dim: 4,
                     metric: 1,
                 }],
+                cache_version: Some(2),
             }),
             Frame::Query(Query {
                 query_id: 7,
@@ -371,6 +411,40 @@ mod tests {
             }),
             Frame::Ping(42),
             Frame::Pong(42),
+            Frame::Delta(Delta {
+                collection_id: [9; 16],
+                dim: 4,
+                metric: 1,
+                version: 4,
+                vectors: vec![crate::push::PushedVector {
+                    id: 3,
+                    lsn: 8,
+                    vector: vec![0.5, 0.5, 0.5, 0.5],
+                    payload: Some("{}".into()),
+                }],
+                anchors: vec![crate::push::PushedAnchor {
+                    anchor_id: 11,
+                    vector: vec![0.5, 0.5, 0.5, 0.5],
+                    members: vec![3],
+                    hot_at_unix_us: 1,
+                }],
+                evict: vec![1],
+                evict_anchors: vec![2],
+                tombstones: vec![crate::push::Tombstone { id: 4, lsn: 9 }],
+                sent_at_unix_us: 2,
+            }),
+            Frame::DeltaAck(4),
+            Frame::Inventory(Inventory {
+                collection_id: [9; 16],
+                version: 4,
+                vectors: vec![crate::push::HeldVector {
+                    id: 3,
+                    lsn: 8,
+                    bytes: 100,
+                }],
+                anchors: vec![(11, vec![3])],
+            }),
+            Frame::InventoryAck(4),
         ]
     }
 

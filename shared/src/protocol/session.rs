@@ -14,6 +14,7 @@ use super::frame::{
     PROTOCOL_VERSION, Query, WireCollection,
 };
 use crate::Metric;
+use crate::push::{CacheAnnouncement, Delta, Inventory};
 use crate::query::validate_search;
 
 /// Why a query sent to the cloud got no answer.
@@ -33,12 +34,18 @@ pub enum QueryFailure {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ClientAction {
     Send(Frame),
-    /// The handshake finished: the collections this edge may query.
+    /// The handshake finished: the collections this edge may query, and the manifest version
+    /// the cloud believes the edge's cache is at.
     Ready {
         version: u16,
         collections: Vec<WireCollection>,
+        cache_version: Option<u64>,
     },
     Answered(Answer),
+    /// Apply this delta to the cache, make it durable, then send `DeltaAck(version)`.
+    ApplyDelta(Delta),
+    /// The cloud adopted the inventory the edge sent.
+    InventoryAcked(u64),
     Failed {
         query_id: u64,
         reason: QueryFailure,
@@ -82,13 +89,13 @@ pub struct ClientSession {
 }
 
 impl ClientSession {
-    pub fn new(edge_name: &str, manifest_version: u64) -> ClientSession {
+    pub fn new(edge_name: &str, cache: Option<CacheAnnouncement>) -> ClientSession {
         ClientSession {
             hello: Hello {
                 version: PROTOCOL_VERSION,
                 min_version: MIN_PROTOCOL_VERSION,
                 edge_name: edge_name.to_owned(),
-                manifest_version,
+                cache,
             },
             state: ClientState::Disconnected,
             in_flight: BTreeMap::new(),
@@ -192,7 +199,12 @@ impl ClientSession {
                 vec![ClientAction::Ready {
                     version: ack.version,
                     collections: ack.collections,
+                    cache_version: ack.cache_version,
                 }]
+            }
+            (ClientState::Ready(_), Frame::Delta(delta)) => vec![ClientAction::ApplyDelta(delta)],
+            (ClientState::Ready(_), Frame::InventoryAck(v)) => {
+                vec![ClientAction::InventoryAcked(v)]
             }
             (ClientState::Ready(_), Frame::Answer(answer)) => {
                 match self.in_flight.remove(&answer.query_id) {
@@ -244,6 +256,12 @@ pub enum ServerAction {
     Send(Frame),
     /// Run this (validated) query and reply with [`ServerSession::answer`].
     Search(Query),
+    /// The edge keeps a cache of this (allowed) collection: push into it.
+    CacheAnnounced(CacheAnnouncement),
+    /// The edge says its cache holds exactly this: adopt it (durably), reply `InventoryAck`.
+    Resync(Inventory),
+    /// The edge made this delta version durable.
+    DeltaAcked(u64),
     /// Count a refused frame or query (metrics), by reason.
     Refused(ErrorCode),
     Close {
@@ -259,17 +277,24 @@ enum ServerState {
     Closed,
 }
 
-/// The cloud side of one edge's connection. `collections` are those this edge may query.
+/// The cloud side of one edge's connection. `collections` are those this edge may query;
+/// `cache_versions` the manifest version the cloud holds for this edge's cache of each
+/// (by collection identity).
 #[derive(Debug)]
 pub struct ServerSession {
     collections: Vec<WireCollection>,
+    cache_versions: Vec<([u8; 16], u64)>,
     state: ServerState,
 }
 
 impl ServerSession {
-    pub fn new(collections: Vec<WireCollection>) -> ServerSession {
+    pub fn new(
+        collections: Vec<WireCollection>,
+        cache_versions: Vec<([u8; 16], u64)>,
+    ) -> ServerSession {
         ServerSession {
             collections,
+            cache_versions,
             state: ServerState::AwaitingHello,
         }
     }
@@ -323,14 +348,39 @@ impl ServerSession {
                     );
                 }
                 self.state = ServerState::Ready(version);
-                vec![ServerAction::Send(Frame::HelloAck(
+                // A cache of a collection this edge may not query is not pushed into.
+                let cache = h
+                    .cache
+                    .filter(|c| self.collections.iter().any(|w| w.name == c.collection));
+                let cache_version = cache.as_ref().and_then(|c| {
+                    self.cache_versions
+                        .iter()
+                        .find(|(id, _)| *id == c.collection_id)
+                        .map(|(_, v)| *v)
+                });
+                let mut actions = vec![ServerAction::Send(Frame::HelloAck(
                     super::frame::HelloAck {
                         version,
                         collections: self.collections.clone(),
+                        cache_version,
                     },
-                ))]
+                ))];
+                actions.extend(cache.map(ServerAction::CacheAnnounced));
+                actions
             }
             (ServerState::Ready(_), Frame::Query(q)) => self.check_query(q),
+            (ServerState::Ready(_), Frame::Inventory(inv)) => {
+                if self.collections.iter().any(|c| c.id == inv.collection_id) {
+                    vec![ServerAction::Resync(inv)]
+                } else {
+                    Self::refuse(
+                        0,
+                        ErrorCode::NotAllowed,
+                        "inventory of a collection this edge may not cache".into(),
+                    )
+                }
+            }
+            (ServerState::Ready(_), Frame::DeltaAck(v)) => vec![ServerAction::DeltaAcked(v)],
             (_, Frame::Ping(n)) => vec![ServerAction::Send(Frame::Pong(n))],
             (_, Frame::Pong(_)) => Vec::new(),
             (_, other) => self.close(
@@ -430,8 +480,8 @@ mod tests {
     }
 
     fn handshake() -> (ClientSession, ServerSession) {
-        let mut edge = ClientSession::new("e", 0);
-        let mut cloud = ServerSession::new(collections());
+        let mut edge = ClientSession::new("e", None);
+        let mut cloud = ServerSession::new(collections(), Vec::new());
         let hello = sent(&edge.handle(ClientEvent::Connected, 0));
         let replies = cloud.handle(hello[0].clone());
         let ServerAction::Send(ack) = &replies[0] else {
@@ -439,7 +489,7 @@ mod tests {
         };
         let ready = edge.handle(ClientEvent::Received(wire(ack)), 1);
         assert!(
-            matches!(&ready[0], ClientAction::Ready { version: 1, collections } if collections.len() == 1)
+            matches!(&ready[0], ClientAction::Ready { version: PROTOCOL_VERSION, collections, .. } if collections.len() == 1)
         );
         (edge, cloud)
     }
@@ -596,12 +646,12 @@ mod tests {
 
     #[test]
     fn version_ranges_must_overlap() {
-        let mut cloud = ServerSession::new(collections());
+        let mut cloud = ServerSession::new(collections(), Vec::new());
         let newer = Hello {
             version: 7,
             min_version: 5,
             edge_name: "future".into(),
-            manifest_version: 0,
+            cache: None,
         };
         let a = cloud.handle(Frame::Hello(newer));
         assert!(matches!(
@@ -616,23 +666,24 @@ mod tests {
             "a closed session ignores the rest"
         );
 
-        let mut cloud = ServerSession::new(collections());
+        let mut cloud = ServerSession::new(collections(), Vec::new());
         let wide = Hello {
             version: 9,
             min_version: 1,
             edge_name: "newer edge".into(),
-            manifest_version: 0,
+            cache: None,
         };
         let a = cloud.handle(Frame::Hello(wide));
         assert!(
             matches!(&a[0], ServerAction::Send(Frame::HelloAck(ack)) if ack.version == PROTOCOL_VERSION)
         );
 
-        let mut edge = ClientSession::new("e", 0);
+        let mut edge = ClientSession::new("e", None);
         edge.handle(ClientEvent::Connected, 0);
         let bad_ack = super::super::frame::HelloAck {
             version: 9,
             collections: vec![],
+            cache_version: None,
         };
         let a = edge.handle(ClientEvent::Received(Frame::HelloAck(bad_ack)), 1);
         assert!(matches!(
@@ -646,7 +697,7 @@ mod tests {
 
     #[test]
     fn frames_out_of_order_close_the_session() {
-        let mut cloud = ServerSession::new(collections());
+        let mut cloud = ServerSession::new(collections(), Vec::new());
         let a = cloud.handle(Frame::Query(query(1)));
         assert_eq!(a[0], ServerAction::Refused(ErrorCode::Unexpected));
         assert!(matches!(
@@ -657,7 +708,7 @@ mod tests {
             })
         ));
 
-        let mut cloud = ServerSession::new(collections());
+        let mut cloud = ServerSession::new(collections(), Vec::new());
         let a = cloud.bad_frame(&FrameError::UnknownType(99));
         assert_eq!(a[0], ServerAction::Refused(ErrorCode::UnknownFrameType));
         assert!(
@@ -677,8 +728,8 @@ mod tests {
 
     #[test]
     fn a_query_asked_during_the_handshake_rides_behind_the_hello() {
-        let mut edge = ClientSession::new("e", 0);
-        let mut cloud = ServerSession::new(collections());
+        let mut edge = ClientSession::new("e", None);
+        let mut cloud = ServerSession::new(collections(), Vec::new());
         let mut flight = sent(&edge.handle(ClientEvent::Connected, 0));
         flight.extend(sent(&edge.handle(
             ClientEvent::Ask {
@@ -713,5 +764,80 @@ mod tests {
         assert!(matches!(actions[0], ClientAction::Ready { .. }));
         assert!(matches!(&actions[1], ClientAction::Answered(a) if a.query_id == 7));
         assert_eq!(edge.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_cache_is_announced_resynced_and_pushed_into() {
+        let announced = CacheAnnouncement {
+            collection: "c".into(),
+            collection_id: [1; 16],
+            version: 4,
+            budget_bytes: 1 << 20,
+        };
+        let mut edge = ClientSession::new("e", Some(announced.clone()));
+        let mut cloud = ServerSession::new(collections(), vec![([1; 16], 6)]);
+        let hello = sent(&edge.handle(ClientEvent::Connected, 0));
+        let replies = cloud.handle(hello[0].clone());
+        assert_eq!(
+            replies[1],
+            ServerAction::CacheAnnounced(announced.clone()),
+            "the driver learns the budget"
+        );
+        let ServerAction::Send(ack) = &replies[0] else {
+            panic!("{replies:?}")
+        };
+        let ready = edge.handle(ClientEvent::Received(wire(ack)), 1);
+        assert!(
+            matches!(&ready[0], ClientAction::Ready { cache_version: Some(6), .. }),
+            "the cloud's idea (6) differs from the edge's (4): the edge sends an inventory"
+        );
+        let inventory = Inventory {
+            collection_id: [1; 16],
+            version: 4,
+            ..Inventory::default()
+        };
+        assert_eq!(
+            cloud.handle(wire(&Frame::Inventory(inventory.clone()))),
+            vec![ServerAction::Resync(inventory)]
+        );
+        let foreign = Inventory {
+            collection_id: [9; 16],
+            ..Inventory::default()
+        };
+        assert_eq!(
+            cloud.handle(Frame::Inventory(foreign))[0],
+            ServerAction::Refused(ErrorCode::NotAllowed)
+        );
+        assert_eq!(
+            edge.handle(ClientEvent::Received(wire(&Frame::InventoryAck(4))), 2),
+            vec![ClientAction::InventoryAcked(4)]
+        );
+        let delta = Delta {
+            collection_id: [1; 16],
+            version: 5,
+            ..Delta::default()
+        };
+        assert_eq!(
+            edge.handle(ClientEvent::Received(wire(&Frame::Delta(delta.clone()))), 3),
+            vec![ClientAction::ApplyDelta(delta)]
+        );
+        assert_eq!(
+            cloud.handle(wire(&Frame::DeltaAck(5))),
+            vec![ServerAction::DeltaAcked(5)]
+        );
+
+        let mut cloud = ServerSession::new(collections(), Vec::new());
+        let foreign_cache = Hello {
+            cache: Some(CacheAnnouncement {
+                collection: "secret".into(),
+                ..announced
+            }),
+            ..match &hello[0] {
+                Frame::Hello(h) => h.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let replies = cloud.handle(Frame::Hello(foreign_cache));
+        assert_eq!(replies.len(), 1, "no push into a collection the edge may not query");
     }
 }

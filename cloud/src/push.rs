@@ -1,0 +1,718 @@
+//! Pushing into edge caches: anchors (past fallback queries, tracked per edge by a decaying
+//! heavy-hitter table), the vectors around them, hot ids, evictions to keep each cache within
+//! its byte budget, and invalidations of written ids, sent at once.
+//!
+//! One push task per connected edge cache ([`push_loop`]) sends every delta of that cache, one
+//! at a time, each on a stream the cloud opens, and waits for its acknowledgement before the
+//! next: so deltas arrive in version order. Before a delta is sent, its [`ManifestStep`] is
+//! committed to the WAL, so the cloud's manifest of the cache is always a superset of what the
+//! edge holds, across cloud restarts. Nothing is pushed before the connection's handshake is
+//! confirmed (never as 0.5-RTT data).
+//!
+//! When a push happens: every `period_ms`, and within `min_gap_ms` of an anchor becoming hot
+//! (its decayed count reaching `anchor_hot_count`). An invalidation goes out as soon as the
+//! write that caused it is durable.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tiervec_shared::Metric;
+use tiervec_shared::hot::HotTracker;
+use tiervec_shared::protocol::frame::{DEFAULT_MAX_FRAME, Frame, FrameDecoder, PREFIX_LEN};
+use tiervec_shared::push::{
+    Delta, HeldVector, Manifest, ManifestStep, PushedAnchor, PushedVector, Tombstone,
+    anchor_bytes, anchor_id, vector_bytes,
+};
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, info, warn};
+
+use crate::collection::{Collection, SearchParams};
+use crate::hot::HotIds;
+use crate::service::{Invalidation, Service};
+
+/// Knobs of pushing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Push to every connected cache this often.
+    pub period_ms: u64,
+    /// A newly hot anchor is pushed this soon after the previous push (batching).
+    pub min_gap_ms: u64,
+    /// Ids pushed around each anchor (its cloud answer at this k).
+    pub anchor_members: usize,
+    /// `ef` of the searches that find them.
+    pub anchor_ef: usize,
+    /// A fallback query this close to a tracked anchor counts toward it instead of starting
+    /// a new one (so many paraphrases of one request make one hot anchor).
+    pub anchor_merge_distance: f32,
+    /// An anchor is hot once its decayed count reaches this.
+    pub anchor_hot_count: f64,
+    /// Anchors tracked per (edge, collection).
+    pub anchors_per_edge: usize,
+    /// Most anchors in one delta (the rest go in the next).
+    pub max_anchors_per_delta: usize,
+    /// A plain id (outside any anchor) is pushed once it was in this many answers (decayed).
+    pub hot_id_count: f64,
+    /// An unacknowledged delta after this long closes the connection (the edge resyncs).
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            period_ms: 1_000,
+            min_gap_ms: 20,
+            anchor_members: 20,
+            anchor_ef: 128,
+            anchor_merge_distance: 0.02,
+            anchor_hot_count: 1.0,
+            anchors_per_edge: 8_192,
+            max_anchors_per_delta: 64,
+            hot_id_count: 3.0,
+            ack_timeout_ms: 5_000,
+        }
+    }
+}
+
+fn now_unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A tracked anchor.
+struct AnchorEntry {
+    vector: Vec<f32>,
+    /// When it became hot (Unix µs), once it has.
+    hot_at_unix_us: Option<u64>,
+}
+
+/// One (edge, collection)'s anchors: a decaying Space-Saving table over anchor ids (memory
+/// bounded by its capacity, whatever the corpus), and the points of the tracked ones.
+struct AnchorTable {
+    tracker: HotTracker,
+    entries: HashMap<u64, AnchorEntry>,
+}
+
+impl AnchorTable {
+    /// Counts a fallback query (prepared for the metric) toward its anchor; returns whether
+    /// that anchor just became hot.
+    fn record(&mut self, query: &[f32], metric: Metric, config: &PushConfig, now_us: u64) -> bool {
+        let nearest = self
+            .entries
+            .iter()
+            .map(|(id, e)| (*id, metric.distance(query, &e.vector)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .filter(|(_, d)| *d <= config.anchor_merge_distance);
+        let id = match nearest {
+            Some((id, _)) => id,
+            None => {
+                let id = anchor_id(query);
+                self.entries.insert(
+                    id,
+                    AnchorEntry {
+                        vector: query.to_vec(),
+                        hot_at_unix_us: None,
+                    },
+                );
+                id
+            }
+        };
+        self.tracker.record(id, 1.0, now_us);
+        // Entries follow the table: ids it evicted are forgotten (in batches, not per record).
+        if self.entries.len() > 2 * self.tracker.capacity() {
+            let tracker = &self.tracker;
+            self.entries
+                .retain(|id, _| tracker.estimate(*id, now_us).is_some());
+        }
+        let hot = self
+            .tracker
+            .estimate(id, now_us)
+            .is_some_and(|e| e.count >= config.anchor_hot_count);
+        match self.entries.get_mut(&id) {
+            Some(e) if hot && e.hot_at_unix_us.is_none() => {
+                e.hot_at_unix_us = Some(now_unix_us());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Hot anchors, hottest first, with their counts.
+    fn hot(&self, config: &PushConfig, now_us: u64) -> Vec<(u64, f64)> {
+        let mut hot: Vec<(u64, f64)> = self
+            .tracker
+            .above(config.anchor_hot_count, now_us)
+            .into_iter()
+            .filter(|e| self.entries.contains_key(&e.id))
+            .map(|e| (e.id, e.count))
+            .collect();
+        hot.sort_by(|a, b| b.1.total_cmp(&a.1));
+        hot
+    }
+}
+
+/// A job for an edge cache's push task.
+enum Job {
+    Invalidate(Invalidation),
+}
+
+/// What the push tasks share: the anchor tables, and a route to each connected cache's task.
+pub struct PushHub {
+    config: PushConfig,
+    service: Arc<Service>,
+    hot: Arc<HotIds>,
+    started: Instant,
+    anchors: Mutex<HashMap<(String, [u8; 16]), AnchorTable>>,
+    /// (edge, collection) → its push task's jobs and its "an anchor became hot" signal.
+    routes: Mutex<HashMap<(String, [u8; 16]), (mpsc::UnboundedSender<Job>, Arc<Notify>)>>,
+}
+
+impl PushHub {
+    /// The hub, and the task routing invalidations to the push tasks (spawned here).
+    pub fn start(config: PushConfig, service: Arc<Service>, hot: Arc<HotIds>) -> Arc<PushHub> {
+        let hub = Arc::new(PushHub {
+            config,
+            service: service.clone(),
+            hot,
+            started: Instant::now(),
+            anchors: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
+        });
+        if let Some(mut invalidations) = service.subscribe_invalidations() {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                while let Some(inv) = invalidations.recv().await {
+                    hub.route(inv);
+                }
+            });
+        }
+        hub
+    }
+
+    fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
+    /// Sends an invalidation to every connected cache holding one of its ids.
+    fn route(&self, inv: Invalidation) {
+        let holders = self.service.catalog().holders(inv.collection, &inv.ids);
+        let routes = self.routes.lock();
+        for (edge, ids) in holders {
+            if let Some((jobs, _)) = routes.get(&(edge, inv.collection)) {
+                let _ = jobs.send(Job::Invalidate(Invalidation {
+                    collection: inv.collection,
+                    ids,
+                    lsn: inv.lsn,
+                }));
+            }
+        }
+    }
+
+    /// Counts a confirmed, non-shadow fallback query of `edge`: the ids of its answer (hot
+    /// ids) and its vector as asked (toward its anchor).
+    pub fn record_answer(&self, edge: &str, collection: [u8; 16], ids: &[u64], query: &[f32]) {
+        self.hot.record(edge, collection, ids);
+        if let Some(c) = self.service.catalog().by_id(collection) {
+            self.record_query(edge, &c, query);
+        }
+    }
+
+    fn record_query(&self, edge: &str, collection: &Collection, query: &[f32]) {
+        let mut prepared = query.to_vec();
+        collection.info.metric.prepare(&mut prepared);
+        let key = (edge.to_owned(), collection.info.id.0);
+        let now = self.now_us();
+        let became_hot = self
+            .anchors
+            .lock()
+            .entry(key.clone())
+            .or_insert_with(|| AnchorTable {
+                tracker: HotTracker::new(
+                    self.config.anchors_per_edge,
+                    self.hot.half_life_us(),
+                    now,
+                ),
+                entries: HashMap::new(),
+            })
+            .record(&prepared, collection.info.metric, &self.config, now);
+        if became_hot && let Some((_, notify)) = self.routes.lock().get(&key) {
+            notify.notify_one();
+        }
+    }
+
+    /// The delta that brings the cache closer to what its edge asks for, within the budget,
+    /// with its manifest step; `None` when there is nothing to push.
+    fn plan(
+        &self,
+        edge: &str,
+        collection: &Collection,
+        manifest: &Manifest,
+        budget: u64,
+    ) -> Option<(Delta, ManifestStep)> {
+        let dim = collection.info.dim;
+        let now = self.now_us();
+        let key = (edge.to_owned(), collection.info.id.0);
+        let (hot_anchors, scores): (Vec<(u64, Vec<f32>, u64)>, HashMap<u64, f64>) = {
+            let anchors = self.anchors.lock();
+            let Some(table) = anchors.get(&key) else {
+                return None;
+            };
+            let hot = table.hot(&self.config, now);
+            let scores = hot.iter().copied().collect();
+            let wanted = hot
+                .iter()
+                .filter(|(id, _)| !manifest.holds_anchor(*id))
+                .take(self.config.max_anchors_per_delta)
+                .filter_map(|(id, _)| {
+                    table
+                        .entries
+                        .get(id)
+                        .map(|e| (*id, e.vector.clone(), e.hot_at_unix_us.unwrap_or(0)))
+                })
+                .collect();
+            (wanted, scores)
+        };
+        let mut anchors = Vec::new();
+        let mut new_ids: Vec<u64> = Vec::new();
+        let mut seen: HashSet<u64> = HashSet::new();
+        for (anchor, vector, hot_at) in hot_anchors {
+            let params = SearchParams {
+                k: self.config.anchor_members,
+                ef: self.config.anchor_ef.max(self.config.anchor_members),
+                exact: false,
+                max_distance: None,
+            };
+            let Ok((hits, _)) = collection.search(&vector, &params) else {
+                continue;
+            };
+            let members: Vec<u64> = hits.iter().map(|h| h.id).collect();
+            for &id in &members {
+                if manifest.held(id).is_none() && seen.insert(id) {
+                    new_ids.push(id);
+                }
+            }
+            anchors.push(PushedAnchor {
+                anchor_id: anchor,
+                vector,
+                members,
+                hot_at_unix_us: hot_at,
+            });
+        }
+        let (_, hot_ids) = self
+            .hot
+            .top(collection.info.id.0, Some(edge), self.config.anchors_per_edge);
+        for e in &hot_ids {
+            if e.count >= self.config.hot_id_count && manifest.held(e.id).is_none() && seen.insert(e.id) {
+                new_ids.push(e.id);
+            }
+        }
+        let mut vectors = Vec::new();
+        for id in new_ids {
+            if let Some(p) = collection.get(id) {
+                vectors.push(PushedVector {
+                    id,
+                    lsn: p.lsn,
+                    vector: p.vector,
+                    payload: p.payload.map(|t| t.to_string()),
+                });
+            }
+        }
+        if vectors.is_empty() && anchors.is_empty() {
+            return None;
+        }
+        // Keep within the frame limit (a delta is one frame): drop the last anchors' extras.
+        let vector_cost =
+            |v: &PushedVector| vector_bytes(dim, v.payload.as_ref().map_or(0, String::len));
+        let mut needed: u64 = vectors.iter().map(vector_cost).sum::<u64>()
+            + anchors
+                .iter()
+                .map(|a| anchor_bytes(dim, a.members.len()))
+                .sum::<u64>();
+        while needed > (DEFAULT_MAX_FRAME as u64) / 2 && vectors.len() > 1 {
+            let v = vectors.pop().expect("more than one");
+            needed -= vector_cost(&v);
+        }
+        let (evict, evict_anchors) = evictions(manifest, &scores, &hot_ids, needed, budget, dim);
+        let pushed: HashSet<u64> = vectors.iter().map(|v| v.id).collect();
+        let evicted: HashSet<u64> = evict.iter().copied().collect();
+        // An anchor is pushed only if all its members are held afterwards.
+        anchors.retain(|a| {
+            a.members
+                .iter()
+                .all(|m| pushed.contains(m) || (manifest.held(*m).is_some() && !evicted.contains(m)))
+        });
+        let version = manifest.version + 1;
+        let step = ManifestStep {
+            version,
+            added: vectors
+                .iter()
+                .map(|v| HeldVector {
+                    id: v.id,
+                    lsn: v.lsn,
+                    bytes: vector_cost(v),
+                })
+                .collect(),
+            removed: evict.clone(),
+            anchors_added: anchors
+                .iter()
+                .map(|a| (a.anchor_id, a.members.clone()))
+                .collect(),
+            anchors_removed: evict_anchors.clone(),
+        };
+        let delta = Delta {
+            collection_id: collection.info.id.0,
+            dim: dim as u32,
+            metric: collection.info.metric.code(),
+            version,
+            vectors,
+            anchors,
+            evict,
+            evict_anchors,
+            tombstones: Vec::new(),
+            sent_at_unix_us: 0,
+        };
+        Some((delta, step))
+    }
+}
+
+/// What to evict so that `needed` more bytes fit in `budget`: the coldest anchors first (with
+/// their members no other kept anchor or hot id needs), then the coldest plain ids.
+fn evictions(
+    manifest: &Manifest,
+    anchor_scores: &HashMap<u64, f64>,
+    hot_ids: &[tiervec_shared::hot::Estimate],
+    needed: u64,
+    budget: u64,
+    dim: usize,
+) -> (Vec<u64>, Vec<u64>) {
+    let mut over = (manifest.bytes() + needed).saturating_sub(budget);
+    if over == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let id_score: HashMap<u64, f64> = hot_ids.iter().map(|e| (e.id, e.count)).collect();
+    let mut refs: HashMap<u64, usize> = HashMap::new();
+    for (_, members) in manifest.anchors() {
+        for m in members {
+            *refs.entry(*m).or_default() += 1;
+        }
+    }
+    let mut anchors: Vec<(u64, &[u64], f64)> = manifest
+        .anchors()
+        .map(|(a, m)| (a, m, anchor_scores.get(&a).copied().unwrap_or(0.0)))
+        .collect();
+    anchors.sort_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)));
+    let (mut evict, mut evict_anchors) = (Vec::new(), Vec::new());
+    let mut gone: HashSet<u64> = HashSet::new();
+    for (anchor, members, _) in anchors {
+        if over == 0 {
+            break;
+        }
+        evict_anchors.push(anchor);
+        over = over.saturating_sub(anchor_bytes(dim, members.len()));
+        for m in members {
+            let r = refs.get_mut(m).expect("counted");
+            *r -= 1;
+            if *r == 0 && !id_score.contains_key(m) && gone.insert(*m) {
+                if let Some(h) = manifest.held(*m) {
+                    evict.push(*m);
+                    over = over.saturating_sub(h.bytes);
+                }
+            }
+        }
+    }
+    if over > 0 {
+        let mut plain: Vec<(u64, u64, f64)> = manifest
+            .ids()
+            .filter(|(id, _)| !gone.contains(id) && refs.get(id).is_none_or(|r| *r == 0))
+            .map(|(id, h)| (id, h.bytes, id_score.get(&id).copied().unwrap_or(0.0)))
+            .collect();
+        plain.sort_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)));
+        for (id, bytes, _) in plain {
+            if over == 0 {
+                break;
+            }
+            evict.push(id);
+            over = over.saturating_sub(bytes);
+        }
+    }
+    (evict, evict_anchors)
+}
+
+/// The delta that invalidates `ids` (written at `lsn`) in a cache, if it holds any.
+fn invalidation(
+    manifest: &Manifest,
+    collection: &Collection,
+    inv: &Invalidation,
+) -> Option<(Delta, ManifestStep)> {
+    let tombstones: Vec<Tombstone> = inv
+        .ids
+        .iter()
+        .filter(|id| manifest.held(**id).is_some())
+        .map(|&id| Tombstone { id, lsn: inv.lsn })
+        .collect();
+    if tombstones.is_empty() {
+        return None;
+    }
+    let version = manifest.version + 1;
+    let step = ManifestStep {
+        version,
+        removed: tombstones.iter().map(|t| t.id).collect(),
+        ..ManifestStep::default()
+    };
+    Some((
+        Delta {
+            collection_id: collection.info.id.0,
+            dim: collection.info.dim as u32,
+            metric: collection.info.metric.code(),
+            version,
+            tombstones,
+            ..Delta::default()
+        },
+        step,
+    ))
+}
+
+/// Ids a cache holds at an older LSN than the collection's, or that no longer exist: found
+/// when an edge connects, for writes whose invalidation never reached it.
+fn outdated(manifest: &Manifest, collection: &Collection) -> Vec<(u64, u64)> {
+    manifest
+        .ids()
+        .filter_map(|(id, held)| match collection.get(id) {
+            Some(p) if p.lsn <= held.lsn => None,
+            Some(p) => Some((id, p.lsn)),
+            None => Some((id, collection.deleted_at(id).unwrap_or(u64::MAX))),
+        })
+        .collect()
+}
+
+/// Sends `delta` on a new stream and waits for its acknowledgement.
+async fn send_delta(
+    conn: &quinn::Connection,
+    delta: &Delta,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut bytes = Vec::new();
+    Frame::Delta(delta.clone()).encode(&mut bytes);
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        recv.read_to_end(PREFIX_LEN + 64)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let reply = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| "no acknowledgement in time".to_owned())??;
+    metrics::counter!("tiervec_push_bytes_total").increment(bytes.len() as u64);
+    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    decoder.push(&reply).map_err(|e| e.to_string())?;
+    match decoder.next_frame().map_err(|e| e.to_string())? {
+        Some(Frame::DeltaAck(v)) if v == delta.version => Ok(()),
+        other => Err(format!("expected DeltaAck({}), got {other:?}", delta.version)),
+    }
+}
+
+/// One connected edge cache's push task: ends when the connection does.
+pub async fn push_loop(
+    hub: Arc<PushHub>,
+    conn: quinn::Connection,
+    edge: String,
+    collection: Arc<Collection>,
+    budget: u64,
+    mut confirmed: tokio::sync::watch::Receiver<bool>,
+    resynced: Arc<Notify>,
+    resync_first: bool,
+) {
+    if confirmed.wait_for(|c| *c).await.is_err() {
+        return;
+    }
+    let ack_timeout = Duration::from_millis(hub.config.ack_timeout_ms);
+    // An edge whose cache the cloud does not know sends its inventory first; pushing before
+    // it is adopted would build on the wrong version.
+    if resync_first
+        && tokio::time::timeout(ack_timeout, resynced.notified())
+            .await
+            .is_err()
+    {
+        warn!(edge = %edge, "no cache inventory from the edge; not pushing on this connection");
+        return;
+    }
+    let key = (edge.clone(), collection.info.id.0);
+    let (jobs_tx, mut jobs) = mpsc::unbounded_channel();
+    let notify = Arc::new(Notify::new());
+    hub.routes
+        .lock()
+        .insert(key.clone(), (jobs_tx.clone(), notify.clone()));
+    info!(edge = %edge, collection = %collection.info.name, budget, "pushing into the edge's cache");
+    let period = Duration::from_millis(hub.config.period_ms.max(1));
+    let gap = Duration::from_millis(hub.config.min_gap_ms);
+    let mut tick = tokio::time::interval(period);
+    let mut reconcile = true;
+    loop {
+        let mut invalidations = Vec::new();
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = notify.notified() => tokio::time::sleep(gap).await,
+            () = resynced.notified() => reconcile = true,
+            job = jobs.recv() => match job {
+                Some(Job::Invalidate(inv)) => invalidations.push(inv),
+                None => break,
+            },
+            _ = conn.closed() => break,
+        }
+        while let Ok(Job::Invalidate(inv)) = jobs.try_recv() {
+            invalidations.push(inv);
+        }
+        if reconcile {
+            reconcile = false;
+            if let Some(m) = hub.service.catalog().edge_cache(&edge, collection.info.id.0) {
+                for (id, lsn) in outdated(&m, &collection) {
+                    invalidations.push(Invalidation {
+                        collection: collection.info.id.0,
+                        ids: vec![id],
+                        lsn,
+                    });
+                }
+            }
+        }
+        let mut failed = None;
+        // Invalidations first: they must not wait behind a push.
+        for inv in invalidations {
+            if let Err(e) = deliver(&hub, &conn, &edge, &collection, ack_timeout, |m| {
+                invalidation(m, &collection, &inv)
+            })
+            .await
+            {
+                failed = Some(e);
+                break;
+            }
+        }
+        if failed.is_none()
+            && let Err(e) = deliver(&hub, &conn, &edge, &collection, ack_timeout, |m| {
+                hub.plan(&edge, &collection, m, budget)
+            })
+            .await
+        {
+            failed = Some(e);
+        }
+        if let Some(e) = failed {
+            warn!(edge = %edge, error = %e, "push failed; closing the connection (the edge resyncs)");
+            conn.close(quinn::VarInt::from_u32(0), b"push failed");
+            break;
+        }
+    }
+    let mut routes = hub.routes.lock();
+    if routes
+        .get(&key)
+        .is_some_and(|(tx, _)| tx.same_channel(&jobs_tx))
+    {
+        routes.remove(&key);
+    }
+}
+
+/// Plans a delta against the cloud's manifest of the cache, logs its step, sends it and waits
+/// for the acknowledgement.
+async fn deliver(
+    hub: &Arc<PushHub>,
+    conn: &quinn::Connection,
+    edge: &str,
+    collection: &Arc<Collection>,
+    ack_timeout: Duration,
+    plan: impl FnOnce(&Manifest) -> Option<(Delta, ManifestStep)>,
+) -> Result<(), String> {
+    let id = collection.info.id.0;
+    let manifest = hub
+        .service
+        .catalog()
+        .edge_cache(edge, id)
+        .unwrap_or_else(|| Manifest::new(id, 0));
+    let Some((mut delta, step)) = plan(&manifest) else {
+        return Ok(());
+    };
+    let service = hub.service.clone();
+    let edge_owned = edge.to_owned();
+    tokio::task::spawn_blocking(move || service.commit_edge_step(&edge_owned, id, step))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    delta.sent_at_unix_us = now_unix_us();
+    let kind = if delta.is_invalidation() {
+        "invalidation"
+    } else {
+        "push"
+    };
+    let started = Instant::now();
+    send_delta(conn, &delta, ack_timeout).await?;
+    metrics::counter!("tiervec_push_deltas_total", "kind" => kind).increment(1);
+    metrics::histogram!("tiervec_push_ack_seconds", "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    debug!(
+        edge,
+        version = delta.version,
+        kind,
+        vectors = delta.vectors.len(),
+        anchors = delta.anchors.len(),
+        tombstones = delta.tombstones.len(),
+        evicted = delta.evict.len(),
+        "delta acknowledged"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paraphrases_merge_into_one_anchor_and_cross_the_threshold_once() {
+        let config = PushConfig {
+            anchor_merge_distance: 0.05,
+            anchor_hot_count: 2.0,
+            ..PushConfig::default()
+        };
+        let mut t = AnchorTable {
+            tracker: HotTracker::new(16, 1_000_000_000, 0),
+            entries: HashMap::new(),
+        };
+        let a = [1.0, 0.0];
+        let near = {
+            let mut v = [0.999, 0.04];
+            tiervec_shared::metric::normalise(&mut v);
+            v
+        };
+        assert!(!t.record(&a, Metric::Cosine, &config, 1));
+        assert!(t.record(&near, Metric::Cosine, &config, 2), "second ask: hot");
+        assert!(!t.record(&a, Metric::Cosine, &config, 3), "hot once");
+        assert_eq!(t.entries.len(), 1);
+        assert!(!t.record(&[0.0, 1.0], Metric::Cosine, &config, 4));
+        assert_eq!(t.entries.len(), 2, "a far query starts its own anchor");
+        assert_eq!(t.hot(&config, 5).len(), 1);
+    }
+
+    #[test]
+    fn evictions_take_the_coldest_anchor_first_and_keep_shared_members() {
+        let dim = 2;
+        let mut m = Manifest::new([1; 16], 3);
+        for id in 1..=4 {
+            m.insert(id, 1, 100);
+        }
+        m.insert_anchor(10, vec![1, 2], dim);
+        m.insert_anchor(11, vec![2, 3], dim);
+        let scores = HashMap::from([(10, 1.0), (11, 5.0)]);
+        // Over by a little: the colder anchor goes, with member 1 (member 2 is shared).
+        let budget = m.bytes() + 50;
+        let (evict, anchors) = evictions(&m, &scores, &[], 100, budget, dim);
+        assert_eq!(anchors, vec![10]);
+        assert_eq!(evict, vec![1]);
+        // Within budget: nothing.
+        assert_eq!(
+            evictions(&m, &scores, &[], 10, m.bytes() + 10, dim),
+            (vec![], vec![])
+        );
+    }
+}

@@ -1,0 +1,234 @@
+//! The edge's delta log: every delta the cloud pushed since the snapshot was written, in the
+//! shared log format (`tiervec_shared::log`, kind `EdgeDeltas`, documented in `docs/wal.md`),
+//! one record per delta, its LSN the manifest version, its body the delta's rkyv archive. A
+//! delta is acknowledged to the cloud only after its record is fsynced.
+//!
+//! A compaction writes a new snapshot at version V and then rewrites the log with only the
+//! records after V (atomically), so that a crash between the two leaves records the reader
+//! skips, never a gap.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use tiervec_shared::durable::write_atomic;
+use tiervec_shared::log::{self, LogError, LogHeader, LogKind};
+use tiervec_shared::push::Delta;
+
+#[derive(Debug, Error)]
+pub enum DeltaLogError {
+    #[error("delta log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("delta log {path} is damaged: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: LogError,
+    },
+    #[error("delta log {path}: record {version} does not decode: {reason}")]
+    BadRecord {
+        path: PathBuf,
+        version: u64,
+        reason: String,
+    },
+}
+
+/// What opening the log found.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub deltas: Vec<Delta>,
+    /// Set when a torn last record (a crash mid-append) was cut off: its description.
+    pub truncated: Option<&'static str>,
+}
+
+/// The open delta log, appended to by the one writer of the cache.
+#[derive(Debug)]
+pub struct DeltaLog {
+    path: PathBuf,
+    file: File,
+}
+
+fn encode(delta: &Delta, out: &mut Vec<u8>) {
+    let body = delta.to_bytes();
+    log::encode_record(delta.version, &body, out)
+        .expect("a delta fits the frame limit, far below the record limit");
+}
+
+impl DeltaLog {
+    /// Opens (or creates) the log at `path` and returns its deltas in version order. A torn
+    /// tail is truncated; anything else wrong is an error (the caller sets the file aside).
+    pub fn open(path: &Path) -> Result<(DeltaLog, Replayed), DeltaLogError> {
+        let io_err = |source| DeltaLogError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if !path.exists() {
+            return Ok((Self::rewrite(path, &[])?, Replayed::default()));
+        }
+        let bytes = std::fs::read(path).map_err(io_err)?;
+        let scan = log::scan(&bytes, LogKind::EdgeDeltas).map_err(|source| {
+            DeltaLogError::Corrupt {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        let mut replayed = Replayed {
+            truncated: scan.torn_tail,
+            ..Replayed::default()
+        };
+        for record in &scan.records {
+            let delta =
+                Delta::from_bytes(record.body).map_err(|reason| DeltaLogError::BadRecord {
+                    path: path.to_owned(),
+                    version: record.lsn,
+                    reason,
+                })?;
+            if delta.version != record.lsn {
+                return Err(DeltaLogError::BadRecord {
+                    path: path.to_owned(),
+                    version: record.lsn,
+                    reason: format!("record holds delta {}", delta.version),
+                });
+            }
+            replayed.deltas.push(delta);
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err)?;
+        if scan.torn_tail.is_some() {
+            file.set_len(scan.valid_len).map_err(io_err)?;
+            file.sync_all().map_err(io_err)?;
+        }
+        let mut log = DeltaLog {
+            path: path.to_owned(),
+            file,
+        };
+        log.seek_end()?;
+        Ok((log, replayed))
+    }
+
+    fn seek_end(&mut self) -> Result<(), DeltaLogError> {
+        use std::io::Seek;
+        self.file
+            .seek(io::SeekFrom::End(0))
+            .map(drop)
+            .map_err(|source| DeltaLogError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Replaces the log at `path`, atomically, by one holding exactly `deltas`.
+    pub fn rewrite(path: &Path, deltas: &[Delta]) -> Result<DeltaLog, DeltaLogError> {
+        let io_err = |source| DeltaLogError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut bytes = LogHeader {
+            kind: LogKind::EdgeDeltas,
+            first_lsn: deltas.first().map_or(0, |d| d.version),
+        }
+        .encode()
+        .to_vec();
+        for d in deltas {
+            encode(d, &mut bytes);
+        }
+        write_atomic(path, &bytes, false).map_err(io_err)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err)?;
+        let mut log = DeltaLog {
+            path: path.to_owned(),
+            file,
+        };
+        log.seek_end()?;
+        Ok(log)
+    }
+
+    /// Appends `delta` and fsyncs: when this returns, the delta survives a crash.
+    pub fn append(&mut self, delta: &Delta) -> Result<(), DeltaLogError> {
+        let mut bytes = Vec::new();
+        encode(delta, &mut bytes);
+        self.file
+            .write_all(&bytes)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| DeltaLogError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(version: u64) -> Delta {
+        Delta {
+            collection_id: [3; 16],
+            version,
+            evict: vec![version],
+            ..Delta::default()
+        }
+    }
+
+    #[test]
+    fn appended_deltas_come_back_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.deltas");
+        let (mut log, replayed) = DeltaLog::open(&path).unwrap();
+        assert!(replayed.deltas.is_empty());
+        for v in 1..=3 {
+            log.append(&delta(v)).unwrap();
+        }
+        drop(log);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let (_, replayed) = DeltaLog::open(&path).unwrap();
+        assert_eq!(replayed.deltas, vec![delta(1), delta(2), delta(3)]);
+
+        // A crash in the middle of the last append.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 5).unwrap();
+        let (mut log, replayed) = DeltaLog::open(&path).unwrap();
+        assert_eq!(replayed.deltas.len(), 2);
+        assert!(replayed.truncated.is_some());
+        log.append(&delta(3)).unwrap();
+        drop(log);
+        let (_, replayed) = DeltaLog::open(&path).unwrap();
+        assert_eq!(replayed.deltas.len(), 3, "appends go on after the cut");
+
+        let log = DeltaLog::rewrite(&path, &[delta(3)]).unwrap();
+        drop(log);
+        assert_eq!(DeltaLog::open(&path).unwrap().1.deltas, vec![delta(3)]);
+    }
+
+    #[test]
+    fn damage_before_the_end_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.deltas");
+        let (mut log, _) = DeltaLog::open(&path).unwrap();
+        for v in 1..=3 {
+            log.append(&delta(v)).unwrap();
+        }
+        drop(log);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[log::FILE_HEADER_LEN + 30] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = DeltaLog::open(&path).unwrap_err();
+        assert!(matches!(err, DeltaLogError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("cache.deltas"));
+        std::fs::write(&path, b"not a log at all, just some bytes here").unwrap();
+        assert!(DeltaLog::open(&path).is_err());
+    }
+}
