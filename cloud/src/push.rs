@@ -23,8 +23,8 @@ use tiervec_shared::Metric;
 use tiervec_shared::hot::HotTracker;
 use tiervec_shared::protocol::frame::{DEFAULT_MAX_FRAME, Frame, FrameDecoder, PREFIX_LEN};
 use tiervec_shared::push::{
-    Delta, HeldVector, Manifest, ManifestStep, PushedAnchor, PushedVector, Tombstone,
-    anchor_bytes, anchor_id, vector_bytes,
+    Delta, HeldVector, Manifest, ManifestStep, PushedAnchor, PushedVector, Tombstone, anchor_bytes,
+    anchor_id, vector_bytes,
 };
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
@@ -141,13 +141,20 @@ impl AnchorTable {
         }
     }
 
-    /// Hot anchors, hottest first, with their counts.
+    /// Hot anchors, hottest first, with their counts. An anchor becomes hot when its count
+    /// reaches `anchor_hot_count` and stays hot until it decays below half of that
+    /// (hysteresis: a count sitting at the threshold neither flaps nor decays out of it in
+    /// the moment after it was reached).
     fn hot(&self, config: &PushConfig, now_us: u64) -> Vec<(u64, f64)> {
         let mut hot: Vec<(u64, f64)> = self
             .tracker
-            .above(config.anchor_hot_count, now_us)
+            .above(config.anchor_hot_count / 2.0, now_us)
             .into_iter()
-            .filter(|e| self.entries.contains_key(&e.id))
+            .filter(|e| {
+                self.entries
+                    .get(&e.id)
+                    .is_some_and(|a| a.hot_at_unix_us.is_some())
+            })
             .map(|e| (e.id, e.count))
             .collect();
         hot.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -183,10 +190,15 @@ impl PushHub {
             routes: Mutex::new(HashMap::new()),
         });
         if let Some(mut invalidations) = service.subscribe_invalidations() {
-            let hub = hub.clone();
+            // Weak: the channel's sender lives in the service the hub holds, so a strong
+            // reference here would keep both alive forever.
+            let hub = Arc::downgrade(&hub);
             tokio::spawn(async move {
                 while let Some(inv) = invalidations.recv().await {
-                    hub.route(inv);
+                    match hub.upgrade() {
+                        Some(hub) => hub.route(inv),
+                        None => return,
+                    }
                 }
             });
         }
@@ -302,11 +314,16 @@ impl PushHub {
                 hot_at_unix_us: hot_at,
             });
         }
-        let (_, hot_ids) = self
-            .hot
-            .top(collection.info.id.0, Some(edge), self.config.anchors_per_edge);
+        let (_, hot_ids) = self.hot.top(
+            collection.info.id.0,
+            Some(edge),
+            self.config.anchors_per_edge,
+        );
         for e in &hot_ids {
-            if e.count >= self.config.hot_id_count && manifest.held(e.id).is_none() && seen.insert(e.id) {
+            if e.count >= self.config.hot_id_count
+                && manifest.held(e.id).is_none()
+                && seen.insert(e.id)
+            {
                 new_ids.push(e.id);
             }
         }
@@ -341,9 +358,9 @@ impl PushHub {
         let evicted: HashSet<u64> = evict.iter().copied().collect();
         // An anchor is pushed only if all its members are held afterwards.
         anchors.retain(|a| {
-            a.members
-                .iter()
-                .all(|m| pushed.contains(m) || (manifest.held(*m).is_some() && !evicted.contains(m)))
+            a.members.iter().all(|m| {
+                pushed.contains(m) || (manifest.held(*m).is_some() && !evicted.contains(m))
+            })
         });
         let version = manifest.version + 1;
         let step = ManifestStep {
@@ -513,7 +530,10 @@ async fn send_delta(
     decoder.push(&reply).map_err(|e| e.to_string())?;
     match decoder.next_frame().map_err(|e| e.to_string())? {
         Some(Frame::DeltaAck(v)) if v == delta.version => Ok(()),
-        other => Err(format!("expected DeltaAck({}), got {other:?}", delta.version)),
+        other => Err(format!(
+            "expected DeltaAck({}), got {other:?}",
+            delta.version
+        )),
     }
 }
 
@@ -570,7 +590,11 @@ pub async fn push_loop(
         }
         if reconcile {
             reconcile = false;
-            if let Some(m) = hub.service.catalog().edge_cache(&edge, collection.info.id.0) {
+            if let Some(m) = hub
+                .service
+                .catalog()
+                .edge_cache(&edge, collection.info.id.0)
+            {
                 for (id, lsn) in outdated(&m, &collection) {
                     invalidations.push(Invalidation {
                         collection: collection.info.id.0,
@@ -686,7 +710,10 @@ mod tests {
             v
         };
         assert!(!t.record(&a, Metric::Cosine, &config, 1));
-        assert!(t.record(&near, Metric::Cosine, &config, 2), "second ask: hot");
+        assert!(
+            t.record(&near, Metric::Cosine, &config, 2),
+            "second ask: hot"
+        );
         assert!(!t.record(&a, Metric::Cosine, &config, 3), "hot once");
         assert_eq!(t.entries.len(), 1);
         assert!(!t.record(&[0.0, 1.0], Metric::Cosine, &config, 4));

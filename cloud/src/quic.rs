@@ -297,8 +297,12 @@ async fn exchange(
                     early,
                 );
                 let svc = service.clone();
-                let (collection, collection_id, shadow, vector) =
-                    (q.collection.clone(), q.collection_id, q.shadow, q.vector.clone());
+                let (collection, collection_id, shadow, vector) = (
+                    q.collection.clone(),
+                    q.collection_id,
+                    q.shadow,
+                    q.vector.clone(),
+                );
                 let frame =
                     tokio::task::spawn_blocking(move || span.in_scope(|| search(&svc, q))).await;
                 if let Ok(frame) = frame {
@@ -319,32 +323,31 @@ async fn exchange(
                     .increment(1);
             }
             ServerAction::Close { code, message } => close = Some((code, message)),
-            ServerAction::CacheAnnounced(cache) => {
-                match service.catalog().get(&cache.collection) {
-                    Some(collection) => {
-                        let known = service
-                            .catalog()
-                            .edge_cache(&peer.edge, collection.info.id.0)
-                            .map(|m| m.version);
-                        let resync_first = cache.collection_id != collection.info.id.0
-                            || known != Some(cache.version);
-                        tokio::spawn(push_loop(
-                            peer.push.clone(),
-                            conn.clone(),
-                            peer.edge.clone(),
-                            collection,
-                            cache.budget_bytes,
-                            peer.confirmed.clone(),
-                            peer.resynced.clone(),
-                            resync_first,
-                        ));
-                    }
-                    None => warn!(collection = %cache.collection, "edge announced a cache of an unknown collection"),
+            ServerAction::CacheAnnounced(cache) => match service.catalog().get(&cache.collection) {
+                Some(collection) => {
+                    let known = service
+                        .catalog()
+                        .edge_cache(&peer.edge, collection.info.id.0)
+                        .map(|m| m.version);
+                    let resync_first =
+                        cache.collection_id != collection.info.id.0 || known != Some(cache.version);
+                    tokio::spawn(push_loop(
+                        peer.push.clone(),
+                        conn.clone(),
+                        peer.edge.clone(),
+                        collection,
+                        cache.budget_bytes,
+                        peer.confirmed.clone(),
+                        peer.resynced.clone(),
+                        resync_first,
+                    ));
                 }
-            }
+                None => {
+                    warn!(collection = %cache.collection, "edge announced a cache of an unknown collection")
+                }
+            },
             ServerAction::Resync(inventory) => {
-                let (svc, edge, version) =
-                    (service.clone(), peer.edge.clone(), inventory.version);
+                let (svc, edge, version) = (service.clone(), peer.edge.clone(), inventory.version);
                 let committed = match tokio::task::spawn_blocking(move || {
                     svc.commit_edge_reset(&edge, inventory)
                 })
@@ -406,7 +409,8 @@ async fn count_answered(peer: &Peer, answered: Vec<Answered>, early: bool) {
     let flight = if early { "early" } else { "confirmed" };
     for a in answered {
         if !a.shadow {
-            peer.push.record_answer(&peer.edge, a.collection_id, &a.ids, &a.vector);
+            peer.push
+                .record_answer(&peer.edge, a.collection_id, &a.ids, &a.vector);
         }
         metrics::counter!("tiervec_quic_queries_total", "collection" => a.collection, "flight" => flight)
             .increment(1);

@@ -107,7 +107,11 @@ impl Catalog {
             .iter()
             .filter(|((_, c), _)| *c == collection)
             .filter_map(|((edge, _), m)| {
-                let held: Vec<u64> = ids.iter().copied().filter(|id| m.held(*id).is_some()).collect();
+                let held: Vec<u64> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| m.held(*id).is_some())
+                    .collect();
                 (!held.is_empty()).then(|| (edge.clone(), held))
             })
             .collect()
@@ -425,11 +429,7 @@ impl Service {
     }
 
     /// Logs (durably) that `edge`'s cache holds exactly `inventory`.
-    pub fn commit_edge_reset(
-        &self,
-        edge: &str,
-        inventory: Inventory,
-    ) -> Result<u64, ServiceError> {
+    pub fn commit_edge_reset(&self, edge: &str, inventory: Inventory) -> Result<u64, ServiceError> {
         self.commit(WalEntry::EdgeReset {
             edge: edge.to_owned(),
             collection: inventory.collection_id,

@@ -24,9 +24,10 @@ use serde_json::{Value, json};
 use tiervec_cloud::api::{CreateCollection, PointIn};
 use tiervec_cloud::certs::CertDir;
 use tiervec_cloud::client::Client;
+use tiervec_edge::cache::{CacheConfig, EdgeCache};
 use tiervec_edge::link::LinkConfig;
 use tiervec_edge::node::{EdgeNode, NodeConfig};
-use tiervec_edge::{EdgeIndex, write_snapshot_atomic};
+use tiervec_edge::write_snapshot_atomic;
 use tiervec_shared::Metric;
 use tiervec_shared::hnsw::{HnswBuilder, HnswParams};
 use tiervec_shared::snapshot::{self, SnapshotBody, SnapshotSpec};
@@ -82,6 +83,8 @@ async fn spawn_cloud(dir: &Path, quic: SocketAddr) -> (Cloud, String) {
             .args(["--set", &format!("quic_addr=\"{quic}\"")])
             .args(["--set", &format!("certs_dir={}", path(dir.join("certs")))])
             .args(["--set", r#"edges={"edge-1"=["*"]}"#])
+            // This test is about faults, not pushes: nothing becomes hot enough to push.
+            .args(["--set", "push={anchor_hot_count=1e12, hot_id_count=1e12}"])
             .arg("--addr-file")
             .arg(&addr_file)
             .stdout(Stdio::null())
@@ -276,10 +279,15 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
     write_snapshot_atomic(&snapshot_path, &snapshot::encode(&spec, &body).unwrap()).unwrap();
     let node = Arc::new(
         EdgeNode::start(
-            EdgeIndex::open(&snapshot_path).unwrap(),
+            Arc::new(
+                EdgeCache::open(CacheConfig::beside(&snapshot_path, 64 << 20))
+                    .unwrap()
+                    .0,
+            ),
             NodeConfig {
                 collection: "c".into(),
-                max_distance: 1e-4,
+                rule: tiervec_shared::confidence::ConfidenceRule::kth(1e-4),
+                lease: Duration::from_secs(30),
                 deadline: DEADLINE,
                 cloud_ef: 64,
                 backoff: (Duration::from_millis(50), Duration::from_millis(500)),

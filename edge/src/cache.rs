@@ -242,7 +242,9 @@ fn set_aside(path: &Path, why: String, report: &mut OpenReport) {
     aside.push(format!(".corrupt-{stamp}"));
     let aside = PathBuf::from(aside);
     match std::fs::rename(path, &aside) {
-        Ok(()) => warn!(file = %path.display(), aside = %aside.display(), why, "cache file set aside"),
+        Ok(()) => {
+            warn!(file = %path.display(), aside = %aside.display(), why, "cache file set aside")
+        }
         Err(e) => warn!(file = %path.display(), error = %e, why, "cannot set the cache file aside"),
     }
     report.set_aside.push((aside, why));
@@ -536,7 +538,9 @@ impl EdgeCache {
     pub fn apply(&self, delta: &Delta) -> Result<ApplyReport, CacheError> {
         let mut writer = self.writer.lock();
         let current = self.state.load_full();
-        if delta.version <= current.manifest.version && delta.collection_id == current.manifest.collection_id {
+        if delta.version <= current.manifest.version
+            && delta.collection_id == current.manifest.collection_id
+        {
             return Ok(ApplyReport {
                 duplicate: true,
                 ..ApplyReport::default()
@@ -562,6 +566,25 @@ impl EdgeCache {
                 .record(applied_us.saturating_sub(*hot_at) as f64 / 1e6);
         }
         Ok(report)
+    }
+
+    /// Binds a cache that belongs to no collection incarnation yet (empty, or a snapshot
+    /// written without one) to `collection`; a bound cache keeps its identity.
+    pub fn bind(&self, collection: [u8; 16]) {
+        let _writer = self.writer.lock();
+        let current = self.state.load_full();
+        if current.manifest.collection_id != [0; 16] {
+            return;
+        }
+        let mut manifest = current.manifest.clone();
+        manifest.collection_id = collection;
+        self.state.store(Arc::new(CacheState {
+            shape: current.shape,
+            snapshot: current.snapshot.clone(),
+            snapshot_anchor_ids: current.snapshot_anchor_ids.clone(),
+            overlay: current.overlay.clone(),
+            manifest,
+        }));
     }
 
     /// Empties the cache for a collection incarnation it does not belong to: both files are

@@ -71,12 +71,11 @@ impl DeltaLog {
             return Ok((Self::rewrite(path, &[])?, Replayed::default()));
         }
         let bytes = std::fs::read(path).map_err(io_err)?;
-        let scan = log::scan(&bytes, LogKind::EdgeDeltas).map_err(|source| {
-            DeltaLogError::Corrupt {
+        let scan =
+            log::scan(&bytes, LogKind::EdgeDeltas).map_err(|source| DeltaLogError::Corrupt {
                 path: path.to_owned(),
                 source,
-            }
-        })?;
+            })?;
         let mut replayed = Replayed {
             truncated: scan.torn_tail,
             ..Replayed::default()
@@ -97,10 +96,7 @@ impl DeltaLog {
             }
             replayed.deltas.push(delta);
         }
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io_err)?;
+        let file = OpenOptions::new().write(true).open(path).map_err(io_err)?;
         if scan.torn_tail.is_some() {
             file.set_len(scan.valid_len).map_err(io_err)?;
             file.sync_all().map_err(io_err)?;
@@ -140,10 +136,7 @@ impl DeltaLog {
             encode(d, &mut bytes);
         }
         write_atomic(path, &bytes, false).map_err(io_err)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io_err)?;
+        let file = OpenOptions::new().write(true).open(path).map_err(io_err)?;
         let mut log = DeltaLog {
             path: path.to_owned(),
             file,

@@ -376,7 +376,15 @@ impl Connector {
         }
         let session = Arc::new(Mutex::new(session));
         if let Some(target) = &self.push {
-            resync(&conn, &session, target, &collections, cache_version, started).await?;
+            resync(
+                &conn,
+                &session,
+                target,
+                &collections,
+                cache_version,
+                started,
+            )
+            .await?;
             tokio::spawn(
                 accept_pushes(conn.clone(), session.clone(), target.clone(), started)
                     .instrument(info_span!("edge_push")),
@@ -543,11 +551,14 @@ async fn resync(
             "the cache belongs to an older incarnation of the collection; emptying it"
         );
         let cache = cache.clone();
-        tokio::task::spawn_blocking(move || cache.reset("the collection was recreated in the cloud"))
-            .await
-            .map_err(|e| LinkError::Handshake(e.to_string()))?
-            .map_err(|e| LinkError::Handshake(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            cache.reset("the collection was recreated in the cloud")
+        })
+        .await
+        .map_err(|e| LinkError::Handshake(e.to_string()))?
+        .map_err(|e| LinkError::Handshake(e.to_string()))?;
     }
+    cache.bind(collection.id);
     let version = cache.version();
     if cache_version == Some(version) && cache.collection_id() == collection.id {
         return Ok(());
@@ -613,7 +624,10 @@ async fn accept_pushes(
         if let Err(e) = decoded {
             metrics::counter!("tiervec_edge_link_refused_total", "reason" => e.code().label())
                 .increment(1);
-            conn.close(quinn::VarInt::from_u32(e.code() as u32), e.to_string().as_bytes());
+            conn.close(
+                quinn::VarInt::from_u32(e.code() as u32),
+                e.to_string().as_bytes(),
+            );
             return;
         }
         let mut acks = Vec::new();

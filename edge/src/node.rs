@@ -180,7 +180,12 @@ impl EdgeNode {
     }
 
     /// Answers a search: local when confident, else the cloud's, else local marked degraded.
-    pub async fn search(&self, query: &[f32], k: usize, ef: usize) -> Result<NodeAnswer, EdgeError> {
+    pub async fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+    ) -> Result<NodeAnswer, EdgeError> {
         let started = Instant::now();
         let span = info_span!("edge_query", k, ef, source = tracing::field::Empty);
         let (hits, source) = self
@@ -212,7 +217,12 @@ impl EdgeNode {
         let answer = self.cache.search(query, k, ef)?;
         let local = answer.hits;
         let distances: Vec<f32> = local.iter().map(|h| h.distance).collect();
-        if self.config.rule.decide(&distances, k, answer.nearest_anchor) == Decision::Local {
+        if self
+            .config
+            .rule
+            .decide(&distances, k, answer.nearest_anchor)
+            == Decision::Local
+        {
             if let Some(first_use) = answer.anchor_first_use {
                 first_use.record();
             }

@@ -43,7 +43,12 @@ impl ConfidenceRule {
 
     /// Decides over the local hits' distances (nearest first) and the distance to the nearest
     /// anchor, if the cache holds any.
-    pub fn decide(&self, local_distances: &[f32], k: usize, nearest_anchor: Option<f32>) -> Decision {
+    pub fn decide(
+        &self,
+        local_distances: &[f32],
+        k: usize,
+        nearest_anchor: Option<f32>,
+    ) -> Decision {
         if k == 0 || local_distances.len() < k {
             return Decision::AskCloud;
         }
@@ -99,6 +104,9 @@ mod tests {
         assert_eq!(both.decide(&[0.1, 0.2], 2, None), Decision::Local);
         assert_eq!(both.decide(&[0.5, 0.6], 2, Some(0.01)), Decision::Local);
         assert_eq!(both.decide(&[0.5, 0.6], 2, Some(0.5)), Decision::AskCloud);
-        assert_eq!(ConfidenceRule::default().decide(&[0.0], 1, Some(0.0)), Decision::AskCloud);
+        assert_eq!(
+            ConfidenceRule::default().decide(&[0.0], 1, Some(0.0)),
+            Decision::AskCloud
+        );
     }
 }

@@ -20,6 +20,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tiervec_edge::EdgeIndex;
+use tiervec_shared::confidence::ConfidenceRule;
 use tiervec_shared::hnsw::HnswParams;
 
 use crate::bench::{Latencies, Machine, recall_at_10, update_benchmarks_md, write_json};
@@ -77,6 +78,9 @@ pub struct DemoArgs {
     /// The edges' deadline for the cloud.
     #[arg(long, default_value_t = 50)]
     pub deadline_ms: u64,
+    /// Each edge cache's byte budget (MiB, in the shared byte model), what the cloud may push.
+    #[arg(long, default_value_t = 24)]
+    pub budget_mb: u64,
     /// Work directory (data, certificates, snapshots, logs, cached ground truth).
     #[arg(long, default_value = "target/tiervec-demo")]
     pub work_dir: PathBuf,
@@ -226,6 +230,11 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     let snapshot_paths: Vec<PathBuf> = (0..args.edges)
         .map(|e| run_dir.join(format!("edge-{e}.tvs")))
         .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let http = reqwest::Client::new();
+    let collection_id = rt.block_on(cloud.collection_id(&http))?;
     std::thread::scope(|s| -> anyhow::Result<()> {
         let jobs: Vec<_> = snapshot_rows
             .iter()
@@ -233,8 +242,13 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             .map(|(rows, path)| {
                 let (base, texts) = (&ds.base, &texts);
                 s.spawn(move || -> anyhow::Result<()> {
-                    let bytes =
-                        snapshots::build_rows(base, rows, HnswParams::default(), Some(texts))?;
+                    let bytes = snapshots::build_rows(
+                        base,
+                        rows,
+                        HnswParams::default(),
+                        Some(texts),
+                        collection_id,
+                    )?;
                     tiervec_edge::write_snapshot_atomic(path, &bytes)?;
                     Ok(())
                 })
@@ -258,10 +272,6 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| EdgeIndex::open(p))
         .collect::<Result<_, _>>()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let http = reqwest::Client::new();
     let t = Instant::now();
     rt.block_on(cloud.wait_indexed(&http))?;
     eprintln!(
@@ -313,7 +323,8 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             &EdgeSpec {
                 name,
                 snapshot: &snapshot_paths[e],
-                max_distance: chosen.threshold as f32,
+                confidence: ConfidenceRule::kth(chosen.threshold as f32),
+                budget_bytes: args.budget_mb << 20,
                 edge_ef: args.edge_ef,
                 cloud_ef,
                 deadline_ms: args.deadline_ms,

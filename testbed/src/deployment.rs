@@ -10,6 +10,8 @@ use anyhow::Context;
 use tiervec_cloud::certs::CertDir;
 use tiervec_edge::config::{CloudLinkConfig, EdgeConfig};
 use tiervec_edge::link::LinkConfig;
+use tiervec_shared::CollectionId;
+use tiervec_shared::confidence::ConfidenceRule;
 
 use crate::bench::recall_at_10;
 use crate::dataset::Dataset;
@@ -152,6 +154,35 @@ impl Cloud {
         Ok(last)
     }
 
+    /// The identity of the dataset's collection in this cloud (waiting up to a minute for it
+    /// to recover): edge snapshots must carry it, or the edges set them aside as belonging to
+    /// another incarnation.
+    pub async fn collection_id(&mut self, http: &reqwest::Client) -> anyhow::Result<CollectionId> {
+        let url = format!("{}/v1/collections/{COLLECTION}", self.http_base);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let d: serde_json::Value = loop {
+            let answer = match http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => Some(r.json().await?),
+                _ => None,
+            };
+            if let Some(d) = answer {
+                break d;
+            }
+            self.process.check_alive()?;
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{url} did not answer within a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let text = d["id"].as_str().context("collection without an id")?;
+        let hex: String = text.chars().filter(|c| *c != '-').collect();
+        Ok(CollectionId::from_u128(
+            u128::from_str_radix(&hex, 16)
+                .with_context(|| format!("collection id `{text}` is not a UUID"))?,
+        ))
+    }
+
     /// The link configuration of edge `name` (for an edge inside this process).
     pub fn link(&self, name: &str) -> LinkConfig {
         LinkConfig::new(
@@ -194,8 +225,11 @@ pub async fn wait_indexed(
 /// How one edge process runs.
 pub struct EdgeSpec<'a> {
     pub name: &'a str,
+    /// The cache snapshot; it need not exist (a cold cache the cloud fills).
     pub snapshot: &'a Path,
-    pub max_distance: f32,
+    pub confidence: ConfidenceRule,
+    /// The cache's byte budget (what the cloud may push).
+    pub budget_bytes: u64,
     pub edge_ef: usize,
     pub cloud_ef: usize,
     pub deadline_ms: u64,
@@ -220,7 +254,8 @@ pub fn start_edge(cloud: &Cloud, spec: &EdgeSpec) -> anyhow::Result<Edge> {
         snapshot: spec.snapshot.to_owned(),
         collection: COLLECTION.into(),
         http_addr: format!("127.0.0.1:{http_port}").parse()?,
-        max_distance: spec.max_distance,
+        confidence: spec.confidence,
+        budget_bytes: spec.budget_bytes,
         deadline_ms: spec.deadline_ms,
         default_ef: spec.edge_ef,
         cloud_ef: spec.cloud_ef as u32,
@@ -232,6 +267,7 @@ pub fn start_edge(cloud: &Cloud, spec: &EdgeSpec) -> anyhow::Result<Edge> {
             cert: cloud.certs.edge_cert(spec.name),
             key: cloud.certs.edge_key(spec.name),
         }),
+        ..EdgeConfig::default()
     };
     let config_path = cloud.dir.join(format!("{}.toml", spec.name));
     std::fs::write(&config_path, toml::to_string(&config)?)?;

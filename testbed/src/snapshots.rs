@@ -21,17 +21,19 @@ pub fn build(
     texts: Option<&[String]>,
 ) -> Result<AlignedBytes, SnapshotError> {
     let rows: Vec<usize> = (0..count.min(base.rows())).collect();
-    build_rows(base, &rows, params, texts)
+    build_rows(base, &rows, params, texts, DATASET_COLLECTION)
 }
 
 /// Builds and encodes a cosine snapshot of the given base rows, in that order, with their
-/// texts (`texts[row]`) as payloads when given. Ids are the row numbers; LSNs are 1-based row
+/// texts (`texts[row]`) as payloads when given, for the collection incarnation `collection`
+/// (an edge linked to a cloud needs the cloud's). Ids are the row numbers; LSNs are 1-based row
 /// numbers, as a bulk load in row order assigns them.
 pub fn build_rows(
     base: &Matrix<f32>,
     rows: &[usize],
     params: HnswParams,
     texts: Option<&[String]>,
+    collection: CollectionId,
 ) -> Result<AlignedBytes, SnapshotError> {
     let mut builder = HnswBuilder::new(base.dim, Metric::Cosine, params);
     for &row in rows {
@@ -65,7 +67,7 @@ pub fn build_rows(
         texts.as_deref(),
     )?;
     let spec = SnapshotSpec {
-        collection: DATASET_COLLECTION,
+        collection,
         dim: base.dim as u32,
         metric: Metric::Cosine,
         params: builder.params(),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tiervec_cloud::certs::CertDir;
 use tiervec_cloud::config::CloudConfig;
 use tiervec_cloud::hot::HotIds;
+use tiervec_cloud::push::PushHub;
 use tiervec_cloud::quic::{self, AccessList};
 use tiervec_cloud::service::Service;
 use tiervec_edge::link::{CloudLink, LinkConfig, LinkError};
@@ -48,6 +49,16 @@ fn link(
 
 fn hot() -> Arc<HotIds> {
     Arc::new(HotIds::new(Default::default()))
+}
+
+/// A push hub that never pushes (most tests here are about queries; `pushes_warm_a_cold_cache…` pushes).
+fn quiet_hub(service: &Arc<Service>, hot: Arc<HotIds>) -> Arc<PushHub> {
+    let never = tiervec_cloud::push::PushConfig {
+        anchor_hot_count: 1e12,
+        hot_id_count: 1e12,
+        ..Default::default()
+    };
+    PushHub::start(never, service.clone(), hot)
 }
 
 fn cert_dir(path: &Path, deployment: &str) -> CertDir {
@@ -108,7 +119,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
         endpoint,
         service.clone(),
         Arc::new(acl),
-        hot_ids.clone(),
+        quiet_hub(&service, hot_ids.clone()),
     ));
 
     let edge1 = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
@@ -240,8 +251,9 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_falls_back_degrades_and_reconnects() {
     let metrics = tiervec_cloud::api::prometheus();
+    use tiervec_edge::cache::{CacheConfig, EdgeCache};
     use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
-    use tiervec_edge::{EdgeIndex, write_snapshot_atomic};
+    use tiervec_edge::write_snapshot_atomic;
     use tiervec_shared::hnsw::HnswBuilder;
     use tiervec_shared::snapshot::{self, SnapshotBody, SnapshotSpec};
 
@@ -259,7 +271,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         endpoint.clone(),
         service.clone(),
         acl.clone(),
-        hot_ids.clone(),
+        quiet_hub(&service, hot_ids.clone()),
     ));
 
     // The edge caches the first 100 points.
@@ -286,14 +298,19 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
     write_snapshot_atomic(&path, &snapshot::encode(&spec, &body).unwrap()).unwrap();
     let config = NodeConfig {
         collection: "c".into(),
-        max_distance: 1e-4,
+        rule: tiervec_shared::confidence::ConfidenceRule::kth(1e-4),
+        lease: Duration::from_secs(30),
         deadline: Duration::from_millis(500),
         cloud_ef: 64,
         backoff: (Duration::from_millis(20), Duration::from_millis(200)),
     };
     let node = Arc::new(
         EdgeNode::start(
-            EdgeIndex::open(&path).unwrap(),
+            Arc::new(
+                EdgeCache::open(CacheConfig::beside(&path, 64 << 20))
+                    .unwrap()
+                    .0,
+            ),
             config,
             Some(link(addr, &certs, Some(&certs), "edge-1")),
         )
@@ -301,12 +318,14 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
     );
     wait_for(|| node.connected()).await;
 
-    let (hits, source) = node.search(&vector(5), 1, 32).await.unwrap();
+    let answer = node.search(&vector(5), 1, 32).await.unwrap();
+    let (hits, source) = (answer.hits, answer.source);
     assert_eq!(
         (source, hits[0].id, hits[0].payload.as_deref()),
         (Source::Local, 5, Some("t5"))
     );
-    let (hits, source) = node.search(&vector(250), 1, 32).await.unwrap();
+    let answer = node.search(&vector(250), 1, 32).await.unwrap();
+    let (hits, source) = (answer.hits, answer.source);
     assert_eq!(
         (source, hits[0].id),
         (Source::Cloud, 250),
@@ -318,16 +337,23 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
     endpoint.wait_idle().await;
     drop(endpoint);
     wait_for(|| !node.connected()).await;
-    let (hits, source) = node.search(&vector(250), 1, 32).await.unwrap();
+    let answer = node.search(&vector(250), 1, 32).await.unwrap();
+    let (hits, source) = (answer.hits, answer.source);
     assert_eq!(source, Source::Degraded);
     assert_ne!(hits[0].id, 250, "the best the cache has");
 
     // The cloud comes back on the same address: the edge reconnects by itself.
     // (The old socket is released once the stopped accept loop drops its endpoint.)
     let again = rebind(addr, &certs).await;
-    tokio::spawn(quic::serve(again, service.clone(), acl, hot()));
+    tokio::spawn(quic::serve(
+        again,
+        service.clone(),
+        acl,
+        quiet_hub(&service, hot()),
+    ));
     wait_for(|| node.connected()).await;
-    let (hits, source) = node.search(&vector(250), 1, 32).await.unwrap();
+    let answer = node.search(&vector(250), 1, 32).await.unwrap();
+    let (hits, source) = (answer.hits, answer.source);
     assert_eq!((source, hits[0].id), (Source::Cloud, 250));
 
     // The applications' HTTP endpoint: the cloud's shapes plus `source` and `certified`.
@@ -427,7 +453,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
         endpoint.clone(),
         service.clone(),
         acl.clone(),
-        hot_ids.clone(),
+        quiet_hub(&service, hot_ids.clone()),
     ));
 
     let connector = Connector::new(link(addr, &certs, Some(&certs), "edge-1")).unwrap();
@@ -473,7 +499,12 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
     endpoint.wait_idle().await;
     drop(endpoint);
     let restarted = rebind(addr, &certs).await;
-    tokio::spawn(quic::serve(restarted, service.clone(), acl, hot()));
+    tokio::spawn(quic::serve(
+        restarted,
+        service.clone(),
+        acl,
+        quiet_hub(&service, hot()),
+    ));
     let after = connector
         .connect(Some(query("c", id, vector(77))))
         .await
@@ -501,7 +532,12 @@ async fn malformed_frames_are_refused_typed_and_counted() {
     )])));
     let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
     let addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::serve(endpoint, service.clone(), acl, hot()));
+    tokio::spawn(quic::serve(
+        endpoint,
+        service.clone(),
+        acl,
+        quiet_hub(&service, hot()),
+    ));
     let healthy = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
         .await
         .unwrap();
@@ -536,7 +572,7 @@ async fn malformed_frames_are_refused_typed_and_counted() {
             version,
             min_version: version,
             edge_name: "raw".into(),
-            manifest_version: 0,
+            cache: None,
         })
         .encode(&mut b);
         b
@@ -641,4 +677,169 @@ async fn wait_for(mut ready: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("condition not reached within 5 s");
+}
+
+/// The whole push loop over a real socket: a cold edge falls back, the cloud pushes the
+/// anchor and its neighbours (logged in its WAL first), the edge answers the same question
+/// locally; a delete in the cloud is invalidated on the edge at once; the cache survives a
+/// restart of the edge (delta log) and a compaction (new snapshot with the anchors), and a
+/// restarted cloud still knows what the edge holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
+    use tiervec_cloud::push::PushConfig;
+    use tiervec_edge::cache::{CacheConfig, EdgeCache};
+    use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
+    use tiervec_shared::confidence::ConfidenceRule;
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = cloud_with_points(dir.path(), 400);
+    let acl = Arc::new(AccessList(HashMap::from([(
+        "edge-1".to_owned(),
+        vec!["*".to_owned()],
+    )])));
+    let push_config = PushConfig {
+        period_ms: 50,
+        anchor_members: 10,
+        ..PushConfig::default()
+    };
+    let serve = |service: Arc<Service>| {
+        let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let hub = PushHub::start(push_config.clone(), service.clone(), hot());
+        tokio::spawn(quic::serve(endpoint.clone(), service, acl.clone(), hub));
+        (endpoint, addr)
+    };
+    let (endpoint, addr) = serve(service.clone());
+    let snapshot = dir.path().join("edge").join("cache.tvs");
+    std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+    let cache_config = CacheConfig {
+        compact_after: 1_000_000,
+        ..CacheConfig::beside(&snapshot, 1 << 20)
+    };
+    let node_config = NodeConfig {
+        collection: "c".into(),
+        rule: ConfidenceRule {
+            max_kth_distance: None,
+            max_anchor_distance: Some(1e-3),
+        },
+        lease: Duration::from_secs(30),
+        deadline: Duration::from_millis(500),
+        cloud_ef: 64,
+        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+    };
+    let start = |addr| {
+        let cache = Arc::new(EdgeCache::open(cache_config.clone()).unwrap().0);
+        let node = EdgeNode::start(
+            cache.clone(),
+            node_config.clone(),
+            Some(link(addr, &certs, Some(&certs), "edge-1")),
+        )
+        .unwrap();
+        (Arc::new(node), cache)
+    };
+    let (node, cache) = start(addr);
+    wait_for(|| node.connected()).await;
+    assert_eq!(cache.usage().0, 0, "cold");
+
+    // A cold cache: the cloud answers, then pushes the anchor and its answer.
+    let q = vector(123);
+    let first = node.search(&q, 5, 32).await.unwrap();
+    assert_eq!(first.source, Source::Cloud);
+    wait_for(|| cache.usage().1 >= 1).await;
+    let (held, anchors, bytes) = cache.usage();
+    assert!(
+        held >= 10 && anchors == 1 && bytes <= 1 << 20,
+        "{held} {anchors} {bytes}"
+    );
+    let again = node.search(&q, 5, 32).await.unwrap();
+    assert_eq!(
+        again.source,
+        Source::Local,
+        "the same question is now answered locally"
+    );
+    let ids = |hits: &[tiervec_edge::node::NodeHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
+    assert_eq!(ids(&again.hits), ids(&first.hits));
+    let manifest = service
+        .catalog()
+        .edge_cache("edge-1", cache.collection_id())
+        .expect("the cloud logged what it pushed");
+    assert_eq!(manifest.version, cache.version());
+    assert_eq!(manifest.len(), held);
+
+    // A delete of a held vector reaches the cache at once.
+    let victim = again.hits[0].id;
+    let deleted = std::time::Instant::now();
+    service.delete("c", vec![victim]).unwrap();
+    wait_for(|| {
+        cache
+            .search(&q, 5, 32)
+            .is_ok_and(|a| a.hits.iter().all(|h| h.id != victim))
+    })
+    .await;
+    assert!(deleted.elapsed() < Duration::from_secs(1));
+    let version = cache.version();
+
+    // The edge restarts: its cache comes back from the delta log, and its version matches the
+    // cloud's, so nothing is resent.
+    drop(node);
+    drop(cache);
+    let (node, cache) = start(addr);
+    assert_eq!(cache.version(), version);
+    assert_eq!(cache.usage().0, held - 1);
+    wait_for(|| node.connected()).await;
+    let after = node.search(&q, 5, 32).await.unwrap();
+    assert_eq!(after.source, Source::Local);
+    assert!(after.hits.iter().all(|h| h.id != victim));
+
+    // Compaction: a new snapshot holds everything (with the anchor), the log is emptied, and a
+    // reopened cache is the same.
+    let compacted = tokio::task::spawn_blocking({
+        let cache = cache.clone();
+        move || cache.compact()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(compacted, Some(version));
+    assert_eq!(cache.overlay_len(), 0);
+    let snap = cache.snapshot().expect("a snapshot now");
+    assert_eq!(snap.view().manifest_version(), version);
+    assert_eq!(snap.view().anchor_count(), 1);
+    let local = node.search(&q, 5, 32).await.unwrap();
+    assert_eq!(
+        (local.source, ids(&local.hits)),
+        (Source::Local, ids(&after.hits))
+    );
+
+    // The cloud restarts on the same data directory: it still knows what the edge holds.
+    drop(node);
+    endpoint.close(quinn::VarInt::from_u32(0), b"restart");
+    drop(service);
+    // The old service goes once its connections' tasks have seen the endpoint close.
+    let mut reopened = None;
+    for _ in 0..500 {
+        match Service::open(CloudConfig {
+            data_dir: dir.path().join("data"),
+            ..CloudConfig::default()
+        }) {
+            Ok(s) => {
+                reopened = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let service = Arc::new(reopened.expect("the old service let go of its data directory"));
+    let known = service
+        .catalog()
+        .edge_cache("edge-1", cache.collection_id())
+        .expect("manifest recovered from the WAL");
+    assert_eq!(known.version, version);
+    assert_eq!(known.held(victim), None);
+    let (_endpoint, addr) = serve(service.clone());
+    drop(cache);
+    let (node, _cache) = start(addr);
+    wait_for(|| node.connected()).await;
+    assert_eq!(node.search(&q, 5, 32).await.unwrap().source, Source::Local);
 }

@@ -788,7 +788,13 @@ mod tests {
         };
         let ready = edge.handle(ClientEvent::Received(wire(ack)), 1);
         assert!(
-            matches!(&ready[0], ClientAction::Ready { cache_version: Some(6), .. }),
+            matches!(
+                &ready[0],
+                ClientAction::Ready {
+                    cache_version: Some(6),
+                    ..
+                }
+            ),
             "the cloud's idea (6) differs from the edge's (4): the edge sends an inventory"
         );
         let inventory = Inventory {
@@ -838,6 +844,10 @@ mod tests {
             }
         };
         let replies = cloud.handle(Frame::Hello(foreign_cache));
-        assert_eq!(replies.len(), 1, "no push into a collection the edge may not query");
+        assert_eq!(
+            replies.len(),
+            1,
+            "no push into a collection the edge may not query"
+        );
     }
 }

@@ -234,27 +234,42 @@ pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
     );
     let edge_names = ["edge-fallback".to_owned(), "edge-local".to_owned()];
     let mut cloud = deployment::start_cloud(&dir, &ds, &edge_names)?;
-    let snapshot = dir.join("edge.tvs");
-    let bytes = snapshots::build(&ds.base, 10_000, HnswParams::default(), Some(&texts))?;
-    tiervec_edge::write_snapshot_atomic(&snapshot, &bytes)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let http = reqwest::Client::new();
+    let collection_id = rt.block_on(cloud.collection_id(&http))?;
+    // One snapshot file per edge: each keeps its own delta log and compacts in place.
+    let rows: Vec<usize> = (0..10_000).collect();
+    let bytes = snapshots::build_rows(
+        &ds.base,
+        &rows,
+        HnswParams::default(),
+        Some(&texts),
+        collection_id,
+    )?;
+    let snapshots: Vec<std::path::PathBuf> = edge_names
+        .iter()
+        .map(|name| dir.join(format!("{name}.tvs")))
+        .collect();
+    for path in &snapshots {
+        tiervec_edge::write_snapshot_atomic(path, &bytes)?;
+    }
     rt.block_on(cloud.wait_indexed(&http))?;
 
     let cpus = pinning.then_some("0");
-    let spec = |name, max_distance| EdgeSpec {
-        name,
-        snapshot: &snapshot,
-        max_distance,
+    let spec = |e: usize, max_distance| EdgeSpec {
+        name: &edge_names[e],
+        snapshot: &snapshots[e],
+        confidence: tiervec_shared::confidence::ConfidenceRule::kth(max_distance),
+        budget_bytes: 64 << 20,
         edge_ef: 64,
         cloud_ef: args.cloud_ef,
         deadline_ms: 50,
         cpus,
     };
-    let mut fallback = deployment::start_edge(&cloud, &spec(&edge_names[0], -1.0))?;
-    let mut local = deployment::start_edge(&cloud, &spec(&edge_names[1], f32::MAX))?;
+    let mut fallback = deployment::start_edge(&cloud, &spec(0, -1.0))?;
+    let mut local = deployment::start_edge(&cloud, &spec(1, f32::MAX))?;
     let echo_addr_file = dir.join("echo.addr");
     let mut echo = Process::start(
         "quic-echo",
