@@ -48,7 +48,7 @@ pub struct PushConfig {
     /// A fallback query this close to a tracked anchor counts toward it instead of starting
     /// a new one (so many paraphrases of one request make one hot anchor).
     pub anchor_merge_distance: f32,
-    /// An anchor is hot once its decayed count reaches this.
+    /// An anchor is hot once its decayed count (rounded to a whole ask) reaches this.
     pub anchor_hot_count: f64,
     /// Anchors tracked per (edge, collection).
     pub anchors_per_edge: usize,
@@ -131,7 +131,9 @@ impl AnchorTable {
         let hot = self
             .tracker
             .estimate(id, now_us)
-            .is_some_and(|e| e.count >= config.anchor_hot_count);
+            // Decay makes two asks a second apart count 1.998: a count is compared rounded
+            // to the nearest whole ask.
+            .is_some_and(|e| e.count + 0.5 >= config.anchor_hot_count);
         match self.entries.get_mut(&id) {
             Some(e) if hot && e.hot_at_unix_us.is_none() => {
                 e.hot_at_unix_us = Some(now_unix_us());

@@ -243,18 +243,19 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
     })
     .await
     .unwrap();
-    api.upsert(
-        "c",
-        (0..POINTS)
-            .map(|id| PointIn {
-                id,
-                vector: vector(id),
-                payload: None,
-            })
-            .collect(),
-    )
-    .await
-    .unwrap();
+    let loaded = api
+        .upsert(
+            "c",
+            (0..POINTS)
+                .map(|id| PointIn {
+                    id,
+                    vector: vector(id),
+                    payload: None,
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
 
     // The edge caches the first CACHED points.
     let mut builder = HnswBuilder::new(DIM, Metric::Cosine, HnswParams::default());
@@ -265,7 +266,8 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
         &builder,
         "c",
         (0..CACHED).collect(),
-        vec![1; CACHED as usize],
+        // The LSN the cloud gave them: a cache claiming an older one would be invalidated.
+        vec![loaded.lsn; CACHED as usize],
         None,
     )
     .unwrap();

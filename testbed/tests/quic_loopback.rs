@@ -284,7 +284,8 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         &builder,
         "c",
         (0..100).collect(),
-        vec![1; 100],
+        // The LSN the cloud gave them: a cache claiming an older one would be invalidated.
+        (0..100).map(|i| service.get("c", i).unwrap().lsn).collect(),
         Some(&texts),
     )
     .unwrap();
