@@ -11,7 +11,12 @@
 //!
 //! When a push happens: every `period_ms`, and within `min_gap_ms` of an anchor becoming hot
 //! (its decayed count reaching `anchor_hot_count`). An invalidation goes out as soon as the
-//! write that caused it is durable.
+//! write that caused it is durable; deltas are kept small (`max_anchors_per_delta`) so that one
+//! never waits long behind a push.
+//!
+//! Defaults: an anchor is pushed when it is asked a second time (one-off queries would churn
+//! the cache), counting paraphrases within `anchor_merge_distance` (cosine 0.15) as the same
+//! ask.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -67,10 +72,10 @@ impl Default for PushConfig {
             min_gap_ms: 20,
             anchor_members: 20,
             anchor_ef: 128,
-            anchor_merge_distance: 0.02,
-            anchor_hot_count: 1.0,
+            anchor_merge_distance: 0.15,
+            anchor_hot_count: 2.0,
             anchors_per_edge: 8_192,
-            max_anchors_per_delta: 64,
+            max_anchors_per_delta: 8,
             hot_id_count: 3.0,
             ack_timeout_ms: 5_000,
         }

@@ -29,6 +29,9 @@ pub struct SearchRequest {
     pub ef: Option<usize>,
     #[serde(default)]
     pub with_payload: bool,
+    /// Answer from the cache whatever its confidence, never asking the cloud.
+    #[serde(default)]
+    pub local_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +52,10 @@ pub struct SearchResponse {
     /// Answered locally while cut off from the cloud for longer than the lease.
     pub stale: bool,
     pub certified: bool,
+    /// The local search's k-th distance and distance to the nearest anchor (the signals of
+    /// the confidence rule), when it had them.
+    pub kth_distance: Option<f32>,
+    pub anchor_distance: Option<f32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,14 +89,28 @@ pub struct EdgeState {
 }
 
 /// Installs the process-wide Prometheus recorder, with histogram buckets from 25 µs (a local
-/// answer) to 1 s (a fallback stuck behind a dead link).
+/// answer) to 1 s (a fallback stuck behind a dead link), and for the push path's delays
+/// (milliseconds to seconds) finer ones, so that their percentiles can be read off.
 pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[
-            0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
-            1.0,
-        ])?
-        .install_recorder()
+    let push_delays = [
+        0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
+        0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+    ];
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new().set_buckets(&[
+        0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 1.0,
+    ])?;
+    for name in [
+        "tiervec_edge_push_delay_seconds",
+        "tiervec_edge_anchor_first_use_seconds",
+        "tiervec_edge_invalidation_seconds",
+        "tiervec_edge_compaction_seconds",
+    ] {
+        builder = builder.set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(name.into()),
+            &push_delays,
+        )?;
+    }
+    builder.install_recorder()
 }
 
 async fn search(
@@ -108,21 +129,24 @@ async fn search(
     }
     let started = Instant::now();
     let span = tracing::info_span!("edge_http_search", collection = %name, k = req.k);
-    let answer = state
-        .node
-        .search(&req.vector, req.k, req.ef.unwrap_or(state.default_ef))
-        .instrument(span)
-        .await
-        .map_err(|e| match e {
-            EdgeError::Query(q) => {
-                ApiError(StatusCode::BAD_REQUEST, "invalid_request", q.to_string())
-            }
-            other => ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                other.to_string(),
-            ),
-        })?;
+    let ef = req.ef.unwrap_or(state.default_ef);
+    let answer = if req.local_only {
+        span.in_scope(|| state.node.search_local(&req.vector, req.k, ef))
+    } else {
+        state
+            .node
+            .search(&req.vector, req.k, ef)
+            .instrument(span)
+            .await
+    };
+    let answer = answer.map_err(|e| match e {
+        EdgeError::Query(q) => ApiError(StatusCode::BAD_REQUEST, "invalid_request", q.to_string()),
+        other => ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            other.to_string(),
+        ),
+    })?;
     Ok(Json(SearchResponse {
         hits: answer
             .hits
@@ -138,6 +162,8 @@ async fn search(
         source: answer.source.name().into(),
         stale: answer.stale,
         certified: false,
+        kth_distance: answer.kth_distance,
+        anchor_distance: answer.anchor_distance,
     }))
 }
 

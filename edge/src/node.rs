@@ -74,6 +74,9 @@ pub struct NodeConfig {
     pub backoff: (Duration, Duration),
 }
 
+/// The local search's k-th distance and nearest-anchor distance.
+type Signals = (Option<f32>, Option<f32>);
+
 /// A query waiting for the next connection, to ride in its first flight.
 struct Pending {
     query: Query,
@@ -87,6 +90,10 @@ pub struct NodeAnswer {
     pub source: Source,
     /// A local answer given while the lease is over (cut off from the cloud too long).
     pub stale: bool,
+    /// The confidence signals of the local search: its k-th distance (if it found k hits)
+    /// and the distance to the nearest anchor (if the cache holds any).
+    pub kth_distance: Option<f32>,
+    pub anchor_distance: Option<f32>,
 }
 
 /// The link and the task that keeps it.
@@ -188,7 +195,7 @@ impl EdgeNode {
     ) -> Result<NodeAnswer, EdgeError> {
         let started = Instant::now();
         let span = info_span!("edge_query", k, ef, source = tracing::field::Empty);
-        let (hits, source) = self
+        let (hits, source, signals) = self
             .answer(query, k, ef, &span)
             .instrument(span.clone())
             .await?;
@@ -204,6 +211,28 @@ impl EdgeNode {
             hits,
             source,
             stale,
+            kth_distance: signals.0,
+            anchor_distance: signals.1,
+        })
+    }
+
+    /// The cache's answer whatever its confidence (never asks the cloud): for applications that
+    /// prefer speed, and for measuring the cache itself.
+    pub fn search_local(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+    ) -> Result<NodeAnswer, EdgeError> {
+        let _span = info_span!("edge_query_local", k, ef).entered();
+        let answer = self.cache.search(query, k, ef)?;
+        let kth_distance = (answer.hits.len() >= k).then(|| answer.hits[k - 1].distance);
+        Ok(NodeAnswer {
+            stale: self.stale(),
+            kth_distance,
+            anchor_distance: answer.nearest_anchor,
+            hits: answer.hits,
+            source: Source::Local,
         })
     }
 
@@ -213,10 +242,14 @@ impl EdgeNode {
         k: usize,
         ef: usize,
         span: &tracing::Span,
-    ) -> Result<(Vec<NodeHit>, Source), EdgeError> {
+    ) -> Result<(Vec<NodeHit>, Source, Signals), EdgeError> {
         let answer = self.cache.search(query, k, ef)?;
         let local = answer.hits;
         let distances: Vec<f32> = local.iter().map(|h| h.distance).collect();
+        let signals = (
+            (distances.len() >= k).then(|| distances[k - 1]),
+            answer.nearest_anchor,
+        );
         if self
             .config
             .rule
@@ -226,10 +259,10 @@ impl EdgeNode {
             if let Some(first_use) = answer.anchor_first_use {
                 first_use.record();
             }
-            return Ok((local, Source::Local));
+            return Ok((local, Source::Local, signals));
         }
         let Some(uplink) = &self.uplink else {
-            return Ok((local, Source::Degraded));
+            return Ok((local, Source::Degraded, signals));
         };
         let asked = Instant::now();
         let outcome = self.ask_cloud(uplink, query, k, span).await;
@@ -247,6 +280,7 @@ impl EdgeNode {
                     })
                     .collect(),
                 Source::Cloud,
+                signals,
             )),
             Err(reason) => {
                 let label = match &reason {
@@ -261,7 +295,7 @@ impl EdgeNode {
                     ?reason,
                     "cloud did not answer; answering locally (degraded)"
                 );
-                Ok((local, Source::Degraded))
+                Ok((local, Source::Degraded, signals))
             }
         }
     }

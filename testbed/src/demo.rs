@@ -12,6 +12,16 @@
 //! predicted recall reaches the target. The cloud's `ef` is the smallest of a ladder whose own
 //! recall@10 reaches 0.99, so the end-to-end recall measures the tiers, not the cloud's
 //! approximation.
+//!
+//! The cloud pushes into the caches while the trace runs (anchors and their neighbours, hot
+//! ids, evictions within the byte budget). With `--cold` the edges start with empty caches and
+//! the anchor rule alone (`--anchor-distance`): the demo then reports how the trace warms them
+//! (local fraction over time, its second half, push delays read from the edges' histograms,
+//! bytes pushed). Before every `--probe-every`-th request the load generator also asks the edge
+//! for its local answer alone (`local_only`, no side effect on the cloud), so the sweep of every
+//! rule (`kth_distance`, `anchor_distance`, `combined`) is measured on the caches as they were.
+//! After the trace, `--deletes` vectors the edges hold are deleted in the cloud one at a time,
+//! and each edge is polled until it stops returning its deleted vector: the staleness window.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -27,6 +37,7 @@ use crate::bench::{Latencies, Machine, recall_at_10, update_benchmarks_md, write
 use crate::dataset::Dataset;
 use crate::deployment::{self, Edge, EdgeSpec, hits_of};
 use crate::procs;
+use crate::prom::{self, Histogram};
 use crate::trace::{self, Request, TraceSpec, Truth};
 use crate::{plot, snapshots};
 
@@ -81,6 +92,19 @@ pub struct DemoArgs {
     /// Each edge cache's byte budget (MiB, in the shared byte model), what the cloud may push.
     #[arg(long, default_value_t = 24)]
     pub budget_mb: u64,
+    /// Start the edges with empty caches, filled only by the cloud's pushes.
+    #[arg(long)]
+    pub cold: bool,
+    /// Threshold on the distance to the nearest anchor (either rule suffices when warm).
+    #[arg(long, default_value_t = 0.1)]
+    pub anchor_distance: f32,
+    /// Vectors held by edges deleted in the cloud after the trace, for the staleness window.
+    #[arg(long, default_value_t = 100)]
+    pub deletes: usize,
+    /// Probe the cache alone (`local_only`) before every this many-th request (the sweep's
+    /// sample; each probe is one more search on the edge's core).
+    #[arg(long, default_value_t = 4)]
+    pub probe_every: usize,
     /// Work directory (data, certificates, snapshots, logs, cached ground truth).
     #[arg(long, default_value = "target/tiervec-demo")]
     pub work_dir: PathBuf,
@@ -128,13 +152,38 @@ struct Report {
     hash_cache_hit_fraction: f64,
     cloud_ef: usize,
     cloud_recall_at_10: f64,
-    max_distance: f64,
-    predicted_local_fraction: f64,
-    predicted_recall_at_10: f64,
+    /// The k-th distance threshold (calibrated; none when cold).
+    max_distance: Option<f64>,
+    anchor_distance: f64,
+    predicted_local_fraction: Option<f64>,
+    predicted_recall_at_10: Option<f64>,
+    /// Local fraction and recall over the second half of the trace.
+    warm_local_fraction: f64,
+    warm_recall_at_10: f64,
+    hot_to_applied_p50_ms: Option<f64>,
+    hot_to_applied_p99_ms: Option<f64>,
+    applied_to_local_p50_ms: Option<f64>,
+    applied_to_local_p99_ms: Option<f64>,
+    pushed_bytes_per_edge: f64,
+    pushed_deltas: f64,
+    compactions: f64,
+    deletes: usize,
+    staleness_p50_ms: Option<f64>,
+    staleness_p99_ms: Option<f64>,
+    staleness_max_ms: Option<f64>,
+    /// Local fraction and recall per window of requests (per edge).
+    timeline: Vec<TimelinePoint>,
     per_edge: Vec<EdgeSummary>,
     sweep: Vec<SweepPoint>,
     calibration_sweep: Vec<SweepPoint>,
     seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct TimelinePoint {
+    requests_per_edge: usize,
+    local_fraction: f64,
+    recall_at_10: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -150,6 +199,11 @@ struct Outcome {
     source: &'static str,
     latency: Duration,
     recall: f64,
+    /// The edge's local answer alone, asked just before (the sweep's input), on sampled
+    /// requests.
+    probe: Option<LocalAnswer>,
+    /// The nearest hit of a local answer (a vector the edge held).
+    held: Option<u64>,
 }
 
 pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
@@ -172,7 +226,8 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&run_dir)?;
     let cache_dir = work.join("cache");
     eprintln!(
-        "demo: {} base vectors, {} queries, {} edges × {requests_per_edge} requests",
+        "demo{}: {} base vectors, {} queries, {} edges × {requests_per_edge} requests",
+        if args.cold { " --cold" } else { "" },
         ds.base.rows(),
         ds.queries.rows(),
         args.edges
@@ -219,59 +274,35 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    // 3. The edges' caches: the exact top-`neighbours` of each edge's most popular queries,
-    //    most popular first, until the snapshot is full.
-    let t = Instant::now();
-    let orders = trace::popularity(args.edges, ds.queries.rows(), args.deployment_seed);
-    let snapshot_rows: Vec<Vec<usize>> = orders
-        .iter()
-        .map(|order| cache_rows(&ds, order, args.neighbours, args.snapshot_vectors))
-        .collect();
-    let snapshot_paths: Vec<PathBuf> = (0..args.edges)
-        .map(|e| run_dir.join(format!("edge-{e}.tvs")))
-        .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let http = reqwest::Client::new();
-    let collection_id = rt.block_on(cloud.collection_id(&http))?;
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let jobs: Vec<_> = snapshot_rows
+    let snapshot_paths: Vec<PathBuf> = (0..args.edges)
+        .map(|e| run_dir.join(format!("edge-{e}.tvs")))
+        .collect();
+    // 3. The edges' caches (unless cold): the exact top-`neighbours` of each edge's most
+    //    popular queries, most popular first, until the snapshot is full.
+    let snapshot_rows: Vec<Vec<usize>> = if args.cold {
+        vec![Vec::new(); args.edges]
+    } else {
+        let t = Instant::now();
+        let orders = trace::popularity(args.edges, ds.queries.rows(), args.deployment_seed);
+        let rows: Vec<Vec<usize>> = orders
             .iter()
-            .zip(&snapshot_paths)
-            .map(|(rows, path)| {
-                let (base, texts) = (&ds.base, &texts);
-                s.spawn(move || -> anyhow::Result<()> {
-                    let bytes = snapshots::build_rows(
-                        base,
-                        rows,
-                        HnswParams::default(),
-                        Some(texts),
-                        collection_id,
-                    )?;
-                    tiervec_edge::write_snapshot_atomic(path, &bytes)?;
-                    Ok(())
-                })
-            })
+            .map(|order| cache_rows(&ds, order, args.neighbours, args.snapshot_vectors))
             .collect();
-        for job in jobs {
-            job.join()
-                .map_err(|_| anyhow::anyhow!("snapshot builder panicked"))??;
-        }
-        Ok(())
-    })?;
-    eprintln!(
-        "  {} edge snapshots of {} vectors built in {:.1} s",
-        args.edges,
-        args.snapshot_vectors,
-        t.elapsed().as_secs_f64()
-    );
+        let collection_id = rt.block_on(cloud.collection_id(&http))?;
+        build_snapshots(&ds, &texts, &rows, &snapshot_paths, collection_id)?;
+        eprintln!(
+            "  {} edge snapshots of {} vectors built in {:.1} s",
+            args.edges,
+            args.snapshot_vectors,
+            t.elapsed().as_secs_f64()
+        );
+        rows
+    };
 
-    // 4. Calibrate the threshold on the calibration trace, with the edges' own search code.
-    let indexes: Vec<EdgeIndex> = snapshot_paths
-        .iter()
-        .map(|p| EdgeIndex::open(p))
-        .collect::<Result<_, _>>()?;
     let t = Instant::now();
     rt.block_on(cloud.wait_indexed(&http))?;
     eprintln!(
@@ -296,23 +327,39 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         "  cloud ef={cloud_ef}: its own recall@10 {cloud_recall:.4} on {} calibration requests",
         sample.len()
     );
-    let calibration_local =
-        local_answers(&indexes, &calibration, &calibration_truth, args.edge_ef)?;
-    let calibration_sweep = sweep(&calibration_local, cloud_recall);
-    let goal = args.target_recall + args.calibration_margin;
-    let chosen = calibration_sweep
-        .iter()
-        .filter(|p| p.recall_at_10 >= goal)
-        .max_by(|a, b| a.threshold.total_cmp(&b.threshold))
-        .context("no threshold reaches the target recall, even asking the cloud always")?
-        .clone();
-    eprintln!(
-        "  calibrated on seed {}: max_distance {:.4} (predicted local {:.1} %, recall {:.4})",
-        args.calibration_seed,
-        chosen.threshold,
-        chosen.local_fraction * 100.0,
-        chosen.recall_at_10
-    );
+
+    // 4. Calibrate the k-th distance threshold (warm caches only) on the calibration trace,
+    //    with the edges' own search code over the snapshots.
+    let mut calibration_sweep = Vec::new();
+    let mut chosen = None;
+    if !args.cold {
+        let indexes: Vec<EdgeIndex> = snapshot_paths
+            .iter()
+            .map(|p| EdgeIndex::open(p))
+            .collect::<Result<_, _>>()?;
+        let calibration_local =
+            local_answers(&indexes, &calibration, &calibration_truth, args.edge_ef)?;
+        calibration_sweep = sweep(&calibration_local, cloud_recall, Rule::Kth);
+        let goal = args.target_recall + args.calibration_margin;
+        let point = calibration_sweep
+            .iter()
+            .filter(|p| p.recall_at_10 >= goal)
+            .max_by(|a, b| a.threshold.total_cmp(&b.threshold))
+            .context("no threshold reaches the target recall, even asking the cloud always")?
+            .clone();
+        eprintln!(
+            "  calibrated on seed {}: max_distance {:.4} (predicted local {:.1} %, recall {:.4})",
+            args.calibration_seed,
+            point.threshold,
+            point.local_fraction * 100.0,
+            point.recall_at_10
+        );
+        chosen = Some(point);
+    }
+    let rule = ConfidenceRule {
+        max_kth_distance: chosen.as_ref().map(|p| p.threshold as f32),
+        max_anchor_distance: Some(args.anchor_distance),
+    };
 
     // 5. The edges as processes, each with one worker thread; pinned: edges and this load
     //    generator on core 0, the cloud alone on core 1.
@@ -323,7 +370,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             &EdgeSpec {
                 name,
                 snapshot: &snapshot_paths[e],
-                confidence: ConfidenceRule::kth(chosen.threshold as f32),
+                confidence: rule,
                 budget_bytes: args.budget_mb << 20,
                 edge_ef: args.edge_ef,
                 cloud_ef,
@@ -353,10 +400,52 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         .expect("a valid progress template"),
     );
     let t = Instant::now();
-    let outcomes = rt.block_on(replay(&edge_urls, &reported, &reported_truth, &bar))?;
+    let outcomes = rt.block_on(replay(
+        &edge_urls,
+        &reported,
+        &reported_truth,
+        args.probe_every.max(1),
+        &bar,
+    ))?;
     bar.finish_and_clear();
     let replay_seconds = t.elapsed().as_secs_f64();
     eprintln!("  replayed {total} requests in {replay_seconds:.1} s");
+
+    // 7. What the pushes did, from the edges' own metrics; then the staleness window.
+    let metrics: Vec<String> = rt.block_on(async {
+        let mut texts = Vec::new();
+        for edge in &edges {
+            texts.push(
+                http.get(format!("{}/metrics", edge.url))
+                    .send()
+                    .await?
+                    .text()
+                    .await?,
+            );
+        }
+        anyhow::Ok(texts)
+    })?;
+    let merged = |name: &str| {
+        let mut h = Histogram::default();
+        for text in &metrics {
+            h.merge(&Histogram::parse(text, name));
+        }
+        h
+    };
+    let to_ms = |v: Option<f64>| v.map(|s| s * 1e3);
+    let push_delay = merged("tiervec_edge_push_delay_seconds");
+    let first_use = merged("tiervec_edge_anchor_first_use_seconds");
+    let per_edge_counter = |name: &str| {
+        metrics.iter().map(|t| prom::counter(t, name)).sum::<f64>() / metrics.len().max(1) as f64
+    };
+    let staleness = rt.block_on(staleness_window(
+        &http,
+        &cloud.http_base,
+        &edges,
+        &ds,
+        &outcomes,
+        args.deletes,
+    ))?;
     for edge in &mut edges {
         edge.process.check_alive()?;
     }
@@ -364,14 +453,26 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     drop(edges);
     drop(cloud);
 
-    // 7. The figures.
-    let reported_local = local_answers(&indexes, &reported, &reported_truth, args.edge_ef)?;
-    let reported_sweep = sweep(&reported_local, cloud_recall);
-    let predicted = predict(&reported_local, chosen.threshold, cloud_recall);
+    // 8. The figures.
+    let probes: Vec<LocalAnswer> = outcomes.iter().flatten().filter_map(|o| o.probe).collect();
+    let mut reported_sweep = Vec::new();
+    for r in [Rule::Kth, Rule::Anchor, Rule::Combined] {
+        reported_sweep.extend(thin(&sweep(&probes, cloud_recall, r), 60));
+    }
+    let predicted = chosen
+        .as_ref()
+        .map(|c| predict(&probes, c.threshold, cloud_recall, Rule::Kth));
+    let second_half: Vec<&Outcome> = outcomes.iter().flat_map(|o| &o[o.len() / 2..]).collect();
+    let mut stale_ms: Vec<f64> = staleness.clone();
+    stale_ms.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        (!stale_ms.is_empty()).then(|| stale_ms[((stale_ms.len() - 1) as f64 * q).round() as usize])
+    };
     let report = Report {
         bench: "demo",
         machine: Machine::detect(),
         settings: serde_json::json!({
+            "cold": args.cold,
             "edges": args.edges,
             "requests_per_edge": requests_per_edge,
             "zipf": args.zipf,
@@ -380,14 +481,17 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             "deployment_seed": args.deployment_seed,
             "seed": args.seed,
             "calibration_seed": args.calibration_seed,
-            "snapshot_vectors": args.snapshot_vectors,
+            "snapshot_vectors": if args.cold { 0 } else { args.snapshot_vectors },
             "neighbours_per_query": args.neighbours,
+            "budget_bytes": args.budget_mb << 20,
             "k": K,
             "edge_ef": args.edge_ef,
             "cloud_ef": cloud_ef,
             "deadline_ms": args.deadline_ms,
             "target_recall": args.target_recall,
             "calibration_margin": args.calibration_margin,
+            "anchor_distance": args.anchor_distance,
+            "push": "cloud defaults (tiervec_cloud::push::PushConfig): every anchor pushed when first asked, with its 20 nearest ids",
             "m": HnswParams::default().m,
             "ef_construction": HnswParams::default().ef_construction,
             "processes": if pinning {
@@ -407,9 +511,25 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         hash_cache_hit_fraction: trace::hash_cache_hits(&reported),
         cloud_ef,
         cloud_recall_at_10: cloud_recall,
-        max_distance: chosen.threshold,
-        predicted_local_fraction: predicted.local_fraction,
-        predicted_recall_at_10: predicted.recall_at_10,
+        max_distance: chosen.as_ref().map(|c| c.threshold),
+        anchor_distance: f64::from(args.anchor_distance),
+        predicted_local_fraction: predicted.as_ref().map(|p| p.local_fraction),
+        predicted_recall_at_10: predicted.as_ref().map(|p| p.recall_at_10),
+        warm_local_fraction: second_half.iter().filter(|o| o.source == "local").count() as f64
+            / second_half.len().max(1) as f64,
+        warm_recall_at_10: mean(second_half.iter().map(|o| o.recall)),
+        hot_to_applied_p50_ms: to_ms(push_delay.quantile(0.5)),
+        hot_to_applied_p99_ms: to_ms(push_delay.quantile(0.99)),
+        applied_to_local_p50_ms: to_ms(first_use.quantile(0.5)),
+        applied_to_local_p99_ms: to_ms(first_use.quantile(0.99)),
+        pushed_bytes_per_edge: per_edge_counter("tiervec_edge_push_bytes_total"),
+        pushed_deltas: per_edge_counter("tiervec_edge_push_deltas_total"),
+        compactions: per_edge_counter("tiervec_edge_compactions_total"),
+        deletes: staleness.len(),
+        staleness_p50_ms: pick(0.5),
+        staleness_p99_ms: pick(0.99),
+        staleness_max_ms: stale_ms.last().copied(),
+        timeline: timeline(&outcomes, (requests_per_edge / 20).max(1)),
         per_edge: outcomes
             .iter()
             .enumerate()
@@ -421,7 +541,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
                 recall_at_10: mean(o.iter().map(|x| x.recall)),
             })
             .collect(),
-        sweep: thin(&reported_sweep, 60),
+        sweep: reported_sweep,
         calibration_sweep: thin(&calibration_sweep, 60),
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -431,6 +551,131 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     }
     write_docs(&args, &report, &outcomes)?;
     Ok(())
+}
+
+/// Builds and writes each edge's snapshot (in parallel), for the cloud's collection identity.
+fn build_snapshots(
+    ds: &Dataset,
+    texts: &[String],
+    rows: &[Vec<usize>],
+    paths: &[PathBuf],
+    collection_id: tiervec_shared::CollectionId,
+) -> anyhow::Result<()> {
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let jobs: Vec<_> = rows
+            .iter()
+            .zip(paths)
+            .map(|(rows, path)| {
+                let base = &ds.base;
+                s.spawn(move || -> anyhow::Result<()> {
+                    let bytes = snapshots::build_rows(
+                        base,
+                        rows,
+                        HnswParams::default(),
+                        Some(texts),
+                        collection_id,
+                    )?;
+                    tiervec_edge::write_snapshot_atomic(path, &bytes)?;
+                    Ok(())
+                })
+            })
+            .collect();
+        for job in jobs {
+            job.join()
+                .map_err(|_| anyhow::anyhow!("snapshot builder panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// Local fraction and recall per window of `window` requests of each edge, over all edges.
+fn timeline(outcomes: &[Vec<Outcome>], window: usize) -> Vec<TimelinePoint> {
+    let longest = outcomes.iter().map(Vec::len).max().unwrap_or(0);
+    (0..longest.div_ceil(window))
+        .map(|w| {
+            let range = w * window..((w + 1) * window).min(longest);
+            let in_window: Vec<&Outcome> = outcomes
+                .iter()
+                .flat_map(|o| o.get(range.clone()).unwrap_or_default())
+                .collect();
+            TimelinePoint {
+                requests_per_edge: range.end,
+                local_fraction: in_window.iter().filter(|o| o.source == "local").count() as f64
+                    / in_window.len().max(1) as f64,
+                recall_at_10: mean(in_window.iter().map(|o| o.recall)),
+            }
+        })
+        .collect()
+}
+
+/// Deletes, one at a time, vectors the edges answered with locally, and polls each edge's
+/// local answer (`local_only`) with the deleted vector itself until it is gone: the time from
+/// the cloud acknowledging the delete to the edge no longer returning it, in ms.
+async fn staleness_window(
+    http: &reqwest::Client,
+    cloud_base: &str,
+    edges: &[Edge],
+    ds: &Dataset,
+    outcomes: &[Vec<Outcome>],
+    deletes: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut victims: Vec<(usize, u64)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    // Round-robin over the edges, most recent local answers first.
+    let mut cursors: Vec<_> = outcomes.iter().map(|o| o.iter().rev()).collect();
+    while victims.len() < deletes {
+        let mut progressed = false;
+        for (e, cursor) in cursors.iter_mut().enumerate() {
+            if let Some(id) = cursor
+                .by_ref()
+                .find_map(|o| o.held.filter(|id| seen.insert(*id)))
+            {
+                victims.push((e, id));
+                progressed = true;
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    victims.truncate(deletes);
+    let local_ids = |v: serde_json::Value| -> anyhow::Result<Vec<u64>> {
+        Ok(hits_of(&v)?.into_iter().map(|(id, _)| id).collect())
+    };
+    let mut windows = Vec::new();
+    for (e, id) in victims {
+        let url = edges[e].search_url();
+        let mut vector = ds.base.row(id as usize).to_vec();
+        tiervec_shared::metric::normalise(&mut vector);
+        let probe = serde_json::json!({"vector": vector, "k": K, "local_only": true});
+        let ask = || async {
+            let v: serde_json::Value = http.post(&url).json(&probe).send().await?.json().await?;
+            local_ids(v)
+        };
+        if !ask().await?.contains(&id) {
+            continue; // evicted since: nothing to invalidate
+        }
+        http.post(format!(
+            "{cloud_base}/v1/collections/{}/points/delete",
+            deployment::COLLECTION
+        ))
+        .json(&serde_json::json!({"ids": [id]}))
+        .send()
+        .await?
+        .error_for_status()?;
+        let acknowledged = Instant::now();
+        loop {
+            if !ask().await?.contains(&id) {
+                windows.push(acknowledged.elapsed().as_secs_f64() * 1e3);
+                break;
+            }
+            anyhow::ensure!(
+                acknowledged.elapsed() < Duration::from_secs(10),
+                "edge-{e} still returns deleted vector {id} 10 s after the delete"
+            );
+        }
+    }
+    Ok(windows)
 }
 
 /// The rows of an edge's cache: the exact neighbours of its queries, most popular first.
@@ -450,10 +695,43 @@ fn cache_rows(ds: &Dataset, order: &[usize], neighbours: usize, capacity: usize)
     rows
 }
 
-/// What the edge would answer locally for each request: the 10th distance and the recall.
+/// What the edge would answer locally for a request: its confidence signals (infinite when
+/// absent) and the local answer's recall.
+#[derive(Clone, Copy, Debug)]
 struct LocalAnswer {
     kth_distance: f32,
+    anchor_distance: f32,
     recall: f64,
+}
+
+/// A confidence rule swept over its threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rule {
+    /// The 10th local distance.
+    Kth,
+    /// The distance to the nearest anchor.
+    Anchor,
+    /// Either, at the same threshold.
+    Combined,
+}
+
+impl Rule {
+    const fn name(self) -> &'static str {
+        match self {
+            Rule::Kth => "kth_distance",
+            Rule::Anchor => "anchor_distance",
+            Rule::Combined => "combined",
+        }
+    }
+
+    /// The signal the threshold applies to.
+    fn signal(self, a: &LocalAnswer) -> f32 {
+        match self {
+            Rule::Kth => a.kth_distance,
+            Rule::Anchor => a.anchor_distance,
+            Rule::Combined => a.kth_distance.min(a.anchor_distance),
+        }
+    }
 }
 
 fn local_answers(
@@ -469,6 +747,7 @@ fn local_answers(
             let found: Vec<(u64, f32)> = hits.iter().map(|h| (h.id, h.distance)).collect();
             out.push(LocalAnswer {
                 kth_distance: hits.get(K - 1).map_or(f32::INFINITY, |h| h.distance),
+                anchor_distance: f32::INFINITY,
                 recall: recall_at_10(&found, &t.ids, &t.distances),
             });
         }
@@ -476,13 +755,13 @@ fn local_answers(
     Ok(out)
 }
 
-/// The rule's outcome at `threshold`: local when the 10th distance is at most the threshold
-/// (with the local recall), else the cloud's (with its measured recall).
-fn predict(local: &[LocalAnswer], threshold: f64, cloud_recall: f64) -> SweepPoint {
+/// The rule's outcome at `threshold`: local when its signal is at most the threshold (with the
+/// local recall), else the cloud's (with its measured recall).
+fn predict(local: &[LocalAnswer], threshold: f64, cloud_recall: f64, rule: Rule) -> SweepPoint {
     let mut kept = 0usize;
     let mut recall = 0.0;
     for a in local {
-        if f64::from(a.kth_distance) <= threshold {
+        if f64::from(rule.signal(a)) <= threshold {
             kept += 1;
             recall += a.recall;
         } else {
@@ -491,34 +770,35 @@ fn predict(local: &[LocalAnswer], threshold: f64, cloud_recall: f64) -> SweepPoi
     }
     let n = local.len().max(1) as f64;
     SweepPoint {
-        rule: "kth_distance",
+        rule: rule.name(),
         threshold,
         local_fraction: kept as f64 / n,
         recall_at_10: recall / n,
     }
 }
 
-/// The trade-off at every distinct 10th distance (each is where the curve moves).
-fn sweep(local: &[LocalAnswer], cloud_recall: f64) -> Vec<SweepPoint> {
+/// The trade-off at every distinct signal value (each is where the curve moves).
+fn sweep(local: &[LocalAnswer], cloud_recall: f64, rule: Rule) -> Vec<SweepPoint> {
     let mut order: Vec<&LocalAnswer> = local.iter().collect();
-    order.sort_by(|a, b| a.kth_distance.total_cmp(&b.kth_distance));
+    order.sort_by(|a, b| rule.signal(a).total_cmp(&rule.signal(b)));
     let n = local.len().max(1) as f64;
     let mut recall_sum: f64 = local.len() as f64 * cloud_recall;
     let mut points = vec![SweepPoint {
-        rule: "kth_distance",
+        rule: rule.name(),
         threshold: 0.0,
         local_fraction: 0.0,
         recall_at_10: recall_sum / n,
     }];
     for (i, a) in order.iter().enumerate() {
         recall_sum += a.recall - cloud_recall;
+        let value = rule.signal(a);
         let last_of_its_value = order
             .get(i + 1)
-            .is_none_or(|next| next.kth_distance > a.kth_distance);
-        if last_of_its_value && a.kth_distance.is_finite() {
+            .is_none_or(|next| rule.signal(next) > value);
+        if last_of_its_value && value.is_finite() {
             points.push(SweepPoint {
-                rule: "kth_distance",
-                threshold: f64::from(a.kth_distance),
+                rule: rule.name(),
+                threshold: f64::from(value),
                 local_fraction: (i + 1) as f64 / n,
                 recall_at_10: recall_sum / n,
             });
@@ -541,6 +821,7 @@ async fn replay(
     edge_urls: &[String],
     requests: &[Vec<Request>],
     truth: &[Vec<Truth>],
+    probe_every: usize,
     bar: &ProgressBar,
 ) -> anyhow::Result<Vec<Vec<Outcome>>> {
     let loops = edge_urls
@@ -551,36 +832,63 @@ async fn replay(
             let http = reqwest::Client::new();
             let bar = bar.clone();
             async move {
+                let post = |body: serde_json::Value| {
+                    let http = http.clone();
+                    async move {
+                        let sent = Instant::now();
+                        let response = http
+                            .post(url.as_str())
+                            .header("content-type", "application/json")
+                            .body(serde_json::to_vec(&body)?)
+                            .send()
+                            .await?;
+                        let status = response.status();
+                        let bytes = response.bytes().await?;
+                        let latency = sent.elapsed();
+                        anyhow::ensure!(
+                            status.is_success(),
+                            "{url} answered {status}: {}",
+                            String::from_utf8_lossy(&bytes)
+                        );
+                        let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+                        anyhow::Ok((v, latency))
+                    }
+                };
                 let mut outcomes = Vec::with_capacity(reqs.len());
-                for (r, t) in reqs.iter().zip(truths) {
-                    let body =
-                        serde_json::to_vec(&serde_json::json!({"vector": r.vector, "k": K}))?;
-                    let sent = Instant::now();
-                    let response = http
-                        .post(url.as_str())
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
+                for (i, (r, t)) in reqs.iter().zip(truths).enumerate() {
+                    // What the cache alone would answer, just before (no side effect).
+                    let probe = if i % probe_every == 0 {
+                        let (p, _) = post(
+                            serde_json::json!({"vector": r.vector, "k": K, "local_only": true}),
+                        )
                         .await?;
-                    let status = response.status();
-                    let bytes = response.bytes().await?;
-                    let latency = sent.elapsed();
-                    anyhow::ensure!(
-                        status.is_success(),
-                        "{url} answered {status}: {}",
-                        String::from_utf8_lossy(&bytes)
-                    );
-                    let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+                        let signal =
+                            |name: &str| p[name].as_f64().map_or(f32::INFINITY, |d| d as f32);
+                        Some(LocalAnswer {
+                            kth_distance: signal("kth_distance"),
+                            anchor_distance: signal("anchor_distance"),
+                            recall: recall_at_10(&hits_of(&p)?, &t.ids, &t.distances),
+                        })
+                    } else {
+                        None
+                    };
+                    let (v, latency) =
+                        post(serde_json::json!({"vector": r.vector, "k": K})).await?;
                     let source = match v["source"].as_str() {
                         Some("local") => "local",
                         Some("cloud") => "cloud",
                         Some("degraded") => "degraded",
                         other => anyhow::bail!("unknown source {other:?}"),
                     };
+                    let hits = hits_of(&v)?;
                     outcomes.push(Outcome {
                         source,
                         latency,
-                        recall: recall_at_10(&hits_of(&v)?, &t.ids, &t.distances),
+                        recall: recall_at_10(&hits, &t.ids, &t.distances),
+                        probe,
+                        held: (source == "local")
+                            .then(|| hits.first().map(|h| h.0))
+                            .flatten(),
                     });
                     bar.inc(1);
                 }
@@ -630,11 +938,28 @@ fn source_rows(outcomes: &[Vec<Outcome>]) -> Vec<SourceRow> {
 }
 
 fn table(r: &Report) -> String {
+    let ms = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
+    let rule = match r.max_distance {
+        Some(max) => format!(
+            "10th distance ≤ {max:.4} (calibrated on another seed; predicted local {:.1} %, recall {:.4}) or nearest anchor ≤ {:.3}",
+            r.predicted_local_fraction.unwrap_or(0.0) * 100.0,
+            r.predicted_recall_at_10.unwrap_or(0.0),
+            r.anchor_distance
+        ),
+        None => format!(
+            "nearest anchor ≤ {:.3}, caches empty at the start",
+            r.anchor_distance
+        ),
+    };
     let mut md = format!(
-        "{} requests through {} edges, {} errors. recall@10 {:.4}; local {:.1} %, cloud {:.1} %, degraded {:.1} % \
-         (max_distance {:.4} calibrated on another seed; predicted local {:.1} %, recall {:.4}). \
+        "{} requests through {} edges, {} errors. recall@10 {:.4}; local {:.1} %, cloud {:.1} %, degraded {:.1} %; \
+         second half of the trace: local {:.1} % at recall@10 {:.4}. Rule: {rule}. \
          Cloud ef={} (its own recall@10 {:.4}). A cache keyed by a hash of the query vector would \
-         have answered {:.1} % of the same trace.\n\n",
+         have answered {:.1} % of the same trace.\n\n\
+         Pushes (from the edges' histograms, bucket-interpolated): hot → applied p50 {} ms, p99 {} ms; \
+         applied → first local answer p50 {} ms, p99 {} ms; {:.0} deltas and {:.1} MB pushed per edge, \
+         {:.1} compactions per edge. Staleness after {} deletes of vectors the edges held: \
+         p50 {} ms, p99 {} ms, max {} ms from the cloud's acknowledgement to the edge no longer returning it.\n\n",
         r.requests,
         r.per_edge.len(),
         r.errors,
@@ -642,12 +967,22 @@ fn table(r: &Report) -> String {
         r.local_fraction * 100.0,
         r.cloud_fraction * 100.0,
         r.degraded_fraction * 100.0,
-        r.max_distance,
-        r.predicted_local_fraction * 100.0,
-        r.predicted_recall_at_10,
+        r.warm_local_fraction * 100.0,
+        r.warm_recall_at_10,
         r.cloud_ef,
         r.cloud_recall_at_10,
         r.hash_cache_hit_fraction * 100.0,
+        ms(r.hot_to_applied_p50_ms),
+        ms(r.hot_to_applied_p99_ms),
+        ms(r.applied_to_local_p50_ms),
+        ms(r.applied_to_local_p99_ms),
+        r.pushed_deltas,
+        r.pushed_bytes_per_edge / 1e6,
+        r.compactions,
+        r.deletes,
+        ms(r.staleness_p50_ms),
+        ms(r.staleness_p99_ms),
+        ms(r.staleness_max_ms),
     );
     md.push_str(
         "| source | requests | share | recall@10 | p50 µs | p99 µs | p99.9 µs |\n|---|---:|---:|---:|---:|---:|---:|\n",
@@ -664,11 +999,42 @@ fn table(r: &Report) -> String {
             row.p999_us
         ));
     }
+    md.push_str("\nEach rule's best local fraction at end-to-end recall@10 ≥ 0.95, measured on the caches as they evolved in this run:\n\n| rule | threshold | local | recall@10 |\n|---|---:|---:|---:|\n");
+    for rule in [Rule::Kth, Rule::Anchor, Rule::Combined] {
+        if let Some(p) = r
+            .sweep
+            .iter()
+            .filter(|p| p.rule == rule.name() && p.recall_at_10 >= 0.95)
+            .max_by(|a, b| a.local_fraction.total_cmp(&b.local_fraction))
+        {
+            md.push_str(&format!(
+                "| {} | {:.4} | {:.1} % | {:.4} |\n",
+                p.rule,
+                p.threshold,
+                p.local_fraction * 100.0,
+                p.recall_at_10
+            ));
+        }
+    }
     md
+}
+
+/// The benchmarks.md section and file-name stem of a run: `demo`, `demo-cold`, with the Zipf
+/// exponent when it is not 1.
+fn stem(args: &DemoArgs) -> String {
+    let mut stem = String::from("demo");
+    if args.cold {
+        stem.push_str("-cold");
+    }
+    if (args.zipf - 1.0).abs() > 1e-9 {
+        stem.push_str(&format!("-zipf{}", args.zipf));
+    }
+    stem
 }
 
 fn write_docs(args: &DemoArgs, r: &Report, outcomes: &[Vec<Outcome>]) -> anyhow::Result<()> {
     let bench_dir = args.docs.join("bench");
+    let stem = stem(args);
     let mut per_source: Vec<(&str, Latencies)> = Vec::new();
     for source in ["local", "cloud", "degraded"] {
         let mut lat = Latencies::new();
@@ -680,35 +1046,77 @@ fn write_docs(args: &DemoArgs, r: &Report, outcomes: &[Vec<Outcome>]) -> anyhow:
         }
     }
     plot::latency_cdf(
-        &bench_dir.join("demo-latency.svg"),
-        "demo: latency at the application's HTTP call, per source",
+        &bench_dir.join(format!("{stem}-latency.svg")),
+        &format!("{stem}: latency at the application's HTTP call, per source"),
         &per_source,
     )?;
+    let (rule, chosen, x_desc) = match r.max_distance {
+        Some(max) => (
+            Rule::Kth,
+            max,
+            "threshold on the 10th local cosine distance",
+        ),
+        None => (
+            Rule::Anchor,
+            r.anchor_distance,
+            "threshold on the cosine distance to the nearest anchor",
+        ),
+    };
+    let reported: Vec<SweepPoint> = r
+        .sweep
+        .iter()
+        .filter(|p| p.rule == rule.name())
+        .cloned()
+        .collect();
     plot::threshold_sweep(
-        &bench_dir.join("demo-threshold.svg"),
-        "demo: recall@10 and local fraction against max_distance",
-        &r.sweep,
+        &bench_dir.join(format!("{stem}-threshold.svg")),
+        &format!("{stem}: recall@10 and local fraction against the threshold"),
+        x_desc,
+        &reported,
         &r.calibration_sweep,
-        r.max_distance,
+        chosen,
         (r.local_fraction, r.recall_at_10),
     )?;
-    let quick = if args.quick { " --quick" } else { "" };
+    let line = |get: fn(&TimelinePoint) -> f64| -> Vec<(f64, f64)> {
+        r.timeline
+            .iter()
+            .map(|p| (p.requests_per_edge as f64, get(p)))
+            .collect()
+    };
+    plot::over_trace(
+        &bench_dir.join(format!("{stem}-warmup.svg")),
+        &format!("{stem}: local fraction and recall@10 over the trace"),
+        &[
+            ("local fraction", line(|p| p.local_fraction)),
+            ("recall@10", line(|p| p.recall_at_10)),
+        ],
+        Some(("recall target 0.95", 0.95)),
+    )?;
+    let mut flags = String::new();
+    if args.quick {
+        flags.push_str(" --quick");
+    }
+    if args.cold {
+        flags.push_str(" --cold");
+    }
+    if (args.zipf - 1.0).abs() > 1e-9 {
+        flags.push_str(&format!(" --zipf {}", args.zipf));
+    }
     let section = format!(
-        "## demo\n\nCommand: `cargo run --release -p tiervec-testbed -- demo{quick} --json target/demo.json` \
-         ({} s end to end on this machine, most of it the exact ground truth of both traces on a \
-         first run; it is cached in `{}`). Cloud and 3 edges as real processes on loopback; {}. \
+        "## {stem}\n\nCommand: `cargo run --release -p tiervec-testbed -- demo{flags} --json target/{stem}.json` \
+         ({} s end to end on this machine; the exact ground truth of both traces is cached in `{}`). \
+         Cloud and 3 edges as real processes on loopback; {}. \
          Latencies here include queueing: the three edges and the three closed loops of the load \
          generator share core 0, so a request often waits for another edge's; `bench e2e` \
-         measures one loop alone. Recall is against exact search over all 50,000 vectors; \
-         a numpy model of this setup (exact local search, Zipf 1.0) reaches 58 % local at \
-         recall 0.95 with the same rule.\n\n{}\n\
-         ![latency per source](bench/demo-latency.svg)\n\n![threshold trade-off](bench/demo-threshold.svg)\n",
+         measures one loop alone. Recall is against exact search over all 50,000 vectors.\n\n{}\n\
+         ![local fraction over the trace](bench/{stem}-warmup.svg)\n\n\
+         ![latency per source](bench/{stem}-latency.svg)\n\n![threshold trade-off](bench/{stem}-threshold.svg)\n",
         r.seconds.round(),
         args.work_dir.join("cache").display(),
         r.settings["processes"].as_str().unwrap_or(""),
         table(r)
     );
-    update_benchmarks_md(&args.docs.join("benchmarks.md"), "demo", &section)
+    update_benchmarks_md(&args.docs.join("benchmarks.md"), &stem, &section)
 }
 
 #[cfg(test)]
@@ -720,6 +1128,7 @@ mod tests {
             .into_iter()
             .map(|(d, r)| LocalAnswer {
                 kth_distance: d,
+                anchor_distance: 1.0 - d,
                 recall: r,
             })
             .collect()
@@ -728,14 +1137,17 @@ mod tests {
     #[test]
     fn the_sweep_matches_the_rule_at_every_threshold() {
         let local = answers();
-        let points = sweep(&local, 0.99);
+        let points = sweep(&local, 0.99, Rule::Kth);
         assert_eq!(points.len(), 4, "0, and each distinct distance");
-        for p in &points {
-            let direct = predict(&local, p.threshold, 0.99);
-            assert!((direct.recall_at_10 - p.recall_at_10).abs() < 1e-12);
-            assert!((direct.local_fraction - p.local_fraction).abs() < 1e-12);
-        }
         assert_eq!(points[2].local_fraction, 0.75, "ties move together");
+        for rule in [Rule::Kth, Rule::Anchor, Rule::Combined] {
+            for p in sweep(&local, 0.99, rule) {
+                let direct = predict(&local, p.threshold, 0.99, rule);
+                assert!((direct.recall_at_10 - p.recall_at_10).abs() < 1e-12);
+                assert!((direct.local_fraction - p.local_fraction).abs() < 1e-12);
+                assert_eq!(p.rule, rule.name());
+            }
+        }
     }
 
     #[test]
@@ -743,10 +1155,11 @@ mod tests {
         let local: Vec<LocalAnswer> = (0..500)
             .map(|i| LocalAnswer {
                 kth_distance: i as f32,
+                anchor_distance: f32::INFINITY,
                 recall: 1.0,
             })
             .collect();
-        let points = sweep(&local, 1.0);
+        let points = sweep(&local, 1.0, Rule::Kth);
         let thin = thin(&points, 10);
         assert_eq!(thin.len(), 10);
         assert_eq!(thin[0].threshold, points[0].threshold);

@@ -11,5 +11,6 @@ pub mod demo;
 pub mod deployment;
 pub mod plot;
 pub mod procs;
+pub mod prom;
 pub mod snapshots;
 pub mod trace;

@@ -154,6 +154,7 @@ pub fn latency_cdf(
 pub fn threshold_sweep(
     path: &Path,
     title: &str,
+    x_desc: &str,
     reported: &[crate::demo::SweepPoint],
     calibration: &[crate::demo::SweepPoint],
     chosen: f64,
@@ -179,7 +180,7 @@ pub fn threshold_sweep(
         .map_err(|e| anyhow!("{e}"))?;
     chart
         .configure_mesh()
-        .x_desc("max_distance on the 10th local cosine distance")
+        .x_desc(x_desc)
         .y_desc("fraction")
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
@@ -218,7 +219,7 @@ pub fn threshold_sweep(
             BLACK.mix(0.6).stroke_width(1),
         ))
         .map_err(|e| anyhow!("{e}"))?
-        .label(format!("chosen max_distance {chosen:.3}"))
+        .label(format!("chosen threshold {chosen:.3}"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6)));
     chart
         .draw_series([
@@ -228,6 +229,67 @@ pub fn threshold_sweep(
         .map_err(|e| anyhow!("{e}"))?
         .label("measured end to end (dots)")
         .legend(move |(x, y)| Circle::new((x + 10, y), 4, recall.filled()));
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Fractions over the course of a trace (x: requests per edge so far), one line each, with a
+/// horizontal target line.
+pub fn over_trace(
+    path: &Path,
+    title: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+    target: Option<(&str, f64)>,
+) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let x1 = series
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(0.0..x1, 0.0..1.02f64)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("requests per edge so far")
+        .y_desc("fraction (per window)")
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let style = Palette99::pick(i).stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(points.clone(), style))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    if let Some((name, y)) = target {
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(0.0, y), (x1, y)],
+                6,
+                4,
+                BLACK.mix(0.6).stroke_width(1),
+            ))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(name)
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6)));
+    }
     chart
         .configure_series_labels()
         .border_style(BLACK)

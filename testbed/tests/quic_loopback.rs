@@ -702,6 +702,7 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
     let push_config = PushConfig {
         period_ms: 50,
         anchor_members: 10,
+        anchor_hot_count: 1.0,
         ..PushConfig::default()
     };
     let serve = |service: Arc<Service>| {
