@@ -183,6 +183,8 @@ pub struct PushHub {
     anchors: Mutex<HashMap<(String, [u8; 16]), AnchorTable>>,
     /// (edge, collection) → its push task's jobs and its "an anchor became hot" signal.
     routes: Mutex<HashMap<(String, [u8; 16]), (mpsc::UnboundedSender<Job>, Arc<Notify>)>>,
+    /// (edge, collection) → the last version the edge acknowledged (durable there).
+    acked: Mutex<HashMap<(String, [u8; 16]), u64>>,
 }
 
 impl PushHub {
@@ -195,6 +197,7 @@ impl PushHub {
             started: Instant::now(),
             anchors: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
+            acked: Mutex::new(HashMap::new()),
         });
         if let Some(mut invalidations) = service.subscribe_invalidations() {
             // Weak: the channel's sender lives in the service the hub holds, so a strong
@@ -214,6 +217,15 @@ impl PushHub {
 
     fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
+    }
+
+    /// The last manifest version `edge` acknowledged for its cache of `collection` since this
+    /// process started (what it holds durably, at least).
+    pub fn acked_version(&self, edge: &str, collection: [u8; 16]) -> Option<u64> {
+        self.acked
+            .lock()
+            .get(&(edge.to_owned(), collection))
+            .copied()
     }
 
     /// Sends an invalidation to every connected cache holding one of its ids.
@@ -679,6 +691,9 @@ async fn deliver(
     };
     let started = Instant::now();
     send_delta(conn, &delta, ack_timeout).await?;
+    hub.acked
+        .lock()
+        .insert((edge.to_owned(), id), delta.version);
     metrics::counter!("tiervec_push_deltas_total", "kind" => kind).increment(1);
     metrics::histogram!("tiervec_push_ack_seconds", "kind" => kind)
         .record(started.elapsed().as_secs_f64());
