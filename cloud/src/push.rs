@@ -276,7 +276,9 @@ impl PushHub {
     }
 
     /// The delta that brings the cache closer to what its edge asks for, within the budget,
-    /// with its manifest step; `None` when there is nothing to push.
+    /// with its manifest step; `None` when there is nothing to push. Admission: a hot anchor
+    /// enters a full cache only by evicting anchors colder than itself, so that an evicted
+    /// anchor (still hot, but less) is not pushed straight back — no churn.
     fn plan(
         &self,
         edge: &str,
@@ -287,100 +289,123 @@ impl PushHub {
         let dim = collection.info.dim;
         let now = self.now_us();
         let key = (edge.to_owned(), collection.info.id.0);
-        let (hot_anchors, scores): (Vec<(u64, Vec<f32>, u64)>, HashMap<u64, f64>) = {
+        let (candidates, scores) = {
             let anchors = self.anchors.lock();
-            let Some(table) = anchors.get(&key) else {
-                return None;
-            };
+            let table = anchors.get(&key)?;
             let hot = table.hot(&self.config, now);
-            let scores = hot.iter().copied().collect();
-            let wanted = hot
+            let scores: HashMap<u64, f64> = hot.iter().copied().collect();
+            let candidates: Vec<(u64, Vec<f32>, u64, f64)> = hot
                 .iter()
                 .filter(|(id, _)| !manifest.holds_anchor(*id))
                 .take(self.config.max_anchors_per_delta)
-                .filter_map(|(id, _)| {
-                    table
-                        .entries
-                        .get(id)
-                        .map(|e| (*id, e.vector.clone(), e.hot_at_unix_us.unwrap_or(0)))
+                .filter_map(|(id, count)| {
+                    let e = table.entries.get(id)?;
+                    Some((*id, e.vector.clone(), e.hot_at_unix_us.unwrap_or(0), *count))
                 })
                 .collect();
-            (wanted, scores)
+            (candidates, scores)
         };
-        let mut anchors = Vec::new();
-        let mut new_ids: Vec<u64> = Vec::new();
-        let mut seen: HashSet<u64> = HashSet::new();
-        for (anchor, vector, hot_at) in hot_anchors {
-            let params = SearchParams {
-                k: self.config.anchor_members,
-                ef: self.config.anchor_ef.max(self.config.anchor_members),
-                exact: false,
-                max_distance: None,
-            };
-            let Ok((hits, _)) = collection.search(&vector, &params) else {
-                continue;
-            };
-            let members: Vec<u64> = hits.iter().map(|h| h.id).collect();
-            for &id in &members {
-                if manifest.held(id).is_none() && seen.insert(id) {
-                    new_ids.push(id);
-                }
-            }
-            anchors.push(PushedAnchor {
-                anchor_id: anchor,
-                vector,
-                members,
-                hot_at_unix_us: hot_at,
-            });
-        }
-        let (_, hot_ids) = self.hot.top(
+        // Each candidate with its members, hottest first.
+        let params = SearchParams {
+            k: self.config.anchor_members,
+            ef: self.config.anchor_ef.max(self.config.anchor_members),
+            exact: false,
+            max_distance: None,
+        };
+        let mut anchors: Vec<(PushedAnchor, f64)> = candidates
+            .into_iter()
+            .filter_map(|(anchor, vector, hot_at, count)| {
+                let (hits, _) = collection.search(&vector, &params).ok()?;
+                Some((
+                    PushedAnchor {
+                        anchor_id: anchor,
+                        members: hits.iter().map(|h| h.id).collect(),
+                        vector,
+                        hot_at_unix_us: hot_at,
+                    },
+                    count,
+                ))
+            })
+            .collect();
+        let (_, mut hot_ids) = self.hot.top(
             collection.info.id.0,
             Some(edge),
             self.config.anchors_per_edge,
         );
-        for e in &hot_ids {
-            if e.count >= self.config.hot_id_count
-                && manifest.held(e.id).is_none()
-                && seen.insert(e.id)
-            {
-                new_ids.push(e.id);
+        // Ids hot on their own: pushed outside anchors, and kept when their anchor goes.
+        hot_ids.retain(|e| e.count >= self.config.hot_id_count);
+        // Drop the coldest candidates until the rest fit by evicting only colder entries.
+        let (anchors, vectors, evict, evict_anchors) = loop {
+            let mut vectors = Vec::new();
+            let mut seen: HashSet<u64> = HashSet::new();
+            for (a, _) in &anchors {
+                for &id in &a.members {
+                    if manifest.held(id).is_none() && seen.insert(id) {
+                        vectors.extend(self.pushed(collection, id));
+                    }
+                }
             }
-        }
-        let mut vectors = Vec::new();
-        for id in new_ids {
-            if let Some(p) = collection.get(id) {
-                vectors.push(PushedVector {
-                    id,
-                    lsn: p.lsn,
-                    vector: p.vector,
-                    payload: p.payload.map(|t| t.to_string()),
-                });
+            let needed: u64 = vectors.iter().map(|v| push_cost(v, dim)).sum::<u64>()
+                + anchors
+                    .iter()
+                    .map(|(a, _)| anchor_bytes(dim, a.members.len()))
+                    .sum::<u64>();
+            let coldest = anchors.last().map_or(f64::INFINITY, |(_, c)| *c);
+            let keep: HashSet<u64> = anchors
+                .iter()
+                .flat_map(|(a, _)| a.members.iter().copied())
+                .collect();
+            let evicted = evictions(
+                manifest, &scores, &hot_ids, &keep, needed, budget, dim, coldest,
+            );
+            match evicted {
+                Some((evict, evict_anchors)) if needed <= (DEFAULT_MAX_FRAME as u64) / 2 => {
+                    break (anchors, vectors, evict, evict_anchors);
+                }
+                _ if anchors.len() > 1 => {
+                    anchors.pop();
+                }
+                _ => break (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
             }
-        }
-        if vectors.is_empty() && anchors.is_empty() {
-            return None;
-        }
-        // Keep within the frame limit (a delta is one frame): drop the last anchors' extras.
-        let vector_cost =
-            |v: &PushedVector| vector_bytes(dim, v.payload.as_ref().map_or(0, String::len));
-        let mut needed: u64 = vectors.iter().map(vector_cost).sum::<u64>()
+        };
+        let mut anchors: Vec<PushedAnchor> = anchors.into_iter().map(|(a, _)| a).collect();
+        let mut vectors = vectors;
+        // Plain hot ids outside anchors, only into room left (they evict nothing).
+        let after: u64 = manifest.bytes()
+            + vectors.iter().map(|v| push_cost(v, dim)).sum::<u64>()
             + anchors
                 .iter()
                 .map(|a| anchor_bytes(dim, a.members.len()))
+                .sum::<u64>()
+            - evict
+                .iter()
+                .filter_map(|id| manifest.held(*id))
+                .map(|h| h.bytes)
                 .sum::<u64>();
-        while needed > (DEFAULT_MAX_FRAME as u64) / 2 && vectors.len() > 1 {
-            let v = vectors.pop().expect("more than one");
-            needed -= vector_cost(&v);
-        }
-        let (evict, evict_anchors) = evictions(manifest, &scores, &hot_ids, needed, budget, dim);
+        let mut room = budget.saturating_sub(after);
         let pushed: HashSet<u64> = vectors.iter().map(|v| v.id).collect();
+        for e in &hot_ids {
+            if manifest.held(e.id).is_none() && !pushed.contains(&e.id) {
+                match self.pushed(collection, e.id) {
+                    Some(v) if push_cost(&v, dim) <= room => {
+                        room -= push_cost(&v, dim);
+                        vectors.push(v);
+                    }
+                    _ => {}
+                }
+            }
+        }
         let evicted: HashSet<u64> = evict.iter().copied().collect();
+        let pushed: HashSet<u64> = vectors.iter().map(|v| v.id).collect();
         // An anchor is pushed only if all its members are held afterwards.
         anchors.retain(|a| {
             a.members.iter().all(|m| {
                 pushed.contains(m) || (manifest.held(*m).is_some() && !evicted.contains(m))
             })
         });
+        if vectors.is_empty() && anchors.is_empty() && evict.is_empty() {
+            return None;
+        }
         let version = manifest.version + 1;
         let step = ManifestStep {
             version,
@@ -389,7 +414,7 @@ impl PushHub {
                 .map(|v| HeldVector {
                     id: v.id,
                     lsn: v.lsn,
-                    bytes: vector_cost(v),
+                    bytes: push_cost(v, dim),
                 })
                 .collect(),
             removed: evict.clone(),
@@ -413,21 +438,43 @@ impl PushHub {
         };
         Some((delta, step))
     }
+
+    /// Point `id` as pushed, if it exists.
+    fn pushed(&self, collection: &Collection, id: u64) -> Option<PushedVector> {
+        let p = collection.get(id)?;
+        Some(PushedVector {
+            id,
+            lsn: p.lsn,
+            vector: p.vector,
+            payload: p.payload.map(|t| t.to_string()),
+        })
+    }
 }
 
-/// What to evict so that `needed` more bytes fit in `budget`: the coldest anchors first (with
-/// their members no other kept anchor or hot id needs), then the coldest plain ids.
+/// A pushed vector's cost in the byte model.
+fn push_cost(v: &PushedVector, dim: usize) -> u64 {
+    vector_bytes(dim, v.payload.as_ref().map_or(0, String::len))
+}
+
+/// What to evict so that `needed` more bytes fit in `budget`: anchors colder than `below`,
+/// coldest first (with their members no kept anchor needs), then plain ids outside anchors,
+/// coldest first by their own count (they only ever filled spare room, so any anchor
+/// outranks them); never an id in `keep` (the members of what is being pushed). `None` when
+/// that cannot free enough.
+#[allow(clippy::too_many_arguments)]
 fn evictions(
     manifest: &Manifest,
     anchor_scores: &HashMap<u64, f64>,
     hot_ids: &[tiervec_shared::hot::Estimate],
+    keep: &HashSet<u64>,
     needed: u64,
     budget: u64,
     dim: usize,
-) -> (Vec<u64>, Vec<u64>) {
+    below: f64,
+) -> Option<(Vec<u64>, Vec<u64>)> {
     let mut over = (manifest.bytes() + needed).saturating_sub(budget);
     if over == 0 {
-        return (Vec::new(), Vec::new());
+        return Some((Vec::new(), Vec::new()));
     }
     let id_score: HashMap<u64, f64> = hot_ids.iter().map(|e| (e.id, e.count)).collect();
     let mut refs: HashMap<u64, usize> = HashMap::new();
@@ -439,6 +486,7 @@ fn evictions(
     let mut anchors: Vec<(u64, &[u64], f64)> = manifest
         .anchors()
         .map(|(a, m)| (a, m, anchor_scores.get(&a).copied().unwrap_or(0.0)))
+        .filter(|(_, _, score)| *score < below)
         .collect();
     anchors.sort_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)));
     let (mut evict, mut evict_anchors) = (Vec::new(), Vec::new());
@@ -452,18 +500,22 @@ fn evictions(
         for m in members {
             let r = refs.get_mut(m).expect("counted");
             *r -= 1;
-            if *r == 0 && !id_score.contains_key(m) && gone.insert(*m) {
-                if let Some(h) = manifest.held(*m) {
-                    evict.push(*m);
-                    over = over.saturating_sub(h.bytes);
-                }
+            if *r == 0
+                && !keep.contains(m)
+                && gone.insert(*m)
+                && let Some(h) = manifest.held(*m)
+            {
+                evict.push(*m);
+                over = over.saturating_sub(h.bytes);
             }
         }
     }
     if over > 0 {
         let mut plain: Vec<(u64, u64, f64)> = manifest
             .ids()
-            .filter(|(id, _)| !gone.contains(id) && refs.get(id).is_none_or(|r| *r == 0))
+            .filter(|(id, _)| {
+                !gone.contains(id) && !keep.contains(id) && refs.get(id).is_none_or(|r| *r == 0)
+            })
             .map(|(id, h)| (id, h.bytes, id_score.get(&id).copied().unwrap_or(0.0)))
             .collect();
         plain.sort_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)));
@@ -475,7 +527,7 @@ fn evictions(
             over = over.saturating_sub(bytes);
         }
     }
-    (evict, evict_anchors)
+    (over == 0).then_some((evict, evict_anchors))
 }
 
 /// The delta that invalidates `ids` (written at `lsn`) in a cache, if it holds any.
@@ -755,13 +807,38 @@ mod tests {
         let scores = HashMap::from([(10, 1.0), (11, 5.0)]);
         // Over by a little: the colder anchor goes, with member 1 (member 2 is shared).
         let budget = m.bytes() + 50;
-        let (evict, anchors) = evictions(&m, &scores, &[], 100, budget, dim);
+        let (evict, anchors) =
+            evictions(&m, &scores, &[], &HashSet::new(), 100, budget, dim, 3.0).unwrap();
         assert_eq!(anchors, vec![10]);
         assert_eq!(evict, vec![1]);
         // Within budget: nothing.
         assert_eq!(
-            evictions(&m, &scores, &[], 10, m.bytes() + 10, dim),
-            (vec![], vec![])
+            evictions(
+                &m,
+                &scores,
+                &[],
+                &HashSet::new(),
+                10,
+                m.bytes() + 10,
+                dim,
+                3.0
+            ),
+            Some((vec![], vec![]))
+        );
+        // Admission: a candidate no hotter than the resident anchors evicts none of them;
+        // plain ids (4) give way to any anchor, but here they are not enough.
+        assert_eq!(
+            evictions(&m, &scores, &[], &HashSet::new(), 200, budget, dim, 1.0),
+            None
+        );
+        assert_eq!(
+            evictions(&m, &scores, &[], &HashSet::new(), 100, budget, dim, 1.0),
+            Some((vec![4], vec![]))
+        );
+        // Needing more than the colder entries hold: refused too.
+        assert_eq!(
+            evictions(&m, &scores, &[], &HashSet::new(), 10_000, budget, dim, 3.0),
+            None
         );
     }
 }

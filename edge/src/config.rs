@@ -46,6 +46,11 @@ pub struct EdgeConfig {
     pub confidence: ConfidenceRule,
     /// Cut off from the cloud longer than this, local answers are marked stale.
     pub lease_ms: u64,
+    /// Every this many-th local answer is also asked of the cloud in the background, to
+    /// estimate local recall (0: never).
+    pub shadow_every: u64,
+    /// When set, the thresholds are tuned from shadow queries toward this local recall.
+    pub target_recall: Option<f64>,
     /// How long to wait for the cloud before answering degraded.
     pub deadline_ms: u64,
     pub default_ef: usize,
@@ -67,6 +72,8 @@ impl Default for EdgeConfig {
             http_addr: "127.0.0.1:6390".parse().expect("valid address"),
             confidence: ConfidenceRule::kth(0.35),
             lease_ms: 30_000,
+            shadow_every: 50,
+            target_recall: None,
             deadline_ms: 50,
             default_ef: 64,
             cloud_ef: 128,
@@ -82,6 +89,8 @@ impl EdgeConfig {
             collection: self.collection.clone(),
             rule: self.confidence,
             lease: Duration::from_millis(self.lease_ms),
+            shadow_every: self.shadow_every,
+            target_recall: self.target_recall,
             deadline: Duration::from_millis(self.deadline_ms),
             cloud_ef: self.cloud_ef,
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),

@@ -13,13 +13,19 @@
 //! An edge cut off from the cloud for longer than its lease marks local answers `stale`: the
 //! cloud may have deleted or changed what it holds and could not say so. The mark goes once a
 //! connection is up again (its handshake resyncs the cache).
+//!
+//! Shadow queries: every `shadow_every`-th local answer is also asked of the cloud in the
+//! background (flagged, so it never counts toward hotness); the overlap of the two top-k is a
+//! sample of local recall, exported as a live estimate, and, when a recall target is set, fed
+//! to a `ThresholdTuner` that adjusts the confidence thresholds.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
-use tiervec_shared::confidence::{ConfidenceRule, Decision};
+use tiervec_shared::confidence::{ConfidenceRule, Decision, ThresholdTuner};
 use tiervec_shared::protocol::frame::{Answer, Query, WireCollection};
 use tiervec_shared::protocol::session::QueryFailure;
 use tokio::sync::{mpsc, oneshot};
@@ -72,6 +78,47 @@ pub struct NodeConfig {
     pub cloud_ef: u32,
     /// Reconnection backoff: first wait and cap.
     pub backoff: (Duration, Duration),
+    /// Every this many-th local answer is also asked of the cloud (0: never).
+    pub shadow_every: u64,
+    /// When set, the thresholds are tuned from shadow queries toward this local recall.
+    pub target_recall: Option<f64>,
+}
+
+/// The rule in force and what shadow queries have learnt, shared with their background tasks.
+struct Learned {
+    rule: Mutex<ConfidenceRule>,
+    tuner: Mutex<Option<ThresholdTuner>>,
+    /// Exponentially weighted mean of shadow recall samples.
+    recall: Mutex<Option<f64>>,
+    local_answers: std::sync::atomic::AtomicU64,
+}
+
+impl Learned {
+    fn record(&self, sample: f64) {
+        metrics::counter!("tiervec_edge_shadow_queries_total").increment(1);
+        let estimate = {
+            let mut recall = self.recall.lock();
+            let next = recall.map_or(sample, |r| 0.95 * r + 0.05 * sample);
+            *recall = Some(next);
+            next
+        };
+        metrics::gauge!("tiervec_edge_shadow_recall").set(estimate);
+        let mut tuner = self.tuner.lock();
+        if let Some(tuner) = tuner.as_mut() {
+            let mut rule = self.rule.lock();
+            if tuner.record(sample, &mut rule) {
+                debug!(?rule, "confidence thresholds tuned from shadow queries");
+                for (name, value) in [
+                    ("kth_distance", rule.max_kth_distance),
+                    ("anchor_distance", rule.max_anchor_distance),
+                ] {
+                    if let Some(v) = value {
+                        metrics::gauge!("tiervec_edge_threshold", "rule" => name).set(f64::from(v));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The local search's k-th distance and nearest-anchor distance.
@@ -118,6 +165,7 @@ pub struct EdgeNode {
     cache: Arc<EdgeCache>,
     config: NodeConfig,
     uplink: Option<Uplink>,
+    learned: Arc<Learned>,
 }
 
 impl EdgeNode {
@@ -157,10 +205,17 @@ impl EdgeNode {
             }
             None => None,
         };
+        let learned = Arc::new(Learned {
+            rule: Mutex::new(config.rule),
+            tuner: Mutex::new(config.target_recall.map(ThresholdTuner::new)),
+            recall: Mutex::new(None),
+            local_answers: std::sync::atomic::AtomicU64::new(0),
+        });
         Ok(EdgeNode {
             cache,
             config,
             uplink,
+            learned,
         })
     }
 
@@ -174,6 +229,45 @@ impl EdgeNode {
 
     pub fn cache(&self) -> &Arc<EdgeCache> {
         &self.cache
+    }
+
+    /// The confidence rule in force (tuned when a recall target is set).
+    pub fn rule(&self) -> ConfidenceRule {
+        *self.learned.rule.lock()
+    }
+
+    /// The live estimate of local recall from shadow queries, once there is one.
+    pub fn shadow_recall(&self) -> Option<f64> {
+        *self.learned.recall.lock()
+    }
+
+    /// Asks the cloud the same question in the background and records how much of the local
+    /// top-k it confirms.
+    fn shadow(&self, query: &[f32], k: usize, local: &[NodeHit]) {
+        let Some(link) = self
+            .uplink
+            .as_ref()
+            .and_then(|u| u.current.load_full())
+            .filter(|l| !l.is_closed())
+        else {
+            return;
+        };
+        let Some(collection) = link.collection(&self.config.collection) else {
+            return;
+        };
+        let mut q = self.wire_query(collection, query, k, &tracing::Span::current());
+        q.shadow = true;
+        let local: Vec<u64> = local.iter().map(|h| h.id).collect();
+        let (learned, deadline) = (self.learned.clone(), self.config.deadline);
+        tokio::spawn(
+            async move {
+                if let Ok(answer) = link.query(q, deadline).await {
+                    let confirmed = answer.hits.iter().filter(|h| local.contains(&h.id)).count();
+                    learned.record(confirmed as f64 / answer.hits.len().max(1) as f64);
+                }
+            }
+            .instrument(info_span!("edge_shadow_query")),
+        );
     }
 
     /// Whether the lease is over: the link has been down longer than the lease (an edge with
@@ -250,14 +344,14 @@ impl EdgeNode {
             (distances.len() >= k).then(|| distances[k - 1]),
             answer.nearest_anchor,
         );
-        if self
-            .config
-            .rule
-            .decide(&distances, k, answer.nearest_anchor)
-            == Decision::Local
-        {
+        let rule = self.rule();
+        if rule.decide(&distances, k, answer.nearest_anchor) == Decision::Local {
             if let Some(first_use) = answer.anchor_first_use {
                 first_use.record();
+            }
+            let n = self.learned.local_answers.fetch_add(1, Ordering::Relaxed);
+            if self.config.shadow_every > 0 && n % self.config.shadow_every == 0 {
+                self.shadow(query, k, &local);
             }
             return Ok((local, Source::Local, signals));
         }

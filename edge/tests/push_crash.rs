@@ -112,6 +112,8 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
             min_gap_ms: 1,
             anchor_members: 10,
             anchor_hot_count: 1.0,
+            // Every query its own anchor (these synthetic vectors crowd together).
+            anchor_merge_distance: 0.0,
             max_anchors_per_delta: 2,
             ..PushConfig::default()
         },
@@ -226,17 +228,27 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
     let _edge = start_edge(&config_path, &log);
     let started = Instant::now();
     let probe = vector(POINTS + next_query);
+    let mut last = serde_json::Value::Null;
     loop {
         let body = serde_json::json!({"vector": probe, "k": 5});
         if let Ok(r) = http.post(&url).json(&body).send().await {
-            let v: serde_json::Value = r.json().await.unwrap();
-            if v["source"] == "local" {
+            last = r.json().await.unwrap();
+            if last["source"] == "local" {
                 break;
             }
         }
+        let mut prepared = probe.clone();
+        tiervec_shared::metric::normalise(&mut prepared);
+        let held = service.catalog().edge_cache("edge-1", collection).map(|m| {
+            (
+                m.version,
+                m.holds_anchor(tiervec_shared::push::anchor_id(&prepared)),
+            )
+        });
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "the restarted edge never answered its pushed anchor locally"
+            "the restarted edge never answered its pushed anchor locally: {last}; cloud manifest (version, holds the anchor) {held:?}, acked {:?}",
+            hub.acked_version("edge-1", collection)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -372,3 +372,101 @@ proptest! {
         }
     }
 }
+
+/// The cache at start-up: a damaged snapshot or delta log is renamed aside (kept, never
+/// deleted), reported, and the cache opens with what remains; deltas replay on top of a good
+/// snapshot, and ones that do not follow it are dropped (the cloud resyncs them).
+#[test]
+fn a_damaged_cache_file_is_set_aside_and_the_rest_opens() {
+    use tiervec_edge::cache::{CacheConfig, EdgeCache};
+    use tiervec_shared::push::{Delta, PushedVector, Tombstone};
+
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = write(dir.path(), "cache.tvs", &encode(50, 1, true));
+    let config = CacheConfig::beside(&snapshot, 1 << 20);
+    let delta = |version: u64| Delta {
+        collection_id: CollectionId::from_u128(42).0,
+        dim: DIM as u32,
+        metric: Metric::Cosine.code(),
+        version,
+        vectors: vec![PushedVector {
+            id: 1_000 + version,
+            lsn: 100 + version,
+            vector: vector(1_000 + version as usize, 9),
+            payload: Some(format!("pushed {version}")),
+        }],
+        tombstones: vec![Tombstone { id: 0, lsn: 99 }],
+        ..Delta::default()
+    };
+    {
+        let (cache, report) = EdgeCache::open(config.clone()).unwrap();
+        assert!(report.set_aside.is_empty());
+        assert_eq!((cache.version(), cache.usage().0), (0, 50));
+        for v in 1..=3 {
+            cache.apply(&delta(v)).unwrap();
+        }
+        assert!(
+            cache.apply(&delta(2)).unwrap().duplicate,
+            "a replay is harmless"
+        );
+        assert_eq!((cache.version(), cache.usage().0), (3, 52));
+    }
+    // Reopened: the deltas replay over the snapshot.
+    let (cache, _) = EdgeCache::open(config.clone()).unwrap();
+    assert_eq!((cache.version(), cache.usage().0), (3, 52));
+    let hits = cache.search(&vector(1_003, 9), 1, 32).unwrap().hits;
+    assert_eq!(
+        (hits[0].id, hits[0].payload.as_deref()),
+        (1_003, Some("pushed 3"))
+    );
+    assert!(
+        cache
+            .search(&vector(0, 1), 5, 32)
+            .unwrap()
+            .hits
+            .iter()
+            .all(|h| h.id != 0),
+        "the tombstoned snapshot vector stays hidden"
+    );
+    drop(cache);
+
+    // A flipped byte in the middle of the delta log: set aside, the snapshot alone opens.
+    let deltas = config.deltas.clone();
+    let mut bytes = std::fs::read(&deltas).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&deltas, &bytes).unwrap();
+    let (cache, report) = EdgeCache::open(config.clone()).unwrap();
+    assert_eq!(report.set_aside.len(), 1, "{report:?}");
+    assert!(
+        report.set_aside[0]
+            .0
+            .to_string_lossy()
+            .contains("cache.deltas.corrupt-")
+    );
+    assert!(report.set_aside[0].0.exists(), "kept for inspection");
+    assert_eq!((cache.version(), cache.usage().0), (0, 50));
+    drop(cache);
+
+    // A truncated snapshot: set aside too; the cache opens empty and unbound.
+    let snap_bytes = std::fs::read(&snapshot).unwrap();
+    std::fs::remove_file(&snapshot).unwrap();
+    write_raw(
+        dir.path(),
+        "cache.tvs",
+        &snap_bytes[..snap_bytes.len() - 100],
+    );
+    let (cache, report) = EdgeCache::open(config.clone()).unwrap();
+    assert_eq!(report.set_aside.len(), 1, "{report:?}");
+    assert_eq!((cache.version(), cache.usage().0), (0, 0));
+    assert_eq!(cache.collection_id(), [0; 16]);
+    assert!(cache.search(&vector(1, 1), 3, 32).unwrap().hits.is_empty());
+    // A first delta binds it again.
+    cache
+        .apply(&Delta {
+            version: 1,
+            ..delta(1)
+        })
+        .unwrap();
+    assert_eq!(cache.collection_id(), CollectionId::from_u128(42).0);
+}
