@@ -174,17 +174,40 @@ enum Job {
     Invalidate(Invalidation),
 }
 
+/// An edge cache: (edge id, collection identity).
+type CacheKey = (String, [u8; 16]);
+
+/// How to reach a connected cache's push task.
+struct Route {
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Signalled when one of the cache's anchors becomes hot.
+    anchor_hot: Arc<Notify>,
+}
+
+/// A connected edge cache, as its push task sees it.
+pub struct PushSession {
+    pub conn: quinn::Connection,
+    pub edge: String,
+    pub collection: Arc<Collection>,
+    pub budget: u64,
+    /// Whether the connection's handshake is confirmed (nothing is pushed before).
+    pub confirmed: tokio::sync::watch::Receiver<bool>,
+    /// Signalled when the edge's inventory was adopted.
+    pub resynced: Arc<Notify>,
+    /// The cloud does not know this cache: wait for its inventory before pushing.
+    pub resync_first: bool,
+}
+
 /// What the push tasks share: the anchor tables, and a route to each connected cache's task.
 pub struct PushHub {
     config: PushConfig,
     service: Arc<Service>,
     hot: Arc<HotIds>,
     started: Instant,
-    anchors: Mutex<HashMap<(String, [u8; 16]), AnchorTable>>,
-    /// (edge, collection) → its push task's jobs and its "an anchor became hot" signal.
-    routes: Mutex<HashMap<(String, [u8; 16]), (mpsc::UnboundedSender<Job>, Arc<Notify>)>>,
-    /// (edge, collection) → the last version the edge acknowledged (durable there).
-    acked: Mutex<HashMap<(String, [u8; 16]), u64>>,
+    anchors: Mutex<HashMap<CacheKey, AnchorTable>>,
+    routes: Mutex<HashMap<CacheKey, Route>>,
+    /// The last version each cache acknowledged (durable there).
+    acked: Mutex<HashMap<CacheKey, u64>>,
 }
 
 impl PushHub {
@@ -233,8 +256,8 @@ impl PushHub {
         let holders = self.service.catalog().holders(inv.collection, &inv.ids);
         let routes = self.routes.lock();
         for (edge, ids) in holders {
-            if let Some((jobs, _)) = routes.get(&(edge, inv.collection)) {
-                let _ = jobs.send(Job::Invalidate(Invalidation {
+            if let Some(route) = routes.get(&(edge, inv.collection)) {
+                let _ = route.jobs.send(Job::Invalidate(Invalidation {
                     collection: inv.collection,
                     ids,
                     lsn: inv.lsn,
@@ -270,8 +293,8 @@ impl PushHub {
                 entries: HashMap::new(),
             })
             .record(&prepared, collection.info.metric, &self.config, now);
-        if became_hot && let Some((_, notify)) = self.routes.lock().get(&key) {
-            notify.notify_one();
+        if became_hot && let Some(route) = self.routes.lock().get(&key) {
+            route.anchor_hot.notify_one();
         }
     }
 
@@ -355,9 +378,11 @@ impl PushHub {
                 .iter()
                 .flat_map(|(a, _)| a.members.iter().copied())
                 .collect();
-            let evicted = evictions(
-                manifest, &scores, &hot_ids, &keep, needed, budget, dim, coldest,
-            );
+            let ranked = Scores {
+                anchors: &scores,
+                ids: &hot_ids,
+            };
+            let evicted = evictions(manifest, &ranked, &keep, needed, budget, dim, coldest);
             match evicted {
                 Some((evict, evict_anchors)) if needed <= (DEFAULT_MAX_FRAME as u64) / 2 => {
                     break (anchors, vectors, evict, evict_anchors);
@@ -456,16 +481,20 @@ fn push_cost(v: &PushedVector, dim: usize) -> u64 {
     vector_bytes(dim, v.payload.as_ref().map_or(0, String::len))
 }
 
+/// The decayed counts eviction orders by: hot anchors, and ids hot on their own.
+struct Scores<'a> {
+    anchors: &'a HashMap<u64, f64>,
+    ids: &'a [tiervec_shared::hot::Estimate],
+}
+
 /// What to evict so that `needed` more bytes fit in `budget`: anchors colder than `below`,
 /// coldest first (with their members no kept anchor needs), then plain ids outside anchors,
 /// coldest first by their own count (they only ever filled spare room, so any anchor
 /// outranks them); never an id in `keep` (the members of what is being pushed). `None` when
 /// that cannot free enough.
-#[allow(clippy::too_many_arguments)]
 fn evictions(
     manifest: &Manifest,
-    anchor_scores: &HashMap<u64, f64>,
-    hot_ids: &[tiervec_shared::hot::Estimate],
+    scores: &Scores,
     keep: &HashSet<u64>,
     needed: u64,
     budget: u64,
@@ -476,7 +505,7 @@ fn evictions(
     if over == 0 {
         return Some((Vec::new(), Vec::new()));
     }
-    let id_score: HashMap<u64, f64> = hot_ids.iter().map(|e| (e.id, e.count)).collect();
+    let id_score: HashMap<u64, f64> = scores.ids.iter().map(|e| (e.id, e.count)).collect();
     let mut refs: HashMap<u64, usize> = HashMap::new();
     for (_, members) in manifest.anchors() {
         for m in members {
@@ -485,7 +514,7 @@ fn evictions(
     }
     let mut anchors: Vec<(u64, &[u64], f64)> = manifest
         .anchors()
-        .map(|(a, m)| (a, m, anchor_scores.get(&a).copied().unwrap_or(0.0)))
+        .map(|(a, m)| (a, m, scores.anchors.get(&a).copied().unwrap_or(0.0)))
         .filter(|(_, _, score)| *score < below)
         .collect();
     anchors.sort_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)));
@@ -609,16 +638,16 @@ async fn send_delta(
 }
 
 /// One connected edge cache's push task: ends when the connection does.
-pub async fn push_loop(
-    hub: Arc<PushHub>,
-    conn: quinn::Connection,
-    edge: String,
-    collection: Arc<Collection>,
-    budget: u64,
-    mut confirmed: tokio::sync::watch::Receiver<bool>,
-    resynced: Arc<Notify>,
-    resync_first: bool,
-) {
+pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
+    let PushSession {
+        conn,
+        edge,
+        collection,
+        budget,
+        mut confirmed,
+        resynced,
+        resync_first,
+    } = session;
     if confirmed.wait_for(|c| *c).await.is_err() {
         return;
     }
@@ -636,9 +665,13 @@ pub async fn push_loop(
     let key = (edge.clone(), collection.info.id.0);
     let (jobs_tx, mut jobs) = mpsc::unbounded_channel();
     let notify = Arc::new(Notify::new());
-    hub.routes
-        .lock()
-        .insert(key.clone(), (jobs_tx.clone(), notify.clone()));
+    hub.routes.lock().insert(
+        key.clone(),
+        Route {
+            jobs: jobs_tx.clone(),
+            anchor_hot: notify.clone(),
+        },
+    );
     info!(edge = %edge, collection = %collection.info.name, budget, "pushing into the edge's cache");
     let period = Duration::from_millis(hub.config.period_ms.max(1));
     let gap = Duration::from_millis(hub.config.min_gap_ms);
@@ -704,7 +737,7 @@ pub async fn push_loop(
     let mut routes = hub.routes.lock();
     if routes
         .get(&key)
-        .is_some_and(|(tx, _)| tx.same_channel(&jobs_tx))
+        .is_some_and(|route| route.jobs.same_channel(&jobs_tx))
     {
         routes.remove(&key);
     }
@@ -807,16 +840,29 @@ mod tests {
         let scores = HashMap::from([(10, 1.0), (11, 5.0)]);
         // Over by a little: the colder anchor goes, with member 1 (member 2 is shared).
         let budget = m.bytes() + 50;
-        let (evict, anchors) =
-            evictions(&m, &scores, &[], &HashSet::new(), 100, budget, dim, 3.0).unwrap();
+        let (evict, anchors) = evictions(
+            &m,
+            &Scores {
+                anchors: &scores,
+                ids: &[],
+            },
+            &HashSet::new(),
+            100,
+            budget,
+            dim,
+            3.0,
+        )
+        .unwrap();
         assert_eq!(anchors, vec![10]);
         assert_eq!(evict, vec![1]);
         // Within budget: nothing.
         assert_eq!(
             evictions(
                 &m,
-                &scores,
-                &[],
+                &Scores {
+                    anchors: &scores,
+                    ids: &[],
+                },
                 &HashSet::new(),
                 10,
                 m.bytes() + 10,
@@ -828,16 +874,49 @@ mod tests {
         // Admission: a candidate no hotter than the resident anchors evicts none of them;
         // plain ids (4) give way to any anchor, but here they are not enough.
         assert_eq!(
-            evictions(&m, &scores, &[], &HashSet::new(), 200, budget, dim, 1.0),
+            evictions(
+                &m,
+                &Scores {
+                    anchors: &scores,
+                    ids: &[]
+                },
+                &HashSet::new(),
+                200,
+                budget,
+                dim,
+                1.0
+            ),
             None
         );
         assert_eq!(
-            evictions(&m, &scores, &[], &HashSet::new(), 100, budget, dim, 1.0),
+            evictions(
+                &m,
+                &Scores {
+                    anchors: &scores,
+                    ids: &[]
+                },
+                &HashSet::new(),
+                100,
+                budget,
+                dim,
+                1.0
+            ),
             Some((vec![4], vec![]))
         );
         // Needing more than the colder entries hold: refused too.
         assert_eq!(
-            evictions(&m, &scores, &[], &HashSet::new(), 10_000, budget, dim, 3.0),
+            evictions(
+                &m,
+                &Scores {
+                    anchors: &scores,
+                    ids: &[]
+                },
+                &HashSet::new(),
+                10_000,
+                budget,
+                dim,
+                3.0
+            ),
             None
         );
     }

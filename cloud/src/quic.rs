@@ -24,7 +24,7 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::certs::CertDir;
 use crate::collection::SearchParams;
-use crate::push::{PushHub, push_loop};
+use crate::push::{PushHub, PushSession, push_loop};
 use crate::service::Service;
 
 #[derive(Debug, Error)]
@@ -333,13 +333,15 @@ async fn exchange(
                         cache.collection_id != collection.info.id.0 || known != Some(cache.version);
                     tokio::spawn(push_loop(
                         peer.push.clone(),
-                        conn.clone(),
-                        peer.edge.clone(),
-                        collection,
-                        cache.budget_bytes,
-                        peer.confirmed.clone(),
-                        peer.resynced.clone(),
-                        resync_first,
+                        PushSession {
+                            conn: conn.clone(),
+                            edge: peer.edge.clone(),
+                            collection,
+                            budget: cache.budget_bytes,
+                            confirmed: peer.confirmed.clone(),
+                            resynced: peer.resynced.clone(),
+                            resync_first,
+                        },
                     ));
                 }
                 None => {

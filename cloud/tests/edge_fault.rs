@@ -293,6 +293,8 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
                 deadline: DEADLINE,
                 cloud_ef: 64,
                 backoff: (Duration::from_millis(50), Duration::from_millis(500)),
+                shadow_every: 0,
+                target_recall: None,
             },
             Some(LinkConfig::new(
                 quic_addr,

@@ -350,7 +350,7 @@ impl EdgeNode {
                 first_use.record();
             }
             let n = self.learned.local_answers.fetch_add(1, Ordering::Relaxed);
-            if self.config.shadow_every > 0 && n % self.config.shadow_every == 0 {
+            if self.config.shadow_every > 0 && n.is_multiple_of(self.config.shadow_every) {
                 self.shadow(query, k, &local);
             }
             return Ok((local, Source::Local, signals));

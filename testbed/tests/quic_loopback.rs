@@ -304,6 +304,8 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         deadline: Duration::from_millis(500),
         cloud_ef: 64,
         backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+        shadow_every: 0,
+        target_recall: None,
     };
     let node = Arc::new(
         EdgeNode::start(
@@ -729,6 +731,9 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
         deadline: Duration::from_millis(500),
         cloud_ef: 64,
         backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+        // Every local answer is also asked of the cloud: the live estimate of local recall.
+        shadow_every: 1,
+        target_recall: None,
     };
     let start = |addr| {
         let cache = Arc::new(EdgeCache::open(cache_config.clone()).unwrap().0);
@@ -762,6 +767,12 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
     );
     let ids = |hits: &[tiervec_edge::node::NodeHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
     assert_eq!(ids(&again.hits), ids(&first.hits));
+    wait_for(|| node.shadow_recall().is_some()).await;
+    assert_eq!(
+        node.shadow_recall(),
+        Some(1.0),
+        "the shadow query found the local answer complete"
+    );
     let manifest = service
         .catalog()
         .edge_cache("edge-1", cache.collection_id())
