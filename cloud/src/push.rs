@@ -69,13 +69,13 @@ impl Default for PushConfig {
     fn default() -> Self {
         PushConfig {
             period_ms: 1_000,
-            min_gap_ms: 20,
+            min_gap_ms: 100,
             anchor_members: 20,
             anchor_ef: 128,
             anchor_merge_distance: 0.15,
             anchor_hot_count: 2.0,
             anchors_per_edge: 8_192,
-            max_anchors_per_delta: 8,
+            max_anchors_per_delta: 16,
             hot_id_count: 3.0,
             ack_timeout_ms: 5_000,
         }
@@ -179,6 +179,8 @@ type CacheKey = (String, [u8; 16]);
 
 /// How to reach a connected cache's push task.
 struct Route {
+    /// The connection the task pushes over.
+    conn: quinn::Connection,
     jobs: mpsc::UnboundedSender<Job>,
     /// Signalled when one of the cache's anchors becomes hot.
     anchor_hot: Arc<Notify>,
@@ -196,6 +198,8 @@ pub struct PushSession {
     pub resynced: Arc<Notify>,
     /// The cloud does not know this cache: wait for its inventory before pushing.
     pub resync_first: bool,
+    /// The manifest version the edge announced (and, after a resync, the cloud adopted).
+    pub version: u64,
 }
 
 /// What the push tasks share: the anchor tables, and a route to each connected cache's task.
@@ -206,6 +210,8 @@ pub struct PushHub {
     started: Instant,
     anchors: Mutex<HashMap<CacheKey, AnchorTable>>,
     routes: Mutex<HashMap<CacheKey, Route>>,
+    /// One delivery at a time per cache, across connections: versions never interleave.
+    delivering: Mutex<HashMap<CacheKey, Arc<tokio::sync::Mutex<()>>>>,
     /// The last version each cache acknowledged (durable there).
     acked: Mutex<HashMap<CacheKey, u64>>,
 }
@@ -220,6 +226,7 @@ impl PushHub {
             started: Instant::now(),
             anchors: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
+            delivering: Mutex::new(HashMap::new()),
             acked: Mutex::new(HashMap::new()),
         });
         if let Some(mut invalidations) = service.subscribe_invalidations() {
@@ -647,6 +654,7 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         mut confirmed,
         resynced,
         resync_first,
+        version,
     } = session;
     if confirmed.wait_for(|c| *c).await.is_err() {
         return;
@@ -659,19 +667,53 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
             .await
             .is_err()
     {
-        warn!(edge = %edge, "no cache inventory from the edge; not pushing on this connection");
+        // A connection without a push task would miss invalidations: make the edge start over.
+        warn!(edge = %edge, "no cache inventory from the edge; reconnecting");
+        conn.close(quinn::VarInt::from_u32(0), b"no inventory");
         return;
     }
     let key = (edge.clone(), collection.info.id.0);
     let (jobs_tx, mut jobs) = mpsc::unbounded_channel();
     let notify = Arc::new(Notify::new());
-    hub.routes.lock().insert(
-        key.clone(),
-        Route {
-            jobs: jobs_tx.clone(),
-            anchor_hot: notify.clone(),
-        },
-    );
+    let turn = hub
+        .delivering
+        .lock()
+        .entry(key.clone())
+        .or_default()
+        .clone();
+    // The edge's previous connection is superseded: close it, so that a delivery waiting on it
+    // fails now rather than at its timeout, and its task gives way.
+    if let Some(old) = hub.routes.lock().get(&key)
+        && old.conn.stable_id() != conn.stable_id()
+    {
+        old.conn.close(
+            quinn::VarInt::from_u32(0),
+            b"superseded by a new connection",
+        );
+    }
+    {
+        // A push task of the edge's previous connection may have logged a step after this
+        // connection's handshake read the version: then the edge lacks it, and only a fresh
+        // handshake (which resyncs) can tell.
+        let _turn = turn.lock().await;
+        hub.routes.lock().insert(
+            key.clone(),
+            Route {
+                conn: conn.clone(),
+                jobs: jobs_tx.clone(),
+                anchor_hot: notify.clone(),
+            },
+        );
+        let logged = hub
+            .service
+            .catalog()
+            .edge_cache(&edge, collection.info.id.0)
+            .map(|m| m.version);
+        if logged != Some(version) {
+            warn!(edge = %edge, ?logged, version, "cache version moved during the handshake; reconnecting to resync");
+            conn.close(quinn::VarInt::from_u32(0), b"resync");
+        }
+    }
     info!(edge = %edge, collection = %collection.info.name, budget, "pushing into the edge's cache");
     let period = Duration::from_millis(hub.config.period_ms.max(1));
     let gap = Duration::from_millis(hub.config.min_gap_ms);
@@ -707,6 +749,16 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
                     });
                 }
             }
+        }
+        let _turn = turn.lock().await;
+        // A newer connection of the same edge took over: this task is done.
+        let current = hub
+            .routes
+            .lock()
+            .get(&key)
+            .is_some_and(|route| route.jobs.same_channel(&jobs_tx));
+        if !current || conn.close_reason().is_some() {
+            break;
         }
         let mut failed = None;
         // Invalidations first: they must not wait behind a push.

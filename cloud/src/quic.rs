@@ -323,31 +323,32 @@ async fn exchange(
                     .increment(1);
             }
             ServerAction::Close { code, message } => close = Some((code, message)),
-            ServerAction::CacheAnnounced(cache) => match service.catalog().get(&cache.collection) {
-                Some(collection) => {
-                    let known = service
-                        .catalog()
-                        .edge_cache(&peer.edge, collection.info.id.0)
-                        .map(|m| m.version);
-                    let resync_first =
-                        cache.collection_id != collection.info.id.0 || known != Some(cache.version);
-                    tokio::spawn(push_loop(
-                        peer.push.clone(),
-                        PushSession {
-                            conn: conn.clone(),
-                            edge: peer.edge.clone(),
-                            collection,
-                            budget: cache.budget_bytes,
-                            confirmed: peer.confirmed.clone(),
-                            resynced: peer.resynced.clone(),
-                            resync_first,
-                        },
-                    ));
+            ServerAction::CacheAnnounced { cache, told } => {
+                match service.catalog().get(&cache.collection) {
+                    Some(collection) => {
+                        // The edge's own test (`link::resync`): it sends its inventory exactly when
+                        // this holds.
+                        let resync_first = cache.collection_id != collection.info.id.0
+                            || told != Some(cache.version);
+                        tokio::spawn(push_loop(
+                            peer.push.clone(),
+                            PushSession {
+                                conn: conn.clone(),
+                                edge: peer.edge.clone(),
+                                collection,
+                                budget: cache.budget_bytes,
+                                confirmed: peer.confirmed.clone(),
+                                resynced: peer.resynced.clone(),
+                                resync_first,
+                                version: cache.version,
+                            },
+                        ));
+                    }
+                    None => {
+                        warn!(collection = %cache.collection, "edge announced a cache of an unknown collection")
+                    }
                 }
-                None => {
-                    warn!(collection = %cache.collection, "edge announced a cache of an unknown collection")
-                }
-            },
+            }
             ServerAction::Resync(inventory) => {
                 let (svc, edge, version) = (service.clone(), peer.edge.clone(), inventory.version);
                 let committed = match tokio::task::spawn_blocking(move || {

@@ -256,8 +256,13 @@ pub enum ServerAction {
     Send(Frame),
     /// Run this (validated) query and reply with [`ServerSession::answer`].
     Search(Query),
-    /// The edge keeps a cache of this (allowed) collection: push into it.
-    CacheAnnounced(CacheAnnouncement),
+    /// The edge keeps a cache of this (allowed) collection: push into it. `told` is the
+    /// manifest version the `HelloAck` gave the edge: when it is not the cache's, the edge
+    /// sends its inventory before anything can be pushed.
+    CacheAnnounced {
+        cache: CacheAnnouncement,
+        told: Option<u64>,
+    },
     /// The edge says its cache holds exactly this: adopt it (durably), reply `InventoryAck`.
     Resync(Inventory),
     /// The edge made this delta version durable.
@@ -365,7 +370,10 @@ impl ServerSession {
                         cache_version,
                     },
                 ))];
-                actions.extend(cache.map(ServerAction::CacheAnnounced));
+                actions.extend(cache.map(|cache| ServerAction::CacheAnnounced {
+                    cache,
+                    told: cache_version,
+                }));
                 actions
             }
             (ServerState::Ready(_), Frame::Query(q)) => self.check_query(q),
@@ -780,7 +788,10 @@ mod tests {
         let replies = cloud.handle(hello[0].clone());
         assert_eq!(
             replies[1],
-            ServerAction::CacheAnnounced(announced.clone()),
+            ServerAction::CacheAnnounced {
+                cache: announced.clone(),
+                told: Some(6)
+            },
             "the driver learns the budget"
         );
         let ServerAction::Send(ack) = &replies[0] else {
