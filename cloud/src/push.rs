@@ -59,6 +59,9 @@ pub struct PushConfig {
     pub anchors_per_edge: usize,
     /// Most anchors in one delta (the rest go in the next).
     pub max_anchors_per_delta: usize,
+    /// Most bytes (byte model) one delta adds: a delivery stays short, so an invalidation
+    /// never waits long behind a push.
+    pub max_delta_bytes: u64,
     /// A plain id (outside any anchor) is pushed once it was in this many answers (decayed).
     pub hot_id_count: f64,
     /// An unacknowledged delta after this long closes the connection (the edge resyncs).
@@ -76,6 +79,7 @@ impl Default for PushConfig {
             anchor_hot_count: 2.0,
             anchors_per_edge: 8_192,
             max_anchors_per_delta: 16,
+            max_delta_bytes: 256 << 10,
             hot_id_count: 3.0,
             ack_timeout_ms: 5_000,
         }
@@ -91,8 +95,11 @@ fn now_unix_us() -> u64 {
 /// A tracked anchor.
 struct AnchorEntry {
     vector: Vec<f32>,
-    /// When it became hot (Unix µs), once it has.
-    hot_at_unix_us: Option<u64>,
+    /// Whether it has become hot.
+    hot: bool,
+    /// When it was last asked (Unix µs): the push delay is measured from the ask that made
+    /// it hot, or — for one that waited for room — from its latest ask.
+    asked_unix_us: u64,
 }
 
 /// One (edge, collection)'s anchors: a decaying Space-Saving table over anchor ids (memory
@@ -120,7 +127,8 @@ impl AnchorTable {
                     id,
                     AnchorEntry {
                         vector: query.to_vec(),
-                        hot_at_unix_us: None,
+                        hot: false,
+                        asked_unix_us: 0,
                     },
                 );
                 id
@@ -140,11 +148,13 @@ impl AnchorTable {
             // to the nearest whole ask.
             .is_some_and(|e| e.count + 0.5 >= config.anchor_hot_count);
         match self.entries.get_mut(&id) {
-            Some(e) if hot && e.hot_at_unix_us.is_none() => {
-                e.hot_at_unix_us = Some(now_unix_us());
-                true
+            Some(e) => {
+                e.asked_unix_us = now_unix_us();
+                let became_hot = hot && !e.hot;
+                e.hot |= hot;
+                became_hot
             }
-            _ => false,
+            None => false,
         }
     }
 
@@ -157,11 +167,7 @@ impl AnchorTable {
             .tracker
             .above(config.anchor_hot_count / 2.0, now_us)
             .into_iter()
-            .filter(|e| {
-                self.entries
-                    .get(&e.id)
-                    .is_some_and(|a| a.hot_at_unix_us.is_some())
-            })
+            .filter(|e| self.entries.get(&e.id).is_some_and(|a| a.hot))
             .map(|e| (e.id, e.count))
             .collect();
         hot.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -330,7 +336,7 @@ impl PushHub {
                 .take(self.config.max_anchors_per_delta)
                 .filter_map(|(id, count)| {
                     let e = table.entries.get(id)?;
-                    Some((*id, e.vector.clone(), e.hot_at_unix_us.unwrap_or(0), *count))
+                    Some((*id, e.vector.clone(), e.asked_unix_us, *count))
                 })
                 .collect();
             (candidates, scores)
@@ -391,7 +397,7 @@ impl PushHub {
             };
             let evicted = evictions(manifest, &ranked, &keep, needed, budget, dim, coldest);
             match evicted {
-                Some((evict, evict_anchors)) if needed <= (DEFAULT_MAX_FRAME as u64) / 2 => {
+                Some((evict, evict_anchors)) if needed <= self.config.max_delta_bytes => {
                     break (anchors, vectors, evict, evict_anchors);
                 }
                 _ if anchors.len() > 1 => {

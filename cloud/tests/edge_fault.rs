@@ -65,8 +65,15 @@ impl Drop for Cloud {
     }
 }
 
-/// Starts `tiervec-cloud serve` over `dir` and returns once `/readyz` answers, with its base URL.
-async fn spawn_cloud(dir: &Path, quic: SocketAddr) -> (Cloud, String) {
+/// Pushing off: nothing becomes hot enough to push (the trace test is about faults).
+const NO_PUSHES: &str = "push={anchor_hot_count=1e12, hot_id_count=1e12}";
+/// Every fallback pushed at once, as its own anchor.
+const EVERY_FALLBACK_PUSHED: &str =
+    "push={anchor_hot_count=1.0, anchor_merge_distance=0.0, period_ms=20, min_gap_ms=1}";
+
+/// Starts `tiervec-cloud serve` over `dir` (with `push`, a `--set` of the push knobs) and
+/// returns once `/readyz` answers, with its base URL.
+async fn spawn_cloud(dir: &Path, quic: SocketAddr, push: &str) -> (Cloud, String) {
     let addr_file = dir.join("addr");
     let _ = std::fs::remove_file(&addr_file);
     let log = std::fs::OpenOptions::new()
@@ -83,8 +90,7 @@ async fn spawn_cloud(dir: &Path, quic: SocketAddr) -> (Cloud, String) {
             .args(["--set", &format!("quic_addr=\"{quic}\"")])
             .args(["--set", &format!("certs_dir={}", path(dir.join("certs")))])
             .args(["--set", r#"edges={"edge-1"=["*"]}"#])
-            // This test is about faults, not pushes: nothing becomes hot enough to push.
-            .args(["--set", "push={anchor_hot_count=1e12, hot_id_count=1e12}"])
+            .args(["--set", push])
             .arg("--addr-file")
             .arg(&addr_file)
             .stdout(Stdio::null())
@@ -232,7 +238,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
     };
 
     // The cloud, with the whole collection.
-    let (cloud, base) = spawn_cloud(dir.path(), quic_addr).await;
+    let (cloud, base) = spawn_cloud(dir.path(), quic_addr, NO_PUSHES).await;
     let api = Client::new(&base, None);
     api.create_collection(&CreateCollection {
         name: "c".into(),
@@ -387,7 +393,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
     // test does nothing to the edge.
     phase.store(3, Ordering::SeqCst);
     let restarted = Instant::now();
-    let (cloud, _base) = spawn_cloud(dir.path(), quic_addr).await;
+    let (cloud, _base) = spawn_cloud(dir.path(), quic_addr, NO_PUSHES).await;
     let ready_after = restarted.elapsed();
     let first_cloud_answer = |r: &Record| r.sent_phase == 3 && r.source() == Some("cloud");
     wait_until(
@@ -479,4 +485,140 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
     }
     assert!(summary(2, "degraded") >= DEGRADED_ANSWERS);
     assert!(summary(3, "cloud") >= CLOUD_ANSWERS);
+}
+
+/// The cloud killed while it pushes into a cold edge cache: the edge keeps answering (what was
+/// pushed, locally; the rest degraded), and after the cloud restarts on the same data
+/// directory — its manifest of the cache recovered from the WAL — the link comes back and
+/// pushes resume from the version the edge holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_survive_a_killed_cloud_and_resume_after_its_restart() {
+    use tiervec_edge::node::Source;
+    use tiervec_shared::confidence::ConfidenceRule;
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = CertDir {
+        dir: dir.path().join("certs"),
+        deployment: "push-fault".into(),
+    };
+    certs.ensure_ca().unwrap();
+    certs.issue_server(&["localhost".into()]).unwrap();
+    certs.issue_edge("edge-1").unwrap();
+    let quic_addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (cloud, base) = spawn_cloud(dir.path(), quic_addr, EVERY_FALLBACK_PUSHED).await;
+    let api = Client::new(&base, None);
+    api.create_collection(&CreateCollection {
+        name: "c".into(),
+        dim: DIM,
+        metric: Metric::Cosine,
+        m: None,
+        ef_construction: None,
+    })
+    .await
+    .unwrap();
+    api.upsert(
+        "c",
+        (0..POINTS)
+            .map(|id| PointIn {
+                id,
+                vector: vector(id),
+                payload: None,
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+
+    let snapshot = dir.path().join("edge").join("cache.tvs");
+    std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+    let cache = Arc::new(
+        EdgeCache::open(CacheConfig::beside(&snapshot, 1 << 20))
+            .unwrap()
+            .0,
+    );
+    let node = EdgeNode::start(
+        cache.clone(),
+        NodeConfig {
+            collection: "c".into(),
+            rule: ConfidenceRule {
+                max_kth_distance: None,
+                max_anchor_distance: Some(1e-4),
+            },
+            lease: Duration::from_secs(30),
+            deadline: DEADLINE,
+            cloud_ef: 64,
+            backoff: (Duration::from_millis(50), Duration::from_millis(500)),
+            shadow_every: 0,
+            target_recall: None,
+        },
+        Some(LinkConfig::new(
+            quic_addr,
+            "localhost",
+            certs.ca_cert(),
+            Some((certs.edge_cert("edge-1"), certs.edge_key("edge-1"))),
+            "edge-1",
+        )),
+    )
+    .unwrap();
+    wait_until("link up", Duration::from_secs(10), || node.connected()).await;
+
+    // A cold cache warmed by ten fallbacks.
+    let asked = |i: u64| vector(POINTS + i);
+    for i in 0..10 {
+        assert_eq!(
+            node.search(&asked(i), 5, 32).await.unwrap().source,
+            Source::Cloud
+        );
+    }
+    wait_until("ten anchors pushed", Duration::from_secs(10), || {
+        cache.usage().1 >= 10
+    })
+    .await;
+    let version = cache.version();
+
+    // The cloud dies: what was pushed is still answered locally, the rest degraded.
+    drop(cloud);
+    for i in 0..10 {
+        assert_eq!(
+            node.search(&asked(i), 5, 32).await.unwrap().source,
+            Source::Local
+        );
+    }
+    let mut degraded = 0;
+    for i in 100..110 {
+        let answer = node.search(&asked(i), 5, 32).await.unwrap();
+        assert_ne!(answer.source, Source::Cloud, "the cloud is dead");
+        degraded += usize::from(answer.source == Source::Degraded);
+    }
+    assert_eq!(degraded, 10);
+
+    // Back on the same data directory: the edge reconnects by itself, and the next fallback is
+    // pushed as the version after the one the edge holds (the cloud's manifest survived).
+    let (_cloud, _base) = spawn_cloud(dir.path(), quic_addr, EVERY_FALLBACK_PUSHED).await;
+    let restarted = Instant::now();
+    while node.search(&asked(200), 5, 32).await.unwrap().source != Source::Cloud {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(15),
+            "the edge never reached the restarted cloud"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_until("the new anchor pushed", Duration::from_secs(10), || {
+        cache.usage().1 >= 11
+    })
+    .await;
+    assert!(cache.version() > version);
+    assert_eq!(
+        node.search(&asked(200), 5, 32).await.unwrap().source,
+        Source::Local
+    );
+    for i in 0..10 {
+        assert_eq!(
+            node.search(&asked(i), 5, 32).await.unwrap().source,
+            Source::Local
+        );
+    }
 }

@@ -614,6 +614,7 @@ impl EdgeCache {
         if self.compacting.swap(true, Ordering::AcqRel) {
             return Ok(None);
         }
+        lower_thread_priority();
         let result = self.compact_inner();
         self.compacting.store(false, Ordering::Release);
         result
@@ -726,6 +727,17 @@ impl EdgeCache {
             "cache compacted"
         );
         Ok(Some(version))
+    }
+}
+
+/// Lowers the calling thread's CPU priority (nice 10): a compaction rebuilds a graph for seconds
+/// and must not slow the queries and deltas the edge serves on the same cores. Call it only on
+/// a thread of its own (the link starts one per compaction).
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority with `who = 0` changes only the calling thread's nice value.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }
 }
 
