@@ -608,19 +608,57 @@ impl EdgeCache {
         self.overlay_len() >= self.config.compact_after && !self.compacting.load(Ordering::Acquire)
     }
 
-    /// Folds the overlay into a new snapshot (blocking; run it off the query path). Returns the
-    /// version compacted, or `None` if another compaction runs or there is nothing to fold.
+    /// Folds the overlay into a new snapshot and swaps it in, on the calling thread (blocking).
+    /// Returns the version compacted, or `None` if another compaction runs or there is nothing
+    /// to fold.
     pub fn compact(&self) -> Result<Option<u64>, CacheError> {
         if self.compacting.swap(true, Ordering::AcqRel) {
             return Ok(None);
         }
-        lower_thread_priority();
-        let result = self.compact_inner();
+        let result = self
+            .build_snapshot()
+            .and_then(|built| built.map(|b| self.install(b)).transpose());
         self.compacting.store(false, Ordering::Release);
         result
     }
 
-    fn compact_inner(&self) -> Result<Option<u64>, CacheError> {
+    /// [`EdgeCache::compact`] in the background: the snapshot is built on a thread of its own
+    /// at a lower CPU priority (seconds of graph building must not slow queries and deltas on
+    /// the same cores), and swapped in on `runtime`'s blocking pool at normal priority (the
+    /// swap holds the writer's lock, which a starved low-priority thread must never hold).
+    pub fn compact_in_background(self: &Arc<Self>, runtime: tokio::runtime::Handle) {
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cache = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tiervec-compaction".into())
+            .spawn(move || {
+                lower_thread_priority();
+                match cache.build_snapshot() {
+                    Ok(Some(built)) => {
+                        runtime.spawn_blocking(move || {
+                            if let Err(e) = cache.install(built) {
+                                warn!(error = %e, "cache compaction failed; the overlay keeps serving");
+                            }
+                            cache.compacting.store(false, Ordering::Release);
+                        });
+                    }
+                    Ok(None) => cache.compacting.store(false, Ordering::Release),
+                    Err(e) => {
+                        warn!(error = %e, "cache compaction failed; the overlay keeps serving");
+                        cache.compacting.store(false, Ordering::Release);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start a compaction thread; the overlay keeps serving");
+            self.compacting.store(false, Ordering::Release);
+        }
+    }
+
+    /// Writes snapshot + overlay as a new snapshot file and opens it (the slow part).
+    fn build_snapshot(&self) -> Result<Option<Built>, CacheError> {
         let started = Instant::now();
         let state = self.state.load_full();
         let Some(shape) = state.shape else {
@@ -705,12 +743,26 @@ impl EdgeCache {
             CacheError::Compaction(format!("{}: {e}", self.config.snapshot.display()))
         })?;
         let index = Arc::new(EdgeIndex::open(&self.config.snapshot)?);
-        let version = state.manifest.version;
+        Ok(Some(Built {
+            base: CacheState::from_snapshot(Some(index)),
+            version: state.manifest.version,
+            vectors: builder.len(),
+            started,
+        }))
+    }
 
-        // Swap in the new snapshot with the deltas that arrived during the build on top.
+    /// Swaps a built snapshot in, with the deltas that arrived during the build on top, and
+    /// rewrites the log to hold just those (brief: under the writer's lock).
+    fn install(&self, built: Built) -> Result<u64, CacheError> {
+        let Built {
+            base,
+            version,
+            vectors,
+            started,
+        } = built;
         let mut writer = self.writer.lock();
         writer.since_snapshot.retain(|d| d.version > version);
-        let mut next = CacheState::from_snapshot(Some(index));
+        let mut next = base;
         for d in &writer.since_snapshot {
             next = next.with(d)?.0;
         }
@@ -722,17 +774,25 @@ impl EdgeCache {
             .record(started.elapsed().as_secs_f64());
         info!(
             version,
-            vectors = builder.len(),
+            vectors,
             seconds = started.elapsed().as_secs_f64(),
             "cache compacted"
         );
-        Ok(Some(version))
+        Ok(version)
     }
 }
 
-/// Lowers the calling thread's CPU priority (nice 10): a compaction rebuilds a graph for seconds
-/// and must not slow the queries and deltas the edge serves on the same cores. Call it only on
-/// a thread of its own (the link starts one per compaction).
+/// A compacted snapshot, opened, waiting to be swapped in.
+struct Built {
+    /// The cache state of the new snapshot alone (at `version`).
+    base: CacheState,
+    version: u64,
+    vectors: usize,
+    started: Instant,
+}
+
+/// Lowers the calling thread's CPU priority (nice 10), for good: call it only on a thread of
+/// its own.
 fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: setpriority with `who = 0` changes only the calling thread's nice value.

@@ -652,19 +652,9 @@ async fn accept_pushes(
         let _ = send.write_all(&acks).await;
         let _ = send.finish();
         if target.cache.wants_compaction() {
-            // Its own thread, not the blocking pool: it runs at a lower priority, which must
-            // not stick to a thread that later applies deltas.
-            let cache = target.cache.clone();
-            let spawned = std::thread::Builder::new()
-                .name("tiervec-compaction".into())
-                .spawn(move || {
-                    if let Err(e) = cache.compact() {
-                        warn!(error = %e, "cache compaction failed; the overlay keeps serving");
-                    }
-                });
-            if let Err(e) = spawned {
-                warn!(error = %e, "cannot start a compaction thread; the overlay keeps serving");
-            }
+            target
+                .cache
+                .compact_in_background(tokio::runtime::Handle::current());
         }
     }
 }

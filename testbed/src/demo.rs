@@ -167,6 +167,9 @@ struct Report {
     applied_to_local_p50_ms: Option<f64>,
     applied_to_local_p99_ms: Option<f64>,
     pushed_bytes_per_edge: f64,
+    /// The edges' own estimate of local recall from shadow queries (the share of the cloud's
+    /// top-10 their local answers had), averaged over edges.
+    shadow_recall_estimate: Option<f64>,
     pushed_deltas: f64,
     compactions: f64,
     deletes: usize,
@@ -525,6 +528,14 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         applied_to_local_p50_ms: to_ms(first_use.quantile(0.5)),
         applied_to_local_p99_ms: to_ms(first_use.quantile(0.99)),
         pushed_bytes_per_edge: per_edge_counter("tiervec_edge_push_bytes_total"),
+        shadow_recall_estimate: {
+            let estimates: Vec<f64> = metrics
+                .iter()
+                .filter(|t| t.contains("tiervec_edge_shadow_recall "))
+                .map(|t| prom::counter(t, "tiervec_edge_shadow_recall"))
+                .collect();
+            (!estimates.is_empty()).then(|| mean(estimates.into_iter()))
+        },
         pushed_deltas: per_edge_counter("tiervec_edge_push_deltas_total"),
         compactions: per_edge_counter("tiervec_edge_compactions_total"),
         deletes: staleness.len(),
@@ -961,7 +972,9 @@ fn table(r: &Report) -> String {
          Pushes (from the edges' histograms, bucket-interpolated): hot → applied p50 {} ms, p99 {} ms; \
          applied → first local answer p50 {} ms, p99 {} ms; {:.0} deltas and {:.1} MB pushed per edge, \
          {:.1} compactions per edge. Staleness after {} deletes of vectors the edges held: \
-         p50 {} ms, p99 {} ms, max {} ms from the cloud's acknowledgement to the edge no longer returning it.\n\n",
+         p50 {} ms, p99 {} ms, max {} ms from the cloud's acknowledgement to the edge no longer returning it. \
+         The edges' own estimate of local recall from shadow queries (2 % of local answers): {} \
+         (against the cloud's answer; measured against exact ground truth above).\n\n",
         r.requests,
         r.per_edge.len(),
         r.errors,
@@ -985,6 +998,8 @@ fn table(r: &Report) -> String {
         ms(r.staleness_p50_ms),
         ms(r.staleness_p99_ms),
         ms(r.staleness_max_ms),
+        r.shadow_recall_estimate
+            .map_or("–".to_owned(), |e| format!("{e:.4}")),
     );
     md.push_str(
         "| source | requests | share | recall@10 | p50 µs | p99 µs | p99.9 µs |\n|---|---:|---:|---:|---:|---:|---:|\n",
