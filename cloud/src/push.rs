@@ -78,8 +78,8 @@ impl Default for PushConfig {
             anchor_merge_distance: 0.15,
             anchor_hot_count: 2.0,
             anchors_per_edge: 8_192,
-            max_anchors_per_delta: 16,
-            max_delta_bytes: 256 << 10,
+            max_anchors_per_delta: 8,
+            max_delta_bytes: 128 << 10,
             hot_id_count: 3.0,
             ack_timeout_ms: 5_000,
         }
