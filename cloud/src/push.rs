@@ -725,11 +725,22 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
     let gap = Duration::from_millis(hub.config.min_gap_ms);
     let mut tick = tokio::time::interval(period);
     let mut reconcile = true;
+    // When a push is due after an anchor became hot (batched over `min_gap_ms`); waiting for
+    // it never holds up an invalidation.
+    let mut push_due: Option<tokio::time::Instant> = None;
     loop {
         let mut invalidations = Vec::new();
+        let mut push_now = false;
+        let due = push_due;
         tokio::select! {
-            _ = tick.tick() => {}
-            () = notify.notified() => tokio::time::sleep(gap).await,
+            _ = tick.tick() => push_now = true,
+            () = notify.notified() => {
+                push_due.get_or_insert_with(|| tokio::time::Instant::now() + gap);
+            }
+            () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                push_due = None;
+                push_now = true;
+            }
             () = resynced.notified() => reconcile = true,
             job = jobs.recv() => match job {
                 Some(Job::Invalidate(inv)) => invalidations.push(inv),
@@ -779,6 +790,7 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
             }
         }
         if failed.is_none()
+            && push_now
             && let Err(e) = deliver(&hub, &conn, &edge, &collection, ack_timeout, |m| {
                 hub.plan(&edge, &collection, m, budget)
             })

@@ -162,6 +162,7 @@ impl Overlay {
 }
 
 /// One consistent view of the cache; searches load it, writers replace it.
+#[derive(Clone)]
 struct CacheState {
     shape: Option<Shape>,
     snapshot: Option<Arc<EdgeIndex>>,
@@ -309,6 +310,13 @@ impl CacheState {
 
     /// Applies a checked delta to a copy of this state.
     fn with(&self, delta: &Delta) -> Result<(CacheState, Applied), PushError> {
+        let mut next = self.clone();
+        let applied = next.apply(delta)?;
+        Ok((next, applied))
+    }
+
+    /// Applies a delta in place (replays); on error nothing has changed.
+    fn apply(&mut self, delta: &Delta) -> Result<Applied, PushError> {
         let shape = match self.shape {
             Some(s) => s,
             None => Shape {
@@ -316,23 +324,24 @@ impl CacheState {
                 metric: Metric::from_code(delta.metric).ok_or(PushError::WrongCollection)?,
             },
         };
-        let mut manifest = self.manifest.clone();
-        if manifest.version == 0 && manifest.is_empty() && manifest.anchor_count() == 0 {
-            manifest.collection_id = delta.collection_id;
+        let unbound = self.manifest.version == 0
+            && self.manifest.is_empty()
+            && self.manifest.anchor_count() == 0;
+        if unbound {
+            self.manifest.collection_id = delta.collection_id;
         }
-        let applied = manifest.apply(delta, shape.dim)?;
-        let mut overlay = self.overlay.clone();
-        overlay.follow(delta, &applied, shape.dim);
-        Ok((
-            CacheState {
-                shape: Some(shape),
-                snapshot: self.snapshot.clone(),
-                snapshot_anchor_ids: self.snapshot_anchor_ids.clone(),
-                overlay,
-                manifest,
-            },
-            applied,
-        ))
+        let applied = match self.manifest.apply(delta, shape.dim) {
+            Ok(applied) => applied,
+            Err(e) => {
+                if unbound {
+                    self.manifest.collection_id = [0; 16];
+                }
+                return Err(e);
+            }
+        };
+        self.overlay.follow(delta, &applied, shape.dim);
+        self.shape = Some(shape);
+        Ok(applied)
     }
 }
 
@@ -369,11 +378,8 @@ impl EdgeCache {
             if delta.version <= state.manifest.version {
                 continue;
             }
-            match state.with(&delta) {
-                Ok((next, _)) => {
-                    state = next;
-                    since_snapshot.push(delta);
-                }
+            match state.apply(&delta) {
+                Ok(_) => since_snapshot.push(delta),
                 Err(e) => {
                     warn!(version = delta.version, error = %e, "delta log does not follow the snapshot; the rest is dropped and the cloud resyncs");
                     break;
@@ -760,12 +766,37 @@ impl EdgeCache {
             vectors,
             started,
         } = built;
-        let mut writer = self.writer.lock();
-        writer.since_snapshot.retain(|d| d.version > version);
+        // The deltas that arrived during the build are replayed outside the lock (there may be
+        // hundreds after a long build), until only the last few remain for the swap itself.
         let mut next = base;
-        for d in &writer.since_snapshot {
-            next = next.with(d)?.0;
+        let mut replayed = version;
+        let mut writer = loop {
+            let pending: Vec<Delta> = {
+                let writer = self.writer.lock();
+                let pending: Vec<Delta> = writer
+                    .since_snapshot
+                    .iter()
+                    .filter(|d| d.version > replayed)
+                    .cloned()
+                    .collect();
+                if pending.len() <= 2 {
+                    break writer;
+                }
+                pending
+            };
+            for d in &pending {
+                next.apply(d)?;
+                replayed = d.version;
+            }
+        };
+        for d in writer
+            .since_snapshot
+            .iter()
+            .filter(|d| d.version > replayed)
+        {
+            next.apply(d)?;
         }
+        writer.since_snapshot.retain(|d| d.version > version);
         writer.log = DeltaLog::rewrite(&self.config.deltas, &writer.since_snapshot)?;
         self.state.store(Arc::new(next));
         drop(writer);
