@@ -304,7 +304,16 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             .map(|order| cache_rows(&ds, order, args.neighbours, args.snapshot_vectors))
             .collect();
         let collection_id = rt.block_on(cloud.collection_id(&http))?;
-        build_snapshots(&ds, &texts, &rows, &snapshot_paths, collection_id)?;
+        let lsns = rt.block_on(
+            cloud.lsns(
+                &http,
+                rows.iter()
+                    .flatten()
+                    .map(|&r| r as u64)
+                    .collect::<std::collections::HashSet<u64>>(),
+            ),
+        )?;
+        build_snapshots(&ds, &texts, &rows, &snapshot_paths, collection_id, &lsns)?;
         eprintln!(
             "  {} edge snapshots of {} vectors built in {:.1} s",
             args.edges,
@@ -597,13 +606,15 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds and writes each edge's snapshot (in parallel), for the cloud's collection identity.
+/// Builds and writes each edge's snapshot (in parallel), for the cloud's collection identity
+/// and with the cloud's LSNs.
 fn build_snapshots(
     ds: &Dataset,
     texts: &[String],
     rows: &[Vec<usize>],
     paths: &[PathBuf],
     collection_id: tiervec_shared::CollectionId,
+    lsns: &std::collections::HashMap<u64, u64>,
 ) -> anyhow::Result<()> {
     std::thread::scope(|s| -> anyhow::Result<()> {
         let jobs: Vec<_> = rows
@@ -618,6 +629,7 @@ fn build_snapshots(
                         HnswParams::default(),
                         Some(texts),
                         collection_id,
+                        |row| lsns[&(row as u64)],
                     )?;
                     tiervec_edge::write_snapshot_atomic(path, &bytes)?;
                     Ok(())

@@ -183,6 +183,34 @@ impl Cloud {
         ))
     }
 
+    /// The LSN of each of `ids` in the dataset's collection (the write that last changed it),
+    /// asked of the cloud 32 at a time: what an edge snapshot of those points must claim.
+    pub async fn lsns(
+        &self,
+        http: &reqwest::Client,
+        ids: impl IntoIterator<Item = u64>,
+    ) -> anyhow::Result<std::collections::HashMap<u64, u64>> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(ids)
+            .map(|id| async move {
+                let point: serde_json::Value = http
+                    .get(format!(
+                        "{}/v1/collections/{COLLECTION}/points/{id}",
+                        self.http_base
+                    ))
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
+                let lsn = point["lsn"].as_u64().context("point without an LSN")?;
+                anyhow::Ok((id, lsn))
+            })
+            .buffer_unordered(32)
+            .try_collect()
+            .await
+    }
+
     /// The link configuration of edge `name` (for an edge inside this process).
     pub fn link(&self, name: &str) -> LinkConfig {
         LinkConfig::new(

@@ -21,19 +21,22 @@ pub fn build(
     texts: Option<&[String]>,
 ) -> Result<AlignedBytes, SnapshotError> {
     let rows: Vec<usize> = (0..count.min(base.rows())).collect();
-    build_rows(base, &rows, params, texts, DATASET_COLLECTION)
+    build_rows(base, &rows, params, texts, DATASET_COLLECTION, |row| {
+        row as u64 + 1
+    })
 }
 
 /// Builds and encodes a cosine snapshot of the given base rows, in that order, with their
 /// texts (`texts[row]`) as payloads when given, for the collection incarnation `collection`
-/// (an edge linked to a cloud needs the cloud's). Ids are the row numbers; LSNs are 1-based row
-/// numbers, as a bulk load in row order assigns them.
+/// and with the LSN `lsn_of(row)` — an edge linked to a cloud needs the cloud's identity and
+/// LSNs, or it resyncs them away. Ids are the row numbers.
 pub fn build_rows(
     base: &Matrix<f32>,
     rows: &[usize],
     params: HnswParams,
     texts: Option<&[String]>,
     collection: CollectionId,
+    lsn_of: impl Fn(usize) -> u64,
 ) -> Result<AlignedBytes, SnapshotError> {
     let mut builder = HnswBuilder::new(base.dim, Metric::Cosine, params);
     for &row in rows {
@@ -63,7 +66,7 @@ pub fn build_rows(
         &builder,
         "wordnet",
         rows.iter().map(|&r| r as u64).collect(),
-        rows.iter().map(|&r| r as u64 + 1).collect(),
+        rows.iter().map(|&r| lsn_of(r)).collect(),
         texts.as_deref(),
     )?;
     let spec = SnapshotSpec {

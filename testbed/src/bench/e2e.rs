@@ -241,12 +241,14 @@ pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
     let collection_id = rt.block_on(cloud.collection_id(&http))?;
     // One snapshot file per edge: each keeps its own delta log and compacts in place.
     let rows: Vec<usize> = (0..10_000).collect();
+    let lsns = rt.block_on(cloud.lsns(&http, rows.iter().map(|&r| r as u64)))?;
     let bytes = snapshots::build_rows(
         &ds.base,
         &rows,
         HnswParams::default(),
         Some(&texts),
         collection_id,
+        |row| lsns[&(row as u64)],
     )?;
     let snapshots: Vec<std::path::PathBuf> = edge_names
         .iter()
