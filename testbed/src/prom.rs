@@ -122,7 +122,7 @@ mod tests {
         assert_eq!(h.quantile(0.99), Some(0.02), "+Inf reports the last bound");
         h.merge(&Histogram::parse(TEXT, "d"));
         assert_eq!(h.count(), 20.0);
-        assert!((h.quantile(0.1).unwrap() - 0.01).abs() < 1e-12);
+        assert!((h.quantile(0.1).unwrap() - 0.005).abs() < 1e-12);
         assert_eq!(Histogram::default().quantile(0.5), None);
         assert_eq!(counter(TEXT, "c_total"), 7.0);
     }
