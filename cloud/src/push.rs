@@ -540,9 +540,11 @@ fn evictions(
         evict_anchors.push(anchor);
         over = over.saturating_sub(anchor_bytes(dim, members.len()));
         for m in members {
-            let r = refs.get_mut(m).expect("counted");
-            *r -= 1;
-            if *r == 0
+            let unreferenced = refs.get_mut(m).is_some_and(|r| {
+                *r = r.saturating_sub(1);
+                *r == 0
+            });
+            if unreferenced
                 && !keep.contains(m)
                 && gone.insert(*m)
                 && let Some(h) = manifest.held(*m)

@@ -24,6 +24,12 @@ pub enum DeltaLogError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot write a record to delta log {path}: {source}")]
+    Unwritable {
+        path: PathBuf,
+        #[source]
+        source: LogError,
+    },
     #[error("delta log {path} is damaged: {source}")]
     Corrupt {
         path: PathBuf,
@@ -53,10 +59,13 @@ pub struct DeltaLog {
     file: File,
 }
 
-fn encode(delta: &Delta, out: &mut Vec<u8>) {
+/// Appends `delta`'s record to `out`; a body over the record limit is refused, not a panic.
+fn encode(delta: &Delta, out: &mut Vec<u8>, path: &Path) -> Result<(), DeltaLogError> {
     let body = delta.to_bytes();
-    log::encode_record(delta.version, &body, out)
-        .expect("a delta fits the frame limit, far below the record limit");
+    log::encode_record(delta.version, &body, out).map_err(|source| DeltaLogError::Unwritable {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl DeltaLog {
@@ -133,7 +142,7 @@ impl DeltaLog {
         .encode()
         .to_vec();
         for d in deltas {
-            encode(d, &mut bytes);
+            encode(d, &mut bytes, path)?;
         }
         write_atomic(path, &bytes, false).map_err(io_err)?;
         let file = OpenOptions::new().write(true).open(path).map_err(io_err)?;
@@ -148,7 +157,7 @@ impl DeltaLog {
     /// Appends `delta` and fsyncs: when this returns, the delta survives a crash.
     pub fn append(&mut self, delta: &Delta) -> Result<(), DeltaLogError> {
         let mut bytes = Vec::new();
-        encode(delta, &mut bytes);
+        encode(delta, &mut bytes, &self.path)?;
         self.file
             .write_all(&bytes)
             .and_then(|()| self.file.sync_data())

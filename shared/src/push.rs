@@ -373,8 +373,9 @@ impl Manifest {
         for t in &delta.tombstones {
             let seen = self.tombstones.entry(t.id).or_insert(0);
             *seen = (*seen).max(t.lsn);
-            if self.held.get(&t.id).is_some_and(|h| h.lsn <= t.lsn) {
-                let h = self.held.remove(&t.id).expect("just seen");
+            if self.held.get(&t.id).is_some_and(|h| h.lsn <= t.lsn)
+                && let Some(h) = self.held.remove(&t.id)
+            {
                 self.bytes -= h.bytes;
                 applied.removed.push(t.id);
             }
