@@ -18,6 +18,8 @@
 //!   cloud's choice of what to push to edges.
 //! * [`push`] is what the cloud pushes into edge caches (deltas, inventories) and the
 //!   manifest both sides keep of a cache, with the one byte model of its budget.
+//! * [`local`] is an edge's cache (snapshot + overlay + anchors) searched as one, with
+//!   certified answers: the same code in the native edge and the WASM guest.
 //! * [`log`] is the record format of every append-only log (cloud WAL, edge delta log).
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
 //!   file replacement and directory syncs for the edge and the cloud.
@@ -30,6 +32,7 @@ pub mod hnsw;
 pub mod hot;
 pub mod identity;
 pub mod kernels;
+pub mod local;
 pub mod log;
 pub mod metric;
 pub mod protocol;

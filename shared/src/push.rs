@@ -9,6 +9,12 @@
 //! [`Manifest::apply`], so they cannot disagree on what a delta means, and both count bytes
 //! with [`vector_bytes`] and [`anchor_bytes`], the one byte model of the cache budget.
 //!
+//! Certificates (see `docs/protocol.md`, "Certified answers"): an anchor may carry a radius ρ
+//! (Euclidean, on the prepared vectors) such that its members are exactly the corpus ids
+//! within ρ of it; [`Certificate`]s shrink or drop radii as the corpus changes. Certificates
+//! live for one connection: an edge forgets them when it (re)connects or restarts, and the
+//! cloud keeps the state it maintains them with in the connection's push task.
+//!
 //! LSN rule: for one id, the higher LSN wins. A vector older than what the cache holds, or
 //! than a tombstone it has seen, is ignored; a tombstone older than the held vector is ignored.
 //! So replays and duplicates are harmless, and an invalidation that overtakes a push of the
@@ -61,8 +67,20 @@ pub struct PushedAnchor {
     /// The query point, prepared for the metric.
     pub vector: Vec<f32>,
     pub members: Vec<u64>,
+    /// Certified radius (Euclidean): `members` are exactly the corpus ids closer than this to
+    /// `vector`. 0 when the anchor carries no certificate.
+    pub radius: f32,
     /// When the anchor became hot in the cloud (Unix µs), for measuring push delay.
     pub hot_at_unix_us: u64,
+}
+
+/// A new radius and member list for a held anchor's certificate: smaller after a write inside
+/// its ball, fewer members after a member was deleted or moved out; radius 0 drops it.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Certificate {
+    pub anchor_id: u64,
+    pub radius: f32,
+    pub members: Vec<u64>,
 }
 
 /// A vector the cache must stop returning: deleted, or replaced at `lsn`.
@@ -86,6 +104,8 @@ pub struct Delta {
     pub evict: Vec<u64>,
     pub evict_anchors: Vec<u64>,
     pub tombstones: Vec<Tombstone>,
+    /// Certificate updates for anchors already held (applied after `anchors`).
+    pub certificates: Vec<Certificate>,
     /// When the cloud sent it (Unix µs), for measuring invalidation delay.
     pub sent_at_unix_us: u64,
 }
@@ -105,9 +125,12 @@ impl Delta {
         rkyv::from_bytes::<Delta, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
     }
 
-    /// Whether this delta only invalidates (sent at once, not with the next push).
+    /// Whether this delta only invalidates (tombstones and certificate updates, sent at once,
+    /// not with the next push).
     pub fn is_invalidation(&self) -> bool {
-        self.vectors.is_empty() && self.anchors.is_empty() && !self.tombstones.is_empty()
+        self.vectors.is_empty()
+            && self.anchors.is_empty()
+            && (!self.tombstones.is_empty() || !self.certificates.is_empty())
     }
 }
 
@@ -152,6 +175,8 @@ pub struct CacheAnnouncement {
     pub version: u64,
     /// The most bytes (in the byte model) the cloud may make the cache hold.
     pub budget_bytes: u64,
+    /// Whether the edge wants certificates with its anchors (an option of its collection).
+    pub certify: bool,
 }
 
 /// Why a delta cannot be applied.
@@ -165,6 +190,8 @@ pub enum PushError {
     Dimension { id: u64, got: usize, dim: usize },
     #[error("pushed vector {id} has a NaN or infinite component")]
     NotFinite { id: u64 },
+    #[error("anchor {anchor} has a negative or NaN certificate radius")]
+    BadRadius { anchor: u64 },
 }
 
 /// A held vector in a manifest.
@@ -183,6 +210,8 @@ pub struct Applied {
     pub removed: Vec<u64>,
     pub anchors_added: Vec<u64>,
     pub anchors_removed: Vec<u64>,
+    /// Indexes into `delta.certificates` whose anchor is held (the rest were ignored).
+    pub certificates: Vec<usize>,
 }
 
 /// What a cache holds: ids with LSNs, anchors, tombstones seen, and its byte count.
@@ -264,6 +293,11 @@ impl Manifest {
 
     pub fn holds_anchor(&self, anchor: u64) -> bool {
         self.anchors.contains_key(&anchor)
+    }
+
+    /// A held anchor's member ids.
+    pub fn anchor_members(&self, anchor: u64) -> Option<&[u64]> {
+        self.anchors.get(&anchor).map(Vec::as_slice)
     }
 
     pub fn anchors(&self) -> impl Iterator<Item = (u64, &[u64])> {
@@ -350,6 +384,11 @@ impl Manifest {
                 });
             }
         }
+        let radii = delta.anchors.iter().map(|a| (a.anchor_id, a.radius));
+        let updates = delta.certificates.iter().map(|c| (c.anchor_id, c.radius));
+        if let Some((anchor, _)) = radii.chain(updates).find(|(_, r)| r.is_nan() || *r < 0.0) {
+            return Err(PushError::BadRadius { anchor });
+        }
         Ok(())
     }
 
@@ -401,6 +440,12 @@ impl Manifest {
             }
             self.insert_anchor(a.anchor_id, a.members.clone(), dim);
         }
+        for (i, c) in delta.certificates.iter().enumerate() {
+            if self.anchors.contains_key(&c.anchor_id) {
+                self.insert_anchor(c.anchor_id, c.members.clone(), dim);
+                applied.certificates.push(i);
+            }
+        }
         self.version = delta.version;
         Ok(applied)
     }
@@ -439,6 +484,7 @@ mod tests {
             anchor_id: 7,
             vector: vec![0.0, 1.0],
             members: vec![10, 11],
+            radius: 0.0,
             hot_at_unix_us: 0,
         }];
         let applied = m.apply(&d, DIM).unwrap();

@@ -10,9 +10,10 @@ use thiserror::Error;
 use crate::push::{CacheAnnouncement, Delta, Inventory};
 
 /// The protocol version this build speaks, and the oldest it still accepts.
-/// Version 2 added the push frames and the cache announcement; version 1 edges are refused.
-pub const PROTOCOL_VERSION: u16 = 2;
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// Version 2 added the push frames and the cache announcement; version 3 certificates (anchor
+/// radii, certificate updates, the announcement's `certify`). Older edges are refused.
+pub const PROTOCOL_VERSION: u16 = 3;
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 /// ALPN of QUIC connections carrying this protocol.
 pub const ALPN: &[u8] = b"tiervec/1";
 /// Default largest frame body (a 1,024-dim query or a k=1,024 answer is far below).
@@ -372,6 +373,7 @@ mod tests {
                     collection_id: [9; 16],
                     version: 3,
                     budget_bytes: 1 << 20,
+                    certify: true,
                 }),
             }),
             Frame::HelloAck(HelloAck {
@@ -426,11 +428,17 @@ mod tests {
                     anchor_id: 11,
                     vector: vec![0.5, 0.5, 0.5, 0.5],
                     members: vec![3],
+                    radius: 0.75,
                     hot_at_unix_us: 1,
                 }],
                 evict: vec![1],
                 evict_anchors: vec![2],
                 tombstones: vec![crate::push::Tombstone { id: 4, lsn: 9 }],
+                certificates: vec![crate::push::Certificate {
+                    anchor_id: 11,
+                    radius: 0.5,
+                    members: vec![],
+                }],
                 sent_at_unix_us: 2,
             }),
             Frame::DeltaAck(4),

@@ -781,6 +781,7 @@ mod tests {
             collection_id: [1; 16],
             version: 4,
             budget_bytes: 1 << 20,
+            certify: false,
         };
         let mut edge = ClientSession::new("e", Some(announced.clone()));
         let mut cloud = ServerSession::new(collections(), vec![([1; 16], 6)]);
