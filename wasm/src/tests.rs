@@ -1,0 +1,260 @@
+//! The guest's ABI exercised from inside (natively, and under wasmtime with
+//! `cargo test --target wasm32-wasip1 -p tiervec-wasm` and the workspace's runner): snapshots
+//! in and refused, deltas applied, searches equal to `LocalCache` searched directly.
+
+use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
+use tiervec_shared::local::LocalCache;
+use tiervec_shared::push::{Delta, PushedVector, Tombstone};
+use tiervec_shared::snapshot::{self, Snapshot, SnapshotBody, SnapshotSpec};
+use tiervec_shared::{CollectionId, Metric};
+
+use super::*;
+
+const DIM: usize = 24;
+const COLLECTION: CollectionId = CollectionId::from_u128(7);
+
+fn vector(i: usize) -> Vec<f32> {
+    (0..DIM)
+        .map(|d| (((i * 37 + d * 11) % 97) as f32 * 0.071).sin())
+        .collect()
+}
+
+fn snapshot_bytes(n: usize) -> Vec<u8> {
+    let params = HnswParams::default();
+    let mut b = HnswBuilder::new(DIM, Metric::Cosine, params);
+    for i in 0..n {
+        b.insert(&vector(i)).expect("finite vector");
+    }
+    let texts: Vec<String> = (0..n).map(|i| format!("text {i}")).collect();
+    let body = SnapshotBody::from_builder(
+        &b,
+        "guest",
+        (0..n as u64).map(|i| i * 3).collect(),
+        (1..=n as u64).collect(),
+        Some(&texts),
+    )
+    .expect("consistent parts");
+    let spec = SnapshotSpec {
+        collection: COLLECTION,
+        dim: DIM as u32,
+        metric: Metric::Cosine,
+        params,
+    };
+    snapshot::encode(&spec, &body).expect("encodes").to_vec()
+}
+
+/// A fresh guest: under wasm32-wasip1 every test runs on the one thread, which would otherwise
+/// share the guest state between tests.
+fn fresh() {
+    GUEST.with(|g| *g.borrow_mut() = Guest::default());
+}
+
+/// Copies `bytes` into a fresh 16-aligned guest buffer and loads it.
+fn load(bytes: &[u8]) -> i32 {
+    let ptr = tv_alloc(bytes.len(), 16);
+    assert!(!ptr.is_null());
+    // SAFETY: `ptr` has room for `bytes.len()` bytes; ownership passes to the guest.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, bytes.len());
+        tv_load_snapshot(ptr, bytes.len())
+    }
+}
+
+fn result() -> Vec<u8> {
+    // SAFETY: the result buffer is valid until the next export call.
+    unsafe { std::slice::from_raw_parts(tv_result_ptr(), tv_result_len()).to_vec() }
+}
+
+fn message() -> String {
+    String::from_utf8(result()).expect("UTF-8 message")
+}
+
+fn search(query: &[f32], k: u32, ef: u32) -> Result<wire::SearchResponse, (i32, String)> {
+    let mut request = Vec::new();
+    wire::encode_request(k, ef, query, &mut request).expect("encodes");
+    // SAFETY: `request` is a live buffer of that length.
+    let code = unsafe { tv_search(request.as_ptr(), request.len()) };
+    if code != status::OK {
+        return Err((code, message()));
+    }
+    Ok(wire::decode_response(&result()).expect("well-formed response"))
+}
+
+fn apply(delta: &Delta) -> i32 {
+    let bytes = delta.to_bytes();
+    // SAFETY: `bytes` is a live buffer of that length.
+    unsafe { tv_apply_delta(bytes.as_ptr(), bytes.len(), 1) }
+}
+
+#[test]
+fn answers_equal_local_cache_search() {
+    fresh();
+    let bytes = snapshot_bytes(300);
+    assert_eq!(load(&bytes), status::OK, "{}", message());
+    let native = Snapshot::open(bytes).expect("valid");
+    let view = native.view();
+    let cache = LocalCache::over_snapshot(&view);
+    let mut scratch = SearchScratch::new();
+    for q in 0..20 {
+        let query = vector(1000 + q);
+        let expected = cache
+            .search(Some(&view), &query, 10, 48, &mut scratch)
+            .expect("valid query");
+        let got = search(&query, 10, 48).expect("guest answers");
+        assert_eq!(got.hits.len(), expected.hits.len());
+        for (g, e) in got.hits.iter().zip(&expected.hits) {
+            assert_eq!((g.id, g.lsn, &g.payload), (e.id, e.lsn, &e.payload));
+            assert!((g.distance - e.distance).abs() <= 1e-5);
+        }
+        assert_eq!(got.certified, expected.certified);
+    }
+}
+
+#[test]
+fn corrupt_snapshot_is_refused_with_its_code_and_the_old_cache_stays() {
+    fresh();
+    let bytes = snapshot_bytes(50);
+    assert_eq!(load(&bytes), status::OK);
+    let mut corrupt = bytes.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    assert_eq!(load(&corrupt), status::SNAPSHOT_REFUSED);
+    assert!(message().contains("checksum"), "{}", message());
+    assert_eq!(load(&bytes[..100]), status::SNAPSHOT_REFUSED);
+    assert_eq!(
+        search(&vector(1), 5, 16).expect("still answers").hits.len(),
+        5
+    );
+}
+
+#[test]
+fn misaligned_and_null_buffers_are_bad_arguments() {
+    fresh();
+    let bytes = snapshot_bytes(10);
+    let ptr = tv_alloc(bytes.len() + 16, 16);
+    // SAFETY: one byte in, there is room for `bytes.len()` bytes; the guest refuses the
+    // misaligned buffer without taking it, so it is freed here.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.add(1), bytes.len());
+        assert_eq!(
+            tv_load_snapshot(ptr.add(1), bytes.len()),
+            status::BAD_ARGUMENT
+        );
+        tv_dealloc(ptr, bytes.len() + 16, 16);
+        assert_eq!(tv_search(std::ptr::null(), 12), status::BAD_ARGUMENT);
+    }
+    assert!(message().contains("null"), "{}", message());
+}
+
+#[test]
+fn malformed_and_invalid_requests_have_their_codes() {
+    fresh();
+    assert_eq!(load(&snapshot_bytes(40)), status::OK);
+    let mut request = Vec::new();
+    wire::encode_request(5, 16, &vector(3), &mut request).expect("encodes");
+    // SAFETY: a live buffer, one byte shorter than its header promises.
+    let code = unsafe { tv_search(request.as_ptr(), request.len() - 1) };
+    assert_eq!(code, status::MALFORMED_REQUEST);
+    assert_eq!(
+        search(&vector(3)[..DIM - 1], 5, 16).map(|_| ()),
+        Err((
+            status::INVALID_QUERY,
+            "query has 23 dimensions but the index has 24".into()
+        ))
+    );
+    let mut nan = vector(3);
+    nan[2] = f32::NAN;
+    assert_eq!(search(&nan, 5, 16).unwrap_err().0, status::INVALID_QUERY);
+    assert_eq!(
+        search(&vector(3), 0, 16).unwrap_err().0,
+        status::INVALID_QUERY
+    );
+}
+
+#[test]
+fn deltas_show_up_in_answers_and_bad_ones_are_refused() {
+    fresh();
+    assert_eq!(load(&snapshot_bytes(60)), status::OK);
+    let mut pushed: Vec<f32> = (0..DIM).map(|d| ((d * d) as f32 * 0.3).cos()).collect();
+    Metric::Cosine.prepare(&mut pushed);
+    let delta = Delta {
+        collection_id: COLLECTION.0,
+        dim: DIM as u32,
+        metric: Metric::Cosine.code(),
+        version: 1,
+        vectors: vec![PushedVector {
+            id: 999_999,
+            lsn: 500,
+            vector: pushed.clone(),
+            payload: Some("pushed".into()),
+        }],
+        tombstones: vec![Tombstone { id: 0, lsn: 501 }],
+        ..Delta::default()
+    };
+    assert_eq!(apply(&delta), status::OK, "{}", message());
+    let answer = search(&pushed, 3, 32).expect("answers");
+    assert_eq!(answer.hits[0].id, 999_999);
+    assert_eq!(answer.hits[0].payload.as_deref(), Some("pushed"));
+    let near_zero = search(&vector(0), 10, 64).expect("answers");
+    assert!(
+        near_zero.hits.iter().all(|h| h.id != 0),
+        "tombstoned id 0 returned"
+    );
+    // The same version again does not follow the manifest.
+    assert_eq!(apply(&delta), status::DELTA_REFUSED);
+    assert!(message().contains("resync"), "{}", message());
+    let bytes = delta.to_bytes();
+    // SAFETY: a live buffer, cut short.
+    let code = unsafe { tv_apply_delta(bytes.as_ptr(), bytes.len() / 2, 1) };
+    assert_eq!(code, status::DELTA_MALFORMED);
+}
+
+#[test]
+fn confidence_rule_decides_locally_only_within_its_threshold() {
+    fresh();
+    assert_eq!(load(&snapshot_bytes(80)), status::OK);
+    let query = vector(12);
+    assert_eq!(tv_configure(1, 10.0, 0, 0.0), status::OK);
+    assert!(search(&query, 5, 32).expect("answers").local);
+    assert_eq!(tv_configure(1, -1.0, 0, 0.0), status::OK);
+    assert!(!search(&query, 5, 32).expect("answers").local);
+    assert_eq!(tv_configure(0, 0.0, 0, 0.0), status::OK);
+    assert!(!search(&query, 5, 32).expect("answers").local);
+}
+
+#[test]
+fn empty_guest_answers_nothing_and_alloc_refuses_bad_alignment() {
+    fresh();
+    assert!(search(&vector(1), 3, 16).expect("answers").hits.is_empty());
+    assert!(tv_alloc(16, 3).is_null());
+    assert_eq!(tv_abi_version(), wire::ABI_VERSION);
+}
+
+#[test]
+fn wire_round_trips_and_rejects_truncation() {
+    fresh();
+    let mut out = Vec::new();
+    let hits = [
+        (1u64, 0.5f32, 7u64, Some("a")),
+        (2, 0.75, 8, None),
+        (3, 1.0, 9, Some("çé")),
+    ];
+    wire::encode_response(
+        hits.iter().copied(),
+        Some((42, 0.25)),
+        true,
+        false,
+        &mut out,
+    )
+    .expect("encodes");
+    let decoded = wire::decode_response(&out).expect("decodes");
+    assert_eq!(decoded.nearest_anchor, Some((42, 0.25)));
+    assert!(decoded.certified && !decoded.local);
+    assert_eq!(decoded.hits[2].payload.as_deref(), Some("çé"));
+    assert_eq!(decoded.hits[1].payload, None);
+    for cut in 0..out.len() {
+        assert!(wire::decode_response(&out[..cut]).is_err(), "cut at {cut}");
+    }
+    out.push(0);
+    assert!(wire::decode_response(&out).is_err());
+}
