@@ -1,0 +1,409 @@
+//! The WASM edge worker against the native edge, on a 2,000-vector slice of the real dataset:
+//! the same answers (ids, distances within 1e-5), deltas reaching the guest, a corrupt
+//! snapshot refused with its code, a guest past its deadline stopped and replaced, the memory
+//! cap, and the on-disk module cache (a second start deserialises; a tampered file is detected
+//! and recompiled; an unsafe directory refused).
+//!
+//! The guest is built here (with its `test-exports` feature, into its own target directory so
+//! the nested cargo never waits on the lock of the build running these tests).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tiervec_edge::wasm_host::{ModuleSource, WasmConfig, WasmError, WasmHost, wire};
+use tiervec_shared::confidence::ConfidenceRule;
+use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
+use tiervec_shared::local::LocalCache;
+use tiervec_shared::push::{Delta, PushedVector, Tombstone};
+use tiervec_shared::snapshot::{self, Snapshot, SnapshotBody, SnapshotSpec};
+use tiervec_shared::vecs::{Matrix, parse_fvecs};
+use tiervec_shared::{CollectionId, Metric};
+
+const SLICE: usize = 2_000;
+const QUERIES: usize = 200;
+const COLLECTION: CollectionId = CollectionId::from_u128(0x77);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("edge/ has a parent")
+        .to_owned()
+}
+
+/// The guest with its test exports, built once per test binary.
+fn guest() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let target = workspace().join("target").join("wasm-guest-test");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "-p",
+                "tiervec-wasm",
+                "--features",
+                "test-exports",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the guest failed");
+        target.join("wasm32-wasip1/release/tiervec_wasm.wasm")
+    })
+}
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("TIERVEC_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared/data"))
+}
+
+/// The first `rows` vectors of an `.fvecs` file (only those bytes are read).
+fn fvecs_prefix(name: &str, rows: usize) -> Matrix<f32> {
+    use std::io::Read;
+    let path = data_dir().join(name);
+    let mut file = std::fs::File::open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (set TIERVEC_DATA)", path.display()));
+    let mut dim = [0u8; 4];
+    file.read_exact(&mut dim).expect("dimension");
+    let row_bytes = 4 + 4 * u32::from_le_bytes(dim) as usize;
+    let mut bytes = dim.to_vec();
+    bytes.resize(rows * row_bytes, 0);
+    file.read_exact(&mut bytes[4..]).expect("rows");
+    parse_fvecs(&bytes).expect("fvecs")
+}
+
+struct Data {
+    snapshot: Vec<u8>,
+    base: Matrix<f32>,
+    queries: Matrix<f32>,
+}
+
+fn data() -> &'static Data {
+    static DATA: OnceLock<Data> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let base = fvecs_prefix("base.fvecs", SLICE + 10);
+        let queries = fvecs_prefix("queries.fvecs", QUERIES);
+        let params = HnswParams::default();
+        let mut builder = HnswBuilder::new(base.dim, Metric::Cosine, params);
+        for row in 0..SLICE {
+            builder.insert(base.row(row)).expect("finite");
+        }
+        let texts: Vec<String> = (0..SLICE).map(|i| format!("row {i}")).collect();
+        let body = SnapshotBody::from_builder(
+            &builder,
+            "wordnet",
+            (0..SLICE as u64).collect(),
+            (1..=SLICE as u64).collect(),
+            Some(&texts),
+        )
+        .expect("parts");
+        let spec = SnapshotSpec {
+            collection: COLLECTION,
+            dim: base.dim as u32,
+            metric: Metric::Cosine,
+            params,
+        };
+        let snapshot = snapshot::encode(&spec, &body).expect("encodes").to_vec();
+        Data {
+            snapshot,
+            base,
+            queries,
+        }
+    })
+}
+
+fn config(cache: &Path) -> WasmConfig {
+    let mut config = WasmConfig::new(guest().to_owned(), cache.to_owned());
+    config.max_instances = 2;
+    config.deadline = Duration::from_secs(5);
+    config
+}
+
+/// One module cache for the tests that are not about it (compiling once, not per test).
+fn shared_cache() -> &'static Path {
+    static CACHE: OnceLock<tempfile::TempDir> = OnceLock::new();
+    CACHE
+        .get_or_init(|| tempfile::tempdir().expect("temp dir"))
+        .path()
+}
+
+fn host() -> WasmHost {
+    let host = WasmHost::start(config(shared_cache())).expect("host starts");
+    host.load_snapshot(&data().snapshot)
+        .expect("snapshot loads");
+    host
+}
+
+/// A delta pushing base rows past the slice (ids `SLICE..`) and tombstoning ids 0..5.
+fn delta() -> Delta {
+    let base = &data().base;
+    Delta {
+        collection_id: COLLECTION.0,
+        dim: base.dim as u32,
+        metric: Metric::Cosine.code(),
+        version: 1,
+        vectors: (SLICE..SLICE + 10)
+            .map(|row| {
+                let mut v = base.row(row).to_vec();
+                Metric::Cosine.prepare(&mut v);
+                PushedVector {
+                    id: row as u64,
+                    lsn: 10_000 + row as u64,
+                    vector: v,
+                    payload: Some(format!("pushed {row}")),
+                }
+            })
+            .collect(),
+        tombstones: (0..5).map(|id| Tombstone { id, lsn: 20_000 }).collect(),
+        ..Delta::default()
+    }
+}
+
+/// Same ids in order except between near-ties (1e-5), same distances within 1e-5.
+fn assert_same(native: &[(u64, f32)], guest: &[(u64, f32)], what: &str) {
+    assert_eq!(native.len(), guest.len(), "{what}: lengths");
+    for (i, (n, g)) in native.iter().zip(guest).enumerate() {
+        assert!(
+            (n.1 - g.1).abs() <= 1e-5,
+            "{what}: distance {i}: native {n:?}, guest {g:?}"
+        );
+        if n.0 != g.0 {
+            let tied = native
+                .iter()
+                .any(|m| m.0 == g.0 && (m.1 - g.1).abs() <= 1e-5)
+                || (g.1 - native[native.len() - 1].1).abs() <= 1e-5;
+            assert!(tied, "{what}: id {i}: native {n:?}, guest {g:?}");
+        }
+    }
+}
+
+#[test]
+fn guest_answers_equal_native_search_on_real_data_before_and_after_a_delta() {
+    let host = host();
+    let d = data();
+    let native = Snapshot::open(d.snapshot.clone()).expect("valid");
+    let view = native.view();
+    let mut cache = LocalCache::over_snapshot(&view);
+    let mut scratch = SearchScratch::new();
+    let compare = |cache: &LocalCache, scratch: &mut SearchScratch, stage: &str| {
+        for q in 0..QUERIES {
+            let query = d.queries.row(q);
+            let n = cache
+                .search(Some(&view), query, 10, 64, scratch)
+                .expect("native answers");
+            let g = host.search(query, 10, 64).expect("guest answers");
+            let pairs = |h: &mut dyn Iterator<Item = (u64, f32)>| h.collect::<Vec<_>>();
+            assert_same(
+                &pairs(&mut n.hits.iter().map(|h| (h.id, h.distance))),
+                &pairs(&mut g.hits.iter().map(|h| (h.id, h.distance))),
+                &format!("{stage} query {q}"),
+            );
+            assert_eq!(n.certified, g.certified);
+            for (nh, gh) in n.hits.iter().zip(&g.hits) {
+                if nh.id == gh.id {
+                    assert_eq!((nh.lsn, &nh.payload), (gh.lsn, &gh.payload));
+                }
+            }
+        }
+    };
+    compare(&cache, &mut scratch, "snapshot");
+    let delta = delta();
+    cache.apply(&delta, true).expect("native applies");
+    host.apply_delta(&delta, true).expect("guest applies");
+    compare(&cache, &mut scratch, "after delta");
+}
+
+#[test]
+fn a_delta_shows_up_in_every_instance_and_a_refused_one_changes_nothing() {
+    let host = host();
+    let d = data();
+    let pushed = d.base.row(SLICE + 3);
+    let before = host.search(pushed, 5, 64).expect("answers");
+    assert!(before.hits.iter().all(|h| h.id != (SLICE + 3) as u64));
+    let delta = delta();
+    host.apply_delta(&delta, true).expect("applies");
+    // Both instances, each on its own thread, see it.
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..20 {
+                    let answer = host.search(pushed, 5, 64).expect("answers");
+                    assert_eq!(answer.hits[0].id, (SLICE + 3) as u64);
+                    assert_eq!(
+                        answer.hits[0].payload.as_deref(),
+                        Some(format!("pushed {}", SLICE + 3).as_str())
+                    );
+                }
+            });
+        }
+    });
+    let tombstoned = host.search(d.base.row(2), 10, 64).expect("answers");
+    assert!(
+        tombstoned.hits.iter().all(|h| h.id >= 5),
+        "tombstoned ids returned"
+    );
+    // The same version again: refused by the guest's manifest, with its code.
+    let err = host.apply_delta(&delta, true).unwrap_err();
+    assert_eq!(err.guest_code(), Some(wire::status::DELTA_REFUSED), "{err}");
+    assert_eq!(
+        host.search(pushed, 5, 64).unwrap().hits[0].id,
+        (SLICE + 3) as u64
+    );
+}
+
+#[test]
+fn a_corrupt_snapshot_is_refused_with_its_code_and_the_old_one_kept() {
+    let host = host();
+    let mut corrupt = data().snapshot.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0x40;
+    let err = host.load_snapshot(&corrupt).unwrap_err();
+    assert_eq!(
+        err.guest_code(),
+        Some(wire::status::SNAPSHOT_REFUSED),
+        "{err}"
+    );
+    assert!(err.to_string().contains("checksum"), "{err}");
+    let err = host.load_snapshot(b"not a snapshot").unwrap_err();
+    assert_eq!(
+        err.guest_code(),
+        Some(wire::status::SNAPSHOT_REFUSED),
+        "{err}"
+    );
+    assert_eq!(
+        host.search(data().queries.row(0), 10, 64)
+            .unwrap()
+            .hits
+            .len(),
+        10
+    );
+}
+
+#[test]
+fn invalid_queries_are_typed_refusals_not_traps() {
+    let host = host();
+    let query = data().queries.row(1);
+    let err = host.search(&query[..10], 10, 64).unwrap_err();
+    assert_eq!(err.guest_code(), Some(wire::status::INVALID_QUERY), "{err}");
+    let err = host.search(query, 0, 64).unwrap_err();
+    assert_eq!(err.guest_code(), Some(wire::status::INVALID_QUERY), "{err}");
+    let mut nan = query.to_vec();
+    nan[7] = f32::NAN;
+    assert_eq!(
+        host.search(&nan, 10, 64).unwrap_err().guest_code(),
+        Some(wire::status::INVALID_QUERY)
+    );
+    assert_eq!(host.search(query, 10, 64).unwrap().hits.len(), 10);
+}
+
+#[test]
+fn a_guest_past_its_deadline_is_stopped_and_replaced() {
+    let host = host();
+    let started = std::time::Instant::now();
+    let err = host
+        .spin_within(u64::MAX, Duration::from_millis(20))
+        .unwrap_err();
+    assert!(
+        matches!(err, WasmError::DeadlineExceeded { deadline } if deadline == Duration::from_millis(20)),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "stopped late");
+    // A short spin finishes; the discarded instance was replaced, with the snapshot.
+    host.spin_within(1_000, Duration::from_secs(1))
+        .expect("short spin");
+    assert_eq!(
+        host.search(data().queries.row(2), 10, 64)
+            .unwrap()
+            .hits
+            .len(),
+        10
+    );
+    // A search given no time at all is stopped too, with the same typed error.
+    let heavy = host.search_within(data().queries.row(2), 1_000, 4_000, Duration::ZERO);
+    if let Err(e) = heavy {
+        assert!(matches!(e, WasmError::DeadlineExceeded { .. }), "{e}");
+    }
+}
+
+#[test]
+fn the_memory_cap_refuses_a_snapshot_too_big_for_it() {
+    let mut config = config(shared_cache());
+    config.memory_limit = 3 << 20;
+    let host = WasmHost::start(config).expect("starts: the empty guest fits");
+    let err = host.load_snapshot(&data().snapshot).unwrap_err();
+    assert!(
+        matches!(err, WasmError::MemoryCap { limit, wanted } if limit == 3 << 20 && wanted > limit),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_module_cache_deserialises_on_the_second_start_and_recompiles_a_tampered_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("modules");
+    let start = || WasmHost::start(config(&cache)).expect("starts");
+    assert_eq!(start().module_source().0, ModuleSource::Compiled);
+    assert_eq!(start().module_source().0, ModuleSource::Cached);
+    let compiled: Vec<PathBuf> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    assert_eq!(compiled.len(), 1);
+    let mut bytes = std::fs::read(&compiled[0]).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 1;
+    std::fs::remove_file(&compiled[0]).unwrap();
+    std::fs::write(&compiled[0], &bytes).unwrap();
+    let host = start();
+    assert_eq!(
+        host.module_source().0,
+        ModuleSource::Compiled,
+        "tamper missed"
+    );
+    host.load_snapshot(&data().snapshot)
+        .expect("works after recompiling");
+    assert_eq!(start().module_source().0, ModuleSource::Cached, "rewritten");
+}
+
+#[test]
+fn a_module_cache_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("open");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    match WasmHost::start(config(&cache)) {
+        Err(WasmError::CacheUnsafe { .. }) => {}
+        Err(e) => panic!("expected CacheUnsafe, got {e}"),
+        Ok(_) => panic!("a world-writable cache was trusted"),
+    }
+}
+
+#[test]
+fn the_confidence_rule_reaches_the_guest() {
+    let host = host();
+    let query = data().queries.row(3);
+    assert!(
+        !host.search(query, 10, 64).unwrap().local,
+        "no rule, no local answer"
+    );
+    host.configure(ConfidenceRule::kth(2.0));
+    assert!(host.search(query, 10, 64).unwrap().local);
+    host.configure(ConfidenceRule::kth(0.0));
+    assert!(!host.search(query, 10, 64).unwrap().local);
+    let dir = tempfile::tempdir().unwrap();
+    let missing = WasmHost::start(WasmConfig::new(
+        dir.path().join("absent.wasm"),
+        dir.path().join("c"),
+    ));
+    assert!(matches!(missing, Err(WasmError::ModuleMissing { .. })));
+}
