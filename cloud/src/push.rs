@@ -14,6 +14,14 @@
 //! write that caused it is durable; deltas are kept small (`max_anchors_per_delta`) so that one
 //! never waits long behind a push.
 //!
+//! Certificates (edges that announce `certify`, cosine and L2 collections): a pushed anchor's
+//! members are then its exact `anchor_members` nearest points and its radius the Euclidean
+//! distance of the next one, so the members are exactly the corpus inside the ball. The push
+//! task keeps each certificate it sent on this connection ([`Ball`]); every write of the
+//! collection reaches it, and a point written inside a ball shrinks it (a deleted or moved
+//! member leaves it) in a delta sent at once, like an invalidation. A new connection starts
+//! with none: the edge forgets its certificates when it connects.
+//!
 //! Defaults: an anchor is pushed when it is asked a second time (one-off queries would churn
 //! the cache), counting paraphrases within `anchor_merge_distance` (cosine 0.15) as the same
 //! ask.
@@ -26,10 +34,11 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tiervec_shared::Metric;
 use tiervec_shared::hot::HotTracker;
+use tiervec_shared::local::{certifiable, euclidean};
 use tiervec_shared::protocol::frame::{DEFAULT_MAX_FRAME, Frame, FrameDecoder, PREFIX_LEN};
 use tiervec_shared::push::{
-    Delta, HeldVector, Manifest, ManifestStep, PushedAnchor, PushedVector, Tombstone, anchor_bytes,
-    anchor_id, vector_bytes,
+    Certificate, Delta, HeldVector, Manifest, ManifestStep, PushedAnchor, PushedVector, Tombstone,
+    anchor_bytes, anchor_id, vector_bytes,
 };
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
@@ -190,6 +199,8 @@ struct Route {
     jobs: mpsc::UnboundedSender<Job>,
     /// Signalled when one of the cache's anchors becomes hot.
     anchor_hot: Arc<Notify>,
+    /// The cache keeps certificates: every write concerns it.
+    certify: bool,
 }
 
 /// A connected edge cache, as its push task sees it.
@@ -206,6 +217,8 @@ pub struct PushSession {
     pub resync_first: bool,
     /// The manifest version the edge announced (and, after a resync, the cloud adopted).
     pub version: u64,
+    /// The edge asked for certificates (honoured for cosine and L2 collections).
+    pub certify: bool,
 }
 
 /// What the push tasks share: the anchor tables, and a route to each connected cache's task.
@@ -264,18 +277,30 @@ impl PushHub {
             .copied()
     }
 
-    /// Sends an invalidation to every connected cache holding one of its ids.
+    /// Sends a write to every connected cache of its collection that holds one of its ids
+    /// (those ids), or that keeps certificates (all of them: a new vector may enter a ball).
     fn route(&self, inv: Invalidation) {
-        let holders = self.service.catalog().holders(inv.collection, &inv.ids);
+        let holders: HashMap<String, Vec<u64>> = self
+            .service
+            .catalog()
+            .holders(inv.collection, &inv.ids)
+            .into_iter()
+            .collect();
         let routes = self.routes.lock();
-        for (edge, ids) in holders {
-            if let Some(route) = routes.get(&(edge, inv.collection)) {
-                let _ = route.jobs.send(Job::Invalidate(Invalidation {
-                    collection: inv.collection,
-                    ids,
-                    lsn: inv.lsn,
-                }));
+        for ((edge, collection), route) in routes.iter() {
+            if *collection != inv.collection {
+                continue;
             }
+            let ids = match (route.certify, holders.get(edge)) {
+                (true, _) => inv.ids.clone(),
+                (false, Some(held)) => held.clone(),
+                (false, None) => continue,
+            };
+            let _ = route.jobs.send(Job::Invalidate(Invalidation {
+                collection: inv.collection,
+                ids,
+                lsn: inv.lsn,
+            }));
         }
     }
 
@@ -321,6 +346,7 @@ impl PushHub {
         collection: &Collection,
         manifest: &Manifest,
         budget: u64,
+        certify: bool,
     ) -> Option<(Delta, ManifestStep)> {
         let dim = collection.info.dim;
         let now = self.now_us();
@@ -341,21 +367,28 @@ impl PushHub {
                 .collect();
             (candidates, scores)
         };
-        // Each candidate with its members, hottest first.
-        let params = SearchParams {
-            k: self.config.anchor_members,
-            ef: self.config.anchor_ef.max(self.config.anchor_members),
-            exact: false,
-            max_distance: None,
-        };
+        // Each candidate with its members (and, certified, its exact ball), hottest first.
         let mut anchors: Vec<(PushedAnchor, f64)> = candidates
             .into_iter()
             .filter_map(|(anchor, vector, hot_at, count)| {
-                let (hits, _) = collection.search(&vector, &params).ok()?;
+                let (members, radius) = if certify {
+                    let ball = Ball::exact(collection, &vector, self.config.anchor_members)?;
+                    (ball.member_ids(), ball.radius)
+                } else {
+                    let params = SearchParams {
+                        k: self.config.anchor_members,
+                        ef: self.config.anchor_ef.max(self.config.anchor_members),
+                        exact: false,
+                        max_distance: None,
+                    };
+                    let (hits, _) = collection.search(&vector, &params).ok()?;
+                    (hits.iter().map(|h| h.id).collect(), 0.0)
+                };
                 Some((
                     PushedAnchor {
                         anchor_id: anchor,
-                        members: hits.iter().map(|h| h.id).collect(),
+                        members,
+                        radius,
                         vector,
                         hot_at_unix_us: hot_at,
                     },
@@ -472,6 +505,7 @@ impl PushHub {
             evict,
             evict_anchors,
             tombstones: Vec::new(),
+            certificates: Vec::new(),
             sent_at_unix_us: 0,
         };
         Some((delta, step))
@@ -574,11 +608,75 @@ fn evictions(
     (over == 0).then_some((evict, evict_anchors))
 }
 
-/// The delta that invalidates `ids` (written at `lsn`) in a cache, if it holds any.
+/// A certificate as the cloud keeps it on one connection: the anchor's point, the radius, and
+/// each member's Euclidean distance to the point.
+#[derive(Clone, Debug, PartialEq)]
+struct Ball {
+    vector: Vec<f32>,
+    radius: f32,
+    members: Vec<(u64, f32)>,
+}
+
+impl Ball {
+    /// The exact ball around `vector` (prepared) holding its `m` nearest points: found by the
+    /// collection's exact search, which ranks by the metric; a few more are fetched and
+    /// re-ranked by Euclidean distance so that rounding between the two orders cannot put a
+    /// closer point outside. `None` if the search fails.
+    fn exact(collection: &Collection, vector: &[f32], m: usize) -> Option<Ball> {
+        let params = SearchParams {
+            k: m + BALL_MARGIN,
+            ef: m + BALL_MARGIN,
+            exact: true,
+            max_distance: None,
+        };
+        let (hits, _) = collection.search(vector, &params).ok()?;
+        let mut by_distance: Vec<(u64, f32)> = hits
+            .iter()
+            .filter_map(|h| Some((h.id, euclidean(vector, &collection.get(h.id)?.vector))))
+            .collect();
+        by_distance.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        let radius = by_distance.get(m).map_or(f32::INFINITY, |(_, d)| *d);
+        by_distance.truncate(m);
+        Some(Ball {
+            vector: vector.to_vec(),
+            radius,
+            members: by_distance,
+        })
+    }
+
+    fn member_ids(&self) -> Vec<u64> {
+        self.members.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// The ball after writes of `written` (current points; `None` for a deleted id): a point
+    /// now inside shrinks the radius to its distance (it and everything beyond leave); a
+    /// member deleted, or moved out, leaves. `None` if nothing changed.
+    fn after(&self, written: &[(u64, Option<Vec<f32>>)]) -> Option<Ball> {
+        let mut next = self.clone();
+        for (id, point) in written {
+            let distance = point.as_ref().map(|v| euclidean(&self.vector, v));
+            match distance {
+                Some(d) if d < next.radius => {
+                    next.radius = d;
+                    next.members.retain(|(m, md)| m != id && *md < d);
+                }
+                _ => next.members.retain(|(m, _)| m != id),
+            }
+        }
+        (next != *self).then_some(next)
+    }
+}
+
+/// Points fetched beyond a ball's members when it is computed.
+const BALL_MARGIN: usize = 4;
+
+/// The delta for a write of `ids` at `lsn` in a cache: tombstones for the ids it holds, and
+/// the certificates the write changes (computed from `balls`, the connection's certificates).
 fn invalidation(
     manifest: &Manifest,
     collection: &Collection,
     inv: &Invalidation,
+    balls: &HashMap<u64, Ball>,
 ) -> Option<(Delta, ManifestStep)> {
     let tombstones: Vec<Tombstone> = inv
         .ids
@@ -586,13 +684,36 @@ fn invalidation(
         .filter(|id| manifest.held(**id).is_some())
         .map(|&id| Tombstone { id, lsn: inv.lsn })
         .collect();
-    if tombstones.is_empty() {
+    let mut certificates = Vec::new();
+    if !balls.is_empty() {
+        let written: Vec<(u64, Option<Vec<f32>>)> = inv
+            .ids
+            .iter()
+            .map(|&id| (id, collection.get(id).map(|p| p.vector)))
+            .collect();
+        for (&anchor, ball) in balls {
+            if manifest.holds_anchor(anchor)
+                && let Some(next) = ball.after(&written)
+            {
+                certificates.push(Certificate {
+                    anchor_id: anchor,
+                    radius: next.radius,
+                    members: next.member_ids(),
+                });
+            }
+        }
+    }
+    if tombstones.is_empty() && certificates.is_empty() {
         return None;
     }
     let version = manifest.version + 1;
     let step = ManifestStep {
         version,
         removed: tombstones.iter().map(|t| t.id).collect(),
+        anchors_added: certificates
+            .iter()
+            .map(|c| (c.anchor_id, c.members.clone()))
+            .collect(),
         ..ManifestStep::default()
     };
     Some((
@@ -602,10 +723,40 @@ fn invalidation(
             metric: collection.info.metric.code(),
             version,
             tombstones,
+            certificates,
             ..Delta::default()
         },
         step,
     ))
+}
+
+/// Brings the connection's certificates in line with a delivered delta: new certified
+/// anchors, certificate updates, evicted anchors.
+fn follow_certificates(balls: &mut HashMap<u64, Ball>, delta: &Delta, collection: &Collection) {
+    for anchor in &delta.evict_anchors {
+        balls.remove(anchor);
+    }
+    for a in delta.anchors.iter().filter(|a| a.radius > 0.0) {
+        let members = a
+            .members
+            .iter()
+            .filter_map(|&id| Some((id, euclidean(&a.vector, &collection.get(id)?.vector))))
+            .collect();
+        balls.insert(
+            a.anchor_id,
+            Ball {
+                vector: a.vector.clone(),
+                radius: a.radius,
+                members,
+            },
+        );
+    }
+    for c in &delta.certificates {
+        if let Some(ball) = balls.get_mut(&c.anchor_id) {
+            ball.radius = c.radius;
+            ball.members.retain(|(id, _)| c.members.contains(id));
+        }
+    }
 }
 
 /// Ids a cache holds at an older LSN than the collection's, or that no longer exist: found
@@ -663,7 +814,12 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         resynced,
         resync_first,
         version,
+        certify,
     } = session;
+    let certify = certify && certifiable(collection.info.metric);
+    // The certificates sent on this connection, kept exact as the corpus changes; the edge
+    // forgot every other one when it connected.
+    let mut certificates: HashMap<u64, Ball> = HashMap::new();
     if confirmed.wait_for(|c| *c).await.is_err() {
         return;
     }
@@ -710,6 +866,7 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
                 conn: conn.clone(),
                 jobs: jobs_tx.clone(),
                 anchor_hot: notify.clone(),
+                certify,
             },
         );
         let logged = hub
@@ -782,23 +939,32 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         let mut failed = None;
         // Invalidations first: they must not wait behind a push.
         for inv in invalidations {
-            if let Err(e) = deliver(&hub, &conn, &edge, &collection, ack_timeout, |m| {
-                invalidation(m, &collection, &inv)
+            match deliver(&hub, &conn, &edge, &collection, ack_timeout, |m| {
+                invalidation(m, &collection, &inv, &certificates)
             })
             .await
             {
-                failed = Some(e);
-                break;
+                Ok(delivered) => {
+                    if let Some(delta) = delivered {
+                        follow_certificates(&mut certificates, &delta, &collection);
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
-        if failed.is_none()
-            && push_now
-            && let Err(e) = deliver(&hub, &conn, &edge, &collection, ack_timeout, |m| {
-                hub.plan(&edge, &collection, m, budget)
+        if failed.is_none() && push_now {
+            match deliver(&hub, &conn, &edge, &collection, ack_timeout, |m| {
+                hub.plan(&edge, &collection, m, budget, certify)
             })
             .await
-        {
-            failed = Some(e);
+            {
+                Ok(Some(delta)) => follow_certificates(&mut certificates, &delta, &collection),
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
+            }
         }
         if let Some(e) = failed {
             warn!(edge = %edge, error = %e, "push failed; closing the connection (the edge resyncs)");
@@ -816,7 +982,7 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
 }
 
 /// Plans a delta against the cloud's manifest of the cache, logs its step, sends it and waits
-/// for the acknowledgement.
+/// for the acknowledgement; returns the delta delivered, if there was one.
 async fn deliver(
     hub: &Arc<PushHub>,
     conn: &quinn::Connection,
@@ -824,7 +990,7 @@ async fn deliver(
     collection: &Arc<Collection>,
     ack_timeout: Duration,
     plan: impl FnOnce(&Manifest) -> Option<(Delta, ManifestStep)>,
-) -> Result<(), String> {
+) -> Result<Option<Delta>, String> {
     let id = collection.info.id.0;
     let manifest = hub
         .service
@@ -832,7 +998,7 @@ async fn deliver(
         .edge_cache(edge, id)
         .unwrap_or_else(|| Manifest::new(id, 0));
     let Some((mut delta, step)) = plan(&manifest) else {
-        return Ok(());
+        return Ok(None);
     };
     let service = hub.service.clone();
     let edge_owned = edge.to_owned();
@@ -862,14 +1028,50 @@ async fn deliver(
         anchors = delta.anchors.len(),
         tombstones = delta.tombstones.len(),
         evicted = delta.evict.len(),
+        certificates = delta.certificates.len(),
         "delta acknowledged"
     );
-    Ok(())
+    Ok(Some(delta))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ball() -> Ball {
+        Ball {
+            vector: vec![0.0, 0.0],
+            radius: 1.0,
+            members: vec![(1, 0.2), (2, 0.5), (3, 0.9)],
+        }
+    }
+
+    #[test]
+    fn a_point_written_inside_a_ball_shrinks_it_and_members_beyond_leave() {
+        let next = ball().after(&[(9, Some(vec![0.6, 0.0]))]).unwrap();
+        assert_eq!(next.radius, 0.6);
+        assert_eq!(next.member_ids(), vec![1, 2], "0.9 is now outside");
+        assert_eq!(
+            ball().after(&[(9, Some(vec![2.0, 0.0]))]),
+            None,
+            "outside: unchanged"
+        );
+    }
+
+    #[test]
+    fn a_deleted_or_moved_member_leaves_the_ball() {
+        let deleted = ball().after(&[(2, None)]).unwrap();
+        assert_eq!((deleted.radius, deleted.member_ids()), (1.0, vec![1, 3]));
+        let moved_out = ball().after(&[(1, Some(vec![0.0, 3.0]))]).unwrap();
+        assert_eq!(
+            (moved_out.radius, moved_out.member_ids()),
+            (1.0, vec![2, 3])
+        );
+        // A member moved closer: the ball shrinks to it and it leaves (the edge's copy is
+        // tombstoned by the same delta).
+        let moved_in = ball().after(&[(3, Some(vec![0.3, 0.0]))]).unwrap();
+        assert_eq!((moved_in.radius, moved_in.member_ids()), (0.3, vec![1]));
+    }
 
     #[test]
     fn paraphrases_merge_into_one_anchor_and_cross_the_threshold_once() {

@@ -341,6 +341,7 @@ async fn exchange(
                                 resynced: peer.resynced.clone(),
                                 resync_first,
                                 version: cache.version,
+                                certify: cache.certify,
                             },
                         ));
                     }

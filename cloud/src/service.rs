@@ -53,8 +53,9 @@ pub enum ServiceError {
     DataDir { path: PathBuf, what: String },
 }
 
-/// Ids of a collection written (replaced or deleted) at `lsn` that some edge's cache holds:
-/// the push subsystem sends them to those edges at once.
+/// Ids of a collection written (inserted, replaced or deleted) at `lsn`: the push subsystem
+/// invalidates them in the edge caches that hold them, and shrinks the certificates whose
+/// balls they enter, at once.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Invalidation {
     pub collection: [u8; 16],
@@ -117,24 +118,13 @@ impl Catalog {
             .collect()
     }
 
+    /// Tells the push subsystem about a durable write: every written id, since a new vector
+    /// inside a certificate's ball shrinks it even though no edge holds that vector.
     fn invalidate(&self, collection: [u8; 16], ids: &[u64], lsn: u64) {
-        let Some(tx) = self.invalidations.get() else {
-            return;
-        };
-        let caches = self.edge_caches.read();
-        let held: Vec<u64> = ids
-            .iter()
-            .copied()
-            .filter(|id| {
-                caches
-                    .iter()
-                    .any(|((_, c), m)| *c == collection && m.held(*id).is_some())
-            })
-            .collect();
-        if !held.is_empty() {
+        if let Some(tx) = self.invalidations.get() {
             let _ = tx.send(Invalidation {
                 collection,
-                ids: held,
+                ids: ids.to_vec(),
                 lsn,
             });
         }

@@ -301,6 +301,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
                 backoff: (Duration::from_millis(50), Duration::from_millis(500)),
                 shadow_every: 0,
                 target_recall: None,
+                certify: false,
             },
             Some(LinkConfig::new(
                 quic_addr,
@@ -553,6 +554,7 @@ async fn pushes_survive_a_killed_cloud_and_resume_after_its_restart() {
             backoff: (Duration::from_millis(50), Duration::from_millis(500)),
             shadow_every: 0,
             target_recall: None,
+            certify: false,
         },
         Some(LinkConfig::new(
             quic_addr,

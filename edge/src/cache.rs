@@ -1,9 +1,12 @@
 //! The edge's cache: the memory-mapped snapshot, an in-memory overlay of what the cloud pushed
 //! since it was written, and the delta log (`deltas`) that makes the overlay durable.
 //!
-//! * A search runs over the snapshot's graph (skipping ids the overlay hides: evicted,
-//!   tombstoned, or replaced by a newer push) and exactly over the overlay's vectors, and
-//!   merges one top-k. It also finds the nearest anchor, for the confidence rule.
+//! * A search is `tiervec_shared::local::LocalCache::search` (the WASM guest runs the same):
+//!   the snapshot's graph (skipping ids the overlay hides: evicted, tombstoned, or replaced by
+//!   a newer push) and the overlay's vectors exactly, merged into one top-k, with the nearest
+//!   anchor for the confidence rule and a certified exact answer where a certificate covers
+//!   the query. Certificates are taken only from deltas of the current connection
+//!   ([`EdgeCache::begin_connection`]) and are never read back from the log or a snapshot.
 //! * [`EdgeCache::apply`] checks a delta against the manifest, appends it to the log and
 //!   fsyncs, and only then makes it visible; the caller acknowledges it after that.
 //! * When the overlay holds [`CacheConfig::compact_after`] vectors, a background thread
@@ -14,22 +17,21 @@
 //! * At start-up a snapshot or log that fails validation is renamed aside (never deleted) and
 //!   the cache starts from what is left; the link then resyncs it by inventory.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use thiserror::Error;
-use tiervec_shared::hnsw::{HnswBuilder, HnswParams};
-use tiervec_shared::push::{
-    Applied, Delta, Inventory, Manifest, PushError, anchor_id, vector_bytes,
-};
-use tiervec_shared::query::{QueryError, validate_search};
+use tiervec_shared::CollectionId;
+use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
+use tiervec_shared::local::LocalCache;
+use tiervec_shared::push::{Applied, Delta, Inventory, PushError};
+use tiervec_shared::query::QueryError;
 use tiervec_shared::snapshot::{self, AnchorSection, SnapshotBody, SnapshotSpec};
-use tiervec_shared::{CollectionId, Metric};
 use tracing::{info, warn};
 
 use crate::deltas::{DeltaLog, DeltaLogError};
@@ -72,104 +74,13 @@ pub enum CacheError {
     Compaction(String),
 }
 
-/// The collection's shape, known from the snapshot or the first delta.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Shape {
-    dim: usize,
-    metric: Metric,
-}
-
-/// A pushed anchor held in the overlay.
-#[derive(Clone, Debug)]
-struct OverlayAnchor {
-    id: u64,
-    vector: Vec<f32>,
-    applied: Instant,
-    /// Whether a local answer has used it yet (for the applied → first-use latency).
-    used: Arc<AtomicBool>,
-}
-
-/// What arrived since the snapshot.
-#[derive(Clone, Debug, Default)]
-struct Overlay {
-    ids: Vec<u64>,
-    lsns: Vec<u64>,
-    vectors: Vec<f32>,
-    payloads: Vec<Option<String>>,
-    slot: HashMap<u64, usize>,
-    /// Snapshot ids not to return (evicted, tombstoned, or superseded by the overlay).
-    hidden: HashSet<u64>,
-    anchors: Vec<OverlayAnchor>,
-    /// Snapshot anchors evicted.
-    hidden_anchors: HashSet<u64>,
-}
-
-impl Overlay {
-    fn remove(&mut self, id: u64, dim: usize) {
-        self.hidden.insert(id);
-        let Some(slot) = self.slot.remove(&id) else {
-            return;
-        };
-        let last = self.ids.len() - 1;
-        self.ids.swap_remove(slot);
-        self.lsns.swap_remove(slot);
-        self.payloads.swap_remove(slot);
-        if slot != last {
-            let (head, tail) = self.vectors.split_at_mut(last * dim);
-            head[slot * dim..(slot + 1) * dim].copy_from_slice(&tail[..dim]);
-            self.slot.insert(self.ids[slot], slot);
-        }
-        self.vectors.truncate(last * dim);
-    }
-
-    fn follow(&mut self, delta: &Delta, applied: &Applied, dim: usize) {
-        for &id in &applied.removed {
-            self.remove(id, dim);
-        }
-        for &i in &applied.vectors {
-            let v = &delta.vectors[i];
-            self.hidden.insert(v.id);
-            match self.slot.get(&v.id) {
-                Some(&slot) => {
-                    self.lsns[slot] = v.lsn;
-                    self.payloads[slot] = v.payload.clone();
-                    self.vectors[slot * dim..(slot + 1) * dim].copy_from_slice(&v.vector);
-                }
-                None => {
-                    self.slot.insert(v.id, self.ids.len());
-                    self.ids.push(v.id);
-                    self.lsns.push(v.lsn);
-                    self.payloads.push(v.payload.clone());
-                    self.vectors.extend_from_slice(&v.vector);
-                }
-            }
-        }
-        for &a in &applied.anchors_removed {
-            self.anchors.retain(|x| x.id != a);
-            self.hidden_anchors.insert(a);
-        }
-        let now = Instant::now();
-        for a in &delta.anchors {
-            self.anchors.retain(|x| x.id != a.anchor_id);
-            self.anchors.push(OverlayAnchor {
-                id: a.anchor_id,
-                vector: a.vector.clone(),
-                applied: now,
-                used: Arc::new(AtomicBool::new(false)),
-            });
-        }
-    }
-}
-
 /// One consistent view of the cache; searches load it, writers replace it.
 #[derive(Clone)]
 struct CacheState {
-    shape: Option<Shape>,
     snapshot: Option<Arc<EdgeIndex>>,
-    /// Ids of the snapshot's anchors, by position.
-    snapshot_anchor_ids: Vec<u64>,
-    overlay: Overlay,
-    manifest: Manifest,
+    local: LocalCache,
+    /// Anchors pushed since the snapshot that no local answer has used yet.
+    first_use: HashMap<u64, AnchorFirstUse>,
 }
 
 /// The single writer's side: the log and the deltas since the snapshot.
@@ -178,12 +89,14 @@ struct Writer {
     since_snapshot: Vec<Delta>,
 }
 
-/// A local answer: the merged top-k and the nearest anchor.
+/// A local answer: the merged top-k (or a certified exact top-k) and the nearest anchor.
 #[derive(Clone, Debug, Default)]
 pub struct LocalAnswer {
     pub hits: Vec<NodeHit>,
     /// Distance to the nearest anchor, if any is held.
     pub nearest_anchor: Option<f32>,
+    /// A certificate proves `hits` are the corpus's exact top-k (as of the last applied delta).
+    pub certified: bool,
     /// The nearest anchor, if it came from the overlay and no local answer has used it yet.
     pub anchor_first_use: Option<AnchorFirstUse>,
 }
@@ -232,6 +145,8 @@ pub struct EdgeCache {
     state: ArcSwap<CacheState>,
     writer: Mutex<Writer>,
     compacting: Arc<AtomicBool>,
+    /// The current connection's number; deltas of an older one bring no certificates.
+    connection: AtomicU64,
 }
 
 /// Renames `path` aside as `<name>.corrupt-<unix seconds>`; the file is kept for inspection.
@@ -257,90 +172,45 @@ fn now_unix_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// The manifest a snapshot describes.
-fn snapshot_manifest(index: &EdgeIndex) -> (Manifest, Vec<u64>) {
-    let view = index.view();
-    let dim = view.dim();
-    let mut manifest = Manifest::new(view.header().spec.collection.0, view.manifest_version());
-    for node in 0..view.len() as u32 {
-        let payload = view.payload(node).map_or(0, str::len);
-        manifest.insert(
-            view.ids()[node as usize],
-            view.lsn(node).unwrap_or(0),
-            vector_bytes(dim, payload),
-        );
-    }
-    let mut anchor_ids = Vec::with_capacity(view.anchor_count());
-    for i in 0..view.anchor_count() {
-        if let Some((vector, members)) = view.anchor(i) {
-            let id = anchor_id(vector);
-            manifest.insert_anchor(id, members.to_vec(), dim);
-            anchor_ids.push(id);
-        }
-    }
-    (manifest, anchor_ids)
-}
-
 impl CacheState {
     fn from_snapshot(snapshot: Option<Arc<EdgeIndex>>) -> CacheState {
-        match snapshot {
-            Some(index) => {
-                let (manifest, snapshot_anchor_ids) = snapshot_manifest(&index);
-                let h = index.header();
-                CacheState {
-                    shape: Some(Shape {
-                        dim: h.spec.dim as usize,
-                        metric: h.spec.metric,
-                    }),
-                    snapshot: Some(index),
-                    snapshot_anchor_ids,
-                    overlay: Overlay::default(),
-                    manifest,
-                }
-            }
-            None => CacheState {
-                shape: None,
-                snapshot: None,
-                snapshot_anchor_ids: Vec::new(),
-                overlay: Overlay::default(),
-                manifest: Manifest::default(),
-            },
+        let local = snapshot.as_ref().map_or_else(LocalCache::empty, |index| {
+            LocalCache::over_snapshot(&index.view())
+        });
+        CacheState {
+            snapshot,
+            local,
+            first_use: HashMap::new(),
         }
     }
 
     /// Applies a checked delta to a copy of this state.
-    fn with(&self, delta: &Delta) -> Result<(CacheState, Applied), PushError> {
+    fn with(
+        &self,
+        delta: &Delta,
+        accept_certificates: bool,
+    ) -> Result<(CacheState, Applied), PushError> {
         let mut next = self.clone();
-        let applied = next.apply(delta)?;
+        let applied = next.apply(delta, accept_certificates)?;
         Ok((next, applied))
     }
 
     /// Applies a delta in place (replays); on error nothing has changed.
-    fn apply(&mut self, delta: &Delta) -> Result<Applied, PushError> {
-        let shape = match self.shape {
-            Some(s) => s,
-            None => Shape {
-                dim: delta.dim as usize,
-                metric: Metric::from_code(delta.metric).ok_or(PushError::WrongCollection)?,
-            },
-        };
-        let unbound = self.manifest.version == 0
-            && self.manifest.is_empty()
-            && self.manifest.anchor_count() == 0;
-        if unbound {
-            self.manifest.collection_id = delta.collection_id;
+    fn apply(&mut self, delta: &Delta, accept_certificates: bool) -> Result<Applied, PushError> {
+        let applied = self.local.apply(delta, accept_certificates)?;
+        for a in &applied.anchors_removed {
+            self.first_use.remove(a);
         }
-        let applied = match self.manifest.apply(delta, shape.dim) {
-            Ok(applied) => applied,
-            Err(e) => {
-                if unbound {
-                    self.manifest.collection_id = [0; 16];
-                }
-                return Err(e);
-            }
-        };
-        self.overlay.follow(delta, &applied, shape.dim);
-        self.shape = Some(shape);
+        let now = Instant::now();
+        for a in &delta.anchors {
+            self.first_use.insert(
+                a.anchor_id,
+                AnchorFirstUse {
+                    applied: now,
+                    used: Arc::new(AtomicBool::new(false)),
+                },
+            );
+        }
         Ok(applied)
     }
 }
@@ -362,7 +232,7 @@ impl EdgeCache {
             None
         };
         let mut state = CacheState::from_snapshot(snapshot);
-        report.snapshot_vectors = state.manifest.len();
+        report.snapshot_vectors = state.local.manifest().len();
         let (log, replayed) = match DeltaLog::open(&config.deltas) {
             Ok(opened) => opened,
             Err(e) => {
@@ -375,10 +245,11 @@ impl EdgeCache {
         }
         let mut since_snapshot = Vec::new();
         for delta in replayed.deltas {
-            if delta.version <= state.manifest.version {
+            if delta.version <= state.local.version() {
                 continue;
             }
-            match state.apply(&delta) {
+            // Certificates live for one connection: none survives a restart.
+            match state.apply(&delta, false) {
                 Ok(_) => since_snapshot.push(delta),
                 Err(e) => {
                     warn!(version = delta.version, error = %e, "delta log does not follow the snapshot; the rest is dropped and the cloud resyncs");
@@ -387,7 +258,7 @@ impl EdgeCache {
             }
         }
         report.replayed_deltas = since_snapshot.len();
-        report.version = state.manifest.version;
+        report.version = state.local.version();
         // The log now holds exactly what was applied (nothing, if it was set aside).
         let log = if since_snapshot.is_empty() && log_is_empty(&config.deltas) {
             log
@@ -409,6 +280,7 @@ impl EdgeCache {
                     since_snapshot,
                 }),
                 compacting: Arc::new(AtomicBool::new(false)),
+                connection: AtomicU64::new(0),
             },
             report,
         ))
@@ -420,32 +292,29 @@ impl EdgeCache {
 
     /// The manifest version durable in this cache.
     pub fn version(&self) -> u64 {
-        self.state.load().manifest.version
+        self.state.load().local.version()
     }
 
     /// The collection identity the cache belongs to (all zero while it is empty and unbound).
     pub fn collection_id(&self) -> [u8; 16] {
-        self.state.load().manifest.collection_id
+        self.state.load().local.manifest().collection_id
     }
 
     /// Vectors and anchors held, and their bytes in the byte model.
     pub fn usage(&self) -> (usize, usize, u64) {
         let s = self.state.load();
-        (
-            s.manifest.len(),
-            s.manifest.anchor_count(),
-            s.manifest.bytes(),
-        )
+        let m = s.local.manifest();
+        (m.len(), m.anchor_count(), m.bytes())
     }
 
     /// The overlay's vector count (compaction folds it into the snapshot).
     pub fn overlay_len(&self) -> usize {
-        self.state.load().overlay.ids.len()
+        self.state.load().local.overlay_len()
     }
 
     /// What the cache holds, for a resync.
     pub fn inventory(&self) -> Inventory {
-        self.state.load().manifest.inventory()
+        self.state.load().local.manifest().inventory()
     }
 
     /// The snapshot currently searched (for inspection and tests).
@@ -453,106 +322,80 @@ impl EdgeCache {
         self.state.load().snapshot.clone()
     }
 
-    /// Searches snapshot and overlay: one merged top-k, and the nearest anchor.
+    /// Searches snapshot and overlay: one merged top-k (or a certified exact one), and the
+    /// nearest anchor.
     pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Result<LocalAnswer, EdgeError> {
         let state = self.state.load();
-        let Some(shape) = state.shape else {
-            // An empty cache that has not heard of its collection yet: nothing to check the
-            // dimension against, nothing to answer with; the cloud validates.
-            validate_search(query, query.len(), k, ef)?;
-            return Ok(LocalAnswer::default());
+        let found = match &state.snapshot {
+            Some(index) => index.with_scratch(|view, scratch| {
+                state.local.search(Some(view), query, k, ef, scratch)
+            })?,
+            None => state
+                .local
+                .search(None, query, k, ef, &mut SearchScratch::default())?,
         };
-        validate_search(query, shape.dim, k, ef)?;
-        let mut prepared = query.to_vec();
-        shape.metric.prepare(&mut prepared);
-        let overlay = &state.overlay;
-        let mut hits: Vec<NodeHit> = Vec::with_capacity(2 * k);
-        if let Some(index) = &state.snapshot {
-            let wanted = k + overlay.hidden.len().min(ef);
-            for h in index.search(query, wanted, ef.max(wanted))? {
-                if !overlay.hidden.contains(&h.id) {
-                    hits.push(NodeHit {
-                        id: h.id,
-                        distance: h.distance,
-                        lsn: h.lsn,
-                        payload: h.payload.map(str::to_owned),
-                    });
-                }
-            }
-        }
-        let dim = shape.dim;
-        let mut scored: Vec<(f32, usize)> = overlay
-            .vectors
-            .chunks_exact(dim)
-            .enumerate()
-            .map(|(slot, v)| (shape.metric.distance(&prepared, v), slot))
-            .collect();
-        let take = k.min(scored.len());
-        if take > 0 {
-            scored.select_nth_unstable_by(take - 1, |a, b| a.0.total_cmp(&b.0));
-        }
-        for &(distance, slot) in &scored[..take] {
-            hits.push(NodeHit {
-                id: overlay.ids[slot],
-                distance,
-                lsn: overlay.lsns[slot],
-                payload: overlay.payloads[slot].clone(),
-            });
-        }
-        hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id)));
-        hits.truncate(k);
-
-        let mut nearest: Option<(f32, Option<&OverlayAnchor>)> = None;
-        if let Some(index) = &state.snapshot {
-            let view = index.view();
-            for (i, id) in state.snapshot_anchor_ids.iter().enumerate() {
-                if overlay.hidden_anchors.contains(id) {
-                    continue;
-                }
-                if let Some((vector, _)) = view.anchor(i) {
-                    let d = shape.metric.distance(&prepared, vector);
-                    if nearest.is_none_or(|(best, _)| d < best) {
-                        nearest = Some((d, None));
-                    }
-                }
-            }
-        }
-        for a in &overlay.anchors {
-            let d = shape.metric.distance(&prepared, &a.vector);
-            if nearest.is_none_or(|(best, _)| d < best) {
-                nearest = Some((d, Some(a)));
-            }
-        }
-        let nearest_anchor = nearest.map(|(d, _)| d);
-        // Recorded by the caller, once per anchor, if the answer is served locally.
-        let anchor_first_use = nearest
-            .and_then(|(_, a)| a)
-            .filter(|a| !a.used.load(Ordering::Relaxed))
-            .map(|a| AnchorFirstUse {
-                applied: a.applied,
-                used: a.used.clone(),
-            });
+        let (nearest_anchor, anchor_first_use) = match found.nearest_anchor {
+            Some((anchor, distance)) => (
+                Some(distance),
+                // Recorded by the caller, once per anchor, if the answer is served locally.
+                state
+                    .first_use
+                    .get(&anchor)
+                    .filter(|a| !a.used.load(Ordering::Relaxed))
+                    .cloned(),
+            ),
+            None => (None, None),
+        };
         Ok(LocalAnswer {
-            hits,
+            hits: found
+                .hits
+                .into_iter()
+                .map(|h| NodeHit {
+                    id: h.id,
+                    distance: h.distance,
+                    lsn: h.lsn,
+                    payload: h.payload,
+                })
+                .collect(),
             nearest_anchor,
+            certified: found.certified,
             anchor_first_use,
         })
     }
 
-    /// Applies a delta: checked against the manifest, appended to the log and fsynced, then
-    /// made visible. Blocking (file IO). A delta already applied is a harmless duplicate.
-    pub fn apply(&self, delta: &Delta) -> Result<ApplyReport, CacheError> {
+    /// Starts a connection to the cloud: forgets every certificate (the cloud maintains only
+    /// those it sends on the new connection) and returns the connection's number, which its
+    /// deltas are applied with.
+    pub fn begin_connection(&self) -> u64 {
+        let _writer = self.writer.lock();
+        let number = self.connection.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut next = CacheState::clone(&self.state.load());
+        next.local.drop_certificates();
+        self.state.store(Arc::new(next));
+        number
+    }
+
+    /// Anchors that carry a certificate now.
+    pub fn certified_anchors(&self) -> usize {
+        self.state.load().local.certified_anchors()
+    }
+
+    /// Applies a delta received on connection `connection` (see
+    /// [`EdgeCache::begin_connection`]): checked against the manifest, appended to the log and
+    /// fsynced, then made visible. Its certificates are taken only if that connection is still
+    /// the current one. Blocking (file IO). A delta already applied is a harmless duplicate.
+    pub fn apply(&self, delta: &Delta, connection: u64) -> Result<ApplyReport, CacheError> {
         let mut writer = self.writer.lock();
         let current = self.state.load_full();
-        if delta.version <= current.manifest.version
-            && delta.collection_id == current.manifest.collection_id
-        {
+        let held = current.local.manifest();
+        if delta.version <= held.version && delta.collection_id == held.collection_id {
             return Ok(ApplyReport {
                 duplicate: true,
                 ..ApplyReport::default()
             });
         }
-        let (next, applied) = current.with(delta)?;
+        let current_connection = connection == self.connection.load(Ordering::Acquire);
+        let (next, applied) = current.with(delta, current_connection)?;
         writer.log.append(delta)?;
         writer.since_snapshot.push(delta.clone());
         self.state.store(Arc::new(next));
@@ -579,18 +422,12 @@ impl EdgeCache {
     pub fn bind(&self, collection: [u8; 16]) {
         let _writer = self.writer.lock();
         let current = self.state.load_full();
-        if current.manifest.collection_id != [0; 16] {
+        if current.local.manifest().collection_id != [0; 16] {
             return;
         }
-        let mut manifest = current.manifest.clone();
-        manifest.collection_id = collection;
-        self.state.store(Arc::new(CacheState {
-            shape: current.shape,
-            snapshot: current.snapshot.clone(),
-            snapshot_anchor_ids: current.snapshot_anchor_ids.clone(),
-            overlay: current.overlay.clone(),
-            manifest,
-        }));
+        let mut next = CacheState::clone(&current);
+        next.local.bind(collection);
+        self.state.store(Arc::new(next));
     }
 
     /// Empties the cache for a collection incarnation it does not belong to: both files are
@@ -667,11 +504,11 @@ impl EdgeCache {
     fn build_snapshot(&self) -> Result<Option<Built>, CacheError> {
         let started = Instant::now();
         let state = self.state.load_full();
-        let Some(shape) = state.shape else {
+        let local = &state.local;
+        let Some(shape) = local.shape() else {
             return Ok(None);
         };
         let dim = shape.dim;
-        let overlay = &state.overlay;
         let params = state
             .snapshot
             .as_ref()
@@ -683,7 +520,7 @@ impl EdgeCache {
             let view = index.view();
             for node in 0..view.len() as u32 {
                 let id = view.ids()[node as usize];
-                if overlay.hidden.contains(&id) {
+                if local.hides(id) {
                     continue;
                 }
                 builder
@@ -694,17 +531,18 @@ impl EdgeCache {
                 payloads.push(view.payload(node).unwrap_or_default().to_owned());
             }
         }
-        for (slot, v) in overlay.vectors.chunks_exact(dim).enumerate() {
+        for (id, lsn, v, payload) in local.overlay_rows() {
             builder.insert(v).map_err(bad)?;
-            ids.push(overlay.ids[slot]);
-            lsns.push(overlay.lsns[slot]);
-            payloads.push(overlay.payloads[slot].clone().unwrap_or_default());
+            ids.push(id);
+            lsns.push(lsn);
+            payloads.push(payload.unwrap_or_default().to_owned());
         }
         if ids.is_empty() {
             return Ok(None);
         }
+        // Radii are written 0: certificates live for one connection, never in a file.
         let mut anchors = AnchorSection::default();
-        let mut push_anchor = |vector: &[f32], members: &[u64]| {
+        for (_, vector, members) in local.anchors() {
             if anchors.answer_offsets.is_empty() {
                 anchors.answer_offsets.push(0);
             }
@@ -712,20 +550,6 @@ impl EdgeCache {
             anchors.radii.push(0.0);
             anchors.answer_ids.extend_from_slice(members);
             anchors.answer_offsets.push(anchors.answer_ids.len() as u32);
-        };
-        let members: HashMap<u64, &[u64]> = state.manifest.anchors().collect();
-        if let Some(index) = &state.snapshot {
-            let view = index.view();
-            for (i, id) in state.snapshot_anchor_ids.iter().enumerate() {
-                if let (Some((vector, m)), false) =
-                    (view.anchor(i), overlay.hidden_anchors.contains(id))
-                {
-                    push_anchor(vector, m);
-                }
-            }
-        }
-        for a in &overlay.anchors {
-            push_anchor(&a.vector, members.get(&a.id).copied().unwrap_or_default());
         }
         let collection_name = state
             .snapshot
@@ -735,10 +559,10 @@ impl EdgeCache {
         let mut body =
             SnapshotBody::from_builder(&builder, &collection_name, ids, lsns, Some(&payloads))
                 .map_err(|e| CacheError::Compaction(e.to_string()))?;
-        body.manifest_version = state.manifest.version;
+        body.manifest_version = local.version();
         body.anchors = anchors;
         let spec = SnapshotSpec {
-            collection: CollectionId(state.manifest.collection_id),
+            collection: CollectionId(local.manifest().collection_id),
             dim: dim as u32,
             metric: shape.metric,
             params,
@@ -751,7 +575,7 @@ impl EdgeCache {
         let index = Arc::new(EdgeIndex::open(&self.config.snapshot)?);
         Ok(Some(Built {
             base: CacheState::from_snapshot(Some(index)),
-            version: state.manifest.version,
+            version: local.version(),
             vectors: builder.len(),
             started,
         }))
@@ -785,7 +609,7 @@ impl EdgeCache {
                 pending
             };
             for d in &pending {
-                next.apply(d)?;
+                next.apply(d, false)?;
                 replayed = d.version;
             }
         };
@@ -794,8 +618,12 @@ impl EdgeCache {
             .iter()
             .filter(|d| d.version > replayed)
         {
-            next.apply(d)?;
+            next.apply(d, false)?;
         }
+        // The live state knows which certificates are current (dropped on reconnection).
+        let live = self.state.load_full();
+        next.local.adopt_certificates(&live.local);
+        next.first_use = live.first_use.clone();
         writer.since_snapshot.retain(|d| d.version > version);
         writer.log = DeltaLog::rewrite(&self.config.deltas, &writer.since_snapshot)?;
         self.state.store(Arc::new(next));

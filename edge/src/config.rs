@@ -51,6 +51,10 @@ pub struct EdgeConfig {
     pub shadow_every: u64,
     /// When set, the thresholds are tuned from shadow queries toward this local recall.
     pub target_recall: Option<f64>,
+    /// Ask the cloud for certificates with the anchors it pushes (cosine and L2 collections):
+    /// a query inside a certificate is answered locally with the corpus's exact top-k, marked
+    /// `certified`. Costs the cloud one exact search per pushed anchor.
+    pub certify: bool,
     /// How long to wait for the cloud before answering degraded.
     pub deadline_ms: u64,
     pub default_ef: usize,
@@ -74,6 +78,7 @@ impl Default for EdgeConfig {
             lease_ms: 30_000,
             shadow_every: 50,
             target_recall: None,
+            certify: false,
             deadline_ms: 50,
             default_ef: 64,
             cloud_ef: 128,
@@ -91,6 +96,7 @@ impl EdgeConfig {
             lease: Duration::from_millis(self.lease_ms),
             shadow_every: self.shadow_every,
             target_recall: self.target_recall,
+            certify: self.certify,
             deadline: Duration::from_millis(self.deadline_ms),
             cloud_ef: self.cloud_ef,
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),

@@ -1,7 +1,7 @@
 //! The edge's local HTTP/JSON endpoint for its applications: the cloud's
 //! `POST /v1/collections/{name}/search` request and response shapes, plus `source` (`local`,
 //! `cloud` or `degraded`), `stale` (a local answer while the edge's lease is over) and
-//! `certified` (false until certificates are built).
+//! `certified` (a local answer a certificate proves to be the corpus's exact top-k).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -161,7 +161,7 @@ async fn search(
         took_us: started.elapsed().as_micros() as u64,
         source: answer.source.name().into(),
         stale: answer.stale,
-        certified: false,
+        certified: answer.certified,
         kth_distance: answer.kth_distance,
         anchor_distance: answer.anchor_distance,
     }))

@@ -223,6 +223,8 @@ pub struct PushTarget {
     pub cache: Arc<EdgeCache>,
     /// The collection it caches, by the cloud's name.
     pub collection: String,
+    /// Whether to ask the cloud for certificates with the anchors it pushes.
+    pub certify: bool,
 }
 
 /// Makes connections to the cloud, keeping the TLS session tickets between them.
@@ -277,6 +279,7 @@ impl Connector {
             collection_id: t.cache.collection_id(),
             version: t.cache.version(),
             budget_bytes: t.cache.config().budget_bytes,
+            certify: t.certify,
         })
     }
 
@@ -303,6 +306,9 @@ impl Connector {
         };
         let started = Instant::now();
         let now = || started.elapsed().as_micros() as u64;
+        // Certificates are maintained per connection: the cache forgets them before this one
+        // announces itself, and deltas of an older connection bring none.
+        let connection = self.push.as_ref().map(|t| t.cache.begin_connection());
         let mut session = ClientSession::new(&self.config.edge_name, self.announcement());
         let mut flight = Vec::new();
         for action in session.handle(ClientEvent::Connected, now()) {
@@ -375,7 +381,7 @@ impl Connector {
             first_answer = Some(Err(QueryFailure::Disconnected));
         }
         let session = Arc::new(Mutex::new(session));
-        if let Some(target) = &self.push {
+        if let (Some(target), Some(connection)) = (&self.push, connection) {
             resync(
                 &conn,
                 &session,
@@ -386,8 +392,14 @@ impl Connector {
             )
             .await?;
             tokio::spawn(
-                accept_pushes(conn.clone(), session.clone(), target.clone(), started)
-                    .instrument(info_span!("edge_push")),
+                accept_pushes(
+                    conn.clone(),
+                    session.clone(),
+                    target.clone(),
+                    connection,
+                    started,
+                )
+                .instrument(info_span!("edge_push")),
             );
         }
         Ok(Connected {
@@ -597,6 +609,7 @@ async fn accept_pushes(
     conn: quinn::Connection,
     session: Arc<Mutex<ClientSession>>,
     target: PushTarget,
+    connection: u64,
     started: Instant,
 ) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
@@ -634,7 +647,8 @@ async fn accept_pushes(
         for delta in deltas {
             let cache = target.cache.clone();
             let version = delta.version;
-            let applied = tokio::task::spawn_blocking(move || cache.apply(&delta)).await;
+            let applied =
+                tokio::task::spawn_blocking(move || cache.apply(&delta, connection)).await;
             match applied {
                 Ok(Ok(_)) => Frame::DeltaAck(version).encode(&mut acks),
                 Ok(Err(e)) => {

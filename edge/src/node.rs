@@ -82,6 +82,8 @@ pub struct NodeConfig {
     pub shadow_every: u64,
     /// When set, the thresholds are tuned from shadow queries toward this local recall.
     pub target_recall: Option<f64>,
+    /// Ask the cloud for certificates with its anchors (cosine and L2 collections).
+    pub certify: bool,
 }
 
 /// The rule in force and what shadow queries have learnt, shared with their background tasks.
@@ -124,6 +126,10 @@ impl Learned {
 /// The local search's k-th distance and nearest-anchor distance.
 type Signals = (Option<f32>, Option<f32>);
 
+/// What the query path settled on: hits, their source, the local signals, and whether the
+/// (local) hits are certified.
+type Settled = (Vec<NodeHit>, Source, Signals, bool);
+
 /// A query waiting for the next connection, to ride in its first flight.
 struct Pending {
     query: Query,
@@ -141,6 +147,8 @@ pub struct NodeAnswer {
     /// and the distance to the nearest anchor (if the cache holds any).
     pub kth_distance: Option<f32>,
     pub anchor_distance: Option<f32>,
+    /// A certificate proves this local answer is the corpus's exact top-k.
+    pub certified: bool,
 }
 
 /// The link and the task that keeps it.
@@ -183,6 +191,7 @@ impl EdgeNode {
                 let target = PushTarget {
                     cache: cache.clone(),
                     collection: config.collection.clone(),
+                    certify: config.certify,
                 };
                 let connector = Arc::new(Connector::with_push(link_config, target)?);
                 let current = Arc::new(ArcSwapOption::empty());
@@ -280,7 +289,16 @@ impl EdgeNode {
         })
     }
 
-    /// Answers a search: local when confident, else the cloud's, else local marked degraded.
+    /// Whether the link to the cloud is up now: only then can certificates be trusted, since
+    /// the cloud shrinks them over this connection as the corpus changes.
+    fn link_up(&self) -> bool {
+        self.uplink
+            .as_ref()
+            .is_some_and(|u| u.down_since.lock().is_none())
+    }
+
+    /// Answers a search: certified or confident local answers locally, else the cloud's, else
+    /// local marked degraded.
     pub async fn search(
         &self,
         query: &[f32],
@@ -289,11 +307,14 @@ impl EdgeNode {
     ) -> Result<NodeAnswer, EdgeError> {
         let started = Instant::now();
         let span = info_span!("edge_query", k, ef, source = tracing::field::Empty);
-        let (hits, source, signals) = self
+        let (hits, source, signals, certified) = self
             .answer(query, k, ef, &span)
             .instrument(span.clone())
             .await?;
         span.record("source", source.name());
+        if certified {
+            metrics::counter!("tiervec_edge_certified_answers_total").increment(1);
+        }
         metrics::counter!("tiervec_edge_queries_total", "source" => source.name()).increment(1);
         metrics::histogram!("tiervec_edge_query_seconds", "source" => source.name())
             .record(started.elapsed().as_secs_f64());
@@ -307,6 +328,7 @@ impl EdgeNode {
             stale,
             kth_distance: signals.0,
             anchor_distance: signals.1,
+            certified,
         })
     }
 
@@ -325,6 +347,7 @@ impl EdgeNode {
             stale: self.stale(),
             kth_distance,
             anchor_distance: answer.nearest_anchor,
+            certified: answer.certified && self.link_up(),
             hits: answer.hits,
             source: Source::Local,
         })
@@ -336,8 +359,9 @@ impl EdgeNode {
         k: usize,
         ef: usize,
         span: &tracing::Span,
-    ) -> Result<(Vec<NodeHit>, Source, Signals), EdgeError> {
+    ) -> Result<Settled, EdgeError> {
         let answer = self.cache.search(query, k, ef)?;
+        let certified = answer.certified && self.link_up();
         let local = answer.hits;
         let distances: Vec<f32> = local.iter().map(|h| h.distance).collect();
         let signals = (
@@ -345,7 +369,7 @@ impl EdgeNode {
             answer.nearest_anchor,
         );
         let rule = self.rule();
-        if rule.decide(&distances, k, answer.nearest_anchor) == Decision::Local {
+        if certified || rule.decide(&distances, k, answer.nearest_anchor) == Decision::Local {
             if let Some(first_use) = answer.anchor_first_use {
                 first_use.record();
             }
@@ -353,10 +377,10 @@ impl EdgeNode {
             if self.config.shadow_every > 0 && n.is_multiple_of(self.config.shadow_every) {
                 self.shadow(query, k, &local);
             }
-            return Ok((local, Source::Local, signals));
+            return Ok((local, Source::Local, signals, certified));
         }
         let Some(uplink) = &self.uplink else {
-            return Ok((local, Source::Degraded, signals));
+            return Ok((local, Source::Degraded, signals, false));
         };
         let asked = Instant::now();
         let outcome = self.ask_cloud(uplink, query, k, span).await;
@@ -375,6 +399,7 @@ impl EdgeNode {
                     .collect(),
                 Source::Cloud,
                 signals,
+                false,
             )),
             Err(reason) => {
                 let label = match &reason {
@@ -389,7 +414,7 @@ impl EdgeNode {
                     ?reason,
                     "cloud did not answer; answering locally (degraded)"
                 );
-                Ok((local, Source::Degraded, signals))
+                Ok((local, Source::Degraded, signals, false))
             }
         }
     }

@@ -403,10 +403,10 @@ fn a_damaged_cache_file_is_set_aside_and_the_rest_opens() {
         assert!(report.set_aside.is_empty());
         assert_eq!((cache.version(), cache.usage().0), (0, 50));
         for v in 1..=3 {
-            cache.apply(&delta(v)).unwrap();
+            cache.apply(&delta(v), 0).unwrap();
         }
         assert!(
-            cache.apply(&delta(2)).unwrap().duplicate,
+            cache.apply(&delta(2), 0).unwrap().duplicate,
             "a replay is harmless"
         );
         assert_eq!((cache.version(), cache.usage().0), (3, 52));
@@ -463,10 +463,13 @@ fn a_damaged_cache_file_is_set_aside_and_the_rest_opens() {
     assert!(cache.search(&vector(1, 1), 3, 32).unwrap().hits.is_empty());
     // A first delta binds it again.
     cache
-        .apply(&Delta {
-            version: 1,
-            ..delta(1)
-        })
+        .apply(
+            &Delta {
+                version: 1,
+                ..delta(1)
+            },
+            0,
+        )
         .unwrap();
     assert_eq!(cache.collection_id(), CollectionId::from_u128(42).0);
 }

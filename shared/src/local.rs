@@ -263,6 +263,13 @@ impl LocalCache {
             .map(|(&id, v)| (id, v, self.manifest.anchor_members(id).unwrap_or_default()))
     }
 
+    /// Binds a cache that belongs to no collection incarnation yet to `collection`.
+    pub fn bind(&mut self, collection: [u8; 16]) {
+        if self.manifest.collection_id == [0; 16] {
+            self.manifest.collection_id = collection;
+        }
+    }
+
     /// Held anchors with a certificate.
     pub fn certified_anchors(&self) -> usize {
         self.anchors.radii.iter().filter(|r| **r > 0.0).count()

@@ -101,6 +101,9 @@ pub struct DemoArgs {
     /// rounded down.
     #[arg(long, default_value_t = 0.53)]
     pub anchor_distance: f32,
+    /// Edges do not ask for certificates (no certified answers).
+    #[arg(long)]
+    pub no_certify: bool,
     /// Vectors held by edges deleted in the cloud after the trace, for the staleness window.
     #[arg(long, default_value_t = 100)]
     pub deletes: usize,
@@ -150,7 +153,12 @@ struct Report {
     local_fraction: f64,
     cloud_fraction: f64,
     degraded_fraction: f64,
+    /// Of the local answers, the share certified as the exact top-k.
     certified_fraction: f64,
+    certified_answers: usize,
+    /// Certified answers that were not the exact top-10 against the ground truth (must be 0).
+    certified_not_exact: usize,
+    warm_certified_fraction: f64,
     recall_at_10: f64,
     hash_cache_hit_fraction: f64,
     cloud_ef: usize,
@@ -215,6 +223,10 @@ struct Outcome {
     probe: Option<LocalAnswer>,
     /// The nearest hit of a local answer (a vector the edge held).
     held: Option<u64>,
+    /// The edge certified the answer as the exact top-k.
+    certified: bool,
+    /// The answer equals the exact top-10 (ids, ties by distance aside; distances within 1e-5).
+    exact: bool,
 }
 
 pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
@@ -400,6 +412,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
                 cloud_ef,
                 deadline_ms: args.deadline_ms,
                 cpus: pinning.then_some("0"),
+                certify: !args.no_certify,
             },
         )?);
     }
@@ -511,6 +524,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|c| predict(&probes, c.threshold, cloud_recall, Rule::Kth));
     let second_half: Vec<&Outcome> = outcomes.iter().flat_map(|o| &o[o.len() / 2..]).collect();
+    let certified: Vec<&Outcome> = outcomes.iter().flatten().filter(|o| o.certified).collect();
     let mut stale_ms: Vec<f64> = staleness.clone();
     stale_ms.sort_by(f64::total_cmp);
     let pick = |q: f64| {
@@ -554,7 +568,21 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         local_fraction: fraction(&outcomes, "local"),
         cloud_fraction: fraction(&outcomes, "cloud"),
         degraded_fraction: fraction(&outcomes, "degraded"),
-        certified_fraction: 0.0,
+        certified_fraction: certified.len() as f64
+            / outcomes
+                .iter()
+                .flatten()
+                .filter(|o| o.source == "local")
+                .count()
+                .max(1) as f64,
+        certified_answers: certified.len(),
+        certified_not_exact: certified.iter().filter(|o| !o.exact).count(),
+        warm_certified_fraction: second_half.iter().filter(|o| o.certified).count() as f64
+            / second_half
+                .iter()
+                .filter(|o| o.source == "local")
+                .count()
+                .max(1) as f64,
         recall_at_10: mean(outcomes.iter().flatten().map(|o| o.recall)),
         hash_cache_hit_fraction: trace::hash_cache_hits(&reported),
         cloud_ef,
@@ -609,6 +637,12 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         write_json(path, &report)?;
     }
     write_docs(&args, &report, &outcomes)?;
+    anyhow::ensure!(
+        report.certified_not_exact == 0,
+        "{} of {} certified answers were not the exact top-10 of the ground truth",
+        report.certified_not_exact,
+        report.certified_answers
+    );
     Ok(())
 }
 
@@ -943,10 +977,18 @@ async fn replay(
                         other => anyhow::bail!("unknown source {other:?}"),
                     };
                     let hits = hits_of(&v)?;
+                    let recall = recall_at_10(&hits, &t.ids, &t.distances);
                     outcomes.push(Outcome {
                         source,
                         latency,
-                        recall: recall_at_10(&hits, &t.ids, &t.distances),
+                        recall,
+                        certified: v["certified"].as_bool() == Some(true),
+                        exact: recall >= 1.0
+                            && hits.len() == t.distances.len()
+                            && hits
+                                .iter()
+                                .zip(&t.distances)
+                                .all(|(h, d)| (h.1 - d).abs() <= 1e-5),
                         probe,
                         held: (source == "local")
                             .then(|| hits.first().map(|h| h.0))
@@ -1024,7 +1066,9 @@ fn table(r: &Report) -> String {
          p50 {} ms, p99 {} ms, max {} ms from the cloud's acknowledgement to the edge no longer returning it \
          (at the cloud, invalidation sent → acknowledged: p50 {} ms, p99 {} ms). \
          The edges' own estimate of local recall from shadow queries (2 % of local answers): {} \
-         (against the cloud's answer; measured against exact ground truth above).\n\n",
+         (against the cloud's answer; measured against exact ground truth above). \
+         Certified answers: {} ({:.1} % of local answers; second half {:.1} %), of which {} \
+         were not the exact top-10 of the ground truth.\n\n",
         r.requests,
         r.per_edge.len(),
         r.errors,
@@ -1052,6 +1096,10 @@ fn table(r: &Report) -> String {
         ms(r.invalidation_ack_p99_ms),
         r.shadow_recall_estimate
             .map_or("–".to_owned(), |e| format!("{e:.4}")),
+        r.certified_answers,
+        r.certified_fraction * 100.0,
+        r.warm_certified_fraction * 100.0,
+        r.certified_not_exact,
     );
     md.push_str(
         "| source | requests | share | recall@10 | p50 µs | p99 µs | p99.9 µs |\n|---|---:|---:|---:|---:|---:|---:|\n",

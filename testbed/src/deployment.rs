@@ -263,6 +263,8 @@ pub struct EdgeSpec<'a> {
     pub deadline_ms: u64,
     /// `taskset` CPU list, if pinned.
     pub cpus: Option<&'a str>,
+    /// Ask the cloud for certificates with its anchors.
+    pub certify: bool,
 }
 
 /// A running edge process and its applications' endpoint.
@@ -288,6 +290,7 @@ pub fn start_edge(cloud: &Cloud, spec: &EdgeSpec) -> anyhow::Result<Edge> {
         default_ef: spec.edge_ef,
         cloud_ef: spec.cloud_ef as u32,
         worker_threads: Some(1),
+        certify: spec.certify,
         cloud: Some(CloudLinkConfig {
             addr: cloud.quic_addr,
             server_name: "localhost".into(),

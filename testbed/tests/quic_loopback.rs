@@ -306,6 +306,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         backoff: (Duration::from_millis(20), Duration::from_millis(200)),
         shadow_every: 0,
         target_recall: None,
+        certify: false,
     };
     let node = Arc::new(
         EdgeNode::start(
@@ -734,6 +735,7 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
         // Every local answer is also asked of the cloud: the live estimate of local recall.
         shadow_every: 1,
         target_recall: None,
+        certify: false,
     };
     let start = |addr| {
         let cache = Arc::new(EdgeCache::open(cache_config.clone()).unwrap().0);
@@ -855,4 +857,113 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
     let (node, _cache) = start(addr);
     wait_for(|| node.connected()).await;
     assert_eq!(node.search(&q, 5, 32).await.unwrap().source, Source::Local);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the_ball() {
+    use tiervec_cloud::collection::SearchParams;
+    use tiervec_cloud::push::PushConfig;
+    use tiervec_edge::cache::{CacheConfig, EdgeCache};
+    use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
+    use tiervec_shared::confidence::ConfidenceRule;
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = cloud_with_points(dir.path(), 400);
+    let acl = Arc::new(AccessList(HashMap::from([(
+        "edge-1".to_owned(),
+        vec!["*".to_owned()],
+    )])));
+    let push_config = PushConfig {
+        period_ms: 50,
+        anchor_members: 10,
+        anchor_hot_count: 1.0,
+        ..PushConfig::default()
+    };
+    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let hub = PushHub::start(push_config, service.clone(), hot());
+    tokio::spawn(quic::serve(endpoint.clone(), service.clone(), acl, hub));
+    let snapshot = dir.path().join("edge").join("cache.tvs");
+    std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+    let cache_config = CacheConfig::beside(&snapshot, 1 << 20);
+    // No confidence rule: only a certificate answers locally.
+    let node_config = NodeConfig {
+        collection: "c".into(),
+        rule: ConfidenceRule {
+            max_kth_distance: None,
+            max_anchor_distance: None,
+        },
+        lease: Duration::from_secs(30),
+        deadline: Duration::from_millis(500),
+        cloud_ef: 64,
+        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+        shadow_every: 0,
+        target_recall: None,
+        certify: true,
+    };
+    let start = || {
+        let cache = Arc::new(EdgeCache::open(cache_config.clone()).unwrap().0);
+        let node = EdgeNode::start(
+            cache.clone(),
+            node_config.clone(),
+            Some(link(addr, &certs, Some(&certs), "edge-1")),
+        )
+        .unwrap();
+        (Arc::new(node), cache)
+    };
+    let (node, cache) = start();
+    wait_for(|| node.connected()).await;
+    let exact = |v: &[f32], k: usize| {
+        let params = SearchParams {
+            k,
+            ef: 64,
+            exact: true,
+            max_distance: None,
+        };
+        let (hits, _) = service.search("c", v, &params).unwrap();
+        hits.iter().map(|h| h.id).collect::<Vec<_>>()
+    };
+    let ids = |hits: &[tiervec_edge::node::NodeHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
+
+    // The cloud answers, then pushes the anchor with its exact ball.
+    let q = vector(123);
+    assert_eq!(node.search(&q, 5, 32).await.unwrap().source, Source::Cloud);
+    wait_for(|| cache.certified_anchors() == 1).await;
+    let certified = node.search(&q, 5, 32).await.unwrap();
+    assert!(
+        certified.certified,
+        "the anchor's own question is certified"
+    );
+    assert_eq!(certified.source, Source::Local);
+    assert_eq!(ids(&certified.hits), exact(&q, 5));
+    // A query a little off the anchor: certified only when provably exact.
+    for i in 0..50 {
+        let mut near = q.clone();
+        near[i % DIM] += 0.002 * (i as f32 + 1.0);
+        let answer = node.search(&near, 3, 32).await.unwrap();
+        if answer.certified {
+            assert_eq!(ids(&answer.hits), exact(&near, 3), "query {i}");
+        }
+    }
+
+    // A new point right next to the anchor: the certificate shrinks at once and the edge stops
+    // certifying an answer that lacks it.
+    let mut intruder = q.clone();
+    intruder[0] += 1e-3;
+    let written = std::time::Instant::now();
+    service.upsert("c", vec![(9_999, intruder, None)]).unwrap();
+    wait_for(|| cache.search(&q, 5, 32).is_ok_and(|a| !a.certified)).await;
+    assert!(written.elapsed() < Duration::from_secs(1));
+    let after = node.search(&q, 5, 32).await.unwrap();
+    assert_eq!(after.source, Source::Cloud);
+    assert!(ids(&after.hits).contains(&9_999));
+
+    // A new connection starts without certificates: the edge forgets them when it connects.
+    drop(node);
+    drop(cache);
+    let (node, cache) = start();
+    wait_for(|| node.connected()).await;
+    assert_eq!(cache.certified_anchors(), 0);
+    assert!(!node.search(&q, 5, 32).await.unwrap().certified);
 }
