@@ -258,3 +258,35 @@ fn wire_round_trips_and_rejects_truncation() {
     out.push(0);
     assert!(wire::decode_response(&out).is_err());
 }
+
+#[test]
+fn kernels_equal_the_portable_ones_bit_for_bit() {
+    // Under simd128 the dispatched kernels are the explicit wasm ones; simd128 has no FMA, so
+    // they must agree with the portable kernels exactly (the native edge's AVX2 path differs
+    // by FMA rounding only, tolerated at 1e-5).
+    use tiervec_shared::kernels;
+    for n in [0usize, 1, 15, 16, 31, 32, 33, 100, 384, 385] {
+        let a: Vec<f32> = (0..n).map(|i| ((i * 7 + 3) as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..n).map(|i| ((i * 5 + 1) as f32 * 0.91).cos()).collect();
+        assert_eq!(
+            kernels::dot(&a, &b).to_bits(),
+            kernels::dot_portable(&a, &b).to_bits()
+        );
+        assert_eq!(
+            kernels::l2_squared(&a, &b).to_bits(),
+            kernels::l2_squared_portable(&a, &b).to_bits()
+        );
+        let ca: Vec<i8> = (0..n)
+            .map(|i| ((i * 37) % 255) as i32 as i8)
+            .map(|c| c.max(-127))
+            .collect();
+        let cb: Vec<i8> = (0..n)
+            .map(|i| ((i * 91 + 5) % 255) as i32 as i8)
+            .map(|c| c.max(-127))
+            .collect();
+        assert_eq!(
+            kernels::dot_i8(&ca, &cb),
+            kernels::dot_i8_portable(&ca, &cb)
+        );
+    }
+}

@@ -13,6 +13,8 @@
 //! near-ties", which the ground-truth comparison tolerates at 1e-5.
 
 mod portable;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -30,7 +32,7 @@ pub fn active() -> &'static str {
         return "avx2+fma";
     }
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    return "portable (simd128)";
+    return "simd128";
     #[allow(unreachable_code)]
     "portable"
 }
@@ -44,6 +46,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: `available()` checked that this CPU supports AVX2 and FMA.
         return unsafe { x86::dot(a, b) };
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return wasm::dot(a, b);
+    #[allow(unreachable_code)]
     portable::dot(a, b)
 }
 
@@ -56,6 +61,9 @@ pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: `available()` checked that this CPU supports AVX2 and FMA.
         return unsafe { x86::l2_squared(a, b) };
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return wasm::l2_squared(a, b);
+    #[allow(unreachable_code)]
     portable::l2_squared(a, b)
 }
 
@@ -68,6 +76,9 @@ pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
         // SAFETY: `available()` checked that this CPU supports AVX2 and FMA.
         return unsafe { x86::dot_i8(a, b) };
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return wasm::dot_i8(a, b);
+    #[allow(unreachable_code)]
     portable::dot_i8(a, b)
 }
 
