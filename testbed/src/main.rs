@@ -69,6 +69,9 @@ enum Bench {
     /// The fallback path end to end over QUIC, with a raw quinn echo, and 0-RTT against a
     /// full handshake under an emulated round trip.
     E2e(tiervec_testbed::bench::e2e::E2eArgs),
+    /// The edge kernel as a WASM guest under wasmtime against the native edge (simd128 and
+    /// scalar guests), with host overhead, cold start and memory per instance.
+    Wasm(tiervec_testbed::bench::wasm::WasmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,6 +90,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::E2e(args),
         } => tiervec_testbed::bench::e2e::run(args),
+        Command::Bench {
+            bench: Bench::Wasm(args),
+        } => tiervec_testbed::bench::wasm::run(args),
         Command::QuicEcho { certs, addr_file } => {
             tiervec_testbed::bench::e2e::echo_server(&certs, &addr_file)
         }

@@ -82,7 +82,11 @@ struct Report {
 }
 
 /// Exact top-10 ids and distances of every query over `vectors`, on all cores.
-fn ground_truth(vectors: &[f32], dim: usize, queries: &[&[f32]]) -> Vec<(Vec<u64>, Vec<f32>)> {
+pub(crate) fn ground_truth(
+    vectors: &[f32],
+    dim: usize,
+    queries: &[&[f32]],
+) -> Vec<(Vec<u64>, Vec<f32>)> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = queries.len().div_ceil(threads).max(1);
     std::thread::scope(|s| {

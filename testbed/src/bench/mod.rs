@@ -5,6 +5,7 @@ pub mod cloud;
 pub mod e2e;
 pub mod local;
 pub mod memory;
+pub mod wasm;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
