@@ -340,22 +340,37 @@ impl PushHub {
     /// with its manifest step; `None` when there is nothing to push. Admission: a hot anchor
     /// enters a full cache only by evicting anchors colder than itself, so that an evicted
     /// anchor (still hot, but less) is not pushed straight back — no churn.
+    ///
+    /// `balls` (a certifying cache: the anchors certified on this connection): pushed anchors come
+    /// with their exact balls, and hot anchors the cache holds without a certificate on this
+    /// connection (held across a reconnection) are certified again, within the same
+    /// `max_anchors_per_delta` exact searches.
     fn plan(
         &self,
         edge: &str,
         collection: &Collection,
         manifest: &Manifest,
         budget: u64,
-        certify: bool,
+        balls: Option<&HashSet<u64>>,
     ) -> Option<(Delta, ManifestStep)> {
+        let certify = balls.is_some();
         let dim = collection.info.dim;
         let now = self.now_us();
         let key = (edge.to_owned(), collection.info.id.0);
-        let (candidates, scores) = {
+        let (candidates, scores, uncertified) = {
             let anchors = self.anchors.lock();
             let table = anchors.get(&key)?;
             let hot = table.hot(&self.config, now);
             let scores: HashMap<u64, f64> = hot.iter().copied().collect();
+            let uncertified: Vec<(u64, Vec<f32>)> = match balls {
+                Some(balls) => hot
+                    .iter()
+                    .filter(|(id, _)| manifest.holds_anchor(*id) && !balls.contains(id))
+                    .take(self.config.max_anchors_per_delta)
+                    .filter_map(|(id, _)| Some((*id, table.entries.get(id)?.vector.clone())))
+                    .collect(),
+                None => Vec::new(),
+            };
             let candidates: Vec<(u64, Vec<f32>, u64, f64)> = hot
                 .iter()
                 .filter(|(id, _)| !manifest.holds_anchor(*id))
@@ -365,7 +380,7 @@ impl PushHub {
                     Some((*id, e.vector.clone(), e.asked_unix_us, *count))
                 })
                 .collect();
-            (candidates, scores)
+            (candidates, scores, uncertified)
         };
         // Each candidate with its members (and, certified, its exact ball), hottest first.
         let mut anchors: Vec<(PushedAnchor, f64)> = candidates
@@ -474,7 +489,31 @@ impl PushHub {
                 pushed.contains(m) || (manifest.held(*m).is_some() && !evicted.contains(m))
             })
         });
-        if vectors.is_empty() && anchors.is_empty() && evict.is_empty() {
+        // Certify again, with what exact searches this delta has left, hot anchors held without
+        // a certificate on this connection whose whole ball is still held.
+        let certificates: Vec<Certificate> = uncertified
+            .into_iter()
+            .filter(|(id, _)| !evict_anchors.contains(id))
+            .take(
+                self.config
+                    .max_anchors_per_delta
+                    .saturating_sub(anchors.len()),
+            )
+            .filter_map(|(id, vector)| {
+                let ball = Ball::exact(collection, &vector, self.config.anchor_members)?;
+                ball.members
+                    .iter()
+                    .all(|(m, _)| {
+                        pushed.contains(m) || (manifest.held(*m).is_some() && !evicted.contains(m))
+                    })
+                    .then(|| Certificate {
+                        anchor_id: id,
+                        radius: ball.radius,
+                        members: ball.member_ids(),
+                    })
+            })
+            .collect();
+        if vectors.is_empty() && anchors.is_empty() && evict.is_empty() && certificates.is_empty() {
             return None;
         }
         let version = manifest.version + 1;
@@ -492,6 +531,11 @@ impl PushHub {
             anchors_added: anchors
                 .iter()
                 .map(|a| (a.anchor_id, a.members.clone()))
+                .chain(
+                    certificates
+                        .iter()
+                        .map(|c| (c.anchor_id, c.members.clone())),
+                )
                 .collect(),
             anchors_removed: evict_anchors.clone(),
         };
@@ -505,10 +549,17 @@ impl PushHub {
             evict,
             evict_anchors,
             tombstones: Vec::new(),
-            certificates: Vec::new(),
+            certificates,
             sent_at_unix_us: 0,
         };
         Some((delta, step))
+    }
+
+    /// The point of a tracked anchor of `edge`'s cache of `collection`.
+    fn anchor_vector(&self, edge: &str, collection: [u8; 16], anchor: u64) -> Option<Vec<f32>> {
+        let anchors = self.anchors.lock();
+        let table = anchors.get(&(edge.to_owned(), collection))?;
+        Some(table.entries.get(&anchor)?.vector.clone())
     }
 
     /// Point `id` as pushed, if it exists.
@@ -731,8 +782,14 @@ fn invalidation(
 }
 
 /// Brings the connection's certificates in line with a delivered delta: new certified
-/// anchors, certificate updates, evicted anchors.
-fn follow_certificates(balls: &mut HashMap<u64, Ball>, delta: &Delta, collection: &Collection) {
+/// anchors, certificate updates (of a known ball, or a held anchor certified again, whose point
+/// `anchor_vector` gives), evicted anchors.
+fn follow_certificates(
+    balls: &mut HashMap<u64, Ball>,
+    delta: &Delta,
+    collection: &Collection,
+    anchor_vector: impl Fn(u64) -> Option<Vec<f32>>,
+) {
     for anchor in &delta.evict_anchors {
         balls.remove(anchor);
     }
@@ -755,6 +812,22 @@ fn follow_certificates(balls: &mut HashMap<u64, Ball>, delta: &Delta, collection
         if let Some(ball) = balls.get_mut(&c.anchor_id) {
             ball.radius = c.radius;
             ball.members.retain(|(id, _)| c.members.contains(id));
+        } else if c.radius > 0.0
+            && let Some(vector) = anchor_vector(c.anchor_id)
+        {
+            let members = c
+                .members
+                .iter()
+                .filter_map(|&id| Some((id, euclidean(&vector, &collection.get(id)?.vector))))
+                .collect();
+            balls.insert(
+                c.anchor_id,
+                Ball {
+                    vector,
+                    radius: c.radius,
+                    members,
+                },
+            );
         }
     }
 }
@@ -819,7 +892,13 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
     let certify = certify && certifiable(collection.info.metric);
     // The certificates sent on this connection, kept exact as the corpus changes; the edge
     // forgot every other one when it connected.
-    let mut certificates: HashMap<u64, Ball> = HashMap::new();
+    let balls: Arc<Mutex<HashMap<u64, Ball>>> = Arc::default();
+    let follow = |delta: &Delta| {
+        let collection_id = collection.info.id.0;
+        follow_certificates(&mut balls.lock(), delta, &collection, |anchor| {
+            hub.anchor_vector(&edge, collection_id, anchor)
+        });
+    };
     if confirmed.wait_for(|c| *c).await.is_err() {
         return;
     }
@@ -939,16 +1018,18 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         let mut failed = None;
         // Invalidations first: they must not wait behind a push.
         for inv in invalidations {
-            match deliver(&hub, &conn, &edge, &collection, ack_timeout, |m| {
-                invalidation(m, &collection, &inv, &certificates)
-            })
+            let (collection, balls) = (collection.clone(), balls.clone());
+            match deliver(
+                &hub,
+                &conn,
+                &edge,
+                &collection.clone(),
+                ack_timeout,
+                move |m| invalidation(m, &collection, &inv, &balls.lock()),
+            )
             .await
             {
-                Ok(delivered) => {
-                    if let Some(delta) = delivered {
-                        follow_certificates(&mut certificates, &delta, &collection);
-                    }
-                }
+                Ok(delivered) => delivered.iter().for_each(follow),
                 Err(e) => {
                     failed = Some(e);
                     break;
@@ -956,14 +1037,72 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
             }
         }
         if failed.is_none() && push_now {
-            match deliver(&hub, &conn, &edge, &collection, ack_timeout, |m| {
-                hub.plan(&edge, &collection, m, budget, certify)
-            })
-            .await
-            {
-                Ok(Some(delta)) => follow_certificates(&mut certificates, &delta, &collection),
-                Ok(None) => {}
-                Err(e) => failed = Some(e),
+            // Planning (exact searches for certificates) runs on the blocking pool while this
+            // task keeps delivering invalidations: one never waits for a plan. A plan overtaken
+            // by an invalidation's step is dropped and made again at once.
+            let manifest = hub
+                .service
+                .catalog()
+                .edge_cache(&edge, collection.info.id.0)
+                .unwrap_or_else(|| Manifest::new(collection.info.id.0, 0));
+            let (planner, edge_name, planned_collection) =
+                (hub.clone(), edge.clone(), collection.clone());
+            let certified: Option<HashSet<u64>> =
+                certify.then(|| balls.lock().keys().copied().collect());
+            let planned_at = Instant::now();
+            let mut planning = tokio::task::spawn_blocking(move || {
+                planner
+                    .plan(
+                        &edge_name,
+                        &planned_collection,
+                        &manifest,
+                        budget,
+                        certified.as_ref(),
+                    )
+                    .filter(|(delta, _)| delta.version == manifest.version + 1)
+            });
+            let planned = loop {
+                tokio::select! {
+                    planned = &mut planning => break planned.ok().flatten(),
+                    job = jobs.recv() => match job {
+                        Some(Job::Invalidate(inv)) => {
+                            let (collection, balls) = (collection.clone(), balls.clone());
+                            match deliver(&hub, &conn, &edge, &collection.clone(), ack_timeout, move |m| {
+                                invalidation(m, &collection, &inv, &balls.lock())
+                            })
+                            .await
+                            {
+                                Ok(delivered) => delivered.iter().for_each(follow),
+                                Err(e) => {
+                                    failed = Some(e);
+                                    break None;
+                                }
+                            }
+                        }
+                        None => break None,
+                    },
+                }
+            };
+            metrics::histogram!("tiervec_push_plan_seconds")
+                .record(planned_at.elapsed().as_secs_f64());
+            if let (None, Some((delta, step))) = (&failed, planned) {
+                let logged = hub
+                    .service
+                    .catalog()
+                    .edge_cache(&edge, collection.info.id.0)
+                    .map_or(0, |m| m.version);
+                if delta.version == logged + 1 {
+                    match deliver(&hub, &conn, &edge, &collection, ack_timeout, move |_| {
+                        Some((delta, step))
+                    })
+                    .await
+                    {
+                        Ok(delivered) => delivered.iter().for_each(follow),
+                        Err(e) => failed = Some(e),
+                    }
+                } else {
+                    push_due = Some(tokio::time::Instant::now());
+                }
             }
         }
         if let Some(e) = failed {
@@ -981,15 +1120,16 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
     }
 }
 
-/// Plans a delta against the cloud's manifest of the cache, logs its step, sends it and waits
-/// for the acknowledgement; returns the delta delivered, if there was one.
+/// Plans a delta against the cloud's manifest of the cache (on the blocking pool: planning
+/// searches, exactly for certificates, and must not hold up the connections' tasks), logs its
+/// step, sends it and waits for the acknowledgement; returns the delta delivered, if any.
 async fn deliver(
     hub: &Arc<PushHub>,
     conn: &quinn::Connection,
     edge: &str,
     collection: &Arc<Collection>,
     ack_timeout: Duration,
-    plan: impl FnOnce(&Manifest) -> Option<(Delta, ManifestStep)>,
+    plan: impl FnOnce(&Manifest) -> Option<(Delta, ManifestStep)> + Send + 'static,
 ) -> Result<Option<Delta>, String> {
     let id = collection.info.id.0;
     let manifest = hub
@@ -997,7 +1137,10 @@ async fn deliver(
         .catalog()
         .edge_cache(edge, id)
         .unwrap_or_else(|| Manifest::new(id, 0));
-    let Some((mut delta, step)) = plan(&manifest) else {
+    let planned = tokio::task::spawn_blocking(move || plan(&manifest))
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some((mut delta, step)) = planned else {
         return Ok(None);
     };
     let service = hub.service.clone();

@@ -959,11 +959,20 @@ async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the
     assert_eq!(after.source, Source::Cloud);
     assert!(ids(&after.hits).contains(&9_999));
 
-    // A new connection starts without certificates: the edge forgets them when it connects.
+    // A restarted edge starts without certificates (none is read back from its delta log);
+    // on the new connection the cloud certifies the held anchor anew, its being still hot and
+    // its whole ball held (the intruder is gone again).
+    service.delete("c", vec![9_999]).unwrap();
     drop(node);
     drop(cache);
+    let reopened = EdgeCache::open(cache_config.clone()).unwrap().0;
+    assert_eq!(reopened.certified_anchors(), 0);
+    assert!(reopened.usage().1 == 1, "the anchor itself is held");
+    drop(reopened);
     let (node, cache) = start();
     wait_for(|| node.connected()).await;
-    assert_eq!(cache.certified_anchors(), 0);
-    assert!(!node.search(&q, 5, 32).await.unwrap().certified);
+    wait_for(|| cache.certified_anchors() == 1).await;
+    let recertified = node.search(&q, 5, 32).await.unwrap();
+    assert!(recertified.certified);
+    assert_eq!(ids(&recertified.hits), exact(&q, 5));
 }
