@@ -16,6 +16,8 @@
 //! * [`api`] is the axum HTTP/JSON API (`/v1`, OpenAPI at `/v1/openapi.json`, Prometheus
 //!   `/metrics`), with API keys ([`config::ApiKey`]).
 //! * [`client`] is a small HTTP client of that API (bulk loads, tests, benchmarks).
+//! * [`gpu`] serves exact scans on a GPU (feature `gpu`, cudarc) when one is usable, and says
+//!   why not otherwise; the CPU's SIMD scan is always there.
 
 pub mod api;
 pub mod certs;
@@ -24,6 +26,7 @@ pub mod client;
 pub mod collection;
 pub mod config;
 pub mod entry;
+pub mod gpu;
 pub mod hot;
 pub mod index;
 pub mod push;
