@@ -180,8 +180,11 @@ pub struct CollectionDescription {
     pub points: usize,
     /// Points in the searchable graph generation (the rest are searched exactly).
     pub indexed_points: usize,
-    /// Which engine serves exact search (`cpu_simd`).
+    /// Which engine serves exact search: `cpu_simd` or `gpu`.
     pub exact_engine: String,
+    /// Why: the device and precision on the GPU; on the CPU why not the GPU (e.g. `built
+    /// without the gpu feature`, `no CUDA driver (libcuda.so not found)`).
+    pub exact_engine_reason: String,
 }
 
 /// `GET /v1/collections`
@@ -319,6 +322,7 @@ pub struct BatchSearchResponse {
 pub const MAX_BATCH_SEARCHES: usize = 1_024;
 
 fn describe(c: &crate::collection::Collection) -> CollectionDescription {
+    let engine = c.exact_engine();
     CollectionDescription {
         name: c.info.name.clone(),
         id: uuid::Uuid::from_bytes(c.info.id.0).to_string(),
@@ -328,7 +332,12 @@ fn describe(c: &crate::collection::Collection) -> CollectionDescription {
         ef_construction: c.info.params.ef_construction,
         points: c.len(),
         indexed_points: c.indexed_points(),
-        exact_engine: "cpu_simd".into(),
+        exact_engine: match engine.kind {
+            crate::gpu::EngineKind::Gpu => "gpu",
+            crate::gpu::EngineKind::Cpu => "cpu_simd",
+        }
+        .into(),
+        exact_engine_reason: engine.reason,
     }
 }
 
@@ -800,7 +809,12 @@ pub async fn serve(
         }
         None => None,
     };
-    let recovery = tokio::task::spawn_blocking(move || Service::open(config));
+    let recovery = tokio::task::spawn_blocking(move || {
+        // The exact-search engine is chosen (and the GPU probed) once, before any collection
+        // is recovered, so every collection uses the configured one.
+        crate::gpu::install(&config.gpu);
+        Service::open(config)
+    });
     // Small JSON answers must not wait on Nagle's algorithm for the client's delayed ACK.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);

@@ -13,6 +13,7 @@ use tiervec_shared::hnsw::{
 use tiervec_shared::query::{MAX_EF, QueryError, validate_search};
 use tiervec_shared::{CollectionId, Metric, exact, kernels};
 
+use crate::gpu::{EngineStatus, ExactEngine, ExactScan, HostRows};
 use crate::index::{Generation, GraphIndex};
 
 /// What a collection is: fixed at creation.
@@ -72,11 +73,33 @@ pub struct Points {
     live_count: usize,
     /// Highest LSN that touched each deleted id, so a replayed older upsert cannot resurrect it.
     deleted_at: HashMap<u64, u64>,
+    /// Tombstones made so far: a device copy whose live mask was built at another count
+    /// rebuilds the mask.
+    tombstones: u64,
 }
 
 impl Points {
     fn slots(&self) -> usize {
         self.ids.len()
+    }
+
+    /// Marks `slot` dead.
+    fn tombstone(&mut self, slot: u32) {
+        self.live[slot as usize] = false;
+        self.live_count -= 1;
+        self.tombstones += 1;
+    }
+
+    /// The rows as the exact scan (CPU or device) sees them.
+    fn host_rows(&self, dim: usize, metric: Metric) -> HostRows<'_> {
+        HostRows {
+            vectors: &self.vectors,
+            live: &self.live,
+            live_count: self.live_count,
+            tombstone_epoch: self.tombstones,
+            dim,
+            metric,
+        }
     }
 }
 
@@ -105,10 +128,18 @@ pub struct Collection {
     /// Set while a background rebuild replaces the index.
     rebuilding: AtomicBool,
     scratches: Mutex<Vec<SearchScratch>>,
+    /// Where exact scans from slot 0 run: the GPU when the process has a usable one.
+    exact: ExactScan,
 }
 
 impl Collection {
+    /// A collection whose exact scans use the process's engine ([`crate::gpu::engine`]).
     pub fn new(info: CollectionInfo) -> Collection {
+        Collection::with_engine(info, crate::gpu::engine())
+    }
+
+    /// A collection whose exact scans use `engine`.
+    pub fn with_engine(info: CollectionInfo, engine: Arc<ExactEngine>) -> Collection {
         let index = GraphIndex::new(info.metric, info.params, 1024);
         Collection {
             info,
@@ -120,7 +151,13 @@ impl Collection {
             index_dead: AtomicUsize::new(0),
             rebuilding: AtomicBool::new(false),
             scratches: Mutex::new(Vec::new()),
+            exact: ExactScan::new(engine),
         }
+    }
+
+    /// The engine serving this collection's exact scans, and why.
+    pub fn exact_engine(&self) -> EngineStatus {
+        self.exact.status()
     }
 
     /// Applies an upsert logged at `lsn`. Vectors are prepared for the metric. Idempotent: a
@@ -142,8 +179,7 @@ impl Collection {
                 if p.lsns[slot as usize] >= lsn {
                     continue;
                 }
-                p.live[slot as usize] = false;
-                p.live_count -= 1;
+                p.tombstone(slot);
                 self.note_tombstone(slot);
             }
             let slot = p.ids.len() as u32;
@@ -168,8 +204,7 @@ impl Collection {
                 if p.lsns[slot as usize] >= lsn {
                     continue;
                 }
-                p.live[slot as usize] = false;
-                p.live_count -= 1;
+                p.tombstone(slot);
                 p.slot_of.remove(&id);
                 self.note_tombstone(slot);
             }
@@ -366,7 +401,7 @@ impl Collection {
         let generation = self.generation.load();
         let use_exact = params.exact || p.live_count < EXACT_BELOW || generation.len == 0;
         let mut found: Vec<Neighbour> = if use_exact {
-            self.scan(&p, &q, 0, params.k)
+            self.exact_top(&p, &q, params.k).pop().unwrap_or_default()
         } else {
             let mut ef = params.ef.max(params.k);
             let mut rerank = (4 * params.k).max(RERANK_FLOOR);
@@ -409,6 +444,80 @@ impl Collection {
                 Engine::Graph
             },
         ))
+    }
+
+    /// Exact top-`k` of several queries at once (`queries`: rows of `dim`, raw; prepared here):
+    /// one GEMM on the GPU when the engine takes the batch, else the CPU's scan on every core.
+    pub fn search_exact_batch(
+        &self,
+        queries: &[f32],
+        k: usize,
+    ) -> Result<Vec<Vec<Hit>>, QueryError> {
+        let dim = self.info.dim;
+        let mut prepared = queries.to_vec();
+        for q in prepared.chunks_mut(dim) {
+            validate_search(q, dim, k, 0)?;
+            self.info.metric.prepare(q);
+        }
+        let p = self.points.read();
+        let found = self.exact_top(&p, &prepared, k);
+        Ok(found
+            .iter()
+            .map(|top| {
+                top.iter()
+                    .map(|n| {
+                        let slot = n.id as usize;
+                        Hit {
+                            id: p.ids[slot],
+                            distance: n.distance,
+                            lsn: p.lsns[slot],
+                            payload: p.payloads[slot].clone(),
+                        }
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Exact top-`k` of each prepared query over all live slots: on the device when the engine
+    /// takes it, else on the CPU (queries spread over the cores when there are several).
+    fn exact_top(&self, p: &Points, queries: &[f32], k: usize) -> Vec<Vec<Neighbour>> {
+        let dim = self.info.dim;
+        let _span = tracing::debug_span!("exact_scan", queries = queries.len() / dim, k).entered();
+        if let Some(found) = self
+            .exact
+            .search(&p.host_rows(dim, self.info.metric), queries, k)
+        {
+            return found;
+        }
+        metrics::counter!("tiervec_exact_queries_total", "engine" => "cpu")
+            .increment((queries.len() / dim) as u64);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(queries.len() / dim);
+        if threads <= 1 {
+            return queries
+                .chunks_exact(dim)
+                .map(|q| self.scan(p, q, 0, k))
+                .collect();
+        }
+        let per_thread = (queries.len() / dim).div_ceil(threads) * dim;
+        std::thread::scope(|s| {
+            let parts: Vec<_> = queries
+                .chunks(per_thread)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.chunks_exact(dim)
+                            .map(|q| self.scan(p, q, 0, k))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|h| h.join().expect("an exact scan thread panicked"))
+                .collect()
+        })
     }
 
     /// Live slots at or above `from`, scanned exactly: the `k` nearest.
