@@ -139,6 +139,17 @@ pub struct ApplyReport {
     pub removed: usize,
 }
 
+/// Another searcher kept in step with the cache (the WASM engine's guests): told the whole
+/// cache when it starts following and after every compaction or reset, then each delta as
+/// it is applied — under the cache's writer lock, so in order. Certificates are not followed:
+/// a follower answers from what is pushed, certified or not (see `docs/wasm.md`).
+pub trait CacheFollower: Send + Sync {
+    /// The cache is now `snapshot` (file bytes; `None`: no snapshot) with `deltas` on top.
+    fn replaced(&self, snapshot: Option<&[u8]>, deltas: &[Delta]);
+    /// `delta` was applied (durably) to the cache.
+    fn applied(&self, delta: &Delta);
+}
+
 /// The edge's cache.
 pub struct EdgeCache {
     config: CacheConfig,
@@ -147,6 +158,7 @@ pub struct EdgeCache {
     compacting: Arc<AtomicBool>,
     /// The current connection's number; deltas of an older one bring no certificates.
     connection: AtomicU64,
+    follower: arc_swap::ArcSwapOption<Box<dyn CacheFollower>>,
 }
 
 /// Renames `path` aside as `<name>.corrupt-<unix seconds>`; the file is kept for inspection.
@@ -281,6 +293,7 @@ impl EdgeCache {
                 }),
                 compacting: Arc::new(AtomicBool::new(false)),
                 connection: AtomicU64::new(0),
+                follower: arc_swap::ArcSwapOption::empty(),
             },
             report,
         ))
@@ -363,6 +376,28 @@ impl EdgeCache {
         })
     }
 
+    /// Keeps `follower` in step with this cache from now on, starting with the whole of it.
+    pub fn follow(&self, follower: Box<dyn CacheFollower>) {
+        let writer = self.writer.lock();
+        let state = self.state.load();
+        follower.replaced(
+            state.snapshot.as_ref().map(|s| s.bytes()),
+            &writer.since_snapshot,
+        );
+        self.follower.store(Some(Arc::new(follower)));
+    }
+
+    /// Tells the follower the whole cache again (after a compaction or a reset).
+    fn replaced(&self, writer: &Writer) {
+        if let Some(follower) = self.follower.load().as_ref() {
+            let state = self.state.load();
+            follower.replaced(
+                state.snapshot.as_ref().map(|s| s.bytes()),
+                &writer.since_snapshot,
+            );
+        }
+    }
+
     /// Starts a connection to the cloud: forgets every certificate (the cloud maintains only
     /// those it sends on the new connection) and returns the connection's number, which its
     /// deltas are applied with.
@@ -399,6 +434,9 @@ impl EdgeCache {
         writer.log.append(delta)?;
         writer.since_snapshot.push(delta.clone());
         self.state.store(Arc::new(next));
+        if let Some(follower) = self.follower.load().as_ref() {
+            follower.applied(delta);
+        }
         metrics::counter!("tiervec_edge_push_deltas_total").increment(1);
         let report = ApplyReport {
             duplicate: false,
@@ -443,6 +481,7 @@ impl EdgeCache {
         writer.log = DeltaLog::rewrite(&self.config.deltas, &[])?;
         writer.since_snapshot.clear();
         self.state.store(Arc::new(CacheState::from_snapshot(None)));
+        self.replaced(&writer);
         Ok(report)
     }
 
@@ -627,6 +666,7 @@ impl EdgeCache {
         writer.since_snapshot.retain(|d| d.version > version);
         writer.log = DeltaLog::rewrite(&self.config.deltas, &writer.since_snapshot)?;
         self.state.store(Arc::new(next));
+        self.replaced(&writer);
         drop(writer);
         metrics::counter!("tiervec_edge_compactions_total").increment(1);
         metrics::histogram!("tiervec_edge_compaction_seconds")

@@ -141,6 +141,9 @@ async fn search(
     };
     let answer = answer.map_err(|e| match e {
         EdgeError::Query(q) => ApiError(StatusCode::BAD_REQUEST, "invalid_request", q.to_string()),
+        EdgeError::GuestQuery(message) => {
+            ApiError(StatusCode::BAD_REQUEST, "invalid_request", message)
+        }
         other => ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

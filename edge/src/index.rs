@@ -28,6 +28,9 @@ pub enum EdgeError {
     },
     #[error("invalid search request: {0}")]
     Query(#[from] QueryError),
+    /// The WASM guest refused the request as invalid (its message).
+    #[error("invalid search request: {0}")]
+    GuestQuery(String),
 }
 
 /// One search result: the cloud id, its distance (see `tiervec_shared::metric`), the LSN of
@@ -122,6 +125,11 @@ impl EdgeIndex {
 
     pub fn header(&self) -> &SnapshotHeader {
         self.snapshot.header()
+    }
+
+    /// The snapshot file's validated bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.snapshot.bytes()
     }
 
     /// In-place access to the archived contents.

@@ -26,6 +26,7 @@ pub mod index;
 pub mod inspect;
 pub mod link;
 pub mod node;
+pub mod wasm_engine;
 pub mod wasm_host;
 
 pub use files::{SnapshotBytes, write_snapshot_atomic};

@@ -14,6 +14,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Engine {
+    Native,
+    Wasm,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print a snapshot's header, counts and graph statistics, and whether it validates.
@@ -27,6 +33,21 @@ enum Command {
         /// TOML configuration (fields: `tiervec_edge::config::EdgeConfig`).
         #[arg(long)]
         config: PathBuf,
+        /// What answers local searches: this process (`native`) or WASM guests run by wasmtime
+        /// (`wasm`), as a CDN edge worker would.
+        #[arg(long, value_enum, default_value_t = Engine::Native)]
+        engine: Engine,
+        /// The guest module (`wasm`): by default `tiervec_wasm.wasm` of this build's target
+        /// directory (`cargo build --release --target wasm32-wasip1 -p tiervec-wasm`).
+        #[arg(long)]
+        guest: Option<PathBuf>,
+        /// Where the compiled guest is cached (`wasm`; created with mode 0700): by default
+        /// `wasm-module-cache` beside the snapshot.
+        #[arg(long)]
+        module_cache: Option<PathBuf>,
+        /// Longest a guest may search before it is stopped and the cloud asked (`wasm`).
+        #[arg(long, default_value_t = 50)]
+        guest_deadline_ms: u64,
     },
     /// Search a snapshot with a query vector given as comma-separated numbers.
     Query {
@@ -40,6 +61,20 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         ef: usize,
     },
+}
+
+/// The guest this build's target directory holds: `target/release/tiervec-edge` →
+/// `target/wasm32-wasip1/release/tiervec_wasm.wasm`.
+fn default_guest() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .parent()
+        .and_then(|release| release.parent())
+        .context("cannot locate the target directory from this executable")?;
+    Ok(target
+        .join("wasm32-wasip1")
+        .join("release")
+        .join("tiervec_wasm.wasm"))
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -59,7 +94,13 @@ fn main() -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Serve { config } => {
+        Command::Serve {
+            config,
+            engine,
+            guest,
+            module_cache,
+            guest_deadline_ms,
+        } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let config: tiervec_edge::config::EdgeConfig =
@@ -78,16 +119,47 @@ fn main() -> anyhow::Result<ExitCode> {
             let rt = rt.enable_all().build()?;
             // Installed before the node starts, so that no early metric goes to the no-op recorder.
             let metrics = tiervec_edge::http::install_prometheus()?;
+            let wasm = match engine {
+                Engine::Native => None,
+                Engine::Wasm => {
+                    anyhow::ensure!(
+                        !config.certify,
+                        "--engine wasm does not follow certificates into its guests: set `certify = false`"
+                    );
+                    let module = match guest {
+                        Some(path) => path,
+                        None => default_guest()?,
+                    };
+                    let cache_dir = module_cache.unwrap_or_else(|| {
+                        config
+                            .snapshot
+                            .parent()
+                            .unwrap_or(std::path::Path::new("."))
+                            .join("wasm-module-cache")
+                    });
+                    let mut wasm_config =
+                        tiervec_edge::wasm_host::WasmConfig::new(module, cache_dir);
+                    wasm_config.deadline = std::time::Duration::from_millis(guest_deadline_ms);
+                    Some(
+                        tiervec_edge::wasm_engine::WasmEngine::start(wasm_config)
+                            .context("starting the wasm engine")?,
+                    )
+                }
+            };
             rt.block_on(async move {
                 let (cache, report) = tiervec_edge::cache::EdgeCache::open(config.cache())?;
                 for (aside, why) in &report.set_aside {
                     tracing::error!(file = %aside.display(), why, "damaged cache file set aside; the cloud resyncs the cache");
                 }
-                let node = std::sync::Arc::new(tiervec_edge::node::EdgeNode::start(
+                let mut node = tiervec_edge::node::EdgeNode::start(
                     std::sync::Arc::new(cache),
                     config.node(),
                     config.link(),
-                )?);
+                )?;
+                if let Some(engine) = wasm {
+                    node = node.with_wasm(engine);
+                }
+                let node = std::sync::Arc::new(node);
                 let state = tiervec_edge::http::EdgeState {
                     node,
                     default_ef: config.default_ef,

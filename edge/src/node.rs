@@ -31,9 +31,11 @@ use tiervec_shared::protocol::session::QueryFailure;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::cache::EdgeCache;
+use crate::cache::{EdgeCache, LocalAnswer};
 use crate::index::EdgeError;
 use crate::link::{CloudLink, Connector, LinkConfig, LinkError, PushTarget};
+use crate::wasm_engine::WasmEngine;
+use crate::wasm_host::wire::status;
 
 /// Where an answer came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +176,8 @@ pub struct EdgeNode {
     config: NodeConfig,
     uplink: Option<Uplink>,
     learned: Arc<Learned>,
+    /// Guests answering local searches (`serve --engine wasm`); `None`: native.
+    wasm: Option<Arc<WasmEngine>>,
 }
 
 impl EdgeNode {
@@ -225,7 +229,46 @@ impl EdgeNode {
             config,
             uplink,
             learned,
+            wasm: None,
         })
+    }
+
+    /// Answers local searches with `engine`'s guests, kept in step with the cache from now on.
+    pub fn with_wasm(mut self, engine: Arc<WasmEngine>) -> EdgeNode {
+        self.cache.follow(engine.follower());
+        self.wasm = Some(engine);
+        self
+    }
+
+    /// The local answer and whether the rule says to serve it: searched natively, or in a
+    /// guest (which decides with the same rule); a guest that cannot answer counts as not
+    /// confident, so the cloud is asked.
+    fn local(&self, query: &[f32], k: usize, ef: usize) -> Result<(LocalAnswer, bool), EdgeError> {
+        let rule = self.rule();
+        let Some(engine) = &self.wasm else {
+            let answer = self.cache.search(query, k, ef)?;
+            let distances: Vec<f32> = answer.hits.iter().map(|h| h.distance).collect();
+            let confident = rule.decide(&distances, k, answer.nearest_anchor) == Decision::Local;
+            return Ok((answer, confident));
+        };
+        match engine.search(query, k, ef, rule) {
+            Ok(found) => Ok((found.answer, found.confident)),
+            Err(e) if e.guest_code() == Some(status::INVALID_QUERY) => {
+                Err(EdgeError::GuestQuery(e.to_string()))
+            }
+            Err(e) => {
+                let reason = match &e {
+                    crate::wasm_host::WasmError::DeadlineExceeded { .. } => "deadline",
+                    crate::wasm_host::WasmError::MemoryCap { .. } => "memory_cap",
+                    crate::wasm_host::WasmError::Trap { .. } => "trap",
+                    _ => "other",
+                };
+                metrics::counter!("tiervec_edge_wasm_failures_total", "reason" => reason)
+                    .increment(1);
+                warn!(error = %e, "the guest could not answer; asking the cloud");
+                Ok((LocalAnswer::default(), false))
+            }
+        }
     }
 
     /// Whether the link to the cloud is up.
@@ -341,7 +384,7 @@ impl EdgeNode {
         ef: usize,
     ) -> Result<NodeAnswer, EdgeError> {
         let _span = info_span!("edge_query_local", k, ef).entered();
-        let answer = self.cache.search(query, k, ef)?;
+        let (answer, _) = self.local(query, k, ef)?;
         let kth_distance = (answer.hits.len() >= k).then(|| answer.hits[k - 1].distance);
         Ok(NodeAnswer {
             stale: self.stale(),
@@ -360,7 +403,7 @@ impl EdgeNode {
         ef: usize,
         span: &tracing::Span,
     ) -> Result<Settled, EdgeError> {
-        let answer = self.cache.search(query, k, ef)?;
+        let (answer, confident) = self.local(query, k, ef)?;
         let certified = answer.certified && self.link_up();
         let local = answer.hits;
         let distances: Vec<f32> = local.iter().map(|h| h.distance).collect();
@@ -368,8 +411,7 @@ impl EdgeNode {
             (distances.len() >= k).then(|| distances[k - 1]),
             answer.nearest_anchor,
         );
-        let rule = self.rule();
-        if certified || rule.decide(&distances, k, answer.nearest_anchor) == Decision::Local {
+        if certified || confident {
             if let Some(first_use) = answer.anchor_first_use {
                 first_use.record();
             }

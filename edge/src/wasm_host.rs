@@ -531,6 +531,15 @@ impl WasmHost {
         Ok(())
     }
 
+    /// Empties the cache every instance holds: no snapshot, no deltas (a reset cache).
+    pub fn clear(&self) {
+        let _writer = self.writer.lock();
+        let mut journal = self.journal.lock();
+        journal.generation += 1;
+        journal.snapshot = None;
+        journal.deltas.clear();
+    }
+
     /// Applies a pushed delta (checked by the guest against its manifest; a refusal changes
     /// nothing); every instance applies it before its next request.
     pub fn apply_delta(&self, delta: &Delta, accept_certificates: bool) -> Result<(), WasmError> {

@@ -407,3 +407,102 @@ fn the_confidence_rule_reaches_the_guest() {
     ));
     assert!(matches!(missing, Err(WasmError::ModuleMissing { .. })));
 }
+
+/// `tiervec-edge serve --engine wasm` and `--engine native`, real processes over the same
+/// cache files: the same answers over HTTP (ids, near-ties aside; distances within 1e-5), and
+/// the same typed refusal of a bad request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_engine_wasm_answers_like_the_native_edge_over_http() {
+    use tiervec_edge::config::EdgeConfig;
+
+    /// A child process killed when dropped.
+    struct Served(std::process::Child);
+    impl Drop for Served {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let http = reqwest::Client::new();
+    let mut urls = Vec::new();
+    let mut served = Vec::new();
+    for engine in ["native", "wasm"] {
+        let home = dir.path().join(engine);
+        std::fs::create_dir_all(&home).expect("edge dir");
+        let snapshot = home.join("cache.tvs");
+        std::fs::write(&snapshot, &data().snapshot).expect("snapshot written");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let config = EdgeConfig {
+            name: format!("edge-{engine}"),
+            snapshot,
+            collection: "wordnet".into(),
+            http_addr: format!("127.0.0.1:{port}").parse().expect("address"),
+            worker_threads: Some(1),
+            ..EdgeConfig::default()
+        };
+        let config_path = home.join("edge.toml");
+        std::fs::write(&config_path, toml::to_string(&config).expect("toml")).expect("config");
+        let log = std::fs::File::create(home.join("edge.log")).expect("log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tiervec-edge"));
+        command
+            .args(["serve", "--engine", engine, "--config"])
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        if engine == "wasm" {
+            command.arg("--guest").arg(guest());
+            command.arg("--module-cache").arg(home.join("modules"));
+        }
+        served.push(Served(command.spawn().expect("tiervec-edge starts")));
+        urls.push(format!(
+            "http://127.0.0.1:{port}/v1/collections/wordnet/search"
+        ));
+    }
+    let ask = |url: String, body: serde_json::Value| {
+        let http = http.clone();
+        async move {
+            for _ in 0..600 {
+                if let Ok(response) = http.post(&url).json(&body).send().await {
+                    let status = response.status();
+                    let v: serde_json::Value = response.json().await.expect("JSON");
+                    return (status, v);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("{url} never answered");
+        }
+    };
+    let hits = |v: &serde_json::Value| -> Vec<(u64, f32)> {
+        v["hits"]
+            .as_array()
+            .expect("hits")
+            .iter()
+            .map(|h| {
+                (
+                    h["id"].as_u64().expect("id"),
+                    h["distance"].as_f64().expect("distance") as f32,
+                )
+            })
+            .collect()
+    };
+    let queries = &data().queries;
+    for q in 0..50 {
+        let body = serde_json::json!({"vector": queries.row(q), "k": 10, "local_only": true});
+        let (native_status, native) = ask(urls[0].clone(), body.clone()).await;
+        let (guest_status, guest) = ask(urls[1].clone(), body).await;
+        assert!(native_status.is_success() && guest_status.is_success());
+        assert_eq!(guest["source"], "local");
+        assert_same(&hits(&native), &hits(&guest), &format!("query {q}"));
+    }
+    let bad = serde_json::json!({"vector": [0.5, 0.5], "k": 10});
+    let (native_status, native) = ask(urls[0].clone(), bad.clone()).await;
+    let (guest_status, guest) = ask(urls[1].clone(), bad).await;
+    assert_eq!((native_status.as_u16(), guest_status.as_u16()), (400, 400));
+    assert_eq!(native["code"], guest["code"]);
+    drop(served);
+}

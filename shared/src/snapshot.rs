@@ -787,6 +787,11 @@ impl<B: StableBytes> Snapshot<B> {
         self.bytes.len()
     }
 
+    /// The validated file bytes (to hand the same snapshot to another searcher, e.g. a guest).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// A view of the archived contents, without copying or re-validating.
     pub fn view(&self) -> SnapshotView<'_> {
         // SAFETY: `open` validated these exact bytes with `rkyv::access`, and `StableBytes`

@@ -1,0 +1,140 @@
+//! The WASM engine of `tiervec-edge serve --engine wasm`: the node's local searches are
+//! answered by guests (`wasm_host::WasmHost`) that hold the same cache as the native one —
+//! the snapshot file's bytes and every delta, handed over as the `EdgeCache` changes
+//! ([`CacheFollower`]) — and decide confidence with the node's rule, in the guest. The node
+//! keeps the link, the pushes, the delta log and compaction; only searching moves into WASM.
+//!
+//! Certificates are not followed into the guests: deltas reach them without radii, so they
+//! never certify (a configuration asking for both is refused at start).
+//!
+//! When a guest cannot answer — past its deadline, out of memory, trapped, or out of step
+//! with the cache after a refused snapshot or delta — the search counts as not confident and
+//! the node asks the cloud (or answers degraded), as for any unconfident local answer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+use tiervec_shared::confidence::ConfidenceRule;
+use tiervec_shared::push::Delta;
+use tracing::{error, info};
+
+use crate::cache::{CacheFollower, LocalAnswer};
+use crate::node::NodeHit;
+use crate::wasm_host::{WasmConfig, WasmError, WasmHost};
+
+/// Guests answering a node's local searches.
+pub struct WasmEngine {
+    host: WasmHost,
+    /// Whether the guests hold exactly the cache (false after a refused snapshot or delta,
+    /// until the cache is handed over whole again).
+    in_step: AtomicBool,
+    /// The rule last given to the guests.
+    rule: Mutex<Option<ConfidenceRule>>,
+}
+
+/// A guest's local answer, with its confidence decision.
+pub struct GuestLocal {
+    pub answer: LocalAnswer,
+    /// The node's rule, applied in the guest, says answer locally.
+    pub confident: bool,
+}
+
+impl WasmEngine {
+    /// Starts the host (the module from its on-disk cache when possible).
+    pub fn start(config: WasmConfig) -> Result<Arc<WasmEngine>, WasmError> {
+        let host = WasmHost::start(config)?;
+        let (source, took) = host.module_source();
+        info!(?source, seconds = took.as_secs_f64(), "wasm engine ready");
+        Ok(Arc::new(WasmEngine {
+            host,
+            in_step: AtomicBool::new(false),
+            rule: Mutex::new(None),
+        }))
+    }
+
+    /// The follower that keeps the guests' cache in step with `EdgeCache::follow`.
+    pub fn follower(self: &Arc<Self>) -> Box<dyn CacheFollower> {
+        Box::new(GuestFollower(self.clone()))
+    }
+
+    /// Searches in a guest, deciding confidence with `rule` there.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        rule: ConfidenceRule,
+    ) -> Result<GuestLocal, WasmError> {
+        if !self.in_step.load(Ordering::Acquire) {
+            return Err(WasmError::Runtime(
+                "the guests are out of step with the cache (a refused snapshot or delta)".into(),
+            ));
+        }
+        {
+            let mut configured = self.rule.lock();
+            if *configured != Some(rule) {
+                self.host.configure(rule);
+                *configured = Some(rule);
+            }
+        }
+        let answer = self.host.search(query, k, ef)?;
+        Ok(GuestLocal {
+            confident: answer.local,
+            answer: LocalAnswer {
+                hits: answer
+                    .hits
+                    .into_iter()
+                    .map(|h| NodeHit {
+                        id: h.id,
+                        distance: h.distance,
+                        lsn: h.lsn,
+                        payload: h.payload,
+                    })
+                    .collect(),
+                nearest_anchor: answer.nearest_anchor.map(|(_, d)| d),
+                certified: false,
+                anchor_first_use: None,
+            },
+        })
+    }
+
+    fn out_of_step(&self, what: &str, e: &WasmError) {
+        self.in_step.store(false, Ordering::Release);
+        metrics::counter!("tiervec_edge_wasm_out_of_step_total").increment(1);
+        error!(error = %e, what, "the guests refused the cache; local searches go to the cloud until the next compaction or reset hands the cache over again");
+    }
+}
+
+/// Hands every change of the `EdgeCache` to the guests.
+struct GuestFollower(Arc<WasmEngine>);
+
+impl CacheFollower for GuestFollower {
+    fn replaced(&self, snapshot: Option<&[u8]>, deltas: &[Delta]) {
+        let host = &self.0.host;
+        let loaded = match snapshot {
+            Some(bytes) => host.load_snapshot(bytes),
+            None => {
+                host.clear();
+                Ok(())
+            }
+        };
+        let outcome = loaded.and_then(|()| {
+            deltas
+                .iter()
+                .try_for_each(|delta| host.apply_delta(delta, false))
+        });
+        match outcome {
+            Ok(()) => self.0.in_step.store(true, Ordering::Release),
+            Err(e) => self.0.out_of_step("snapshot", &e),
+        }
+    }
+
+    fn applied(&self, delta: &Delta) {
+        if self.0.in_step.load(Ordering::Acquire)
+            && let Err(e) = self.0.host.apply_delta(delta, false)
+        {
+            self.0.out_of_step("delta", &e);
+        }
+    }
+}
