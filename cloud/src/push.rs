@@ -721,6 +721,10 @@ impl Ball {
 /// Points fetched beyond a ball's members when it is computed.
 const BALL_MARGIN: usize = 4;
 
+/// Most (written point, ball) distance checks one write may cost a certifying cache's push
+/// task (a few milliseconds at 384 dimensions); above, its certificates are dropped instead.
+const MAX_BALL_CHECKS: usize = 1 << 20;
+
 /// The delta for a write of `ids` at `lsn` in a cache: tombstones for the ids it holds, and
 /// the certificates the write changes (computed from `balls`, the connection's certificates).
 fn invalidation(
@@ -736,7 +740,23 @@ fn invalidation(
         .map(|&id| Tombstone { id, lsn: inv.lsn })
         .collect();
     let mut certificates = Vec::new();
-    if !balls.is_empty() {
+    if inv.ids.len().saturating_mul(balls.len()) > MAX_BALL_CHECKS {
+        // A bulk write: checking every point against every ball would stall this cache's
+        // deliveries; dropping the certificates is always correct, and hot anchors are
+        // certified again by the next pushes.
+        certificates.extend(balls.keys().filter(|a| manifest.holds_anchor(**a)).map(
+            |&anchor_id| {
+                Certificate {
+                    anchor_id,
+                    radius: 0.0,
+                    members: manifest
+                        .anchor_members(anchor_id)
+                        .unwrap_or_default()
+                        .to_vec(),
+                }
+            },
+        ));
+    } else if !balls.is_empty() {
         let written: Vec<(u64, Option<Vec<f32>>)> = inv
             .ids
             .iter()
@@ -809,12 +829,13 @@ fn follow_certificates(
         );
     }
     for c in &delta.certificates {
-        if let Some(ball) = balls.get_mut(&c.anchor_id) {
+        if c.radius == 0.0 {
+            // Dropped: the anchor may be certified again.
+            balls.remove(&c.anchor_id);
+        } else if let Some(ball) = balls.get_mut(&c.anchor_id) {
             ball.radius = c.radius;
             ball.members.retain(|(id, _)| c.members.contains(id));
-        } else if c.radius > 0.0
-            && let Some(vector) = anchor_vector(c.anchor_id)
-        {
+        } else if let Some(vector) = anchor_vector(c.anchor_id) {
             let members = c
                 .members
                 .iter()

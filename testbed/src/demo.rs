@@ -104,6 +104,10 @@ pub struct DemoArgs {
     /// Edges do not ask for certificates (no certified answers).
     #[arg(long)]
     pub no_certify: bool,
+    /// Edges answer local searches in WASM guests (`tiervec-edge serve --engine wasm`; they
+    /// follow no certificates, so this implies `--no-certify`).
+    #[arg(long)]
+    pub wasm: bool,
     /// Vectors held by edges deleted in the cloud after the trace, for the staleness window.
     #[arg(long, default_value_t = 100)]
     pub deletes: usize,
@@ -399,6 +403,11 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
 
     // 5. The edges as processes, each with one worker thread; pinned: edges and this load
     //    generator on core 0, the cloud alone on core 1.
+    let guest = if args.wasm {
+        Some(crate::bench::wasm::guest(true)?)
+    } else {
+        None
+    };
     let mut edges = Vec::new();
     for (e, name) in edge_names.iter().enumerate() {
         edges.push(deployment::start_edge(
@@ -412,7 +421,8 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
                 cloud_ef,
                 deadline_ms: args.deadline_ms,
                 cpus: pinning.then_some("0"),
-                certify: !args.no_certify,
+                certify: !args.no_certify && !args.wasm,
+                wasm_guest: guest.as_deref(),
             },
         )?);
     }
@@ -535,6 +545,8 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         machine: Machine::detect(),
         settings: serde_json::json!({
             "cold": args.cold,
+            "engine": if args.wasm { "wasm" } else { "native" },
+            "certify": !args.no_certify && !args.wasm,
             "edges": args.edges,
             "requests_per_edge": requests_per_edge,
             "zipf": args.zipf,

@@ -265,6 +265,8 @@ pub struct EdgeSpec<'a> {
     pub cpus: Option<&'a str>,
     /// Ask the cloud for certificates with its anchors.
     pub certify: bool,
+    /// Answer local searches with this WASM guest (`serve --engine wasm`); `None`: native.
+    pub wasm_guest: Option<&'a Path>,
 }
 
 /// A running edge process and its applications' endpoint.
@@ -302,14 +304,23 @@ pub fn start_edge(cloud: &Cloud, spec: &EdgeSpec) -> anyhow::Result<Edge> {
     };
     let config_path = cloud.dir.join(format!("{}.toml", spec.name));
     std::fs::write(&config_path, toml::to_string(&config)?)?;
+    let mut args = vec![
+        "serve".into(),
+        "--config".into(),
+        config_path.to_string_lossy().into_owned(),
+    ];
+    if let Some(guest) = spec.wasm_guest {
+        args.extend([
+            "--engine".into(),
+            "wasm".into(),
+            "--guest".into(),
+            guest.to_string_lossy().into_owned(),
+        ]);
+    }
     let process = Process::start(
         spec.name,
         &procs::binary("tiervec-edge")?,
-        &[
-            "serve".into(),
-            "--config".into(),
-            config_path.to_string_lossy().into_owned(),
-        ],
+        &args,
         spec.cpus,
         &cloud.dir.join(format!("{}.log", spec.name)),
     )?;

@@ -87,7 +87,7 @@ struct Report {
 
 /// The guest built with or without `simd128`, into its own target directory (so the scalar
 /// build's flags never invalidate the other). Built here when run under cargo.
-fn guest(simd: bool) -> anyhow::Result<PathBuf> {
+pub(crate) fn guest(simd: bool) -> anyhow::Result<PathBuf> {
     let target = PathBuf::from(if simd {
         "target/wasm-guest"
     } else {
