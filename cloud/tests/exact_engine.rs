@@ -94,7 +94,7 @@ fn gpu_fallback_batch_search_on_cpu_matches_single_searches_with_tombstones() {
     load(&c, 2_000, 5);
     c.apply_delete(2, &(0..2_000).step_by(3).collect::<Vec<u64>>());
     // Replacing a point tombstones its slot and appends a new one.
-    c.apply_upsert(3, &[1], &vec![0.0; 16], &[None]);
+    c.apply_upsert(3, &[1], &[0.0; 16], &[None]);
     let queries = vectors(9, 16, 17);
     let batch = c.search_exact_batch(&queries, 20).unwrap();
     assert_eq!(batch.len(), 9);

@@ -72,6 +72,10 @@ enum Bench {
     /// The edge kernel as a WASM guest under wasmtime against the native edge (simd128 and
     /// scalar guests), with host overhead, cold start and memory per instance.
     Wasm(tiervec_testbed::bench::wasm::WasmArgs),
+    /// Exact search on the GPU (build with `--features gpu`) against the CPU's exact scan:
+    /// QPS at batch 1, 64 and 1,024 over the 50,000 vectors and a 1,000,000-vector synthetic
+    /// corpus, fraction of the device's limits, speed-up; CPU rows only without a device.
+    Gpu(tiervec_testbed::bench::gpu::GpuArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -93,6 +97,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::Wasm(args),
         } => tiervec_testbed::bench::wasm::run(args),
+        Command::Bench {
+            bench: Bench::Gpu(args),
+        } => tiervec_testbed::bench::gpu::run(args),
         Command::QuicEcho { certs, addr_file } => {
             tiervec_testbed::bench::e2e::echo_server(&certs, &addr_file)
         }

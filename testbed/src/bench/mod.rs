@@ -3,6 +3,7 @@
 
 pub mod cloud;
 pub mod e2e;
+pub mod gpu;
 pub mod local;
 pub mod memory;
 pub mod wasm;
