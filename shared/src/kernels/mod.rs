@@ -95,8 +95,28 @@ pub fn prefetch(row: &[f32]) {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "wasm32")]
+    for line in row.chunks(16).take(4) {
+        touch(line.as_ptr().cast());
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "wasm32")))]
     let _ = row;
+}
+
+/// wasm has no prefetch instruction: the nearest thing is a load whose value is dropped. It
+/// does what a prefetch does for the search, starting the cache misses of rows that are about
+/// to be compared so that they overlap (misses taken one row at a time, inside the kernels,
+/// left the guest's traversal waiting on memory most of its time), at the price of an
+/// instruction per line; unlike a prefetch it cannot be dropped by the CPU, so it is only
+/// used on memory the caller holds a reference to.
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+fn touch(byte: *const u8) {
+    // SAFETY: `byte` points into a live borrowed slice or value (every caller passes the
+    // address of an element it holds a reference to), read as a possibly uninitialised byte
+    // (padding is fine); the volatile read keeps LLVM from dropping a load whose value is
+    // unused.
+    unsafe { core::ptr::read_volatile(byte.cast::<core::mem::MaybeUninit<u8>>()) };
 }
 
 /// Hints the CPU to load the cache line holding `value`.
@@ -123,7 +143,11 @@ pub fn prefetch_bytes(row: &[i8]) {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "wasm32")]
+    for line in row.chunks(64).take(8) {
+        touch(line.as_ptr().cast());
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "wasm32")))]
     let _ = row;
 }
 

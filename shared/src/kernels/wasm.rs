@@ -5,9 +5,16 @@
 //! not always find for the `f32` lanes.
 
 use core::arch::wasm32::{
-    f32x4_add, f32x4_mul, f32x4_splat, f32x4_sub, i16x8_extmul_high_i8x16, i16x8_extmul_low_i8x16,
-    i32x4_add, i32x4_extadd_pairwise_i16x8, i32x4_extract_lane, i32x4_splat, v128, v128_load,
+    f32x4_add, f32x4_mul, f32x4_splat, f32x4_sub, i32x4_add, i32x4_extract_lane, i32x4_splat, v128,
+    v128_load,
 };
+#[cfg(target_feature = "relaxed-simd")]
+use core::arch::wasm32::{
+    i8x16_max, i8x16_splat, i8x16_sub, i16x8_relaxed_dot_i8x16_i7x16, i16x8_sub,
+    i32x4_extadd_pairwise_i16x8,
+};
+#[cfg(not(target_feature = "relaxed-simd"))]
+use core::arch::wasm32::{i16x8_extend_high_i8x16, i16x8_extend_low_i8x16, i32x4_dot_i16x8};
 
 use super::{LANES, reduce32};
 
@@ -21,6 +28,7 @@ fn canonical_sum(
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [f32x4_splat(0.0); LANES / 4];
+    let mut sink = f32x4_splat(0.0);
     let mut ca = a.chunks_exact(LANES);
     let mut cb = b.chunks_exact(LANES);
     for (x, y) in (&mut ca).zip(&mut cb) {
@@ -34,6 +42,8 @@ fn canonical_sum(
                 )
             };
             *group = f32x4_add(*group, term(xs, ys));
+            // SAFETY: `sink` is a live local.
+            unsafe { core::ptr::write_volatile(&mut sink, *group) };
         }
     }
     let mut lanes = [0.0f32; LANES];
@@ -48,12 +58,12 @@ fn canonical_sum(
     reduce32(&lanes)
 }
 
-#[inline]
+#[inline(never)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     canonical_sum(a, b, |x, y| f32x4_mul(x, y), |x, y| x * y)
 }
 
-#[inline]
+#[inline(never)]
 pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
     canonical_sum(
         a,
@@ -67,31 +77,78 @@ pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Exact: products of codes in `-127..=127` fit an `i16`, pairs of them an `i32`.
-#[inline]
+#[inline(never)]
 pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = i32x4_splat(0);
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
+    let mut ca = a.chunks_exact(64);
+    let mut cb = b.chunks_exact(64);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        // SAFETY: both chunks hold 16 bytes; v128 loads have no alignment requirement.
+        // SAFETY: both chunks hold 64 bytes; v128 loads have no alignment requirement.
+        let [x0, x1, x2, x3, y0, y1, y2, y3] = unsafe {
+            let (px, py) = (x.as_ptr(), y.as_ptr());
+            [
+                v128_load(px.cast()),
+                v128_load(px.add(16).cast()),
+                v128_load(px.add(32).cast()),
+                v128_load(px.add(48).cast()),
+                v128_load(py.cast()),
+                v128_load(py.add(16).cast()),
+                v128_load(py.add(32).cast()),
+                v128_load(py.add(48).cast()),
+            ]
+        };
+        acc = dot16_add(
+            x3,
+            y3,
+            dot16_add(x2, y2, dot16_add(x1, y1, dot16_add(x0, y0, acc))),
+        );
+    }
+    let mut ra = ca.remainder().chunks_exact(16);
+    let mut rb = cb.remainder().chunks_exact(16);
+    for (x, y) in (&mut ra).zip(&mut rb) {
+        // SAFETY: both chunks hold 16 bytes.
         let (xs, ys) = unsafe { (v128_load(x.as_ptr().cast()), v128_load(y.as_ptr().cast())) };
-        acc = i32x4_add(
-            acc,
-            i32x4_extadd_pairwise_i16x8(i16x8_extmul_low_i8x16(xs, ys)),
-        );
-        acc = i32x4_add(
-            acc,
-            i32x4_extadd_pairwise_i16x8(i16x8_extmul_high_i8x16(xs, ys)),
-        );
+        acc = dot16_add(xs, ys, acc);
     }
     let mut sum = i32x4_extract_lane::<0>(acc)
         + i32x4_extract_lane::<1>(acc)
         + i32x4_extract_lane::<2>(acc)
         + i32x4_extract_lane::<3>(acc);
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+    for (x, y) in ra.remainder().iter().zip(rb.remainder()) {
         sum += i32::from(*x) * i32::from(*y);
     }
     sum
+}
+
+/// Sums of four adjacent products of 16 `i8` pairs, exactly.
+///
+/// With relaxed-simd: `x = x⁺ − x⁻` with `x⁺ = max(x, 0)` and `x⁻ = x⁺ − x`, both in
+/// `0..=127` (7-bit operands), so `i16x8.relaxed_dot_i8x16_i7x16` of `y` against each is one
+/// `pmaddubsw` on x86 (the AVX2 kernel's arithmetic). Each pair sum and their difference lie
+/// within ±2 · 127 · 127 = ±32,258, so nothing saturates or wraps, and every lowering the
+/// proposal allows gives the exact sum for operands in these ranges: the result equals the
+/// portable kernel's on any host. (A sign mask `x < 0` instead would be turned by LLVM into an
+/// `i8x16.shr_s`, which x86 has no instruction for.)
+#[cfg(target_feature = "relaxed-simd")]
+#[inline(always)]
+fn dot16_add(x: v128, y: v128, acc: v128) -> v128 {
+    let positive = i8x16_max(x, i8x16_splat(0));
+    let negative = i8x16_sub(positive, x);
+    let pairs = i16x8_sub(
+        i16x8_relaxed_dot_i8x16_i7x16(y, positive),
+        i16x8_relaxed_dot_i8x16_i7x16(y, negative),
+    );
+    i32x4_add(acc, i32x4_extadd_pairwise_i16x8(pairs))
+}
+
+/// Sums of four adjacent products of 16 `i8` pairs: sign-extend to `i16` and multiply-add
+/// pairs (`pmaddwd` on x86).
+#[cfg(not(target_feature = "relaxed-simd"))]
+#[inline(always)]
+fn dot16_add(x: v128, y: v128, acc: v128) -> v128 {
+    let lo = i32x4_dot_i16x8(i16x8_extend_low_i8x16(x), i16x8_extend_low_i8x16(y));
+    let hi = i32x4_dot_i16x8(i16x8_extend_high_i8x16(x), i16x8_extend_high_i8x16(y));
+    i32x4_add(acc, i32x4_add(lo, hi))
 }
