@@ -351,7 +351,8 @@ fn section(r: &Report) -> String {
          - Cold start (host start + snapshot of {} bytes copied into the first instance and validated): {:.1} ms \
          with the module deserialised from the on-disk cache ({:.1} ms of it the module), {:.1} ms compiling it \
          ({:.1} ms of it Cranelift). One more empty instance: {:.0} µs.\n\
-         - Memory per instance (linear memory holding the snapshot copy, overlay and buffers): {:.1} MiB.\n",
+         - Memory per instance (linear memory holding the snapshot copy, overlay and buffers): {:.1} MiB.\n\
+         - Where the guest still loses time (perf with wasmtime's perf map): epoch interruption's check at every loop header calls into the host on its slow path, which clobbers every vector register, so Cranelift keeps loop-carried vector accumulators on the stack (epochs off, for measurement only: about 20 % faster); Cranelift issues a block's loads before its arithmetic; and wasm has no prefetch, so the guest waits on the rows the native edge prefetches (the native search without its prefetches is about 15 % slower). Bounds checks are already elided (4 GiB reservation, guard pages).\n",
         r.machine.cpu_model,
         r.machine.cpus,
         r.machine.kernel,
