@@ -768,6 +768,7 @@ pub fn prometheus() -> PrometheusHandle {
                 .build_recorder();
             let handle = recorder.handle();
             let _ = metrics::set_global_recorder(recorder);
+            crate::gpu::publish_gauge();
             handle
         })
         .clone()
@@ -809,12 +810,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let recovery = tokio::task::spawn_blocking(move || {
-        // The exact-search engine is chosen (and the GPU probed) once, before any collection
-        // is recovered, so every collection uses the configured one.
-        crate::gpu::install(&config.gpu);
-        Service::open(config)
-    });
+    let recovery = tokio::task::spawn_blocking(move || Service::open(config));
     // Small JSON answers must not wait on Nagle's algorithm for the client's delayed ACK.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);

@@ -186,29 +186,37 @@ impl ExactEngine {
 
 static ENGINE: OnceLock<Arc<ExactEngine>> = OnceLock::new();
 
-/// Probes the device once for the process (the first call's `config` wins; `tiervec-cloud
-/// serve` calls this before recovery), logs the outcome, sets the `tiervec_exact_engine` gauge,
+/// Probes the device once for the process (the first call's `config` wins; `Service::open`
+/// calls this before recovery), logs the outcome, sets the `tiervec_exact_engine` gauge,
 /// and returns the engine every collection created afterwards uses.
 pub fn install(config: &GpuConfig) -> Arc<ExactEngine> {
-    ENGINE
-        .get_or_init(|| {
-            let engine = Arc::new(ExactEngine::probe(config));
-            let status = engine.status();
-            match status.kind {
-                EngineKind::Gpu => tracing::info!(engine = %status, "exact search on the GPU"),
-                // Built without the feature or switched off: the CPU is what was asked for.
-                EngineKind::Cpu if !cfg!(feature = "gpu") || !config.enabled => {
-                    tracing::info!(engine = %status, "exact search on the CPU")
-                }
-                EngineKind::Cpu => {
-                    tracing::warn!(engine = %status, "GPU unusable, exact search falls back to the CPU")
-                }
+    let engine = ENGINE.get_or_init(|| {
+        let engine = Arc::new(ExactEngine::probe(config));
+        let status = engine.status();
+        match status.kind {
+            EngineKind::Gpu => tracing::info!(engine = %status, "exact search on the GPU"),
+            // Built without the feature or switched off: the CPU is what was asked for.
+            EngineKind::Cpu if !cfg!(feature = "gpu") || !config.enabled => {
+                tracing::info!(engine = %status, "exact search on the CPU")
             }
-            metrics::gauge!("tiervec_exact_engine", "engine" => status.kind.name(), "reason" => status.reason.clone())
-                .set(1.0);
-            engine
-        })
-        .clone()
+            EngineKind::Cpu => {
+                tracing::warn!(engine = %status, "GPU unusable, exact search falls back to the CPU")
+            }
+        }
+        engine
+    });
+    publish_gauge();
+    engine.clone()
+}
+
+/// Sets the `tiervec_exact_engine` gauge for the installed engine, if any: at install, and
+/// again when a metrics recorder is installed later (a gauge set before it would be lost).
+pub fn publish_gauge() {
+    if let Some(engine) = ENGINE.get() {
+        let status = engine.status();
+        metrics::gauge!("tiervec_exact_engine", "engine" => status.kind.name(), "reason" => status.reason.clone())
+            .set(1.0);
+    }
 }
 
 /// The process's engine ([`install`] with the default configuration if nothing installed one).

@@ -277,6 +277,9 @@ impl Service {
     /// Opens the data directory (exclusively), loads the newest checkpoint, replays the WAL
     /// after it, and starts the maintenance thread.
     pub fn open(config: CloudConfig) -> Result<Service, ServiceError> {
+        // The exact-search engine is chosen (and a GPU probed) once per process, before any
+        // collection is recovered, so every collection uses the configured one.
+        crate::gpu::install(&config.gpu);
         let started = Instant::now();
         let dir = config.data_dir.clone();
         let data_err = |what: String| ServiceError::DataDir {
