@@ -360,16 +360,7 @@ impl EdgeCache {
             None => (None, None),
         };
         Ok(LocalAnswer {
-            hits: found
-                .hits
-                .into_iter()
-                .map(|h| NodeHit {
-                    id: h.id,
-                    distance: h.distance,
-                    lsn: h.lsn,
-                    payload: h.payload,
-                })
-                .collect(),
+            hits: found.hits.into_iter().map(NodeHit::from).collect(),
             nearest_anchor,
             certified: found.certified,
             anchor_first_use,

@@ -65,6 +65,17 @@ pub struct NodeHit {
     pub payload: Option<String>,
 }
 
+impl From<tiervec_shared::local::LocalHit> for NodeHit {
+    fn from(h: tiervec_shared::local::LocalHit) -> NodeHit {
+        NodeHit {
+            id: h.id,
+            distance: h.distance,
+            lsn: h.lsn,
+            payload: h.payload,
+        }
+    }
+}
+
 /// Knobs of the query path.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {

@@ -82,16 +82,7 @@ impl WasmEngine {
         Ok(GuestLocal {
             confident: answer.local,
             answer: LocalAnswer {
-                hits: answer
-                    .hits
-                    .into_iter()
-                    .map(|h| NodeHit {
-                        id: h.id,
-                        distance: h.distance,
-                        lsn: h.lsn,
-                        payload: h.payload,
-                    })
-                    .collect(),
+                hits: answer.hits.into_iter().map(NodeHit::from).collect(),
                 nearest_anchor: answer.nearest_anchor.map(|(_, d)| d),
                 certified: false,
                 anchor_first_use: None,

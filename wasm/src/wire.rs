@@ -170,14 +170,8 @@ pub fn decode_request(bytes: &[u8], query: &mut Vec<f32>) -> Result<(u32, u32), 
     Ok((k, ef))
 }
 
-/// One hit of a search response.
-#[derive(Clone, Debug, PartialEq)]
-pub struct WireHit {
-    pub id: u64,
-    pub distance: f32,
-    pub lsn: u64,
-    pub payload: Option<String>,
-}
+/// A decoded hit: the shared local search's own hit type.
+pub use tiervec_shared::local::LocalHit as WireHit;
 
 /// A decoded search response.
 #[derive(Clone, Debug, PartialEq, Default)]
