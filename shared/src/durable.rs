@@ -5,6 +5,10 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Makes temp names unique between threads of one process (the pid separates processes).
+static TEMP_SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
 /// Makes the directory entry changes in `dir` (creations, renames, removals) durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -12,7 +16,8 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the complete new one:
-/// a temp file in the same directory, fsync, (read-only permissions if asked), rename over
+/// a temp file in the same directory (named by pid and a per-process sequence, so concurrent
+/// writers of one path never share it; the last rename wins), fsync, (read-only permissions if asked), rename over
 /// `path`, then fsync of the directory so the rename itself is durable.
 pub fn write_atomic(path: &Path, bytes: &[u8], read_only: bool) -> io::Result<()> {
     let dir = match path.parent() {
@@ -23,9 +28,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], read_only: bool) -> io::Result<()
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{}",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        TEMP_SEQUENCE.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
         let mut file = OpenOptions::new()
@@ -47,4 +53,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8], read_only: bool) -> io::Result<()
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_writers_of_one_path_all_succeed_and_one_whole_version_remains() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("module.bin");
+        std::thread::scope(|scope| {
+            for writer in 0..8u8 {
+                let path = &path;
+                scope.spawn(move || {
+                    for _ in 0..20 {
+                        write_atomic(path, &[writer; 4096], true).expect("write succeeds");
+                    }
+                });
+            }
+        });
+        let bytes = fs::read(&path).expect("file exists");
+        assert_eq!(bytes.len(), 4096);
+        assert!(
+            bytes.iter().all(|&b| b == bytes[0]),
+            "a torn mixture of writers"
+        );
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .expect("lists")
+            .map(|e| e.expect("entry").file_name())
+            .filter(|n| n != "module.bin")
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "temp files left behind: {leftovers:?}"
+        );
+    }
 }
