@@ -140,14 +140,19 @@ pub struct ApplyReport {
 }
 
 /// Another searcher kept in step with the cache (the WASM engine's guests): told the whole
-/// cache when it starts following and after every compaction or reset, then each delta as
-/// it is applied — under the cache's writer lock, so in order. Certificates are not followed:
-/// a follower answers from what is pushed, certified or not (see `docs/wasm.md`).
+/// cache when it starts following and after every compaction or reset, then each change as
+/// it happens — under the cache's writer lock, so in order. Certificates follow too: taken
+/// with a delta of the current connection, dropped when a connection starts, handed over
+/// whole with the cache.
 pub trait CacheFollower: Send + Sync {
-    /// The cache is now `snapshot` (file bytes; `None`: no snapshot) with `deltas` on top.
-    fn replaced(&self, snapshot: Option<&[u8]>, deltas: &[Delta]);
-    /// `delta` was applied (durably) to the cache.
-    fn applied(&self, delta: &Delta);
+    /// The cache is now `snapshot` (file bytes; `None`: no snapshot) with `deltas` on top
+    /// and `certificates` (anchor id, radius) in force.
+    fn replaced(&self, snapshot: Option<&[u8]>, deltas: &[Delta], certificates: &[(u64, f32)]);
+    /// `delta` was applied (durably) to the cache, its certificates taken if
+    /// `accept_certificates`.
+    fn applied(&self, delta: &Delta, accept_certificates: bool);
+    /// A connection started: every certificate was dropped.
+    fn certificates_dropped(&self);
 }
 
 /// The edge's cache.
@@ -374,6 +379,7 @@ impl EdgeCache {
         follower.replaced(
             state.snapshot.as_ref().map(|s| s.bytes()),
             &writer.since_snapshot,
+            &state.local.certificates(),
         );
         self.follower.store(Some(Arc::new(follower)));
     }
@@ -385,6 +391,7 @@ impl EdgeCache {
             follower.replaced(
                 state.snapshot.as_ref().map(|s| s.bytes()),
                 &writer.since_snapshot,
+                &state.local.certificates(),
             );
         }
     }
@@ -398,6 +405,9 @@ impl EdgeCache {
         let mut next = CacheState::clone(&self.state.load());
         next.local.drop_certificates();
         self.state.store(Arc::new(next));
+        if let Some(follower) = self.follower.load().as_ref() {
+            follower.certificates_dropped();
+        }
         number
     }
 
@@ -426,7 +436,7 @@ impl EdgeCache {
         writer.since_snapshot.push(delta.clone());
         self.state.store(Arc::new(next));
         if let Some(follower) = self.follower.load().as_ref() {
-            follower.applied(delta);
+            follower.applied(delta, current_connection);
         }
         metrics::counter!("tiervec_edge_push_deltas_total").increment(1);
         let report = ApplyReport {
@@ -652,7 +662,7 @@ impl EdgeCache {
         }
         // The live state knows which certificates are current (dropped on reconnection).
         let live = self.state.load_full();
-        next.local.adopt_certificates(&live.local);
+        next.local.set_certificates(&live.local.certificates());
         next.first_use = live.first_use.clone();
         writer.since_snapshot.retain(|d| d.version > version);
         writer.log = DeltaLog::rewrite(&self.config.deltas, &writer.since_snapshot)?;

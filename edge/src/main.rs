@@ -122,10 +122,6 @@ fn main() -> anyhow::Result<ExitCode> {
             let wasm = match engine {
                 Engine::Native => None,
                 Engine::Wasm => {
-                    anyhow::ensure!(
-                        !config.certify,
-                        "--engine wasm does not follow certificates into its guests: set `certify = false`"
-                    );
                     let module = match guest {
                         Some(path) => path,
                         None => default_guest()?,

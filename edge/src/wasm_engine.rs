@@ -4,8 +4,10 @@
 //! ([`CacheFollower`]) — and decide confidence with the node's rule, in the guest. The node
 //! keeps the link, the pushes, the delta log and compaction; only searching moves into WASM.
 //!
-//! Certificates are not followed into the guests: deltas reach them without radii, so they
-//! never certify (a configuration asking for both is refused at start).
+//! Certificates follow the native cache's (taken with a delta of the current connection,
+//! dropped when a connection starts, handed over whole after a compaction), so a guest
+//! certifies exactly when the native cache would; the node serves a certified answer only
+//! while its link is up, as for native searches.
 //!
 //! When a guest cannot answer — past its deadline, out of memory, trapped, or out of step
 //! with the cache after a refused snapshot or delta — the search counts as not confident and
@@ -84,7 +86,7 @@ impl WasmEngine {
             answer: LocalAnswer {
                 hits: answer.hits.into_iter().map(NodeHit::from).collect(),
                 nearest_anchor: answer.nearest_anchor.map(|(_, d)| d),
-                certified: false,
+                certified: answer.certified,
                 anchor_first_use: None,
             },
         })
@@ -101,7 +103,7 @@ impl WasmEngine {
 struct GuestFollower(Arc<WasmEngine>);
 
 impl CacheFollower for GuestFollower {
-    fn replaced(&self, snapshot: Option<&[u8]>, deltas: &[Delta]) {
+    fn replaced(&self, snapshot: Option<&[u8]>, deltas: &[Delta], certificates: &[(u64, f32)]) {
         let host = &self.0.host;
         let loaded = match snapshot {
             Some(bytes) => host.load_snapshot(bytes),
@@ -110,22 +112,32 @@ impl CacheFollower for GuestFollower {
                 Ok(())
             }
         };
-        let outcome = loaded.and_then(|()| {
-            deltas
-                .iter()
-                .try_for_each(|delta| host.apply_delta(delta, false))
-        });
+        let outcome = loaded
+            .and_then(|()| {
+                deltas
+                    .iter()
+                    .try_for_each(|delta| host.apply_delta(delta, false))
+            })
+            .and_then(|()| host.set_certificates(certificates));
         match outcome {
             Ok(()) => self.0.in_step.store(true, Ordering::Release),
             Err(e) => self.0.out_of_step("snapshot", &e),
         }
     }
 
-    fn applied(&self, delta: &Delta) {
+    fn applied(&self, delta: &Delta, accept_certificates: bool) {
         if self.0.in_step.load(Ordering::Acquire)
-            && let Err(e) = self.0.host.apply_delta(delta, false)
+            && let Err(e) = self.0.host.apply_delta(delta, accept_certificates)
         {
             self.0.out_of_step("delta", &e);
+        }
+    }
+
+    fn certificates_dropped(&self) {
+        if self.0.in_step.load(Ordering::Acquire)
+            && let Err(e) = self.0.host.set_certificates(&[])
+        {
+            self.0.out_of_step("certificates", &e);
         }
     }
 }

@@ -364,6 +364,7 @@ struct Exports {
     alloc: TypedFunc<(u32, u32), u32>,
     load_snapshot: TypedFunc<(u32, u32), i32>,
     apply_delta: TypedFunc<(u32, u32, u32), i32>,
+    set_certificates: TypedFunc<(u32, u32), i32>,
     configure: TypedFunc<(u32, f32, u32, f32), i32>,
     search: TypedFunc<(u32, u32), i32>,
     result_ptr: TypedFunc<(), u32>,
@@ -385,16 +386,28 @@ struct GuestInstance {
     request: (u32, u32),
 }
 
-/// What every instance must hold: the snapshot and the deltas since, and the rule.
+/// What every instance must hold: the snapshot, the changes since, and the rule.
 #[derive(Default)]
 struct Journal {
     /// Bumped when the snapshot is replaced (instances of an older one are remade).
     generation: u64,
     snapshot: Option<Arc<[u8]>>,
-    /// Delta bytes (`Delta::to_bytes`) since the snapshot, with their certificate flag.
-    deltas: Vec<(Arc<[u8]>, bool)>,
+    /// Changes since the snapshot, in order.
+    entries: Vec<JournalEntry>,
     rule: ConfidenceRule,
     rule_generation: u64,
+}
+
+/// One change to the cache after its snapshot, replayed into every instance.
+#[derive(Clone)]
+enum JournalEntry {
+    /// A delta's bytes (`Delta::to_bytes`) and whether its certificates are taken.
+    Delta {
+        bytes: Arc<[u8]>,
+        accept_certificates: bool,
+    },
+    /// The certificates in force from here on (`wire::encode_certificates`).
+    Certificates(Arc<[u8]>),
 }
 
 /// A guest's answer to a search.
@@ -530,7 +543,7 @@ impl WasmHost {
         let mut journal = self.journal.lock();
         journal.generation += 1;
         journal.snapshot = Some(Arc::from(bytes));
-        journal.deltas.clear();
+        journal.entries.clear();
         probe.generation = journal.generation;
         probe.applied = 0;
         probe.rule_generation = u64::MAX;
@@ -545,24 +558,42 @@ impl WasmHost {
         let mut journal = self.journal.lock();
         journal.generation += 1;
         journal.snapshot = None;
-        journal.deltas.clear();
+        journal.entries.clear();
     }
 
     /// Applies a pushed delta (checked by the guest against its manifest; a refusal changes
-    /// nothing); every instance applies it before its next request.
+    /// nothing); every instance applies it before its next request. With
+    /// `accept_certificates` false its certificates are not taken (a superseded connection's).
     pub fn apply_delta(&self, delta: &Delta, accept_certificates: bool) -> Result<(), WasmError> {
         let _span = debug_span!("wasm_apply_delta", version = delta.version).entered();
+        self.record(JournalEntry::Delta {
+            bytes: Arc::from(delta.to_bytes()),
+            accept_certificates,
+        })
+    }
+
+    /// Makes `certificates` (anchor id, radius) the ones in force in every instance; every
+    /// other anchor is uncertified (`&[]` drops them all).
+    pub fn set_certificates(&self, certificates: &[(u64, f32)]) -> Result<(), WasmError> {
+        let _span = debug_span!("wasm_set_certificates", count = certificates.len()).entered();
+        let mut bytes = Vec::new();
+        wire::encode_certificates(certificates, &mut bytes);
+        self.record(JournalEntry::Certificates(Arc::from(bytes)))
+    }
+
+    /// Applies `entry` in one instance (brought up to date first) and, if the guest takes it,
+    /// journals it for the others; a refusal changes nothing.
+    fn record(&self, entry: JournalEntry) -> Result<(), WasmError> {
         let _writer = self.writer.lock();
-        let bytes: Arc<[u8]> = Arc::from(delta.to_bytes());
         let mut instance = self.checkout()?;
         let outcome = self
             .sync(&mut instance)
-            .and_then(|()| self.guest_apply_delta(&mut instance, &bytes, accept_certificates));
+            .and_then(|()| self.guest_entry(&mut instance, &entry));
         match outcome {
             Ok(()) => {
                 let mut journal = self.journal.lock();
-                journal.deltas.push((bytes, accept_certificates));
-                instance.applied = journal.deltas.len();
+                journal.entries.push(entry);
+                instance.applied = journal.entries.len();
                 drop(journal);
                 self.put_back(instance);
                 Ok(())
@@ -782,7 +813,7 @@ impl WasmHost {
     }
 
     /// Brings an instance up to the journal: the current snapshot (a new instance if it holds
-    /// an older one), the deltas it has not applied, the rule.
+    /// an older one), the changes it has not applied, the rule.
     fn sync(&self, instance: &mut GuestInstance) -> Result<(), WasmError> {
         let (generation, snapshot, pending, rule) = {
             let journal = self.journal.lock();
@@ -791,7 +822,7 @@ impl WasmHost {
             (
                 journal.generation,
                 remake.then(|| journal.snapshot.clone()),
-                journal.deltas[from.min(journal.deltas.len())..].to_vec(),
+                journal.entries[from.min(journal.entries.len())..].to_vec(),
                 (instance.rule_generation != journal.rule_generation)
                     .then_some((journal.rule, journal.rule_generation)),
             )
@@ -805,8 +836,8 @@ impl WasmHost {
             fresh.generation = generation;
             *instance = fresh;
         }
-        for (bytes, accept) in &pending {
-            self.guest_apply_delta(instance, bytes, *accept)?;
+        for entry in &pending {
+            self.guest_entry(instance, entry)?;
             instance.applied += 1;
         }
         if let Some((rule, rule_generation)) = rule {
@@ -926,25 +957,32 @@ impl WasmHost {
         self.guest_status(instance, code)
     }
 
-    fn guest_apply_delta(
+    /// Applies one journal entry in `instance`.
+    fn guest_entry(
         &self,
         instance: &mut GuestInstance,
-        bytes: &[u8],
-        accept_certificates: bool,
+        entry: &JournalEntry,
     ) -> Result<(), WasmError> {
         let deadline = self.config.maintenance_deadline;
         instance
             .store
             .set_epoch_deadline(ticks(deadline, self.config.tick));
+        let bytes = match entry {
+            JournalEntry::Delta { bytes, .. } | JournalEntry::Certificates(bytes) => bytes,
+        };
         let ptr = self.write_request(instance, bytes)?;
+        let len = bytes.len() as u32;
         let GuestInstance { store, exports, .. } = instance;
-        let code = exports
-            .apply_delta
-            .call(
-                &mut *store,
-                (ptr, bytes.len() as u32, u32::from(accept_certificates)),
-            )
-            .map_err(|e| self.classify(store, e, deadline))?;
+        let code = match entry {
+            JournalEntry::Delta {
+                accept_certificates,
+                ..
+            } => exports
+                .apply_delta
+                .call(&mut *store, (ptr, len, u32::from(*accept_certificates))),
+            JournalEntry::Certificates(_) => exports.set_certificates.call(&mut *store, (ptr, len)),
+        }
+        .map_err(|e| self.classify(store, e, deadline))?;
         self.guest_status(instance, code)
     }
 
@@ -974,7 +1012,8 @@ impl WasmHost {
     /// Copies `bytes` into the instance's reusable request buffer (grown when too small).
     fn write_request(&self, instance: &mut GuestInstance, bytes: &[u8]) -> Result<u32, WasmError> {
         let (mut ptr, cap) = instance.request;
-        if (cap as usize) < bytes.len() {
+        // An empty input still needs a real address: the guest refuses null.
+        if (cap as usize) < bytes.len().max(1) {
             let want = bytes.len().next_power_of_two().max(4096);
             let new = self.guest_alloc(instance, want, REQUEST_ALIGN)?;
             // The old buffer is simply left to the guest's allocator: freeing it would need
@@ -1028,6 +1067,7 @@ fn exports(instance: &Instance, store: &mut Store<GuestState>) -> wasmtime::Resu
         alloc: instance.get_typed_func(&mut *store, "tv_alloc")?,
         load_snapshot: instance.get_typed_func(&mut *store, "tv_load_snapshot")?,
         apply_delta: instance.get_typed_func(&mut *store, "tv_apply_delta")?,
+        set_certificates: instance.get_typed_func(&mut *store, "tv_set_certificates")?,
         configure: instance.get_typed_func(&mut *store, "tv_configure")?,
         search: instance.get_typed_func(&mut *store, "tv_search")?,
         result_ptr: instance.get_typed_func(&mut *store, "tv_result_ptr")?,

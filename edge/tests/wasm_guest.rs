@@ -1,8 +1,9 @@
 //! The WASM edge worker against the native edge, on a 2,000-vector slice of the real dataset:
 //! the same answers (ids, distances within 1e-5), deltas reaching the guest, a corrupt
 //! snapshot refused with its code, a guest past its deadline stopped and replaced, the memory
-//! cap, and the on-disk module cache (a second start deserialises; a tampered file is detected
-//! and recompiled; an unsafe directory refused).
+//! cap, the on-disk module cache (a second start deserialises; a tampered file is detected
+//! and recompiled; an unsafe directory refused), and certificates following the native
+//! cache into the guests (taken, dropped at a new connection, handed over at compaction).
 //!
 //! The guest is built here (with its `test-exports` feature, into its own target directory so
 //! the nested cargo never waits on the lock of the build running these tests).
@@ -12,11 +13,13 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use tiervec_edge::cache::{CacheConfig, EdgeCache};
+use tiervec_edge::wasm_engine::WasmEngine;
 use tiervec_edge::wasm_host::{ModuleSource, WasmConfig, WasmError, WasmHost, wire};
 use tiervec_shared::confidence::ConfidenceRule;
 use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
-use tiervec_shared::local::LocalCache;
-use tiervec_shared::push::{Delta, PushedVector, Tombstone};
+use tiervec_shared::local::{LocalCache, euclidean};
+use tiervec_shared::push::{Certificate, Delta, PushedAnchor, PushedVector, Tombstone, anchor_id};
 use tiervec_shared::snapshot::{self, Snapshot, SnapshotBody, SnapshotSpec};
 use tiervec_shared::vecs::{Matrix, parse_fvecs};
 use tiervec_shared::{CollectionId, Metric};
@@ -505,4 +508,104 @@ async fn serve_engine_wasm_answers_like_the_native_edge_over_http() {
     assert_eq!((native_status.as_u16(), guest_status.as_u16()), (400, 400));
     assert_eq!(native["code"], guest["code"]);
     drop(served);
+}
+
+/// Base rows `0..300` pushed into an empty cache with query 0 as an anchor certified by its
+/// exact ball of 30 among them (the "corpus" this test's cloud would hold).
+fn certified_delta() -> (Delta, Vec<f32>, Certificate) {
+    let d = data();
+    let mut anchor = d.queries.row(0).to_vec();
+    Metric::Cosine.prepare(&mut anchor);
+    let vectors: Vec<PushedVector> = (0..300)
+        .map(|row| {
+            let mut v = d.base.row(row).to_vec();
+            Metric::Cosine.prepare(&mut v);
+            PushedVector {
+                id: row as u64,
+                lsn: 1,
+                vector: v,
+                payload: None,
+            }
+        })
+        .collect();
+    let mut ball: Vec<(f32, u64)> = vectors
+        .iter()
+        .map(|v| (euclidean(&anchor, &v.vector), v.id))
+        .collect();
+    ball.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let certificate = Certificate {
+        anchor_id: anchor_id(&anchor),
+        radius: (ball[29].0 + ball[30].0) / 2.0,
+        members: ball[..30].iter().map(|(_, id)| *id).collect(),
+    };
+    let delta = Delta {
+        collection_id: COLLECTION.0,
+        dim: d.base.dim as u32,
+        metric: Metric::Cosine.code(),
+        version: 1,
+        vectors,
+        anchors: vec![PushedAnchor {
+            anchor_id: certificate.anchor_id,
+            vector: anchor.clone(),
+            members: certificate.members.clone(),
+            radius: certificate.radius,
+            hot_at_unix_us: 0,
+        }],
+        ..Delta::default()
+    };
+    (delta, anchor, certificate)
+}
+
+#[test]
+fn certificates_follow_the_native_cache_into_the_guests() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cache, _) = EdgeCache::open(CacheConfig::beside(&dir.path().join("cache.tvs"), 64 << 20))
+        .expect("an empty cache opens");
+    let engine = WasmEngine::start(config(shared_cache())).expect("engine starts");
+    cache.follow(engine.follower());
+    let rule = ConfidenceRule::default();
+    let (delta, anchor, certificate) = certified_delta();
+    // Both searches, and whether each certified; the answers must agree whenever both do.
+    let certified = |stage: &str| {
+        let native = cache.search(&anchor, 10, 64).expect("native answers");
+        let guest = engine.search(&anchor, 10, 64, rule).expect("guest answers");
+        assert_eq!(
+            native.certified, guest.answer.certified,
+            "{stage}: native and guest disagree on certification"
+        );
+        if native.certified {
+            let ids = |hits: &[tiervec_edge::node::NodeHit]| {
+                hits.iter().map(|h| h.id).collect::<Vec<_>>()
+            };
+            assert_eq!(ids(&native.hits), ids(&guest.answer.hits), "{stage}");
+        }
+        native.certified
+    };
+
+    let first = cache.begin_connection();
+    cache.apply(&delta, first).expect("applies");
+    assert!(certified("taken with a delta of the current connection"));
+
+    let second = cache.begin_connection();
+    assert!(!certified("a new connection drops them"));
+
+    // A certificate update of the superseded connection is not taken, one of the current is.
+    let update = |version| Delta {
+        collection_id: COLLECTION.0,
+        dim: delta.dim,
+        metric: delta.metric,
+        version,
+        certificates: vec![certificate.clone()],
+        ..Delta::default()
+    };
+    cache.apply(&update(2), first).expect("applies");
+    assert!(!certified("an old connection's certificate"));
+    cache.apply(&update(3), second).expect("applies");
+    assert!(certified("the current connection's certificate"));
+
+    cache.compact().expect("compacts");
+    assert!(cache.snapshot().is_some(), "compaction wrote a snapshot");
+    assert!(certified("handed over with the compacted cache"));
+    cache.begin_connection();
+    assert!(!certified("dropped after the compaction too"));
 }

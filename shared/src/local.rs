@@ -278,18 +278,30 @@ impl LocalCache {
     /// Forgets every certificate (a new connection, or a restart: the cloud maintains only
     /// those it sent on the current connection).
     pub fn drop_certificates(&mut self) {
-        self.anchors.radii.iter_mut().for_each(|r| *r = 0.0);
+        self.set_certificates(&[]);
     }
 
-    /// Takes the certificates of `live` for the anchors both hold (a compacted cache replaces
-    /// the live one, which knows which certificates are current).
-    pub fn adopt_certificates(&mut self, live: &LocalCache) {
-        for (slot, id) in self.anchors.ids.iter().enumerate() {
-            self.anchors.radii[slot] = live
-                .anchors
-                .slot
-                .get(id)
-                .map_or(0.0, |&s| live.anchors.radii[s]);
+    /// The certificates in force: each certified anchor and its radius.
+    pub fn certificates(&self) -> Vec<(u64, f32)> {
+        self.anchors
+            .ids
+            .iter()
+            .zip(&self.anchors.radii)
+            .filter(|(_, r)| **r > 0.0)
+            .map(|(&id, &r)| (id, r))
+            .collect()
+    }
+
+    /// Makes `certificates` the ones in force: the listed anchors this cache holds get their
+    /// radius, every other anchor none. A compacted cache takes the live one's this way (the
+    /// live cache knows which certificates are current), and so does a WASM guest following
+    /// the native cache.
+    pub fn set_certificates(&mut self, certificates: &[(u64, f32)]) {
+        self.anchors.radii.iter_mut().for_each(|r| *r = 0.0);
+        for &(id, radius) in certificates {
+            if let Some(&slot) = self.anchors.slot.get(&id) {
+                self.anchors.radii[slot] = radius;
+            }
         }
     }
 
@@ -683,8 +695,13 @@ mod tests {
         let mut stale = LocalCache::empty();
         let mut fresh = cache.clone();
         fresh.drop_certificates();
-        stale.adopt_certificates(&fresh);
+        stale.set_certificates(&fresh.certificates());
         assert_eq!(stale.certified_anchors(), 0);
+
+        let mut restored = dropped.clone();
+        restored.set_certificates(&cache.certificates());
+        assert_eq!(restored.certificates(), cache.certificates());
+        assert!(search(&restored, &anchor, 5).certified);
     }
 
     #[test]

@@ -421,7 +421,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
                 cloud_ef,
                 deadline_ms: args.deadline_ms,
                 cpus: pinning.then_some("0"),
-                certify: !args.no_certify && !args.wasm,
+                certify: !args.no_certify,
                 wasm_guest: guest.as_deref(),
             },
         )?);
@@ -546,7 +546,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         settings: serde_json::json!({
             "cold": args.cold,
             "engine": if args.wasm { "wasm" } else { "native" },
-            "certify": !args.no_certify && !args.wasm,
+            "certify": !args.no_certify,
             "edges": args.edges,
             "requests_per_edge": requests_per_edge,
             "zipf": args.zipf,

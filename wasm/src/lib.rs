@@ -19,6 +19,9 @@
 //!   On error the buffer is freed and the previous cache stays.
 //! * `tv_apply_delta(ptr, len, accept_certificates) -> status`: a pushed `Delta` in its rkyv
 //!   bytes (`Delta::to_bytes`), checked and applied to the overlay; the buffer stays the host's.
+//! * `tv_set_certificates(ptr, len) -> status`: the certificates in force ([`wire`]: anchor
+//!   ids and radii; every other anchor uncertified) — how the host drops them when the native
+//!   edge starts a connection and hands them over after a compaction.
 //! * `tv_configure(has_kth, max_kth, has_anchor, max_anchor) -> status`: the confidence rule.
 //! * `tv_search(ptr, len) -> status`: a search request ([`wire`]); the response goes to the
 //!   result buffer.
@@ -116,6 +119,13 @@ impl Guest {
         Ok(())
     }
 
+    fn set_certificates(&mut self, bytes: &[u8]) -> Result<(), Failure> {
+        let certificates = wire::decode_certificates(bytes)
+            .map_err(|e| Failure(status::MALFORMED_REQUEST, e.to_string()))?;
+        self.cache.set_certificates(&certificates);
+        Ok(())
+    }
+
     fn search(&mut self, request: &[u8]) -> Result<(), Failure> {
         let (k, ef) = wire::decode_request(request, &mut self.query)
             .map_err(|e| Failure(status::MALFORMED_REQUEST, e.to_string()))?;
@@ -126,11 +136,12 @@ impl Guest {
             .search(view.as_ref(), &self.query, k, ef, &mut self.scratch)
             .map_err(|e| Failure(status::INVALID_QUERY, e.to_string()))?;
         let distances: Vec<f32> = answer.hits.iter().map(|h| h.distance).collect();
-        let local = answer.certified
-            || self
-                .rule
-                .decide(&distances, k, answer.nearest_anchor.map(|(_, d)| d))
-                == Decision::Local;
+        // The rule's decision alone: a certified answer is served only while the host's link
+        // to the cloud is up, which only the host knows.
+        let local = self
+            .rule
+            .decide(&distances, k, answer.nearest_anchor.map(|(_, d)| d))
+            == Decision::Local;
         wire::encode_response(
             answer
                 .hits
@@ -282,6 +293,20 @@ pub unsafe extern "C" fn tv_apply_delta(
         // SAFETY: per this function's contract.
         let outcome = unsafe { input(ptr, len) }
             .and_then(|bytes| guest.apply_delta(bytes, accept_certificates != 0));
+        guest.finish(outcome, false)
+    })
+}
+
+/// Makes the listed certificates (layout in [`wire`]) the ones in force; every anchor not
+/// listed is uncertified. A malformed list changes nothing.
+///
+/// # Safety
+/// `ptr` must hold `len` bytes written by the host (from `tv_alloc`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tv_set_certificates(ptr: *const u8, len: usize) -> i32 {
+    with_guest(|guest| {
+        // SAFETY: per this function's contract.
+        let outcome = unsafe { input(ptr, len) }.and_then(|bytes| guest.set_certificates(bytes));
         guest.finish(outcome, false)
     })
 }

@@ -4,7 +4,8 @@
 
 use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
 use tiervec_shared::local::LocalCache;
-use tiervec_shared::push::{Delta, PushedVector, Tombstone};
+use tiervec_shared::local::euclidean;
+use tiervec_shared::push::{Delta, PushedAnchor, PushedVector, Tombstone, anchor_id};
 use tiervec_shared::snapshot::{self, Snapshot, SnapshotBody, SnapshotSpec};
 use tiervec_shared::{CollectionId, Metric};
 
@@ -81,9 +82,59 @@ fn search(query: &[f32], k: u32, ef: u32) -> Result<wire::SearchResponse, (i32, 
 }
 
 fn apply(delta: &Delta) -> i32 {
+    apply_with(delta, true)
+}
+
+fn apply_with(delta: &Delta, accept_certificates: bool) -> i32 {
     let bytes = delta.to_bytes();
     // SAFETY: `bytes` is a live buffer of that length.
-    unsafe { tv_apply_delta(bytes.as_ptr(), bytes.len(), 1) }
+    unsafe { tv_apply_delta(bytes.as_ptr(), bytes.len(), u32::from(accept_certificates)) }
+}
+
+fn set_certificates(bytes: &[u8]) -> i32 {
+    // SAFETY: `bytes` is a live buffer of that length (a dangling, aligned one when empty,
+    // which the guest reads nothing from).
+    unsafe { tv_set_certificates(bytes.as_ptr(), bytes.len()) }
+}
+
+/// A delta pushing 200 vectors and an anchor whose certificate is its exact ball of 20.
+fn certified_delta(anchor: &[f32]) -> Delta {
+    let corpus: Vec<(u64, Vec<f32>)> = (0..200u64)
+        .map(|id| {
+            let mut v = vector(id as usize + 5_000);
+            Metric::Cosine.prepare(&mut v);
+            (id, v)
+        })
+        .collect();
+    let mut by_distance: Vec<(f32, u64)> = corpus
+        .iter()
+        .map(|(id, v)| (euclidean(anchor, v), *id))
+        .collect();
+    by_distance.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let radius = (by_distance[19].0 + by_distance[20].0) / 2.0;
+    Delta {
+        collection_id: COLLECTION.0,
+        dim: DIM as u32,
+        metric: Metric::Cosine.code(),
+        version: 1,
+        vectors: corpus
+            .iter()
+            .map(|(id, v)| PushedVector {
+                id: *id,
+                lsn: 1,
+                vector: v.clone(),
+                payload: None,
+            })
+            .collect(),
+        anchors: vec![PushedAnchor {
+            anchor_id: anchor_id(anchor),
+            vector: anchor.to_vec(),
+            members: by_distance[..20].iter().map(|(_, id)| *id).collect(),
+            radius,
+            hot_at_unix_us: 0,
+        }],
+        ..Delta::default()
+    }
 }
 
 #[test]
@@ -296,4 +347,56 @@ fn kernels_equal_the_portable_ones_bit_for_bit() {
             assert_eq!(kernels::dot_i8_portable(&ca, &cb), want);
         }
     }
+}
+
+#[test]
+fn certificates_certify_like_the_local_cache_and_follow_set_certificates() {
+    fresh();
+    let mut anchor = vector(9_999);
+    Metric::Cosine.prepare(&mut anchor);
+    let delta = certified_delta(&anchor);
+    let mut native = LocalCache::empty();
+    native.apply(&delta, true).expect("applies");
+    assert_eq!(apply(&delta), status::OK, "{}", message());
+    let expected = native
+        .search(None, &anchor, 5, 32, &mut SearchScratch::new())
+        .expect("valid query");
+    assert!(expected.certified);
+    let got = search(&anchor, 5, 32).expect("answers");
+    assert!(got.certified);
+    let ids = |hits: &[wire::WireHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
+    assert_eq!(ids(&got.hits), ids(&expected.hits));
+    // Certification is not the rule's decision: with no rule the guest says "ask the cloud".
+    assert!(!got.local);
+
+    assert_eq!(set_certificates(&[]), status::OK, "{}", message());
+    assert!(!search(&anchor, 5, 32).expect("answers").certified);
+    let mut list = Vec::new();
+    wire::encode_certificates(&native.certificates(), &mut list);
+    assert_eq!(set_certificates(&list), status::OK, "{}", message());
+    assert!(search(&anchor, 5, 32).expect("answers").certified);
+
+    // Refused lists change nothing.
+    assert_eq!(set_certificates(&list[..11]), status::MALFORMED_REQUEST);
+    for bad in [f32::NAN, -1.0, 0.0, f32::INFINITY] {
+        let mut entry = Vec::new();
+        wire::encode_certificates(&[(anchor_id(&anchor), bad)], &mut entry);
+        assert_eq!(set_certificates(&entry), status::MALFORMED_REQUEST);
+        assert!(message().contains("radius"), "{}", message());
+    }
+    assert!(search(&anchor, 5, 32).expect("answers").certified);
+}
+
+#[test]
+fn a_delta_applied_without_its_certificates_never_certifies() {
+    fresh();
+    let mut anchor = vector(9_999);
+    Metric::Cosine.prepare(&mut anchor);
+    assert_eq!(apply_with(&certified_delta(&anchor), false), status::OK);
+    let answer = search(&anchor, 5, 32).expect("answers");
+    assert!(!answer.certified);
+    assert_eq!(
+        answer.nearest_anchor.map(|(id, _)| id),
+        Some(anchor_id(&anchor))
+    );
 }

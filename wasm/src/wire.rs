@@ -25,11 +25,14 @@
 //! | 20 | 4 | total payload bytes that follow the hits |
 //! | 24 | 24 each | per hit: id `u64`, LSN `u64`, distance `f32`, payload length `u32` (`u32::MAX`: none) |
 //! | … | | the hits' payloads, UTF-8, concatenated in hit order |
+//!
+//! Certificates (`tv_set_certificates`, `12·n` bytes): `n` entries of anchor id `u64` and
+//! radius `f32` (finite, > 0); every anchor not listed is uncertified.
 
 use thiserror::Error;
 
 /// Version of the guest ABI this file describes (`tv_abi_version` returns it).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Status codes every fallible export returns; on anything but [`status::OK`] the result
 /// buffer (`tv_result_ptr`/`tv_result_len`) holds a UTF-8 message saying what went wrong.
@@ -83,7 +86,7 @@ const HIT_LEN: usize = 24;
 const NO_PAYLOAD: u32 = u32::MAX;
 
 /// Bytes that do not follow the layouts above.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Error, Clone, PartialEq)]
 pub enum WireError {
     #[error("{what} is {len} bytes, shorter than the {needed} its header promises")]
     Truncated {
@@ -95,6 +98,8 @@ pub enum WireError {
     Trailing { what: &'static str, extra: usize },
     #[error("payload of hit {hit} is not UTF-8")]
     PayloadNotUtf8 { hit: usize },
+    #[error("certificate {index} has radius {radius}; a radius is finite and positive")]
+    BadRadius { index: usize, radius: f32 },
     #[error("{what} exceeds 4 GiB and cannot be framed")]
     TooLarge { what: &'static str },
 }
@@ -109,6 +114,46 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&bytes[at..at + 8]);
     u64::from_le_bytes(b)
+}
+
+fn f32_at(bytes: &[u8], at: usize) -> f32 {
+    f32::from_bits(u32_at(bytes, at))
+}
+
+const CERTIFICATE_LEN: usize = 12;
+
+/// Appends the certificates in force (anchor id, radius) to `out` (cleared first).
+pub fn encode_certificates(certificates: &[(u64, f32)], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(CERTIFICATE_LEN * certificates.len());
+    for &(id, radius) in certificates {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&radius.to_le_bytes());
+    }
+}
+
+/// Reads certificates written by [`encode_certificates`], refusing a ragged length and any
+/// radius that is not finite and positive (a radius of 0 is no certificate: leave it out).
+pub fn decode_certificates(bytes: &[u8]) -> Result<Vec<(u64, f32)>, WireError> {
+    let extra = bytes.len() % CERTIFICATE_LEN;
+    if extra != 0 {
+        return Err(WireError::Trailing {
+            what: "certificates",
+            extra,
+        });
+    }
+    bytes
+        .chunks_exact(CERTIFICATE_LEN)
+        .enumerate()
+        .map(|(index, entry)| {
+            let radius = f32_at(entry, 8);
+            if radius.is_finite() && radius > 0.0 {
+                Ok((u64_at(entry, 0), radius))
+            } else {
+                Err(WireError::BadRadius { index, radius })
+            }
+        })
+        .collect()
 }
 
 fn len_u32(len: usize, what: &'static str) -> Result<u32, WireError> {
@@ -264,8 +309,7 @@ pub fn decode_response(bytes: &[u8]) -> Result<SearchResponse, WireError> {
             extra: bytes.len() - needed,
         });
     }
-    let nearest_anchor =
-        (flags & FLAG_ANCHOR != 0).then(|| (u64_at(bytes, 8), f32::from_bits(u32_at(bytes, 16))));
+    let nearest_anchor = (flags & FLAG_ANCHOR != 0).then(|| (u64_at(bytes, 8), f32_at(bytes, 16)));
     let mut payloads = RESPONSE_HEADER + HIT_LEN * count;
     let mut hits = Vec::with_capacity(count);
     for hit in 0..count {
@@ -290,7 +334,7 @@ pub fn decode_response(bytes: &[u8]) -> Result<SearchResponse, WireError> {
         hits.push(WireHit {
             id: u64_at(bytes, at),
             lsn: u64_at(bytes, at + 8),
-            distance: f32::from_bits(u32_at(bytes, at + 16)),
+            distance: f32_at(bytes, at + 16),
             payload,
         });
     }
