@@ -31,6 +31,7 @@ use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
 use tiervec_shared::local::LocalCache;
 use tiervec_shared::push::{Applied, Delta, Inventory, PushError};
 use tiervec_shared::query::QueryError;
+use tiervec_shared::query::validate_search;
 use tiervec_shared::snapshot::{self, AnchorSection, SnapshotBody, SnapshotSpec};
 use tracing::{info, warn};
 
@@ -342,6 +343,19 @@ impl EdgeCache {
 
     /// Searches snapshot and overlay: one merged top-k (or a certified exact one), and the
     /// nearest anchor.
+    /// Checks a search request against the cache's dimension (what [`EdgeCache::search`]
+    /// checks first) without searching: the WASM engine's guests check it themselves, but
+    /// when no guest can answer the caller still gets its error.
+    pub fn validate(&self, query: &[f32], k: usize, ef: usize) -> Result<(), EdgeError> {
+        let dim = self
+            .state
+            .load()
+            .local
+            .shape()
+            .map_or(query.len(), |s| s.dim);
+        Ok(validate_search(query, dim, k, ef)?)
+    }
+
     pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Result<LocalAnswer, EdgeError> {
         let state = self.state.load();
         let found = match &state.snapshot {

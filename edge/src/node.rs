@@ -277,6 +277,7 @@ impl EdgeNode {
                 metrics::counter!("tiervec_edge_wasm_failures_total", "reason" => reason)
                     .increment(1);
                 warn!(error = %e, "the guest could not answer; asking the cloud");
+                self.cache.validate(query, k, ef)?;
                 Ok((LocalAnswer::default(), false))
             }
         }

@@ -609,3 +609,37 @@ fn certificates_follow_the_native_cache_into_the_guests() {
     cache.begin_connection();
     assert!(!certified("dropped after the compaction too"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_cannot_answer_never_becomes_a_local_answer_or_an_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let snapshot = dir.path().join("cache.tvs");
+    std::fs::write(&snapshot, &data().snapshot).expect("snapshot written");
+    let (cache, _) = EdgeCache::open(CacheConfig::beside(&snapshot, 64 << 20)).expect("opens");
+    let cache = std::sync::Arc::new(cache);
+    // Room for the empty guest, not for the snapshot: the guests refuse the cache.
+    let mut wasm = config(shared_cache());
+    wasm.memory_limit = 3 << 20;
+    let engine = WasmEngine::start(wasm).expect("engine starts");
+    let mut node_config = tiervec_edge::config::EdgeConfig::default().node();
+    // A rule that would serve every answer locally.
+    node_config.rule = ConfidenceRule {
+        max_kth_distance: Some(10.0),
+        max_anchor_distance: None,
+    };
+    let node = tiervec_edge::node::EdgeNode::start(cache, node_config, None)
+        .expect("starts without a link")
+        .with_wasm(engine);
+    for q in 0..5 {
+        let answer = node
+            .search(data().queries.row(q), 10, 64)
+            .await
+            .expect("answered, not an error");
+        // No cloud to ask: the native fallback for an unconfident answer, degraded.
+        assert_eq!(answer.source, tiervec_edge::node::Source::Degraded);
+        assert!(!answer.certified);
+    }
+    // Bad input is still the caller's error, not a guest failure.
+    let err = node.search(&[0.5; 3], 10, 64).await.unwrap_err();
+    assert!(err.to_string().contains("dimension"), "{err}");
+}
