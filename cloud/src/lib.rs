@@ -31,5 +31,6 @@ pub mod hot;
 pub mod index;
 pub mod push;
 pub mod quic;
+pub mod restore;
 pub mod service;
 pub mod wal;

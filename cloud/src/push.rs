@@ -36,6 +36,7 @@ use tiervec_shared::Metric;
 use tiervec_shared::hot::HotTracker;
 use tiervec_shared::local::{certifiable, euclidean};
 use tiervec_shared::protocol::frame::{DEFAULT_MAX_FRAME, Frame, FrameDecoder, PREFIX_LEN};
+use tiervec_shared::protocol::transfer::snapshot_frames;
 use tiervec_shared::push::{
     Certificate, Delta, HeldVector, Manifest, ManifestStep, PushedAnchor, PushedVector, Tombstone,
     anchor_bytes, anchor_id, vector_bytes,
@@ -45,6 +46,7 @@ use tracing::{debug, info, warn};
 
 use crate::collection::{Collection, SearchParams};
 use crate::hot::HotIds;
+use crate::restore::{self, RestorePolicy};
 use crate::service::{Invalidation, Service};
 
 /// Knobs of pushing.
@@ -75,6 +77,8 @@ pub struct PushConfig {
     pub hot_id_count: f64,
     /// An unacknowledged delta after this long closes the connection (the edge resyncs).
     pub ack_timeout_ms: u64,
+    /// When an edge that comes back holding much less than logged is restored whole.
+    pub restore: RestorePolicy,
 }
 
 impl Default for PushConfig {
@@ -91,6 +95,7 @@ impl Default for PushConfig {
             max_delta_bytes: 128 << 10,
             hot_id_count: 3.0,
             ack_timeout_ms: 5_000,
+            restore: RestorePolicy::default(),
         }
     }
 }
@@ -219,6 +224,9 @@ pub struct PushSession {
     pub version: u64,
     /// The edge asked for certificates (honoured for cosine and L2 collections).
     pub certify: bool,
+    /// What the cloud had logged for the cache before adopting an inventory far behind it
+    /// (`RestorePolicy`): restored whole before anything else is pushed.
+    pub restore: Arc<Mutex<Option<Manifest>>>,
 }
 
 /// What the push tasks share: the anchor tables, and a route to each connected cache's task.
@@ -237,6 +245,11 @@ pub struct PushHub {
 
 impl PushHub {
     /// The hub, and the task routing invalidations to the push tasks (spawned here).
+    /// When an edge far behind its logged manifest is restored whole.
+    pub fn restore_policy(&self) -> RestorePolicy {
+        self.config.restore
+    }
+
     pub fn start(config: PushConfig, service: Arc<Service>, hot: Arc<HotIds>) -> Arc<PushHub> {
         let hub = Arc::new(PushHub {
             config,
@@ -866,17 +879,24 @@ fn outdated(manifest: &Manifest, collection: &Collection) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Sends `delta` on a new stream and waits for its acknowledgement.
-async fn send_delta(
+/// Sends `frames` (a delta, or a snapshot's head and chunks) on a new stream and waits for the
+/// acknowledgement of `version`.
+async fn send_frames(
     conn: &quinn::Connection,
-    delta: &Delta,
+    frames: &[Frame],
+    version: u64,
     timeout: Duration,
 ) -> Result<(), String> {
-    let mut bytes = Vec::new();
-    Frame::Delta(delta.clone()).encode(&mut bytes);
+    let mut sent = 0u64;
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
+        for frame in frames {
+            bytes.clear();
+            frame.encode(&mut bytes);
+            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            sent += bytes.len() as u64;
+        }
         send.finish().map_err(|e| e.to_string())?;
         recv.read_to_end(PREFIX_LEN + 64)
             .await
@@ -885,16 +905,64 @@ async fn send_delta(
     let reply = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| "no acknowledgement in time".to_owned())??;
-    metrics::counter!("tiervec_push_bytes_total").increment(bytes.len() as u64);
+    metrics::counter!("tiervec_push_bytes_total").increment(sent);
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
     decoder.push(&reply).map_err(|e| e.to_string())?;
     match decoder.next_frame().map_err(|e| e.to_string())? {
-        Some(Frame::DeltaAck(v)) if v == delta.version => Ok(()),
-        other => Err(format!(
-            "expected DeltaAck({}), got {other:?}",
-            delta.version
-        )),
+        Some(Frame::DeltaAck(v)) if v == version => Ok(()),
+        other => Err(format!("expected DeltaAck({version}), got {other:?}")),
     }
+}
+
+/// Restores an edge's cache whole (see [`crate::restore`]): the snapshot of what `logged`
+/// held, at the version after the one the cloud adopted from the edge's inventory, streamed,
+/// and its inventory logged once the edge acknowledged it.
+async fn restore_cache(
+    hub: &Arc<PushHub>,
+    conn: &quinn::Connection,
+    edge: &str,
+    collection: &Arc<Collection>,
+    logged: Manifest,
+    budget: u64,
+    ack_timeout: Duration,
+) -> Result<(u64, usize), String> {
+    let collection_id = collection.info.id.0;
+    let version = hub
+        .service
+        .catalog()
+        .edge_cache(edge, collection_id)
+        .map_or(0, |m| m.version)
+        + 1;
+    let (builder, edge_name, built_collection) = (hub.clone(), edge.to_owned(), collection.clone());
+    let (bytes, inventory) = tokio::task::spawn_blocking(move || {
+        restore::build(
+            &built_collection,
+            &logged,
+            |anchor| builder.anchor_vector(&edge_name, collection_id, anchor),
+            version,
+            budget,
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    // The edge writes, syncs and validates the whole file before it acknowledges.
+    let timeout = ack_timeout * (1 + (bytes.len() >> 22) as u32);
+    send_frames(
+        conn,
+        &snapshot_frames(collection_id, version, &bytes),
+        version,
+        timeout,
+    )
+    .await?;
+    let held = inventory.vectors.len();
+    let (svc, edge_name) = (hub.service.clone(), edge.to_owned());
+    tokio::task::spawn_blocking(move || svc.commit_edge_reset(&edge_name, inventory))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    metrics::counter!("tiervec_push_restores_total").increment(1);
+    metrics::counter!("tiervec_push_restore_bytes_total").increment(bytes.len() as u64);
+    Ok((version, held))
 }
 
 /// One connected edge cache's push task: ends when the connection does.
@@ -909,6 +977,7 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         resync_first,
         version,
         certify,
+        restore,
     } = session;
     let certify = certify && certifiable(collection.info.metric);
     // The certificates sent on this connection, kept exact as the corpus changes; the edge
@@ -980,6 +1049,23 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         }
     }
     info!(edge = %edge, collection = %collection.info.name, budget, "pushing into the edge's cache");
+    let lost = restore.lock().take();
+    if let Some(logged) = lost {
+        let _turn = turn.lock().await;
+        let started = Instant::now();
+        match restore_cache(&hub, &conn, &edge, &collection, logged, budget, ack_timeout).await {
+            Ok((version, held)) => info!(
+                edge = %edge,
+                version,
+                held,
+                seconds = started.elapsed().as_secs_f64(),
+                "restored the edge's cache whole from a streamed snapshot"
+            ),
+            Err(e) => {
+                warn!(edge = %edge, error = %e, "restoring the edge's cache failed; pushes refill it")
+            }
+        }
+    }
     let period = Duration::from_millis(hub.config.period_ms.max(1));
     let gap = Duration::from_millis(hub.config.min_gap_ms);
     let mut tick = tokio::time::interval(period);
@@ -1177,7 +1263,13 @@ async fn deliver(
         "push"
     };
     let started = Instant::now();
-    send_delta(conn, &delta, ack_timeout).await?;
+    send_frames(
+        conn,
+        &[Frame::Delta(delta.clone())],
+        delta.version,
+        ack_timeout,
+    )
+    .await?;
     hub.acked
         .lock()
         .insert((edge.to_owned(), id), delta.version);

@@ -172,6 +172,8 @@ struct Peer {
     confirmed: tokio::sync::watch::Receiver<bool>,
     wire: [AtomicU64; 2],
     resynced: Arc<tokio::sync::Notify>,
+    /// Set when the adopted inventory was far behind the logged manifest: that manifest.
+    restore: Arc<Mutex<Option<tiervec_shared::push::Manifest>>>,
 }
 
 async fn connection(
@@ -217,6 +219,7 @@ async fn connection(
         confirmed,
         wire: [AtomicU64::new(0), AtomicU64::new(0)],
         resynced: Arc::new(tokio::sync::Notify::new()),
+        restore: Arc::default(),
     });
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (peer, service, conn2) = (peer.clone(), service.clone(), conn.clone());
@@ -342,6 +345,7 @@ async fn exchange(
                                 resync_first,
                                 version: cache.version,
                                 certify: cache.certify,
+                                restore: peer.restore.clone(),
                             },
                         ));
                     }
@@ -352,8 +356,15 @@ async fn exchange(
             }
             ServerAction::Resync(inventory) => {
                 let (svc, edge, version) = (service.clone(), peer.edge.clone(), inventory.version);
+                let policy = peer.push.restore_policy();
                 let committed = match tokio::task::spawn_blocking(move || {
-                    svc.commit_edge_reset(&edge, inventory)
+                    // What the cloud logged before adopting: restored whole if the edge lost
+                    // most of it.
+                    let lost = svc
+                        .catalog()
+                        .edge_cache(&edge, inventory.collection_id)
+                        .filter(|logged| policy.wants_restore(logged, &inventory));
+                    svc.commit_edge_reset(&edge, inventory).map(|_| lost)
                 })
                 .await
                 {
@@ -361,7 +372,8 @@ async fn exchange(
                     Err(e) => Err(e.to_string()),
                 };
                 match committed {
-                    Ok(_) => {
+                    Ok(lost) => {
+                        *peer.restore.lock() = lost;
                         Frame::InventoryAck(version).encode(&mut out);
                         peer.resynced.notify_one();
                     }

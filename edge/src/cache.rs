@@ -29,6 +29,7 @@ use thiserror::Error;
 use tiervec_shared::CollectionId;
 use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
 use tiervec_shared::local::LocalCache;
+use tiervec_shared::protocol::frame::SnapshotBegin;
 use tiervec_shared::push::{Applied, Delta, Inventory, PushError};
 use tiervec_shared::query::QueryError;
 use tiervec_shared::query::validate_search;
@@ -73,6 +74,8 @@ pub enum CacheError {
     Edge(#[from] EdgeError),
     #[error("compaction failed: {0}")]
     Compaction(String),
+    #[error("streamed snapshot refused: {0}")]
+    StreamedSnapshot(String),
 }
 
 /// One consistent view of the cache; searches load it, writers replace it.
@@ -468,6 +471,89 @@ impl EdgeCache {
                 .record(applied_us.saturating_sub(*hot_at) as f64 / 1e6);
         }
         Ok(report)
+    }
+
+    /// Where a snapshot the cloud streams is written while it arrives: beside the snapshot, so
+    /// that installing it is one rename.
+    pub fn incoming_snapshot_path(&self) -> PathBuf {
+        let mut name = self.config.snapshot.as_os_str().to_owned();
+        name.push(".incoming");
+        PathBuf::from(name)
+    }
+
+    /// Replaces the whole cache with the snapshot file the cloud streamed, complete and
+    /// checksummed at [`EdgeCache::incoming_snapshot_path`]: made durable, validated like any
+    /// snapshot, of this cache's collection (an unbound cache takes it), at `begin`'s manifest
+    /// version, which must be past the cache's; then renamed over the snapshot, the delta log
+    /// emptied (every delta in it is older), and swapped in without pausing readers. No
+    /// certificate survives (the cloud sends new ones). The file is removed if refused.
+    /// Blocking (file IO).
+    pub fn install_snapshot(&self, begin: &SnapshotBegin) -> Result<u64, CacheError> {
+        let incoming = self.incoming_snapshot_path();
+        let outcome = self.install_incoming(&incoming, begin);
+        if outcome.is_err() {
+            let _ = std::fs::remove_file(&incoming);
+        }
+        outcome
+    }
+
+    fn install_incoming(&self, incoming: &Path, begin: &SnapshotBegin) -> Result<u64, CacheError> {
+        let refused = |why: String| CacheError::StreamedSnapshot(why);
+        let io = |e: std::io::Error| refused(format!("{}: {e}", incoming.display()));
+        let file = std::fs::File::open(incoming).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        let mut permissions = file.metadata().map_err(io)?.permissions();
+        permissions.set_readonly(true);
+        std::fs::set_permissions(incoming, permissions).map_err(io)?;
+        let index = EdgeIndex::open(incoming)?;
+        let file_version = index.view().manifest_version();
+        let file_collection = index.header().spec.collection.0;
+        if file_version != begin.version || file_collection != begin.collection_id {
+            return Err(refused(format!(
+                "the file is version {file_version} of another cache than the announced version {}",
+                begin.version
+            )));
+        }
+        drop(index);
+        let mut writer = self.writer.lock();
+        let (held_collection, held_version) = {
+            let state = self.state.load();
+            let manifest = state.local.manifest();
+            (manifest.collection_id, manifest.version)
+        };
+        if held_collection != [0; 16] && held_collection != begin.collection_id {
+            return Err(refused(
+                "the file belongs to another collection incarnation than the cache".into(),
+            ));
+        }
+        if begin.version <= held_version {
+            return Err(refused(format!(
+                "version {} is not past the cache's {held_version}",
+                begin.version
+            )));
+        }
+        std::fs::rename(incoming, &self.config.snapshot).map_err(io)?;
+        let dir = self
+            .config
+            .snapshot
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        tiervec_shared::durable::sync_dir(dir).map_err(io)?;
+        writer.since_snapshot.clear();
+        writer.log = DeltaLog::rewrite(&self.config.deltas, &[])?;
+        let index = Arc::new(EdgeIndex::open(&self.config.snapshot)?);
+        self.state
+            .store(Arc::new(CacheState::from_snapshot(Some(index))));
+        self.replaced(&writer);
+        drop(writer);
+        metrics::counter!("tiervec_edge_snapshots_installed_total").increment(1);
+        info!(
+            version = begin.version,
+            bytes = begin.len,
+            "cache replaced by a snapshot the cloud streamed"
+        );
+        Ok(begin.version)
     }
 
     /// Binds a cache that belongs to no collection incarnation yet (empty, or a snapshot

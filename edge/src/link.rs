@@ -24,10 +24,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 use tiervec_shared::protocol::frame::{
-    ALPN, Answer, DEFAULT_MAX_FRAME, Frame, FrameDecoder, PREFIX_LEN, Query, WireCollection,
+    ALPN, Answer, DEFAULT_MAX_FRAME, Frame, FrameDecoder, PREFIX_LEN, Query, SnapshotBegin,
+    WireCollection,
 };
 use tiervec_shared::protocol::session::{ClientAction, ClientEvent, ClientSession, QueryFailure};
+use tiervec_shared::protocol::transfer::SnapshotReceiver;
 use tiervec_shared::push::CacheAnnouncement;
+use tokio::io::AsyncWriteExt;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::cache::EdgeCache;
@@ -602,9 +605,11 @@ async fn resync(
     ))
 }
 
-/// Serves the streams the cloud opens: each carries one delta, applied (durably) before its
-/// acknowledgement is written back. A delta that cannot be applied closes the connection; the
-/// next one resyncs by inventory.
+/// Serves the streams the cloud opens: each carries one delta, or a whole cache as a
+/// snapshot file, applied (durably) before its acknowledgement is written back. Streams are
+/// read as they arrive: a snapshot goes to a file chunk by chunk, checked by a
+/// `SnapshotReceiver`, never held whole in memory. A delta or snapshot that cannot be applied
+/// closes the connection; the next one resyncs by inventory.
 async fn accept_pushes(
     conn: quinn::Connection,
     session: Arc<Mutex<ClientSession>>,
@@ -613,52 +618,45 @@ async fn accept_pushes(
     started: Instant,
 ) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let bytes = match recv.read_to_end(DEFAULT_MAX_FRAME + PREFIX_LEN).await {
-            Ok(bytes) => bytes,
-            Err(e) => {
+        let received = match receive_push(&mut recv, &session, &target, started).await {
+            Ok(received) => received,
+            Err(PushRefusal::Stream(e)) => {
                 debug!(error = %e, "push stream failed");
                 continue;
             }
-        };
-        metrics::counter!("tiervec_edge_push_bytes_total").increment(bytes.len() as u64);
-        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
-        let mut deltas = Vec::new();
-        let decoded = decoder.push(&bytes).and_then(|()| {
-            while let Some(f) = decoder.next_frame()? {
-                let now = started.elapsed().as_micros() as u64;
-                for action in session.lock().handle(ClientEvent::Received(f), now) {
-                    if let ClientAction::ApplyDelta(d) = action {
-                        deltas.push(d);
-                    }
-                }
+            Err(PushRefusal::Frame(e)) => {
+                metrics::counter!("tiervec_edge_link_refused_total", "reason" => e.code().label())
+                    .increment(1);
+                conn.close(
+                    quinn::VarInt::from_u32(e.code() as u32),
+                    e.to_string().as_bytes(),
+                );
+                return;
             }
-            Ok(())
-        });
-        if let Err(e) = decoded {
-            metrics::counter!("tiervec_edge_link_refused_total", "reason" => e.code().label())
-                .increment(1);
-            conn.close(
-                quinn::VarInt::from_u32(e.code() as u32),
-                e.to_string().as_bytes(),
-            );
-            return;
-        }
+            Err(PushRefusal::Snapshot(e)) => {
+                warn!(error = %e, "cannot take the snapshot the cloud streamed; resyncing");
+                conn.close(quinn::VarInt::from_u32(0), b"snapshot refused; resync");
+                return;
+            }
+        };
         let mut acks = Vec::new();
-        for delta in deltas {
+        for push in received {
             let cache = target.cache.clone();
-            let version = delta.version;
-            let applied =
-                tokio::task::spawn_blocking(move || cache.apply(&delta, connection)).await;
+            let applied = tokio::task::spawn_blocking(move || match push {
+                Received::Delta(delta) => cache.apply(&delta, connection).map(|_| delta.version),
+                Received::Snapshot(begin) => cache.install_snapshot(&begin),
+            })
+            .await;
             match applied {
-                Ok(Ok(_)) => Frame::DeltaAck(version).encode(&mut acks),
+                Ok(Ok(version)) => Frame::DeltaAck(version).encode(&mut acks),
                 Ok(Err(e)) => {
-                    warn!(version, error = %e, "cannot apply a pushed delta; resyncing");
-                    conn.close(quinn::VarInt::from_u32(0), b"delta not applicable; resync");
+                    warn!(error = %e, "cannot apply a push; resyncing");
+                    conn.close(quinn::VarInt::from_u32(0), b"push not applicable; resync");
                     return;
                 }
                 Err(e) => {
-                    warn!(error = %e, "delta application panicked");
-                    conn.close(quinn::VarInt::from_u32(0), b"delta application failed");
+                    warn!(error = %e, "applying a push panicked");
+                    conn.close(quinn::VarInt::from_u32(0), b"push application failed");
                     return;
                 }
             }
@@ -671,4 +669,94 @@ async fn accept_pushes(
                 .compact_in_background(tokio::runtime::Handle::current());
         }
     }
+}
+
+/// What one push stream carried, ready to apply.
+enum Received {
+    Delta(tiervec_shared::push::Delta),
+    /// A snapshot file, complete and checksummed at the cache's incoming path.
+    Snapshot(SnapshotBegin),
+}
+
+/// Why a push stream was not taken.
+enum PushRefusal {
+    /// The stream broke (the cloud gave up on it); the connection may go on.
+    Stream(String),
+    /// Bytes that are not frames: the connection is closed with the code.
+    Frame(tiervec_shared::protocol::frame::FrameError),
+    /// A snapshot stream that is too large, inconsistent, or could not be written.
+    Snapshot(String),
+}
+
+/// A snapshot being received: its checks and the file it goes to.
+struct Incoming {
+    receiver: SnapshotReceiver,
+    file: tokio::fs::File,
+}
+
+/// Reads one push stream to its end, frame by frame.
+async fn receive_push(
+    recv: &mut quinn::RecvStream,
+    session: &Mutex<ClientSession>,
+    target: &PushTarget,
+    started: Instant,
+) -> Result<Vec<Received>, PushRefusal> {
+    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let mut received = Vec::new();
+    let mut incoming: Option<Incoming> = None;
+    let snapshot_err = |e: std::io::Error| PushRefusal::Snapshot(e.to_string());
+    while let Some(chunk) = recv
+        .read_chunk(DEFAULT_MAX_FRAME + PREFIX_LEN, true)
+        .await
+        .map_err(|e| PushRefusal::Stream(e.to_string()))?
+    {
+        metrics::counter!("tiervec_edge_push_bytes_total").increment(chunk.bytes.len() as u64);
+        decoder.push(&chunk.bytes).map_err(PushRefusal::Frame)?;
+        while let Some(frame) = decoder.next_frame().map_err(PushRefusal::Frame)? {
+            let now = started.elapsed().as_micros() as u64;
+            let actions = session.lock().handle(ClientEvent::Received(frame), now);
+            for action in actions {
+                match action {
+                    ClientAction::ApplyDelta(d) => received.push(Received::Delta(d)),
+                    ClientAction::SnapshotBegin(begin) => {
+                        if incoming.is_some() {
+                            return Err(PushRefusal::Snapshot(
+                                "a second snapshot on one stream".into(),
+                            ));
+                        }
+                        // The file holds vectors, graph and quantised codes of at most the
+                        // budget's worth of vectors: a generous multiple of it, never more.
+                        let max = target.cache.config().budget_bytes.saturating_mul(4) + (16 << 20);
+                        let receiver = SnapshotReceiver::new(begin, max)
+                            .map_err(|e| PushRefusal::Snapshot(e.to_string()))?;
+                        // A file left by an interrupted transfer may be read-only: start over.
+                        let path = target.cache.incoming_snapshot_path();
+                        let _ = tokio::fs::remove_file(&path).await;
+                        let file = tokio::fs::File::create(&path).await.map_err(snapshot_err)?;
+                        incoming = Some(Incoming { receiver, file });
+                    }
+                    ClientAction::SnapshotChunk(bytes) => {
+                        let Some(Incoming { receiver, file }) = incoming.as_mut() else {
+                            return Err(PushRefusal::Snapshot(
+                                "snapshot bytes without a snapshot head".into(),
+                            ));
+                        };
+                        receiver
+                            .chunk(&bytes)
+                            .map_err(|e| PushRefusal::Snapshot(e.to_string()))?;
+                        file.write_all(&bytes).await.map_err(snapshot_err)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if let Some(Incoming { receiver, mut file }) = incoming {
+        file.flush().await.map_err(snapshot_err)?;
+        let begin = receiver
+            .finish()
+            .map_err(|e| PushRefusal::Snapshot(e.to_string()))?;
+        received.push(Received::Snapshot(begin));
+    }
+    Ok(received)
 }

@@ -473,3 +473,75 @@ fn a_damaged_cache_file_is_set_aside_and_the_rest_opens() {
         .unwrap();
     assert_eq!(cache.collection_id(), CollectionId::from_u128(42).0);
 }
+
+/// `encode` with the manifest version set, as a streamed snapshot carries it.
+fn encode_at(n: usize, version: u64) -> Vec<u8> {
+    let params = HnswParams::default();
+    let mut b = HnswBuilder::new(DIM, Metric::Cosine, params);
+    for i in 0..n {
+        b.insert(&vector(i, 3)).unwrap();
+    }
+    let mut body = SnapshotBody::from_builder(
+        &b,
+        "test",
+        (0..n as u64).collect(),
+        (1..=n as u64).collect(),
+        None,
+    )
+    .unwrap();
+    body.manifest_version = version;
+    snapshot::encode(&spec(params), &body).unwrap().to_vec()
+}
+
+#[test]
+fn a_streamed_snapshot_is_installed_only_when_whole_valid_and_newer() {
+    use tiervec_edge::cache::{CacheConfig, EdgeCache};
+    use tiervec_shared::protocol::frame::SnapshotBegin;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _) =
+        EdgeCache::open(CacheConfig::beside(&dir.path().join("cache.tvs"), 1 << 20)).unwrap();
+    let collection_id = CollectionId::from_u128(42).0;
+    let begin = |bytes: &[u8], version| SnapshotBegin {
+        collection_id,
+        version,
+        len: bytes.len() as u64,
+        checksum: xxhash_rust::xxh3::xxh3_64(bytes),
+    };
+    let incoming = cache.incoming_snapshot_path();
+
+    // A corrupt file is refused and removed; the cache is unchanged.
+    let mut corrupt = encode_at(50, 7);
+    let at = corrupt.len() / 2;
+    corrupt[at] ^= 0xff;
+    std::fs::write(&incoming, &corrupt).unwrap();
+    assert!(cache.install_snapshot(&begin(&corrupt, 7)).is_err());
+    assert!(!incoming.exists());
+    assert_eq!(cache.version(), 0);
+
+    // A file whose own version differs from the announced one is refused.
+    let good = encode_at(50, 7);
+    std::fs::write(&incoming, &good).unwrap();
+    let err = cache.install_snapshot(&begin(&good, 8)).unwrap_err();
+    assert!(err.to_string().contains("version"), "{err}");
+
+    // A whole, valid, newer file replaces the cache, durable across a reopen.
+    std::fs::write(&incoming, &good).unwrap();
+    assert_eq!(cache.install_snapshot(&begin(&good, 7)).unwrap(), 7);
+    assert_eq!((cache.version(), cache.usage().0), (7, 50));
+    assert!(!incoming.exists());
+    let hits = cache.search(&vector(3, 3), 1, 32).unwrap().hits;
+    assert_eq!(hits[0].id, 3);
+    drop(cache);
+    let (cache, report) =
+        EdgeCache::open(CacheConfig::beside(&dir.path().join("cache.tvs"), 1 << 20)).unwrap();
+    assert!(report.set_aside.is_empty());
+    assert_eq!((cache.version(), cache.usage().0), (7, 50));
+
+    // Not past the cache's version: refused.
+    let older = encode_at(20, 7);
+    std::fs::write(&incoming, &older).unwrap();
+    let err = cache.install_snapshot(&begin(&older, 7)).unwrap_err();
+    assert!(err.to_string().contains("not past"), "{err}");
+    assert_eq!(cache.usage().0, 50);
+}

@@ -976,3 +976,139 @@ async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the
     assert!(recertified.certified);
     assert_eq!(ids(&recertified.hits), exact(&q, 5));
 }
+
+/// An edge whose cache files were lost (here: its delta log corrupted, set aside at start-up)
+/// comes back nearly empty; the cloud, which logged what the edge held, streams it a snapshot
+/// of all of it over a real QUIC stream instead of refilling it anchor by anchor. The edge
+/// answers from the cloud meanwhile, then locally again, and both sides agree on the version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_lost_its_cache_is_restored_whole_by_a_streamed_snapshot() {
+    use tiervec_cloud::push::PushConfig;
+    use tiervec_cloud::restore::RestorePolicy;
+    use tiervec_edge::cache::{CacheConfig, EdgeCache};
+    use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
+    use tiervec_shared::confidence::ConfidenceRule;
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = cloud_with_points(dir.path(), 400);
+    let acl = Arc::new(AccessList(HashMap::from([(
+        "edge-1".to_owned(),
+        vec!["*".to_owned()],
+    )])));
+    let push_config = PushConfig {
+        period_ms: 50,
+        anchor_members: 10,
+        anchor_hot_count: 1.0,
+        // Every question its own anchor.
+        anchor_merge_distance: 0.0,
+        restore: RestorePolicy {
+            min_vectors: 8,
+            held_fraction_below: 0.5,
+        },
+        ..PushConfig::default()
+    };
+    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let hub = PushHub::start(push_config, service.clone(), hot());
+    tokio::spawn(quic::serve(endpoint, service.clone(), acl, hub));
+    let snapshot = dir.path().join("edge").join("cache.tvs");
+    std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+    let cache_config = CacheConfig {
+        compact_after: 1_000_000,
+        ..CacheConfig::beside(&snapshot, 1 << 20)
+    };
+    let node_config = NodeConfig {
+        collection: "c".into(),
+        rule: ConfidenceRule {
+            max_kth_distance: None,
+            max_anchor_distance: Some(1e-3),
+        },
+        lease: Duration::from_secs(30),
+        deadline: Duration::from_millis(500),
+        cloud_ef: 64,
+        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+        shadow_every: 0,
+        target_recall: None,
+        certify: false,
+    };
+    let start = || {
+        let (cache, report) = EdgeCache::open(cache_config.clone()).unwrap();
+        let cache = Arc::new(cache);
+        let node = EdgeNode::start(
+            cache.clone(),
+            node_config.clone(),
+            Some(link(addr, &certs, Some(&certs), "edge-1")),
+        )
+        .unwrap();
+        (Arc::new(node), cache, report)
+    };
+    let (node, cache, _) = start();
+    wait_for(|| node.connected()).await;
+
+    // Warm the cache with three questions, each pushed as an anchor and its answer.
+    let questions: Vec<Vec<f32>> = [11, 222, 333].into_iter().map(vector).collect();
+    let mut answers = Vec::new();
+    for (n, q) in questions.iter().enumerate() {
+        answers.push(node.search(q, 5, 32).await.unwrap());
+        wait_for(|| cache.usage().1 > n).await;
+    }
+    let ids = |hits: &[tiervec_edge::node::NodeHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
+    for (q, first) in questions.iter().zip(&answers) {
+        let local = node.search(q, 5, 32).await.unwrap();
+        assert_eq!(
+            (local.source, ids(&local.hits)),
+            (Source::Local, ids(&first.hits))
+        );
+    }
+    let (held, anchors, _) = cache.usage();
+    assert!(
+        held >= 20 && anchors == 3,
+        "{held} vectors, {anchors} anchors"
+    );
+
+    // The edge goes down and its delta log is damaged: at start-up it is set aside, and the
+    // cache opens empty.
+    drop(node);
+    drop(cache);
+    let log = cache_config.deltas.clone();
+    let mut bytes = std::fs::read(&log).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&log, &bytes).unwrap();
+    let (node, cache, report) = start();
+    assert!(
+        !report.set_aside.is_empty(),
+        "the damaged log was set aside"
+    );
+    assert_eq!(cache.usage().0, 0);
+    wait_for(|| node.connected()).await;
+
+    // The cloud restores all of it in one streamed snapshot.
+    wait_for(|| cache.usage().0 == held && cache.snapshot().is_some()).await;
+    assert_eq!(cache.usage().1, anchors);
+    assert!(!cache.incoming_snapshot_path().exists());
+    wait_for(|| {
+        service
+            .catalog()
+            .edge_cache("edge-1", cache.collection_id())
+            .is_some_and(|m| m.version == cache.version())
+    })
+    .await;
+    let logged = service
+        .catalog()
+        .edge_cache("edge-1", cache.collection_id())
+        .expect("logged");
+    assert_eq!(logged.len(), held);
+    assert_eq!(
+        cache.snapshot().unwrap().view().manifest_version(),
+        cache.version()
+    );
+    for (q, first) in questions.iter().zip(&answers) {
+        let local = node.search(q, 5, 32).await.unwrap();
+        assert_eq!(
+            (local.source, ids(&local.hits)),
+            (Source::Local, ids(&first.hits))
+        );
+    }
+}

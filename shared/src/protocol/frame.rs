@@ -1,4 +1,4 @@
-//! Frames of the edge–cloud protocol, version 2: a 5-byte prefix (body length `u32` LE, frame
+//! Frames of the edge–cloud protocol, version 4: a 5-byte prefix (body length `u32` LE, frame
 //! type `u8`) and an rkyv body, validated with bytecheck before use. The length is checked
 //! against the configured maximum before anything is buffered or allocated.
 
@@ -11,9 +11,10 @@ use crate::push::{CacheAnnouncement, Delta, Inventory};
 
 /// The protocol version this build speaks, and the oldest it still accepts.
 /// Version 2 added the push frames and the cache announcement; version 3 certificates (anchor
-/// radii, certificate updates, the announcement's `certify`). Older edges are refused.
-pub const PROTOCOL_VERSION: u16 = 3;
-pub const MIN_PROTOCOL_VERSION: u16 = 3;
+/// radii, certificate updates, the announcement's `certify`); version 4 whole caches streamed
+/// as snapshot files (`SnapshotBegin`, `SnapshotChunk`). Older edges are refused.
+pub const PROTOCOL_VERSION: u16 = 4;
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// ALPN of QUIC connections carrying this protocol.
 pub const ALPN: &[u8] = b"tiervec/1";
 /// Default largest frame body (a 1,024-dim query or a k=1,024 answer is far below).
@@ -135,6 +136,18 @@ impl ErrorCode {
     }
 }
 
+/// The head of a whole cache sent as a snapshot file: `len` bytes follow in
+/// [`Frame::SnapshotChunk`]s on the same stream, whose xxh3-64 is `checksum`. The file's own
+/// manifest version is `version`, which the edge acknowledges with `DeltaAck` once the file
+/// replaced its cache durably.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotBegin {
+    pub collection_id: [u8; 16],
+    pub version: u64,
+    pub len: u64,
+    pub checksum: u64,
+}
+
 /// A refusal; `query_id` 0 concerns the whole connection.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ErrorFrame {
@@ -143,7 +156,7 @@ pub struct ErrorFrame {
     pub message: String,
 }
 
-/// Every frame of protocol version 2. Types 16..=31 are the push messages.
+/// Every frame of protocol version 4. Types 16..=31 are the push messages.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
     Hello(Hello),
@@ -161,6 +174,11 @@ pub enum Frame {
     Inventory(Inventory),
     /// Cloud → edge: the cloud now believes the cache is at this version.
     InventoryAck(u64),
+    /// Cloud → edge, on a stream the cloud opens: a whole cache follows as a snapshot file
+    /// (an edge that lost most of what the cloud knew it held).
+    SnapshotBegin(SnapshotBegin),
+    /// Cloud → edge: the next bytes of the snapshot file (raw, not rkyv).
+    SnapshotChunk(Vec<u8>),
 }
 
 /// Frame type bytes.
@@ -176,6 +194,8 @@ pub mod types {
     pub const DELTA_ACK: u8 = 17;
     pub const INVENTORY: u8 = 18;
     pub const INVENTORY_ACK: u8 = 19;
+    pub const SNAPSHOT_BEGIN: u8 = 20;
+    pub const SNAPSHOT_CHUNK: u8 = 21;
 }
 
 /// Why bytes could not be read as a frame.
@@ -227,6 +247,8 @@ impl Frame {
             Frame::DeltaAck(_) => types::DELTA_ACK,
             Frame::Inventory(_) => types::INVENTORY,
             Frame::InventoryAck(_) => types::INVENTORY_ACK,
+            Frame::SnapshotBegin(_) => types::SNAPSHOT_BEGIN,
+            Frame::SnapshotChunk(_) => types::SNAPSHOT_CHUNK,
         }
     }
 
@@ -240,6 +262,8 @@ impl Frame {
             Frame::Error(v) => archive(v).to_vec(),
             Frame::Delta(v) => archive(v).to_vec(),
             Frame::Inventory(v) => archive(v).to_vec(),
+            Frame::SnapshotBegin(v) => archive(v).to_vec(),
+            Frame::SnapshotChunk(bytes) => bytes.clone(),
             Frame::Ping(n) | Frame::Pong(n) | Frame::DeltaAck(n) | Frame::InventoryAck(n) => {
                 n.to_le_bytes().to_vec()
             }
@@ -291,6 +315,10 @@ impl Frame {
                 rkyv::from_bytes::<Inventory, rancor::Error>(&aligned).map_err(malformed)?,
             ),
             types::INVENTORY_ACK => Frame::InventoryAck(nonce()?),
+            types::SNAPSHOT_BEGIN => Frame::SnapshotBegin(
+                rkyv::from_bytes::<SnapshotBegin, rancor::Error>(&aligned).map_err(malformed)?,
+            ),
+            types::SNAPSHOT_CHUNK => Frame::SnapshotChunk(body.to_vec()),
             other => return Err(FrameError::UnknownType(other)),
         })
     }
@@ -453,6 +481,14 @@ mod tests {
                 anchors: vec![(11, vec![3])],
             }),
             Frame::InventoryAck(4),
+            Frame::SnapshotBegin(SnapshotBegin {
+                collection_id: [9; 16],
+                version: 5,
+                len: 3,
+                checksum: 77,
+            }),
+            Frame::SnapshotChunk(vec![1, 2, 3]),
+            Frame::SnapshotChunk(vec![]),
         ]
     }
 

@@ -1,7 +1,9 @@
-//! The edge–cloud protocol, version 1, sans IO (documented in `docs/protocol.md`):
-//! [`frame`] encodes and validates frames and splits byte streams into them; [`session`] holds
-//! the edge's and the cloud's connection state machines, driven by events and the time. The
-//! QUIC drivers in `tiervec-edge` and `tiervec-cloud` only move bytes and timers.
+//! The edge–cloud protocol, sans IO (documented in `docs/protocol.md`; version in
+//! [`frame::PROTOCOL_VERSION`]): [`frame`] encodes and validates frames and splits byte streams
+//! into them; [`session`] holds the edge's and the cloud's connection state machines, driven by
+//! events and the time; [`transfer`] checks a streamed snapshot file as its chunks arrive. The
+//! QUIC drivers in `tiervec-edge` and `tiervec-cloud` only move bytes, files and timers.
 
 pub mod frame;
 pub mod session;
+pub mod transfer;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use super::frame::{
     Answer, ErrorCode, ErrorFrame, Frame, FrameError, Hello, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, Query, WireCollection,
+    PROTOCOL_VERSION, Query, SnapshotBegin, WireCollection,
 };
 use crate::Metric;
 use crate::push::{CacheAnnouncement, Delta, Inventory};
@@ -44,6 +44,11 @@ pub enum ClientAction {
     Answered(Answer),
     /// Apply this delta to the cache, make it durable, then send `DeltaAck(version)`.
     ApplyDelta(Delta),
+    /// A whole cache follows on this stream as a snapshot file: check it with a
+    /// `transfer::SnapshotReceiver`, install it durably, then send `DeltaAck(version)`.
+    SnapshotBegin(SnapshotBegin),
+    /// The next bytes of the snapshot file this stream's `SnapshotBegin` announced.
+    SnapshotChunk(Vec<u8>),
     /// The cloud adopted the inventory the edge sent.
     InventoryAcked(u64),
     Failed {
@@ -203,6 +208,12 @@ impl ClientSession {
                 }]
             }
             (ClientState::Ready(_), Frame::Delta(delta)) => vec![ClientAction::ApplyDelta(delta)],
+            (ClientState::Ready(_), Frame::SnapshotBegin(begin)) => {
+                vec![ClientAction::SnapshotBegin(begin)]
+            }
+            (ClientState::Ready(_), Frame::SnapshotChunk(bytes)) => {
+                vec![ClientAction::SnapshotChunk(bytes)]
+            }
             (ClientState::Ready(_), Frame::InventoryAck(v)) => {
                 vec![ClientAction::InventoryAcked(v)]
             }
@@ -842,6 +853,23 @@ mod tests {
         assert_eq!(
             cloud.handle(wire(&Frame::DeltaAck(5))),
             vec![ServerAction::DeltaAcked(5)]
+        );
+        let begin = SnapshotBegin {
+            collection_id: [1; 16],
+            version: 6,
+            len: 2,
+            checksum: 0,
+        };
+        assert_eq!(
+            edge.handle(ClientEvent::Received(wire(&Frame::SnapshotBegin(begin))), 4),
+            vec![ClientAction::SnapshotBegin(begin)]
+        );
+        assert_eq!(
+            edge.handle(
+                ClientEvent::Received(wire(&Frame::SnapshotChunk(vec![1, 2]))),
+                4
+            ),
+            vec![ClientAction::SnapshotChunk(vec![1, 2])]
         );
 
         let mut cloud = ServerSession::new(collections(), Vec::new());

@@ -1,0 +1,116 @@
+//! Restoring an edge's cache whole. When an edge comes back holding much less than the cloud
+//! logged for it — its files were lost or set aside as corrupt — refilling it one hot anchor at
+//! a time would take minutes. Instead the cloud builds a snapshot file of what the edge held
+//! (those ids at their current versions, with the anchors whose points it still tracks),
+//! streams it (`transfer::snapshot_frames`), and logs the file's own inventory once the edge
+//! acknowledges it. Pure functions; the push task drives them.
+
+use serde::{Deserialize, Serialize};
+use tiervec_shared::hnsw::HnswBuilder;
+use tiervec_shared::local::LocalCache;
+use tiervec_shared::push::{Inventory, Manifest, vector_bytes};
+use tiervec_shared::snapshot::{self, AnchorSection, Snapshot, SnapshotBody, SnapshotSpec};
+
+use crate::collection::Collection;
+
+/// When an announced inventory is far enough behind the logged manifest to restore it whole.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestorePolicy {
+    /// Restore only caches the cloud logged at least this many vectors for.
+    pub min_vectors: usize,
+    /// ... and of which the edge still holds less than this fraction.
+    pub held_fraction_below: f64,
+}
+
+impl Default for RestorePolicy {
+    fn default() -> Self {
+        RestorePolicy {
+            min_vectors: 32,
+            held_fraction_below: 0.5,
+        }
+    }
+}
+
+impl RestorePolicy {
+    /// Whether an edge announcing `inventory` lost enough of `logged` to be restored.
+    pub fn wants_restore(&self, logged: &Manifest, inventory: &Inventory) -> bool {
+        logged.collection_id == inventory.collection_id
+            && logged.len() >= self.min_vectors
+            && (inventory.vectors.len() as f64) < self.held_fraction_below * logged.len() as f64
+    }
+}
+
+/// A snapshot file of what `logged` held, at the points' current versions (deleted ones left
+/// out), within `budget` bytes of the byte model, with the anchors whose points
+/// `anchor_vector` still knows, at manifest `version`; and the inventory that file is (what the
+/// edge's manifest will be once it installs it).
+pub fn build(
+    collection: &Collection,
+    logged: &Manifest,
+    anchor_vector: impl Fn(u64) -> Option<Vec<f32>>,
+    version: u64,
+    budget: u64,
+) -> Result<(Vec<u8>, Inventory), String> {
+    let info = &collection.info;
+    let dim = info.dim;
+    let mut builder = HnswBuilder::new(dim, info.metric, info.params);
+    let (mut ids, mut lsns, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
+    let mut held: Vec<(u64, u64)> = logged.ids().map(|(id, h)| (id, h.lsn)).collect();
+    // Deterministic order, newest first, so a smaller budget keeps the freshest.
+    held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut used = 0u64;
+    for (id, _) in held {
+        let Some(point) = collection.get(id) else {
+            continue;
+        };
+        let payload = point.payload.as_deref().unwrap_or_default().to_owned();
+        let cost = vector_bytes(dim, payload.len());
+        if used + cost > budget {
+            break;
+        }
+        builder.insert(&point.vector).map_err(|e| e.to_string())?;
+        used += cost;
+        ids.push(id);
+        lsns.push(point.lsn);
+        payloads.push(payload);
+    }
+    let kept: std::collections::HashSet<u64> = ids.iter().copied().collect();
+    let mut anchors = AnchorSection::default();
+    for (anchor, members) in logged.anchors() {
+        let Some(vector) = anchor_vector(anchor) else {
+            continue;
+        };
+        let members: Vec<u64> = members
+            .iter()
+            .copied()
+            .filter(|m| kept.contains(m))
+            .collect();
+        if anchors.answer_offsets.is_empty() {
+            anchors.answer_offsets.push(0);
+        }
+        anchors.vectors.extend_from_slice(&vector);
+        anchors.radii.push(0.0);
+        anchors.answer_ids.extend_from_slice(&members);
+        anchors.answer_offsets.push(anchors.answer_ids.len() as u32);
+    }
+    let mut body = SnapshotBody::from_builder(&builder, &info.name, ids, lsns, Some(&payloads))
+        .map_err(|e| e.to_string())?;
+    body.manifest_version = version;
+    body.anchors = anchors;
+    let spec = SnapshotSpec {
+        collection: info.id,
+        dim: dim as u32,
+        metric: info.metric,
+        params: info.params,
+    };
+    let bytes = snapshot::encode(&spec, &body)
+        .map_err(|e| e.to_string())?
+        .to_vec();
+    // The inventory is read back from the file itself, exactly as the edge will read it.
+    let opened = Snapshot::open(bytes.clone()).map_err(|e| e.to_string())?;
+    let inventory = LocalCache::over_snapshot(&opened.view())
+        .manifest()
+        .inventory();
+    Ok((bytes, inventory))
+}
