@@ -170,6 +170,13 @@ pub struct EdgeCache {
     follower: arc_swap::ArcSwapOption<Box<dyn CacheFollower>>,
 }
 
+/// Where a snapshot streamed for the cache at `snapshot` is written while it arrives.
+fn incoming_path(snapshot: &Path) -> PathBuf {
+    let mut name = snapshot.as_os_str().to_owned();
+    name.push(".incoming");
+    PathBuf::from(name)
+}
+
 /// Renames `path` aside as `<name>.corrupt-<unix seconds>`; the file is kept for inspection.
 fn set_aside(path: &Path, why: String, report: &mut OpenReport) {
     let stamp = SystemTime::now()
@@ -241,6 +248,12 @@ impl EdgeCache {
     /// damaged file is set aside and the cache starts from what remains (possibly empty).
     pub fn open(config: CacheConfig) -> Result<(EdgeCache, OpenReport), CacheError> {
         let mut report = OpenReport::default();
+        // A transfer cut short by a crash: never installed, and the cloud restores again if
+        // the cache is still far behind.
+        let incoming = incoming_path(&config.snapshot);
+        if incoming.exists() && std::fs::remove_file(&incoming).is_ok() {
+            info!(file = %incoming.display(), "removed an unfinished streamed snapshot");
+        }
         let snapshot = if config.snapshot.exists() {
             match EdgeIndex::open(&config.snapshot) {
                 Ok(index) => Some(Arc::new(index)),
@@ -476,9 +489,7 @@ impl EdgeCache {
     /// Where a snapshot the cloud streams is written while it arrives: beside the snapshot, so
     /// that installing it is one rename.
     pub fn incoming_snapshot_path(&self) -> PathBuf {
-        let mut name = self.config.snapshot.as_os_str().to_owned();
-        name.push(".incoming");
-        PathBuf::from(name)
+        incoming_path(&self.config.snapshot)
     }
 
     /// Replaces the whole cache with the snapshot file the cloud streamed, complete and

@@ -533,9 +533,12 @@ fn a_streamed_snapshot_is_installed_only_when_whole_valid_and_newer() {
     let hits = cache.search(&vector(3, 3), 1, 32).unwrap().hits;
     assert_eq!(hits[0].id, 3);
     drop(cache);
+    // A transfer cut short by a crash leaves its file: removed at the next open.
+    std::fs::write(&incoming, &good[..100]).unwrap();
     let (cache, report) =
         EdgeCache::open(CacheConfig::beside(&dir.path().join("cache.tvs"), 1 << 20)).unwrap();
     assert!(report.set_aside.is_empty());
+    assert!(!incoming.exists());
     assert_eq!((cache.version(), cache.usage().0), (7, 50));
 
     // Not past the cache's version: refused.

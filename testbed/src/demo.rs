@@ -192,6 +192,8 @@ struct Report {
     /// At the cloud: an invalidation sent → its acknowledgement (bucket-interpolated).
     invalidation_ack_p50_ms: Option<f64>,
     invalidation_ack_p99_ms: Option<f64>,
+    /// Edge 0 restored whole after losing its cache files.
+    restore: RestoreFigures,
     /// Local fraction and recall per window of requests (per edge).
     timeline: Vec<TimelinePoint>,
     per_edge: Vec<EdgeSummary>,
@@ -408,23 +410,21 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let spec = |e: usize| EdgeSpec {
+        name: &edge_names[e],
+        snapshot: &snapshot_paths[e],
+        confidence: rule,
+        budget_bytes: args.budget_mb << 20,
+        edge_ef: args.edge_ef,
+        cloud_ef,
+        deadline_ms: args.deadline_ms,
+        cpus: pinning.then_some("0"),
+        certify: !args.no_certify,
+        wasm_guest: guest.as_deref(),
+    };
     let mut edges = Vec::new();
-    for (e, name) in edge_names.iter().enumerate() {
-        edges.push(deployment::start_edge(
-            &cloud,
-            &EdgeSpec {
-                name,
-                snapshot: &snapshot_paths[e],
-                confidence: rule,
-                budget_bytes: args.budget_mb << 20,
-                edge_ef: args.edge_ef,
-                cloud_ef,
-                deadline_ms: args.deadline_ms,
-                cpus: pinning.then_some("0"),
-                certify: !args.no_certify,
-                wasm_guest: guest.as_deref(),
-            },
-        )?);
+    for e in 0..edge_names.len() {
+        edges.push(deployment::start_edge(&cloud, &spec(e))?);
     }
     if pinning {
         procs::pin(cloud.process.pid(), "1")?;
@@ -515,6 +515,15 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         edge.process.check_alive()?;
     }
     cloud.process.check_alive()?;
+    // 8. Edge 0 loses its cache files and is restored whole by a streamed snapshot.
+    let restore = rt.block_on(restore_window(&http, &cloud, &mut edges[0], &spec(0)))?;
+    eprintln!(
+        "  restore: edge-0 held {} vectors; after losing its files and a restart, {} came back in one streamed snapshot of {:.1} MB, {:.2} s after the restart",
+        restore.held_before,
+        restore.restored_vectors,
+        restore.snapshot_bytes as f64 / 1e6,
+        restore.seconds
+    );
     drop(edges);
     drop(cloud);
 
@@ -627,6 +636,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         staleness_max_ms: stale_ms.last().copied(),
         invalidation_ack_p50_ms: to_ms(invalidation_ack.quantile(0.5)),
         invalidation_ack_p99_ms: to_ms(invalidation_ack.quantile(0.99)),
+        restore,
         timeline: timeline(&outcomes, (requests_per_edge / 20).max(1)),
         per_edge: outcomes
             .iter()
@@ -719,6 +729,68 @@ fn timeline(outcomes: &[Vec<Outcome>], window: usize) -> Vec<TimelinePoint> {
 /// Deletes, one at a time, vectors the edges answered with locally, and polls each edge's
 /// local answer (`local_only`) with the deleted vector itself until it is gone: the time from
 /// the cloud acknowledging the delete to the edge no longer returning it, in ms.
+/// What restoring a lost cache took (`restore_window`).
+#[derive(Debug, Clone, Serialize)]
+struct RestoreFigures {
+    /// Vectors the edge held when it was killed.
+    held_before: usize,
+    /// Vectors in the snapshot the cloud streamed (the held ones the cloud had not deleted
+    /// since, within the budget).
+    restored_vectors: usize,
+    snapshot_bytes: u64,
+    /// From the restart of the edge process to the snapshot installed.
+    seconds: f64,
+}
+
+/// Kills `edge` (SIGKILL), notes what its cache held, removes its snapshot and delta log as if
+/// the disk had been lost, and starts it again: the cloud, which logged what the edge held,
+/// restores the cache whole by a streamed snapshot. Waits (≤ 120 s) for the edge to report the
+/// install, then reads the file.
+async fn restore_window(
+    http: &reqwest::Client,
+    cloud: &deployment::Cloud,
+    edge: &mut Edge,
+    spec: &EdgeSpec<'_>,
+) -> anyhow::Result<RestoreFigures> {
+    use tiervec_edge::cache::{CacheConfig, EdgeCache};
+    edge.process.kill();
+    let files = CacheConfig::beside(spec.snapshot, spec.budget_bytes);
+    let held_before = EdgeCache::open(files.clone())?.0.usage().0;
+    for path in [&files.snapshot, &files.deltas] {
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let restarted = Instant::now();
+    *edge = deployment::start_edge(cloud, spec)?;
+    edge.wait_linked(http).await?;
+    loop {
+        edge.process.check_alive()?;
+        let text = http
+            .get(format!("{}/metrics", edge.url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if prom::counter(&text, "tiervec_edge_snapshots_installed_total") >= 1.0 {
+            break;
+        }
+        anyhow::ensure!(
+            restarted.elapsed() < Duration::from_secs(120),
+            "edge-0 was not restored within 120 s of its restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = restarted.elapsed().as_secs_f64();
+    let index = tiervec_edge::EdgeIndex::open(spec.snapshot)?;
+    Ok(RestoreFigures {
+        held_before,
+        restored_vectors: index.view().len(),
+        snapshot_bytes: std::fs::metadata(spec.snapshot)?.len(),
+        seconds,
+    })
+}
+
 async fn staleness_window(
     http: &reqwest::Client,
     cloud_base: &str,
@@ -1080,7 +1152,9 @@ fn table(r: &Report) -> String {
          The edges' own estimate of local recall from shadow queries (2 % of local answers): {} \
          (against the cloud's answer; measured against exact ground truth above). \
          Certified answers: {} ({:.1} % of local answers; second half {:.1} %), of which {} \
-         were not the exact top-10 of the ground truth.\n\n",
+         were not the exact top-10 of the ground truth. Restore: edge-0, killed with {} vectors \
+         held and its cache files removed, got {} back in one streamed snapshot ({:.1} MB) \
+         {:.2} s after its restart.\n\n",
         r.requests,
         r.per_edge.len(),
         r.errors,
@@ -1112,6 +1186,10 @@ fn table(r: &Report) -> String {
         r.certified_fraction * 100.0,
         r.warm_certified_fraction * 100.0,
         r.certified_not_exact,
+        r.restore.held_before,
+        r.restore.restored_vectors,
+        r.restore.snapshot_bytes as f64 / 1e6,
+        r.restore.seconds,
     );
     md.push_str(
         "| source | requests | share | recall@10 | p50 µs | p99 µs | p99.9 µs |\n|---|---:|---:|---:|---:|---:|---:|\n",
