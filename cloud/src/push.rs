@@ -244,12 +244,12 @@ pub struct PushHub {
 }
 
 impl PushHub {
-    /// The hub, and the task routing invalidations to the push tasks (spawned here).
     /// When an edge far behind its logged manifest is restored whole.
     pub fn restore_policy(&self) -> RestorePolicy {
         self.config.restore
     }
 
+    /// The hub, and the task routing invalidations to the push tasks (spawned here).
     pub fn start(config: PushConfig, service: Arc<Service>, hot: Arc<HotIds>) -> Arc<PushHub> {
         let hub = Arc::new(PushHub {
             config,
@@ -960,6 +960,9 @@ async fn restore_cache(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    hub.acked
+        .lock()
+        .insert((edge.to_owned(), collection_id), version);
     metrics::counter!("tiervec_push_restores_total").increment(1);
     metrics::counter!("tiervec_push_restore_bytes_total").increment(bytes.len() as u64);
     Ok((version, held))
@@ -1062,7 +1065,11 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
                 "restored the edge's cache whole from a streamed snapshot"
             ),
             Err(e) => {
-                warn!(edge = %edge, error = %e, "restoring the edge's cache failed; pushes refill it")
+                // The edge may have installed the file without the cloud logging it (a late
+                // acknowledgement): only a fresh handshake, which resyncs, tells them apart.
+                warn!(edge = %edge, error = %e, "restoring the edge's cache failed; reconnecting to resync");
+                // The loop below sees the connection closed and removes the route.
+                conn.close(quinn::VarInt::from_u32(0), b"restore failed; resync");
             }
         }
     }

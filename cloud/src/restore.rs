@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use tiervec_shared::hnsw::HnswBuilder;
 use tiervec_shared::local::LocalCache;
-use tiervec_shared::push::{Inventory, Manifest, vector_bytes};
+use tiervec_shared::push::{Inventory, Manifest, anchor_bytes, vector_bytes};
 use tiervec_shared::snapshot::{self, AnchorSection, Snapshot, SnapshotBody, SnapshotSpec};
 
 use crate::collection::Collection;
@@ -42,8 +42,8 @@ impl RestorePolicy {
 }
 
 /// A snapshot file of what `logged` held, at the points' current versions (deleted ones left
-/// out), within `budget` bytes of the byte model, with the anchors whose points
-/// `anchor_vector` still knows, at manifest `version`; and the inventory that file is (what the
+/// out), with the anchors whose points `anchor_vector` still knows, all within `budget` bytes
+/// of the byte model (vectors first, newest first), at manifest `version`; and the inventory that file is (what the
 /// edge's manifest will be once it installs it).
 pub fn build(
     collection: &Collection,
@@ -86,13 +86,12 @@ pub fn build(
             .copied()
             .filter(|m| kept.contains(m))
             .collect();
-        if anchors.answer_offsets.is_empty() {
-            anchors.answer_offsets.push(0);
+        let cost = anchor_bytes(dim, members.len());
+        if used + cost > budget {
+            continue;
         }
-        anchors.vectors.extend_from_slice(&vector);
-        anchors.radii.push(0.0);
-        anchors.answer_ids.extend_from_slice(&members);
-        anchors.answer_offsets.push(anchors.answer_ids.len() as u32);
+        used += cost;
+        anchors.push(&vector, &members);
     }
     let mut body = SnapshotBody::from_builder(&builder, &info.name, ids, lsns, Some(&payloads))
         .map_err(|e| e.to_string())?;

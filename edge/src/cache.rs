@@ -170,11 +170,31 @@ pub struct EdgeCache {
     follower: arc_swap::ArcSwapOption<Box<dyn CacheFollower>>,
 }
 
-/// Where a snapshot streamed for the cache at `snapshot` is written while it arrives.
-fn incoming_path(snapshot: &Path) -> PathBuf {
-    let mut name = snapshot.as_os_str().to_owned();
-    name.push(".incoming");
-    PathBuf::from(name)
+/// The label of streamed snapshots' temp files (`durable::temp_beside`).
+const INCOMING: &str = "incoming";
+
+/// Removes the temp files of streamed snapshots that were never installed (a crash cut the
+/// transfer or the install short); the cloud restores again if the cache is still behind.
+fn remove_unfinished_transfers(snapshot: &Path) {
+    let (Some(dir), Some(name)) = (snapshot.parent(), snapshot.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.{INCOMING}-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix)
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            info!(file = %entry.path().display(), "removed an unfinished streamed snapshot");
+        }
+    }
 }
 
 /// Renames `path` aside as `<name>.corrupt-<unix seconds>`; the file is kept for inspection.
@@ -248,12 +268,7 @@ impl EdgeCache {
     /// damaged file is set aside and the cache starts from what remains (possibly empty).
     pub fn open(config: CacheConfig) -> Result<(EdgeCache, OpenReport), CacheError> {
         let mut report = OpenReport::default();
-        // A transfer cut short by a crash: never installed, and the cloud restores again if
-        // the cache is still far behind.
-        let incoming = incoming_path(&config.snapshot);
-        if incoming.exists() && std::fs::remove_file(&incoming).is_ok() {
-            info!(file = %incoming.display(), "removed an unfinished streamed snapshot");
-        }
+        remove_unfinished_transfers(&config.snapshot);
         let snapshot = if config.snapshot.exists() {
             match EdgeIndex::open(&config.snapshot) {
                 Ok(index) => Some(Arc::new(index)),
@@ -357,8 +372,6 @@ impl EdgeCache {
         self.state.load().snapshot.clone()
     }
 
-    /// Searches snapshot and overlay: one merged top-k (or a certified exact one), and the
-    /// nearest anchor.
     /// Checks a search request against the cache's dimension (what [`EdgeCache::search`]
     /// checks first) without searching: the WASM engine's guests check it themselves, but
     /// when no guest can answer the caller still gets its error.
@@ -372,6 +385,8 @@ impl EdgeCache {
         Ok(validate_search(query, dim, k, ef)?)
     }
 
+    /// Searches snapshot and overlay: one merged top-k (or a certified exact one), and the
+    /// nearest anchor.
     pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Result<LocalAnswer, EdgeError> {
         let state = self.state.load();
         let found = match &state.snapshot {
@@ -486,24 +501,38 @@ impl EdgeCache {
         Ok(report)
     }
 
-    /// Where a snapshot the cloud streams is written while it arrives: beside the snapshot, so
-    /// that installing it is one rename.
-    pub fn incoming_snapshot_path(&self) -> PathBuf {
-        incoming_path(&self.config.snapshot)
+    /// A new path for a snapshot the cloud streams, written there while it arrives: beside
+    /// the snapshot, so that installing it is one rename, and unique per transfer, so that an
+    /// install still running for a superseded connection never takes another's file.
+    pub fn new_incoming_path(&self) -> std::io::Result<PathBuf> {
+        tiervec_shared::durable::temp_beside(&self.config.snapshot, INCOMING)
     }
 
-    /// Replaces the whole cache with the snapshot file the cloud streamed, complete and
-    /// checksummed at [`EdgeCache::incoming_snapshot_path`]: made durable, validated like any
-    /// snapshot, of this cache's collection (an unbound cache takes it), at `begin`'s manifest
-    /// version, which must be past the cache's; then renamed over the snapshot, the delta log
-    /// emptied (every delta in it is older), and swapped in without pausing readers. No
-    /// certificate survives (the cloud sends new ones). The file is removed if refused.
+    /// Replaces the whole cache with a snapshot file the cloud streamed, complete and
+    /// checksummed at `incoming` (from [`EdgeCache::new_incoming_path`]): made durable,
+    /// validated like any snapshot, of this cache's collection (an unbound cache takes it), at
+    /// `begin`'s manifest version, which must be past the cache's; then renamed over the
+    /// snapshot, swapped in without pausing readers, and the delta log emptied (every delta in
+    /// it is older; left as it is, they would be skipped at the next open). No certificate
+    /// survives (the cloud sends new ones). Refused while a compaction is running (it would
+    /// write the snapshot too; the next connection resyncs). The file is removed if refused.
     /// Blocking (file IO).
-    pub fn install_snapshot(&self, begin: &SnapshotBegin) -> Result<u64, CacheError> {
-        let incoming = self.incoming_snapshot_path();
-        let outcome = self.install_incoming(&incoming, begin);
+    pub fn install_snapshot(
+        &self,
+        incoming: &Path,
+        begin: &SnapshotBegin,
+    ) -> Result<u64, CacheError> {
+        let outcome = if self.compacting.swap(true, Ordering::AcqRel) {
+            Err(CacheError::StreamedSnapshot(
+                "a compaction is writing the snapshot".into(),
+            ))
+        } else {
+            let outcome = self.install_incoming(incoming, begin);
+            self.compacting.store(false, Ordering::Release);
+            outcome
+        };
         if outcome.is_err() {
-            let _ = std::fs::remove_file(&incoming);
+            let _ = std::fs::remove_file(incoming);
         }
         outcome
     }
@@ -511,21 +540,21 @@ impl EdgeCache {
     fn install_incoming(&self, incoming: &Path, begin: &SnapshotBegin) -> Result<u64, CacheError> {
         let refused = |why: String| CacheError::StreamedSnapshot(why);
         let io = |e: std::io::Error| refused(format!("{}: {e}", incoming.display()));
-        let file = std::fs::File::open(incoming).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        let mut permissions = file.metadata().map_err(io)?.permissions();
-        permissions.set_readonly(true);
-        std::fs::set_permissions(incoming, permissions).map_err(io)?;
+        tiervec_shared::durable::seal(incoming, true).map_err(io)?;
+        // Memory-mapped: still valid after the rename below.
         let index = EdgeIndex::open(incoming)?;
         let file_version = index.view().manifest_version();
-        let file_collection = index.header().spec.collection.0;
-        if file_version != begin.version || file_collection != begin.collection_id {
+        if file_version != begin.version {
             return Err(refused(format!(
-                "the file is version {file_version} of another cache than the announced version {}",
+                "the file is at version {file_version}, not the announced {}",
                 begin.version
             )));
         }
-        drop(index);
+        if index.header().spec.collection.0 != begin.collection_id {
+            return Err(refused(
+                "the file belongs to another collection than announced".into(),
+            ));
+        }
         let mut writer = self.writer.lock();
         let (held_collection, held_version) = {
             let state = self.state.load();
@@ -543,20 +572,12 @@ impl EdgeCache {
                 begin.version
             )));
         }
-        std::fs::rename(incoming, &self.config.snapshot).map_err(io)?;
-        let dir = self
-            .config
-            .snapshot
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        tiervec_shared::durable::sync_dir(dir).map_err(io)?;
-        writer.since_snapshot.clear();
-        writer.log = DeltaLog::rewrite(&self.config.deltas, &[])?;
-        let index = Arc::new(EdgeIndex::open(&self.config.snapshot)?);
+        tiervec_shared::durable::replace(incoming, &self.config.snapshot).map_err(io)?;
         self.state
-            .store(Arc::new(CacheState::from_snapshot(Some(index))));
+            .store(Arc::new(CacheState::from_snapshot(Some(Arc::new(index)))));
+        writer.since_snapshot.clear();
         self.replaced(&writer);
+        writer.log = DeltaLog::rewrite(&self.config.deltas, &[])?;
         drop(writer);
         metrics::counter!("tiervec_edge_snapshots_installed_total").increment(1);
         info!(
@@ -691,16 +712,9 @@ impl EdgeCache {
         if ids.is_empty() {
             return Ok(None);
         }
-        // Radii are written 0: certificates live for one connection, never in a file.
         let mut anchors = AnchorSection::default();
         for (_, vector, members) in local.anchors() {
-            if anchors.answer_offsets.is_empty() {
-                anchors.answer_offsets.push(0);
-            }
-            anchors.vectors.extend_from_slice(vector);
-            anchors.radii.push(0.0);
-            anchors.answer_ids.extend_from_slice(members);
-            anchors.answer_offsets.push(anchors.answer_ids.len() as u32);
+            anchors.push(vector, members);
         }
         let collection_name = state
             .snapshot

@@ -644,7 +644,7 @@ async fn accept_pushes(
             let cache = target.cache.clone();
             let applied = tokio::task::spawn_blocking(move || match push {
                 Received::Delta(delta) => cache.apply(&delta, connection).map(|_| delta.version),
-                Received::Snapshot(begin) => cache.install_snapshot(&begin),
+                Received::Snapshot(begin, path) => cache.install_snapshot(&path, &begin),
             })
             .await;
             match applied {
@@ -674,8 +674,8 @@ async fn accept_pushes(
 /// What one push stream carried, ready to apply.
 enum Received {
     Delta(tiervec_shared::push::Delta),
-    /// A snapshot file, complete and checksummed at the cache's incoming path.
-    Snapshot(SnapshotBegin),
+    /// A snapshot file, complete and checksummed at this path (beside the cache's snapshot).
+    Snapshot(SnapshotBegin, std::path::PathBuf),
 }
 
 /// Why a push stream was not taken.
@@ -692,18 +692,37 @@ enum PushRefusal {
 struct Incoming {
     receiver: SnapshotReceiver,
     file: tokio::fs::File,
+    path: std::path::PathBuf,
 }
 
-/// Reads one push stream to its end, frame by frame.
+/// Reads one push stream to its end, frame by frame; the file of a snapshot it refuses is
+/// removed.
 async fn receive_push(
     recv: &mut quinn::RecvStream,
     session: &Mutex<ClientSession>,
     target: &PushTarget,
     started: Instant,
 ) -> Result<Vec<Received>, PushRefusal> {
+    let mut incoming: Option<Incoming> = None;
+    let outcome = read_push(recv, session, target, started, &mut incoming).await;
+    if outcome.is_err()
+        && let Some(Incoming { file, path, .. }) = incoming
+    {
+        drop(file);
+        let _ = tokio::fs::remove_file(&path).await;
+    }
+    outcome
+}
+
+async fn read_push(
+    recv: &mut quinn::RecvStream,
+    session: &Mutex<ClientSession>,
+    target: &PushTarget,
+    started: Instant,
+    incoming: &mut Option<Incoming>,
+) -> Result<Vec<Received>, PushRefusal> {
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
     let mut received = Vec::new();
-    let mut incoming: Option<Incoming> = None;
     let snapshot_err = |e: std::io::Error| PushRefusal::Snapshot(e.to_string());
     while let Some(chunk) = recv
         .read_chunk(DEFAULT_MAX_FRAME + PREFIX_LEN, true)
@@ -729,14 +748,16 @@ async fn receive_push(
                         let max = target.cache.config().budget_bytes.saturating_mul(4) + (16 << 20);
                         let receiver = SnapshotReceiver::new(begin, max)
                             .map_err(|e| PushRefusal::Snapshot(e.to_string()))?;
-                        // A file left by an interrupted transfer may be read-only: start over.
-                        let path = target.cache.incoming_snapshot_path();
-                        let _ = tokio::fs::remove_file(&path).await;
+                        let path = target.cache.new_incoming_path().map_err(snapshot_err)?;
                         let file = tokio::fs::File::create(&path).await.map_err(snapshot_err)?;
-                        incoming = Some(Incoming { receiver, file });
+                        *incoming = Some(Incoming {
+                            receiver,
+                            file,
+                            path,
+                        });
                     }
                     ClientAction::SnapshotChunk(bytes) => {
-                        let Some(Incoming { receiver, file }) = incoming.as_mut() else {
+                        let Some(Incoming { receiver, file, .. }) = incoming.as_mut() else {
                             return Err(PushRefusal::Snapshot(
                                 "snapshot bytes without a snapshot head".into(),
                             ));
@@ -751,12 +772,15 @@ async fn receive_push(
             }
         }
     }
-    if let Some(Incoming { receiver, mut file }) = incoming {
+    if let Some(Incoming { receiver, file, .. }) = incoming.as_mut() {
         file.flush().await.map_err(snapshot_err)?;
-        let begin = receiver
-            .finish()
+        let begin = *receiver.begin();
+        receiver
+            .check_complete()
             .map_err(|e| PushRefusal::Snapshot(e.to_string()))?;
-        received.push(Received::Snapshot(begin));
+        if let Some(Incoming { path, .. }) = incoming.take() {
+            received.push(Received::Snapshot(begin, path));
+        }
     }
     Ok(received)
 }

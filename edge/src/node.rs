@@ -268,6 +268,8 @@ impl EdgeNode {
                 Err(EdgeError::GuestQuery(e.to_string()))
             }
             Err(e) => {
+                // Bad input is the caller's error, not a guest failure.
+                self.cache.validate(query, k, ef)?;
                 let reason = match &e {
                     crate::wasm_host::WasmError::DeadlineExceeded { .. } => "deadline",
                     crate::wasm_host::WasmError::MemoryCap { .. } => "memory_cap",
@@ -277,7 +279,6 @@ impl EdgeNode {
                 metrics::counter!("tiervec_edge_wasm_failures_total", "reason" => reason)
                     .increment(1);
                 warn!(error = %e, "the guest could not answer; asking the cloud");
-                self.cache.validate(query, k, ef)?;
                 Ok((LocalAnswer::default(), false))
             }
         }

@@ -779,10 +779,6 @@ impl WasmHost {
             .pre
             .instantiate(&mut store)
             .map_err(|e| self.classify(&mut store, e, self.config.maintenance_deadline))?;
-        let exports = exports(&instance, &mut store).map_err(|e| WasmError::ModuleInvalid {
-            path: self.config.module.clone(),
-            message: format!("{e:#}"),
-        })?;
         let version: TypedFunc<(), u32> = instance
             .get_typed_func(&mut store, "tv_abi_version")
             .map_err(|e| WasmError::ModuleInvalid {
@@ -801,6 +797,11 @@ impl WasmHost {
                 ),
             });
         }
+        // After the version check: a guest of another ABI may lack this one's exports.
+        let exports = exports(&instance, &mut store).map_err(|e| WasmError::ModuleInvalid {
+            path: self.config.module.clone(),
+            message: format!("{e:#}"),
+        })?;
         Ok(GuestInstance {
             store,
             instance,

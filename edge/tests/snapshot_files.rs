@@ -508,26 +508,35 @@ fn a_streamed_snapshot_is_installed_only_when_whole_valid_and_newer() {
         len: bytes.len() as u64,
         checksum: xxhash_rust::xxh3::xxh3_64(bytes),
     };
-    let incoming = cache.incoming_snapshot_path();
+    let incoming = cache.new_incoming_path().unwrap();
 
     // A corrupt file is refused and removed; the cache is unchanged.
     let mut corrupt = encode_at(50, 7);
     let at = corrupt.len() / 2;
     corrupt[at] ^= 0xff;
     std::fs::write(&incoming, &corrupt).unwrap();
-    assert!(cache.install_snapshot(&begin(&corrupt, 7)).is_err());
+    assert!(
+        cache
+            .install_snapshot(&incoming, &begin(&corrupt, 7))
+            .is_err()
+    );
     assert!(!incoming.exists());
     assert_eq!(cache.version(), 0);
 
     // A file whose own version differs from the announced one is refused.
     let good = encode_at(50, 7);
     std::fs::write(&incoming, &good).unwrap();
-    let err = cache.install_snapshot(&begin(&good, 8)).unwrap_err();
+    let err = cache
+        .install_snapshot(&incoming, &begin(&good, 8))
+        .unwrap_err();
     assert!(err.to_string().contains("version"), "{err}");
 
     // A whole, valid, newer file replaces the cache, durable across a reopen.
     std::fs::write(&incoming, &good).unwrap();
-    assert_eq!(cache.install_snapshot(&begin(&good, 7)).unwrap(), 7);
+    assert_eq!(
+        cache.install_snapshot(&incoming, &begin(&good, 7)).unwrap(),
+        7
+    );
     assert_eq!((cache.version(), cache.usage().0), (7, 50));
     assert!(!incoming.exists());
     let hits = cache.search(&vector(3, 3), 1, 32).unwrap().hits;
@@ -544,7 +553,9 @@ fn a_streamed_snapshot_is_installed_only_when_whole_valid_and_newer() {
     // Not past the cache's version: refused.
     let older = encode_at(20, 7);
     std::fs::write(&incoming, &older).unwrap();
-    let err = cache.install_snapshot(&begin(&older, 7)).unwrap_err();
+    let err = cache
+        .install_snapshot(&incoming, &begin(&older, 7))
+        .unwrap_err();
     assert!(err.to_string().contains("not past"), "{err}");
     assert_eq!(cache.usage().0, 50);
 }

@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Makes temp names unique between threads of one process (the pid separates processes).
@@ -15,24 +15,53 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the complete new one:
-/// a temp file in the same directory (named by pid and a per-process sequence, so concurrent
-/// writers of one path never share it; the last rename wins), fsync, (read-only permissions if asked), rename over
-/// `path`, then fsync of the directory so the rename itself is durable.
-pub fn write_atomic(path: &Path, bytes: &[u8], read_only: bool) -> io::Result<()> {
-    let dir = match path.parent() {
+/// The directory `path` is in (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
+    }
+}
+
+/// A path beside `path` for writing its next version, unique in this process and across
+/// processes (pid and a per-process sequence), so concurrent writers never share one; `label`
+/// says what it is for (`tmp`, `incoming`).
+pub fn temp_beside(path: &Path, label: &str) -> io::Result<PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
+    Ok(parent_dir(path).join(format!(
+        ".{}.{label}-{}-{}",
         name.to_string_lossy(),
         std::process::id(),
         TEMP_SEQUENCE.fetch_add(1, Ordering::Relaxed)
-    ));
+    )))
+}
+
+/// Makes a written file durable (fsync), and read-only if asked.
+pub fn seal(path: &Path, read_only: bool) -> io::Result<()> {
+    let file = File::open(path)?;
+    file.sync_all()?;
+    if read_only {
+        let mut perms = file.metadata()?.permissions();
+        perms.set_readonly(true);
+        fs::set_permissions(path, perms)?;
+    }
+    Ok(())
+}
+
+/// Renames a sealed file over `to` (in the same directory) and fsyncs the directory, so that
+/// the rename itself is durable.
+pub fn replace(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to)?;
+    sync_dir(parent_dir(to))
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the complete new one:
+/// a temp file beside it ([`temp_beside`]: concurrent writers of one path never share one; the
+/// last rename wins), [`seal`]ed (fsync, read-only if asked), then [`replace`]d over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8], read_only: bool) -> io::Result<()> {
+    let tmp = temp_beside(path, "tmp")?;
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -40,14 +69,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], read_only: bool) -> io::Result<()
             .truncate(true)
             .open(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
-        if read_only {
-            let mut perms = file.metadata()?.permissions();
-            perms.set_readonly(true);
-            fs::set_permissions(&tmp, perms)?;
-        }
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        drop(file);
+        seal(&tmp, read_only)?;
+        replace(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

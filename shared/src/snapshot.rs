@@ -153,6 +153,20 @@ pub struct AnchorSection {
     pub answer_ids: Vec<u64>,
 }
 
+impl AnchorSection {
+    /// Appends an anchor with the ids of its answer. Its radius is written 0: certificates
+    /// live for one connection, never in a file.
+    pub fn push(&mut self, vector: &[f32], members: &[u64]) {
+        if self.answer_offsets.is_empty() {
+            self.answer_offsets.push(0);
+        }
+        self.vectors.extend_from_slice(vector);
+        self.radii.push(0.0);
+        self.answer_ids.extend_from_slice(members);
+        self.answer_offsets.push(self.answer_ids.len() as u32);
+    }
+}
+
 impl From<FlatGraph> for GraphSection {
     fn from(g: FlatGraph) -> Self {
         GraphSection {

@@ -726,9 +726,6 @@ fn timeline(outcomes: &[Vec<Outcome>], window: usize) -> Vec<TimelinePoint> {
         .collect()
 }
 
-/// Deletes, one at a time, vectors the edges answered with locally, and polls each edge's
-/// local answer (`local_only`) with the deleted vector itself until it is gone: the time from
-/// the cloud acknowledging the delete to the edge no longer returning it, in ms.
 /// What restoring a lost cache took (`restore_window`).
 #[derive(Debug, Clone, Serialize)]
 struct RestoreFigures {
@@ -791,6 +788,9 @@ async fn restore_window(
     })
 }
 
+/// Deletes, one at a time, vectors the edges answered with locally, and polls each edge's
+/// local answer (`local_only`) with the deleted vector itself until it is gone: the time from
+/// the cloud acknowledging the delete to the edge no longer returning it, in ms.
 async fn staleness_window(
     http: &reqwest::Client,
     cloud_base: &str,

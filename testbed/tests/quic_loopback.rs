@@ -1087,7 +1087,15 @@ async fn an_edge_that_lost_its_cache_is_restored_whole_by_a_streamed_snapshot() 
     // The cloud restores all of it in one streamed snapshot.
     wait_for(|| cache.usage().0 == held && cache.snapshot().is_some()).await;
     assert_eq!(cache.usage().1, anchors);
-    assert!(!cache.incoming_snapshot_path().exists());
+    let leftovers: Vec<_> = std::fs::read_dir(snapshot.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".incoming-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "the streamed file was renamed into place"
+    );
     wait_for(|| {
         service
             .catalog()

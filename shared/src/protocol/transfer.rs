@@ -81,7 +81,7 @@ impl SnapshotReceiver {
     }
 
     /// The stream ended: every announced byte arrived and the checksum matches.
-    pub fn finish(self) -> Result<SnapshotBegin, TransferError> {
+    pub fn check_complete(&self) -> Result<(), TransferError> {
         if self.received != self.begin.len {
             return Err(TransferError::Truncated {
                 received: self.received,
@@ -95,7 +95,7 @@ impl SnapshotReceiver {
                 actual,
             });
         }
-        Ok(self.begin)
+        Ok(())
     }
 }
 
@@ -118,7 +118,7 @@ mod tests {
             };
             receiver.chunk(bytes)?;
         }
-        receiver.finish()
+        receiver.check_complete().map(|()| *receiver.begin())
     }
 
     #[test]
