@@ -663,6 +663,94 @@ async fn malformed_frames_are_refused_typed_and_counted() {
 
 /// Binds a new cloud endpoint on the address a stopped one held (its socket is released once
 /// the stopped accept loop drops it).
+/// What the push tests share: a cloud with collection `c` holding points `0..400` in `dir`,
+/// `edge-1` allowed everything, and edge-1's cache files and node configuration — ready to
+/// serve and start, and to restart either side.
+struct PushBed {
+    dir: tempfile::TempDir,
+    certs: CertDir,
+    acl: Arc<AccessList>,
+    push: tiervec_cloud::push::PushConfig,
+    cache: tiervec_edge::cache::CacheConfig,
+    node: tiervec_edge::node::NodeConfig,
+}
+
+impl PushBed {
+    /// Pushes every 50 ms, an anchor hot at its first ask with its 10 nearest ids; the edge
+    /// answers locally by `rule`, never compacts, asks no certificates and no shadow queries.
+    fn new(rule: tiervec_shared::confidence::ConfidenceRule) -> (PushBed, Arc<Service>) {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = cert_dir(&dir.path().join("certs"), "ours");
+        let service = cloud_with_points(dir.path(), 400);
+        let snapshot = dir.path().join("edge").join("cache.tvs");
+        std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+        let bed = PushBed {
+            certs,
+            acl: Arc::new(AccessList(HashMap::from([(
+                "edge-1".to_owned(),
+                vec!["*".to_owned()],
+            )]))),
+            push: tiervec_cloud::push::PushConfig {
+                period_ms: 50,
+                anchor_members: 10,
+                anchor_hot_count: 1.0,
+                ..Default::default()
+            },
+            cache: tiervec_edge::cache::CacheConfig {
+                compact_after: 1_000_000,
+                ..tiervec_edge::cache::CacheConfig::beside(&snapshot, 1 << 20)
+            },
+            node: tiervec_edge::node::NodeConfig {
+                collection: "c".into(),
+                rule,
+                lease: Duration::from_secs(30),
+                deadline: Duration::from_millis(500),
+                cloud_ef: 64,
+                backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+                shadow_every: 0,
+                target_recall: None,
+                certify: false,
+            },
+            dir,
+        };
+        (bed, service)
+    }
+
+    /// Serves `service` over QUIC on a fresh port, pushing with this bed's configuration.
+    fn serve(&self, service: Arc<Service>) -> (quinn::Endpoint, std::net::SocketAddr) {
+        let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &self.certs).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let hub = PushHub::start(self.push.clone(), service.clone(), hot());
+        tokio::spawn(quic::serve(
+            endpoint.clone(),
+            service,
+            self.acl.clone(),
+            hub,
+        ));
+        (endpoint, addr)
+    }
+
+    /// Opens edge-1's cache and starts its node, linked to the cloud at `addr`.
+    fn start(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> (
+        Arc<tiervec_edge::node::EdgeNode>,
+        Arc<tiervec_edge::cache::EdgeCache>,
+        tiervec_edge::cache::OpenReport,
+    ) {
+        let (cache, report) = tiervec_edge::cache::EdgeCache::open(self.cache.clone()).unwrap();
+        let cache = Arc::new(cache);
+        let node = tiervec_edge::node::EdgeNode::start(
+            cache.clone(),
+            self.node.clone(),
+            Some(link(addr, &self.certs, Some(&self.certs), "edge-1")),
+        )
+        .unwrap();
+        (Arc::new(node), cache, report)
+    }
+}
+
 async fn rebind(addr: std::net::SocketAddr, certs: &CertDir) -> quinn::Endpoint {
     for _ in 0..200 {
         if let Ok(endpoint) = quic::bind(addr, certs) {
@@ -690,62 +778,19 @@ async fn wait_for(mut ready: impl FnMut() -> bool) {
 /// restarted cloud still knows what the edge holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
-    use tiervec_cloud::push::PushConfig;
-    use tiervec_edge::cache::{CacheConfig, EdgeCache};
-    use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
+    use tiervec_edge::node::Source;
     use tiervec_shared::confidence::ConfidenceRule;
 
-    let dir = tempfile::tempdir().unwrap();
-    let certs = cert_dir(&dir.path().join("certs"), "ours");
-    let service = cloud_with_points(dir.path(), 400);
-    let acl = Arc::new(AccessList(HashMap::from([(
-        "edge-1".to_owned(),
-        vec!["*".to_owned()],
-    )])));
-    let push_config = PushConfig {
-        period_ms: 50,
-        anchor_members: 10,
-        anchor_hot_count: 1.0,
-        ..PushConfig::default()
-    };
-    let serve = |service: Arc<Service>| {
-        let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
-        let addr = endpoint.local_addr().unwrap();
-        let hub = PushHub::start(push_config.clone(), service.clone(), hot());
-        tokio::spawn(quic::serve(endpoint.clone(), service, acl.clone(), hub));
-        (endpoint, addr)
-    };
-    let (endpoint, addr) = serve(service.clone());
-    let snapshot = dir.path().join("edge").join("cache.tvs");
-    std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
-    let cache_config = CacheConfig {
-        compact_after: 1_000_000,
-        ..CacheConfig::beside(&snapshot, 1 << 20)
-    };
-    let node_config = NodeConfig {
-        collection: "c".into(),
-        rule: ConfidenceRule {
-            max_kth_distance: None,
-            max_anchor_distance: Some(1e-3),
-        },
-        lease: Duration::from_secs(30),
-        deadline: Duration::from_millis(500),
-        cloud_ef: 64,
-        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
-        // Every local answer is also asked of the cloud: the live estimate of local recall.
-        shadow_every: 1,
-        target_recall: None,
-        certify: false,
-    };
+    let (mut bed, service) = PushBed::new(ConfidenceRule {
+        max_kth_distance: None,
+        max_anchor_distance: Some(1e-3),
+    });
+    // Every local answer is also asked of the cloud: the live estimate of local recall.
+    bed.node.shadow_every = 1;
+    let (endpoint, addr) = bed.serve(service.clone());
     let start = |addr| {
-        let cache = Arc::new(EdgeCache::open(cache_config.clone()).unwrap().0);
-        let node = EdgeNode::start(
-            cache.clone(),
-            node_config.clone(),
-            Some(link(addr, &certs, Some(&certs), "edge-1")),
-        )
-        .unwrap();
-        (Arc::new(node), cache)
+        let (node, cache, _) = bed.start(addr);
+        (node, cache)
     };
     let (node, cache) = start(addr);
     wait_for(|| node.connected()).await;
@@ -835,7 +880,7 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
     let mut reopened = None;
     for _ in 0..500 {
         match Service::open(CloudConfig {
-            data_dir: dir.path().join("data"),
+            data_dir: bed.dir.path().join("data"),
             ..CloudConfig::default()
         }) {
             Ok(s) => {
@@ -852,7 +897,7 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
         .expect("manifest recovered from the WAL");
     assert_eq!(known.version, version);
     assert_eq!(known.held(victim), None);
-    let (_endpoint, addr) = serve(service.clone());
+    let (_endpoint, addr) = bed.serve(service.clone());
     drop(cache);
     let (node, _cache) = start(addr);
     wait_for(|| node.connected()).await;
@@ -862,55 +907,19 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the_ball() {
     use tiervec_cloud::collection::SearchParams;
-    use tiervec_cloud::push::PushConfig;
-    use tiervec_edge::cache::{CacheConfig, EdgeCache};
-    use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
+    use tiervec_edge::node::Source;
     use tiervec_shared::confidence::ConfidenceRule;
 
-    let dir = tempfile::tempdir().unwrap();
-    let certs = cert_dir(&dir.path().join("certs"), "ours");
-    let service = cloud_with_points(dir.path(), 400);
-    let acl = Arc::new(AccessList(HashMap::from([(
-        "edge-1".to_owned(),
-        vec!["*".to_owned()],
-    )])));
-    let push_config = PushConfig {
-        period_ms: 50,
-        anchor_members: 10,
-        anchor_hot_count: 1.0,
-        ..PushConfig::default()
-    };
-    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let hub = PushHub::start(push_config, service.clone(), hot());
-    tokio::spawn(quic::serve(endpoint.clone(), service.clone(), acl, hub));
-    let snapshot = dir.path().join("edge").join("cache.tvs");
-    std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
-    let cache_config = CacheConfig::beside(&snapshot, 1 << 20);
     // No confidence rule: only a certificate answers locally.
-    let node_config = NodeConfig {
-        collection: "c".into(),
-        rule: ConfidenceRule {
-            max_kth_distance: None,
-            max_anchor_distance: None,
-        },
-        lease: Duration::from_secs(30),
-        deadline: Duration::from_millis(500),
-        cloud_ef: 64,
-        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
-        shadow_every: 0,
-        target_recall: None,
-        certify: true,
-    };
+    let (mut bed, service) = PushBed::new(ConfidenceRule {
+        max_kth_distance: None,
+        max_anchor_distance: None,
+    });
+    bed.node.certify = true;
+    let (_endpoint, addr) = bed.serve(service.clone());
     let start = || {
-        let cache = Arc::new(EdgeCache::open(cache_config.clone()).unwrap().0);
-        let node = EdgeNode::start(
-            cache.clone(),
-            node_config.clone(),
-            Some(link(addr, &certs, Some(&certs), "edge-1")),
-        )
-        .unwrap();
-        (Arc::new(node), cache)
+        let (node, cache, _) = bed.start(addr);
+        (node, cache)
     };
     let (node, cache) = start();
     wait_for(|| node.connected()).await;
@@ -965,7 +974,9 @@ async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the
     service.delete("c", vec![9_999]).unwrap();
     drop(node);
     drop(cache);
-    let reopened = EdgeCache::open(cache_config.clone()).unwrap().0;
+    let reopened = tiervec_edge::cache::EdgeCache::open(bed.cache.clone())
+        .unwrap()
+        .0;
     assert_eq!(reopened.certified_anchors(), 0);
     assert!(reopened.usage().1 == 1, "the anchor itself is held");
     drop(reopened);
@@ -983,66 +994,23 @@ async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the
 /// answers from the cloud meanwhile, then locally again, and both sides agree on the version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_that_lost_its_cache_is_restored_whole_by_a_streamed_snapshot() {
-    use tiervec_cloud::push::PushConfig;
     use tiervec_cloud::restore::RestorePolicy;
-    use tiervec_edge::cache::{CacheConfig, EdgeCache};
-    use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
+    use tiervec_edge::node::Source;
     use tiervec_shared::confidence::ConfidenceRule;
 
-    let dir = tempfile::tempdir().unwrap();
-    let certs = cert_dir(&dir.path().join("certs"), "ours");
-    let service = cloud_with_points(dir.path(), 400);
-    let acl = Arc::new(AccessList(HashMap::from([(
-        "edge-1".to_owned(),
-        vec!["*".to_owned()],
-    )])));
-    let push_config = PushConfig {
-        period_ms: 50,
-        anchor_members: 10,
-        anchor_hot_count: 1.0,
-        // Every question its own anchor.
-        anchor_merge_distance: 0.0,
-        restore: RestorePolicy {
-            min_vectors: 8,
-            held_fraction_below: 0.5,
-        },
-        ..PushConfig::default()
+    let (mut bed, service) = PushBed::new(ConfidenceRule {
+        max_kth_distance: None,
+        max_anchor_distance: Some(1e-3),
+    });
+    // Every question its own anchor.
+    bed.push.anchor_merge_distance = 0.0;
+    bed.push.restore = RestorePolicy {
+        min_vectors: 8,
+        held_fraction_below: 0.5,
     };
-    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let hub = PushHub::start(push_config, service.clone(), hot());
-    tokio::spawn(quic::serve(endpoint, service.clone(), acl, hub));
-    let snapshot = dir.path().join("edge").join("cache.tvs");
-    std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
-    let cache_config = CacheConfig {
-        compact_after: 1_000_000,
-        ..CacheConfig::beside(&snapshot, 1 << 20)
-    };
-    let node_config = NodeConfig {
-        collection: "c".into(),
-        rule: ConfidenceRule {
-            max_kth_distance: None,
-            max_anchor_distance: Some(1e-3),
-        },
-        lease: Duration::from_secs(30),
-        deadline: Duration::from_millis(500),
-        cloud_ef: 64,
-        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
-        shadow_every: 0,
-        target_recall: None,
-        certify: false,
-    };
-    let start = || {
-        let (cache, report) = EdgeCache::open(cache_config.clone()).unwrap();
-        let cache = Arc::new(cache);
-        let node = EdgeNode::start(
-            cache.clone(),
-            node_config.clone(),
-            Some(link(addr, &certs, Some(&certs), "edge-1")),
-        )
-        .unwrap();
-        (Arc::new(node), cache, report)
-    };
+    let (_endpoint, addr) = bed.serve(service.clone());
+    let start = || bed.start(addr);
+    let snapshot = bed.cache.snapshot.clone();
     let (node, cache, _) = start();
     wait_for(|| node.connected()).await;
 
@@ -1071,7 +1039,7 @@ async fn an_edge_that_lost_its_cache_is_restored_whole_by_a_streamed_snapshot() 
     // cache opens empty.
     drop(node);
     drop(cache);
-    let log = cache_config.deltas.clone();
+    let log = bed.cache.deltas.clone();
     let mut bytes = std::fs::read(&log).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
