@@ -5,6 +5,7 @@
 //! streams it (`transfer::snapshot_frames`), and logs the file's own inventory once the edge
 //! acknowledges it. Pure functions; the push task drives them.
 
+use rkyv::util::AlignedVec;
 use serde::{Deserialize, Serialize};
 use tiervec_shared::hnsw::HnswBuilder;
 use tiervec_shared::local::LocalCache;
@@ -51,7 +52,7 @@ pub fn build(
     anchor_vector: impl Fn(u64) -> Option<Vec<f32>>,
     version: u64,
     budget: u64,
-) -> Result<(Vec<u8>, Inventory), String> {
+) -> Result<(AlignedVec, Inventory), String> {
     let info = &collection.info;
     let dim = info.dim;
     let mut builder = HnswBuilder::new(dim, info.metric, info.params);
@@ -103,13 +104,11 @@ pub fn build(
         metric: info.metric,
         params: info.params,
     };
-    let bytes = snapshot::encode(&spec, &body)
-        .map_err(|e| e.to_string())?
-        .to_vec();
+    let file = snapshot::encode(&spec, &body).map_err(|e| e.to_string())?;
     // The inventory is read back from the file itself, exactly as the edge will read it.
-    let opened = Snapshot::open(bytes.clone()).map_err(|e| e.to_string())?;
+    let opened = Snapshot::open(file).map_err(|e| e.to_string())?;
     let inventory = LocalCache::over_snapshot(&opened.view())
         .manifest()
         .inventory();
-    Ok((bytes, inventory))
+    Ok((opened.into_inner(), inventory))
 }

@@ -463,13 +463,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     let metrics: Vec<String> = rt.block_on(async {
         let mut texts = Vec::new();
         for edge in &edges {
-            texts.push(
-                http.get(format!("{}/metrics", edge.url))
-                    .send()
-                    .await?
-                    .text()
-                    .await?,
-            );
+            texts.push(edge.metrics(&http).await?);
         }
         anyhow::Ok(texts)
     })?;
@@ -763,12 +757,7 @@ async fn restore_window(
     edge.wait_linked(http).await?;
     loop {
         edge.process.check_alive()?;
-        let text = http
-            .get(format!("{}/metrics", edge.url))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let text = edge.metrics(http).await?;
         if prom::counter(&text, "tiervec_edge_snapshots_installed_total") >= 1.0 {
             break;
         }

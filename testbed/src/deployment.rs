@@ -342,12 +342,7 @@ impl Edge {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             self.process.check_alive()?;
-            let text = http
-                .get(format!("{}/metrics", self.url))
-                .send()
-                .await?
-                .text()
-                .await?;
+            let text = self.metrics(http).await?;
             if text.lines().any(|l| l.trim() == "tiervec_edge_link_up 1") {
                 return Ok(());
             }
@@ -358,6 +353,16 @@ impl Edge {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The edge's Prometheus exposition (`GET /metrics`).
+    pub async fn metrics(&self, http: &reqwest::Client) -> anyhow::Result<String> {
+        Ok(http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await?
+            .text()
+            .await?)
     }
 
     /// The applications' search URL.

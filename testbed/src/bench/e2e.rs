@@ -449,12 +449,7 @@ async fn measure_all(
     }
 
     // Where the fallback's time goes inside the edge, from its own histograms (means).
-    let metrics = http
-        .get(format!("{}/metrics", fallback.url))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = fallback.metrics(http).await?;
     let mean_us = |name: &str, labels: &str| -> Option<f64> {
         let value = |suffix: &str| {
             metrics.lines().find_map(|l| {
