@@ -28,6 +28,7 @@ pub mod link;
 pub mod node;
 pub mod wasm_engine;
 pub mod wasm_host;
+pub mod wasm_prefetch;
 
 pub use files::{SnapshotBytes, write_snapshot_atomic};
 pub use index::{EdgeError, EdgeIndex, Hit, Searcher};

@@ -58,6 +58,8 @@ use thiserror::Error;
 use tiervec_shared::confidence::ConfidenceRule;
 use tiervec_shared::durable::write_atomic;
 use tiervec_shared::push::Delta;
+
+use crate::wasm_prefetch::{self, GuestMemory};
 use tracing::{debug, debug_span, info, warn};
 use wasmtime::{
     Config, Engine, Instance, InstancePre, Linker, Memory, Module, OptLevel, ResourceLimiter,
@@ -356,6 +358,14 @@ struct GuestState {
     wasi: WasiP1Ctx,
     limiter: Limiter,
     stderr: MemoryOutputPipe,
+    /// The instance's linear memory, for the prefetch imports (set once instantiated).
+    memory: Option<Memory>,
+}
+
+impl GuestMemory for GuestState {
+    fn guest_memory(&self) -> Option<Memory> {
+        self.memory
+    }
 }
 
 /// The guest's exports.
@@ -484,6 +494,7 @@ impl WasmHost {
         let mut linker: Linker<GuestState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut GuestState| &mut s.wasi)
             .map_err(runtime)?;
+        wasm_prefetch::add_to_linker(&mut linker).map_err(runtime)?;
         let pre = linker
             .instantiate_pre(&loaded.module)
             .map_err(|e| WasmError::ModuleInvalid {
@@ -770,6 +781,7 @@ impl WasmHost {
                     refused: None,
                 },
                 stderr,
+                memory: None,
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -802,6 +814,7 @@ impl WasmHost {
             path: self.config.module.clone(),
             message: format!("{e:#}"),
         })?;
+        store.data_mut().memory = Some(exports.memory);
         Ok(GuestInstance {
             store,
             instance,

@@ -54,11 +54,13 @@ impl QueryCodes {
         self.scale = if max > 0.0 { max / CODE_MAX } else { 1.0 };
         let inv = 1.0 / self.scale;
         self.codes.clear();
+        // Ties to even, not away from zero: one instruction in wasm (`f32.nearest`) where
+        // `round` is a call into libm, 384 of them per query in the guest.
         self.codes.extend(
             query
                 .iter()
                 .zip(scales)
-                .map(|(q, s)| (q * s * inv).round().clamp(-CODE_MAX, CODE_MAX) as i8),
+                .map(|(q, s)| (q * s * inv).round_ties_even().clamp(-CODE_MAX, CODE_MAX) as i8),
         );
     }
 

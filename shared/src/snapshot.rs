@@ -1000,9 +1000,10 @@ impl Graph for SnapshotView<'_> {
     fn prefetch_neighbours(&self, node: u32, layer: usize) {
         if layer == 0
             && let Some(&start) = self.layer0_offsets.get(node as usize)
-            && let Some(first) = self.layer0_neighbours.get(start as usize)
+            && let Some(list) = self.layer0_neighbours.get(start as usize..)
         {
-            kernels::prefetch_ptr(first);
+            // The first line of the list: a whole list (32 ids) is two lines, usually one.
+            kernels::prefetch_all(&list[..list.len().min(16)]);
         }
     }
 

@@ -32,7 +32,7 @@
 use thiserror::Error;
 
 /// Version of the guest ABI this file describes (`tv_abi_version` returns it).
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Status codes every fallible export returns; on anything but [`status::OK`] the result
 /// buffer (`tv_result_ptr`/`tv_result_len`) holds a UTF-8 message saying what went wrong.

@@ -3,7 +3,7 @@
 use std::cmp::Ordering;
 
 use super::Graph;
-use crate::kernels::{prefetch, prefetch_bytes, prefetch_ptr};
+use crate::kernels::{prefetch, prefetch_all, prefetch_ptr, prefetch_rows};
 use crate::metric::Metric;
 use crate::quant::QueryCodes;
 
@@ -91,8 +91,8 @@ impl SearchScratch {
 pub trait Space {
     /// Distance from the query to node `id` (an id below the node count).
     fn distance(&self, id: u32) -> f32;
-    /// Starts loading node `id`'s row; called before [`Space::distance`] on the same node.
-    fn prefetch(&self, _id: u32) {}
+    /// Starts loading the rows of nodes `ids`; called before [`Space::distance`] on them.
+    fn prefetch(&self, _ids: &[u32]) {}
     /// Number of nodes that have rows.
     fn nodes(&self) -> usize;
 }
@@ -116,9 +116,7 @@ impl ExactSpace<'_> {
     /// Starts loading all of node `id`'s row (not only its first lines).
     #[inline]
     fn prefetch_row(&self, id: u32) {
-        for line in self.row(id).chunks(16) {
-            prefetch_ptr(&line[0]);
-        }
+        prefetch_all(self.row(id));
     }
 }
 
@@ -129,8 +127,10 @@ impl Space for ExactSpace<'_> {
     }
 
     #[inline]
-    fn prefetch(&self, id: u32) {
-        prefetch(self.row(id));
+    fn prefetch(&self, ids: &[u32]) {
+        for &id in ids {
+            prefetch(self.row(id));
+        }
     }
 
     fn nodes(&self) -> usize {
@@ -174,8 +174,8 @@ impl Space for QuantizedSpace<'_> {
     }
 
     #[inline]
-    fn prefetch(&self, id: u32) {
-        prefetch_bytes(self.row(id));
+    fn prefetch(&self, ids: &[u32]) {
+        prefetch_rows(self.codes, self.dim, ids);
     }
 
     fn nodes(&self) -> usize {
@@ -231,11 +231,11 @@ pub fn search_layer<G: Graph + ?Sized, S: Space>(
             let mut count = 0;
             for &n in chunk {
                 if scratch.visit(n) {
-                    space.prefetch(n);
                     fresh[count] = n;
                     count += 1;
                 }
             }
+            space.prefetch(&fresh[..count]);
             for &n in &fresh[..count] {
                 let found = Neighbour {
                     id: n,

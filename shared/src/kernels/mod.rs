@@ -82,73 +82,109 @@ pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     portable::dot_i8(a, b)
 }
 
+/// Most cache lines one prefetch hint asks for: a 384-d `f32` row is 24 lines.
+pub const MAX_PREFETCH_LINES: usize = 32;
+
 /// Hints the CPU to start loading the first cache lines of `row` (a vector about to be
-/// compared); a no-op where no prefetch instruction is available.
+/// compared); the hardware prefetcher follows the rest of the row.
 #[inline(always)]
 pub fn prefetch(row: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
+    prefetch_lines(row, 4);
+}
+
+/// [`prefetch`] for a row of `i8` codes (a 384-d row is six lines: all of them).
+#[inline(always)]
+pub fn prefetch_bytes(row: &[i8]) {
+    prefetch_lines(row, 8);
+}
+
+/// Hints the CPU to load every cache line of `region` (at most [`MAX_PREFETCH_LINES`]).
+#[inline(always)]
+pub fn prefetch_all<T>(region: &[T]) {
+    prefetch_lines(region, MAX_PREFETCH_LINES);
+}
+
+/// Hints the CPU to load the codes of rows `ids` of `codes` (rows of `dim` codes): one hint for
+/// a batch, which matters in wasm, where each hint is a call into the host.
+#[inline]
+pub fn prefetch_rows(codes: &[i8], dim: usize, ids: &[u32]) {
+    #[cfg(target_arch = "wasm32")]
     {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // Four lines start the stream; the hardware prefetcher follows the rest of the row.
-        for line in row.chunks(16).take(4) {
-            // SAFETY: prefetching is a hint that never faults, and SSE is baseline on x86_64.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        let bytes = codes.len();
+        // SAFETY: the host only reads `ids` and issues prefetch hints, which never fault, for
+        // addresses it clamps to this instance's linear memory.
+        unsafe { host::prefetch_rows(codes.as_ptr().cast(), bytes, dim, ids.as_ptr(), ids.len()) };
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    for &id in ids {
+        let start = id as usize * dim;
+        if let Some(row) = codes.get(start..start + dim) {
+            prefetch_bytes(row);
         }
     }
-    #[cfg(target_arch = "wasm32")]
-    for line in row.chunks(16).take(4) {
-        touch(line.as_ptr().cast());
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "wasm32")))]
-    let _ = row;
 }
 
-/// wasm has no prefetch instruction: the nearest thing is a load whose value is dropped. It
-/// does what a prefetch does for the search, starting the cache misses of rows that are about
-/// to be compared so that they overlap (misses taken one row at a time, inside the kernels,
-/// left the guest's traversal waiting on memory most of its time), at the price of an
-/// instruction per line; unlike a prefetch it cannot be dropped by the CPU, so it is only
-/// used on memory the caller holds a reference to.
-#[cfg(target_arch = "wasm32")]
-#[inline(always)]
-fn touch(byte: *const u8) {
-    // SAFETY: `byte` points into a live borrowed slice or value (every caller passes the
-    // address of an element it holds a reference to), read as a possibly uninitialised byte
-    // (padding is fine); the volatile read keeps LLVM from dropping a load whose value is
-    // unused.
-    unsafe { core::ptr::read_volatile(byte.cast::<core::mem::MaybeUninit<u8>>()) };
-}
-
-/// Hints the CPU to load the cache line holding `value`.
+/// Hints the CPU to load the cache line holding `value`: a hint cheap enough to give for every
+/// neighbour of a node (the visited marks). On wasm, where a hint costs a call into the host,
+/// it does nothing: the marks of a cache's nodes fit in the L1/L2 caches anyway.
 #[inline(always)]
 pub fn prefetch_ptr<T>(value: &T) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: prefetching is a hint that never faults, and SSE is baseline on x86_64.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast()) };
-    }
+    x86_prefetch((value as *const T).cast());
     #[cfg(not(target_arch = "x86_64"))]
     let _ = value;
 }
 
-/// [`prefetch`] for a row of `i8` codes.
 #[inline(always)]
-pub fn prefetch_bytes(row: &[i8]) {
+fn prefetch_lines<T>(region: &[T], lines: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        for line in row.chunks(64).take(8) {
-            // SAFETY: prefetching is a hint that never faults, and SSE is baseline on x86_64.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        let bytes = core::mem::size_of_val(region);
+        let base = region.as_ptr().cast::<u8>();
+        for line in 0..bytes.div_ceil(64).min(lines) {
+            // SAFETY: `line * 64 < bytes`, an address inside `region`.
+            x86_prefetch(unsafe { base.add(line * 64) });
         }
     }
     #[cfg(target_arch = "wasm32")]
-    for line in row.chunks(64).take(8) {
-        touch(line.as_ptr().cast());
+    {
+        let bytes = core::mem::size_of_val(region).min(lines * 64);
+        // SAFETY: the host only issues prefetch hints, which never fault, for addresses it
+        // clamps to this instance's linear memory.
+        unsafe { host::prefetch(region.as_ptr().cast(), bytes) };
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "wasm32")))]
-    let _ = row;
+    let _ = (region, lines);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn x86_prefetch(address: *const u8) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    // SAFETY: prefetching is a hint that never faults, and SSE is baseline on x86_64.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(address.cast()) };
+}
+
+/// wasm has no prefetch instruction, and a load standing in for one blocks the guest until the
+/// line arrives (it was the guest's largest single stall). The tiervec host provides
+/// prefetch as an import instead (`tiervec.prefetch`, `tiervec.prefetch_rows`; guest ABI v3,
+/// docs/wasm.md): hints only, addresses clamped to the guest's own memory, so a guest can
+/// neither fault nor reach outside its sandbox through them.
+#[cfg(target_arch = "wasm32")]
+mod host {
+    #[link(wasm_import_module = "tiervec")]
+    unsafe extern "C" {
+        /// Prefetch the lines of `bytes` bytes from `start`.
+        pub fn prefetch(start: *const u8, bytes: usize);
+        /// Prefetch rows `ids[..count]`, each `stride` bytes long, of the `len` bytes at `base`.
+        pub fn prefetch_rows(
+            base: *const u8,
+            len: usize,
+            stride: usize,
+            ids: *const u32,
+            count: usize,
+        );
+    }
 }
 
 /// Reduces 32 partial sums by the canonical tree: lanes `l`, `l+8`, `l+16`, `l+24` pairwise,

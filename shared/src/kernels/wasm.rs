@@ -18,6 +18,48 @@ use core::arch::wasm32::{i16x8_extend_high_i8x16, i16x8_extend_low_i8x16, i32x4_
 
 use super::{LANES, reduce32};
 
+/// Chunks of [`LANES`] elements per iteration of the main loop. Wasmtime checks its epoch (the
+/// guest's deadline) at every loop header, and the check's slow path is a call that clobbers
+/// every vector register, so Cranelift keeps loop-carried vectors (the eight accumulators) on
+/// the stack across it: a longer body pays that store and reload once per four chunks
+/// (384 dimensions: three iterations, not twelve).
+const F32_BLOCK: usize = 4;
+
+/// Stores `value` where nothing reads it. Cranelift places a pure instruction (an add, a
+/// multiply) just before its first side-effecting use; the accumulators' only other use is the
+/// loop's back edge, so without this every load of an iteration would come first and every
+/// product last, more live vectors than x86 has registers, all spilled. A store per result
+/// keeps each product next to its loads.
+#[inline(always)]
+fn pin(sink: &mut v128, value: v128) {
+    // SAFETY: `sink` is a live local.
+    unsafe { core::ptr::write_volatile(sink, value) };
+}
+
+/// Adds one chunk of [`LANES`] terms into the eight accumulators, in lane order.
+#[inline(always)]
+fn add_chunk(
+    acc: &mut [v128; LANES / 4],
+    sink: &mut v128,
+    x: &[f32],
+    y: &[f32],
+    term: &impl Fn(v128, v128) -> v128,
+) {
+    debug_assert!(x.len() >= LANES && y.len() >= LANES);
+    for (g, group) in acc.iter_mut().enumerate() {
+        // SAFETY: both slices hold at least LANES elements, so lanes 4g..4g+4 are in bounds;
+        // v128 loads have no alignment requirement.
+        let (xs, ys) = unsafe {
+            (
+                v128_load(x.as_ptr().add(4 * g).cast()),
+                v128_load(y.as_ptr().add(4 * g).cast()),
+            )
+        };
+        *group = f32x4_add(*group, term(xs, ys));
+        pin(sink, *group);
+    }
+}
+
 #[inline(always)]
 fn canonical_sum(
     a: &[f32],
@@ -29,22 +71,17 @@ fn canonical_sum(
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [f32x4_splat(0.0); LANES / 4];
     let mut sink = f32x4_splat(0.0);
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for (g, group) in acc.iter_mut().enumerate() {
-            // SAFETY: `x` and `y` hold LANES elements, so lanes 4g..4g+4 are in bounds; v128
-            // loads have no alignment requirement.
-            let (xs, ys) = unsafe {
-                (
-                    v128_load(x.as_ptr().add(4 * g).cast()),
-                    v128_load(y.as_ptr().add(4 * g).cast()),
-                )
-            };
-            *group = f32x4_add(*group, term(xs, ys));
-            // SAFETY: `sink` is a live local.
-            unsafe { core::ptr::write_volatile(&mut sink, *group) };
+    let mut blocks_a = a.chunks_exact(LANES * F32_BLOCK);
+    let mut blocks_b = b.chunks_exact(LANES * F32_BLOCK);
+    for (x, y) in (&mut blocks_a).zip(&mut blocks_b) {
+        for c in 0..F32_BLOCK {
+            add_chunk(&mut acc, &mut sink, &x[c * LANES..], &y[c * LANES..], &term);
         }
+    }
+    let mut ca = blocks_a.remainder().chunks_exact(LANES);
+    let mut cb = blocks_b.remainder().chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        add_chunk(&mut acc, &mut sink, x, y, &term);
     }
     let mut lanes = [0.0f32; LANES];
     for (g, group) in acc.iter().enumerate() {
@@ -76,34 +113,51 @@ pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
     )
 }
 
-/// Exact: products of codes in `-127..=127` fit an `i16`, pairs of them an `i32`.
+/// Sums 64 products of `x[..64]` and `y[..64]` into `acc`'s four lanes.
+#[inline(always)]
+fn add64(acc: v128, sink: &mut v128, x: &[i8], y: &[i8]) -> v128 {
+    debug_assert!(x.len() >= 64 && y.len() >= 64);
+    // SAFETY: both slices hold at least 64 bytes; v128 loads have no alignment requirement.
+    let [x0, x1, x2, x3, y0, y1, y2, y3] = unsafe {
+        let (px, py) = (x.as_ptr(), y.as_ptr());
+        [
+            v128_load(px.cast()),
+            v128_load(px.add(16).cast()),
+            v128_load(px.add(32).cast()),
+            v128_load(px.add(48).cast()),
+            v128_load(py.cast()),
+            v128_load(py.add(16).cast()),
+            v128_load(py.add(32).cast()),
+            v128_load(py.add(48).cast()),
+        ]
+    };
+    let acc = dot16_add(
+        x3,
+        y3,
+        dot16_add(x2, y2, dot16_add(x1, y1, dot16_add(x0, y0, acc))),
+    );
+    pin(sink, acc);
+    acc
+}
+
+/// Exact: products of codes in `-127..=127` fit an `i16`, pairs of them an `i32`. 128 bytes
+/// per iteration of the main loop, for the reason [`F32_BLOCK`] gives (384 dimensions: three
+/// epoch checks, not six).
 #[inline(never)]
 pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = i32x4_splat(0);
-    let mut ca = a.chunks_exact(64);
-    let mut cb = b.chunks_exact(64);
+    let mut sink = acc;
+    let mut blocks_a = a.chunks_exact(128);
+    let mut blocks_b = b.chunks_exact(128);
+    for (x, y) in (&mut blocks_a).zip(&mut blocks_b) {
+        acc = add64(add64(acc, &mut sink, x, y), &mut sink, &x[64..], &y[64..]);
+    }
+    let mut ca = blocks_a.remainder().chunks_exact(64);
+    let mut cb = blocks_b.remainder().chunks_exact(64);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        // SAFETY: both chunks hold 64 bytes; v128 loads have no alignment requirement.
-        let [x0, x1, x2, x3, y0, y1, y2, y3] = unsafe {
-            let (px, py) = (x.as_ptr(), y.as_ptr());
-            [
-                v128_load(px.cast()),
-                v128_load(px.add(16).cast()),
-                v128_load(px.add(32).cast()),
-                v128_load(px.add(48).cast()),
-                v128_load(py.cast()),
-                v128_load(py.add(16).cast()),
-                v128_load(py.add(32).cast()),
-                v128_load(py.add(48).cast()),
-            ]
-        };
-        acc = dot16_add(
-            x3,
-            y3,
-            dot16_add(x2, y2, dot16_add(x1, y1, dot16_add(x0, y0, acc))),
-        );
+        acc = add64(acc, &mut sink, x, y);
     }
     let mut ra = ca.remainder().chunks_exact(16);
     let mut rb = cb.remainder().chunks_exact(16);
