@@ -128,46 +128,94 @@ pub fn measure(
     queries: &[&[f32]],
     truth: &[(Vec<u64>, Vec<f32>)],
     samples: usize,
-    mut search: impl FnMut(&[f32], &mut Vec<(u64, f32)>),
+    search: impl FnMut(&[f32], &mut Vec<(u64, f32)>),
 ) -> Row {
+    let mut contender = [Contender {
+        engine,
+        ef,
+        search: Box::new(search),
+    }];
+    let mut rows = measure_interleaved(&mut contender, queries, truth, samples, queries.len());
+    rows.remove(0)
+}
+
+/// One search as a measurement calls it: the query, and where to put `(id, distance)` hits.
+pub type SearchFn<'a> = Box<dyn FnMut(&[f32], &mut Vec<(u64, f32)>) + 'a>;
+
+/// An engine measured beside others by [`measure_interleaved`].
+pub struct Contender<'a> {
+    pub engine: &'static str,
+    pub ef: Option<usize>,
+    pub search: SearchFn<'a>,
+}
+
+/// [`measure`] for engines compared in one run, interleaved: the queries go in blocks of
+/// `block`, each block to every engine in turn, the order reversed from one block to the next.
+/// A shared machine's speed drifts during a run (other tenants, clock changes); measured one
+/// after the other, engines see different machines and their ratio moves by ±15 % from run to
+/// run here, interleaved they see the same one. Blocks rather than single queries so that each
+/// engine still runs with its own data warm in the caches, as it would serving alone.
+pub fn measure_interleaved(
+    contenders: &mut [Contender<'_>],
+    queries: &[&[f32]],
+    truth: &[(Vec<u64>, Vec<f32>)],
+    samples: usize,
+    block: usize,
+) -> Vec<Row> {
     let passes = samples.div_ceil(queries.len()).max(1);
-    let mut lat = Latencies::new();
+    let mut lat: Vec<Latencies> = contenders.iter().map(|_| Latencies::new()).collect();
+    let mut recall = vec![0.0; contenders.len()];
+    let mut busy = vec![Duration::ZERO; contenders.len()];
     let mut found = Vec::with_capacity(16);
-    let mut recall = 0.0;
-    let mut busy = Duration::ZERO;
+    let mut turn = 0usize;
     for pass in 0..passes {
-        for (q, (ids, dists)) in queries.iter().zip(truth) {
-            let t = Instant::now();
-            search(q, &mut found);
-            let d = t.elapsed();
-            busy += d;
-            lat.record(d);
-            if pass == 0 {
-                recall += recall_at_10(&found, ids, dists);
+        let pairs: Vec<_> = queries.iter().zip(truth).collect();
+        for chunk in pairs.chunks(block.max(1)) {
+            let mut order: Vec<usize> = (0..contenders.len()).collect();
+            if turn % 2 == 1 {
+                order.reverse();
+            }
+            turn += 1;
+            for c in order {
+                let contender = &mut contenders[c];
+                for (q, (ids, dists)) in chunk {
+                    let t = Instant::now();
+                    (contender.search)(q, &mut found);
+                    let d = t.elapsed();
+                    busy[c] += d;
+                    lat[c].record(d);
+                    if pass == 0 {
+                        recall[c] += recall_at_10(&found, ids, dists);
+                    }
+                }
             }
         }
     }
-    let row = Row {
-        engine,
-        ef,
-        recall_at_10: recall / queries.len() as f64,
-        p50_us: lat.percentile_us(0.50),
-        p99_us: lat.percentile_us(0.99),
-        p999_us: lat.percentile_us(0.999),
-        qps: lat.samples() as f64 / busy.as_secs_f64(),
-        threads: 1,
-    };
-    eprintln!(
-        "  {:<8} ef={:<4} recall@10={:.4} p50={:>8.1}µs p99={:>8.1}µs p99.9={:>8.1}µs qps={:>9.0}",
-        row.engine,
-        ef.map_or("-".into(), |e| e.to_string()),
-        row.recall_at_10,
-        row.p50_us,
-        row.p99_us,
-        row.p999_us,
-        row.qps
-    );
-    row
+    let mut rows = Vec::new();
+    for (c, contender) in contenders.iter().enumerate() {
+        let row = Row {
+            engine: contender.engine,
+            ef: contender.ef,
+            recall_at_10: recall[c] / queries.len() as f64,
+            p50_us: lat[c].percentile_us(0.50),
+            p99_us: lat[c].percentile_us(0.99),
+            p999_us: lat[c].percentile_us(0.999),
+            qps: lat[c].samples() as f64 / busy[c].as_secs_f64(),
+            threads: 1,
+        };
+        eprintln!(
+            "  {:<11} ef={:<4} recall@10={:.4} p50={:>8.1}µs p99={:>8.1}µs p99.9={:>8.1}µs qps={:>9.0}",
+            row.engine,
+            row.ef.map_or("-".into(), |e| e.to_string()),
+            row.recall_at_10,
+            row.p50_us,
+            row.p99_us,
+            row.p999_us,
+            row.qps
+        );
+        rows.push(row);
+    }
+    rows
 }
 
 /// Best (lowest p50) row of `engine` with recall ≥ `target`.

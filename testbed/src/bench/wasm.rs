@@ -19,9 +19,15 @@ use tiervec_shared::local::LocalCache;
 use tiervec_shared::snapshot::Snapshot;
 
 use super::local::ground_truth;
-use super::{Latencies, Machine, Row, measure, rows_table, update_benchmarks_md, write_json};
+use super::{
+    Contender, Latencies, Machine, Row, SearchFn, measure_interleaved, rows_table,
+    update_benchmarks_md, write_json,
+};
 use crate::dataset::Dataset;
 use crate::snapshots;
+
+/// Queries per engine per turn of the interleaved measurement (`measure_interleaved`).
+const BLOCK: usize = 500;
 
 /// Knobs of the wasm bench.
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -120,6 +126,18 @@ pub(crate) fn guest(simd: bool) -> anyhow::Result<PathBuf> {
         path.display()
     );
     Ok(path)
+}
+
+/// A guest's search as the measurement calls it; a failed call is logged and answers nothing
+/// (its recall shows it).
+fn guest_search<'a>(host: &'a WasmHost, k: usize, ef: usize) -> SearchFn<'a> {
+    Box::new(move |q, found| {
+        found.clear();
+        match host.search(q, k, ef) {
+            Ok(answer) => found.extend(answer.hits.iter().map(|h| (h.id, h.distance))),
+            Err(e) => tracing::warn!("guest search failed: {e}"),
+        }
+    })
 }
 
 fn config(module: &Path, cache: &Path) -> WasmConfig {
@@ -238,35 +256,30 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
     }
     eprintln!("  guest and native answers differ on {answers_differing} of {nq} queries");
 
-    let mut rows = Vec::new();
-    rows.push(measure(
-        "native",
-        Some(ef),
-        &queries,
-        &truth,
-        args.samples,
-        |q, found| {
-            found.clear();
-            if let Ok(answer) = cache.search(Some(&view), q, k, ef, &mut scratch) {
-                found.extend(answer.hits.iter().map(|h| (h.id, h.distance)));
-            }
-        },
-    ));
-    for (engine, host) in [("wasm_simd", &simd_host), ("wasm_scalar", &scalar_host)] {
-        rows.push(measure(
-            engine,
-            Some(ef),
-            &queries,
-            &truth,
-            args.samples,
-            |q, found| {
+    let mut contenders = vec![
+        Contender {
+            engine: "native",
+            ef: Some(ef),
+            search: Box::new(|q: &[f32], found: &mut Vec<(u64, f32)>| {
                 found.clear();
-                if let Ok(answer) = host.search(q, k, ef) {
+                if let Ok(answer) = cache.search(Some(&view), q, k, ef, &mut scratch) {
                     found.extend(answer.hits.iter().map(|h| (h.id, h.distance)));
                 }
-            },
-        ));
-    }
+            }),
+        },
+        Contender {
+            engine: "wasm_simd",
+            ef: Some(ef),
+            search: guest_search(&simd_host, k, ef),
+        },
+        Contender {
+            engine: "wasm_scalar",
+            ef: Some(ef),
+            search: guest_search(&scalar_host, k, ef),
+        },
+    ];
+    let rows = measure_interleaved(&mut contenders, &queries, &truth, args.samples, BLOCK);
+    drop(contenders);
 
     // The host's own cost: the same requests to a guest whose cache is empty.
     let empty = WasmHost::start(config(&simd_module, &args.work_dir.join("simd")))?;
@@ -299,6 +312,7 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
             "m": HnswParams::default().m,
             "ef_construction": HnswParams::default().ef_construction,
             "instances": 1,
+            "interleaved_block": BLOCK,
             "wasmtime": "48",
             "quick": args.quick,
         }),
