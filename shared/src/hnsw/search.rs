@@ -226,12 +226,19 @@ pub fn search_layer<G: Graph + ?Sized, S: Space>(
                 scratch.prefetch_mark(n);
             }
             let mut count = 0;
-            for &n in chunk {
+            let mut keep_fresh = |n: u32| {
                 if scratch.visit(n) {
                     fresh[count] = n;
                     count += 1;
                 }
+            };
+            // Four neighbours per iteration: in the wasm guest every loop iteration checks the
+            // deadline, and this loop runs for every neighbour of every expanded node.
+            let mut quads = chunk.chunks_exact(4);
+            for quad in &mut quads {
+                quad.iter().for_each(|&n| keep_fresh(n));
             }
+            quads.remainder().iter().for_each(|&n| keep_fresh(n));
             space.prefetch(&fresh[..count]);
             for &n in &fresh[..count] {
                 let found = Neighbour {
