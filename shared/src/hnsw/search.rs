@@ -3,7 +3,7 @@
 use std::cmp::Ordering;
 
 use super::Graph;
-use crate::kernels::{prefetch, prefetch_all, prefetch_ptr, prefetch_rows};
+use crate::kernels::{PREFETCH_IS_A_CALL, prefetch, prefetch_all, prefetch_ptr, prefetch_rows};
 use crate::metric::Metric;
 use crate::quant::QueryCodes;
 
@@ -228,6 +228,9 @@ pub fn search_layer<G: Graph + ?Sized, S: Space>(
             let mut count = 0;
             let mut keep_fresh = |n: u32| {
                 if scratch.visit(n) {
+                    if !PREFETCH_IS_A_CALL {
+                        space.prefetch(core::slice::from_ref(&n));
+                    }
                     fresh[count] = n;
                     count += 1;
                 }
@@ -239,7 +242,9 @@ pub fn search_layer<G: Graph + ?Sized, S: Space>(
                 quad.iter().for_each(|&n| keep_fresh(n));
             }
             quads.remainder().iter().for_each(|&n| keep_fresh(n));
-            space.prefetch(&fresh[..count]);
+            if PREFETCH_IS_A_CALL {
+                space.prefetch(&fresh[..count]);
+            }
             for &n in &fresh[..count] {
                 let found = Neighbour {
                     id: n,

@@ -82,6 +82,11 @@ pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     portable::dot_i8(a, b)
 }
 
+/// Whether a prefetch hint costs a call (wasm: into the host) rather than an instruction:
+/// callers then gather the rows they will read and hint them in one batch, where natively a
+/// hint per row, as soon as the row is known, starts each load earliest.
+pub const PREFETCH_IS_A_CALL: bool = cfg!(target_arch = "wasm32");
+
 /// Most cache lines one prefetch hint asks for: a 384-d `f32` row is 24 lines.
 pub const MAX_PREFETCH_LINES: usize = 32;
 
