@@ -20,7 +20,7 @@ use tiervec_shared::snapshot::Snapshot;
 
 use super::local::ground_truth;
 use super::{
-    Contender, Latencies, Machine, Row, SearchFn, measure_interleaved, rows_table,
+    Contender, Latencies, Machine, Row, SearchFn, measure, measure_interleaved, rows_table,
     update_benchmarks_md, write_json,
 };
 use crate::dataset::Dataset;
@@ -272,14 +272,20 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
             ef: Some(ef),
             search: guest_search(&simd_host, k, ef),
         },
-        Contender {
-            engine: "wasm_scalar",
-            ef: Some(ef),
-            search: guest_search(&scalar_host, k, ef),
-        },
     ];
-    let rows = measure_interleaved(&mut contenders, &queries, &truth, args.samples, BLOCK);
+    // The two compared engines alternate (each follows itself and the other equally often);
+    // the scalar guest, there for scale, runs alone afterwards so that its long blocks do not
+    // cool the caches of one of them more than the other's.
+    let mut rows = measure_interleaved(&mut contenders, &queries, &truth, args.samples, BLOCK);
     drop(contenders);
+    rows.push(measure(
+        "wasm_scalar",
+        Some(ef),
+        &queries,
+        &truth,
+        args.samples,
+        guest_search(&scalar_host, k, ef),
+    ));
 
     // The host's own cost: the same requests to a guest whose cache is empty.
     let empty = WasmHost::start(config(&simd_module, &args.work_dir.join("simd")))?;
@@ -366,7 +372,24 @@ fn section(r: &Report) -> String {
          with the module deserialised from the on-disk cache ({:.1} ms of it the module), {:.1} ms compiling it \
          ({:.1} ms of it Cranelift). One more empty instance: {:.0} µs.\n\
          - Memory per instance (linear memory holding the snapshot copy, overlay and buffers): {:.1} MiB.\n\
-         - Where the guest still loses time (perf samples mapped onto the compiled module's symbols): the traversal about half of the guest's time, the `i8` kernel a fifth to a quarter, the exact re-rank of 64 rows (cold in memory; wasm has no prefetch) most of the rest. Epoch interruption's check at every loop header calls into the host on its slow path, which clobbers every register, so Cranelift keeps loop-carried values on the stack: a host built with epochs off (for measurement only; the deadline needs them) brought the ratio from 2.28× to 1.77× in the same session. Tried and not kept: a pre-split query with one kernel call per batch of neighbours (about 4 %, within run-to-run noise), the `i8` kernel fully unrolled for 384 dimensions (3.0×: Cranelift hoists every load and spills), touching each re-ranked row whole before its dot product (no change). Bounds checks are already elided (4 GiB reservation, guard pages).\n",
+         - `native` and `wasm_simd` measured interleaved (`measure_interleaved`): blocks of {} queries go to each \
+         in turn, the order alternating, so drift of this shared machine hits both alike (`wasm_scalar` runs \
+         alone after them); between runs the p50 ratio \
+         still moves by about ±0.07.\n\
+         - Where the guest's time goes (perf samples mapped onto the compiled module's symbols): the `i8` kernel \
+         about 40 %, the traversal about 37 %, the exact re-rank of 64 rows about 13 %, and prefetch calls into \
+         the host besides. Guest p50 gained from this round's changes (interleaved A/B on this machine): host \
+         prefetch imports in place of touch loads (wasm has no prefetch instruction; a touch load blocked the \
+         guest on every cold row and neighbour list) about 10 %, visited marks as a bitset that stays in L1 about \
+         7 %, guest memory in transparent huge pages about 6 %. Still lost: epoch interruption, which the deadline \
+         needs, about 7 % (a host built with epochs off, measurement only): its check at every loop header has a \
+         slow path that calls into the host and clobbers every vector register, so Cranelift keeps loop-carried \
+         values on the stack; a separate `i32.add` for every constant address offset (LLVM's wasm backend does not \
+         fold them into the load's offset, llvm/llvm-project#187367), about a fifth of the kernel's instructions; \
+         128-bit vectors against the native kernels' 256-bit AVX2. Tried and not kept (no gain beyond run-to-run \
+         noise): the `i8` kernel over four rows per call sharing each query chunk, one kernel call per batch of \
+         neighbours, kernels straight-line for 384 dimensions, prefetching re-ranked rows two ahead. Bounds checks \
+         are elided (4 GiB reservation, guard pages).\n",
         r.machine.cpu_model,
         r.machine.cpus,
         r.machine.kernel,
@@ -387,5 +410,6 @@ fn section(r: &Report) -> String {
         r.module_compile_ms,
         r.instantiate_us,
         r.memory_per_instance_bytes as f64 / (1 << 20) as f64,
+        BLOCK,
     )
 }
