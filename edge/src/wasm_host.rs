@@ -58,8 +58,6 @@ use thiserror::Error;
 use tiervec_shared::confidence::ConfidenceRule;
 use tiervec_shared::durable::write_atomic;
 use tiervec_shared::push::Delta;
-
-use crate::wasm_prefetch::{self, GuestMemory};
 use tracing::{debug, debug_span, info, warn};
 use wasmtime::{
     Config, Engine, Instance, InstancePre, Linker, Memory, Module, OptLevel, ResourceLimiter,
@@ -70,6 +68,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::wasm_prefetch::{self, GuestMemory};
 use wire::status;
 
 /// Bytes of guest stderr kept (a panic message and its location).
