@@ -38,7 +38,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Engine::Native)]
         engine: Engine,
         /// The guest module (`wasm`): by default `tiervec_wasm.wasm` of this build's target
-        /// directory (`cargo build --release --target wasm32-wasip1 -p tiervec-wasm`).
+        /// directory (`cargo build --profile guest --target wasm32-wasip1 -p tiervec-wasm`).
         #[arg(long)]
         guest: Option<PathBuf>,
         /// Where the compiled guest is cached (`wasm`; created with mode 0700): by default
@@ -64,7 +64,7 @@ enum Command {
 }
 
 /// The guest this build's target directory holds: `target/release/tiervec-edge` →
-/// `target/wasm32-wasip1/release/tiervec_wasm.wasm`.
+/// `target/wasm32-wasip1/guest/tiervec_wasm.wasm` (the `guest` profile).
 fn default_guest() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let target = exe
@@ -73,7 +73,7 @@ fn default_guest() -> anyhow::Result<PathBuf> {
         .context("cannot locate the target directory from this executable")?;
     Ok(target
         .join("wasm32-wasip1")
-        .join("release")
+        .join("guest")
         .join("tiervec_wasm.wasm"))
 }
 

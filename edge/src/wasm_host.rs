@@ -85,7 +85,7 @@ const CACHE_FORMAT: &str = "tiervec-module-cache 1";
 #[derive(Debug, Error)]
 pub enum WasmError {
     #[error(
-        "guest module {path} cannot be read: {source}; build it with `cargo build --release --target wasm32-wasip1 -p tiervec-wasm`"
+        "guest module {path} cannot be read: {source}; build it with `cargo build --profile guest --target wasm32-wasip1 -p tiervec-wasm`"
     )]
     ModuleMissing {
         path: PathBuf,

@@ -104,7 +104,8 @@ pub(crate) fn guest(simd: bool) -> anyhow::Result<PathBuf> {
         cmd.args([
             "build",
             "-q",
-            "--release",
+            "--profile",
+            "guest",
             "--target",
             "wasm32-wasip1",
             "-p",
@@ -119,7 +120,7 @@ pub(crate) fn guest(simd: bool) -> anyhow::Result<PathBuf> {
         let ok = cmd.status().context("running cargo build")?.success();
         anyhow::ensure!(ok, "building the guest (simd: {simd}) failed");
     }
-    let path = target.join("wasm32-wasip1/release/tiervec_wasm.wasm");
+    let path = target.join("wasm32-wasip1/guest/tiervec_wasm.wasm");
     anyhow::ensure!(
         path.exists(),
         "{} not found: run under cargo (`cargo run --release -p tiervec-testbed -- bench wasm`)",
