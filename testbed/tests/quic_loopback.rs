@@ -252,7 +252,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
 async fn the_edge_falls_back_degrades_and_reconnects() {
     let metrics = tiervec_cloud::api::prometheus();
     use tiervec_edge::cache::{CacheConfig, EdgeCache};
-    use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
+    use tiervec_edge::node::{EdgeNode, Source};
     use tiervec_edge::write_snapshot_atomic;
     use tiervec_shared::hnsw::HnswBuilder;
     use tiervec_shared::snapshot::{self, SnapshotBody, SnapshotSpec};
@@ -297,17 +297,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
     };
     let path = dir.path().join("edge.tvs");
     write_snapshot_atomic(&path, &snapshot::encode(&spec, &body).unwrap()).unwrap();
-    let config = NodeConfig {
-        collection: "c".into(),
-        rule: tiervec_shared::confidence::ConfidenceRule::kth(1e-4),
-        lease: Duration::from_secs(30),
-        deadline: Duration::from_millis(500),
-        cloud_ef: 64,
-        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
-        shadow_every: 0,
-        target_recall: None,
-        certify: false,
-    };
+    let config = node_config(tiervec_shared::confidence::ConfidenceRule::kth(1e-4));
     let node = Arc::new(
         EdgeNode::start(
             Arc::new(
@@ -700,17 +690,7 @@ impl PushBed {
                 compact_after: 1_000_000,
                 ..tiervec_edge::cache::CacheConfig::beside(&snapshot, 1 << 20)
             },
-            node: tiervec_edge::node::NodeConfig {
-                collection: "c".into(),
-                rule,
-                lease: Duration::from_secs(30),
-                deadline: Duration::from_millis(500),
-                cloud_ef: 64,
-                backoff: (Duration::from_millis(20), Duration::from_millis(200)),
-                shadow_every: 0,
-                target_recall: None,
-                certify: false,
-            },
+            node: node_config(rule),
             dir,
         };
         (bed, service)
@@ -1086,5 +1066,21 @@ async fn an_edge_that_lost_its_cache_is_restored_whole_by_a_streamed_snapshot() 
             (local.source, ids(&local.hits)),
             (Source::Local, ids(&first.hits))
         );
+    }
+}
+
+/// An edge node of collection `c` answering locally under `rule`, with short timeouts for
+/// loopback and no shadow queries.
+fn node_config(rule: tiervec_shared::confidence::ConfidenceRule) -> tiervec_edge::node::NodeConfig {
+    tiervec_edge::node::NodeConfig {
+        collection: "c".into(),
+        rule,
+        lease: Duration::from_secs(30),
+        deadline: Duration::from_millis(500),
+        cloud_ef: 64,
+        backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+        shadow_every: 0,
+        target_recall: None,
+        certify: false,
     }
 }

@@ -3,7 +3,9 @@
 use std::cmp::Ordering;
 
 use super::Graph;
-use crate::kernels::{PREFETCH_IS_A_CALL, prefetch, prefetch_all, prefetch_ptr, prefetch_rows};
+use crate::kernels::{
+    PREFETCH_IS_A_CALL, prefetch, prefetch_all, prefetch_ptr, prefetch_rows, row_of,
+};
 use crate::metric::Metric;
 use crate::quant::QueryCodes;
 
@@ -106,8 +108,7 @@ pub struct ExactSpace<'a> {
 impl ExactSpace<'_> {
     #[inline]
     fn row(&self, id: u32) -> &[f32] {
-        let start = id as usize * self.dim;
-        self.vectors.get(start..start + self.dim).unwrap_or(&[])
+        row_of(self.vectors, self.dim, id)
     }
 
     /// Starts loading all of node `id`'s row (not only its first lines).
@@ -151,8 +152,7 @@ pub struct QuantizedSpace<'a> {
 impl QuantizedSpace<'_> {
     #[inline]
     fn row(&self, id: u32) -> &[i8] {
-        let start = id as usize * self.dim;
-        self.codes.get(start..start + self.dim).unwrap_or(&[])
+        row_of(self.codes, self.dim, id)
     }
 }
 

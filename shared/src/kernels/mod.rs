@@ -122,11 +122,15 @@ pub fn prefetch_rows(codes: &[i8], dim: usize, ids: &[u32]) {
     }
     #[cfg(not(target_arch = "wasm32"))]
     for &id in ids {
-        let start = id as usize * dim;
-        if let Some(row) = codes.get(start..start + dim) {
-            prefetch_bytes(row);
-        }
+        prefetch_bytes(row_of(codes, dim, id));
     }
+}
+
+/// Row `id` of `rows` (rows of `dim` elements), empty when there is none.
+#[inline(always)]
+pub(crate) fn row_of<T>(rows: &[T], dim: usize, id: u32) -> &[T] {
+    let start = id as usize * dim;
+    rows.get(start..start + dim).unwrap_or(&[])
 }
 
 /// Hints the CPU to load the cache line holding `value`: a hint cheap enough to give for every

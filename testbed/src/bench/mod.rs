@@ -168,8 +168,8 @@ pub fn measure_interleaved(
     let mut busy = vec![Duration::ZERO; contenders.len()];
     let mut found = Vec::with_capacity(16);
     let mut turn = 0usize;
+    let pairs: Vec<_> = queries.iter().zip(truth).collect();
     for pass in 0..passes {
-        let pairs: Vec<_> = queries.iter().zip(truth).collect();
         for chunk in pairs.chunks(block.max(1)) {
             let mut order: Vec<usize> = (0..contenders.len()).collect();
             if turn % 2 == 1 {
