@@ -217,6 +217,10 @@ fn advise_huge_pages(memory: &Memory, store: &impl wasmtime::AsContext, limit: u
     let _ = (memory, store, limit);
 }
 
+/// Set (to anything) to have the engine write `/tmp/perf-<pid>.map`, so that `perf report`
+/// names the guest's compiled functions.
+pub const PERF_MAP_ENV: &str = "TIERVEC_WASM_PERF_MAP";
+
 /// The engine every guest runs on.
 pub fn engine() -> Result<Engine, WasmError> {
     let mut config = Config::new();
@@ -232,6 +236,9 @@ pub fn engine() -> Result<Engine, WasmError> {
         .wasm_simd(true)
         .wasm_relaxed_simd(true)
         .cranelift_opt_level(OptLevel::Speed);
+    if std::env::var_os(PERF_MAP_ENV).is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     Engine::new(&config).map_err(runtime)
 }
 

@@ -150,7 +150,8 @@ pub struct Contender<'a> {
 }
 
 /// [`measure`] for engines compared in one run, interleaved: the queries go in blocks of
-/// `block`, each block to every engine in turn, the order reversed from one block to the next.
+/// `block`, each block to every engine in turn, the order reversed from one block to the next
+/// and, with more than two engines, rotated every second block (so each takes every place).
 /// A shared machine's speed drifts during a run (other tenants, clock changes); measured one
 /// after the other, engines see different machines and their ratio moves by ±15 % from run to
 /// run here, interleaved they see the same one. Blocks rather than single queries so that each
@@ -172,6 +173,7 @@ pub fn measure_interleaved(
     for pass in 0..passes {
         for chunk in pairs.chunks(block.max(1)) {
             let mut order: Vec<usize> = (0..contenders.len()).collect();
+            order.rotate_left((turn / 2) % contenders.len().max(1));
             if turn % 2 == 1 {
                 order.reverse();
             }

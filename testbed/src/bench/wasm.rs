@@ -59,6 +59,11 @@ pub struct WasmArgs {
     #[arg(long)]
     #[serde(skip)]
     pub no_docs: bool,
+    /// Also measure this guest module (row `wasm_baseline`), interleaved with `native` and
+    /// `wasm_simd`: an A/B of two guest builds within one run, immune to the machine's drift.
+    #[arg(long)]
+    #[serde(skip)]
+    pub baseline_module: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -225,6 +230,10 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
     }
     let [simd_host, scalar_host] =
         <[WasmHost; 2]>::try_from(hosts).map_err(|_| anyhow::anyhow!("two hosts expected"))?;
+    let baseline_host = match &args.baseline_module {
+        Some(module) => Some(start(module, &args.work_dir.join("baseline"), &snapshot)?.0),
+        None => None,
+    };
     let memory_per_instance_bytes = simd_host.memory_per_instance()?;
     let instantiate_us = median(
         (0..21)
@@ -274,6 +283,13 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
             search: guest_search(&simd_host, k, ef),
         },
     ];
+    if let Some(host) = &baseline_host {
+        contenders.push(Contender {
+            engine: "wasm_baseline",
+            ef: Some(ef),
+            search: guest_search(host, k, ef),
+        });
+    }
     // The two compared engines alternate (each follows itself and the other equally often);
     // the scalar guest, there for scale, runs alone afterwards so that its long blocks do not
     // cool the caches of one of them more than the other's.
