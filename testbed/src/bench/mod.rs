@@ -149,6 +149,21 @@ pub struct Contender<'a> {
     pub search: SearchFn<'a>,
 }
 
+/// The order in which `engines` engines take block number `turn` of [`measure_interleaved`]:
+/// reversed every other block and, with more than two engines, rotated every second one, so
+/// over `2 · engines` blocks each engine runs in every place equally often (two engines simply
+/// alternate: A B, B A, A B, …).
+fn block_order(turn: usize, engines: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..engines).collect();
+    if engines > 2 {
+        order.rotate_left((turn / 2) % engines);
+    }
+    if turn % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 /// [`measure`] for engines compared in one run, interleaved: the queries go in blocks of
 /// `block`, each block to every engine in turn, the order reversed from one block to the next
 /// and, with more than two engines, rotated every second block (so each takes every place).
@@ -172,11 +187,7 @@ pub fn measure_interleaved(
     let pairs: Vec<_> = queries.iter().zip(truth).collect();
     for pass in 0..passes {
         for chunk in pairs.chunks(block.max(1)) {
-            let mut order: Vec<usize> = (0..contenders.len()).collect();
-            order.rotate_left((turn / 2) % contenders.len().max(1));
-            if turn % 2 == 1 {
-                order.reverse();
-            }
+            let order = block_order(turn, contenders.len());
             turn += 1;
             for c in order {
                 let contender = &mut contenders[c];
@@ -317,6 +328,29 @@ mod tests {
         assert_eq!(recall_at_10(&found, &ids, &d), 1.0);
         found[9] = (99, 0.95);
         assert_eq!(recall_at_10(&found, &ids, &d), 0.9);
+    }
+
+    #[test]
+    fn interleaved_blocks_give_every_engine_every_place() {
+        assert_eq!(block_order(0, 2), [0, 1]);
+        assert_eq!(block_order(1, 2), [1, 0]);
+        assert_eq!(block_order(2, 2), [0, 1]);
+        assert_eq!(block_order(3, 2), [1, 0]);
+        for engines in 1..=4 {
+            let mut seen = vec![vec![0; engines]; engines];
+            for turn in 0..2 * engines {
+                for (place, engine) in block_order(turn, engines).into_iter().enumerate() {
+                    seen[engine][place] += 1;
+                }
+            }
+            for row in &seen {
+                assert!(
+                    row.iter().all(|&n| n == row[0]),
+                    "{engines} engines: {seen:?}"
+                );
+            }
+        }
+        assert!(block_order(0, 0).is_empty());
     }
 
     #[test]
