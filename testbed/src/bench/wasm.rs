@@ -408,7 +408,7 @@ fn section(r: &Report) -> String {
          noise): the `i8` kernel over four rows per call sharing each query chunk, one kernel call per batch of \
          neighbours, kernels straight-line for 384 dimensions, prefetching re-ranked rows two ahead. Bounds checks \
          are elided (4 GiB reservation, guard pages).\n\
-         - Component by component against native, and sixteen more guest changes measured and not kept \
+         - Component by component against native, and seventeen more guest changes measured and not kept \
          (2026-11-25): [wasm.md, \"Component by component\"](wasm.md#component-by-component-2026-11-25). A second \
          guest build can be measured in the same interleaving with `--baseline-module PATH` (row \
          `wasm_baseline`); `TIERVEC_WASM_PERF_MAP=1` names guest functions for `perf`.\n",
