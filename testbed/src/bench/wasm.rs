@@ -231,10 +231,11 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
     }
     let [simd_host, scalar_host] =
         <[WasmHost; 2]>::try_from(hosts).map_err(|_| anyhow::anyhow!("two hosts expected"))?;
-    let baseline_host = match &args.baseline_module {
-        Some(module) => Some(start(module, &args.work_dir.join("baseline"), &snapshot)?.0),
-        None => None,
-    };
+    let baseline_host = args
+        .baseline_module
+        .as_ref()
+        .map(|module| start(module, &args.work_dir.join("baseline"), &snapshot).map(|(h, _)| h))
+        .transpose()?;
     let memory_per_instance_bytes = simd_host.memory_per_instance()?;
     let instantiate_us = median(
         (0..21)
