@@ -8,9 +8,11 @@
 //! order: element `i` goes into partial sum `i mod 32` (four 8-lane accumulators), and the 32
 //! partial sums are reduced by the fixed tree in [`reduce32`]. The portable code is written in
 //! that shape so the compiler vectorises it (SSE2 here, `simd128` on wasm32) without reordering.
-//! The one remaining difference is that the AVX2 path fuses multiply and add (FMA, one rounding
-//! instead of two), so results agree to a few ulps rather than bit for bit: "agree except on
-//! near-ties", which the ground-truth comparison tolerates at 1e-5.
+//! The one remaining difference is whether multiply and add are fused (FMA, one rounding
+//! instead of two): the AVX2 path always fuses, the wasm guest fuses where its host has FMA
+//! (`f32x4.relaxed_madd`), the portable code never does. Fused and unfused results agree to a
+//! few ulps rather than bit for bit — "agree except on near-ties", which the ground-truth
+//! comparison tolerates at 1e-5 — and [`reference::dot_fused`] pins the fused bits down.
 
 mod portable;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -209,8 +211,40 @@ pub(crate) fn reduce32(acc: &[f32; LANES]) -> f32 {
     s2[0] + s2[1]
 }
 
-/// The obvious sequential loops in `f64`: slow, order-independent enough to be the yardstick.
+/// The obvious sequential loops in `f64`: slow, order-independent enough to be the yardstick;
+/// and the canonical order with fused products, the bits the FMA kernels must return.
 pub mod reference {
+    use super::{LANES, reduce32};
+
+    /// Inner product in the canonical order, each product of a whole [`LANES`]-element chunk
+    /// fused into its lane (`mul_add`, one rounding) and the tail's products rounded before
+    /// they are added: bit for bit what the AVX2 kernel returns, and the wasm kernel on a host
+    /// with FMA.
+    pub fn dot_fused(a: &[f32], b: &[f32]) -> f32 {
+        fused_sum(a, b, |x, y| (x, y))
+    }
+
+    /// Squared Euclidean distance in the order of [`dot_fused`].
+    pub fn l2_squared_fused(a: &[f32], b: &[f32]) -> f32 {
+        fused_sum(a, b, |x, y| (x - y, x - y))
+    }
+
+    fn fused_sum(a: &[f32], b: &[f32], factors: impl Fn(f32, f32) -> (f32, f32)) -> f32 {
+        let n = a.len().min(b.len());
+        let full = n / LANES * LANES;
+        let mut lanes = [0.0f32; LANES];
+        for (i, (x, y)) in a[..n].iter().zip(&b[..n]).enumerate() {
+            let (p, q) = factors(*x, *y);
+            let lane = &mut lanes[i % LANES];
+            *lane = if i < full {
+                p.mul_add(q, *lane)
+            } else {
+                *lane + p * q
+            };
+        }
+        reduce32(&lanes)
+    }
+
     /// Inner product accumulated in `f64`.
     pub fn dot(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
@@ -261,6 +295,19 @@ mod tests {
             let want = reference::l2_squared(&a, &b);
             prop_assert!((l2_squared(&a, &b) as f64 - want).abs() <= tolerance(a.len(), want));
             prop_assert!((l2_squared_portable(&a, &b) as f64 - want).abs() <= tolerance(a.len(), want));
+        }
+
+        #[test]
+        fn dispatched_kernels_return_the_portable_or_the_fused_bits((a, b) in vectors()) {
+            // Which of the two depends on the machine (FMA or not), never on the input.
+            let fused = active() == "avx2+fma";
+            let (want_dot, want_l2) = if fused {
+                (reference::dot_fused(&a, &b), reference::l2_squared_fused(&a, &b))
+            } else {
+                (dot_portable(&a, &b), l2_squared_portable(&a, &b))
+            };
+            prop_assert_eq!(dot(&a, &b).to_bits(), want_dot.to_bits());
+            prop_assert_eq!(l2_squared(&a, &b).to_bits(), want_l2.to_bits());
         }
 
         #[test]

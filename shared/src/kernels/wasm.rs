@@ -1,20 +1,23 @@
 //! wasm32 `simd128` kernels, in the canonical accumulation order: eight 4-lane accumulators
-//! (element `i` into lane `i mod 32`), then [`reduce32`]. simd128 has no fused multiply-add,
-//! so these return exactly the bits of the portable kernels; what they add is the
-//! vectorisation LLVM's cost model declines for the `i8` product (widening multiplies) and does
-//! not always find for the `f32` lanes.
+//! (element `i` into lane `i mod 32`), then [`reduce32`]. simd128 has no fused multiply-add;
+//! with relaxed-simd the `f32` kernels use `f32x4.relaxed_madd`, which the host fuses where it
+//! can, so they return the AVX2 kernels' bits on an FMA host and the portable kernels' bits
+//! elsewhere (without relaxed-simd, always the portable ones). What these add over the
+//! portable code is the vectorisation LLVM's cost model declines for the `i8` product
+//! (widening multiplies) and does not always find for the `f32` lanes.
 
+#[cfg(not(target_feature = "relaxed-simd"))]
 use core::arch::wasm32::{
-    f32x4_add, f32x4_mul, f32x4_splat, f32x4_sub, i32x4_add, i32x4_extract_lane, i32x4_splat, v128,
-    v128_load,
+    f32x4_add, f32x4_mul, i16x8_extend_high_i8x16, i16x8_extend_low_i8x16, i32x4_dot_i16x8,
 };
 #[cfg(target_feature = "relaxed-simd")]
 use core::arch::wasm32::{
-    i8x16_max, i8x16_splat, i8x16_sub, i16x8_relaxed_dot_i8x16_i7x16, i16x8_sub,
-    i32x4_extadd_pairwise_i16x8,
+    f32x4_relaxed_madd, i8x16_max, i8x16_splat, i8x16_sub, i16x8_relaxed_dot_i8x16_i7x16,
+    i16x8_sub, i32x4_extadd_pairwise_i16x8,
 };
-#[cfg(not(target_feature = "relaxed-simd"))]
-use core::arch::wasm32::{i16x8_extend_high_i8x16, i16x8_extend_low_i8x16, i32x4_dot_i16x8};
+use core::arch::wasm32::{
+    f32x4_splat, f32x4_sub, i32x4_add, i32x4_extract_lane, i32x4_splat, v128, v128_load,
+};
 
 use super::{LANES, reduce32};
 
@@ -43,7 +46,7 @@ fn add_chunk(
     sink: &mut v128,
     x: &[f32],
     y: &[f32],
-    term: &impl Fn(v128, v128) -> v128,
+    step: &impl Fn(v128, v128, v128) -> v128,
 ) {
     debug_assert!(x.len() >= LANES && y.len() >= LANES);
     for (g, group) in acc.iter_mut().enumerate() {
@@ -55,7 +58,7 @@ fn add_chunk(
                 v128_load(y.as_ptr().add(4 * g).cast()),
             )
         };
-        *group = f32x4_add(*group, term(xs, ys));
+        *group = step(*group, xs, ys);
         pin(sink, *group);
     }
 }
@@ -64,7 +67,7 @@ fn add_chunk(
 fn canonical_sum(
     a: &[f32],
     b: &[f32],
-    term: impl Fn(v128, v128) -> v128,
+    step: impl Fn(v128, v128, v128) -> v128,
     scalar: impl Fn(f32, f32) -> f32,
 ) -> f32 {
     let n = a.len().min(b.len());
@@ -75,13 +78,13 @@ fn canonical_sum(
     let mut blocks_b = b.chunks_exact(LANES * F32_BLOCK);
     for (x, y) in (&mut blocks_a).zip(&mut blocks_b) {
         for c in 0..F32_BLOCK {
-            add_chunk(&mut acc, &mut sink, &x[c * LANES..], &y[c * LANES..], &term);
+            add_chunk(&mut acc, &mut sink, &x[c * LANES..], &y[c * LANES..], &step);
         }
     }
     let mut ca = blocks_a.remainder().chunks_exact(LANES);
     let mut cb = blocks_b.remainder().chunks_exact(LANES);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        add_chunk(&mut acc, &mut sink, x, y, &term);
+        add_chunk(&mut acc, &mut sink, x, y, &step);
     }
     let mut lanes = [0.0f32; LANES];
     for (g, group) in acc.iter().enumerate() {
@@ -97,7 +100,7 @@ fn canonical_sum(
 
 #[inline(never)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    canonical_sum(a, b, |x, y| f32x4_mul(x, y), |x, y| x * y)
+    canonical_sum(a, b, |acc, x, y| madd(x, y, acc), |x, y| x * y)
 }
 
 #[inline(never)]
@@ -105,12 +108,28 @@ pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
     canonical_sum(
         a,
         b,
-        |x, y| {
+        |acc, x, y| {
             let d = f32x4_sub(x, y);
-            f32x4_mul(d, d)
+            madd(d, d, acc)
         },
         |x, y| (x - y) * (x - y),
     )
+}
+
+/// `x · y + acc`. With relaxed-simd, `f32x4.relaxed_madd`: wasmtime lowers it to one FMA on a
+/// host that has one (the guest then returns the AVX2 kernel's bits, and its re-rank costs half
+/// the arithmetic: `bench wasm`, guest p50 about 2 % lower) and to a multiply and an add
+/// elsewhere (the portable kernel's bits).
+#[cfg(target_feature = "relaxed-simd")]
+#[inline(always)]
+fn madd(x: v128, y: v128, acc: v128) -> v128 {
+    f32x4_relaxed_madd(x, y, acc)
+}
+
+#[cfg(not(target_feature = "relaxed-simd"))]
+#[inline(always)]
+fn madd(x: v128, y: v128, acc: v128) -> v128 {
+    f32x4_add(acc, f32x4_mul(x, y))
 }
 
 /// Sums 64 products of `x[..64]` and `y[..64]` into `acc`'s four lanes.
