@@ -400,7 +400,8 @@ fn section(r: &Report) -> String {
          the host besides. Guest p50 gained from this round's changes (interleaved A/B on this machine): host \
          prefetch imports in place of touch loads (wasm has no prefetch instruction; a touch load blocked the \
          guest on every cold row and neighbour list) about 10 %, visited marks as a bitset that stays in L1 about \
-         7 %, guest memory in transparent huge pages about 6 %. Still lost: epoch interruption, which the deadline \
+         7 %, guest memory in transparent huge pages about 6 %; the `f32` kernels' products fused \
+         (`f32x4.relaxed_madd`, one FMA on this host, whose bits then equal the AVX2 kernel's) about 2 %. Still lost: epoch interruption, which the deadline \
          needs, about 7 % (a host built with epochs off, measurement only): its check at every loop header has a \
          slow path that calls into the host and clobbers every vector register, so Cranelift keeps loop-carried \
          values on the stack; a separate `i32.add` for every constant address offset (LLVM's wasm backend does not \
@@ -409,7 +410,7 @@ fn section(r: &Report) -> String {
          noise): the `i8` kernel over four rows per call sharing each query chunk, one kernel call per batch of \
          neighbours, kernels straight-line for 384 dimensions, prefetching re-ranked rows two ahead. Bounds checks \
          are elided (4 GiB reservation, guard pages).\n\
-         - Component by component against native, and seventeen more guest changes measured and not kept \
+         - Component by component against native, and twenty more guest and engine changes measured and not kept \
          (2026-11-25): [wasm.md, \"Component by component\"](wasm.md#component-by-component-2026-11-25). A second \
          guest build can be measured in the same interleaving with `--baseline-module PATH` (row \
          `wasm_baseline`); `TIERVEC_WASM_PERF_MAP=1` names guest functions for `perf`.\n",
