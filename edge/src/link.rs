@@ -129,7 +129,8 @@ pub enum Handshake {
     Full,
     /// Resumed, with the first flight sent and accepted as 0-RTT data.
     ZeroRtt,
-    /// Resumed, but the cloud refused the early data; the first flight was sent again.
+    /// Resumed, but the cloud refused the early data; the first flight was sent again (or,
+    /// if the refusal came before it was sent, only then).
     ZeroRttRejected,
 }
 
@@ -203,8 +204,15 @@ async fn exchange(conn: &quinn::Connection, flight: &[Frame]) -> Result<Vec<Fram
         frame.encode(&mut bytes);
     }
     send.write_all(&bytes).await?;
-    send.finish()
-        .map_err(|e| ExchangeError::Other(e.to_string()))?;
+    if send.finish().is_err() {
+        // Only a stream its connection has discarded cannot be finished: one sent as 0-RTT data
+        // that the cloud rejected after it was written (the read reports the rejection, and the
+        // flight is sent again), or one of a lost connection (the read reports the loss).
+        return Err(match recv.read_to_end(0).await {
+            Err(e) => e.into(),
+            Ok(_) => ExchangeError::Other("the stream closed before it was finished".into()),
+        });
+    }
     let answer = recv.read_to_end(DEFAULT_MAX_FRAME + PREFIX_LEN).await?;
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
     let bad = |e: tiervec_shared::protocol::frame::FrameError| {
@@ -298,13 +306,13 @@ impl Connector {
             .endpoint
             .connect(self.config.cloud_addr, &self.config.server_name)
             .map_err(|e| LinkError::Connect(e.to_string()))?;
-        let (conn, early) = match connecting.into_0rtt() {
-            Ok((conn, _accepted)) => (conn, true),
+        let (conn, early_data_accepted) = match connecting.into_0rtt() {
+            Ok((conn, accepted)) => (conn, Some(accepted)),
             Err(connecting) => (
                 connecting
                     .await
                     .map_err(|e| LinkError::Handshake(e.to_string()))?,
-                false,
+                None,
             ),
         };
         let started = Instant::now();
@@ -331,14 +339,20 @@ impl Connector {
         }
         let wire = [AtomicU64::new(0), AtomicU64::new(0)];
         let (frames, handshake) = match exchange(&conn, &flight).await {
-            Ok(frames) => (
-                frames,
-                if early {
-                    Handshake::ZeroRtt
-                } else {
-                    Handshake::Full
-                },
-            ),
+            // The flight went as 0-RTT data only if its stream opened before the cloud's reply
+            // to the resumption arrived: a late one (a busy edge) opens after a refusal, as an
+            // ordinary stream, and succeeds. quinn says which; by now the handshake is over, so
+            // this resolves at once.
+            Ok(frames) => match early_data_accepted {
+                None => (frames, Handshake::Full),
+                Some(accepted) => {
+                    if accepted.await {
+                        (frames, Handshake::ZeroRtt)
+                    } else {
+                        (frames, Handshake::ZeroRttRejected)
+                    }
+                }
+            },
             Err(ExchangeError::EarlyDataRejected) => (
                 exchange(&conn, &flight)
                     .await
