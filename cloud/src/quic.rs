@@ -144,15 +144,19 @@ pub async fn serve(
             if let Some(done) = handshake_done {
                 let conn = conn.clone();
                 tokio::spawn(async move {
-                    // On a server this resolves when the handshake completes or fails, and its
-                    // value says nothing more (quinn sets it only on clients).
+                    // On a server this resolves when the handshake completes or the connection
+                    // is lost first, and its value says nothing more (quinn sets it only on
+                    // clients). The edge may have closed the connection since: that does not
+                    // undo a completed handshake (a resumed edge that asks once and leaves is
+                    // counted like any other).
                     done.await;
-                    let handshake_done_sent = conn.stats().frame_tx.handshake_done > 0;
-                    match handshake_outcome(conn.close_reason(), handshake_done_sent) {
-                        Ok(()) => {
-                            let _ = confirmed_tx.send(true);
+                    if handshake_completed(&conn) {
+                        let _ = confirmed_tx.send(true);
+                    } else {
+                        match conn.close_reason() {
+                            Some(reason) => handshake_failed(&reason),
+                            None => handshake_failed(&"handshake incomplete"),
                         }
-                        Err(reason) => handshake_failed(&reason),
                     }
                 });
             }
@@ -161,22 +165,14 @@ pub async fn serve(
     }
 }
 
-/// Whether a resumed connection's handshake completed, judged once its 0.5-RTT phase is over:
-/// its close reason by then, if any, and whether the cloud has sent `HANDSHAKE_DONE` (a server
-/// sends it exactly when its handshake completes). A connection still open has completed it. So
-/// has one the edge closed with an application close: that frame only travels in packets
-/// protected by the session's keys, which a replaying attacker does not hold — so a resumed edge
-/// that asks once and leaves at once is counted like any other. Any other close before
-/// `HANDSHAKE_DONE` went out is a failed handshake.
-fn handshake_outcome(
-    close_reason: Option<quinn::ConnectionError>,
-    handshake_done_sent: bool,
-) -> Result<(), quinn::ConnectionError> {
-    match close_reason {
-        None | Some(quinn::ConnectionError::ApplicationClosed(_)) => Ok(()),
-        Some(_) if handshake_done_sent => Ok(()),
-        Some(reason) => Err(reason),
-    }
+/// Whether the TLS handshake of `conn` has completed: the edge's `Finished` arrived and was
+/// verified, which takes the session's keys, so a replayed 0-RTT flight never gets here (and
+/// whatever the connection's state now, open or closed). rustls exports keying material only
+/// from then on — before, it answers `HandshakeNotComplete` — and on a server quinn offers no
+/// other way to ask.
+fn handshake_completed(conn: &quinn::Connection) -> bool {
+    conn.export_keying_material(&mut [0u8; 1], b"tiervec handshake completed", b"")
+        .is_ok()
 }
 
 fn handshake_failed(e: &dyn std::fmt::Display) {
@@ -481,30 +477,5 @@ fn search(service: &Service, q: Query) -> Frame {
             code: ErrorCode::Internal as u16,
             message: e.to_string(),
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_handshake_completed_unless_closed_otherwise_before_handshake_done() {
-        let application_close = || {
-            quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
-                error_code: quinn::VarInt::from_u32(0),
-                reason: Default::default(),
-            })
-        };
-        assert!(handshake_outcome(None, false).is_ok());
-        assert!(handshake_outcome(Some(application_close()), false).is_ok());
-        assert!(handshake_outcome(Some(quinn::ConnectionError::TimedOut), true).is_ok());
-        for failed in [
-            quinn::ConnectionError::TimedOut,
-            quinn::ConnectionError::Reset,
-            quinn::ConnectionError::LocallyClosed,
-        ] {
-            assert!(handshake_outcome(Some(failed), false).is_err());
-        }
     }
 }

@@ -127,7 +127,8 @@ pub fn client_config(cfg: &LinkConfig) -> Result<quinn::ClientConfig, LinkError>
 pub enum Handshake {
     /// No ticket: a full TLS handshake before the first flight.
     Full,
-    /// Resumed, with the first flight sent and accepted as 0-RTT data.
+    /// Resumed, with the early data accepted: the first flight went as 0-RTT data unless the
+    /// edge opened its stream only after the handshake had completed (a busy edge).
     ZeroRtt,
     /// Resumed, but the cloud refused the early data; the first flight was sent again (or,
     /// if the refusal came before it was sent, only then).
@@ -339,10 +340,10 @@ impl Connector {
         }
         let wire = [AtomicU64::new(0), AtomicU64::new(0)];
         let (frames, handshake) = match exchange(&conn, &flight).await {
-            // The flight went as 0-RTT data only if its stream opened before the cloud's reply
-            // to the resumption arrived: a late one (a busy edge) opens after a refusal, as an
-            // ordinary stream, and succeeds. quinn says which; by now the handshake is over, so
-            // this resolves at once.
+            // Whether the cloud accepted the early data, from quinn, not from having had a
+            // ticket: a stream opened only after the cloud's reply arrived (a busy edge) is an
+            // ordinary one, which succeeds even when the early data was refused. By now the
+            // handshake is over (the answer came under its keys), so this resolves at once.
             Ok(frames) => match early_data_accepted {
                 None => (frames, Handshake::Full),
                 Some(accepted) => {

@@ -196,6 +196,9 @@ fn guest_answers_equal_native_search_on_real_data_before_and_after_a_delta() {
     let view = native.view();
     let mut cache = LocalCache::over_snapshot(&view);
     let mut scratch = SearchScratch::new();
+    // On a CPU with AVX2 and FMA the native kernels fuse, and so does wasmtime's lowering of the
+    // guest's `relaxed_madd`: the same arithmetic in the same order, so the same bits.
+    let bit_for_bit = tiervec_shared::kernels::active() == "avx2+fma";
     let compare = |cache: &LocalCache, scratch: &mut SearchScratch, stage: &str| {
         for q in 0..QUERIES {
             let query = d.queries.row(q);
@@ -203,6 +206,19 @@ fn guest_answers_equal_native_search_on_real_data_before_and_after_a_delta() {
                 .search(Some(&view), query, 10, 64, scratch)
                 .expect("native answers");
             let g = host.search(query, 10, 64).expect("guest answers");
+            if bit_for_bit {
+                let native: Vec<_> = n
+                    .hits
+                    .iter()
+                    .map(|h| (h.id, h.distance.to_bits()))
+                    .collect();
+                let guest: Vec<_> = g
+                    .hits
+                    .iter()
+                    .map(|h| (h.id, h.distance.to_bits()))
+                    .collect();
+                assert_eq!(native, guest, "{stage} query {q}: bit for bit");
+            }
             let pairs = |h: &mut dyn Iterator<Item = (u64, f32)>| h.collect::<Vec<_>>();
             assert_same(
                 &pairs(&mut n.hits.iter().map(|h| (h.id, h.distance))),
