@@ -165,11 +165,11 @@ pub async fn serve(
     }
 }
 
-/// Whether the TLS handshake of `conn` has completed: the edge's `Finished` arrived and was
-/// verified, which takes the session's keys, so a replayed 0-RTT flight never gets here (and
-/// whatever the connection's state now, open or closed). rustls exports keying material only
-/// from then on — before, it answers `HandshakeNotComplete` — and on a server quinn offers no
-/// other way to ask.
+/// Whether the TLS handshake of `conn` has completed, open or closed as the connection may be
+/// now: the edge's `Finished` arrived and was verified, which takes the session's keys, so a
+/// replayed 0-RTT flight never gets that far. rustls exports keying material only from then on
+/// (before, it answers `HandshakeNotComplete`), and on a server quinn offers no other way to
+/// ask.
 fn handshake_completed(conn: &quinn::Connection) -> bool {
     conn.export_keying_material(&mut [0u8; 1], b"tiervec handshake completed", b"")
         .is_ok()
