@@ -36,6 +36,17 @@ pub fn encode(vector: &[f32], scales: &[f32], out: &mut Vec<i8>) {
     );
 }
 
+/// Appends the codes of `vector` under one scale, `max |x| / 127`, to `out` and returns the
+/// scale: for rows without trained per-dimension scales (the edge's anchors, and a query
+/// compared with them).
+pub fn encode_uniform(vector: &[f32], out: &mut Vec<i8>) -> f32 {
+    let max = vector.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let scale = if max > 0.0 { max / CODE_MAX } else { 1.0 };
+    let inv = 1.0 / scale;
+    out.extend(vector.iter().map(|x| round_code(x * inv)));
+    scale
+}
+
 /// `x` rounded to the nearest integer, ties to even, and clamped to the code range. Adding
 /// and subtracting 1.5 · 2²³ rounds in the FPU's default mode (exact for |x| ≤ 2²², and a
 /// query's scaled components are at most [`CODE_MAX`] by construction): two additions, the same
