@@ -144,30 +144,44 @@ struct Coded {
 }
 
 impl Coded {
-    /// Appends the codes of `vector` to `codes`.
+    /// Appends the codes of `vector` to `codes`. The norms are summed in `f64`, where the squares
+    /// of `f32` values neither overflow nor underflow, and rounded up to `f32` (infinite if too
+    /// large): upper bounds, as the error bound needs.
     fn encode(vector: &[f32], codes: &mut Vec<i8>) -> Coded {
         let start = codes.len();
         let scale = quant::encode_uniform(vector, codes);
-        let residual = vector
-            .iter()
-            .zip(&codes[start..])
-            .map(|(x, &c)| (x - scale * f32::from(c)).powi(2))
-            .sum::<f32>()
-            .sqrt();
+        let norm = |terms: &mut dyn Iterator<Item = f64>| {
+            let wide = terms.map(|t| t * t).sum::<f64>().sqrt();
+            let narrow = wide as f32;
+            if f64::from(narrow) < wide {
+                narrow.next_up()
+            } else {
+                narrow
+            }
+        };
         Coded {
             scale,
-            norm: kernels::dot(vector, vector).sqrt(),
-            residual,
+            norm: norm(&mut vector.iter().map(|&x| f64::from(x))),
+            residual: norm(
+                &mut vector
+                    .iter()
+                    .zip(&codes[start..])
+                    .map(|(&x, &c)| f64::from(x) - f64::from(scale) * f64::from(c)),
+            ),
         }
     }
 }
+
+/// Largest `‖q‖‖a‖` the prefilter bounds: beyond it the `f32` kernels may overflow, and such an
+/// anchor is always kept for the exact pass.
+const BOUNDED_PRODUCT: f32 = 1e30;
 
 /// Fewer anchors than this are scanned exactly: below it the prefilter's pass costs more than
 /// it saves.
 const PREFILTER_FROM: usize = 64;
 
-/// Relative margin on the prefilter's error bound, for the `f32` rounding of its terms (norms
-/// and residuals are sums of a few hundred squares, good to about `n · ε`).
+/// Relative margin on the prefilter's error bound, for the `f32` rounding of its own terms
+/// (the norms are upper bounds already).
 const BOUND_MARGIN: f32 = 1e-3;
 
 impl Anchors {
@@ -249,8 +263,14 @@ impl Anchors {
             let approximate = q.scale * a.scale * kernels::dot_i8(&query_codes, codes) as f32;
             let error = (q.residual * a.norm + quantised_norm * a.residual) * (1.0 + BOUND_MARGIN)
                 + rounding * (1.0 + q.norm * a.norm);
-            lower.push(offset - (approximate + error));
-            least_upper = least_upper.min(offset - (approximate - error));
+            // Written so that a NaN (an infinite norm times a zero one) also lands here.
+            let bounded = q.norm * a.norm <= BOUNDED_PRODUCT && approximate.is_finite();
+            if bounded && error.is_finite() {
+                lower.push(offset - (approximate + error));
+                least_upper = least_upper.min(offset - (approximate - error));
+            } else {
+                lower.push(f32::NEG_INFINITY);
+            }
         }
         first_nearest(
             &mut lower
@@ -896,19 +916,115 @@ mod tests {
                 for removed in [1_003u64, 1_000 + n as u64 - 1] {
                     anchors.remove(removed, dim);
                 }
-                let full = anchors
-                    .ids
-                    .iter()
-                    .zip(anchors.vectors.chunks_exact(dim))
-                    .map(|(&id, v)| (id, metric.distance(&query, v)))
-                    .min_by(|a, b| a.1.total_cmp(&b.1));
-                let found = anchors.nearest(&query, metric, dim);
                 prop_assert_eq!(
-                    found.map(|(id, d)| (id, d.to_bits())),
-                    full.map(|(id, d)| (id, d.to_bits())),
+                    prefiltered(&anchors, &query, metric, dim),
+                    full_scan(&anchors, &query, metric, dim),
                     "{:?}", metric
                 );
             }
         }
+
+        /// The same at magnitudes where the bound's own arithmetic overflows or underflows
+        /// (zero vectors, components of 1e±20 against queries of 1e±20, dot products that
+        /// overflow to infinity), and after ids are upserted again with new vectors.
+        #[test]
+        fn nearest_anchor_equals_the_full_scan_at_extreme_magnitudes(
+            seed in 1u64..u64::MAX,
+            n in PREFILTER_FROM..PREFILTER_FROM + 40,
+            query_magnitude in prop::sample::select(vec![1e-20f32, 1.0, 1e20]),
+        ) {
+            const DIM: usize = 48;
+            let magnitudes = [0.0f32, 1e-20, 1e-3, 1.0, 1e3, 1e20];
+            let mut state = seed;
+            let mut vector = |magnitude: f32| -> Vec<f32> {
+                (0..DIM).map(|_| magnitude * noise(&mut state)).collect()
+            };
+            let query = vector(query_magnitude);
+            for metric in [Metric::Cosine, Metric::Dot] {
+                let mut query = query.clone();
+                metric.prepare(&mut query);
+                let mut anchors = Anchors::default();
+                for i in 0..n {
+                    let mut v = vector(magnitudes[i % magnitudes.len()]);
+                    metric.prepare(&mut v);
+                    anchors.upsert(i as u64, &v, 0.0);
+                }
+                for i in (0..n).step_by(5) {
+                    let mut v = vector(magnitudes[(i + 3) % magnitudes.len()]);
+                    metric.prepare(&mut v);
+                    anchors.upsert(i as u64, &v, 0.0);
+                }
+                prop_assert_eq!(
+                    prefiltered(&anchors, &query, metric, DIM),
+                    full_scan(&anchors, &query, metric, DIM),
+                    "{:?}", metric
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nearest_anchor_survives_bound_terms_that_overflow() {
+        const DIM: usize = 8;
+        let ordinary = |i: usize| -> Vec<f32> {
+            (0..DIM)
+                .map(|d| ((i * 7 + d * 3) % 11) as f32 / 11.0 - 0.5)
+                .collect()
+        };
+        let axis = |x: f32| -> Vec<f32> {
+            let mut v = vec![0.0; DIM];
+            v[0] = x;
+            v
+        };
+        // An exactly coded query (no residual) against an anchor whose squared norm
+        // overflows `f32`; and a query whose norm overflows against a zero anchor, the
+        // nearest under `dot` when every other anchor points away.
+        let cases = [
+            (axis(127.0), axis(1e20), 1.0f32),
+            (axis(-3e38), vec![0.0; DIM], 1.0),
+        ];
+        for (query, special, sign) in cases {
+            let mut anchors = Anchors::default();
+            for i in 0..PREFILTER_FROM + 10 {
+                let v: Vec<f32> = ordinary(i).iter().map(|x| sign * x.abs()).collect();
+                anchors.upsert(i as u64, &v, 0.0);
+            }
+            anchors.upsert(999, &special, 0.0);
+            let full = full_scan(&anchors, &query, Metric::Dot, DIM);
+            assert_eq!(
+                full.map(|(id, _)| id),
+                Some(999),
+                "the case is set up wrong"
+            );
+            assert_eq!(prefiltered(&anchors, &query, Metric::Dot, DIM), full);
+        }
+    }
+
+    /// The nearest anchor as a scan of every anchor finds it: the first of equals.
+    fn full_scan(
+        anchors: &Anchors,
+        query: &[f32],
+        metric: Metric,
+        dim: usize,
+    ) -> Option<(u64, u32)> {
+        anchors
+            .ids
+            .iter()
+            .zip(anchors.vectors.chunks_exact(dim))
+            .map(|(&id, v)| (id, metric.distance(query, v)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(id, d)| (id, d.to_bits()))
+    }
+
+    /// [`Anchors::nearest`]'s answer, distance as bits.
+    fn prefiltered(
+        anchors: &Anchors,
+        query: &[f32],
+        metric: Metric,
+        dim: usize,
+    ) -> Option<(u64, u32)> {
+        anchors
+            .nearest(query, metric, dim)
+            .map(|(id, d)| (id, d.to_bits()))
     }
 }
