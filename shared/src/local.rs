@@ -917,8 +917,8 @@ mod tests {
                     anchors.remove(removed, dim);
                 }
                 prop_assert_eq!(
-                    prefiltered(&anchors, &query, metric, dim),
-                    full_scan(&anchors, &query, metric, dim),
+                    bits(anchors.nearest(&query, metric, dim)),
+                    bits(full_scan(&anchors, &query, metric, dim)),
                     "{:?}", metric
                 );
             }
@@ -955,8 +955,8 @@ mod tests {
                     anchors.upsert(i as u64, &v, 0.0);
                 }
                 prop_assert_eq!(
-                    prefiltered(&anchors, &query, metric, DIM),
-                    full_scan(&anchors, &query, metric, DIM),
+                    bits(anchors.nearest(&query, metric, DIM)),
+                    bits(full_scan(&anchors, &query, metric, DIM)),
                     "{:?}", metric
                 );
             }
@@ -996,7 +996,7 @@ mod tests {
                 Some(999),
                 "the case is set up wrong"
             );
-            assert_eq!(prefiltered(&anchors, &query, Metric::Dot, DIM), full);
+            assert_eq!(bits(anchors.nearest(&query, Metric::Dot, DIM)), bits(full));
         }
     }
 
@@ -1006,25 +1006,17 @@ mod tests {
         query: &[f32],
         metric: Metric,
         dim: usize,
-    ) -> Option<(u64, u32)> {
+    ) -> Option<(u64, f32)> {
         anchors
             .ids
             .iter()
             .zip(anchors.vectors.chunks_exact(dim))
             .map(|(&id, v)| (id, metric.distance(query, v)))
             .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(id, d)| (id, d.to_bits()))
     }
 
-    /// [`Anchors::nearest`]'s answer, distance as bits.
-    fn prefiltered(
-        anchors: &Anchors,
-        query: &[f32],
-        metric: Metric,
-        dim: usize,
-    ) -> Option<(u64, u32)> {
-        anchors
-            .nearest(query, metric, dim)
-            .map(|(id, d)| (id, d.to_bits()))
+    /// A nearest anchor with its distance as bits, so equal means bit for bit.
+    fn bits(found: Option<(u64, f32)>) -> Option<(u64, u32)> {
+        found.map(|(id, d)| (id, d.to_bits()))
     }
 }
