@@ -33,8 +33,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tiervec_shared::Metric;
+use tiervec_shared::certificate::{certifiable, euclidean};
 use tiervec_shared::hot::HotTracker;
-use tiervec_shared::local::{certifiable, euclidean};
 use tiervec_shared::protocol::frame::{DEFAULT_MAX_FRAME, Frame, FrameDecoder, PREFIX_LEN};
 use tiervec_shared::protocol::transfer::snapshot_frames;
 use tiervec_shared::push::{

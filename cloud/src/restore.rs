@@ -7,10 +7,9 @@
 
 use rkyv::util::AlignedVec;
 use serde::{Deserialize, Serialize};
-use tiervec_shared::hnsw::HnswBuilder;
 use tiervec_shared::local::LocalCache;
 use tiervec_shared::push::{Inventory, Manifest, anchor_bytes, vector_bytes};
-use tiervec_shared::snapshot::{self, AnchorSection, Snapshot, SnapshotBody, SnapshotSpec};
+use tiervec_shared::snapshot::{Payloads, Snapshot, SnapshotSpec, SnapshotWriter};
 
 use crate::collection::Collection;
 
@@ -55,29 +54,33 @@ pub fn build(
 ) -> Result<(AlignedVec, Inventory), String> {
     let info = &collection.info;
     let dim = info.dim;
-    let mut builder = HnswBuilder::new(dim, info.metric, info.params);
-    let (mut ids, mut lsns, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
+    let spec = SnapshotSpec {
+        collection: info.id,
+        dim: dim as u32,
+        metric: info.metric,
+        params: info.params,
+    };
+    let mut writer = SnapshotWriter::new(spec, &info.name, Payloads::Text);
     let mut held: Vec<(u64, u64)> = logged.ids().map(|(id, h)| (id, h.lsn)).collect();
     // Deterministic order, newest first, so a smaller budget keeps the freshest.
     held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut used = 0u64;
+    let mut kept = std::collections::HashSet::new();
     for (id, _) in held {
         let Some(point) = collection.get(id) else {
             continue;
         };
-        let payload = point.payload.as_deref().unwrap_or_default().to_owned();
+        let payload = point.payload.as_deref().unwrap_or_default();
         let cost = vector_bytes(dim, payload.len());
         if used + cost > budget {
             break;
         }
-        builder.insert(&point.vector).map_err(|e| e.to_string())?;
+        writer
+            .push(id, point.lsn, &point.vector, Some(payload))
+            .map_err(|e| e.to_string())?;
         used += cost;
-        ids.push(id);
-        lsns.push(point.lsn);
-        payloads.push(payload);
+        kept.insert(id);
     }
-    let kept: std::collections::HashSet<u64> = ids.iter().copied().collect();
-    let mut anchors = AnchorSection::default();
     for (anchor, members) in logged.anchors() {
         let Some(vector) = anchor_vector(anchor) else {
             continue;
@@ -92,19 +95,10 @@ pub fn build(
             continue;
         }
         used += cost;
-        anchors.push(&vector, &members);
+        writer.push_anchor(&vector, &members);
     }
-    let mut body = SnapshotBody::from_builder(&builder, &info.name, ids, lsns, Some(&payloads))
-        .map_err(|e| e.to_string())?;
-    body.manifest_version = version;
-    body.anchors = anchors;
-    let spec = SnapshotSpec {
-        collection: info.id,
-        dim: dim as u32,
-        metric: info.metric,
-        params: info.params,
-    };
-    let file = snapshot::encode(&spec, &body).map_err(|e| e.to_string())?;
+    writer.set_manifest_version(version);
+    let file = writer.finish().map_err(|e| e.to_string())?;
     // The inventory is read back from the file itself, exactly as the edge will read it.
     let opened = Snapshot::open(file).map_err(|e| e.to_string())?;
     let inventory = LocalCache::over_snapshot(&opened.view())

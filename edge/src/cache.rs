@@ -27,13 +27,12 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use thiserror::Error;
 use tiervec_shared::CollectionId;
-use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
+use tiervec_shared::hnsw::{HnswParams, SearchScratch};
 use tiervec_shared::local::LocalCache;
 use tiervec_shared::protocol::frame::SnapshotBegin;
 use tiervec_shared::push::{Applied, Delta, Inventory, PushError};
-use tiervec_shared::query::QueryError;
 use tiervec_shared::query::validate_search;
-use tiervec_shared::snapshot::{self, AnchorSection, SnapshotBody, SnapshotSpec};
+use tiervec_shared::snapshot::{Payloads, SnapshotError, SnapshotSpec, SnapshotWriter};
 use tracing::{info, warn};
 
 use crate::deltas::{DeltaLog, DeltaLogError};
@@ -685,9 +684,19 @@ impl EdgeCache {
             .snapshot
             .as_ref()
             .map_or_else(HnswParams::default, |s| s.header().spec.params);
-        let mut builder = HnswBuilder::new(dim, shape.metric, params);
-        let (mut ids, mut lsns, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
-        let bad = |e: QueryError| CacheError::Compaction(e.to_string());
+        let collection_name = state
+            .snapshot
+            .as_ref()
+            .map(|s| s.view().collection_name().to_owned())
+            .unwrap_or_default();
+        let spec = SnapshotSpec {
+            collection: CollectionId(local.manifest().collection_id),
+            dim: dim as u32,
+            metric: shape.metric,
+            params,
+        };
+        let mut writer = SnapshotWriter::new(spec, &collection_name, Payloads::Text);
+        let bad = |e: SnapshotError| CacheError::Compaction(e.to_string());
         if let Some(index) = &state.snapshot {
             let view = index.view();
             for node in 0..view.len() as u32 {
@@ -695,45 +704,30 @@ impl EdgeCache {
                 if local.hides(id) {
                     continue;
                 }
-                builder
-                    .insert(view.vector(node).unwrap_or_default())
+                writer
+                    .push(
+                        id,
+                        view.lsn(node).unwrap_or(0),
+                        view.vector(node).unwrap_or_default(),
+                        Some(view.payload(node).unwrap_or_default()),
+                    )
                     .map_err(bad)?;
-                ids.push(id);
-                lsns.push(view.lsn(node).unwrap_or(0));
-                payloads.push(view.payload(node).unwrap_or_default().to_owned());
             }
         }
         for (id, lsn, v, payload) in local.overlay_rows() {
-            builder.insert(v).map_err(bad)?;
-            ids.push(id);
-            lsns.push(lsn);
-            payloads.push(payload.unwrap_or_default().to_owned());
+            writer
+                .push(id, lsn, v, Some(payload.unwrap_or_default()))
+                .map_err(bad)?;
         }
-        if ids.is_empty() {
+        if writer.is_empty() {
             return Ok(None);
         }
-        let mut anchors = AnchorSection::default();
         for (_, vector, members) in local.anchors() {
-            anchors.push(vector, members);
+            writer.push_anchor(vector, members);
         }
-        let collection_name = state
-            .snapshot
-            .as_ref()
-            .map(|s| s.view().collection_name().to_owned())
-            .unwrap_or_default();
-        let mut body =
-            SnapshotBody::from_builder(&builder, &collection_name, ids, lsns, Some(&payloads))
-                .map_err(|e| CacheError::Compaction(e.to_string()))?;
-        body.manifest_version = local.version();
-        body.anchors = anchors;
-        let spec = SnapshotSpec {
-            collection: CollectionId(local.manifest().collection_id),
-            dim: dim as u32,
-            metric: shape.metric,
-            params,
-        };
-        let bytes =
-            snapshot::encode(&spec, &body).map_err(|e| CacheError::Compaction(e.to_string()))?;
+        writer.set_manifest_version(local.version());
+        let vectors = writer.len();
+        let bytes = writer.finish().map_err(bad)?;
         write_snapshot_atomic(&self.config.snapshot, &bytes).map_err(|e| {
             CacheError::Compaction(format!("{}: {e}", self.config.snapshot.display()))
         })?;
@@ -741,7 +735,7 @@ impl EdgeCache {
         Ok(Some(Built {
             base: CacheState::from_snapshot(Some(index)),
             version: local.version(),
-            vectors: builder.len(),
+            vectors,
             started,
         }))
     }

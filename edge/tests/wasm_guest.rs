@@ -16,9 +16,10 @@ use std::time::Duration;
 use tiervec_edge::cache::{CacheConfig, EdgeCache};
 use tiervec_edge::wasm_engine::WasmEngine;
 use tiervec_edge::wasm_host::{ModuleSource, WasmConfig, WasmError, WasmHost, wire};
+use tiervec_shared::certificate::euclidean;
 use tiervec_shared::confidence::ConfidenceRule;
 use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
-use tiervec_shared::local::{LocalCache, euclidean};
+use tiervec_shared::local::LocalCache;
 use tiervec_shared::push::{Certificate, Delta, PushedAnchor, PushedVector, Tombstone, anchor_id};
 use tiervec_shared::snapshot::{self, Snapshot, SnapshotBody, SnapshotSpec};
 use tiervec_shared::vecs::{Matrix, parse_fvecs};
@@ -57,7 +58,12 @@ fn guest() -> &'static Path {
             .arg(&target)
             .status()
             .expect("cargo runs");
-        assert!(status.success(), "building the guest failed");
+        assert!(
+            status.success(),
+            "building the guest for wasm32-wasip1 failed (see cargo's output above); if the \
+             target is missing, run `rustup toolchain install` in the repository root, which \
+             installs the toolchain, target and components that rust-toolchain.toml lists"
+        );
         target.join("wasm32-wasip1/release/tiervec_wasm.wasm")
     })
 }

@@ -9,7 +9,7 @@
 //!   truth); [`kernels`] computes it fast, in one canonical accumulation order.
 //! * [`query`] validates every search request (dimension, NaN/inf, `k`, `ef`).
 //! * [`hnsw`] builds graphs ([`hnsw::HnswBuilder`]) and searches any [`hnsw::Graph`].
-//! * [`snapshot`] is the edge cache file format: [`snapshot::encode`] writes it,
+//! * [`snapshot`] is the edge cache file format: [`snapshot::SnapshotWriter`] writes it,
 //!   [`snapshot::Snapshot::open`] validates it once and then searches the archived bytes in
 //!   place through [`snapshot::SnapshotView`].
 //! * [`vecs`] parses the `.fvecs`/`.ivecs` dataset layout from bytes.
@@ -20,10 +20,13 @@
 //!   manifest both sides keep of a cache, with the one byte model of its budget.
 //! * [`local`] is an edge's cache (snapshot + overlay + anchors) searched as one, with
 //!   certified answers: the same code in the native edge and the WASM guest.
+//! * [`certificate`] is the geometry of certified answers (the triangle-inequality test and
+//!   its rounding slack), shared by the cloud that issues certificates and the edges.
 //! * [`log`] is the record format of every append-only log (cloud WAL, edge delta log).
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
 //!   file replacement and directory syncs for the edge and the cloud.
 
+pub mod certificate;
 pub mod confidence;
 #[cfg(feature = "fs")]
 pub mod durable;

@@ -2,9 +2,10 @@
 
 use tiervec_shared::CollectionId;
 use tiervec_shared::Metric;
-use tiervec_shared::hnsw::{FlatGraph, HnswBuilder, HnswParams};
+use tiervec_shared::hnsw::{FlatGraph, HnswParams};
 use tiervec_shared::snapshot::{
-    self, AlignedBytes, BodyParts, SnapshotBody, SnapshotError, SnapshotSpec,
+    self, AlignedBytes, BodyParts, Payloads, SnapshotBody, SnapshotError, SnapshotSpec,
+    SnapshotWriter,
 };
 use tiervec_shared::vecs::Matrix;
 
@@ -38,7 +39,18 @@ pub fn build_rows(
     collection: CollectionId,
     lsn_of: impl Fn(usize) -> u64,
 ) -> Result<AlignedBytes, SnapshotError> {
-    let mut builder = HnswBuilder::new(base.dim, Metric::Cosine, params);
+    let spec = SnapshotSpec {
+        collection,
+        dim: base.dim as u32,
+        metric: Metric::Cosine,
+        params,
+    };
+    let payloads = if texts.is_some() {
+        Payloads::Text
+    } else {
+        Payloads::Absent
+    };
+    let mut writer = SnapshotWriter::new(spec, "wordnet", payloads);
     for &row in rows {
         if row >= base.rows() {
             return Err(SnapshotError::Write(format!(
@@ -46,36 +58,20 @@ pub fn build_rows(
                 base.rows()
             )));
         }
-        builder
-            .insert(base.row(row))
-            .map_err(|e| SnapshotError::Write(format!("base row {row}: {e}")))?;
+        let text = match texts {
+            Some(t) => Some(t.get(row).ok_or_else(|| {
+                SnapshotError::Write(format!("no text for row {row} ({} texts)", t.len()))
+            })?),
+            None => None,
+        };
+        writer.push(
+            row as u64,
+            lsn_of(row),
+            base.row(row),
+            text.map(String::as_str),
+        )?;
     }
-    let texts: Option<Vec<String>> = match texts {
-        Some(t) => Some(
-            rows.iter()
-                .map(|&r| {
-                    t.get(r).cloned().ok_or_else(|| {
-                        SnapshotError::Write(format!("no text for row {r} ({} texts)", t.len()))
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        None => None,
-    };
-    let body = SnapshotBody::from_builder(
-        &builder,
-        "wordnet",
-        rows.iter().map(|&r| r as u64).collect(),
-        rows.iter().map(|&r| lsn_of(r)).collect(),
-        texts.as_deref(),
-    )?;
-    let spec = SnapshotSpec {
-        collection,
-        dim: base.dim as u32,
-        metric: Metric::Cosine,
-        params: builder.params(),
-    };
-    snapshot::encode(&spec, &body)
+    writer.finish()
 }
 
 /// Encodes a cosine snapshot of base rows `0..graph's node count` over a graph built elsewhere

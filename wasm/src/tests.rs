@@ -2,9 +2,9 @@
 //! `cargo test --target wasm32-wasip1 -p tiervec-wasm` and the workspace's runner): snapshots
 //! in and refused, deltas applied, searches equal to `LocalCache` searched directly.
 
+use tiervec_shared::certificate::euclidean;
 use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
 use tiervec_shared::local::LocalCache;
-use tiervec_shared::local::euclidean;
 use tiervec_shared::push::{Delta, PushedAnchor, PushedVector, Tombstone, anchor_id};
 use tiervec_shared::snapshot::{self, Snapshot, SnapshotBody, SnapshotSpec};
 use tiervec_shared::{CollectionId, Metric};
