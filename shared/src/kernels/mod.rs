@@ -6,7 +6,7 @@
 //! different order can return different bits, and a top-k near a tie can then differ between
 //! the native edge and the WASM guest. Every vectorised kernel here therefore adds in the same
 //! order: element `i` goes into partial sum `i mod 32` (four 8-lane accumulators), and the 32
-//! partial sums are reduced by the fixed tree in [`reduce32`]. The portable code is written in
+//! partial sums are reduced by the fixed tree in [`order::reduce32`]. The portable code is written in
 //! that shape so the compiler vectorises it (SSE2 here, `simd128` on wasm32) without reordering.
 //! The one remaining difference is whether multiply and add are fused (FMA, one rounding
 //! instead of two): the AVX2 path always fuses, the wasm guest fuses where its host has FMA
@@ -14,6 +14,7 @@
 //! few ulps rather than bit for bit — "agree except on near-ties", which the ground-truth
 //! comparison tolerates at 1e-5 — and [`reference::dot_fused`] pins the fused bits down.
 
+mod order;
 mod portable;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod wasm;
@@ -24,8 +25,7 @@ pub use portable::{
     dot as dot_portable, dot_i8 as dot_i8_portable, l2_squared as l2_squared_portable,
 };
 
-/// Number of partial sums in the canonical accumulation order.
-pub const LANES: usize = 32;
+pub use order::LANES;
 
 /// Which implementation [`dot`] and [`l2_squared`] use on this machine.
 pub fn active() -> &'static str {
@@ -198,23 +198,10 @@ mod host {
     }
 }
 
-/// Reduces 32 partial sums by the canonical tree: lanes `l`, `l+8`, `l+16`, `l+24` pairwise,
-/// then 8 → 4 → 2 → 1 by halves. The AVX2 kernel performs exactly these additions in registers.
-#[inline]
-pub(crate) fn reduce32(acc: &[f32; LANES]) -> f32 {
-    let mut s8 = [0.0f32; 8];
-    for l in 0..8 {
-        s8[l] = (acc[l] + acc[8 + l]) + (acc[16 + l] + acc[24 + l]);
-    }
-    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
-    let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
-    s2[0] + s2[1]
-}
-
 /// The obvious sequential loops in `f64`: slow, order-independent enough to be the yardstick;
 /// and the canonical order with fused products, the bits the FMA kernels must return.
 pub mod reference {
-    use super::{LANES, reduce32};
+    use super::order::{LANES, reduce32};
 
     /// Inner product in the canonical order, each product of a whole [`LANES`]-element chunk
     /// fused into its lane (`mul_add`, one rounding) and the tail's products rounded before

@@ -1,6 +1,6 @@
 //! Portable kernels in the canonical accumulation order, shaped so LLVM vectorises them.
 
-use super::{LANES, reduce32};
+use super::order::{LANES, reduce32};
 
 /// Sums `term(a[i], b[i])` in the canonical order: element `i` into lane `i mod 32`, then the
 /// fixed reduction tree. The lanes are kept as eight 4-wide groups rather than 32 scalars — the

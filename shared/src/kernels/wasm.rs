@@ -19,7 +19,7 @@ use core::arch::wasm32::{
     f32x4_splat, f32x4_sub, i32x4_add, i32x4_extract_lane, i32x4_splat, v128, v128_load,
 };
 
-use super::{LANES, reduce32};
+use super::order::{LANES, reduce32};
 
 /// Chunks of [`LANES`] elements per iteration of the main loop. Wasmtime checks its epoch (the
 /// guest's deadline) at every loop header, and the check's slow path is a call that clobbers

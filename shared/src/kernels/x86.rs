@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{LANES, reduce32};
+use super::order::{LANES, reduce32};
 
 /// Whether this CPU runs the kernels below (std caches the CPUID answer).
 #[inline]
