@@ -21,6 +21,8 @@
 //! * [`local`] is an edge's cache (snapshot + overlay + anchors) searched as one, with
 //!   certified answers: the same code in the native edge and the WASM guest.
 //! * [`log`] is the record format of every append-only log (cloud WAL, edge delta log).
+//! * [`guest_abi`] is the byte layout of the WASM guest's calls (requests, responses,
+//!   certificates, status codes), shared by the guest (`tiervec-wasm`) and its host in the edge.
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
 //!   file replacement and directory syncs for the edge and the cloud.
 
@@ -28,6 +30,7 @@ pub mod confidence;
 #[cfg(feature = "fs")]
 pub mod durable;
 pub mod exact;
+pub mod guest_abi;
 pub mod hnsw;
 pub mod hot;
 pub mod identity;
