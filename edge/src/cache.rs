@@ -27,6 +27,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use thiserror::Error;
 use tiervec_shared::CollectionId;
+use tiervec_shared::confidence::{ConfidenceRule, Decision};
 use tiervec_shared::hnsw::{HnswParams, SearchScratch};
 use tiervec_shared::local::LocalCache;
 use tiervec_shared::protocol::frame::SnapshotBegin;
@@ -38,7 +39,7 @@ use tracing::{info, warn};
 use crate::deltas::{DeltaLog, DeltaLogError};
 use crate::files::write_snapshot_atomic;
 use crate::index::{EdgeError, EdgeIndex};
-use crate::node::NodeHit;
+use crate::searcher::{AnchorFirstUse, LocalAnswer, LocalDecision, LocalSearcher};
 
 /// Where the cache lives and how big it may grow.
 #[derive(Clone, Debug)]
@@ -90,36 +91,6 @@ struct CacheState {
 struct Writer {
     log: DeltaLog,
     since_snapshot: Vec<Delta>,
-}
-
-/// A local answer: the merged top-k (or a certified exact top-k) and the nearest anchor.
-#[derive(Clone, Debug, Default)]
-pub struct LocalAnswer {
-    pub hits: Vec<NodeHit>,
-    /// Distance to the nearest anchor, if any is held.
-    pub nearest_anchor: Option<f32>,
-    /// A certificate proves `hits` are the corpus's exact top-k (as of the last applied delta).
-    pub certified: bool,
-    /// The nearest anchor, if it came from the overlay and no local answer has used it yet.
-    pub anchor_first_use: Option<AnchorFirstUse>,
-}
-
-/// A pushed anchor that has not yet served a local answer.
-#[derive(Clone, Debug)]
-pub struct AnchorFirstUse {
-    applied: Instant,
-    used: Arc<AtomicBool>,
-}
-
-impl AnchorFirstUse {
-    /// Records the time from the anchor's delta being applied to this, its first local answer
-    /// (once per anchor, however many answers race here).
-    pub fn record(&self) {
-        if !self.used.swap(true, Ordering::Relaxed) {
-            metrics::histogram!("tiervec_edge_anchor_first_use_seconds")
-                .record(self.applied.elapsed().as_secs_f64());
-        }
-    }
 }
 
 /// What opening the cache found and did.
@@ -250,13 +221,7 @@ impl CacheState {
         }
         let now = Instant::now();
         for a in &delta.anchors {
-            self.first_use.insert(
-                a.anchor_id,
-                AnchorFirstUse {
-                    applied: now,
-                    used: Arc::new(AtomicBool::new(false)),
-                },
-            );
+            self.first_use.insert(a.anchor_id, AnchorFirstUse::new(now));
         }
         Ok(applied)
     }
@@ -403,13 +368,13 @@ impl EdgeCache {
                 state
                     .first_use
                     .get(&anchor)
-                    .filter(|a| !a.used.load(Ordering::Relaxed))
+                    .filter(|a| !a.is_used())
                     .cloned(),
             ),
             None => (None, None),
         };
         Ok(LocalAnswer {
-            hits: found.hits.into_iter().map(NodeHit::from).collect(),
+            hits: found.hits,
             nearest_anchor,
             certified: found.certified,
             anchor_first_use,
@@ -455,7 +420,8 @@ impl EdgeCache {
         number
     }
 
-    /// Anchors that carry a certificate now.
+    /// Anchors that carry a certificate now. For tests (`testbed/tests/quic_loopback.rs`);
+    /// nothing in the edge asks.
     pub fn certified_anchors(&self) -> usize {
         self.state.load().local.certified_anchors()
     }
@@ -798,6 +764,21 @@ impl EdgeCache {
             "cache compacted"
         );
         Ok(version)
+    }
+}
+
+impl LocalSearcher for EdgeCache {
+    fn local_answer(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        rule: ConfidenceRule,
+    ) -> Result<LocalDecision, EdgeError> {
+        let answer = self.search(query, k, ef)?;
+        let distances: Vec<f32> = answer.hits.iter().map(|h| h.distance).collect();
+        let confident = rule.decide(&distances, k, answer.nearest_anchor) == Decision::Local;
+        Ok(LocalDecision { answer, confident })
     }
 }
 

@@ -166,10 +166,6 @@ impl DeltaLog {
                 source,
             })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 #[cfg(test)]

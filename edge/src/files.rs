@@ -52,16 +52,6 @@ impl SnapshotBytes {
         }
         Ok(SnapshotBytes::Owned(buf))
     }
-
-    /// Wraps bytes already in memory (for example a freshly encoded snapshot).
-    pub fn from_aligned(bytes: AlignedBytes) -> SnapshotBytes {
-        SnapshotBytes::Owned(bytes)
-    }
-
-    /// Whether these bytes live in a file mapping (true) or anonymous memory (false).
-    pub fn is_mapped(&self) -> bool {
-        matches!(self, SnapshotBytes::Mapped(_))
-    }
 }
 
 impl Deref for SnapshotBytes {

@@ -1,31 +1,44 @@
 //! # tiervec-edge
 //!
-//! The edge node's cache: a snapshot file (format in `tiervec_shared::snapshot`) memory-mapped,
-//! validated once, and searched in place. This crate owns the IO around the pure core:
+//! The edge node: a cache of the cloud's vectors in a snapshot file (format in
+//! `tiervec_shared::snapshot`), memory-mapped, validated once and searched in place, with what
+//! the cloud pushed since on top; applications ask it over local HTTP, and it answers locally
+//! when confident, else asks the cloud over QUIC. This crate owns the IO around the pure core
+//! of `tiervec-shared`. How the parts connect, from the bottom up:
 //!
-//! * [`files`] — opening snapshots (memory map or anonymous copy) and writing them atomically
-//!   (temp file, fsync, rename, fsync of the directory).
-//! * [`index`] — [`EdgeIndex`]: request validation and k-NN search over an open snapshot, with
-//!   a pool of reusable search buffers so the query path allocates nothing that grows with the
-//!   number of vectors.
-//! * [`inspect`] — the human-readable report behind `tiervec-edge inspect FILE`.
-//! * [`link`] — the QUIC link to the cloud (mutual TLS), driving the sans-IO client session.
-//! * [`node`] — the query path: local when confident, else the cloud within a deadline, else
-//!   local marked degraded; the link reconnects with backoff.
+//! * `files` — snapshot bytes (memory map or anonymous copy) and atomic replacement
+//!   ([`SnapshotBytes`], [`write_snapshot_atomic`]); `index` — [`EdgeIndex`], one open
+//!   snapshot and its search with reusable buffers; `deltas` — the delta log that makes pushes
+//!   durable. [`inspect`] — the report behind `tiervec-edge inspect FILE`.
+//! * [`searcher`] — the [`searcher::LocalSearcher`] trait the node searches through, and the
+//!   local answer it gives.
+//! * [`cache`] — [`cache::EdgeCache`]: snapshot + overlay of pushed vectors + anchors and
+//!   certificates, searched as one; applies deltas (logged, then visible), compacts in the
+//!   background, installs snapshots the cloud streams. The native [`searcher::LocalSearcher`].
+//! * [`wasm_prefetch`] — the prefetch imports guests call; [`wasm_host`] — wasmtime running
+//!   the edge kernel as a WASM guest (module cache, limits and epochs, instance pool and
+//!   journal, raw ABI calls). [`wasm_engine`] — guests kept in step with the cache, the other
+//!   [`searcher::LocalSearcher`] (`serve --engine wasm`).
+//! * [`link`] — the QUIC link to the cloud (mutual TLS, 0-RTT reconnection), driving the
+//!   sans-IO client session; receives the cloud's pushes into the cache and resyncs it.
+//! * [`node`] — [`node::EdgeNode`], the query path: local when confident or certified, else
+//!   the cloud within a deadline, else local marked degraded; keeps the link with backoff;
+//!   shadow queries tune the confidence thresholds.
+//! * [`http`] and [`config`] — the local HTTP endpoint and `tiervec-edge serve`'s
+//!   configuration.
 //!
-//! * [`http`] and [`config`] — the local HTTP endpoint and `tiervec-edge serve`'s configuration.
-//!
-//! Later issues add the overlay, the delta log and the WASM host here.
+//! A module uses only modules listed before it (and `tiervec-shared`), never one after it.
 
 pub mod cache;
 pub mod config;
-pub mod deltas;
-pub mod files;
+mod deltas;
+mod files;
 pub mod http;
-pub mod index;
+mod index;
 pub mod inspect;
 pub mod link;
 pub mod node;
+pub mod searcher;
 pub mod wasm_engine;
 pub mod wasm_host;
 pub mod wasm_prefetch;

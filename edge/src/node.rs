@@ -25,17 +25,18 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
-use tiervec_shared::confidence::{ConfidenceRule, Decision, ThresholdTuner};
+use tiervec_shared::confidence::{ConfidenceRule, ThresholdTuner};
+use tiervec_shared::local::LocalHit;
 use tiervec_shared::protocol::frame::{Answer, Query, WireCollection};
 use tiervec_shared::protocol::session::QueryFailure;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::cache::{EdgeCache, LocalAnswer};
+use crate::cache::EdgeCache;
 use crate::index::EdgeError;
 use crate::link::{CloudLink, Connector, LinkConfig, LinkError, PushTarget};
+use crate::searcher::{LocalDecision, LocalSearcher};
 use crate::wasm_engine::WasmEngine;
-use crate::wasm_host::wire::status;
 
 /// Where an answer came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,26 +53,6 @@ impl Source {
             Source::Local => "local",
             Source::Cloud => "cloud",
             Source::Degraded => "degraded",
-        }
-    }
-}
-
-/// One hit of an edge answer (payload text only for hits from the local cache).
-#[derive(Clone, Debug, PartialEq)]
-pub struct NodeHit {
-    pub id: u64,
-    pub distance: f32,
-    pub lsn: u64,
-    pub payload: Option<String>,
-}
-
-impl From<tiervec_shared::local::LocalHit> for NodeHit {
-    fn from(h: tiervec_shared::local::LocalHit) -> NodeHit {
-        NodeHit {
-            id: h.id,
-            distance: h.distance,
-            lsn: h.lsn,
-            payload: h.payload,
         }
     }
 }
@@ -141,7 +122,7 @@ type Signals = (Option<f32>, Option<f32>);
 
 /// What the query path settled on: hits, their source, the local signals, and whether the
 /// (local) hits are certified.
-type Settled = (Vec<NodeHit>, Source, Signals, bool);
+type Settled = (Vec<LocalHit>, Source, Signals, bool);
 
 /// A query waiting for the next connection, to ride in its first flight.
 struct Pending {
@@ -152,7 +133,8 @@ struct Pending {
 /// An answer of the node.
 #[derive(Clone, Debug)]
 pub struct NodeAnswer {
-    pub hits: Vec<NodeHit>,
+    /// Nearest first; payload text only on hits from the local cache.
+    pub hits: Vec<LocalHit>,
     pub source: Source,
     /// A local answer given while the lease is over (cut off from the cloud too long).
     pub stale: bool,
@@ -181,14 +163,14 @@ impl Drop for Uplink {
     }
 }
 
-/// An edge: its cache, and its (possibly absent) link to the cloud.
+/// An edge: its cache, what searches it, and its (possibly absent) link to the cloud.
 pub struct EdgeNode {
     cache: Arc<EdgeCache>,
+    /// The cache itself, or guests holding it (`serve --engine wasm`).
+    searcher: Arc<dyn LocalSearcher>,
     config: NodeConfig,
     uplink: Option<Uplink>,
     learned: Arc<Learned>,
-    /// Guests answering local searches (`serve --engine wasm`); `None`: native.
-    wasm: Option<Arc<WasmEngine>>,
 }
 
 impl EdgeNode {
@@ -236,52 +218,23 @@ impl EdgeNode {
             local_answers: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(EdgeNode {
+            searcher: cache.clone(),
             cache,
             config,
             uplink,
             learned,
-            wasm: None,
         })
     }
 
     /// Answers local searches with `engine`'s guests, kept in step with the cache from now on.
     pub fn with_wasm(mut self, engine: Arc<WasmEngine>) -> EdgeNode {
-        self.cache.follow(engine.follower());
-        self.wasm = Some(engine);
+        self.searcher = engine.serve(&self.cache);
         self
     }
 
-    /// The local answer and whether the rule says to serve it: searched natively, or in a
-    /// guest (which decides with the same rule); a guest that cannot answer counts as not
-    /// confident, so the cloud is asked.
-    fn local(&self, query: &[f32], k: usize, ef: usize) -> Result<(LocalAnswer, bool), EdgeError> {
-        let rule = self.rule();
-        let Some(engine) = &self.wasm else {
-            let answer = self.cache.search(query, k, ef)?;
-            let distances: Vec<f32> = answer.hits.iter().map(|h| h.distance).collect();
-            let confident = rule.decide(&distances, k, answer.nearest_anchor) == Decision::Local;
-            return Ok((answer, confident));
-        };
-        match engine.search(query, k, ef, rule) {
-            Ok(found) => Ok((found.answer, found.confident)),
-            Err(e) if e.guest_code() == Some(status::INVALID_QUERY) => {
-                Err(EdgeError::GuestQuery(e.to_string()))
-            }
-            Err(e) => {
-                // Bad input is the caller's error, not a guest failure.
-                self.cache.validate(query, k, ef)?;
-                let reason = match &e {
-                    crate::wasm_host::WasmError::DeadlineExceeded { .. } => "deadline",
-                    crate::wasm_host::WasmError::MemoryCap { .. } => "memory_cap",
-                    crate::wasm_host::WasmError::Trap { .. } => "trap",
-                    _ => "other",
-                };
-                metrics::counter!("tiervec_edge_wasm_failures_total", "reason" => reason)
-                    .increment(1);
-                warn!(error = %e, "the guest could not answer; asking the cloud");
-                Ok((LocalAnswer::default(), false))
-            }
-        }
+    /// The local answer and whether the rule in force says to serve it.
+    fn local(&self, query: &[f32], k: usize, ef: usize) -> Result<LocalDecision, EdgeError> {
+        self.searcher.local_answer(query, k, ef, self.rule())
     }
 
     /// Whether the link to the cloud is up.
@@ -308,7 +261,7 @@ impl EdgeNode {
 
     /// Asks the cloud the same question in the background and records how much of the local
     /// top-k it confirms.
-    fn shadow(&self, query: &[f32], k: usize, local: &[NodeHit]) {
+    fn shadow(&self, query: &[f32], k: usize, local: &[LocalHit]) {
         let Some(link) = self
             .uplink
             .as_ref()
@@ -397,7 +350,7 @@ impl EdgeNode {
         ef: usize,
     ) -> Result<NodeAnswer, EdgeError> {
         let _span = info_span!("edge_query_local", k, ef).entered();
-        let (answer, _) = self.local(query, k, ef)?;
+        let answer = self.local(query, k, ef)?.answer;
         let kth_distance = (answer.hits.len() >= k).then(|| answer.hits[k - 1].distance);
         Ok(NodeAnswer {
             stale: self.stale(),
@@ -416,7 +369,7 @@ impl EdgeNode {
         ef: usize,
         span: &tracing::Span,
     ) -> Result<Settled, EdgeError> {
-        let (answer, confident) = self.local(query, k, ef)?;
+        let LocalDecision { answer, confident } = self.local(query, k, ef)?;
         let certified = answer.certified && self.link_up();
         let local = answer.hits;
         let distances: Vec<f32> = local.iter().map(|h| h.distance).collect();
@@ -445,7 +398,7 @@ impl EdgeNode {
                 answer
                     .hits
                     .iter()
-                    .map(|h| NodeHit {
+                    .map(|h| LocalHit {
                         id: h.id,
                         distance: h.distance,
                         lsn: h.lsn,

@@ -2,7 +2,8 @@
 //! answered by guests (`wasm_host::WasmHost`) that hold the same cache as the native one —
 //! the snapshot file's bytes and every delta, handed over as the `EdgeCache` changes
 //! ([`CacheFollower`]) — and decide confidence with the node's rule, in the guest. The node
-//! keeps the link, the pushes, the delta log and compaction; only searching moves into WASM.
+//! keeps the link, the pushes, the delta log and compaction; only searching moves into WASM:
+//! [`WasmEngine::serve`] is the node's [`LocalSearcher`].
 //!
 //! Certificates follow the native cache's (taken with a delta of the current connection,
 //! dropped when a connection starts, handed over whole after a compaction), so a guest
@@ -18,11 +19,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 use tiervec_shared::confidence::ConfidenceRule;
+use tiervec_shared::guest_abi::status;
 use tiervec_shared::push::Delta;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use crate::cache::{CacheFollower, LocalAnswer};
-use crate::node::NodeHit;
+use crate::cache::{CacheFollower, EdgeCache};
+use crate::index::EdgeError;
+use crate::searcher::{LocalAnswer, LocalDecision, LocalSearcher};
 use crate::wasm_host::{WasmConfig, WasmError, WasmHost};
 
 /// Guests answering a node's local searches.
@@ -33,13 +36,6 @@ pub struct WasmEngine {
     in_step: AtomicBool,
     /// The rule last given to the guests.
     rule: Mutex<Option<ConfidenceRule>>,
-}
-
-/// A guest's local answer, with its confidence decision.
-pub struct GuestLocal {
-    pub answer: LocalAnswer,
-    /// The node's rule, applied in the guest, says answer locally.
-    pub confident: bool,
 }
 
 impl WasmEngine {
@@ -60,6 +56,16 @@ impl WasmEngine {
         Box::new(GuestFollower(self.clone()))
     }
 
+    /// The node's local searcher for `cache`: the guests, kept in step with `cache` from now
+    /// on, with `cache` checking the requests they could not answer.
+    pub fn serve(self: &Arc<Self>, cache: &Arc<EdgeCache>) -> Arc<dyn LocalSearcher> {
+        cache.follow(self.follower());
+        Arc::new(GuestSearcher {
+            engine: self.clone(),
+            cache: cache.clone(),
+        })
+    }
+
     /// Searches in a guest, deciding confidence with `rule` there.
     pub fn search(
         &self,
@@ -67,7 +73,7 @@ impl WasmEngine {
         k: usize,
         ef: usize,
         rule: ConfidenceRule,
-    ) -> Result<GuestLocal, WasmError> {
+    ) -> Result<LocalDecision, WasmError> {
         if !self.in_step.load(Ordering::Acquire) {
             return Err(WasmError::Runtime(
                 "the guests are out of step with the cache (a refused snapshot or delta)".into(),
@@ -81,10 +87,10 @@ impl WasmEngine {
             }
         }
         let answer = self.host.search(query, k, ef)?;
-        Ok(GuestLocal {
+        Ok(LocalDecision {
             confident: answer.local,
             answer: LocalAnswer {
-                hits: answer.hits.into_iter().map(NodeHit::from).collect(),
+                hits: answer.hits,
                 nearest_anchor: answer.nearest_anchor.map(|(_, d)| d),
                 certified: answer.certified,
                 anchor_first_use: None,
@@ -96,6 +102,44 @@ impl WasmEngine {
         self.in_step.store(false, Ordering::Release);
         metrics::counter!("tiervec_edge_wasm_out_of_step_total").increment(1);
         error!(error = %e, what, "the guests refused the cache; local searches go to the cloud until the next compaction or reset hands the cache over again");
+    }
+}
+
+/// The guests as a node's local searcher, with the cache they follow.
+struct GuestSearcher {
+    engine: Arc<WasmEngine>,
+    cache: Arc<EdgeCache>,
+}
+
+impl LocalSearcher for GuestSearcher {
+    /// A guest that cannot answer counts as not confident, so the cloud is asked.
+    fn local_answer(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        rule: ConfidenceRule,
+    ) -> Result<LocalDecision, EdgeError> {
+        match self.engine.search(query, k, ef, rule) {
+            Ok(decided) => Ok(decided),
+            Err(e) if e.guest_code() == Some(status::INVALID_QUERY) => {
+                Err(EdgeError::GuestQuery(e.to_string()))
+            }
+            Err(e) => {
+                // Bad input is the caller's error, not a guest failure.
+                self.cache.validate(query, k, ef)?;
+                let reason = match &e {
+                    WasmError::DeadlineExceeded { .. } => "deadline",
+                    WasmError::MemoryCap { .. } => "memory_cap",
+                    WasmError::Trap { .. } => "trap",
+                    _ => "other",
+                };
+                metrics::counter!("tiervec_edge_wasm_failures_total", "reason" => reason)
+                    .increment(1);
+                warn!(error = %e, "the guest could not answer; asking the cloud");
+                Ok(LocalDecision::default())
+            }
+        }
     }
 }
 

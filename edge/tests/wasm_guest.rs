@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use tiervec_edge::cache::{CacheConfig, EdgeCache};
 use tiervec_edge::wasm_engine::WasmEngine;
-use tiervec_edge::wasm_host::{ModuleSource, WasmConfig, WasmError, WasmHost, wire};
+use tiervec_edge::wasm_host::{ModuleSource, WasmConfig, WasmError, WasmHost};
 use tiervec_shared::certificate::euclidean;
 use tiervec_shared::confidence::ConfidenceRule;
+use tiervec_shared::guest_abi as wire;
 use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
 use tiervec_shared::local::LocalCache;
 use tiervec_shared::push::{Certificate, Delta, PushedAnchor, PushedVector, Tombstone, anchor_id};
@@ -596,7 +597,7 @@ fn certificates_follow_the_native_cache_into_the_guests() {
             "{stage}: native and guest disagree on certification"
         );
         if native.certified {
-            let ids = |hits: &[tiervec_edge::node::NodeHit]| {
+            let ids = |hits: &[tiervec_shared::local::LocalHit]| {
                 hits.iter().map(|h| h.id).collect::<Vec<_>>()
             };
             assert_eq!(ids(&native.hits), ids(&guest.answer.hits), "{stage}");

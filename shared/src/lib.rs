@@ -23,6 +23,8 @@
 //! * [`certificate`] is the geometry of certified answers (the triangle-inequality test and
 //!   its rounding slack), shared by the cloud that issues certificates and the edges.
 //! * [`log`] is the record format of every append-only log (cloud WAL, edge delta log).
+//! * [`guest_abi`] is the byte layout of the WASM guest's calls (requests, responses,
+//!   certificates, status codes), shared by the guest (`tiervec-wasm`) and its host in the edge.
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
 //!   file replacement and directory syncs for the edge and the cloud.
 
@@ -31,6 +33,7 @@ pub mod confidence;
 #[cfg(feature = "fs")]
 pub mod durable;
 pub mod exact;
+pub mod guest_abi;
 pub mod hnsw;
 pub mod hot;
 pub mod identity;

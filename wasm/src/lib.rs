@@ -6,9 +6,9 @@
 //! the code the native edge answers with), behind the small C ABI below, hosted by wasmtime in
 //! `tiervec_edge::wasm_host`. Built with `simd128` (`.cargo/config.toml`), so the portable
 //! kernels of `tiervec_shared::kernels` vectorise. The ABI is documented in `docs/wasm.md`; the
-//! byte layouts of requests and responses in [`wire`].
+//! byte layouts of requests and responses in [`guest_abi`].
 //!
-//! ## ABI (version [`wire::ABI_VERSION`])
+//! ## ABI (version [`guest_abi::ABI_VERSION`])
 //! * `tv_abi_version() -> u32`.
 //! * `tv_alloc(len, align) -> ptr` / `tv_dealloc(ptr, len, align)`: guest memory for the host
 //!   to write into; `align` is honoured (rkyv's bytecheck checks absolute alignment, so the
@@ -19,23 +19,21 @@
 //!   On error the buffer is freed and the previous cache stays.
 //! * `tv_apply_delta(ptr, len, accept_certificates) -> status`: a pushed `Delta` in its rkyv
 //!   bytes (`Delta::to_bytes`), checked and applied to the overlay; the buffer stays the host's.
-//! * `tv_set_certificates(ptr, len) -> status`: the certificates in force ([`wire`]: anchor
+//! * `tv_set_certificates(ptr, len) -> status`: the certificates in force ([`guest_abi`]: anchor
 //!   ids and radii; every other anchor uncertified) — how the host drops them when the native
 //!   edge starts a connection and hands them over after a compaction.
 //! * `tv_configure(has_kth, max_kth, has_anchor, max_anchor) -> status`: the confidence rule.
-//! * `tv_search(ptr, len) -> status`: a search request ([`wire`]); the response goes to the
+//! * `tv_search(ptr, len) -> status`: a search request ([`guest_abi`]); the response goes to the
 //!   result buffer.
 //! * `tv_result_ptr() -> ptr`, `tv_result_len() -> len`: the last export's result — the
 //!   response on success, a UTF-8 message on error. Valid until the next export call.
 //!
-//! Every fallible export returns a [`wire::status`] code; bad input is a code and a message,
+//! Every fallible export returns a [`guest_abi::status`] code; bad input is a code and a message,
 //! never a trap. The guest does not panic on any input (every index is validated first); a
 //! panic would still be a trap the host reports with the guest's stderr (its panic message).
 //!
 //! The guest is single-threaded and keeps its whole state in one [`Guest`] value; the host
 //! keeps one instance per concurrent request.
-
-pub mod wire;
 
 use std::alloc::Layout;
 use std::cell::RefCell;
@@ -47,7 +45,7 @@ use tiervec_shared::local::LocalCache;
 use tiervec_shared::push::Delta;
 use tiervec_shared::snapshot::{BODY_ALIGN, Snapshot, StableBytes};
 
-use wire::status;
+use tiervec_shared::guest_abi::{self, status};
 
 /// A snapshot buffer the guest owns: allocated by `tv_alloc(len, BODY_ALIGN)`, written by the
 /// host before `tv_load_snapshot`, freed when the snapshot is replaced.
@@ -120,14 +118,14 @@ impl Guest {
     }
 
     fn set_certificates(&mut self, bytes: &[u8]) -> Result<(), Failure> {
-        let certificates = wire::decode_certificates(bytes)
+        let certificates = guest_abi::decode_certificates(bytes)
             .map_err(|e| Failure(status::MALFORMED_REQUEST, e.to_string()))?;
         self.cache.set_certificates(&certificates);
         Ok(())
     }
 
     fn search(&mut self, request: &[u8]) -> Result<(), Failure> {
-        let (k, ef) = wire::decode_request(request, &mut self.query)
+        let (k, ef) = guest_abi::decode_request(request, &mut self.query)
             .map_err(|e| Failure(status::MALFORMED_REQUEST, e.to_string()))?;
         let (k, ef) = (k as usize, ef as usize);
         let view = self.snapshot.as_ref().map(Snapshot::view);
@@ -142,7 +140,7 @@ impl Guest {
             .rule
             .decide(&distances, k, answer.nearest_anchor.map(|(_, d)| d))
             == Decision::Local;
-        wire::encode_response(
+        guest_abi::encode_response(
             answer
                 .hits
                 .iter()
@@ -221,10 +219,10 @@ unsafe fn input<'a>(ptr: *const u8, len: usize) -> Result<&'a [u8], Failure> {
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
-/// The ABI version of this guest ([`wire::ABI_VERSION`]).
+/// The ABI version of this guest ([`guest_abi::ABI_VERSION`]).
 #[unsafe(no_mangle)]
 pub extern "C" fn tv_abi_version() -> u32 {
-    wire::ABI_VERSION
+    guest_abi::ABI_VERSION
 }
 
 /// Allocates `len` bytes aligned to `align` (a power of two) for the host to write into; null
@@ -297,7 +295,7 @@ pub unsafe extern "C" fn tv_apply_delta(
     })
 }
 
-/// Makes the listed certificates (layout in [`wire`]) the ones in force; every anchor not
+/// Makes the listed certificates (layout in [`guest_abi`]) the ones in force; every anchor not
 /// listed is uncertified. A malformed list changes nothing.
 ///
 /// # Safety
@@ -329,7 +327,7 @@ pub extern "C" fn tv_configure(
     })
 }
 
-/// Answers a search request (layout in [`wire`]); the response is the result buffer.
+/// Answers a search request (layout in [`guest_abi`]); the response is the result buffer.
 ///
 /// # Safety
 /// `ptr` must hold `len` bytes written by the host (from `tv_alloc`).

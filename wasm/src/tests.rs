@@ -70,15 +70,15 @@ fn message() -> String {
     String::from_utf8(result()).expect("UTF-8 message")
 }
 
-fn search(query: &[f32], k: u32, ef: u32) -> Result<wire::SearchResponse, (i32, String)> {
+fn search(query: &[f32], k: u32, ef: u32) -> Result<guest_abi::SearchResponse, (i32, String)> {
     let mut request = Vec::new();
-    wire::encode_request(k, ef, query, &mut request).expect("encodes");
+    guest_abi::encode_request(k, ef, query, &mut request).expect("encodes");
     // SAFETY: `request` is a live buffer of that length.
     let code = unsafe { tv_search(request.as_ptr(), request.len()) };
     if code != status::OK {
         return Err((code, message()));
     }
-    Ok(wire::decode_response(&result()).expect("well-formed response"))
+    Ok(guest_abi::decode_response(&result()).expect("well-formed response"))
 }
 
 fn apply(delta: &Delta) -> i32 {
@@ -202,7 +202,7 @@ fn malformed_and_invalid_requests_have_their_codes() {
     fresh();
     assert_eq!(load(&snapshot_bytes(40)), status::OK);
     let mut request = Vec::new();
-    wire::encode_request(5, 16, &vector(3), &mut request).expect("encodes");
+    guest_abi::encode_request(5, 16, &vector(3), &mut request).expect("encodes");
     // SAFETY: a live buffer, one byte shorter than its header promises.
     let code = unsafe { tv_search(request.as_ptr(), request.len() - 1) };
     assert_eq!(code, status::MALFORMED_REQUEST);
@@ -278,36 +278,7 @@ fn empty_guest_answers_nothing_and_alloc_refuses_bad_alignment() {
     fresh();
     assert!(search(&vector(1), 3, 16).expect("answers").hits.is_empty());
     assert!(tv_alloc(16, 3).is_null());
-    assert_eq!(tv_abi_version(), wire::ABI_VERSION);
-}
-
-#[test]
-fn wire_round_trips_and_rejects_truncation() {
-    fresh();
-    let mut out = Vec::new();
-    let hits = [
-        (1u64, 0.5f32, 7u64, Some("a")),
-        (2, 0.75, 8, None),
-        (3, 1.0, 9, Some("çé")),
-    ];
-    wire::encode_response(
-        hits.iter().copied(),
-        Some((42, 0.25)),
-        true,
-        false,
-        &mut out,
-    )
-    .expect("encodes");
-    let decoded = wire::decode_response(&out).expect("decodes");
-    assert_eq!(decoded.nearest_anchor, Some((42, 0.25)));
-    assert!(decoded.certified && !decoded.local);
-    assert_eq!(decoded.hits[2].payload.as_deref(), Some("çé"));
-    assert_eq!(decoded.hits[1].payload, None);
-    for cut in 0..out.len() {
-        assert!(wire::decode_response(&out[..cut]).is_err(), "cut at {cut}");
-    }
-    out.push(0);
-    assert!(wire::decode_response(&out).is_err());
+    assert_eq!(tv_abi_version(), guest_abi::ABI_VERSION);
 }
 
 #[test]
@@ -382,7 +353,7 @@ fn certificates_certify_like_the_local_cache_and_follow_set_certificates() {
     assert!(expected.certified);
     let got = search(&anchor, 5, 32).expect("answers");
     assert!(got.certified);
-    let ids = |hits: &[wire::WireHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
+    let ids = |hits: &[guest_abi::WireHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
     assert_eq!(ids(&got.hits), ids(&expected.hits));
     // Certification is not the rule's decision: with no rule the guest says "ask the cloud".
     assert!(!got.local);
@@ -390,7 +361,7 @@ fn certificates_certify_like_the_local_cache_and_follow_set_certificates() {
     assert_eq!(set_certificates(&[]), status::OK, "{}", message());
     assert!(!search(&anchor, 5, 32).expect("answers").certified);
     let mut list = Vec::new();
-    wire::encode_certificates(&native.certificates(), &mut list);
+    guest_abi::encode_certificates(&native.certificates(), &mut list);
     assert_eq!(set_certificates(&list), status::OK, "{}", message());
     assert!(search(&anchor, 5, 32).expect("answers").certified);
 
@@ -398,7 +369,7 @@ fn certificates_certify_like_the_local_cache_and_follow_set_certificates() {
     assert_eq!(set_certificates(&list[..11]), status::MALFORMED_REQUEST);
     for bad in [f32::NAN, -1.0, 0.0, f32::INFINITY] {
         let mut entry = Vec::new();
-        wire::encode_certificates(&[(anchor_id(&anchor), bad)], &mut entry);
+        guest_abi::encode_certificates(&[(anchor_id(&anchor), bad)], &mut entry);
         assert_eq!(set_certificates(&entry), status::MALFORMED_REQUEST);
         assert!(message().contains("radius"), "{}", message());
     }

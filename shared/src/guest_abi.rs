@@ -1,7 +1,8 @@
 //! The byte layouts of the guest ABI, version [`ABI_VERSION`]: the search request, the search
-//! response and the status codes. This one file is compiled into the guest (`tiervec-wasm`) and
-//! into the host (`tiervec_edge::wasm_host`, through `#[path]`), so the two sides cannot drift.
-//! It depends on `std` and `thiserror` only. Documented in `docs/wasm.md`.
+//! response, the certificate list and the status codes. The guest (`tiervec-wasm`) and the
+//! host (`tiervec_edge::wasm_host`) both use this one module, so the two sides cannot drift.
+//! Pure byte work, like the rest of `shared`. Documented in `docs/wasm.md`; the snapshot buffer
+//! the host hands the guest is aligned to [`crate::snapshot::BODY_ALIGN`].
 //!
 //! All integers and floats are little-endian; there is no padding beyond what is listed.
 //!
@@ -41,7 +42,7 @@ pub mod status {
     pub const OK: i32 = 0;
     /// An ABI argument is unusable: a null or misaligned pointer, a length past memory.
     pub const BAD_ARGUMENT: i32 = 1;
-    /// The request bytes do not follow the layout of `wire.rs`.
+    /// The request bytes do not follow the layout of this module.
     pub const MALFORMED_REQUEST: i32 = 2;
     /// The search request is well formed but refused (`QueryError`: dimension, NaN, `k`, `ef`).
     pub const INVALID_QUERY: i32 = 3;
@@ -216,7 +217,7 @@ pub fn decode_request(bytes: &[u8], query: &mut Vec<f32>) -> Result<(u32, u32), 
 }
 
 /// A decoded hit: the shared local search's own hit type.
-pub use tiervec_shared::local::LocalHit as WireHit;
+pub use crate::local::LocalHit as WireHit;
 
 /// A decoded search response.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -350,4 +351,37 @@ pub fn decode_response(bytes: &[u8]) -> Result<SearchResponse, WireError> {
         certified: flags & FLAG_CERTIFIED != 0,
         local: flags & FLAG_LOCAL != 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_round_trip_and_truncation_is_refused() {
+        let mut out = Vec::new();
+        let hits = [
+            (1u64, 0.5f32, 7u64, Some("a")),
+            (2, 0.75, 8, None),
+            (3, 1.0, 9, Some("çé")),
+        ];
+        encode_response(
+            hits.iter().copied(),
+            Some((42, 0.25)),
+            true,
+            false,
+            &mut out,
+        )
+        .expect("encodes");
+        let decoded = decode_response(&out).expect("decodes");
+        assert_eq!(decoded.nearest_anchor, Some((42, 0.25)));
+        assert!(decoded.certified && !decoded.local);
+        assert_eq!(decoded.hits[2].payload.as_deref(), Some("çé"));
+        assert_eq!(decoded.hits[1].payload, None);
+        for cut in 0..out.len() {
+            assert!(decode_response(&out[..cut]).is_err(), "cut at {cut}");
+        }
+        out.push(0);
+        assert!(decode_response(&out).is_err());
+    }
 }
