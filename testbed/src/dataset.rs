@@ -125,6 +125,17 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>, DatasetError> {
 }
 
 impl Dataset {
+    /// Query `q`'s shipped exact top-`k` (`k` ≤ 100): ids and distances, nearest first.
+    pub fn ground_truth(&self, q: usize, k: usize) -> (Vec<u64>, Vec<f32>) {
+        (
+            self.groundtruth.row(q)[..k]
+                .iter()
+                .map(|&i| i as u64)
+                .collect(),
+            self.groundtruth_distances.row(q)[..k].to_vec(),
+        )
+    }
+
     /// Loads every vector file of the dataset in `dir` and checks that they fit together.
     pub fn load(dir: &Path) -> Result<Dataset, DatasetError> {
         let base = read_fvecs(&dir.join("base.fvecs"), None)?;

@@ -13,8 +13,8 @@ use tiervec_edge::link::LinkConfig;
 use tiervec_shared::CollectionId;
 use tiervec_shared::confidence::ConfidenceRule;
 
-use crate::bench::recall_at_10;
 use crate::dataset::Dataset;
+use crate::measure::recall_at_10;
 use crate::procs::{self, Process};
 
 /// The collection the dataset is loaded into.

@@ -23,9 +23,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The main job: a cloud and three edges as real processes on loopback, a Zipf trace of
-    /// application requests replayed through the edges, sources, recall and latency reported.
+    /// application requests replayed through the edges, sources, recall and latency reported
+    /// (--quick: 3,000 requests per edge instead of 20,000).
     Demo(tiervec_testbed::demo::DemoArgs),
-    /// Benchmarks; each writes JSON (--json) and updates docs/benchmarks.md.
+    /// Benchmarks; each writes JSON (--json) and, on a full run, updates docs/benchmarks.md.
     Bench {
         #[command(subcommand)]
         bench: Bench,
@@ -62,19 +63,24 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Edge snapshot search vs hnsw_rs vs exact on 10,000 vectors (ef sweep).
+    /// Edge snapshot search vs hnsw_rs vs exact on 10,000 vectors (ef sweep; --quick: 1,000
+    /// queries, 1,000 samples per row).
     Local(LocalArgs),
-    /// The cloud tier on 50,000 vectors: load, search, recovery, HTTP.
+    /// The cloud tier on 50,000 vectors: load, search, recovery, HTTP (--quick: 10,000
+    /// vectors, 1,000 queries and samples, a 1,000-record WAL tail).
     Cloud(CloudArgs),
     /// The fallback path end to end over QUIC, with a raw quinn echo, and 0-RTT against a
-    /// full handshake under an emulated round trip.
+    /// full handshake under an emulated round trip (--quick: 1,000 samples per row, 10
+    /// reconnections).
     E2e(tiervec_testbed::bench::e2e::E2eArgs),
     /// The edge kernel as a WASM guest under wasmtime against the native edge (simd128 and
-    /// scalar guests), with host overhead, cold start and memory per instance.
+    /// scalar guests), with host overhead, cold start and memory per instance (--quick: 1,000
+    /// queries and samples per row).
     Wasm(tiervec_testbed::bench::wasm::WasmArgs),
     /// Exact search on the GPU (build with `--features gpu`) against the CPU's exact scan:
     /// QPS at batch 1, 64 and 1,024 over the 50,000 vectors and a 1,000,000-vector synthetic
-    /// corpus, fraction of the device's limits, speed-up; CPU rows only without a device.
+    /// corpus, fraction of the device's limits, speed-up; CPU rows only without a device
+    /// (--quick: a 100,000-vector synthetic corpus, 256 real queries).
     Gpu(tiervec_testbed::bench::gpu::GpuArgs),
 }
 

@@ -1,42 +1,67 @@
-//! SVG plots of benchmark results (plotters, SVG backend only).
+//! SVG plots (plotters, SVG backend only). Every plot takes plain series — a name and its
+//! `(x, y)` points — so it knows nothing of what was measured: the benches and the demo turn
+//! their figures into series.
 
-use std::path::Path;
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
 
-use anyhow::anyhow;
 use plotters::prelude::*;
 
-use crate::bench::Row;
+/// A named line: `(x, y)` points in drawing order.
+pub type Series<'a> = (&'a str, Vec<(f64, f64)>);
 
-/// Recall@10 (x) against p50 latency in µs (y, log scale), one line per engine.
-pub fn recall_latency(path: &Path, title: &str, rows: &[Row]) -> anyhow::Result<()> {
+/// Why a plot was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("creating {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("drawing {path}: {message}")]
+    Drawing { path: PathBuf, message: String },
+}
+
+/// Creates the folder of `path` and returns the mapping of plotters' errors for it.
+fn prepare(path: &Path) -> Result<impl Fn(&dyn Display) -> PlotError + '_, PlotError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(|source| PlotError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
     }
-    let min_recall = rows.iter().map(|r| r.recall_at_10).fold(1.0, f64::min);
+    Ok(move |e: &dyn Display| PlotError::Drawing {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Recall@10 (x) against p50 latency in µs (y, log scale), one line per engine, in the
+/// colours of a fixed palette in the order given (the first is tiervec's).
+pub fn recall_latency(path: &Path, title: &str, engines: &[Series<'_>]) -> Result<(), PlotError> {
+    let fail = prepare(path)?;
+    let points = || engines.iter().flat_map(|(_, p)| p.iter().copied());
+    let min_recall = points().map(|p| p.0).fold(1.0, f64::min);
     let x0 = (min_recall - 0.01).clamp(0.0, 0.99);
-    let (y0, y1) = rows.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
-        (lo.min(r.p50_us), hi.max(r.p50_us))
+    let (y0, y1) = points().fold((f64::INFINITY, 0.0f64), |(lo, hi), p| {
+        (lo.min(p.1), hi.max(p.1))
     });
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(65)
         .build_cartesian_2d(x0..1.0005f64, ((y0 * 0.8).max(0.1)..y1 * 1.25).log_scale())
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
         .x_desc("recall@10")
         .y_desc("p50 latency (µs, log)")
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
-    let mut engines: Vec<&str> = rows.iter().map(|r| r.engine).collect();
-    engines.dedup();
-    engines.sort();
-    engines.dedup();
-    // Fixed, readable colours per engine (the first is tiervec's); others cycle.
+        .map_err(|e| fail(&e))?;
+    // Fixed, readable colours per engine; others cycle.
     let palette = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
@@ -44,25 +69,18 @@ pub fn recall_latency(path: &Path, title: &str, rows: &[Row]) -> anyhow::Result<
         RGBColor(214, 39, 40),
         RGBColor(148, 103, 189),
     ];
-    engines.sort_by_key(|e| (*e != "tiervec", *e));
-    for (i, engine) in engines.iter().enumerate() {
+    for (i, (engine, points)) in engines.iter().enumerate() {
         let color = palette[i % palette.len()].to_rgba();
-        let mut points: Vec<(f64, f64)> = rows
-            .iter()
-            .filter(|r| r.engine == *engine)
-            .map(|r| (r.recall_at_10, r.p50_us))
-            .collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-            .map_err(|e| anyhow!("{e}"))?
+            .map_err(|e| fail(&e))?
             .label(*engine)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
         chart
             .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
-            .map_err(|e| anyhow!("{e}"))?;
+            .map_err(|e| fail(&e))?;
     }
     chart
         .configure_series_labels()
@@ -70,36 +88,14 @@ pub fn recall_latency(path: &Path, title: &str, rows: &[Row]) -> anyhow::Result<
         .background_style(WHITE.mix(0.9))
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow!("{e}"))?;
-    Ok(())
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
 }
 
-/// Latency distribution per source: percentile (y) against latency in µs (x, log scale).
-pub fn latency_cdf(
-    path: &Path,
-    title: &str,
-    per_source: &[(&str, crate::bench::Latencies)],
-) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let quantiles: Vec<f64> = (0..=200)
-        .map(|i| i as f64 / 200.0 * 0.999)
-        .chain([0.9995, 0.9999])
-        .collect();
-    let curves: Vec<(&str, Vec<(f64, f64)>)> = per_source
-        .iter()
-        .map(|(source, lat)| {
-            (
-                *source,
-                quantiles
-                    .iter()
-                    .map(|&q| (lat.percentile_us(q).max(1.0), q * 100.0))
-                    .collect(),
-            )
-        })
-        .collect();
+/// Latency distribution per source: percentile (y, 0..100) against latency in µs (x, log
+/// scale, at least 1).
+pub fn latency_cdf(path: &Path, title: &str, curves: &[Series<'_>]) -> Result<(), PlotError> {
+    let fail = prepare(path)?;
     let (x0, x1) = curves
         .iter()
         .flat_map(|(_, c)| c.iter().map(|p| p.0))
@@ -107,14 +103,14 @@ pub fn latency_cdf(
             (lo.min(x), hi.max(x))
         });
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(65)
         .build_cartesian_2d(((x0 * 0.8).max(1.0)..x1 * 1.25).log_scale(), 0.0..100.0f64)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
         .x_desc("latency at the application (µs, log)")
@@ -122,18 +118,18 @@ pub fn latency_cdf(
         .x_labels(8)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| fail(&e))?;
     let palette = [
         RGBColor(44, 160, 44),
         RGBColor(31, 119, 180),
         RGBColor(214, 39, 40),
     ];
-    for (i, (source, points)) in curves.into_iter().enumerate() {
+    for (i, (source, points)) in curves.iter().enumerate() {
         let color = palette[i % palette.len()].to_rgba();
         chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(|e| anyhow!("{e}"))?
-            .label(source)
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|e| fail(&e))?
+            .label(*source)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
@@ -144,63 +140,62 @@ pub fn latency_cdf(
         .background_style(WHITE.mix(0.9))
         .position(SeriesLabelPosition::LowerRight)
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow!("{e}"))?;
-    Ok(())
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
+}
+
+/// The two lines of a threshold sweep over one trace, each as `(threshold, fraction)` points.
+#[derive(Debug, Clone, Default)]
+pub struct SweepLines {
+    pub recall_at_10: Vec<(f64, f64)>,
+    pub local_fraction: Vec<(f64, f64)>,
 }
 
 /// Recall@10 and local fraction (y) against the threshold (x), for the reported trace (solid)
-/// and the calibration trace (dashed), with the chosen threshold and the measured point.
+/// and the calibration trace (dashed), with the chosen threshold and the measured point
+/// `(local fraction, recall@10)`.
 pub fn threshold_sweep(
     path: &Path,
     title: &str,
     x_desc: &str,
-    reported: &[crate::demo::SweepPoint],
-    calibration: &[crate::demo::SweepPoint],
+    reported: &SweepLines,
+    calibration: &SweepLines,
     chosen: f64,
     measured: (f64, f64),
-) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let x1 = reported
+) -> Result<(), PlotError> {
+    let fail = prepare(path)?;
+    let x1 = [reported, calibration]
         .iter()
-        .chain(calibration)
-        .map(|p| p.threshold)
+        .flat_map(|l| l.recall_at_10.iter().chain(&l.local_fraction))
+        .map(|p| p.0)
         .fold(chosen, f64::max)
         * 1.05;
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(65)
         .build_cartesian_2d(0.0..x1, 0.0..1.02f64)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc("fraction")
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| fail(&e))?;
     let recall = RGBColor(31, 119, 180).to_rgba();
     let local = RGBColor(44, 160, 44).to_rgba();
-    for (points, dashed, name) in [
+    for (lines, dashed, name) in [
         (reported, false, "reported"),
         (calibration, true, "calibration"),
     ] {
-        for (color, what, get) in [
-            (
-                recall,
-                "recall@10",
-                (|p: &crate::demo::SweepPoint| p.recall_at_10) as fn(&_) -> f64,
-            ),
-            (local, "local fraction", |p: &crate::demo::SweepPoint| {
-                p.local_fraction
-            }),
+        for (color, what, line) in [
+            (recall, "recall@10", &lines.recall_at_10),
+            (local, "local fraction", &lines.local_fraction),
         ] {
-            let line: Vec<(f64, f64)> = points.iter().map(|p| (p.threshold, get(p))).collect();
+            let line = line.clone();
             let style = color.stroke_width(if dashed { 1 } else { 2 });
             let series = if dashed {
                 chart.draw_series(DashedLineSeries::new(line, 6, 4, style))
@@ -208,7 +203,7 @@ pub fn threshold_sweep(
                 chart.draw_series(LineSeries::new(line, style))
             };
             series
-                .map_err(|e| anyhow!("{e}"))?
+                .map_err(|e| fail(&e))?
                 .label(format!("{what} ({name} trace, predicted)"))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         }
@@ -218,7 +213,7 @@ pub fn threshold_sweep(
             vec![(chosen, 0.0), (chosen, 1.02)],
             BLACK.mix(0.6).stroke_width(1),
         ))
-        .map_err(|e| anyhow!("{e}"))?
+        .map_err(|e| fail(&e))?
         .label(format!("chosen threshold {chosen:.3}"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6)));
     chart
@@ -226,7 +221,7 @@ pub fn threshold_sweep(
             Circle::new((chosen, measured.0), 6, local.filled()),
             Circle::new((chosen, measured.1), 6, recall.filled()),
         ])
-        .map_err(|e| anyhow!("{e}"))?
+        .map_err(|e| fail(&e))?
         .label("measured end to end (dots)")
         .legend(move |(x, y)| Circle::new((x + 10, y), 4, recall.filled()));
     chart
@@ -235,9 +230,8 @@ pub fn threshold_sweep(
         .background_style(WHITE.mix(0.9))
         .position(SeriesLabelPosition::LowerRight)
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow!("{e}"))?;
-    Ok(())
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
 }
 
 /// Fractions over the course of a trace (x: requests per edge so far), one line each, with a
@@ -245,36 +239,34 @@ pub fn threshold_sweep(
 pub fn over_trace(
     path: &Path,
     title: &str,
-    series: &[(&str, Vec<(f64, f64)>)],
+    series: &[Series<'_>],
     target: Option<(&str, f64)>,
-) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+) -> Result<(), PlotError> {
+    let fail = prepare(path)?;
     let x1 = series
         .iter()
         .flat_map(|(_, points)| points.iter().map(|p| p.0))
         .fold(1.0, f64::max);
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(65)
         .build_cartesian_2d(0.0..x1, 0.0..1.02f64)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
         .x_desc("requests per edge so far")
         .y_desc("fraction (per window)")
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| fail(&e))?;
     for (i, (name, points)) in series.iter().enumerate() {
         let style = Palette99::pick(i).stroke_width(2);
         chart
             .draw_series(LineSeries::new(points.clone(), style))
-            .map_err(|e| anyhow!("{e}"))?
+            .map_err(|e| fail(&e))?
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
     }
@@ -286,7 +278,7 @@ pub fn over_trace(
                 4,
                 BLACK.mix(0.6).stroke_width(1),
             ))
-            .map_err(|e| anyhow!("{e}"))?
+            .map_err(|e| fail(&e))?
             .label(name)
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6)));
     }
@@ -296,7 +288,6 @@ pub fn over_trace(
         .background_style(WHITE.mix(0.9))
         .position(SeriesLabelPosition::LowerRight)
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow!("{e}"))?;
-    Ok(())
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
 }

@@ -1,6 +1,6 @@
 //! The real processes the demo and the benchmarks start: `tiervec-cloud` and `tiervec-edge`
-//! from the same build as this binary, pinned to cores with `taskset`, killed when their guard
-//! is dropped (however the run ends).
+//! from the same build as this binary (and the WASM guest an edge may run), pinned to cores
+//! with `taskset`, killed when their guard is dropped (however the run ends).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,6 +33,44 @@ pub fn ensure_binaries() -> anyhow::Result<()> {
         binary(name)?;
     }
     Ok(())
+}
+
+/// The guest built with or without `simd128`, into its own target directory (so the scalar
+/// build's flags never invalidate the other). Built here when run under cargo.
+pub fn wasm_guest(simd: bool) -> anyhow::Result<PathBuf> {
+    let target = PathBuf::from(if simd {
+        "target/wasm-guest"
+    } else {
+        "target/wasm-guest-scalar"
+    });
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "-q",
+            "--profile",
+            "guest",
+            "--target",
+            "wasm32-wasip1",
+            "-p",
+            "tiervec-wasm",
+            "--target-dir",
+        ])
+        .arg(&target);
+        if !simd {
+            // RUSTFLAGS replaces the simd128 flag of .cargo/config.toml.
+            cmd.env("RUSTFLAGS", "-C target-feature=-simd128");
+        }
+        let ok = cmd.status().context("running cargo build")?.success();
+        anyhow::ensure!(ok, "building the guest (simd: {simd}) failed");
+    }
+    let path = target.join("wasm32-wasip1/guest/tiervec_wasm.wasm");
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: run under cargo (`cargo run --release -p tiervec-testbed -- bench wasm`)",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// A binary of this workspace next to the running one.

@@ -21,6 +21,8 @@ use rand_pcg::Pcg64;
 use tiervec_shared::Metric;
 use tiervec_shared::vecs::Matrix;
 
+use crate::measure;
+
 /// The knobs of a trace.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TraceSpec {
@@ -104,7 +106,7 @@ pub struct Truth {
     pub distances: Vec<f32>,
 }
 
-const TRUTH_K: usize = 10;
+const TRUTH_K: usize = measure::K;
 
 fn cache_path(dir: &Path, spec: &TraceSpec, base: &Matrix<f32>) -> PathBuf {
     let mut key = serde_json::to_vec(spec).expect("a trace spec serialises");
@@ -136,43 +138,25 @@ pub fn ground_truth(
         return Ok(truth);
     }
     let flat: Vec<&Request> = requests.iter().flatten().collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = flat.len().div_ceil(threads).max(1);
-    let mut answers: Vec<Truth> = Vec::with_capacity(flat.len());
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let handles: Vec<_> = flat
-            .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|r| {
-                            if r.repeat {
-                                return shipped(r.query);
-                            }
-                            let top = tiervec_shared::exact::search(
-                                &base.data,
-                                base.dim,
-                                Metric::Cosine,
-                                &r.vector,
-                                TRUTH_K,
-                            );
-                            Truth {
-                                ids: top.iter().map(|n| n.id as u64).collect(),
-                                distances: top.iter().map(|n| n.distance).collect(),
-                            }
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        for h in handles {
-            answers.extend(
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("a ground-truth worker panicked"))?,
-            );
-        }
-        Ok(())
-    })?;
+    let noisy: Vec<&[f32]> = flat
+        .iter()
+        .filter(|r| !r.repeat)
+        .map(|r| r.vector.as_slice())
+        .collect();
+    let mut exact = measure::exact_top_k(&base.data, base.dim, &noisy).into_iter();
+    let answers: Vec<Truth> = flat
+        .iter()
+        .map(|r| {
+            if r.repeat {
+                Some(shipped(r.query))
+            } else {
+                exact
+                    .next()
+                    .map(|(ids, distances)| Truth { ids, distances })
+            }
+        })
+        .collect::<Option<_>>()
+        .context("an exact answer per noisy request")?;
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("creating {}", cache_dir.display()))?;
     tiervec_shared::durable::write_atomic(&path, &encode(&answers), false)

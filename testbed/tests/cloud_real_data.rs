@@ -9,8 +9,8 @@ use tiervec_cloud::api::{CreateCollection, PointIn, SearchRequest};
 use tiervec_cloud::client::Client;
 use tiervec_cloud::config::CloudConfig;
 use tiervec_shared::{Metric, exact};
-use tiervec_testbed::bench::recall_at_10;
 use tiervec_testbed::dataset::Dataset;
+use tiervec_testbed::measure::recall_at_10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_slice_over_http_has_high_recall() {

@@ -15,22 +15,19 @@ use tiervec_cloud::service::Service;
 use tiervec_shared::Metric;
 use tiervec_shared::hnsw::HnswParams;
 
-use super::{
-    AtRecall, Latencies, Machine, Row, best_at, best_rows_list, measure, recall_at_10, rows_table,
-    update_benchmarks_md, write_json,
-};
+use super::{AtRecall, Row, best_at, best_rows_list, measure, recall_latency_series, rows_table};
 use crate::dataset::Dataset;
-use crate::deployment::COLLECTION;
+use crate::deployment::{self, COLLECTION};
+use crate::measure::{
+    K, Latencies, Machine, OutputArgs, exact_top_k, recall_at_10, update_benchmarks_md,
+};
 use crate::plot;
 use crate::procs::{self, Process};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CloudArgs {
-    /// Reduced run (10,000 vectors, 1,000 queries) for CI smoke tests; leaves docs/ alone.
-    #[arg(long)]
-    pub quick: bool,
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// ef values to sweep in-process (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "16,32,48,64,96,128,192")]
     pub ef: Vec<usize>,
@@ -45,10 +42,6 @@ pub struct CloudArgs {
     pub wal_tail: usize,
     #[arg(long, default_value = "target/tiervec-bench/cloud")]
     pub work_dir: PathBuf,
-    #[arg(long, default_value = "docs")]
-    pub docs: PathBuf,
-    #[arg(long)]
-    pub no_docs: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,12 +85,14 @@ fn spawn_server(data_dir: &Path, addr_file: &Path, cpu: usize) -> anyhow::Result
 }
 
 pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
+    let docs = args.output.docs_dir()?.map(Path::to_owned);
+    let quick = args.output.quick;
     let started = Instant::now();
     let ds = Dataset::load_default()?;
     let texts = ds.base_texts()?;
-    let count = if args.quick { 10_000 } else { ds.base.rows() };
-    let nq = if args.quick { 1_000 } else { ds.queries.rows() };
-    if args.quick {
+    let count = if quick { 10_000 } else { ds.base.rows() };
+    let nq = if quick { 1_000 } else { ds.queries.rows() };
+    if quick {
         args.samples = args.samples.min(1_000);
         args.wal_tail = args.wal_tail.min(1_000);
     }
@@ -105,34 +100,9 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
     let queries: Vec<&[f32]> = (0..nq).map(|i| ds.queries.row(i)).collect();
     // The shipped ground truth is over all 50,000; the quick run computes its own over the slice.
     let truth: Vec<(Vec<u64>, Vec<f32>)> = if count == ds.base.rows() {
-        (0..nq)
-            .map(|q| {
-                (
-                    ds.groundtruth.row(q)[..10]
-                        .iter()
-                        .map(|&i| i as u64)
-                        .collect(),
-                    ds.groundtruth_distances.row(q)[..10].to_vec(),
-                )
-            })
-            .collect()
+        (0..nq).map(|q| ds.ground_truth(q, K)).collect()
     } else {
-        queries
-            .iter()
-            .map(|q| {
-                let top = tiervec_shared::exact::search(
-                    &ds.base.data[..count * dim],
-                    dim,
-                    Metric::Cosine,
-                    q,
-                    10,
-                );
-                (
-                    top.iter().map(|n| n.id as u64).collect(),
-                    top.iter().map(|n| n.distance).collect(),
-                )
-            })
-            .collect()
+        exact_top_k(&ds.base.data[..count * dim], dim, &queries)
     };
 
     let data_dir = args.work_dir.join("data");
@@ -283,7 +253,7 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         procs::wait_http_ok(&http, &format!("{base}/readyz"), Duration::from_secs(300)).await?;
         let recovery_seconds = t.elapsed().as_secs_f64();
-        crate::deployment::wait_indexed(&http, &base, &mut server).await?;
+        deployment::wait_indexed(&http, &base, &mut server).await?;
         let target = HttpTarget {
             http: &http,
             base: &base,
@@ -326,7 +296,7 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
         settings: serde_json::json!({
             "count": count, "dim": dim, "queries": nq, "k": 10, "m": 16, "ef_construction": 200,
             "samples_per_row": args.samples, "http_ef": args.http_ef, "wal_tail_records": args.wal_tail,
-            "quick": args.quick, "ground_truth": if count == ds.base.rows() { "shipped groundtruth.ivecs" } else { "exact over the slice" },
+            "quick": quick, "ground_truth": if count == ds.base.rows() { "shipped groundtruth.ivecs" } else { "exact over the slice" },
             "server": "tiervec-cloud serve as a child process, taskset -c 0, 1 tokio worker thread",
             "load_generator": "this process, taskset -c 1, one tokio current-thread runtime (reqwest)",
         }),
@@ -341,11 +311,9 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
         at_recall_098,
         http_server_worker_threads: 1,
     };
-    if let Some(json) = &args.json {
-        write_json(json, &report)?;
-    }
-    if !args.no_docs && !args.quick {
-        write_docs(&args, &report)?;
+    args.output.write_json(&report)?;
+    if let Some(docs) = &docs {
+        write_docs(docs, &args, &report)?;
     }
     eprintln!(
         "bench cloud done in {:.0}s",
@@ -454,8 +422,8 @@ async fn http_row(
     Ok(row)
 }
 
-fn write_docs(args: &CloudArgs, r: &Report) -> anyhow::Result<()> {
-    let svg = args.docs.join("bench").join("cloud-recall-latency.svg");
+fn write_docs(docs: &Path, args: &CloudArgs, r: &Report) -> anyhow::Result<()> {
+    let svg = docs.join("bench").join("cloud-recall-latency.svg");
     let in_process: Vec<Row> = r
         .rows
         .iter()
@@ -465,19 +433,19 @@ fn write_docs(args: &CloudArgs, r: &Report) -> anyhow::Result<()> {
     plot::recall_latency(
         &svg,
         "bench cloud: recall@10 vs p50 latency (50,000 vectors, in-process, 1 thread)",
-        &in_process,
+        &recall_latency_series(&in_process),
     )?;
     let mut md = String::new();
     md.push_str("## bench cloud — the cloud tier on 50,000 vectors\n\n");
     md.push_str(&format!(
-        "Command: `cargo build --release -p tiervec-cloud && cargo run --release -p tiervec-testbed -- bench cloud --json target/bench-cloud.json`  \n\
+        "Command: `cargo build --release -p tiervec-cloud && cargo run --release -p tiervec-testbed -- bench cloud{} --json target/bench-cloud.json`  \n\
          Machine: {} ({} cpus). Recall@10 against the shipped ground truth. In-process rows: one thread, the \
          collection's own search (`tiervec`: tiervec's quantised search over the graph hnsw_rs built, exported; \
          `hnsw_rs`: hnsw_rs's own search over the same graph, same ef; `exact`: SIMD brute force). HTTP rows: \
          `tiervec-cloud serve` as a separate process pinned to core 0 with 1 tokio worker thread, the load \
          generator pinned to core 1; latency is the client's, request to parsed response; `threads` is the \
          number of concurrent clients.\n\n",
-        r.machine.cpu_model, r.machine.cpus
+        args.output.quick_flag(), r.machine.cpu_model, r.machine.cpus
     ));
     md.push_str(&rows_table(&r.rows, true));
     md.push_str("\nBest in-process row per engine at recall@10 ≥ 0.98:\n\n");
@@ -495,5 +463,9 @@ fn write_docs(args: &CloudArgs, r: &Report) -> anyhow::Result<()> {
          (searches are exact meanwhile).\n\n![recall vs latency](bench/cloud-recall-latency.svg)\n",
         r.load_seconds, r.index_seconds, r.wal_records_replayed, r.recovery_seconds, r.recovery_in_process_seconds, r.reindex_seconds
     ));
-    update_benchmarks_md(&args.docs.join("benchmarks.md"), "cloud", &md)
+    Ok(update_benchmarks_md(
+        &docs.join("benchmarks.md"),
+        "cloud",
+        &md,
+    )?)
 }

@@ -27,17 +27,17 @@ use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::protocol::frame::{Frame, Query};
 use tokio::net::UdpSocket;
 
-use super::{Latencies, Machine, recall_at_10, update_benchmarks_md, write_json};
 use crate::dataset::Dataset;
 use crate::deployment::{self, COLLECTION, EdgeSpec, hits_of};
+use crate::measure::prom::Exposition;
+use crate::measure::{K, Latencies, Machine, OutputArgs, recall_at_10, update_benchmarks_md};
 use crate::procs::{self, Process};
 use crate::snapshots;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct E2eArgs {
-    /// 1,000 samples per row and 10 reconnections instead of 10,000 and 40.
-    #[arg(long)]
-    pub quick: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Samples per row.
     #[arg(long, default_value_t = 10_000)]
     pub samples: usize,
@@ -52,10 +52,6 @@ pub struct E2eArgs {
     pub cloud_ef: usize,
     #[arg(long, default_value = "target/tiervec-bench/e2e")]
     pub work_dir: PathBuf,
-    #[arg(long, default_value = "docs")]
-    pub docs: PathBuf,
-    #[arg(long)]
-    pub json: Option<PathBuf>,
 }
 
 /// One row: a source at the application, or a layer below it.
@@ -148,23 +144,13 @@ fn row(source: &'static str, lat: &Latencies, recall: Option<f64>, seconds: f64)
     }
 }
 
-fn truth_of(ds: &Dataset, q: usize) -> (Vec<u64>, Vec<f32>) {
-    (
-        ds.groundtruth.row(q)[..10]
-            .iter()
-            .map(|&i| i as u64)
-            .collect(),
-        ds.groundtruth_distances.row(q)[..10].to_vec(),
-    )
-}
-
 fn wire_query(ds: &Dataset, q: usize, collection_id: [u8; 16], ef: usize) -> Query {
     Query {
         query_id: 0,
         collection: COLLECTION.into(),
         collection_id,
         vector: ds.queries.row(q).to_vec(),
-        k: 10,
+        k: K as u32,
         ef: ef as u32,
         span_id: 0,
         shadow: false,
@@ -217,7 +203,8 @@ async fn delaying_relay(upstream: SocketAddr, one_way: Duration) -> anyhow::Resu
 }
 
 pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
-    if args.quick {
+    let docs = args.output.docs_dir()?.map(Path::to_owned);
+    if args.output.quick {
         args.samples = args.samples.min(1_000);
         args.reconnects = args.reconnects.min(10);
     }
@@ -317,12 +304,13 @@ pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
         p.check_alive()?;
     }
     print!("{}", table(&report));
-    if let Some(path) = &args.json {
-        write_json(path, &report)?;
-    }
-    let quick = if args.quick { " --quick" } else { "" };
-    update_benchmarks_md(
-        &args.docs.join("benchmarks.md"),
+    args.output.write_json(&report)?;
+    let Some(docs) = docs else {
+        return Ok(());
+    };
+    let quick = args.output.quick_flag();
+    Ok(update_benchmarks_md(
+        &docs.join("benchmarks.md"),
         "e2e",
         &format!(
             "## e2e\n\nCommand: `cargo run --release -p tiervec-testbed -- bench e2e{quick} --json target/bench-e2e.json`. \
@@ -336,7 +324,7 @@ pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
             report.settings["processes"].as_str().unwrap_or(""),
             table(&report)
         ),
-    )
+    )?)
 }
 
 async fn measure_all(
@@ -398,7 +386,7 @@ async fn measure_all(
             lat.record(sent.elapsed());
             searched.record(Duration::from_micros(u64::from(answer.took_us)));
             let found: Vec<(u64, f32)> = answer.hits.iter().map(|h| (h.id, h.distance)).collect();
-            let (ids, d) = truth_of(ds, q);
+            let (ids, d) = ds.ground_truth(q, K);
             recall += recall_at_10(&found, &ids, &d);
         }
         let seconds = t.elapsed().as_secs_f64();
@@ -437,7 +425,7 @@ async fn measure_all(
                 "expected {source} answers from {url}, got {}",
                 v["source"]
             );
-            let (ids, d) = truth_of(ds, q);
+            let (ids, d) = ds.ground_truth(q, K);
             recall += recall_at_10(&hits_of(&v)?, &ids, &d);
         }
         rows.push(row(
@@ -449,19 +437,11 @@ async fn measure_all(
     }
 
     // Where the fallback's time goes inside the edge, from its own histograms (means).
-    let metrics = fallback.metrics(http).await?;
-    let mean_us = |name: &str, labels: &str| -> Option<f64> {
-        let value = |suffix: &str| {
-            metrics.lines().find_map(|l| {
-                l.strip_prefix(&format!("{name}{suffix}{labels} "))
-                    .and_then(|rest| rest.trim().parse::<f64>().ok())
-            })
-        };
-        Some(value("_sum")? / value("_count")? * 1e6)
-    };
+    let metrics = Exposition::parse(&fallback.metrics(http).await?);
+    let mean_us = |name: &str, labels: &[(&str, &str)]| Some(metrics.mean(name, labels)? * 1e6);
     let edge_breakdown = EdgeBreakdown {
-        query_mean_us: mean_us("tiervec_edge_query_seconds", "{source=\"cloud\"}"),
-        fallback_wait_mean_us: mean_us("tiervec_edge_fallback_seconds", ""),
+        query_mean_us: mean_us("tiervec_edge_query_seconds", &[("source", "cloud")]),
+        fallback_wait_mean_us: mean_us("tiervec_edge_fallback_seconds", &[]),
     };
 
     // 0-RTT against a full handshake, through the delaying relay.

@@ -5,7 +5,6 @@
 //! device's attributes), and the speed-up. Without a usable device it says so and still
 //! measures the CPU rows.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,16 +18,13 @@ use tiervec_cloud::gpu::{EngineKind, ExactEngine, GpuError};
 use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::{CollectionId, Metric};
 
-use super::{Machine, recall_at_10, update_benchmarks_md, write_json};
 use crate::dataset::Dataset;
+use crate::measure::{K, Machine, OutputArgs, recall_at_10, update_benchmarks_md};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GpuArgs {
-    /// Reduced run (a 100,000-vector synthetic corpus, fewer queries); leaves docs/ alone.
-    #[arg(long)]
-    pub quick: bool,
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Element type of the device copy.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: PrecisionArg,
@@ -44,10 +40,6 @@ pub struct GpuArgs {
     /// Seed of the synthetic corpus and its queries.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    #[arg(long, default_value = "docs")]
-    pub docs: PathBuf,
-    #[arg(long)]
-    pub no_docs: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -180,6 +172,8 @@ fn recall(found: &[Vec<Hit>], truth: &[(Vec<u64>, Vec<f32>)]) -> f64 {
 }
 
 pub fn run(args: GpuArgs) -> anyhow::Result<()> {
+    let docs = args.output.docs_dir()?;
+    let quick = args.output.quick;
     let precision = match args.precision {
         PrecisionArg::F32 => Precision::F32,
         PrecisionArg::F16 => Precision::F16,
@@ -209,21 +203,15 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
     real_rows
         .chunks_mut(dim)
         .for_each(tiervec_shared::metric::normalise);
-    let real_queries = if args.quick {
+    let real_queries = if quick {
         data.queries.data[..256 * dim].to_vec()
     } else {
         data.queries.data.clone()
     };
     let real_truth = (0..real_queries.len() / dim)
-        .map(|q| {
-            let ids = data.groundtruth.row(q)[..10]
-                .iter()
-                .map(|&i| i as u64)
-                .collect();
-            (ids, data.groundtruth_distances.row(q)[..10].to_vec())
-        })
+        .map(|q| data.ground_truth(q, K))
         .collect();
-    let synthetic_rows = if args.quick {
+    let synthetic_rows = if quick {
         args.synthetic_rows.min(100_000)
     } else {
         args.synthetic_rows
@@ -345,7 +333,7 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
             "seed": args.seed,
             "seconds_per_row": args.seconds,
             "metric": "cosine",
-            "quick": args.quick,
+            "quick": quick,
         }),
         device: gpu.status().to_string(),
         device_present,
@@ -356,19 +344,21 @@ pub fn run(args: GpuArgs) -> anyhow::Result<()> {
         peak_fp32_tflops: peak_fp32,
         peak_fp16_tflops: peak_fp16,
     };
-    if let Some(path) = &args.json {
-        write_json(path, &report)?;
-    }
-    if !args.quick && !args.no_docs {
-        update_benchmarks_md(&args.docs.join("benchmarks.md"), "gpu", &markdown(&report))?;
+    args.output.write_json(&report)?;
+    if let Some(docs) = docs {
+        update_benchmarks_md(
+            &docs.join("benchmarks.md"),
+            "gpu",
+            &markdown(&report, args.output.quick_flag()),
+        )?;
     }
     Ok(())
 }
 
-fn markdown(r: &Report) -> String {
+fn markdown(r: &Report, quick: &str) -> String {
     let mut md = String::from("## bench gpu\n\n");
     md.push_str(&format!(
-        "`cargo run --release -p tiervec-testbed [--features gpu] -- bench gpu`: exact top-{} \
+        "`cargo run --release -p tiervec-testbed [--features gpu] -- bench gpu{quick}`: exact top-{} \
          (cosine) on {} ({} cores, {}); engine: `{}`.\n\n",
         r.settings["k"], r.machine.cpu_model, r.machine.cpus, r.machine.kernel, r.device
     ));

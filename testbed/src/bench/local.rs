@@ -10,24 +10,20 @@ use tiervec_edge::{EdgeIndex, Hit, Searcher, write_snapshot_atomic};
 use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::{Metric, exact};
 
-use super::{
-    AtRecall, Machine, Row, best_at, best_rows_list, measure, memory, rows_table,
-    update_benchmarks_md, write_json,
-};
-use crate::dataset::Dataset;
-use crate::{plot, snapshots};
 use tiervec_cloud::index::GraphIndex;
 
+use super::{
+    AtRecall, Row, best_at, best_rows_list, measure, memory, recall_latency_series, rows_table,
+};
+use crate::dataset::Dataset;
+use crate::measure::{Latencies, Machine, OutputArgs, exact_top_k, update_benchmarks_md};
+use crate::{plot, snapshots};
+
 /// Knobs of the local bench.
-#[derive(Debug, Clone, clap::Args, Serialize)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct LocalArgs {
-    /// Reduced run (1,000 queries, 1,000 samples per row) for CI smoke tests; leaves docs/ alone.
-    #[arg(long)]
-    pub quick: bool,
-    /// Write the figures as JSON here.
-    #[arg(long)]
-    #[serde(skip)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Base vectors in the snapshot (the first N rows of base.fvecs).
     #[arg(long, default_value_t = 10_000)]
     pub count: usize,
@@ -47,16 +43,7 @@ pub struct LocalArgs {
     pub samples: usize,
     /// Where the snapshot file is written.
     #[arg(long, default_value = "target/tiervec-bench")]
-    #[serde(skip)]
     pub work_dir: PathBuf,
-    /// Update docs/benchmarks.md and the SVG under this docs folder.
-    #[arg(long, default_value = "docs")]
-    #[serde(skip)]
-    pub docs: PathBuf,
-    /// Leave docs/ alone (implied by --quick).
-    #[arg(long)]
-    #[serde(skip)]
-    pub no_docs: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,38 +66,6 @@ struct Report {
     at_recall_098: Vec<AtRecall>,
     p50_ratio_tiervec_to_hnsw_rs_at_098: Option<f64>,
     p99_ratio_tiervec_to_hnsw_rs_at_098: Option<f64>,
-}
-
-/// Exact top-10 ids and distances of every query over `vectors`, on all cores.
-pub(crate) fn ground_truth(
-    vectors: &[f32],
-    dim: usize,
-    queries: &[&[f32]],
-) -> Vec<(Vec<u64>, Vec<f32>)> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = queries.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = queries
-            .chunks(chunk)
-            .map(|qs| {
-                s.spawn(move || {
-                    qs.iter()
-                        .map(|q| {
-                            let top = exact::search(vectors, dim, Metric::Cosine, q, 10);
-                            (
-                                top.iter().map(|n| n.id as u64).collect(),
-                                top.iter().map(|n| n.distance).collect(),
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("ground-truth thread"))
-            .collect()
-    })
 }
 
 /// Resident memory of a child process that only opens the snapshot and searches it.
@@ -158,7 +113,9 @@ pub fn rss_probe(snapshot: &Path, queries: usize, ef: usize) -> anyhow::Result<R
 }
 
 pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
-    if args.quick {
+    let docs = args.output.docs_dir()?.map(Path::to_owned);
+    let quick = args.output.quick;
+    if quick {
         args.samples = args.samples.min(1_000);
     }
     let started = Instant::now();
@@ -167,7 +124,7 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
     let dim = ds.base.dim;
     let count = args.count.min(ds.base.rows());
     let vectors = &ds.base.data[..count * dim];
-    let nq = if args.quick { 1_000 } else { ds.queries.rows() };
+    let nq = if quick { 1_000 } else { ds.queries.rows() };
     let queries: Vec<&[f32]> = (0..nq).map(|i| ds.queries.row(i)).collect();
     let params = HnswParams {
         m: args.m,
@@ -179,7 +136,7 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
         args.m, args.ef_construction
     );
 
-    let truth = ground_truth(vectors, dim, &queries);
+    let truth = exact_top_k(vectors, dim, &queries);
 
     let t = Instant::now();
     let bytes = snapshots::build(&ds.base, count, params, Some(&texts))?;
@@ -191,16 +148,13 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
     drop(bytes);
     eprintln!("  tiervec build {build_seconds_tiervec:.1}s, snapshot {snapshot_bytes} bytes");
 
-    let mut opens: Vec<f64> = (0..7)
+    let opens: Latencies = (0..7)
         .map(|_| {
             let t = Instant::now();
-            let index = EdgeIndex::open(&path);
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            index.map(|_| ms)
+            EdgeIndex::open(&path).map(|_| t.elapsed())
         })
         .collect::<Result<_, _>>()?;
-    opens.sort_by(f64::total_cmp);
-    let open_ms = opens[opens.len() / 2];
+    let open_ms = opens.percentile_ms(0.5).unwrap_or_default();
     let index = EdgeIndex::open(&path)?;
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -293,7 +247,7 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
     ));
 
     // Kernel scan throughput: exact search over every base vector, single thread.
-    let scan_queries = if args.quick { 20 } else { 200 };
+    let scan_queries = if quick { 20 } else { 200 };
     let t = Instant::now();
     for q in queries.iter().take(scan_queries) {
         std::hint::black_box(exact::search(&ds.base.data, dim, Metric::Cosine, q, 10));
@@ -323,7 +277,7 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
         settings: serde_json::json!({
             "count": count, "dim": dim, "queries": nq, "k": 10, "m": args.m,
             "ef_construction": args.ef_construction, "seed": params.seed,
-            "samples_per_row": args.samples, "quick": args.quick,
+            "samples_per_row": args.samples, "quick": quick,
             "ground_truth": "exact cosine top-10 over the same vectors (tiervec exact search)",
             "hnsw_rs_distance": "tiervec cosine kernel",
         }),
@@ -347,11 +301,9 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
         hnsw_rs_build_threads: threads,
         at_recall_098,
     };
-    if let Some(json) = &args.json {
-        write_json(json, &report)?;
-    }
-    if !args.no_docs && !args.quick {
-        write_docs(&args, &report)?;
+    args.output.write_json(&report)?;
+    if let Some(docs) = &docs {
+        write_docs(docs, &args, &report)?;
     }
     eprintln!(
         "bench local done in {:.0}s",
@@ -374,20 +326,20 @@ fn spawn_rss_probe(path: &Path) -> anyhow::Result<RssProbe> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-fn write_docs(args: &LocalArgs, r: &Report) -> anyhow::Result<()> {
-    let svg = args.docs.join("bench").join("local-recall-latency.svg");
+fn write_docs(docs: &Path, args: &LocalArgs, r: &Report) -> anyhow::Result<()> {
+    let svg = docs.join("bench").join("local-recall-latency.svg");
     plot::recall_latency(
         &svg,
         "bench local: recall@10 vs p50 latency (10,000 vectors, 1 thread)",
-        &r.rows,
+        &recall_latency_series(&r.rows),
     )?;
     let mut md = String::new();
     md.push_str("## bench local — edge snapshot search\n\n");
     md.push_str(&format!(
-        "Command: `cargo run --release -p tiervec-testbed -- bench local --json target/bench-local.json`  \n\
+        "Command: `cargo run --release -p tiervec-testbed -- bench local{} --json target/bench-local.json`  \n\
          Machine: {} ({} cpus, kernel {}), {} vectors × 384, {} queries, M={}, ef_construction={}, \
          ≥{} samples per row, single thread.\n\n",
-        r.machine.cpu_model, r.machine.cpus, r.machine.kernel, args.count, r.settings["queries"], args.m,
+        args.output.quick_flag(), r.machine.cpu_model, r.machine.cpus, r.machine.kernel, args.count, r.settings["queries"], args.m,
         args.ef_construction, args.samples
     ));
     md.push_str(&rows_table(&r.rows, false));
@@ -420,5 +372,9 @@ fn write_docs(args: &LocalArgs, r: &Report) -> anyhow::Result<()> {
         r.kernel_gbps,
         r.memory_gbps
     ));
-    update_benchmarks_md(&args.docs.join("benchmarks.md"), "local", &md)
+    Ok(update_benchmarks_md(
+        &docs.join("benchmarks.md"),
+        "local",
+        &md,
+    )?)
 }

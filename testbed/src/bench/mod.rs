@@ -1,5 +1,7 @@
 //! Benchmarks: each writes the figures of `../shared/docs/bench-json.md` as JSON, a table into
-//! `docs/benchmarks.md` and, where it plots, an SVG beside it.
+//! `docs/benchmarks.md` and, where it plots, an SVG beside it (`crate::measure::OutputArgs`).
+//! Here: the rows of the in-process benches, measured one engine at a time or interleaved, and
+//! their tables.
 
 pub mod cloud;
 pub mod e2e;
@@ -8,94 +10,12 @@ pub mod local;
 pub mod memory;
 pub mod wasm;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// The `machine` object of every bench's JSON.
-#[derive(Debug, Serialize)]
-pub struct Machine {
-    pub cpus: usize,
-    pub cpu_model: String,
-    pub build_profile: &'static str,
-    pub kernel: &'static str,
-}
-
-impl Machine {
-    pub fn detect() -> Machine {
-        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|m| m.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown".into());
-        Machine {
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            cpu_model,
-            build_profile: if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            },
-            kernel: tiervec_shared::kernels::active(),
-        }
-    }
-}
-
-/// Latency samples in nanoseconds, reported in microseconds.
-pub struct Latencies(Histogram<u64>);
-
-impl Latencies {
-    pub fn new() -> Latencies {
-        Latencies(Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds"))
-    }
-
-    pub fn record(&mut self, d: Duration) {
-        self.0.saturating_record(d.as_nanos().max(1) as u64);
-    }
-
-    /// Number of samples recorded.
-    pub fn samples(&self) -> u64 {
-        self.0.len()
-    }
-
-    /// Adds another histogram's samples.
-    pub fn merge(&mut self, other: &Latencies) {
-        let _ = self.0.add(&other.0);
-    }
-
-    pub fn percentile_us(&self, q: f64) -> f64 {
-        self.0.value_at_quantile(q) as f64 / 1000.0
-    }
-}
-
-impl Default for Latencies {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// recall@10 of one answer under the rule of bench-json.md: a returned id counts when it is in
-/// the true top-10 or its distance ties the true 10th distance within 1e-5.
-pub fn recall_at_10(found: &[(u64, f32)], true_ids: &[u64], true_distances: &[f32]) -> f64 {
-    let k = 10.min(true_ids.len());
-    if k == 0 {
-        return 1.0;
-    }
-    let tenth = true_distances[k - 1];
-    let hits = found
-        .iter()
-        .take(k)
-        .filter(|(id, d)| true_ids[..k].contains(id) || (d - tenth).abs() <= 1e-5)
-        .count();
-    hits as f64 / k as f64
-}
+use crate::measure::{Latencies, recall_at_10};
+use crate::plot::Series;
 
 /// One engine at one setting.
 #[derive(Debug, Clone, Serialize)]
@@ -245,6 +165,26 @@ pub fn best_at(rows: &[Row], engine: &str, target: f64) -> Option<AtRecall> {
         })
 }
 
+/// The recall–latency line of each engine in `rows` (`plot::recall_latency`): `(recall@10,
+/// p50 µs)` points in recall order, tiervec first and the others by name.
+pub fn recall_latency_series(rows: &[Row]) -> Vec<Series<'static>> {
+    let mut engines: Vec<&'static str> = rows.iter().map(|r| r.engine).collect();
+    engines.sort_by_key(|e| (*e != "tiervec", *e));
+    engines.dedup();
+    engines
+        .into_iter()
+        .map(|engine| {
+            let mut points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.engine == engine)
+                .map(|r| (r.recall_at_10, r.p50_us))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (engine, points)
+        })
+        .collect()
+}
+
 /// The markdown table of `rows`, with a column of concurrent clients when `with_clients`.
 pub fn rows_table(rows: &[Row], with_clients: bool) -> String {
     let mut md = String::from(if with_clients {
@@ -288,47 +228,9 @@ pub fn best_rows_list(best: &[AtRecall]) -> String {
         .collect()
 }
 
-/// Writes `value` as pretty JSON to `path`.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(path, serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// Replaces the text between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` in
-/// `docs/benchmarks.md` (appending the section if it is not there yet).
-pub fn update_benchmarks_md(path: &Path, name: &str, section: &str) -> anyhow::Result<()> {
-    let start = format!("<!-- bench:{name}:start -->");
-    let end = format!("<!-- bench:{name}:end -->");
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let block = format!("{start}\n{section}\n{end}");
-    let new = match (old.find(&start), old.find(&end)) {
-        (Some(s), Some(e)) if e > s => format!("{}{}{}", &old[..s], block, &old[e + end.len()..]),
-        _ => format!("{}\n{}\n", old.trim_end(), block),
-    };
-    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn recall_counts_ties_at_the_tenth_distance() {
-        let ids: Vec<u64> = (0..10).collect();
-        let d: Vec<f32> = (0..10).map(|i| i as f32 * 0.1).collect();
-        let mut found: Vec<(u64, f32)> = (0..10).map(|i| (i, i as f32 * 0.1)).collect();
-        assert_eq!(recall_at_10(&found, &ids, &d), 1.0);
-        found[9] = (99, 0.9 + 5e-6);
-        assert_eq!(recall_at_10(&found, &ids, &d), 1.0);
-        found[9] = (99, 0.95);
-        assert_eq!(recall_at_10(&found, &ids, &d), 0.9);
-    }
 
     #[test]
     fn interleaved_blocks_give_every_engine_every_place() {
@@ -351,16 +253,5 @@ mod tests {
             }
         }
         assert!(block_order(0, 0).is_empty());
-    }
-
-    #[test]
-    fn benchmarks_md_sections_are_replaced_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("b.md");
-        update_benchmarks_md(&p, "local", "one").unwrap();
-        update_benchmarks_md(&p, "cloud", "two").unwrap();
-        update_benchmarks_md(&p, "local", "three").unwrap();
-        let s = std::fs::read_to_string(&p).unwrap();
-        assert!(s.contains("three") && s.contains("two") && !s.contains("one"));
     }
 }

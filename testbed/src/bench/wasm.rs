@@ -8,37 +8,27 @@
 //! against exact search over the same 10,000 vectors.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde::Serialize;
 use tiervec_edge::wasm_host::{ModuleSource, WasmConfig, WasmHost};
 use tiervec_shared::hnsw::{HnswParams, SearchScratch};
 use tiervec_shared::local::LocalCache;
 use tiervec_shared::snapshot::Snapshot;
 
-use super::local::ground_truth;
-use super::{
-    Contender, Latencies, Machine, Row, SearchFn, measure, measure_interleaved, rows_table,
-    update_benchmarks_md, write_json,
-};
+use super::{Contender, Row, SearchFn, measure, measure_interleaved, rows_table};
 use crate::dataset::Dataset;
-use crate::snapshots;
+use crate::measure::{K, Latencies, Machine, OutputArgs, exact_top_k, update_benchmarks_md};
+use crate::{procs, snapshots};
 
 /// Queries per engine per turn of the interleaved measurement (`measure_interleaved`).
 const BLOCK: usize = 500;
 
 /// Knobs of the wasm bench.
-#[derive(Debug, Clone, clap::Args, Serialize)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct WasmArgs {
-    /// Reduced run (1,000 queries, 1,000 samples per row) for CI smoke tests; leaves docs/ alone.
-    #[arg(long)]
-    pub quick: bool,
-    /// Write the figures as JSON here.
-    #[arg(long)]
-    #[serde(skip)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Base vectors in the cache (the first N rows of base.fvecs).
     #[arg(long, default_value_t = 10_000)]
     pub count: usize,
@@ -49,21 +39,11 @@ pub struct WasmArgs {
     pub samples: usize,
     /// Where module caches are written.
     #[arg(long, default_value = "target/tiervec-bench/wasm")]
-    #[serde(skip)]
     pub work_dir: PathBuf,
-    /// Update docs/benchmarks.md under this docs folder.
-    #[arg(long, default_value = "docs")]
-    #[serde(skip)]
-    pub docs: PathBuf,
-    /// Leave docs/ alone (implied by --quick and --baseline-module).
-    #[arg(long)]
-    #[serde(skip)]
-    pub no_docs: bool,
     /// Also measure this guest module (row `wasm_baseline`), interleaved with `native` and
     /// `wasm_simd`: an A/B of two guest builds within one run, immune to the machine's drift.
-    /// An engineering measurement, so docs/ is left alone.
+    /// An engineering measurement, so docs are left alone.
     #[arg(long)]
-    #[serde(skip)]
     pub baseline_module: Option<PathBuf>,
 }
 
@@ -97,44 +77,6 @@ struct Report {
     answers_differing: usize,
 }
 
-/// The guest built with or without `simd128`, into its own target directory (so the scalar
-/// build's flags never invalidate the other). Built here when run under cargo.
-pub(crate) fn guest(simd: bool) -> anyhow::Result<PathBuf> {
-    let target = PathBuf::from(if simd {
-        "target/wasm-guest"
-    } else {
-        "target/wasm-guest-scalar"
-    });
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "-q",
-            "--profile",
-            "guest",
-            "--target",
-            "wasm32-wasip1",
-            "-p",
-            "tiervec-wasm",
-            "--target-dir",
-        ])
-        .arg(&target);
-        if !simd {
-            // RUSTFLAGS replaces the simd128 flag of .cargo/config.toml.
-            cmd.env("RUSTFLAGS", "-C target-feature=-simd128");
-        }
-        let ok = cmd.status().context("running cargo build")?.success();
-        anyhow::ensure!(ok, "building the guest (simd: {simd}) failed");
-    }
-    let path = target.join("wasm32-wasip1/guest/tiervec_wasm.wasm");
-    anyhow::ensure!(
-        path.exists(),
-        "{} not found: run under cargo (`cargo run --release -p tiervec-testbed -- bench wasm`)",
-        path.display()
-    );
-    Ok(path)
-}
-
 /// A guest's search as the measurement calls it; a failed call is logged and answers nothing
 /// (its recall shows it).
 fn guest_search<'a>(host: &'a WasmHost, k: usize, ef: usize) -> SearchFn<'a> {
@@ -162,11 +104,6 @@ fn start(module: &Path, cache: &Path, snapshot: &[u8]) -> anyhow::Result<(WasmHo
     Ok((host, t.elapsed()))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Whether two answers agree: same distances within 1e-5, same ids but for near-ties.
 fn agree(native: &[(u64, f32)], guest: &[(u64, f32)]) -> bool {
     native.len() == guest.len()
@@ -183,22 +120,28 @@ fn agree(native: &[(u64, f32)], guest: &[(u64, f32)]) -> bool {
 }
 
 pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
-    if args.quick {
+    // A baseline run is an A/B of guest builds, not the figures of record.
+    let docs = match &args.baseline_module {
+        Some(_) => None,
+        None => args.output.docs_dir()?.map(Path::to_owned),
+    };
+    let quick = args.output.quick;
+    if quick {
         args.samples = args.samples.min(1_000);
     }
     let started = Instant::now();
-    let simd_module = guest(true)?;
-    let scalar_module = guest(false)?;
+    let simd_module = procs::wasm_guest(true)?;
+    let scalar_module = procs::wasm_guest(false)?;
     let ds = Dataset::load_default()?;
     let texts = ds.base_texts()?;
     let dim = ds.base.dim;
     let count = args.count.min(ds.base.rows());
     let vectors = &ds.base.data[..count * dim];
-    let nq = if args.quick { 1_000 } else { ds.queries.rows() };
+    let nq = if quick { 1_000 } else { ds.queries.rows() };
     let queries: Vec<&[f32]> = (0..nq).map(|i| ds.queries.row(i)).collect();
-    let (k, ef) = (10, args.ef);
+    let (k, ef) = (K, args.ef);
     eprintln!("bench wasm: {count} vectors × {dim}, {nq} queries, k={k}, ef={ef}");
-    let truth = ground_truth(vectors, dim, &queries);
+    let truth = exact_top_k(vectors, dim, &queries);
     let snapshot = snapshots::build(&ds.base, count, HnswParams::default(), Some(&texts))?;
     let snapshot_bytes = snapshot.len();
 
@@ -217,15 +160,16 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
         anyhow::ensure!(host.module_source().0 == ModuleSource::Cached);
         if name == "simd" {
             cold = [t_cached, t_compile];
-            let mut deser = Vec::new();
-            for _ in 0..5 {
-                let probe = WasmHost::start(config(module, &cache))?;
-                deser.push(probe.module_source().1.as_secs_f64() * 1e3);
-            }
+            let deser: Latencies = (0..5)
+                .map(|_| WasmHost::start(config(module, &cache)).map(|p| p.module_source().1))
+                .collect::<Result<_, _>>()?;
             let fresh = args.work_dir.join("compile-probe");
             let _ = std::fs::remove_dir_all(&fresh);
             let probe = WasmHost::start(config(module, &fresh))?;
-            module_ms = [median(deser), probe.module_source().1.as_secs_f64() * 1e3];
+            module_ms = [
+                deser.percentile_ms(0.5).unwrap_or_default(),
+                probe.module_source().1.as_secs_f64() * 1e3,
+            ];
         }
         hosts.push(host);
     }
@@ -237,11 +181,10 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
         .map(|module| start(module, &args.work_dir.join("baseline"), &snapshot).map(|(h, _)| h))
         .transpose()?;
     let memory_per_instance_bytes = simd_host.memory_per_instance()?;
-    let instantiate_us = median(
-        (0..21)
-            .map(|_| simd_host.instantiate_empty().map(|d| d.as_secs_f64() * 1e6))
-            .collect::<Result<_, _>>()?,
-    );
+    let instantiate_us = (0..21)
+        .map(|_| simd_host.instantiate_empty())
+        .collect::<Result<Latencies, _>>()?
+        .percentile_us(0.5);
     eprintln!(
         "  cold start {:.1} ms from the module cache, {:.1} ms compiling; module deserialise {:.1} ms, compile {:.1} ms; instantiate {instantiate_us:.0} µs; {memory_per_instance_bytes} bytes per instance",
         cold[0].as_secs_f64() * 1e3,
@@ -339,7 +282,7 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
             "instances": 1,
             "interleaved_block": BLOCK,
             "wasmtime": "48",
-            "quick": args.quick,
+            "quick": quick,
         }),
         instantiate_us,
         cold_start_ms: cold[0].as_secs_f64() * 1e3,
@@ -364,11 +307,13 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
         report.host_overhead_p50_us,
         report.host_overhead_p99_us
     );
-    if let Some(path) = &args.json {
-        write_json(path, &report)?;
-    }
-    if !args.quick && !args.no_docs && args.baseline_module.is_none() {
-        update_benchmarks_md(&args.docs.join("benchmarks.md"), "wasm", &section(&report))?;
+    args.output.write_json(&report)?;
+    if let Some(docs) = &docs {
+        update_benchmarks_md(
+            &docs.join("benchmarks.md"),
+            "wasm",
+            &section(&report, args.output.quick_flag()),
+        )?;
     }
     eprintln!(
         "bench wasm done in {:.0} s",
@@ -377,9 +322,9 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn section(r: &Report) -> String {
+fn section(r: &Report, quick: &str) -> String {
     format!(
-        "## bench wasm\n\n`cargo run --release -p tiervec-testbed -- bench wasm --json target/bench-wasm.json` \
+        "## bench wasm\n\n`cargo run --release -p tiervec-testbed -- bench wasm{quick} --json target/bench-wasm.json` \
          on {} ({} cores). The edge kernel as a `wasm32-wasip1` guest under wasmtime 48 against the native edge's \
          search (`LocalCache::search`, kernels: {}), same {}-vector cache, {} queries, k = 10, ef = {}, one \
          thread, latency at the host's API (query in, guest search, results out). Recall@10 against exact search \
