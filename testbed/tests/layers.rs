@@ -83,7 +83,12 @@ fn sources(src: &Path) -> Vec<SourceFile> {
                 continue;
             }
             let module = module_path(&rel);
-            if module.is_empty() || module == ["main"] || module == ["lib"] {
+            // Root files and test-only module files (`tests.rs`) are not placed in layers.
+            if module.is_empty()
+                || module == ["main"]
+                || module == ["lib"]
+                || module.last().is_some_and(|m| m == "tests")
+            {
                 continue;
             }
             let text = std::fs::read_to_string(&path).expect("a readable source file");
@@ -144,21 +149,25 @@ fn strip_tests(text: &str) -> String {
     out
 }
 
-/// Every path a file names that starts at `crate::` or `super::`, as absolute module paths
-/// (`crate::{a::X, b}` yields both). `pub use` re-exports are a module's surface, not a use
-/// of another module's behaviour, and are skipped.
+/// Every path a file names that starts at `crate::`, `super::` or one of its child modules, as
+/// absolute module paths (`crate::{a::X, b}` yields both).
 fn named_paths(file: &SourceFile) -> Vec<Vec<String>> {
     let mut out = Vec::new();
+    let children: Vec<String> = child_modules(&file.text)
+        .map(|c| format!("{c}::"))
+        .collect();
     for statement in file.text.split(';') {
-        if is_re_export(statement) {
-            continue;
-        }
-        // A module's own children are named by bare paths (`use child::X`).
-        let starts = ["crate::".to_owned(), "super::".to_owned()]
-            .into_iter()
-            .chain(child_modules(&file.text).map(|c| format!("{c}::")));
+        // Re-exporting its own children (`pub use child::X`) is a module's surface, not a use;
+        // re-exporting another module's item (`pub use crate::other::X`) is a use of it.
+        let starts: Vec<&str> = if is_re_export(statement) {
+            vec!["crate::"]
+        } else {
+            ["crate::", "super::"]
+                .into_iter()
+                .chain(children.iter().map(String::as_str))
+                .collect()
+        };
         for start in starts {
-            let start = start.as_str();
             let mut from = 0;
             while let Some(i) = statement[from..].find(start) {
                 let at = from + i;
@@ -452,7 +461,7 @@ fn the_reader_sees_inline_grouped_and_super_paths() {
         text: strip_tests(
             "mod budget;\nuse crate::{collection::Collection, hot};\nuse budget::Bytes;\n\
              fn f() { crate::service::run(); super::state::X; }\n\
-             pub use crate::server::Y;\n#[cfg(test)]\nmod tests { use crate::transport::Z; }\n",
+             pub use crate::server::Y;\npub use budget::Rate;\n#[cfg(test)]\nmod tests { use crate::transport::Z; }\n",
         ),
     };
     let paths: BTreeSet<String> = named_paths(&file)
@@ -465,6 +474,7 @@ fn the_reader_sees_inline_grouped_and_super_paths() {
         "service::run",
         "push::state::X",
         "push::plan::budget::Bytes",
+        "server::Y",
     ]
     .into_iter()
     .map(str::to_owned)
