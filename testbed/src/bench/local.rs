@@ -16,7 +16,7 @@ use super::{
 };
 use crate::dataset::Dataset;
 use crate::{plot, snapshots};
-use tiervec_cloud::index::GraphIndex;
+use tiervec_cloud::collection::index::GraphIndex;
 
 /// Knobs of the local bench.
 #[derive(Debug, Clone, clap::Args, Serialize)]

@@ -16,19 +16,20 @@
 //! Distances agree with [`tiervec_shared::Metric::distance`] within the tolerance documented in
 //! `docs/gpu.md` (a different summation order in FP32; FP16 rows are coarser).
 
+mod config;
 pub mod merge;
 pub mod plan;
 
 #[cfg(feature = "gpu")]
 mod device;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tiervec_shared::Metric;
 use tiervec_shared::hnsw::Neighbour;
 
-use crate::config::GpuConfig;
+pub use config::{GpuConfig, Precision};
 
 /// Which engine serves a collection's exact scans.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +167,31 @@ impl ExactEngine {
         }
     }
 
+    /// [`ExactEngine::probe`], with the outcome logged: what a server does once at start.
+    pub fn start(config: &GpuConfig) -> Arc<ExactEngine> {
+        let engine = Arc::new(ExactEngine::probe(config));
+        let status = engine.status();
+        match status.kind {
+            EngineKind::Gpu => tracing::info!(engine = %status, "exact search on the GPU"),
+            // Built without the feature or switched off: the CPU is what was asked for.
+            EngineKind::Cpu if !cfg!(feature = "gpu") || !config.enabled => {
+                tracing::info!(engine = %status, "exact search on the CPU")
+            }
+            EngineKind::Cpu => {
+                tracing::warn!(engine = %status, "GPU unusable, exact search falls back to the CPU")
+            }
+        }
+        engine
+    }
+
+    /// Sets the `tiervec_exact_engine` gauge for this engine (after the metrics recorder is
+    /// installed: a gauge set before it would be lost).
+    pub fn publish_gauge(&self) {
+        let status = self.status();
+        metrics::gauge!("tiervec_exact_engine", "engine" => status.kind.name(), "reason" => status.reason.clone())
+            .set(1.0);
+    }
+
     pub fn status(&self) -> &EngineStatus {
         &self.status
     }
@@ -182,46 +208,6 @@ impl ExactEngine {
         #[cfg(not(feature = "gpu"))]
         None
     }
-}
-
-static ENGINE: OnceLock<Arc<ExactEngine>> = OnceLock::new();
-
-/// Probes the device once for the process (the first call's `config` wins; `Service::open`
-/// calls this before recovery), logs the outcome, sets the `tiervec_exact_engine` gauge,
-/// and returns the engine every collection created afterwards uses.
-pub fn install(config: &GpuConfig) -> Arc<ExactEngine> {
-    let engine = ENGINE.get_or_init(|| {
-        let engine = Arc::new(ExactEngine::probe(config));
-        let status = engine.status();
-        match status.kind {
-            EngineKind::Gpu => tracing::info!(engine = %status, "exact search on the GPU"),
-            // Built without the feature or switched off: the CPU is what was asked for.
-            EngineKind::Cpu if !cfg!(feature = "gpu") || !config.enabled => {
-                tracing::info!(engine = %status, "exact search on the CPU")
-            }
-            EngineKind::Cpu => {
-                tracing::warn!(engine = %status, "GPU unusable, exact search falls back to the CPU")
-            }
-        }
-        engine
-    });
-    publish_gauge();
-    engine.clone()
-}
-
-/// Sets the `tiervec_exact_engine` gauge for the installed engine, if any: at install, and
-/// again when a metrics recorder is installed later (a gauge set before it would be lost).
-pub fn publish_gauge() {
-    if let Some(engine) = ENGINE.get() {
-        let status = engine.status();
-        metrics::gauge!("tiervec_exact_engine", "engine" => status.kind.name(), "reason" => status.reason.clone())
-            .set(1.0);
-    }
-}
-
-/// The process's engine ([`install`] with the default configuration if nothing installed one).
-pub fn engine() -> Arc<ExactEngine> {
-    install(&GpuConfig::default())
 }
 
 /// A collection's rows as the exact scan sees them (all slots, dead ones included).

@@ -7,12 +7,25 @@
 
 use rkyv::util::AlignedVec;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use tiervec_shared::hnsw::HnswBuilder;
 use tiervec_shared::local::LocalCache;
 use tiervec_shared::push::{Inventory, Manifest, anchor_bytes, vector_bytes};
-use tiervec_shared::snapshot::{self, AnchorSection, Snapshot, SnapshotBody, SnapshotSpec};
+use tiervec_shared::query::QueryError;
+use tiervec_shared::snapshot::{
+    self, AnchorSection, Snapshot, SnapshotBody, SnapshotError, SnapshotSpec,
+};
 
-use crate::collection::Collection;
+use super::corpus::Corpus;
+
+/// Why the snapshot of a cache could not be built.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error("a logged point does not fit the collection's graph: {0}")]
+    Point(#[from] QueryError),
+    #[error("the snapshot of the cache: {0}")]
+    Snapshot(#[from] SnapshotError),
+}
 
 /// When an announced inventory is far enough behind the logged manifest to restore it whole.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,13 +60,13 @@ impl RestorePolicy {
 /// of the byte model (vectors first, newest first), at manifest `version`; and the inventory that file is (what the
 /// edge's manifest will be once it installs it).
 pub fn build(
-    collection: &Collection,
+    collection: &impl Corpus,
     logged: &Manifest,
     anchor_vector: impl Fn(u64) -> Option<Vec<f32>>,
     version: u64,
     budget: u64,
-) -> Result<(AlignedVec, Inventory), String> {
-    let info = &collection.info;
+) -> Result<(AlignedVec, Inventory), RestoreError> {
+    let info = collection.info();
     let dim = info.dim;
     let mut builder = HnswBuilder::new(dim, info.metric, info.params);
     let (mut ids, mut lsns, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
@@ -70,7 +83,7 @@ pub fn build(
         if used + cost > budget {
             break;
         }
-        builder.insert(&point.vector).map_err(|e| e.to_string())?;
+        builder.insert(&point.vector)?;
         used += cost;
         ids.push(id);
         lsns.push(point.lsn);
@@ -94,8 +107,7 @@ pub fn build(
         used += cost;
         anchors.push(&vector, &members);
     }
-    let mut body = SnapshotBody::from_builder(&builder, &info.name, ids, lsns, Some(&payloads))
-        .map_err(|e| e.to_string())?;
+    let mut body = SnapshotBody::from_builder(&builder, &info.name, ids, lsns, Some(&payloads))?;
     body.manifest_version = version;
     body.anchors = anchors;
     let spec = SnapshotSpec {
@@ -104,9 +116,9 @@ pub fn build(
         metric: info.metric,
         params: info.params,
     };
-    let file = snapshot::encode(&spec, &body).map_err(|e| e.to_string())?;
+    let file = snapshot::encode(&spec, &body)?;
     // The inventory is read back from the file itself, exactly as the edge will read it.
-    let opened = Snapshot::open(file).map_err(|e| e.to_string())?;
+    let opened = Snapshot::open(file)?;
     let inventory = LocalCache::over_snapshot(&opened.view())
         .manifest()
         .inventory();
