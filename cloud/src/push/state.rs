@@ -50,8 +50,8 @@ enum Delivery {
     Idle,
     /// An invalidation's delta is being built.
     Building,
-    /// Built: its step is to be logged.
-    ToCommit(Delta, ManifestStep),
+    /// Built: its step is to be logged (the delta boxed: it is the largest of these).
+    ToCommit(Box<Delta>, ManifestStep),
     /// Its step is being logged.
     Committing(Delta),
     /// Logged: it is to be sent.
@@ -149,7 +149,7 @@ impl PushState {
     pub fn handle_built(&mut self, built: Option<(Delta, ManifestStep)>) {
         debug_assert!(matches!(self.delivery, Delivery::Building));
         self.delivery = match built {
-            Some((delta, step)) => Delivery::ToCommit(delta, step),
+            Some((delta, step)) => Delivery::ToCommit(Box::new(delta), step),
             None => Delivery::Idle,
         };
     }
@@ -177,7 +177,7 @@ impl PushState {
         match std::mem::replace(&mut self.delivery, Delivery::Idle) {
             Delivery::Idle => {}
             Delivery::ToCommit(delta, step) => {
-                self.delivery = Delivery::Committing(delta);
+                self.delivery = Delivery::Committing(*delta);
                 return Some(PushAction::CommitStep(step));
             }
             Delivery::ToSend(delta) => {

@@ -16,6 +16,7 @@
 //! Distances agree with [`tiervec_shared::Metric::distance`] within the tolerance documented in
 //! `docs/gpu.md` (a different summation order in FP32; FP16 rows are coarser).
 
+mod common;
 mod config;
 pub mod merge;
 pub mod plan;
@@ -26,9 +27,9 @@ mod device;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tiervec_shared::Metric;
 use tiervec_shared::hnsw::Neighbour;
 
+pub use common::{GpuError, HostRows};
 pub use config::{GpuConfig, Precision};
 
 /// Which engine serves a collection's exact scans.
@@ -60,37 +61,6 @@ impl std::fmt::Display for EngineStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.kind.name(), self.reason)
     }
-}
-
-/// Why the GPU does not serve exact search.
-#[derive(Debug, thiserror::Error)]
-pub enum GpuError {
-    #[error("built without the gpu feature")]
-    NotBuilt,
-    #[error("disabled in configuration (gpu.enabled = false)")]
-    Disabled,
-    #[error("no CUDA driver (libcuda.so not found)")]
-    NoDriver,
-    #[error("no cuBLAS (libcublas.so not found)")]
-    NoCublas,
-    #[error("no NVRTC (libnvrtc.so not found)")]
-    NoNvrtc,
-    #[error("no CUDA device {ordinal} ({count} found)")]
-    NoDevice { ordinal: usize, count: usize },
-    #[error("CUDA driver error: {0}")]
-    Driver(String),
-    #[error("out of device memory: {0}")]
-    OutOfMemory(String),
-    #[error("cuBLAS error: {0}")]
-    Blas(String),
-    #[error("top-k kernel failed to compile: {0}")]
-    Compile(String),
-    #[error("device self-test failed: {0}")]
-    SelfTest(String),
-    #[error("CUDA libraries do not match the CUDA 13 bindings: {0}")]
-    Incompatible(String),
-    #[error(transparent)]
-    Budget(#[from] plan::BudgetTooSmall),
 }
 
 /// The engine choice, from the probe's outcome: the device's description, or why there is none.
@@ -210,25 +180,6 @@ impl ExactEngine {
     }
 }
 
-/// A collection's rows as the exact scan sees them (all slots, dead ones included).
-#[derive(Clone, Copy)]
-pub struct HostRows<'a> {
-    /// Slot-major rows, prepared for the metric.
-    pub vectors: &'a [f32],
-    pub live: &'a [bool],
-    pub live_count: usize,
-    /// Changes whenever a slot is tombstoned (the device's live mask is rebuilt then).
-    pub tombstone_epoch: u64,
-    pub dim: usize,
-    pub metric: Metric,
-}
-
-impl HostRows<'_> {
-    pub fn slots(&self) -> usize {
-        self.live.len()
-    }
-}
-
 /// One collection's side of the engine: its device copy, and whether the device failed it.
 pub struct ExactScan {
     engine: Arc<ExactEngine>,
@@ -307,6 +258,7 @@ impl ExactScan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tiervec_shared::Metric;
 
     #[test]
     fn gpu_fallback_engine_choice_names_the_reason() {
