@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use serde_json::value::RawValue;
-use tiervec_cloud::http::{CreateCollection, PointIn, SearchRequest};
 use tiervec_cloud::client::Client;
 use tiervec_cloud::config::CloudConfig;
+use tiervec_cloud::http::{CreateCollection, PointIn, SearchRequest};
 use tiervec_shared::{Metric, exact};
 use tiervec_testbed::bench::recall_at_10;
 use tiervec_testbed::dataset::Dataset;
