@@ -258,7 +258,6 @@ impl ExactScan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tiervec_shared::Metric;
 
     #[test]
     fn gpu_fallback_engine_choice_names_the_reason() {
@@ -325,7 +324,7 @@ mod tests {
             live_count: 20_000,
             tombstone_epoch: 0,
             dim: 8,
-            metric: Metric::Dot,
+            metric: tiervec_shared::Metric::Dot,
         };
         assert!(scan.search(&host, &[1.0; 8], 10).is_none());
     }
