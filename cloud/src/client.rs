@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::api::{
+use crate::transport::http::{
     CollectionDescription, CreateCollection, ErrorBody, PointIn, SearchRequest, SearchResponse,
     UpsertPoints, WriteAck,
 };
@@ -101,7 +101,7 @@ impl Client {
     pub async fn delete(&self, name: &str, ids: Vec<u64>) -> Result<WriteAck, ClientError> {
         self.post(
             &format!("/v1/collections/{name}/points/delete"),
-            &crate::api::DeletePoints { ids },
+            &crate::transport::http::DeletePoints { ids },
         )
         .await
     }

@@ -6,21 +6,18 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-/// An API key and what it may do.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiKey {
-    pub key: String,
-    pub role: Role,
-}
+use crate::collection::gpu::GpuConfig;
+use crate::hot::HotConfig;
+use crate::push::PushConfig;
+use crate::service::ServiceConfig;
+use crate::transport::http::ApiKey;
 
-/// What a key may do: read-only keys search and read; read-write keys also write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    ReadOnly,
-    ReadWrite,
-}
+/// Why a configuration could not be read; the message names the file, variable or flag.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -53,80 +50,11 @@ pub struct CloudConfig {
     /// Which collections each edge (by certificate Common Name) may query; `"*"` grants all.
     pub edges: std::collections::HashMap<String, Vec<String>>,
     /// Hotness tables over what edges ask the cloud (`hot.rs`).
-    pub hot: crate::hot::HotConfig,
-    /// Pushing into edge caches (`push.rs`).
-    pub push: crate::push::PushConfig,
-    /// Exact search on a GPU (feature `gpu`; `gpu.rs`).
+    pub hot: HotConfig,
+    /// Pushing into edge caches (`push/`).
+    pub push: PushConfig,
+    /// Exact search on a GPU (feature `gpu`; `collection/gpu/`).
     pub gpu: GpuConfig,
-}
-
-/// The element type of the corpus copy on the device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// FP32 rows and FP32 GEMM: distances agree with the CPU to float rounding.
-    F32,
-    /// FP16 rows (half the memory and bandwidth), FP32 accumulation: distances agree with the
-    /// CPU to about 1e-3 for unit vectors, so near-ties may order differently.
-    F16,
-}
-
-impl Precision {
-    /// Bytes of one stored element.
-    pub const fn bytes(self) -> usize {
-        match self {
-            Precision::F32 => 4,
-            Precision::F16 => 2,
-        }
-    }
-
-    /// The name reported in descriptions and benchmarks.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "FP32",
-            Precision::F16 => "FP16",
-        }
-    }
-}
-
-/// `[gpu]`: exact search on a CUDA device. Ignored (exact search stays on the CPU) when the
-/// binary was built without the `gpu` feature.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GpuConfig {
-    /// Use the GPU when one is usable; false keeps exact search on the CPU.
-    pub enabled: bool,
-    /// CUDA device ordinal.
-    pub device: usize,
-    /// Device memory the corpus copies and scratch buffers may take, across all collections;
-    /// none = 70 % of the memory free at start (the rest is left to cuBLAS's workspace, the
-    /// top-k kernel's local memory and other processes). A collection whose copy does not fit
-    /// is streamed through the device in chunks.
-    pub memory_budget_bytes: Option<u64>,
-    /// Element type of the device copy.
-    pub precision: Precision,
-    /// Collections with fewer live points are scanned on the CPU: below this, a kernel launch
-    /// and the copies cost more than the scan.
-    pub min_rows: usize,
-    /// Exact requests with fewer queries than this are scanned on the CPU.
-    pub min_batch: usize,
-    /// Rebuild a collection's device copy from its live points once this fraction of the
-    /// copy's rows are tombstones.
-    pub compact_dead_fraction: f64,
-}
-
-impl Default for GpuConfig {
-    fn default() -> Self {
-        GpuConfig {
-            enabled: true,
-            device: 0,
-            memory_budget_bytes: None,
-            precision: Precision::F32,
-            min_rows: 16_384,
-            min_batch: 1,
-            compact_dead_fraction: 0.25,
-        }
-    }
 }
 
 impl Default for CloudConfig {
@@ -145,8 +73,8 @@ impl Default for CloudConfig {
             quic_addr: None,
             certs_dir: PathBuf::from("certs"),
             edges: std::collections::HashMap::new(),
-            hot: crate::hot::HotConfig::default(),
-            push: crate::push::PushConfig::default(),
+            hot: HotConfig::default(),
+            push: PushConfig::default(),
             gpu: GpuConfig::default(),
         }
     }
@@ -156,48 +84,61 @@ impl Default for CloudConfig {
 pub const ENV_PREFIX: &str = "TIERVEC_CLOUD_";
 
 impl CloudConfig {
+    /// The service's part.
+    pub fn service(&self) -> ServiceConfig {
+        ServiceConfig {
+            data_dir: self.data_dir.clone(),
+            max_batch: self.max_batch,
+            default_ef: self.default_ef,
+            tombstone_rebuild_fraction: self.tombstone_rebuild_fraction,
+            checkpoint_wal_bytes: self.checkpoint_wal_bytes,
+        }
+    }
+
     /// Reads `file` (if given), then applies `TIERVEC_CLOUD_*` variables from `env`, then the
     /// `field=value` overrides.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &[String],
-    ) -> Result<CloudConfig, String> {
+    ) -> Result<CloudConfig, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read config {}: {e}", path.display()))
+                })?;
                 text.parse::<toml::Table>()
-                    .map_err(|e| format!("config {}: {e}", path.display()))?
+                    .map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?
             }
             None => toml::Table::new(),
         };
         for (key, value) in env {
             if let Some(field) = key.strip_prefix(ENV_PREFIX) {
                 set(&mut table, &field.to_ascii_lowercase(), &value)
-                    .map_err(|e| format!("environment variable {key}: {e}"))?;
+                    .map_err(|e| ConfigError(format!("environment variable {key}: {e}")))?;
             }
         }
         for o in overrides {
             let (field, value) = o
                 .split_once('=')
-                .ok_or_else(|| format!("--set {o}: expected field=value"))?;
-            set(&mut table, field.trim(), value.trim()).map_err(|e| format!("--set {o}: {e}"))?;
+                .ok_or_else(|| ConfigError(format!("--set {o}: expected field=value")))?;
+            set(&mut table, field.trim(), value.trim())
+                .map_err(|e| ConfigError(format!("--set {o}: {e}")))?;
         }
         CloudConfig::deserialize(toml::Value::Table(table))
-            .map_err(|e| format!("configuration: {e}"))
+            .map_err(|e| ConfigError(format!("configuration: {e}")))
     }
 }
 
 /// Sets `field` to `value` parsed as a TOML value (bare words are taken as strings).
-fn set(table: &mut toml::Table, field: &str, value: &str) -> Result<(), String> {
+fn set(table: &mut toml::Table, field: &str, value: &str) -> Result<(), &'static str> {
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_owned()));
     if field.is_empty() {
-        return Err("empty field name".into());
+        return Err("empty field name");
     }
     table.insert(field.to_owned(), parsed);
     Ok(())
@@ -206,6 +147,8 @@ fn set(table: &mut toml::Table, field: &str, value: &str) -> Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collection::gpu::Precision;
+    use crate::transport::http::Role;
 
     #[test]
     fn file_env_and_flags_layer_in_that_order() {

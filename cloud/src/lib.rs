@@ -1,36 +1,39 @@
 //! # tiervec-cloud
 //!
-//! The cloud tier: it holds the whole corpus, answers what edges cannot, and serves the
-//! HTTP/JSON fallback API. How the parts connect:
+//! The cloud tier: it holds the whole corpus, answers what edges cannot, serves the HTTP/JSON
+//! API, and pushes hot vectors and invalidations into edge caches. Layers, each using only the
+//! ones below it:
 //!
-//! * [`service::Service`] owns the [`service::Catalog`] of [`collection::Collection`]s. Every
-//!   write is validated, appended to the write-ahead log ([`wal`], record format
-//!   `tiervec_shared::log` with [`entry::WalEntry`] bodies) and fsync'ed — concurrent writers
-//!   share fsyncs (group commit) — then applied, then acknowledged.
-//! * On start the service loads the newest [`checkpoint`] and replays the WAL after it; a torn
-//!   tail is truncated, earlier corruption is an error naming file and offset.
-//! * Each collection's graph lives in hnsw_rs ([`index::GraphIndex`], parallel inserts); a
-//!   maintenance thread exports it into immutable generations that tiervec's quantised search
-//!   runs over ([`index::Generation`]), rebuilds it when tombstones pass a fraction, and takes
-//!   checkpoints.
-//! * [`api`] is the axum HTTP/JSON API (`/v1`, OpenAPI at `/v1/openapi.json`, Prometheus
-//!   `/metrics`), with API keys ([`config::ApiKey`]).
-//! * [`client`] is a small HTTP client of that API (bulk loads, tests, benchmarks).
-//! * [`gpu`] serves exact scans on a GPU (feature `gpu`, cudarc) when one is usable, and says
-//!   why not otherwise; the CPU's SIMD scan is always there.
+//! * [`storage`] — the durable log behind one trait ([`storage::DurableLog`]): log entries
+//!   ([`storage::WalEntry`]), the WAL with group commit, checkpoints. [`storage::Embedded`]
+//!   (one WAL per data directory) is the default.
+//! * [`collection`] — a collection's points and tombstones, its graph index
+//!   ([`collection::index`], hnsw_rs exported into tiervec's quantised generations) and its
+//!   exact scans ([`collection::gpu`]: on a GPU with feature `gpu` when one is usable, the
+//!   CPU's SIMD scan otherwise).
+//! * [`service`] — the [`service::Catalog`] of collections and edge-cache manifests, the write
+//!   path (validate → log → apply → acknowledge), recovery, checkpoints, and the maintenance
+//!   thread; configured by a plain [`service::ServiceConfig`] and given its exact engine.
+//!   [`hot`] keeps the heavy-hitter tables of what edges ask for.
+//! * [`push`] — what the cloud pushes into edge caches: anchor tables, planning within each
+//!   cache's byte budget, certificates (exact balls), invalidations, whole-cache restores, and
+//!   the per-cache push task.
+//! * transport — [`quic`] (the edges' endpoint, mutual TLS from [`certs`]) and [`http`] (the
+//!   axum API, OpenAPI at `/v1/openapi.json`, Prometheus `/metrics`, API keys).
+//! * [`server`] — the composition root (`serve`, `spawn`, the metrics recorder), configured by
+//!   [`config::CloudConfig`]; [`inspect`] reports a data directory; [`client`] is a small HTTP
+//!   client of the API (bulk loads, tests, benchmarks). `main.rs` is glue.
 
-pub mod api;
-pub mod certs;
-pub mod checkpoint;
 pub mod client;
 pub mod collection;
 pub mod config;
-pub mod entry;
-pub mod gpu;
 pub mod hot;
-pub mod index;
+pub mod inspect;
 pub mod push;
-pub mod quic;
-pub mod restore;
+pub mod server;
 pub mod service;
-pub mod wal;
+pub mod storage;
+
+mod transport;
+
+pub use transport::{certs, http, quic};

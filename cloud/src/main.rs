@@ -1,22 +1,19 @@
 //! `tiervec-cloud`: serve the cloud tier, bulk-load vectors, inspect the data directory.
 //! Thin glue over the `tiervec_cloud` library.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::value::RawValue;
-use tiervec_cloud::api::{CreateCollection, PointIn};
 use tiervec_cloud::client::{Client, ClientError};
 use tiervec_cloud::config::CloudConfig;
+use tiervec_cloud::http::{CreateCollection, PointIn};
 use tiervec_cloud::service::Service;
-use tiervec_cloud::{checkpoint, wal};
 use tiervec_shared::Metric;
 use tiervec_shared::hnsw::HnswParams;
-use tiervec_shared::log::{self as record_log, LogKind};
 
 #[derive(Parser)]
 #[command(name = "tiervec-cloud", version, about = "tiervec cloud tier")]
@@ -97,26 +94,28 @@ fn main() -> anyhow::Result<()> {
             overrides,
             addr_file,
         } => {
-            let config = CloudConfig::load(config.as_deref(), std::env::vars(), &overrides)
-                .map_err(anyhow::Error::msg)?;
+            let config = CloudConfig::load(config.as_deref(), std::env::vars(), &overrides)?;
             init_logs(config.json_logs);
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = config.worker_threads {
                 rt.worker_threads(n);
             }
-            rt.enable_all().build()?.block_on(tiervec_cloud::api::serve(
-                config,
-                move |addr| {
-                    if let Some(path) = addr_file {
-                        let _ = tiervec_shared::durable::write_atomic(
-                            &path,
-                            addr.to_string().as_bytes(),
-                            false,
-                        );
-                    }
-                },
-                shutdown_signal(),
-            ))
+            rt.enable_all()
+                .build()?
+                .block_on(tiervec_cloud::server::serve(
+                    config,
+                    move |addr| {
+                        if let Some(path) = addr_file {
+                            let _ = tiervec_shared::durable::write_atomic(
+                                &path,
+                                addr.to_string().as_bytes(),
+                                false,
+                            );
+                        }
+                    },
+                    shutdown_signal(),
+                ))?;
+            Ok(())
         }
         Command::Load {
             collection,
@@ -191,7 +190,10 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Inspect { data_dir } => inspect(&data_dir),
+        Command::Inspect { data_dir } => {
+            tiervec_cloud::inspect::report(&data_dir, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
         Command::Certs {
             dir,
             deployment,
@@ -278,66 +280,6 @@ fn read_texts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
                 .with_context(|| format!("{} line {}", path.display(), i + 1))
         })
         .collect()
-}
-
-fn inspect(dir: &std::path::Path) -> anyhow::Result<()> {
-    if !dir.is_dir() {
-        bail!("{} is not a directory", dir.display());
-    }
-    let mut out = std::io::stdout().lock();
-    for (lsn, path) in checkpoint::list(dir)? {
-        let bytes = std::fs::read(&path)?;
-        match checkpoint::decode(&bytes) {
-            Ok(body) => {
-                writeln!(
-                    out,
-                    "checkpoint {} at LSN {lsn}: {} bytes, valid",
-                    path.display(),
-                    bytes.len()
-                )?;
-                for c in &body.collections {
-                    writeln!(
-                        out,
-                        "  collection {} dim {} metric {}: {} points",
-                        c.name,
-                        c.dim,
-                        Metric::from_code(c.metric).map_or("?", Metric::name),
-                        c.ids.len()
-                    )?;
-                }
-            }
-            Err(e) => writeln!(
-                out,
-                "checkpoint {} at LSN {lsn}: INVALID: {e}",
-                path.display()
-            )?,
-        }
-    }
-    for (first, path) in wal::segments(dir)? {
-        let bytes = std::fs::read(&path)?;
-        match record_log::scan(&bytes, LogKind::CloudWal) {
-            Ok(s) => {
-                let last = s.records.last().map_or(0, |r| r.lsn);
-                writeln!(
-                    out,
-                    "wal {}: first LSN {first}, {} records (LSN {}..={last}), {} bytes{}",
-                    path.display(),
-                    s.records.len(),
-                    s.records.first().map_or(0, |r| r.lsn),
-                    bytes.len(),
-                    match s.torn_tail {
-                        Some(why) => format!(
-                            ", torn tail at byte {} ({why}) — truncated at next start",
-                            s.valid_len
-                        ),
-                        None => String::new(),
-                    }
-                )?;
-            }
-            Err(e) => writeln!(out, "wal {}: INVALID: {e}", path.display())?,
-        }
-    }
-    Ok(())
 }
 
 fn init_logs(json: bool) {

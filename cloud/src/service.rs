@@ -1,5 +1,7 @@
-//! The cloud service: the catalog of collections, the write path through the WAL, recovery at
-//! start, checkpoints, and the maintenance thread that indexes, rebuilds and checkpoints.
+//! The cloud service: the catalog of collections, the write path through the durable log
+//! ([`crate::storage`]), recovery at start, checkpoints, and the maintenance thread that
+//! indexes, rebuilds and checkpoints. It is configured by a plain [`ServiceConfig`] and given
+//! the exact-search engine its collections use: it installs nothing process-wide.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -18,11 +20,29 @@ use tiervec_shared::snapshot::MAX_DIM;
 use tiervec_shared::{CollectionId, Metric};
 use tracing::{info, warn};
 
-use crate::checkpoint::{self, CheckpointBody, CheckpointError, CollectionImage, EdgeCacheImage};
+use crate::collection::gpu::ExactEngine;
 use crate::collection::{Collection, CollectionInfo, Engine, Hit, Point, SearchParams};
-use crate::config::CloudConfig;
-use crate::entry::WalEntry;
-use crate::wal::{self, FlushStats, RecoveryReport, Wal, WalError};
+use crate::storage::{
+    Apply, CheckpointError, Checkpointed, CollectionImage, DurableLog, EdgeCacheImage, Embedded,
+    Image, StartReport, StorageError, WalEntry, WalError,
+};
+
+/// What the service needs to know: where its data lives and its limits (the `tiervec-cloud
+/// serve` configuration's fields of the same names).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceConfig {
+    /// Where the WAL and checkpoints live (one server per directory, enforced by a lock).
+    pub data_dir: PathBuf,
+    /// Most points in one upsert or delete request.
+    pub max_batch: usize,
+    /// Beam width when a search request names none.
+    pub default_ef: usize,
+    /// Rebuild a collection's graph in the background once this fraction of its slots are
+    /// tombstones (deleted or replaced points).
+    pub tombstone_rebuild_fraction: f64,
+    /// Take a checkpoint (and drop covered WAL segments) once the log exceeds this many bytes.
+    pub checkpoint_wal_bytes: u64,
+}
 
 /// Errors of the service, classified for the API: user errors, missing things, and service
 /// failures.
@@ -53,6 +73,15 @@ pub enum ServiceError {
     DataDir { path: PathBuf, what: String },
 }
 
+impl From<StorageError> for ServiceError {
+    fn from(e: StorageError) -> ServiceError {
+        match e {
+            StorageError::Wal(e) => ServiceError::Wal(e),
+            StorageError::Checkpoint(e) => ServiceError::Checkpoint(e),
+        }
+    }
+}
+
 /// Ids of a collection written (inserted, replaced or deleted) at `lsn`: the push subsystem
 /// invalidates them in the edge caches that hold them, and shrinks the certificates whose
 /// balls they enter, at once.
@@ -64,15 +93,30 @@ pub struct Invalidation {
 }
 
 /// All collections, by name, and what the cloud believes each edge's cache of each holds.
-#[derive(Default)]
 pub struct Catalog {
     by_name: RwLock<HashMap<String, Arc<Collection>>>,
     /// (edge, collection identity) → manifest: a superset of what the edge holds.
     edge_caches: RwLock<HashMap<(String, [u8; 16]), Manifest>>,
     invalidations: OnceLock<tokio::sync::mpsc::UnboundedSender<Invalidation>>,
+    /// The engine of every collection's exact scans.
+    engine: Arc<ExactEngine>,
 }
 
 impl Catalog {
+    fn new(engine: Arc<ExactEngine>) -> Catalog {
+        Catalog {
+            by_name: RwLock::default(),
+            edge_caches: RwLock::default(),
+            invalidations: OnceLock::new(),
+            engine,
+        }
+    }
+
+    /// The engine of every collection's exact scans.
+    pub fn exact_engine(&self) -> &Arc<ExactEngine> {
+        &self.engine
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Collection>> {
         self.by_name.read().get(name).cloned()
     }
@@ -138,8 +182,58 @@ impl Catalog {
             .find(|c| c.info.id.0 == id)
             .cloned()
     }
+}
 
-    /// Applies one durable entry. Deterministic, so replay rebuilds exactly what was acknowledged.
+impl Apply for Catalog {
+    fn restore(&self, image: Image) {
+        let mut map = self.by_name.write();
+        for image in image.collections {
+            let Some(metric) = Metric::from_code(image.metric) else {
+                continue;
+            };
+            let c = Collection::with_engine(
+                CollectionInfo {
+                    name: image.name.clone(),
+                    id: CollectionId(image.id),
+                    dim: image.dim as usize,
+                    metric,
+                    params: HnswParams {
+                        m: image.m as usize,
+                        ef_construction: image.ef_construction as usize,
+                        seed: image.seed,
+                    },
+                },
+                self.engine.clone(),
+            );
+            for (i, (&id, &lsn)) in image.ids.iter().zip(&image.lsns).enumerate() {
+                let dim = image.dim as usize;
+                c.apply_upsert(
+                    lsn,
+                    &[id],
+                    &image.vectors[i * dim..(i + 1) * dim],
+                    std::slice::from_ref(&image.payloads[i]),
+                );
+            }
+            map.insert(image.name, Arc::new(c));
+        }
+        drop(map);
+        let dims: HashMap<[u8; 16], usize> = self
+            .all()
+            .iter()
+            .map(|c| (c.info.id.0, c.info.dim))
+            .collect();
+        let mut caches = self.edge_caches.write();
+        for image in image.edge_caches {
+            if let Some(&dim) = dims.get(&image.manifest.collection_id) {
+                caches.insert(
+                    (image.edge, image.manifest.collection_id),
+                    Manifest::from_inventory(&image.manifest, dim),
+                );
+            }
+        }
+    }
+
+    /// Deterministic, so replay rebuilds exactly what was acknowledged.
     fn apply(&self, lsn: u64, entry: &WalEntry) {
         match entry {
             WalEntry::CreateCollection {
@@ -160,17 +254,20 @@ impl Catalog {
                 };
                 map.insert(
                     name.clone(),
-                    Arc::new(Collection::new(CollectionInfo {
-                        name: name.clone(),
-                        id: CollectionId(*id),
-                        dim: *dim as usize,
-                        metric,
-                        params: HnswParams {
-                            m: *m as usize,
-                            ef_construction: *ef_construction as usize,
-                            seed: *seed,
+                    Arc::new(Collection::with_engine(
+                        CollectionInfo {
+                            name: name.clone(),
+                            id: CollectionId(*id),
+                            dim: *dim as usize,
+                            metric,
+                            params: HnswParams {
+                                m: *m as usize,
+                                ef_construction: *ef_construction as usize,
+                                seed: *seed,
+                            },
                         },
-                    })),
+                        self.engine.clone(),
+                    )),
                 );
             }
             WalEntry::DropCollection { name, id } => {
@@ -230,21 +327,49 @@ impl Catalog {
             }
         }
     }
-}
 
-/// How start-up went.
-#[derive(Debug, Clone, Default)]
-pub struct StartReport {
-    pub checkpoint: Option<(PathBuf, u64)>,
-    pub wal: RecoveryReport,
-    pub seconds: f64,
+    fn image(&self) -> Image {
+        let edge_caches: Vec<EdgeCacheImage> = self
+            .edge_caches
+            .read()
+            .iter()
+            .map(|((edge, _), m)| EdgeCacheImage {
+                edge: edge.clone(),
+                manifest: m.inventory(),
+            })
+            .collect();
+        let collections = self
+            .all()
+            .iter()
+            .map(|c| {
+                let (ids, lsns, vectors, payloads) = c.live_image();
+                CollectionImage {
+                    name: c.info.name.clone(),
+                    id: c.info.id.0,
+                    dim: c.info.dim as u32,
+                    metric: c.info.metric.code(),
+                    m: c.info.params.m as u32,
+                    ef_construction: c.info.params.ef_construction as u32,
+                    seed: c.info.params.seed,
+                    ids,
+                    lsns,
+                    vectors,
+                    payloads,
+                }
+            })
+            .collect();
+        Image {
+            collections,
+            edge_caches,
+        }
+    }
 }
 
 /// The running cloud service.
 pub struct Service {
-    pub config: CloudConfig,
+    pub config: ServiceConfig,
     catalog: Arc<Catalog>,
-    wal: Arc<Wal<Catalog>>,
+    log: Arc<dyn DurableLog>,
     start: StartReport,
     stop: Arc<AtomicBool>,
     maintenance: Option<JoinHandle<()>>,
@@ -267,20 +392,11 @@ fn check_name(name: &str) -> Result<(), ServiceError> {
     }
 }
 
-fn record_flush(stats: FlushStats) {
-    metrics::histogram!("tiervec_wal_fsync_seconds").record(stats.fsync_seconds);
-    metrics::counter!("tiervec_wal_records_total").increment(stats.records as u64);
-    metrics::counter!("tiervec_wal_flushes_total").increment(1);
-}
-
 impl Service {
     /// Opens the data directory (exclusively), loads the newest checkpoint, replays the WAL
-    /// after it, and starts the maintenance thread.
-    pub fn open(config: CloudConfig) -> Result<Service, ServiceError> {
-        // The exact-search engine is chosen (and a GPU probed) once per process, before any
-        // collection is recovered, so every collection uses the configured one.
-        crate::gpu::install(&config.gpu);
-        let started = Instant::now();
+    /// after it, and starts the maintenance thread. Every collection's exact scans use `engine`
+    /// (chosen before recovery, so recovered collections use it too).
+    pub fn start(config: ServiceConfig, engine: Arc<ExactEngine>) -> Result<Service, ServiceError> {
         let dir = config.data_dir.clone();
         let data_err = |what: String| ServiceError::DataDir {
             path: dir.clone(),
@@ -292,69 +408,9 @@ impl Service {
             data_err("another tiervec-cloud process holds it (LOCK); one writer per WAL".into())
         })?;
 
-        let catalog = Arc::new(Catalog::default());
-        let mut start = StartReport::default();
-        let mut after = 0;
-        if let Some((path, body)) = checkpoint::load_latest(&dir)? {
-            after = body.lsn;
-            start.checkpoint = Some((path, body.lsn));
-            let mut map = catalog.by_name.write();
-            for image in body.collections {
-                let Some(metric) = Metric::from_code(image.metric) else {
-                    continue;
-                };
-                let c = Collection::new(CollectionInfo {
-                    name: image.name.clone(),
-                    id: CollectionId(image.id),
-                    dim: image.dim as usize,
-                    metric,
-                    params: HnswParams {
-                        m: image.m as usize,
-                        ef_construction: image.ef_construction as usize,
-                        seed: image.seed,
-                    },
-                });
-                for (i, (&id, &lsn)) in image.ids.iter().zip(&image.lsns).enumerate() {
-                    let dim = image.dim as usize;
-                    c.apply_upsert(
-                        lsn,
-                        &[id],
-                        &image.vectors[i * dim..(i + 1) * dim],
-                        std::slice::from_ref(&image.payloads[i]),
-                    );
-                }
-                map.insert(image.name, Arc::new(c));
-            }
-            drop(map);
-            let dims: HashMap<[u8; 16], usize> = catalog
-                .all()
-                .iter()
-                .map(|c| (c.info.id.0, c.info.dim))
-                .collect();
-            let mut caches = catalog.edge_caches.write();
-            for image in body.edge_caches {
-                if let Some(&dim) = dims.get(&image.manifest.collection_id) {
-                    caches.insert(
-                        (image.edge, image.manifest.collection_id),
-                        Manifest::from_inventory(&image.manifest, dim),
-                    );
-                }
-            }
-        }
-        let (report, last) = wal::recover(&dir, after, |lsn, entry| catalog.apply(lsn, &entry))?;
-        if let Some((path, offset, why)) = &report.truncated {
-            warn!(file = %path.display(), offset, why, "truncated a torn WAL tail");
-        }
-        start.wal = report;
-        let wal = Arc::new(Wal::open(&dir, last + 1, |c: &Catalog, entries| {
-            for (lsn, e) in entries {
-                c.apply(*lsn, e);
-            }
-        })?);
-        start.seconds = started.elapsed().as_secs_f64();
-        metrics::gauge!("tiervec_recovery_seconds").set(start.seconds);
-        metrics::gauge!("tiervec_recovery_wal_records_replayed")
-            .set(start.wal.records_replayed as f64);
+        let catalog = Arc::new(Catalog::new(engine));
+        let (log, start) = Embedded::open(&dir, catalog.clone())?;
+        let log: Arc<dyn DurableLog> = Arc::new(log);
         info!(
             seconds = start.seconds,
             replayed = start.wal.records_replayed,
@@ -363,17 +419,17 @@ impl Service {
         );
         let stop = Arc::new(AtomicBool::new(false));
         let maintenance = {
-            let (catalog, wal, stop, config) =
-                (catalog.clone(), wal.clone(), stop.clone(), config.clone());
+            let (catalog, log, stop, config) =
+                (catalog.clone(), log.clone(), stop.clone(), config.clone());
             std::thread::Builder::new()
                 .name("tiervec-maintenance".into())
-                .spawn(move || maintain(&catalog, &wal, &stop, &config))
+                .spawn(move || maintain(&catalog, &*log, &stop, &config))
                 .map_err(|e| data_err(format!("cannot start the maintenance thread: {e}")))?
         };
         Ok(Service {
             config,
             catalog,
-            wal,
+            log,
             start,
             stop,
             maintenance: Some(maintenance),
@@ -390,12 +446,12 @@ impl Service {
     }
 
     pub fn wal_bytes(&self) -> u64 {
-        self.wal.bytes()
+        self.log.bytes()
     }
 
     /// WAL flushes (write + fsync) since start; fewer than writes when writers shared them.
     pub fn wal_flushes(&self) -> u64 {
-        self.wal.flushes()
+        self.log.flushes()
     }
 
     /// Starts delivering [`Invalidation`]s (once; later calls get `None`). Writes replayed at
@@ -437,7 +493,7 @@ impl Service {
     }
 
     fn commit(&self, entry: WalEntry) -> Result<u64, ServiceError> {
-        Ok(self.wal.commit(&self.catalog, entry, &record_flush)?)
+        Ok(self.log.append(entry)?)
     }
 
     /// Creates a collection with a fresh identity.
@@ -557,8 +613,8 @@ impl Service {
     }
 
     /// Writes a checkpoint of every collection and drops the WAL segments it covers.
-    pub fn checkpoint(&self) -> Result<(PathBuf, u64), ServiceError> {
-        checkpoint_now(&self.catalog, &self.wal, &self.config)
+    pub fn checkpoint(&self) -> Result<Checkpointed, ServiceError> {
+        Ok(self.log.checkpoint()?)
     }
 
     /// Waits (up to `timeout`) until every collection's points are in a searchable graph
@@ -591,64 +647,9 @@ impl Drop for Service {
     }
 }
 
-fn checkpoint_now(
-    catalog: &Catalog,
-    wal: &Wal<Catalog>,
-    config: &CloudConfig,
-) -> Result<(PathBuf, u64), ServiceError> {
-    let started = Instant::now();
-    let ((collections, edge_caches), lsn) = wal.rotate(catalog, || {
-        let edge_caches: Vec<EdgeCacheImage> = catalog
-            .edge_caches
-            .read()
-            .iter()
-            .map(|((edge, _), m)| EdgeCacheImage {
-                edge: edge.clone(),
-                manifest: m.inventory(),
-            })
-            .collect();
-        let collections = catalog
-            .all()
-            .iter()
-            .map(|c| {
-                let (ids, lsns, vectors, payloads) = c.live_image();
-                CollectionImage {
-                    name: c.info.name.clone(),
-                    id: c.info.id.0,
-                    dim: c.info.dim as u32,
-                    metric: c.info.metric.code(),
-                    m: c.info.params.m as u32,
-                    ef_construction: c.info.params.ef_construction as u32,
-                    seed: c.info.params.seed,
-                    ids,
-                    lsns,
-                    vectors,
-                    payloads,
-                }
-            })
-            .collect::<Vec<_>>();
-        (collections, edge_caches)
-    })?;
-    let path = checkpoint::write(
-        &config.data_dir,
-        &CheckpointBody {
-            lsn,
-            collections,
-            edge_caches,
-        },
-    )?;
-    wal.remove_through(lsn)?;
-    checkpoint::remove_before(&config.data_dir, lsn).map_err(|source| CheckpointError::Io {
-        path: config.data_dir.clone(),
-        source,
-    })?;
-    info!(lsn, seconds = started.elapsed().as_secs_f64(), path = %path.display(), "checkpoint written");
-    Ok((path, lsn))
-}
-
 /// The maintenance loop: index new points, export generations, rebuild graphs heavy with
 /// tombstones, checkpoint when the WAL grows past its budget, publish gauges.
-fn maintain(catalog: &Catalog, wal: &Wal<Catalog>, stop: &AtomicBool, config: &CloudConfig) {
+fn maintain(catalog: &Catalog, log: &dyn DurableLog, stop: &AtomicBool, config: &ServiceConfig) {
     while !stop.load(Ordering::Acquire) {
         let mut worked = false;
         for c in catalog.all() {
@@ -678,10 +679,10 @@ fn maintain(catalog: &Catalog, wal: &Wal<Catalog>, stop: &AtomicBool, config: &C
             metrics::gauge!("tiervec_index_generation_points", "collection" => c.info.name.clone())
                 .set(c.generation_len() as f64);
         }
-        let bytes = wal.bytes();
+        let bytes = log.bytes();
         metrics::gauge!("tiervec_wal_bytes").set(bytes as f64);
         if bytes > config.checkpoint_wal_bytes
-            && let Err(e) = checkpoint_now(catalog, wal, config)
+            && let Err(e) = log.checkpoint()
         {
             warn!(error = %e, "checkpoint failed");
         }

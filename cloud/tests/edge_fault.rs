@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tiervec_cloud::api::{CreateCollection, PointIn};
 use tiervec_cloud::certs::CertDir;
 use tiervec_cloud::client::Client;
+use tiervec_cloud::http::{CreateCollection, PointIn};
 use tiervec_edge::cache::{CacheConfig, EdgeCache};
 use tiervec_edge::link::LinkConfig;
 use tiervec_edge::node::{EdgeNode, NodeConfig};
@@ -222,7 +222,7 @@ fn count(log: &Log, what: impl Fn(&Record) -> bool) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itself() {
-    let metrics = tiervec_cloud::api::prometheus();
+    let metrics = tiervec_cloud::server::prometheus();
     let dir = tempfile::tempdir().unwrap();
     let certs = CertDir {
         dir: dir.path().join("certs"),

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
+use tiervec_cloud::collection::gpu::{EngineKind, ExactEngine, GpuConfig, GpuError};
 use tiervec_cloud::collection::{Collection, CollectionInfo, SearchParams};
-use tiervec_cloud::config::{CloudConfig, GpuConfig};
-use tiervec_cloud::gpu::{EngineKind, ExactEngine, GpuError};
+use tiervec_cloud::config::CloudConfig;
 use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::{CollectionId, Metric, exact};
 
@@ -113,8 +113,8 @@ fn gpu_fallback_batch_search_on_cpu_matches_single_searches_with_tombstones() {
 }
 
 #[test]
-fn gpu_fallback_process_engine_says_which_engine_and_why() {
-    let engine = tiervec_cloud::gpu::engine();
+fn gpu_fallback_default_engine_says_which_engine_and_why() {
+    let engine = Arc::new(ExactEngine::probe(&GpuConfig::default()));
     let status = engine.status();
     assert!(!status.reason.is_empty());
     if cfg!(not(feature = "gpu")) {
@@ -143,7 +143,7 @@ async fn gpu_fallback_is_shown_in_the_description_and_metrics() {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         ..CloudConfig::default()
     };
-    let running = tiervec_cloud::api::spawn(config).await.unwrap();
+    let running = tiervec_cloud::server::spawn(config).await.unwrap();
     let base = format!("http://{}", running.addr);
     let http = reqwest::Client::new();
     let mut ready = false;
@@ -166,7 +166,7 @@ async fn gpu_fallback_is_shown_in_the_description_and_metrics() {
         .json()
         .await
         .unwrap();
-    let engine = tiervec_cloud::gpu::engine();
+    let engine = Arc::new(ExactEngine::probe(&GpuConfig::default()));
     let status = engine.status();
     let expected = match status.kind {
         EngineKind::Gpu => "gpu",
@@ -190,7 +190,7 @@ async fn gpu_fallback_is_shown_in_the_description_and_metrics() {
 #[cfg(feature = "gpu")]
 mod device {
     use super::*;
-    use tiervec_cloud::config::Precision;
+    use tiervec_cloud::collection::gpu::Precision;
 
     /// The engine for `config`, or `None` (with the reason printed) where no device is usable.
     fn device_engine(config: GpuConfig) -> Option<Arc<ExactEngine>> {

@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tiervec_cloud::config::{ApiKey, CloudConfig, Role};
+use tiervec_cloud::config::CloudConfig;
+use tiervec_cloud::http::{ApiKey, Role};
 
 const RW: &str = "rw-key-0123456789";
 const RO: &str = "ro-key-0123456789";
 
 struct Server {
     addr: SocketAddr,
-    _running: tiervec_cloud::api::Running,
+    _running: tiervec_cloud::server::Running,
     _dir: tempfile::TempDir,
 }
 
@@ -35,7 +36,7 @@ async fn start(max_body_bytes: usize) -> Server {
         max_body_bytes,
         ..CloudConfig::default()
     };
-    let running = tiervec_cloud::api::spawn(config).await.unwrap();
+    let running = tiervec_cloud::server::spawn(config).await.unwrap();
     let addr = running.addr;
     let http = reqwest::Client::new();
     for _ in 0..500 {

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use serde_json::value::RawValue;
-use tiervec_cloud::api::{CreateCollection, PointIn, SearchRequest};
 use tiervec_cloud::client::Client;
 use tiervec_cloud::config::CloudConfig;
+use tiervec_cloud::http::{CreateCollection, PointIn, SearchRequest};
 use tiervec_shared::{Metric, exact};
 use tiervec_testbed::dataset::Dataset;
 use tiervec_testbed::measure::recall_at_10;
@@ -24,7 +24,7 @@ async fn real_slice_over_http_has_high_recall() {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         ..CloudConfig::default()
     };
-    let running = tiervec_cloud::api::spawn(config).await.unwrap();
+    let running = tiervec_cloud::server::spawn(config).await.unwrap();
     let client = Client::new(&format!("http://{}", running.addr), None);
     while !client.ready().await {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -250,7 +250,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
 /// an error) while the cloud is gone, and back to the cloud once it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_falls_back_degrades_and_reconnects() {
-    let metrics = tiervec_cloud::api::prometheus();
+    let metrics = tiervec_cloud::server::prometheus();
     use tiervec_edge::cache::{CacheConfig, EdgeCache};
     use tiervec_edge::node::{EdgeNode, Source};
     use tiervec_edge::write_snapshot_atomic;
@@ -430,7 +430,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
 /// early data, and the flight is sent again after the full handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnections_use_0rtt_and_survive_its_rejection() {
-    let metrics = tiervec_cloud::api::prometheus();
+    let metrics = tiervec_cloud::server::prometheus();
     use tiervec_edge::link::{Connector, Handshake};
 
     let dir = tempfile::tempdir().unwrap();
@@ -537,7 +537,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
 /// counted by reason; the fatal ones close only their own connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_are_refused_typed_and_counted() {
-    let metrics = tiervec_cloud::api::prometheus();
+    let metrics = tiervec_cloud::server::prometheus();
     use tiervec_shared::protocol::frame::{
         DEFAULT_MAX_FRAME, Frame, FrameDecoder, Hello, PROTOCOL_VERSION,
     };
@@ -1012,7 +1012,7 @@ async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the
 /// answers from the cloud meanwhile, then locally again, and both sides agree on the version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_that_lost_its_cache_is_restored_whole_by_a_streamed_snapshot() {
-    use tiervec_cloud::restore::RestorePolicy;
+    use tiervec_cloud::push::RestorePolicy;
     use tiervec_edge::node::Source;
     use tiervec_shared::confidence::ConfidenceRule;
 

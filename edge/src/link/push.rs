@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use tiervec_shared::protocol::cache::needs_resync;
 use tiervec_shared::protocol::frame::{
     DEFAULT_MAX_FRAME, Frame, FrameDecoder, PREFIX_LEN, SnapshotBegin, WireCollection,
 };
@@ -59,7 +60,7 @@ pub(super) async fn resync(
     }
     cache.bind(collection.id);
     let version = cache.version();
-    if cache_version == Some(version) && cache.collection_id() == collection.id {
+    if !needs_resync(cache.collection_id(), version, collection.id, cache_version) {
         return Ok(());
     }
     let mut inventory = cache.inventory();

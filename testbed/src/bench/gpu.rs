@@ -12,9 +12,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use rand_pcg::Pcg64;
 use serde::Serialize;
+use tiervec_cloud::collection::gpu::{EngineKind, ExactEngine, GpuConfig, GpuError, Precision};
 use tiervec_cloud::collection::{Collection, CollectionInfo, Hit};
-use tiervec_cloud::config::{GpuConfig, Precision};
-use tiervec_cloud::gpu::{EngineKind, ExactEngine, GpuError};
 use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::{CollectionId, Metric};
 

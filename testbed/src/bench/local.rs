@@ -10,7 +10,7 @@ use tiervec_edge::{EdgeIndex, Hit, Searcher, write_snapshot_atomic};
 use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::{Metric, exact};
 
-use tiervec_cloud::index::GraphIndex;
+use tiervec_cloud::collection::index::GraphIndex;
 
 use super::{
     AtRecall, Row, best_at, best_rows_list, measure, memory, recall_latency_series, rows_table,

@@ -9,7 +9,7 @@
 
 use std::ops::Range;
 
-use crate::config::Precision;
+use super::config::Precision;
 
 /// Most queries in one GEMM: a larger batch is split, so the score tile stays bounded.
 pub const MAX_QUERY_CHUNK: usize = 1_024;

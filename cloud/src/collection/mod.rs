@@ -13,8 +13,11 @@ use tiervec_shared::hnsw::{
 use tiervec_shared::query::{MAX_EF, QueryError, validate_search};
 use tiervec_shared::{CollectionId, Metric, exact, kernels};
 
-use crate::gpu::{EngineStatus, ExactEngine, ExactScan, HostRows};
-use crate::index::{Generation, GraphIndex};
+pub mod gpu;
+pub mod index;
+
+use gpu::{EngineStatus, ExactEngine, ExactScan, HostRows};
+use index::{Generation, GraphIndex};
 
 /// What a collection is: fixed at creation.
 #[derive(Clone, Debug, PartialEq)]
@@ -133,11 +136,6 @@ pub struct Collection {
 }
 
 impl Collection {
-    /// A collection whose exact scans use the process's engine ([`crate::gpu::engine`]).
-    pub fn new(info: CollectionInfo) -> Collection {
-        Collection::with_engine(info, crate::gpu::engine())
-    }
-
     /// A collection whose exact scans use `engine`.
     pub fn with_engine(info: CollectionInfo, engine: Arc<ExactEngine>) -> Collection {
         let index = GraphIndex::new(info.metric, info.params, 1024);

@@ -16,7 +16,6 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -27,10 +26,25 @@ use tracing::{Instrument, info_span};
 use utoipa::{OpenApi, ToSchema};
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::collection::{Engine, SearchParams};
-use crate::config::{ApiKey, Role};
+use crate::collection::gpu::EngineKind;
+use crate::collection::{Collection, Engine, SearchParams};
 use crate::hot::HotIds;
 use crate::service::{Service, ServiceError};
+
+/// An API key and what it may do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub key: String,
+    pub role: Role,
+}
+
+/// What a key may do: read-only keys search and read; read-write keys also write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    ReadOnly,
+    ReadWrite,
+}
 
 /// Shared state of the handlers. The service appears once recovery has finished; until then
 /// `/readyz` and the `/v1` routes answer 503.
@@ -321,7 +335,7 @@ pub struct BatchSearchResponse {
 /// Most searches in one batch request.
 pub const MAX_BATCH_SEARCHES: usize = 1_024;
 
-fn describe(c: &crate::collection::Collection) -> CollectionDescription {
+fn describe(c: &Collection) -> CollectionDescription {
     let engine = c.exact_engine();
     CollectionDescription {
         name: c.info.name.clone(),
@@ -333,8 +347,8 @@ fn describe(c: &crate::collection::Collection) -> CollectionDescription {
         points: c.len(),
         indexed_points: c.indexed_points(),
         exact_engine: match engine.kind {
-            crate::gpu::EngineKind::Gpu => "gpu",
-            crate::gpu::EngineKind::Cpu => "cpu_simd",
+            EngineKind::Gpu => "gpu",
+            EngineKind::Cpu => "cpu_simd",
         }
         .into(),
         exact_engine_reason: engine.reason,
@@ -752,113 +766,4 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
-}
-
-/// The process-wide Prometheus recorder (installed once; later calls share it).
-pub fn prometheus() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                    0.25, 1.0,
-                ])
-                .expect("static buckets are valid")
-                .build_recorder();
-            let handle = recorder.handle();
-            let _ = metrics::set_global_recorder(recorder);
-            crate::gpu::publish_gauge();
-            handle
-        })
-        .clone()
-}
-
-/// Binds `config.http_addr`, starts recovery in the background and serves until `shutdown`
-/// resolves. `on_bound` receives the bound address (port 0 picks one) before recovery starts.
-pub async fn serve(
-    config: crate::config::CloudConfig,
-    on_bound: impl FnOnce(std::net::SocketAddr),
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
-    let addr = listener.local_addr()?;
-    on_bound(addr);
-    if config.api_keys.is_empty() {
-        tracing::warn!("no API keys configured: the API is open to anyone who can reach {addr}");
-    }
-    let cell: Arc<OnceLock<Arc<Service>>> = Arc::new(OnceLock::new());
-    let state = AppState {
-        service: cell.clone(),
-        keys: Arc::new(config.api_keys.clone()),
-        metrics: prometheus(),
-        max_body_bytes: config.max_body_bytes,
-        hot: Arc::new(HotIds::new(config.hot.clone())),
-    };
-    let hot = state.hot.clone();
-    let push_config = config.push.clone();
-    // The QUIC endpoint binds now (so a bad certificate fails fast) and serves once recovered.
-    let quic = match config.quic_addr {
-        Some(quic_addr) => {
-            let certs = crate::certs::CertDir {
-                dir: config.certs_dir.clone(),
-                deployment: String::new(),
-            };
-            let endpoint = crate::quic::bind(quic_addr, &certs)?;
-            tracing::info!(addr = %endpoint.local_addr()?, "QUIC endpoint for edges (mutual TLS)");
-            Some((endpoint, crate::quic::AccessList(config.edges.clone())))
-        }
-        None => None,
-    };
-    let recovery = tokio::task::spawn_blocking(move || Service::open(config));
-    // Small JSON answers must not wait on Nagle's algorithm for the client's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
-    let server = tokio::spawn(async move { server.await });
-    let service = Arc::new(recovery.await??);
-    tracing::info!(%addr, "serving");
-    if let Some((endpoint, acl)) = quic {
-        let push = crate::push::PushHub::start(push_config, service.clone(), hot);
-        tokio::spawn(crate::quic::serve(
-            endpoint,
-            service.clone(),
-            Arc::new(acl),
-            push,
-        ));
-    }
-    let _ = cell.set(service);
-    server.await??;
-    Ok(())
-}
-
-/// A server running on the current tokio runtime, for embedding (tests, demos); it stops when
-/// this is dropped.
-pub struct Running {
-    pub addr: std::net::SocketAddr,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-/// Starts [`serve`] on the current runtime and returns once the socket is bound (recovery may
-/// still be running: poll `/readyz`).
-pub async fn spawn(config: crate::config::CloudConfig) -> anyhow::Result<Running> {
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        config,
-        move |addr| {
-            let _ = addr_tx.send(addr);
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    match addr_rx.await {
-        Ok(addr) => Ok(Running { addr, _stop: stop }),
-        Err(_) => Err(server
-            .await?
-            .err()
-            .unwrap_or_else(|| anyhow::anyhow!("server stopped before binding"))),
-    }
 }

@@ -78,7 +78,7 @@ fn checkpoint_path(dir: &Path, lsn: u64) -> PathBuf {
 
 /// Checkpoint files in `dir`, oldest first, with their LSN.
 pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    crate::wal::numbered_files(dir, "checkpoint-", ".tvck")
+    super::wal::numbered_files(dir, "checkpoint-", ".tvck")
 }
 
 /// Encodes a checkpoint file.

@@ -1,6 +1,6 @@
 //! The cloud's QUIC endpoint (quinn + rustls with ring, TLS 1.3 only, ALPN `tiervec/1`) with
 //! mutual TLS: an edge must present a client certificate signed by the deployment's CA (see
-//! [`crate::certs`]); its edge id is the certificate's Common Name, and the access list says
+//! [`super::certs`]); its edge id is the certificate's Common Name, and the access list says
 //! which collections it may query. One bidirectional stream per exchange: the edge writes one
 //! or more frames and finishes; the cloud answers on the same stream. The protocol logic is the
 //! sans-IO [`ServerSession`]; this module only moves bytes.
@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
+use tiervec_shared::protocol::cache::needs_resync;
 use tiervec_shared::protocol::frame::{
     ALPN, Answer, DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameDecoder, PREFIX_LEN, Query,
     WireCollection, WireHit,
@@ -22,7 +23,7 @@ use tiervec_shared::protocol::frame::{
 use tiervec_shared::protocol::session::{ServerAction, ServerSession};
 use tracing::{Instrument, info_span, warn};
 
-use crate::certs::CertDir;
+use super::certs::CertDir;
 use crate::collection::SearchParams;
 use crate::push::{PushHub, PushSession, push_loop};
 use crate::service::Service;
@@ -346,10 +347,14 @@ async fn exchange(
             ServerAction::CacheAnnounced { cache, told } => {
                 match service.catalog().get(&cache.collection) {
                     Some(collection) => {
-                        // The edge's own test (`link::resync`): it sends its inventory exactly when
-                        // this holds.
-                        let resync_first = cache.collection_id != collection.info.id.0
-                            || told != Some(cache.version);
+                        // The edge decides with the same function: it sends its inventory
+                        // exactly when this holds.
+                        let resync_first = needs_resync(
+                            cache.collection_id,
+                            cache.version,
+                            collection.info.id.0,
+                            told,
+                        );
                         tokio::spawn(push_loop(
                             peer.push.clone(),
                             PushSession {
@@ -404,7 +409,8 @@ async fn exchange(
                     }
                 }
             }
-            // Acknowledgements come back on the streams the push task opens and reads itself.
+            // A push is acknowledged on the stream the push task opened, which checks it
+            // (`protocol::cache::check_push_ack`); one on a stream the edge opened answers nothing.
             ServerAction::DeltaAcked(_) => {}
         }
     }

@@ -23,9 +23,10 @@ use parking_lot::Mutex;
 use tiervec_shared::hnsw::Neighbour;
 use tiervec_shared::{Metric, kernels};
 
+use super::common::{GpuError, HostRows};
+use super::config::{GpuConfig, Precision};
+use super::merge;
 use super::plan::{self, Plan, SyncAction};
-use super::{GpuError, HostRows, merge};
-use crate::config::{GpuConfig, Precision};
 
 /// The kernels, compiled at start by NVRTC for the device's architecture.
 const KERNELS: &str = include_str!("topk.cu");

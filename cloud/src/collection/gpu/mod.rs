@@ -16,19 +16,21 @@
 //! Distances agree with [`tiervec_shared::Metric::distance`] within the tolerance documented in
 //! `docs/gpu.md` (a different summation order in FP32; FP16 rows are coarser).
 
+mod common;
+mod config;
 pub mod merge;
 pub mod plan;
 
 #[cfg(feature = "gpu")]
 mod device;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tiervec_shared::Metric;
 use tiervec_shared::hnsw::Neighbour;
 
-use crate::config::GpuConfig;
+pub use common::{GpuError, HostRows};
+pub use config::{GpuConfig, Precision};
 
 /// Which engine serves a collection's exact scans.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,37 +61,6 @@ impl std::fmt::Display for EngineStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.kind.name(), self.reason)
     }
-}
-
-/// Why the GPU does not serve exact search.
-#[derive(Debug, thiserror::Error)]
-pub enum GpuError {
-    #[error("built without the gpu feature")]
-    NotBuilt,
-    #[error("disabled in configuration (gpu.enabled = false)")]
-    Disabled,
-    #[error("no CUDA driver (libcuda.so not found)")]
-    NoDriver,
-    #[error("no cuBLAS (libcublas.so not found)")]
-    NoCublas,
-    #[error("no NVRTC (libnvrtc.so not found)")]
-    NoNvrtc,
-    #[error("no CUDA device {ordinal} ({count} found)")]
-    NoDevice { ordinal: usize, count: usize },
-    #[error("CUDA driver error: {0}")]
-    Driver(String),
-    #[error("out of device memory: {0}")]
-    OutOfMemory(String),
-    #[error("cuBLAS error: {0}")]
-    Blas(String),
-    #[error("top-k kernel failed to compile: {0}")]
-    Compile(String),
-    #[error("device self-test failed: {0}")]
-    SelfTest(String),
-    #[error("CUDA libraries do not match the CUDA 13 bindings: {0}")]
-    Incompatible(String),
-    #[error(transparent)]
-    Budget(#[from] plan::BudgetTooSmall),
 }
 
 /// The engine choice, from the probe's outcome: the device's description, or why there is none.
@@ -166,6 +137,31 @@ impl ExactEngine {
         }
     }
 
+    /// [`ExactEngine::probe`], with the outcome logged: what a server does once at start.
+    pub fn start(config: &GpuConfig) -> Arc<ExactEngine> {
+        let engine = Arc::new(ExactEngine::probe(config));
+        let status = engine.status();
+        match status.kind {
+            EngineKind::Gpu => tracing::info!(engine = %status, "exact search on the GPU"),
+            // Built without the feature or switched off: the CPU is what was asked for.
+            EngineKind::Cpu if !cfg!(feature = "gpu") || !config.enabled => {
+                tracing::info!(engine = %status, "exact search on the CPU")
+            }
+            EngineKind::Cpu => {
+                tracing::warn!(engine = %status, "GPU unusable, exact search falls back to the CPU")
+            }
+        }
+        engine
+    }
+
+    /// Sets the `tiervec_exact_engine` gauge for this engine (after the metrics recorder is
+    /// installed: a gauge set before it would be lost).
+    pub fn publish_gauge(&self) {
+        let status = self.status();
+        metrics::gauge!("tiervec_exact_engine", "engine" => status.kind.name(), "reason" => status.reason.clone())
+            .set(1.0);
+    }
+
     pub fn status(&self) -> &EngineStatus {
         &self.status
     }
@@ -181,65 +177,6 @@ impl ExactEngine {
         return self.device.as_ref().map(|d| d.peaks());
         #[cfg(not(feature = "gpu"))]
         None
-    }
-}
-
-static ENGINE: OnceLock<Arc<ExactEngine>> = OnceLock::new();
-
-/// Probes the device once for the process (the first call's `config` wins; `Service::open`
-/// calls this before recovery), logs the outcome, sets the `tiervec_exact_engine` gauge,
-/// and returns the engine every collection created afterwards uses.
-pub fn install(config: &GpuConfig) -> Arc<ExactEngine> {
-    let engine = ENGINE.get_or_init(|| {
-        let engine = Arc::new(ExactEngine::probe(config));
-        let status = engine.status();
-        match status.kind {
-            EngineKind::Gpu => tracing::info!(engine = %status, "exact search on the GPU"),
-            // Built without the feature or switched off: the CPU is what was asked for.
-            EngineKind::Cpu if !cfg!(feature = "gpu") || !config.enabled => {
-                tracing::info!(engine = %status, "exact search on the CPU")
-            }
-            EngineKind::Cpu => {
-                tracing::warn!(engine = %status, "GPU unusable, exact search falls back to the CPU")
-            }
-        }
-        engine
-    });
-    publish_gauge();
-    engine.clone()
-}
-
-/// Sets the `tiervec_exact_engine` gauge for the installed engine, if any: at install, and
-/// again when a metrics recorder is installed later (a gauge set before it would be lost).
-pub fn publish_gauge() {
-    if let Some(engine) = ENGINE.get() {
-        let status = engine.status();
-        metrics::gauge!("tiervec_exact_engine", "engine" => status.kind.name(), "reason" => status.reason.clone())
-            .set(1.0);
-    }
-}
-
-/// The process's engine ([`install`] with the default configuration if nothing installed one).
-pub fn engine() -> Arc<ExactEngine> {
-    install(&GpuConfig::default())
-}
-
-/// A collection's rows as the exact scan sees them (all slots, dead ones included).
-#[derive(Clone, Copy)]
-pub struct HostRows<'a> {
-    /// Slot-major rows, prepared for the metric.
-    pub vectors: &'a [f32],
-    pub live: &'a [bool],
-    pub live_count: usize,
-    /// Changes whenever a slot is tombstoned (the device's live mask is rebuilt then).
-    pub tombstone_epoch: u64,
-    pub dim: usize,
-    pub metric: Metric,
-}
-
-impl HostRows<'_> {
-    pub fn slots(&self) -> usize {
-        self.live.len()
     }
 }
 
@@ -387,7 +324,7 @@ mod tests {
             live_count: 20_000,
             tombstone_epoch: 0,
             dim: 8,
-            metric: Metric::Dot,
+            metric: tiervec_shared::Metric::Dot,
         };
         assert!(scan.search(&host, &[1.0; 8], 10).is_none());
     }

@@ -23,7 +23,7 @@ use thiserror::Error;
 use tiervec_shared::durable::sync_dir;
 use tiervec_shared::log::{self, LogError, LogHeader, LogKind};
 
-use crate::entry::WalEntry;
+use super::entry::WalEntry;
 
 /// Why the WAL failed.
 #[derive(Debug, Error)]
@@ -78,7 +78,7 @@ pub struct RecoveryReport {
 }
 
 /// Files in `dir` named `{prefix}{number}{suffix}`, with their number, in ascending order.
-pub(crate) fn numbered_files(
+pub(super) fn numbered_files(
     dir: &Path,
     prefix: &str,
     suffix: &str,
@@ -188,7 +188,7 @@ struct WalState {
 }
 
 /// The open write-ahead log with group commit. `S` is the state the `apply` hook updates.
-pub struct Wal<S> {
+pub struct Wal<S: ?Sized> {
     dir: PathBuf,
     state: Mutex<WalState>,
     flushed: Condvar,
@@ -203,7 +203,7 @@ pub struct FlushStats {
     pub fsync_seconds: f64,
 }
 
-impl<S> Wal<S> {
+impl<S: ?Sized> Wal<S> {
     /// Opens the log for appending after recovery: continues the newest segment (or starts one
     /// at `next_lsn`). `apply` is called by flush leaders with durable entries in LSN order.
     pub fn open(

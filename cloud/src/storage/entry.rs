@@ -3,11 +3,24 @@
 //!
 //! A body is an rkyv archive of [`WalEntry`], validated with bytecheck on replay like any
 //! untrusted bytes. Entries are already-validated writes: replaying them is deterministic.
+//! Each names the log a replicated store keeps it in ([`LogName`]).
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 use tiervec_shared::push::{Inventory, ManifestStep};
+
+/// One log of a store. The embedded store has one log for everything; a replicated store has a
+/// catalog log and one per shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogName {
+    /// The embedded store's WAL, which carries every entry.
+    Embedded,
+    /// Creates, drops and edge-cache steps.
+    Catalog,
+    /// The writes of one collection (by identity).
+    Shard([u8; 16]),
+}
 
 /// One logged write.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -50,6 +63,20 @@ pub enum WalEntry {
 }
 
 impl WalEntry {
+    /// The log a replicated store keeps this entry in: a collection's writes in its shard's
+    /// log, everything else in the catalog's (the embedded store keeps all in its one WAL).
+    pub fn log(&self) -> LogName {
+        match self {
+            WalEntry::Upsert { collection, .. } | WalEntry::Delete { collection, .. } => {
+                LogName::Shard(*collection)
+            }
+            WalEntry::CreateCollection { .. }
+            | WalEntry::DropCollection { .. }
+            | WalEntry::EdgeStep { .. }
+            | WalEntry::EdgeReset { .. } => LogName::Catalog,
+        }
+    }
+
     /// The record body for this entry.
     pub fn encode(&self) -> Vec<u8> {
         rkyv::to_bytes::<rancor::Error>(self)
@@ -80,5 +107,19 @@ mod tests {
         assert_eq!(WalEntry::decode(&e.encode()), Ok(e));
         assert!(WalEntry::decode(&[0xff; 40]).is_err());
         assert!(WalEntry::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn writes_go_to_their_shards_log_and_the_rest_to_the_catalogs() {
+        let delete = WalEntry::Delete {
+            collection: [3; 16],
+            ids: vec![1],
+        };
+        assert_eq!(delete.log(), LogName::Shard([3; 16]));
+        let drop = WalEntry::DropCollection {
+            name: "c".into(),
+            id: [3; 16],
+        };
+        assert_eq!(drop.log(), LogName::Catalog);
     }
 }

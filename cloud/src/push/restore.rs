@@ -7,11 +7,19 @@
 
 use rkyv::util::AlignedVec;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use tiervec_shared::local::LocalCache;
 use tiervec_shared::push::{Inventory, Manifest, anchor_bytes, vector_bytes};
-use tiervec_shared::snapshot::{Payloads, Snapshot, SnapshotSpec, SnapshotWriter};
+use tiervec_shared::snapshot::{Payloads, Snapshot, SnapshotError, SnapshotSpec, SnapshotWriter};
 
-use crate::collection::Collection;
+use super::corpus::Corpus;
+
+/// Why the snapshot of a cache could not be built.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error("the snapshot of the cache: {0}")]
+    Snapshot(#[from] SnapshotError),
+}
 
 /// When an announced inventory is far enough behind the logged manifest to restore it whole.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,13 +54,13 @@ impl RestorePolicy {
 /// of the byte model (vectors first, newest first), at manifest `version`; and the inventory that file is (what the
 /// edge's manifest will be once it installs it).
 pub fn build(
-    collection: &Collection,
+    collection: &impl Corpus,
     logged: &Manifest,
     anchor_vector: impl Fn(u64) -> Option<Vec<f32>>,
     version: u64,
     budget: u64,
-) -> Result<(AlignedVec, Inventory), String> {
-    let info = &collection.info;
+) -> Result<(AlignedVec, Inventory), RestoreError> {
+    let info = collection.info();
     let dim = info.dim;
     let spec = SnapshotSpec {
         collection: info.id,
@@ -75,9 +83,7 @@ pub fn build(
         if used + cost > budget {
             break;
         }
-        writer
-            .push(id, point.lsn, &point.vector, Some(payload))
-            .map_err(|e| e.to_string())?;
+        writer.push(id, point.lsn, &point.vector, Some(payload))?;
         used += cost;
         kept.insert(id);
     }
@@ -98,9 +104,9 @@ pub fn build(
         writer.push_anchor(&vector, &members);
     }
     writer.set_manifest_version(version);
-    let file = writer.finish().map_err(|e| e.to_string())?;
+    let file = writer.finish()?;
     // The inventory is read back from the file itself, exactly as the edge will read it.
-    let opened = Snapshot::open(file).map_err(|e| e.to_string())?;
+    let opened = Snapshot::open(file)?;
     let inventory = LocalCache::over_snapshot(&opened.view())
         .manifest()
         .inventory();

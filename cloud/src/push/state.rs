@@ -1,0 +1,386 @@
+//! The push task's decisions, sans IO in quinn's style: [`PushState`] takes events (a write to
+//! invalidate, an anchor that became hot, the time, a plan's or a delivery's outcome) and hands
+//! out [`PushAction`]s for its driver (`task.rs`) to carry out. It reads no clock, touches no
+//! socket and runs no search, so sequences of events are tested on a made-up clock.
+//!
+//! One delta is delivered at a time, in version order: built (an invalidation's delta from the
+//! manifest at that moment, or a plan), its step logged ([`PushAction::CommitStep`]) before it
+//! is sent ([`PushAction::Send`]), then acknowledged. Invalidations never wait for a plan: the
+//! plan runs on the blocking pool while they are delivered, and a plan overtaken by a delivered
+//! step is dropped and made again at once.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tiervec_shared::push::{Delta, ManifestStep};
+
+use crate::service::Invalidation;
+
+/// What the driver is to do next.
+#[derive(Debug, PartialEq)]
+pub enum PushAction {
+    /// Find the ids the cache holds at older LSNs than the collection's (writes whose
+    /// invalidation never reached it) and feed them back as invalidations.
+    Reconcile,
+    /// Build the delta of this write for the cache (tombstones, shrunk certificates) from the
+    /// logged manifest, and report it with [`PushState::handle_built`].
+    BuildInvalidation(Invalidation),
+    /// Plan a push on the blocking pool (events keep flowing meanwhile); report it with
+    /// [`PushState::handle_planned`].
+    PlanNeeded,
+    /// Log this step durably, then report [`PushState::handle_committed`].
+    CommitStep(ManifestStep),
+    /// Send this delta and wait for its acknowledgement, then report [`PushState::handle_ack`].
+    Send(Delta),
+}
+
+impl PushAction {
+    /// Whether the action is part of delivering a delta (which holds the cache's turn).
+    pub fn delivers(&self) -> bool {
+        matches!(
+            self,
+            PushAction::BuildInvalidation(_) | PushAction::CommitStep(_) | PushAction::Send(_)
+        )
+    }
+}
+
+/// Where the one delivery in progress stands.
+#[derive(Debug)]
+enum Delivery {
+    Idle,
+    /// An invalidation's delta is being built.
+    Building,
+    /// Built: its step is to be logged (the delta boxed: it is the largest of these).
+    ToCommit(Box<Delta>, ManifestStep),
+    /// Its step is being logged.
+    Committing(Delta),
+    /// Logged: it is to be sent.
+    ToSend(Delta),
+    /// Sent; waiting for the acknowledgement of this version.
+    Sending(u64),
+}
+
+/// One connected edge cache's push decisions.
+#[derive(Debug)]
+pub struct PushState {
+    period: Duration,
+    gap: Duration,
+    /// The manifest version logged for the cache.
+    logged: u64,
+    /// When the next periodic push is due.
+    next_period: Instant,
+    /// When a push is due after an anchor became hot (batched over the gap).
+    push_due: Option<Instant>,
+    /// A push is due and not yet planned.
+    push_wanted: bool,
+    /// A plan runs.
+    planning: bool,
+    /// A finished plan waiting for the delivery slot.
+    planned: Option<(Delta, ManifestStep)>,
+    reconcile: bool,
+    invalidations: VecDeque<Invalidation>,
+    delivery: Delivery,
+}
+
+impl PushState {
+    /// A cache whose logged manifest is at version `logged`, pushed every `period` and within
+    /// `gap` of an anchor becoming hot. The first push is due at `now`, and the cache is
+    /// reconciled first.
+    pub fn new(period: Duration, gap: Duration, logged: u64, now: Instant) -> PushState {
+        PushState {
+            period,
+            gap,
+            logged,
+            next_period: now,
+            push_due: None,
+            push_wanted: false,
+            planning: false,
+            planned: None,
+            reconcile: true,
+            invalidations: VecDeque::new(),
+            delivery: Delivery::Idle,
+        }
+    }
+
+    /// A durable write that concerns the cache.
+    pub fn handle_invalidation(&mut self, inv: Invalidation) {
+        self.invalidations.push_back(inv);
+    }
+
+    /// One of the cache's anchors became hot: a push is due within the gap.
+    pub fn handle_anchor_hot(&mut self, now: Instant) {
+        self.push_due.get_or_insert(now + self.gap);
+    }
+
+    /// The edge's inventory was adopted: the logged manifest is now at `logged`; reconcile.
+    pub fn handle_resynced(&mut self, logged: u64) {
+        self.logged = logged;
+        self.reconcile = true;
+    }
+
+    /// The time passed `now`: pushes that are due become wanted.
+    pub fn handle_tick(&mut self, now: Instant) {
+        if now >= self.next_period {
+            self.push_wanted = true;
+            self.next_period = now + self.period;
+        }
+        if self.push_due.is_some_and(|due| now >= due) {
+            self.push_due = None;
+            self.push_wanted = true;
+        }
+    }
+
+    /// When [`PushState::handle_tick`] is next due.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.push_due {
+            Some(due) => due.min(self.next_period),
+            None => self.next_period,
+        }
+    }
+
+    /// A plan finished: its delta and step, or nothing to push.
+    pub fn handle_planned(&mut self, plan: Option<(Delta, ManifestStep)>) {
+        self.planning = false;
+        self.planned = plan;
+    }
+
+    /// An invalidation's delta was built: it, or nothing (the cache holds none of the ids and
+    /// no certificate changed).
+    pub fn handle_built(&mut self, built: Option<(Delta, ManifestStep)>) {
+        debug_assert!(matches!(self.delivery, Delivery::Building));
+        self.delivery = match built {
+            Some((delta, step)) => Delivery::ToCommit(Box::new(delta), step),
+            None => Delivery::Idle,
+        };
+    }
+
+    /// The step of version `version` is durable.
+    pub fn handle_committed(&mut self, version: u64) {
+        match std::mem::replace(&mut self.delivery, Delivery::Idle) {
+            Delivery::Committing(delta) if delta.version == version => {
+                self.logged = version;
+                self.delivery = Delivery::ToSend(delta);
+            }
+            other => self.delivery = other,
+        }
+    }
+
+    /// The edge acknowledged version `version`.
+    pub fn handle_ack(&mut self, version: u64) {
+        if matches!(self.delivery, Delivery::Sending(v) if v == version) {
+            self.delivery = Delivery::Idle;
+        }
+    }
+
+    /// The next action, if any.
+    pub fn poll(&mut self) -> Option<PushAction> {
+        match std::mem::replace(&mut self.delivery, Delivery::Idle) {
+            Delivery::Idle => {}
+            Delivery::ToCommit(delta, step) => {
+                self.delivery = Delivery::Committing(*delta);
+                return Some(PushAction::CommitStep(step));
+            }
+            Delivery::ToSend(delta) => {
+                self.delivery = Delivery::Sending(delta.version);
+                return Some(PushAction::Send(delta));
+            }
+            busy => {
+                self.delivery = busy;
+                return None;
+            }
+        }
+        if self.reconcile {
+            self.reconcile = false;
+            return Some(PushAction::Reconcile);
+        }
+        if let Some((delta, step)) = self.planned.take() {
+            if delta.version == self.logged + 1 {
+                self.delivery = Delivery::Committing(delta);
+                return Some(PushAction::CommitStep(step));
+            }
+            // Overtaken by a step delivered while it was planned: plan again at once.
+            self.push_wanted = true;
+        }
+        if let Some(inv) = self.invalidations.pop_front() {
+            self.delivery = Delivery::Building;
+            return Some(PushAction::BuildInvalidation(inv));
+        }
+        if self.push_wanted && !self.planning {
+            self.push_wanted = false;
+            self.planning = true;
+            return Some(PushAction::PlanNeeded);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PERIOD: Duration = Duration::from_millis(1_000);
+    const GAP: Duration = Duration::from_millis(100);
+
+    fn inv(id: u64) -> Invalidation {
+        Invalidation {
+            collection: [1; 16],
+            ids: vec![id],
+            lsn: id,
+        }
+    }
+
+    fn delta(version: u64) -> (Delta, ManifestStep) {
+        (
+            Delta {
+                version,
+                ..Delta::default()
+            },
+            ManifestStep {
+                version,
+                ..ManifestStep::default()
+            },
+        )
+    }
+
+    /// A state past its first reconcile and first plan (which found nothing).
+    fn settled(logged: u64, t0: Instant) -> PushState {
+        let mut s = PushState::new(PERIOD, GAP, logged, t0);
+        assert_eq!(s.poll(), Some(PushAction::Reconcile));
+        s.handle_tick(t0);
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
+        s.handle_planned(None);
+        assert_eq!(s.poll(), None);
+        s
+    }
+
+    /// Delivers the delta the state is committing as version `version`.
+    fn deliver(s: &mut PushState, version: u64) {
+        s.handle_committed(version);
+        match s.poll() {
+            Some(PushAction::Send(d)) => assert_eq!(d.version, version),
+            other => panic!("expected Send({version}), got {other:?}"),
+        }
+        assert_eq!(s.poll(), None, "nothing while a delta is unacknowledged");
+        s.handle_ack(version);
+    }
+
+    #[test]
+    fn a_new_connection_reconciles_then_plans_at_once() {
+        let t0 = Instant::now();
+        let mut s = PushState::new(PERIOD, GAP, 3, t0);
+        assert_eq!(s.poll_timeout(), t0);
+        assert_eq!(s.poll(), Some(PushAction::Reconcile));
+        assert_eq!(s.poll(), None);
+        s.handle_tick(t0);
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
+        assert_eq!(s.poll_timeout(), t0 + PERIOD);
+    }
+
+    #[test]
+    fn a_step_is_logged_before_its_delta_is_sent_and_the_next_waits_for_the_ack() {
+        let t0 = Instant::now();
+        let mut s = settled(3, t0);
+        s.handle_invalidation(inv(1));
+        s.handle_invalidation(inv(2));
+        assert_eq!(s.poll(), Some(PushAction::BuildInvalidation(inv(1))));
+        assert_eq!(s.poll(), None, "one delivery at a time");
+        let (d, step) = delta(4);
+        s.handle_built(Some((d, step.clone())));
+        assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
+        assert_eq!(s.poll(), None, "nothing is sent before the step is durable");
+        deliver(&mut s, 4);
+        assert_eq!(s.poll(), Some(PushAction::BuildInvalidation(inv(2))));
+        s.handle_built(None);
+        assert_eq!(
+            s.poll(),
+            None,
+            "a write the cache does not hold sends nothing"
+        );
+    }
+
+    #[test]
+    fn invalidations_flow_while_a_plan_runs_and_overtake_it() {
+        let t0 = Instant::now();
+        let mut s = settled(3, t0);
+        s.handle_tick(t0 + PERIOD);
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
+        // The plan, made against version 3, is still running when a write comes in.
+        s.handle_invalidation(inv(7));
+        assert_eq!(s.poll(), Some(PushAction::BuildInvalidation(inv(7))));
+        let (d, step) = delta(4);
+        s.handle_built(Some((d, step.clone())));
+        assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
+        deliver(&mut s, 4);
+        // The plan finishes for version 4, which the invalidation took: planned again.
+        s.handle_planned(Some(delta(4)));
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
+        let (d, step) = delta(5);
+        s.handle_planned(Some((d, step.clone())));
+        assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
+        deliver(&mut s, 5);
+        assert_eq!(s.poll(), None);
+    }
+
+    #[test]
+    fn a_hot_anchor_is_pushed_within_the_gap_not_at_the_next_period() {
+        let t0 = Instant::now();
+        let mut s = settled(0, t0);
+        let t1 = t0 + Duration::from_millis(300);
+        s.handle_anchor_hot(t1);
+        s.handle_anchor_hot(t1 + Duration::from_millis(50));
+        assert_eq!(s.poll_timeout(), t1 + GAP, "batched from the first");
+        s.handle_tick(t1 + Duration::from_millis(99));
+        assert_eq!(s.poll(), None);
+        s.handle_tick(t1 + GAP);
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
+        assert_eq!(s.poll_timeout(), t0 + PERIOD);
+    }
+
+    #[test]
+    fn one_plan_at_a_time_however_many_pushes_fall_due() {
+        let t0 = Instant::now();
+        let mut s = settled(0, t0);
+        s.handle_tick(t0 + PERIOD);
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
+        s.handle_tick(t0 + 2 * PERIOD);
+        assert_eq!(s.poll(), None, "the running plan answers for both");
+        s.handle_planned(None);
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded), "the later tick's");
+    }
+
+    #[test]
+    fn a_resync_reconciles_again_and_retires_plans_of_the_old_version() {
+        let t0 = Instant::now();
+        let mut s = settled(3, t0);
+        s.handle_tick(t0 + PERIOD);
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
+        s.handle_resynced(9);
+        s.handle_planned(Some(delta(4)));
+        assert_eq!(s.poll(), Some(PushAction::Reconcile));
+        assert_eq!(
+            s.poll(),
+            Some(PushAction::PlanNeeded),
+            "the stale plan is made again"
+        );
+        let (d, step) = delta(10);
+        s.handle_planned(Some((d, step.clone())));
+        assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
+    }
+
+    #[test]
+    fn acknowledgements_of_other_versions_change_nothing() {
+        let t0 = Instant::now();
+        let mut s = settled(0, t0);
+        s.handle_invalidation(inv(1));
+        assert!(matches!(s.poll(), Some(PushAction::BuildInvalidation(_))));
+        s.handle_built(Some(delta(1)));
+        assert!(matches!(s.poll(), Some(PushAction::CommitStep(_))));
+        s.handle_committed(1);
+        assert!(matches!(s.poll(), Some(PushAction::Send(_))));
+        s.handle_ack(2);
+        s.handle_invalidation(inv(2));
+        assert_eq!(s.poll(), None, "still waiting for 1");
+        s.handle_ack(1);
+        assert_eq!(s.poll(), Some(PushAction::BuildInvalidation(inv(2))));
+    }
+}

@@ -1,0 +1,66 @@
+//! The storage contract (see the module above): the [`DurableLog`] the service appends to, the
+//! [`Apply`] side its entries reach the state through, and what a checkpoint covers.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use super::checkpoint::{CheckpointError, CollectionImage, EdgeCacheImage};
+use super::entry::{LogName, WalEntry};
+use super::wal::WalError;
+
+/// Why storage failed.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+/// What a checkpoint covers: a position per log, every entry at or before which it includes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cut(pub Vec<(LogName, u64)>);
+
+impl Cut {
+    /// The position the cut holds for `log`.
+    pub fn of(&self, log: LogName) -> Option<u64> {
+        self.0.iter().find(|(l, _)| *l == log).map(|(_, p)| *p)
+    }
+}
+
+/// A checkpoint written: its file and what it covers.
+#[derive(Clone, Debug)]
+pub struct Checkpointed {
+    pub path: PathBuf,
+    pub cut: Cut,
+}
+
+/// Everything applied, as a checkpoint holds it.
+pub struct Image {
+    pub collections: Vec<CollectionImage>,
+    pub edge_caches: Vec<EdgeCacheImage>,
+}
+
+/// The state a store's entries are applied to (the catalog).
+pub trait Apply: Send + Sync {
+    /// Loads a checkpoint's image; called at start, before any entry is applied.
+    fn restore(&self, image: Image);
+    /// Applies one durable entry at `position` in its log. Deterministic and idempotent by
+    /// position.
+    fn apply(&self, position: u64, entry: &WalEntry);
+    /// Everything applied so far; called with no append in flight.
+    fn image(&self) -> Image;
+}
+
+/// A durable log the service appends to.
+pub trait DurableLog: Send + Sync {
+    /// Appends `entry` to its log; returns its position once it is durable and applied.
+    fn append(&self, entry: WalEntry) -> Result<u64, StorageError>;
+    /// Writes a checkpoint of the state and drops what it makes redundant.
+    fn checkpoint(&self) -> Result<Checkpointed, StorageError>;
+    /// Bytes of log not yet covered by a checkpoint (what checkpoints are triggered by).
+    fn bytes(&self) -> u64;
+    /// Durable writes (e.g. fsyncs) so far; fewer than appends when appends shared them.
+    fn flushes(&self) -> u64;
+}
