@@ -828,7 +828,8 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
         Source::Local,
         "the same question is now answered locally"
     );
-    let ids = |hits: &[tiervec_shared::local::LocalHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
+    let ids =
+        |hits: &[tiervec_shared::local::LocalHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
     assert_eq!(ids(&again.hits), ids(&first.hits));
     wait_for(|| node.shadow_recall().is_some()).await;
     assert_eq!(
@@ -949,7 +950,8 @@ async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the
         let (hits, _) = service.search("c", v, &params).unwrap();
         hits.iter().map(|h| h.id).collect::<Vec<_>>()
     };
-    let ids = |hits: &[tiervec_shared::local::LocalHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
+    let ids =
+        |hits: &[tiervec_shared::local::LocalHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
 
     // The cloud answers, then pushes the anchor with its exact ball.
     let q = vector(123);
@@ -1037,7 +1039,8 @@ async fn an_edge_that_lost_its_cache_is_restored_whole_by_a_streamed_snapshot() 
         answers.push(node.search(q, 5, 32).await.unwrap());
         wait_for(|| cache.usage().1 > n).await;
     }
-    let ids = |hits: &[tiervec_shared::local::LocalHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
+    let ids =
+        |hits: &[tiervec_shared::local::LocalHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
     for (q, first) in questions.iter().zip(&answers) {
         let local = node.search(q, 5, 32).await.unwrap();
         assert_eq!(
