@@ -444,10 +444,10 @@ fn find_cycle(n: usize, edges: &BTreeMap<usize, BTreeSet<usize>>) -> Option<Vec<
     }
     let mut colour = vec![Colour::White; n];
     for v in 0..n {
-        if colour[v] == Colour::White {
-            if let Some(c) = visit(v, edges, &mut colour, &mut Vec::new()) {
-                return Some(c);
-            }
+        if colour[v] == Colour::White
+            && let Some(c) = visit(v, edges, &mut colour, &mut Vec::new())
+        {
+            return Some(c);
         }
     }
     None

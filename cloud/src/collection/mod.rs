@@ -86,6 +86,17 @@ impl Points {
         self.ids.len()
     }
 
+    /// The hit a search found at slot `n.id`.
+    fn hit(&self, n: &Neighbour) -> Hit {
+        let slot = n.id as usize;
+        Hit {
+            id: self.ids[slot],
+            distance: n.distance,
+            lsn: self.lsns[slot],
+            payload: self.payloads[slot].clone(),
+        }
+    }
+
     /// Marks `slot` dead.
     fn tombstone(&mut self, slot: u32) {
         self.live[slot as usize] = false;
@@ -422,18 +433,7 @@ impl Collection {
         if let Some(max) = params.max_distance {
             found.retain(|n| n.distance <= max);
         }
-        let hits = found
-            .iter()
-            .map(|n| {
-                let slot = n.id as usize;
-                Hit {
-                    id: p.ids[slot],
-                    distance: n.distance,
-                    lsn: p.lsns[slot],
-                    payload: p.payloads[slot].clone(),
-                }
-            })
-            .collect();
+        let hits = found.iter().map(|n| p.hit(n)).collect();
         Ok((
             hits,
             if use_exact {
@@ -461,19 +461,7 @@ impl Collection {
         let found = self.exact_top(&p, &prepared, k);
         Ok(found
             .iter()
-            .map(|top| {
-                top.iter()
-                    .map(|n| {
-                        let slot = n.id as usize;
-                        Hit {
-                            id: p.ids[slot],
-                            distance: n.distance,
-                            lsn: p.lsns[slot],
-                            payload: p.payloads[slot].clone(),
-                        }
-                    })
-                    .collect()
-            })
+            .map(|top| top.iter().map(|n| p.hit(n)).collect())
             .collect())
     }
 

@@ -364,7 +364,7 @@ fn markdown(r: &Report, quick: &str) -> String {
     if !r.device_present {
         md.push_str(
             "**The GPU path is unmeasured: no device was lent to the session that ran this.** It \
-             is built and reviewed (`cloud/src/gpu/`, checked with `--features gpu`), and its \
+             is built and reviewed (`cloud/src/collection/gpu/`, checked with `--features gpu`), and its \
              tests skip without a device; only the CPU exact path's figures below were measured.\n\n",
         );
     }
