@@ -23,6 +23,9 @@
 //! * [`certificate`] is the geometry of certified answers (the triangle-inequality test and
 //!   its rounding slack), shared by the cloud that issues certificates and the edges.
 //! * [`log`] is the record format of every append-only log (cloud WAL, edge delta log).
+//! * [`protocol`] is the edge–cloud protocol, sans IO: frames, the client and server session
+//!   state machines, streamed snapshots, and what both ends decide alike about a cache
+//!   (`protocol::cache`: whether to resync, whether a push was acknowledged).
 //! * [`guest_abi`] is the byte layout of the WASM guest's calls (requests, responses,
 //!   certificates, status codes), shared by the guest (`tiervec-wasm`) and its host in the edge.
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
