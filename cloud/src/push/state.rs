@@ -383,4 +383,169 @@ mod tests {
         s.handle_ack(1);
         assert_eq!(s.poll(), Some(PushAction::BuildInvalidation(inv(2))));
     }
+
+    /// What the fuzzed driver does next: an event from outside, or the completion of work an
+    /// action gave it (ignored when it has no such work).
+    #[derive(Clone, Debug)]
+    enum Op {
+        Invalidate,
+        AnchorHot,
+        Tick(u16),
+        Resynced,
+        FinishPlan(bool),
+        FinishBuild(bool),
+        FinishCommit,
+        Ack,
+        StrayAck(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Op::Invalidate),
+            Just(Op::AnchorHot),
+            (0u16..2_000).prop_map(Op::Tick),
+            Just(Op::Resynced),
+            any::<bool>().prop_map(Op::FinishPlan),
+            any::<bool>().prop_map(Op::FinishBuild),
+            Just(Op::FinishCommit),
+            Just(Op::Ack),
+            (0u64..20).prop_map(Op::StrayAck),
+        ]
+    }
+
+    /// A driver that carries out actions faithfully and checks each one against the state's
+    /// promises: one delivery at a time, every step logged before its delta is sent, versions
+    /// in order without gaps, one plan at a time, invalidations built in arrival order.
+    #[derive(Default)]
+    struct Driver {
+        logged: u64,
+        /// Version the running plan was made against, if one runs.
+        plan_from: Option<u64>,
+        building: bool,
+        committing: Option<u64>,
+        sending: Option<u64>,
+        handed: u64,
+        built: Vec<u64>,
+    }
+
+    impl Driver {
+        fn delivering(&self) -> bool {
+            self.building || self.committing.is_some() || self.sending.is_some()
+        }
+
+        fn take(&mut self, action: PushAction) {
+            match action {
+                PushAction::Reconcile => {}
+                PushAction::BuildInvalidation(inv) => {
+                    assert!(!self.delivering(), "a build while delivering");
+                    self.built.push(inv.lsn);
+                    self.building = true;
+                }
+                PushAction::PlanNeeded => {
+                    assert!(self.plan_from.is_none(), "two plans at once");
+                    self.plan_from = Some(self.logged);
+                }
+                PushAction::CommitStep(step) => {
+                    assert!(!self.delivering(), "a step while delivering");
+                    assert_eq!(step.version, self.logged + 1, "steps in order, no gaps");
+                    self.committing = Some(step.version);
+                }
+                PushAction::Send(delta) => {
+                    assert_eq!(self.committing, None, "sent before its step was durable");
+                    assert_eq!(self.sending, None);
+                    assert_eq!(
+                        delta.version, self.logged,
+                        "only the step just logged is sent"
+                    );
+                    self.sending = Some(delta.version);
+                }
+            }
+        }
+
+        fn drain(&mut self, s: &mut PushState) {
+            while let Some(action) = s.poll() {
+                self.take(action);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_event_sequence_keeps_the_delivery_promises(
+            ops in proptest::collection::vec(op(), 0..200)
+        ) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut s = PushState::new(PERIOD, GAP, 0, t0);
+            let mut d = Driver::default();
+            for op in ops {
+                match op {
+                    Op::Invalidate => {
+                        d.handed += 1;
+                        s.handle_invalidation(inv(d.handed));
+                    }
+                    Op::AnchorHot => s.handle_anchor_hot(now),
+                    Op::Tick(ms) => {
+                        now += Duration::from_millis(u64::from(ms));
+                        s.handle_tick(now);
+                    }
+                    Op::Resynced => {
+                        // An inventory adopted between deliveries: the logged version stays.
+                        if !d.delivering() {
+                            s.handle_resynced(d.logged);
+                        }
+                    }
+                    Op::FinishPlan(found) => {
+                        if let Some(from) = d.plan_from.take() {
+                            s.handle_planned(found.then(|| delta(from + 1)));
+                        }
+                    }
+                    Op::FinishBuild(found) => {
+                        if d.building {
+                            d.building = false;
+                            s.handle_built(found.then(|| delta(d.logged + 1)));
+                        }
+                    }
+                    Op::FinishCommit => {
+                        if let Some(v) = d.committing.take() {
+                            d.logged = v;
+                            s.handle_committed(v);
+                        }
+                    }
+                    Op::Ack => {
+                        if let Some(v) = d.sending.take() {
+                            s.handle_ack(v);
+                        }
+                    }
+                    Op::StrayAck(v) => {
+                        if d.sending != Some(v) {
+                            s.handle_ack(v);
+                        }
+                    }
+                }
+                d.drain(&mut s);
+            }
+            // Finishing all work delivers every invalidation, in the order they came.
+            for _ in 0..4 * (d.handed + 4) {
+                if let Some(from) = d.plan_from.take() {
+                    s.handle_planned(Some(delta(from + 1)));
+                }
+                if d.building {
+                    d.building = false;
+                    s.handle_built(Some(delta(d.logged + 1)));
+                }
+                if let Some(v) = d.committing.take() {
+                    d.logged = v;
+                    s.handle_committed(v);
+                }
+                if let Some(v) = d.sending.take() {
+                    s.handle_ack(v);
+                }
+                d.drain(&mut s);
+            }
+            proptest::prop_assert_eq!(&d.built, &(1..=d.handed).collect::<Vec<_>>());
+            proptest::prop_assert!(!d.delivering(), "a delivery never finished");
+        }
+    }
 }
