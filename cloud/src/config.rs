@@ -1,6 +1,7 @@
 //! `tiervec-cloud serve` configuration: a plain struct with defaults, read from TOML, and every
 //! field overridable by an environment variable `TIERVEC_CLOUD_<FIELD>` and by a flag
-//! `--set <field>=<value>` (values in TOML syntax; flags win over env, env over the file).
+//! `--set <field>=<value>` (values in TOML syntax, `table.field` for a field of a table; flags
+//! win over env, env over the file).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use crate::hot::HotConfig;
 use crate::push::PushConfig;
 use crate::service::ServiceConfig;
 use crate::transport::http::ApiKey;
+use crate::transport::listener::HttpLimits;
 
 /// Why a configuration could not be read; the message names the file, variable or flag.
 #[derive(Debug, Error)]
@@ -41,6 +43,9 @@ pub struct CloudConfig {
     pub checkpoint_wal_bytes: u64,
     /// Tokio worker threads (default: one per core).
     pub worker_threads: Option<usize>,
+    /// Large exact scans (over 2,048 rows) running at once, HTTP and QUIC together (default:
+    /// one per core); more wait for a slot.
+    pub max_concurrent_scans: Option<usize>,
     /// Log as JSON lines instead of text.
     pub json_logs: bool,
     /// QUIC endpoint for edges (mutual TLS); none serves HTTP only.
@@ -55,6 +60,8 @@ pub struct CloudConfig {
     pub push: PushConfig,
     /// Exact search on a GPU (feature `gpu`; `collection/gpu/`).
     pub gpu: GpuConfig,
+    /// Connections and concurrent requests of the HTTP API (`transport/listener.rs`).
+    pub http: HttpLimits,
 }
 
 impl Default for CloudConfig {
@@ -69,6 +76,7 @@ impl Default for CloudConfig {
             tombstone_rebuild_fraction: 0.25,
             checkpoint_wal_bytes: 256 << 20,
             worker_threads: None,
+            max_concurrent_scans: None,
             json_logs: false,
             quic_addr: None,
             certs_dir: PathBuf::from("certs"),
@@ -76,6 +84,7 @@ impl Default for CloudConfig {
             hot: HotConfig::default(),
             push: PushConfig::default(),
             gpu: GpuConfig::default(),
+            http: HttpLimits::default(),
         }
     }
 }
@@ -137,10 +146,21 @@ fn set(table: &mut toml::Table, field: &str, value: &str) -> Result<(), &'static
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_owned()));
-    if field.is_empty() {
+    // `http.max_connections` names a field of the `[http]` table.
+    let mut parts: Vec<&str> = field.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
         return Err("empty field name");
     }
-    table.insert(field.to_owned(), parsed);
+    let last = parts.pop().ok_or("empty field name")?;
+    let mut table = table;
+    for part in parts {
+        table = table
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or("a dotted field goes through a value that is not a table")?;
+    }
+    table.insert(last.to_owned(), parsed);
     Ok(())
 }
 
@@ -171,6 +191,33 @@ mod tests {
         assert_eq!(c.max_batch, CloudConfig::default().max_batch);
         assert!(CloudConfig::load(None, vec![], &["no_such_field=1".into()]).is_err());
         assert!(CloudConfig::load(None, vec![], &["default_ef=\"x\"".into()]).is_err());
+    }
+
+    #[test]
+    fn a_dotted_flag_sets_one_field_of_a_table() {
+        let c = CloudConfig::load(
+            None,
+            vec![],
+            &[
+                "http.max_connections=8".into(),
+                "http.header_timeout_ms=250".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.http,
+            HttpLimits {
+                max_connections: 8,
+                header_timeout_ms: 250,
+                ..HttpLimits::default()
+            }
+        );
+        for bad in ["http..max_connections=1", "default_ef.x=1", "http.nope=1"] {
+            assert!(
+                CloudConfig::load(None, vec![], &[bad.into()]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

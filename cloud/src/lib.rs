@@ -36,4 +36,4 @@ pub mod storage;
 
 mod transport;
 
-pub use transport::{certs, http, quic};
+pub use transport::{ScanSlots, certs, http, quic};

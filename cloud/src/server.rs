@@ -5,8 +5,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use thiserror::Error;
 
@@ -16,8 +16,9 @@ use crate::hot::HotIds;
 use crate::push::PushHub;
 use crate::service::{Service, ServiceError};
 use crate::transport::certs::CertDir;
-use crate::transport::http::{AppState, router};
+use crate::transport::http::{AppState, KeyError, KeyTable, RequestGate, router};
 use crate::transport::quic::{self, AccessList, QuicError};
+use crate::transport::{ScanSlots, listener};
 
 /// Why the server stopped or could not start.
 #[derive(Debug, Error)]
@@ -30,6 +31,8 @@ pub enum ServerError {
     Service(#[from] ServiceError),
     #[error("server task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("configuration: {0}")]
+    Keys(#[from] KeyError),
     #[error("the server stopped before binding its address")]
     NotBound,
 }
@@ -72,6 +75,7 @@ pub async fn serve(
     on_bound: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let keys = Arc::new(KeyTable::new(&config.api_keys)?);
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
     let addr = listener.local_addr()?;
     on_bound(addr);
@@ -79,12 +83,22 @@ pub async fn serve(
         tracing::warn!("no API keys configured: the API is open to anyone who can reach {addr}");
     }
     let cell: Arc<OnceLock<Arc<Service>>> = Arc::new(OnceLock::new());
+    let scans = ScanSlots::new(
+        config
+            .max_concurrent_scans
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    );
     let state = AppState {
         service: cell.clone(),
-        keys: Arc::new(config.api_keys.clone()),
+        keys,
         metrics: prometheus(),
         max_body_bytes: config.max_body_bytes,
         hot: Arc::new(HotIds::new(config.hot.clone())),
+        scans: scans.clone(),
+        gate: Arc::new(RequestGate::new(
+            config.http.max_concurrent_requests,
+            Duration::from_millis(config.http.request_timeout_ms),
+        )),
     };
     let hot = state.hot.clone();
     let push_config = config.push.clone();
@@ -101,18 +115,23 @@ pub async fn serve(
         }
         None => None,
     };
+    let limits = config.http.clone();
     let recovery = tokio::task::spawn_blocking(move || Service::open(config));
-    // Small JSON answers must not wait on Nagle's algorithm for the client's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
-    let server = tokio::spawn(async move { server.await });
+    let server =
+        tokio::spawn(
+            async move { listener::serve(listener, router(state), &limits, shutdown).await },
+        );
     let service = Arc::new(recovery.await??);
     tracing::info!(%addr, "serving");
     if let Some((endpoint, acl)) = quic {
         let push = PushHub::start(push_config, service.clone(), hot);
-        tokio::spawn(quic::serve(endpoint, service.clone(), Arc::new(acl), push));
+        tokio::spawn(quic::serve(
+            endpoint,
+            service.clone(),
+            Arc::new(acl),
+            push,
+            scans,
+        ));
     }
     let _ = cell.set(service);
     server.await??;

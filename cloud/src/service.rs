@@ -3,7 +3,7 @@
 //! indexes, rebuilds and checkpoints. It is configured by a plain [`ServiceConfig`] and given
 //! the exact-search engine its collections use: it installs nothing process-wide.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use thiserror::Error;
-use tiervec_shared::hnsw::HnswParams;
-use tiervec_shared::push::{Inventory, Manifest, ManifestStep};
+use tiervec_shared::backoff::Backoff;
+use tiervec_shared::hnsw::{HnswParams, M_RANGE, MAX_EF_CONSTRUCTION};
+use tiervec_shared::push::{Inventory, MAX_PAYLOAD_BYTES, Manifest, ManifestStep, vector_bytes};
 use tiervec_shared::query::{QueryError, validate_vector};
 use tiervec_shared::snapshot::MAX_DIM;
 use tiervec_shared::{CollectionId, Metric};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::collection::gpu::ExactEngine;
 use crate::collection::{Collection, CollectionInfo, Engine, Hit, Point, SearchParams};
@@ -63,6 +64,10 @@ pub enum ServiceError {
         #[source]
         source: QueryError,
     },
+    #[error(
+        "point {index} (id {id}): its payload is {len} bytes; the most a point may carry is {MAX_PAYLOAD_BYTES}"
+    )]
+    PayloadTooLarge { index: usize, id: u64, len: usize },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -125,6 +130,16 @@ impl Catalog {
         let mut v: Vec<_> = self.by_name.read().values().cloned().collect();
         v.sort_by(|a, b| a.info.name.cmp(&b.info.name));
         v
+    }
+
+    /// The ids any edge's cache of `collection` holds, as the cloud's manifests say.
+    pub fn ids_held_by_edges(&self, collection: [u8; 16]) -> HashSet<u64> {
+        self.edge_caches
+            .read()
+            .iter()
+            .filter(|((_, c), _)| *c == collection)
+            .flat_map(|(_, m)| m.ids().map(|(id, _)| id))
+            .collect()
     }
 
     /// The manifest the cloud holds for `edge`'s cache of `collection`.
@@ -197,11 +212,7 @@ impl Apply for Catalog {
                     id: CollectionId(image.id),
                     dim: image.dim as usize,
                     metric,
-                    params: HnswParams {
-                        m: image.m as usize,
-                        ef_construction: image.ef_construction as usize,
-                        seed: image.seed,
-                    },
+                    params: logged_params(&image.name, image.m, image.ef_construction, image.seed),
                 },
                 self.engine.clone(),
             );
@@ -260,11 +271,7 @@ impl Apply for Catalog {
                             id: CollectionId(*id),
                             dim: *dim as usize,
                             metric,
-                            params: HnswParams {
-                                m: *m as usize,
-                                ef_construction: *ef_construction as usize,
-                                seed: *seed,
-                            },
+                            params: logged_params(name, *m, *ef_construction, *seed),
                         },
                         self.engine.clone(),
                     )),
@@ -377,6 +384,29 @@ pub struct Service {
 }
 
 /// Collection names: 1–64 of `[A-Za-z0-9_-]`, so they are safe in URLs and file names.
+/// The graph parameters a logged collection is built with. Creation refuses values outside
+/// the bounds, but a log written before the bounds existed may hold any: such a value is
+/// clamped, with a warning, so that recovery never aborts on it (hnsw_rs sizes a heap by
+/// `ef_construction` on every insert).
+fn logged_params(name: &str, m: u32, ef_construction: u32, seed: u64) -> HnswParams {
+    let params = HnswParams {
+        m: (m as usize).clamp(*M_RANGE.start(), *M_RANGE.end()),
+        ef_construction: (ef_construction as usize).clamp(1, MAX_EF_CONSTRUCTION),
+        seed,
+    };
+    if params.m != m as usize || params.ef_construction != ef_construction as usize {
+        warn!(
+            collection = name,
+            m,
+            ef_construction,
+            built_with_m = params.m,
+            built_with_ef_construction = params.ef_construction,
+            "logged graph parameters are out of bounds; the graph is built with the nearest allowed ones"
+        );
+    }
+    params
+}
+
 fn check_name(name: &str) -> Result<(), ServiceError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -445,11 +475,13 @@ impl Service {
         &self.catalog
     }
 
-    pub fn wal_bytes(&self) -> u64 {
-        self.log.bytes()
+    /// Why the log no longer takes writes, if it does not; `/readyz` reports it.
+    pub fn log_failure(&self) -> Option<String> {
+        self.log.failure()
     }
 
     /// WAL flushes (write + fsync) since start; fewer than writes when writers shared them.
+    /// The durability tests read it to show group commit; the metrics count the same flushes.
     pub fn wal_flushes(&self) -> u64 {
         self.log.flushes()
     }
@@ -477,8 +509,23 @@ impl Service {
         })
     }
 
-    /// Logs (durably) that `edge`'s cache holds exactly `inventory`.
-    pub fn commit_edge_reset(&self, edge: &str, inventory: Inventory) -> Result<u64, ServiceError> {
+    /// Logs (durably) that `edge`'s cache holds exactly `inventory`. The edge's byte costs are
+    /// not trusted: each is recomputed from the point the cloud holds, or, for a point the
+    /// cloud no longer holds, capped at the most any point can cost.
+    pub fn commit_edge_reset(
+        &self,
+        edge: &str,
+        mut inventory: Inventory,
+    ) -> Result<u64, ServiceError> {
+        if let Some(c) = self.catalog.by_id(inventory.collection_id) {
+            let dim = c.info.dim;
+            for v in &mut inventory.vectors {
+                v.bytes = match c.payload_len(v.id) {
+                    Some(len) => vector_bytes(dim, len),
+                    None => v.bytes.min(vector_bytes(dim, MAX_PAYLOAD_BYTES)),
+                };
+            }
+        }
         self.commit(WalEntry::EdgeReset {
             edge: edge.to_owned(),
             collection: inventory.collection_id,
@@ -510,10 +557,19 @@ impl Service {
                 "dim {dim} is outside 1..={MAX_DIM}"
             )));
         }
-        if !(2..=256).contains(&params.m) || params.ef_construction == 0 {
-            return Err(ServiceError::Invalid(
-                "m must be in 2..=256 and ef_construction ≥ 1".into(),
-            ));
+        if !M_RANGE.contains(&params.m) {
+            return Err(ServiceError::Invalid(format!(
+                "m = {} is outside {}..={}",
+                params.m,
+                M_RANGE.start(),
+                M_RANGE.end()
+            )));
+        }
+        if !(1..=MAX_EF_CONSTRUCTION).contains(&params.ef_construction) {
+            return Err(ServiceError::Invalid(format!(
+                "ef_construction = {} is outside 1..={MAX_EF_CONSTRUCTION}",
+                params.ef_construction
+            )));
         }
         if self.catalog.get(name).is_some() {
             return Err(ServiceError::CollectionExists(name.to_owned()));
@@ -561,6 +617,11 @@ impl Service {
                 id,
                 source,
             })?;
+            if let Some(len) = payload.as_ref().map(String::len)
+                && len > MAX_PAYLOAD_BYTES
+            {
+                return Err(ServiceError::PayloadTooLarge { index, id, len });
+            }
             c.info.metric.prepare(&mut vector);
             ids.push(id);
             vectors.extend_from_slice(&vector);
@@ -601,6 +662,11 @@ impl Service {
                 collection: name.to_owned(),
                 id,
             })
+    }
+
+    /// How many rows a search of `name` scans exactly ([`Collection::scanned_rows`]).
+    pub fn scanned_rows(&self, name: &str, exact: bool) -> Result<usize, ServiceError> {
+        Ok(self.collection(name)?.scanned_rows(exact))
     }
 
     pub fn search(
@@ -647,9 +713,20 @@ impl Drop for Service {
     }
 }
 
+/// Deletions remembered per collection before the maintenance loop forgets those no edge holds
+/// (or as many as the collection has live points, if more).
+const FORGET_DELETIONS_ABOVE: usize = 4_096;
+
 /// The maintenance loop: index new points, export generations, rebuild graphs heavy with
 /// tombstones, checkpoint when the WAL grows past its budget, publish gauges.
+/// The first wait before retrying a failed checkpoint, and the longest.
+const CHECKPOINT_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
 fn maintain(catalog: &Catalog, log: &dyn DurableLog, stop: &AtomicBool, config: &ServiceConfig) {
+    // A checkpoint copies every vector under the log's lock: a failing one (a full disk) is
+    // retried after a backoff, not on every pass.
+    let mut checkpoint_backoff = Backoff::new(CHECKPOINT_RETRY.0, CHECKPOINT_RETRY.1);
+    let mut checkpoint_after: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) {
         let mut worked = false;
         for c in catalog.all() {
@@ -674,6 +751,11 @@ fn maintain(catalog: &Catalog, log: &dyn DurableLog, stop: &AtomicBool, config: 
                     tracing::error!(collection = %c.info.name, "indexing panicked; searches fall back to the last generation and exact scans");
                 }
             }
+            if c.remembered_deletions() > FORGET_DELETIONS_ABOVE.max(c.len()) {
+                let held = catalog.ids_held_by_edges(c.info.id.0);
+                let forgotten = c.forget_deletions(|id| held.contains(&id));
+                debug!(collection = %c.info.name, forgotten, "forgot deletions no edge needs");
+            }
             metrics::gauge!("tiervec_collection_points", "collection" => c.info.name.clone())
                 .set(c.len() as f64);
             metrics::gauge!("tiervec_index_generation_points", "collection" => c.info.name.clone())
@@ -682,9 +764,20 @@ fn maintain(catalog: &Catalog, log: &dyn DurableLog, stop: &AtomicBool, config: 
         let bytes = log.bytes();
         metrics::gauge!("tiervec_wal_bytes").set(bytes as f64);
         if bytes > config.checkpoint_wal_bytes
-            && let Err(e) = log.checkpoint()
+            && checkpoint_after.is_none_or(|t| Instant::now() >= t)
         {
-            warn!(error = %e, "checkpoint failed");
+            match log.checkpoint() {
+                Ok(_) => {
+                    checkpoint_backoff.reset();
+                    checkpoint_after = None;
+                }
+                Err(e) => {
+                    let wait = checkpoint_backoff.next_wait(1.0);
+                    checkpoint_after = Some(Instant::now() + wait);
+                    metrics::counter!("tiervec_checkpoint_failures_total").increment(1);
+                    tracing::error!(error = %e, retry_in_s = wait.as_secs_f64(), wal_bytes = bytes, "checkpoint failed");
+                }
+            }
         }
         if !worked {
             std::thread::sleep(Duration::from_millis(20));

@@ -4,11 +4,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
+use tiervec_test_support::process::ChildGuard;
+use tiervec_test_support::vectors::family_vector;
 
 const DIM: usize = 16;
 const MAX_IDS: u64 = 5_000;
@@ -25,23 +27,18 @@ impl Rng {
     }
 }
 
+/// The vector written for `id` at `version`: the shared hash-seeded family `version`, shifted
+/// so every component is positive (in `[0.5, 1.5)`), never a zero vector.
 fn vector(id: u64, version: u64) -> Vec<f32> {
-    (0..DIM)
-        .map(|d| ((id * 31 + d as u64 * 7 + version * 101) as f32 * 0.113).sin() + 1.5)
+    family_vector(version, id, DIM)
+        .into_iter()
+        .map(|x| x + 1.0)
         .collect()
 }
 
-/// Kills the server however the test ends, so a failed assertion leaves no process behind.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(dir: &Path) -> (Server, String) {
+/// Starts the server; the guard kills it however the test ends, so a failed assertion leaves
+/// no process behind.
+fn spawn(dir: &Path) -> (ChildGuard, String) {
     let addr_file = dir.join("addr");
     let _ = std::fs::remove_file(&addr_file);
     let log = std::fs::OpenOptions::new()
@@ -49,7 +46,7 @@ fn spawn(dir: &Path) -> (Server, String) {
         .append(true)
         .open(dir.join("server.log"))
         .unwrap();
-    let child = Server(
+    let child = ChildGuard::new(
         Command::new(env!("CARGO_BIN_EXE_tiervec-cloud"))
             .arg("serve")
             .arg("--set")
@@ -309,8 +306,7 @@ async fn kill_9_never_loses_an_acknowledged_write() {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(30 + rng.next() % 300)).await;
-        child.0.kill().unwrap();
-        child.0.wait().unwrap();
+        child.kill().unwrap();
         for w in writers {
             w.await.unwrap();
         }

@@ -15,6 +15,7 @@ use tiervec_cloud::storage::LogName;
 use tiervec_cloud::storage::wal::{self, WalError};
 use tiervec_shared::Metric;
 use tiervec_shared::hnsw::HnswParams;
+use tiervec_test_support::vectors::family_vector;
 
 const DIM: usize = 8;
 
@@ -25,25 +26,11 @@ fn config(dir: &Path) -> CloudConfig {
     }
 }
 
-/// A pseudo-random vector per (id, version): no two ids collide (a formula built on `sin`
-/// repeats with its period and made near-duplicates that tie in search).
-fn vector(id: u64, version: u64) -> Vec<f32> {
-    (0..DIM as u64)
-        .map(|d| {
-            let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (version << 40) ^ (d << 56);
-            x ^= x >> 31;
-            x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            x ^= x >> 29;
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
-
 fn points(ids: std::ops::Range<u64>, version: u64) -> Vec<(u64, Vec<f32>, Option<String>)> {
     ids.map(|id| {
         (
             id,
-            vector(id, version),
+            family_vector(version, id, DIM),
             Some(format!("{{\"v\":{version}}}")),
         )
     })
@@ -86,10 +73,10 @@ fn acknowledged_writes_survive_a_restart() {
     assert!(svc.get("c", 7).is_err());
     let p = svc.get("c", 55).unwrap();
     assert_eq!(p.payload.as_deref(), Some("{\"v\":1}"));
-    let mut want = vector(55, 1);
+    let mut want = family_vector(1, 55, DIM);
     Metric::Cosine.prepare(&mut want);
     assert_eq!(p.vector, want);
-    assert_eq!(top1(&svc, "c", &vector(3, 0)), 3);
+    assert_eq!(top1(&svc, "c", &family_vector(0, 3, DIM)), 3);
 }
 
 #[test]
@@ -181,15 +168,10 @@ fn corruption_before_valid_records_names_the_file_and_offset() {
     bytes[at] ^= 0x55;
     std::fs::write(&seg, &bytes).unwrap();
     match Service::open(config(dir.path())) {
-        Err(ServiceError::Wal(WalError::BadEntry { path, offset, .. })) => {
+        Err(ServiceError::Wal(WalError::BadEntry { path, offset, what })) => {
             assert_eq!(path, seg);
             assert!(offset < at as u64);
-            let msg = ServiceError::Wal(WalError::BadEntry {
-                path,
-                offset,
-                what: String::new(),
-            })
-            .to_string();
+            let msg = ServiceError::Wal(WalError::BadEntry { path, offset, what }).to_string();
             assert!(
                 msg.contains("wal-") && msg.contains(&format!("byte {offset}")),
                 "{msg}"
@@ -242,7 +224,7 @@ fn deletes_and_replacements_are_seen_by_the_next_search() {
         exact: false,
         max_distance: None,
     };
-    let q = vector(1234, 0);
+    let q = family_vector(0, 1234, DIM);
     let (hits, engine) = svc.search("c", &q, &graph).unwrap();
     assert_eq!(engine, tiervec_cloud::collection::Engine::Graph);
     assert_eq!(hits[0].id, 1234);
@@ -250,11 +232,15 @@ fn deletes_and_replacements_are_seen_by_the_next_search() {
     let (hits, _) = svc.search("c", &q, &graph).unwrap();
     assert!(hits.iter().all(|h| h.id != 1234), "deleted point returned");
     // Replacing a point moves it: the old vector no longer finds it.
-    svc.upsert("c", vec![(42, vector(9999, 5), None)]).unwrap();
-    let (hits, _) = svc.search("c", &vector(42, 0), &graph).unwrap();
+    svc.upsert("c", vec![(42, family_vector(5, 9999, DIM), None)])
+        .unwrap();
+    let (hits, _) = svc.search("c", &family_vector(0, 42, DIM), &graph).unwrap();
     assert!(hits.first().is_none_or(|h| h.id != 42 || h.distance > 1e-4));
     assert_eq!(
-        svc.search("c", &vector(9999, 5), &graph).unwrap().0[0].id,
+        svc.search("c", &family_vector(5, 9999, DIM), &graph)
+            .unwrap()
+            .0[0]
+            .id,
         42
     );
 }
@@ -269,7 +255,7 @@ fn a_query_whose_neighbours_were_all_deleted_still_gets_k_answers() {
     create(&svc, "c");
     svc.upsert("c", points(0..3000, 0)).unwrap();
     assert!(svc.wait_indexed(Duration::from_secs(60)));
-    let q = vector(77, 0);
+    let q = family_vector(0, 77, DIM);
     let exact = |k| SearchParams {
         k,
         ef: 64,
@@ -362,7 +348,7 @@ fn heavy_tombstones_trigger_a_graph_rebuild() {
         max_distance: None,
     };
     for id in [1500u64, 2000, 3999] {
-        let (hits, _) = svc.search("c", &vector(id, 0), &graph).unwrap();
+        let (hits, _) = svc.search("c", &family_vector(0, id, DIM), &graph).unwrap();
         assert_eq!(hits.len(), 10);
         assert_eq!(hits[0].id, id);
         assert!(hits.iter().all(|h| h.id >= 1500));
@@ -375,7 +361,7 @@ fn bad_writes_are_refused_before_the_log() {
     let svc = open_with(dir.path());
     create(&svc, "c");
     let lsn_before = svc.upsert("c", points(0..1, 0)).unwrap();
-    let mut nan = vector(1, 0);
+    let mut nan = family_vector(0, 1, DIM);
     nan[3] = f32::NAN;
     assert!(matches!(
         svc.upsert("c", vec![(1, nan, None)]),
@@ -407,7 +393,7 @@ fn bad_writes_are_refused_before_the_log() {
 #[test]
 fn load_into_a_stopped_servers_directory_and_inspect_it() {
     let dir = tempfile::tempdir().unwrap();
-    let data: Vec<f32> = (0..40).flat_map(|i| vector(i, 0)).collect();
+    let data: Vec<f32> = (0..40).flat_map(|i| family_vector(0, i, DIM)).collect();
     let fvecs = dir.path().join("v.fvecs");
     std::fs::write(&fvecs, tiervec_shared::vecs::encode_fvecs(DIM, &data)).unwrap();
     let jsonl = dir.path().join("t.jsonl");

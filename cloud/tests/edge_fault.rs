@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +31,9 @@ use tiervec_edge::write_snapshot_atomic;
 use tiervec_shared::Metric;
 use tiervec_shared::hnsw::{HnswBuilder, HnswParams};
 use tiervec_shared::snapshot::{self, SnapshotBody, SnapshotSpec};
+use tiervec_test_support::net::free_udp_addr;
+use tiervec_test_support::process::ChildGuard;
+use tiervec_test_support::vectors::vector;
 
 const DIM: usize = 16;
 /// Points in the cloud's collection: ids `0..POINTS`.
@@ -45,26 +48,6 @@ const CLOUD_ANSWERS: usize = 20;
 /// Degraded answers wanted once the edge has seen its link die.
 const DEGRADED_ANSWERS: usize = 10;
 
-fn vector(i: u64) -> Vec<f32> {
-    (0..DIM as u64)
-        .map(|d| {
-            let x = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (d << 56))
-                .wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
-
-/// Kills the cloud however the test ends, so a failed assertion leaves no process behind.
-struct Cloud(Child);
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Pushing off: nothing becomes hot enough to push (the trace test is about faults).
 const NO_PUSHES: &str = "push={anchor_hot_count=1e12, hot_id_count=1e12}";
 /// Every fallback pushed at once, as its own anchor.
@@ -72,8 +55,9 @@ const EVERY_FALLBACK_PUSHED: &str =
     "push={anchor_hot_count=1.0, anchor_merge_distance=0.0, period_ms=20, min_gap_ms=1}";
 
 /// Starts `tiervec-cloud serve` over `dir` (with `push`, a `--set` of the push knobs) and
-/// returns once `/readyz` answers, with its base URL.
-async fn spawn_cloud(dir: &Path, quic: SocketAddr, push: &str) -> (Cloud, String) {
+/// returns once `/readyz` answers, with its base URL. The guard kills the cloud however the
+/// test ends, so a failed assertion leaves no process behind.
+async fn spawn_cloud(dir: &Path, quic: SocketAddr, push: &str) -> (ChildGuard, String) {
     let addr_file = dir.join("addr");
     let _ = std::fs::remove_file(&addr_file);
     let log = std::fs::OpenOptions::new()
@@ -82,7 +66,7 @@ async fn spawn_cloud(dir: &Path, quic: SocketAddr, push: &str) -> (Cloud, String
         .open(dir.join("cloud.log"))
         .unwrap();
     let path = |p: PathBuf| format!("{:?}", p.to_str().unwrap());
-    let cloud = Cloud(
+    let cloud = ChildGuard::new(
         Command::new(env!("CARGO_BIN_EXE_tiervec-cloud"))
             .arg("serve")
             .args(["--set", &format!("data_dir={}", path(dir.join("data")))])
@@ -190,7 +174,7 @@ async fn application(url: String, phase: Arc<AtomicU8>, stop: Arc<AtomicBool>, l
         sent += 1;
         let response = http
             .post(&url)
-            .json(&json!({"vector": vector(asked), "k": 1}))
+            .json(&json!({"vector": vector(asked, DIM), "k": 1}))
             .send()
             .await;
         let outcome = match response {
@@ -232,10 +216,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
     certs.issue_server(&["localhost".into()]).unwrap();
     certs.issue_edge("edge-1").unwrap();
     // A free UDP port for the cloud's QUIC endpoint, the same across the restart.
-    let quic_addr = {
-        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let quic_addr = free_udp_addr();
 
     // The cloud, with the whole collection.
     let (cloud, base) = spawn_cloud(dir.path(), quic_addr, NO_PUSHES).await;
@@ -255,7 +236,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
             (0..POINTS)
                 .map(|id| PointIn {
                     id,
-                    vector: vector(id),
+                    vector: vector(id, DIM),
                     payload: None,
                 })
                 .collect(),
@@ -266,7 +247,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
     // The edge caches the first CACHED points.
     let mut builder = HnswBuilder::new(DIM, Metric::Cosine, HnswParams::default());
     for i in 0..CACHED {
-        builder.insert(&vector(i)).unwrap();
+        builder.insert(&vector(i, DIM)).unwrap();
     }
     let body = SnapshotBody::from_builder(
         &builder,
@@ -368,8 +349,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
     // answering, degraded, while its reconnection attempts fail.
     phase.store(2, Ordering::SeqCst);
     let mut cloud = cloud;
-    cloud.0.kill().unwrap();
-    cloud.0.wait().unwrap();
+    cloud.kill().unwrap();
     let killed = Instant::now();
     let link_lost = wait_until(
         "the edge sees its link die",
@@ -505,10 +485,7 @@ async fn pushes_survive_a_killed_cloud_and_resume_after_its_restart() {
     certs.ensure_ca().unwrap();
     certs.issue_server(&["localhost".into()]).unwrap();
     certs.issue_edge("edge-1").unwrap();
-    let quic_addr = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let quic_addr = free_udp_addr();
     let (cloud, base) = spawn_cloud(dir.path(), quic_addr, EVERY_FALLBACK_PUSHED).await;
     let api = Client::new(&base, None);
     api.create_collection(&CreateCollection {
@@ -525,7 +502,7 @@ async fn pushes_survive_a_killed_cloud_and_resume_after_its_restart() {
         (0..POINTS)
             .map(|id| PointIn {
                 id,
-                vector: vector(id),
+                vector: vector(id, DIM),
                 payload: None,
             })
             .collect(),
@@ -568,7 +545,7 @@ async fn pushes_survive_a_killed_cloud_and_resume_after_its_restart() {
     wait_until("link up", Duration::from_secs(10), || node.connected()).await;
 
     // A cold cache warmed by ten fallbacks.
-    let asked = |i: u64| vector(POINTS + i);
+    let asked = |i: u64| vector(POINTS + i, DIM);
     for i in 0..10 {
         assert_eq!(
             node.search(&asked(i), 5, 32).await.unwrap().source,

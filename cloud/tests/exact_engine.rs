@@ -6,22 +6,18 @@
 use std::sync::Arc;
 
 use tiervec_cloud::collection::gpu::{EngineKind, ExactEngine, GpuConfig, GpuError};
-use tiervec_cloud::collection::{Collection, CollectionInfo, SearchParams};
+use tiervec_cloud::collection::{Collection, CollectionInfo, Engine, SearchParams};
 use tiervec_cloud::config::CloudConfig;
 use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::{CollectionId, Metric, exact};
+use tiervec_test_support::vectors::family_vector;
 
-/// Deterministic vectors in [-1, 1) (xorshift64*), so tests need no RNG crate.
+/// `n` deterministic vectors of `dim` components in [-1, 1): the shared hash-seeded family
+/// `seed`, doubled.
 fn vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed | 1;
-    (0..n * dim)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-            r as f32 / (1u64 << 23) as f32 - 1.0
-        })
+    (0..n as u64)
+        .flat_map(|i| family_vector(seed, i, dim))
+        .map(|x| 2.0 * x)
         .collect()
 }
 
@@ -85,6 +81,47 @@ fn gpu_fallback_without_device_serves_exact_search_on_cpu() {
             assert_eq!(got, want, "{metric}");
         }
     }
+}
+
+/// How many rows a search scans exactly, which decides whether it runs where it is asked or
+/// on the blocking pool under a scan slot: every slot before the first graph generation (after
+/// a restart) and when exact search is asked for, the unindexed tail otherwise; a scan over
+/// tombstones answers live points only.
+#[test]
+fn a_search_says_how_many_rows_it_scans_and_scans_skip_tombstones() {
+    let engine = Arc::new(ExactEngine::cpu(&GpuConfig::default(), &GpuError::NoDriver));
+    let c = collection(engine, 16, Metric::L2);
+    let rows = load(&c, 6_000, 3);
+    assert_eq!(
+        c.scanned_rows(false),
+        6_000,
+        "no graph yet: every search scans"
+    );
+    let evens: Vec<u64> = (0..6_000).step_by(2).collect();
+    c.apply_delete(2, &evens);
+    let q = &rows[10 * 16..11 * 16];
+    let (hits, engine) = c.search(q, &exact_params(5)).unwrap();
+    assert_eq!((hits.len(), engine), (5, Engine::Exact));
+    assert!(hits.iter().all(|h| h.id % 2 == 1), "{hits:?}");
+    let odd_rows: Vec<f32> = rows
+        .chunks(16)
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .flat_map(|(_, r)| r.to_vec())
+        .collect();
+    let want: Vec<f32> = exact::search(&odd_rows, 16, Metric::L2, q, 5)
+        .iter()
+        .map(|n| n.distance)
+        .collect();
+    let got: Vec<f32> = hits.iter().map(|h| h.distance).collect();
+    assert_eq!(got, want);
+
+    while c.index_step(true) {}
+    assert_eq!(c.scanned_rows(false), 0, "the graph covers every slot");
+    assert_eq!(c.scanned_rows(true), 6_000, "exact search asked for");
+    let more: Vec<u64> = (6_000..6_100).collect();
+    c.apply_upsert(3, &more, &prepared(&c, 100, 4), &vec![None; 100]);
+    assert_eq!(c.scanned_rows(false), 100, "the unindexed tail");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tiervec_cloud::config::CloudConfig;
 use tiervec_cloud::http::{ApiKey, Role};
+use tiervec_test_support::vectors::vector;
 
 const RW: &str = "rw-key-0123456789";
 const RO: &str = "ro-key-0123456789";
@@ -75,12 +76,6 @@ async fn call(
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
-}
-
-fn vector(i: u64, dim: usize) -> Vec<f32> {
-    (0..dim)
-        .map(|d| ((i * 13 + d as u64 * 5) as f32 * 0.21).sin())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,4 +367,134 @@ async fn routes_statuses_and_errors() {
     assert_eq!(st, StatusCode::OK);
     let (st, _) = call(a, M::GET, "/v1/collections/docs", Some(RO), None).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
+}
+
+/// `/readyz` (docs/cloud.md, "Readiness"): recovered and the log writable make it 200; its
+/// body says so field by field and, per collection, how many points the graph does not cover
+/// yet, down to none once the maintenance loop has indexed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_says_what_the_node_can_serve() {
+    use reqwest::Method as M;
+    let s = start(1 << 20).await;
+    let a = s.addr;
+    let (st, body) = call(a, M::GET, "/readyz", None, None).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"ready": true, "recovered": true, "log_writable": true, "log_error": null,
+               "collections": []})
+    );
+
+    let (st, _) = call(
+        a,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(json!({"name": "docs", "dim": 8, "metric": "l2"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let points: Vec<Value> = (0..300)
+        .map(|i| json!({"id": i, "vector": vector(i, 8)}))
+        .collect();
+    let (st, _) = call(
+        a,
+        M::PUT,
+        "/v1/collections/docs/points",
+        Some(RW),
+        Some(json!({ "points": points })),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+
+    let mut last = Value::Null;
+    for _ in 0..1_000 {
+        let (st, body) = call(a, M::GET, "/readyz", None, None).await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        let docs = &body["collections"][0];
+        assert_eq!(
+            (docs["name"].as_str(), docs["points"].as_u64()),
+            (Some("docs"), Some(300))
+        );
+        let unindexed = docs["unindexed"].as_u64().unwrap();
+        assert_eq!(
+            docs["graph_complete"].as_bool(),
+            Some(unindexed == 0),
+            "{body}"
+        );
+        if unindexed == 0 {
+            return;
+        }
+        last = body;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the graph never covered every point: {last}");
+}
+
+/// An answer carries at most 16 MiB (`MAX_ANSWER_BYTES`): hits whose payloads would pass it
+/// are refused with a 400 that says what to ask for instead, at the limit they are served, and
+/// a batch asking for more hits than fit is refused before any search runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_past_the_size_limit_are_refused() {
+    use reqwest::Method as M;
+    use tiervec_cloud::http::{HIT_JSON_BYTES, MAX_ANSWER_BYTES};
+    let s = start(64 << 20).await;
+    let a = s.addr;
+    let (st, _) = call(
+        a,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(json!({"name": "big", "dim": 8, "metric": "l2"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    // 20 points with payloads of 900,000 bytes of JSON text each.
+    let text = "x".repeat(900_000 - 2);
+    for i in 0..20u64 {
+        let (st, body) = call(
+            a,
+            M::PUT,
+            "/v1/collections/big/points",
+            Some(RW),
+            Some(json!({"points": [{"id": i, "vector": vector(i, 8), "payload": text}]})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+    }
+    let per_hit = 900_000 + HIT_JSON_BYTES;
+    let fits = MAX_ANSWER_BYTES / per_hit;
+    assert!(fits < 20);
+    let search = |k: usize, with_payload: bool| json!({"vector": vector(0, 8), "k": k, "with_payload": with_payload});
+    let path = "/v1/collections/big/search";
+    let (st, body) = call(a, M::POST, path, Some(RO), Some(search(fits, true))).await;
+    assert_eq!(st, StatusCode::OK, "at the limit");
+    assert_eq!(body["hits"].as_array().unwrap().len(), fits);
+    let (st, body) = call(a, M::POST, path, Some(RO), Some(search(fits + 1, true))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "one hit past the limit");
+    assert_eq!(body["code"], "invalid_request");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("without payloads"),
+        "{body}"
+    );
+    let (st, _) = call(a, M::POST, path, Some(RO), Some(search(20, false))).await;
+    assert_eq!(st, StatusCode::OK, "without payloads the hits fit");
+
+    let batch = |searches: usize| json!({"searches": vec![json!({"vector": vector(1, 8), "k": 1_024}); searches]});
+    let batch_path = "/v1/collections/big/search/batch";
+    let most = MAX_ANSWER_BYTES / HIT_JSON_BYTES / 1_024;
+    let (st, body) = call(a, M::POST, batch_path, Some(RO), Some(batch(most))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (st, body) = call(a, M::POST, batch_path, Some(RO), Some(batch(most + 1))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("split the batch"),
+        "{body}"
+    );
 }

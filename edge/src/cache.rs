@@ -28,8 +28,8 @@ use parking_lot::Mutex;
 use thiserror::Error;
 use tiervec_shared::CollectionId;
 use tiervec_shared::confidence::{ConfidenceRule, Decision};
-use tiervec_shared::hnsw::{HnswParams, SearchScratch};
-use tiervec_shared::local::LocalCache;
+use tiervec_shared::hnsw::HnswParams;
+use tiervec_shared::local::{LocalCache, LocalScratch};
 use tiervec_shared::protocol::frame::SnapshotBegin;
 use tiervec_shared::push::{Applied, Delta, Inventory, PushError};
 use tiervec_shared::query::validate_search;
@@ -138,6 +138,9 @@ pub struct EdgeCache {
     /// The current connection's number; deltas of an older one bring no certificates.
     connection: AtomicU64,
     follower: arc_swap::ArcSwapOption<Box<dyn CacheFollower>>,
+    /// Search buffers, one per concurrent search, reused across searches (and across
+    /// snapshots: they size themselves to each search).
+    scratch: Mutex<Vec<LocalScratch>>,
 }
 
 /// The label of streamed snapshots' temp files (`durable::temp_beside`).
@@ -295,6 +298,7 @@ impl EdgeCache {
                 compacting: Arc::new(AtomicBool::new(false)),
                 connection: AtomicU64::new(0),
                 follower: arc_swap::ArcSwapOption::empty(),
+                scratch: Mutex::new(Vec::new()),
             },
             report,
         ))
@@ -353,14 +357,13 @@ impl EdgeCache {
     /// nearest anchor.
     pub fn search(&self, query: &[f32], k: usize, ef: usize) -> Result<LocalAnswer, EdgeError> {
         let state = self.state.load();
-        let found = match &state.snapshot {
-            Some(index) => index.with_scratch(|view, scratch| {
-                state.local.search(Some(view), query, k, ef, scratch)
-            })?,
-            None => state
-                .local
-                .search(None, query, k, ef, &mut SearchScratch::default())?,
-        };
+        let mut scratch = self.scratch.lock().pop().unwrap_or_default();
+        let view = state.snapshot.as_ref().map(|index| index.view());
+        let found = state
+            .local
+            .search(view.as_ref(), query, k, ef, &mut scratch);
+        self.scratch.lock().push(scratch);
+        let found = found?;
         let (nearest_anchor, anchor_first_use) = match found.nearest_anchor {
             Some((anchor, distance)) => (
                 Some(distance),

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use tiervec_shared::durable::write_atomic;
 use tiervec_shared::log::{self, LogError, LogHeader, LogKind};
-use tiervec_shared::push::Delta;
+use tiervec_shared::push::{Delta, UndecodableDelta};
 
 #[derive(Debug, Error)]
 pub enum DeltaLogError {
@@ -36,12 +36,26 @@ pub enum DeltaLogError {
         #[source]
         source: LogError,
     },
-    #[error("delta log {path}: record {version} does not decode: {reason}")]
-    BadRecord {
+    #[error("delta log {path}: record {version} does not decode: {source}")]
+    Undecodable {
         path: PathBuf,
         version: u64,
-        reason: String,
+        #[source]
+        source: UndecodableDelta,
     },
+    #[error("delta log {path}: record {record} holds delta {holds}")]
+    VersionMismatch {
+        path: PathBuf,
+        record: u64,
+        holds: u64,
+    },
+    /// An earlier append failed and its bytes could not be taken back (or its fsync failed,
+    /// after which the file's state is unknown): the log takes no more deltas until it is
+    /// opened again, so nothing is acknowledged that might not survive.
+    #[error(
+        "delta log {path} stopped taking deltas after a failed append ({why}); restart the edge"
+    )]
+    Stopped { path: PathBuf, why: String },
 }
 
 /// What opening the log found.
@@ -57,6 +71,10 @@ pub struct Replayed {
 pub struct DeltaLog {
     path: PathBuf,
     file: File,
+    /// The length through the last record appended whole and fsynced.
+    good_len: u64,
+    /// Why appends stopped, if they did.
+    stopped: Option<String>,
 }
 
 /// Appends `delta`'s record to `out`; a body over the record limit is refused, not a panic.
@@ -91,16 +109,16 @@ impl DeltaLog {
         };
         for record in &scan.records {
             let delta =
-                Delta::from_bytes(record.body).map_err(|reason| DeltaLogError::BadRecord {
+                Delta::from_bytes(record.body).map_err(|source| DeltaLogError::Undecodable {
                     path: path.to_owned(),
                     version: record.lsn,
-                    reason,
+                    source,
                 })?;
             if delta.version != record.lsn {
-                return Err(DeltaLogError::BadRecord {
+                return Err(DeltaLogError::VersionMismatch {
                     path: path.to_owned(),
-                    version: record.lsn,
-                    reason: format!("record holds delta {}", delta.version),
+                    record: record.lsn,
+                    holds: delta.version,
                 });
             }
             replayed.deltas.push(delta);
@@ -113,16 +131,18 @@ impl DeltaLog {
         let mut log = DeltaLog {
             path: path.to_owned(),
             file,
+            good_len: 0,
+            stopped: None,
         };
-        log.seek_end()?;
+        log.good_len = log.seek_end()?;
         Ok((log, replayed))
     }
 
-    fn seek_end(&mut self) -> Result<(), DeltaLogError> {
+    /// Moves to the end of the file; returns its length.
+    fn seek_end(&mut self) -> Result<u64, DeltaLogError> {
         use std::io::Seek;
         self.file
             .seek(io::SeekFrom::End(0))
-            .map(drop)
             .map_err(|source| DeltaLogError::Io {
                 path: self.path.clone(),
                 source,
@@ -149,22 +169,50 @@ impl DeltaLog {
         let mut log = DeltaLog {
             path: path.to_owned(),
             file,
+            good_len: 0,
+            stopped: None,
         };
-        log.seek_end()?;
+        log.good_len = log.seek_end()?;
         Ok(log)
     }
 
-    /// Appends `delta` and fsyncs: when this returns, the delta survives a crash.
+    /// Appends `delta` and fsyncs: when this returns Ok, the delta survives a crash. When the
+    /// write fails part-way (a full disk), its bytes are cut off again so that the next append
+    /// does not land behind garbage (which the next open would take for damage and set the
+    /// whole log aside); when that cut or the fsync fails, the log stops taking deltas.
     pub fn append(&mut self, delta: &Delta) -> Result<(), DeltaLogError> {
+        if let Some(why) = &self.stopped {
+            return Err(DeltaLogError::Stopped {
+                path: self.path.clone(),
+                why: why.clone(),
+            });
+        }
         let mut bytes = Vec::new();
         encode(delta, &mut bytes, &self.path)?;
-        self.file
-            .write_all(&bytes)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|source| DeltaLogError::Io {
-                path: self.path.clone(),
-                source,
-            })
+        let path = self.path.clone();
+        let io_err = |source| DeltaLogError::Io { path, source };
+        if let Err(e) = self.file.write_all(&bytes) {
+            if let Err(cut) = self.cut_back() {
+                self.stopped = Some(format!("{e}; then cutting it back: {cut}"));
+            }
+            return Err(io_err(e));
+        }
+        if let Err(e) = self.file.sync_data() {
+            // After a failed fsync the kernel may have dropped the dirty pages: what is on disk
+            // is unknown, so nothing more is appended (or acknowledged) until a reopen reads it.
+            self.stopped = Some(format!("fsync failed: {e}"));
+            return Err(io_err(e));
+        }
+        self.good_len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Truncates the file to the last good record and moves there.
+    fn cut_back(&mut self) -> io::Result<()> {
+        use std::io::Seek;
+        self.file.set_len(self.good_len)?;
+        self.file.sync_data()?;
+        self.file.seek(io::SeekFrom::Start(self.good_len)).map(drop)
     }
 }
 
@@ -209,6 +257,49 @@ mod tests {
         let log = DeltaLog::rewrite(&path, &[delta(3)]).unwrap();
         drop(log);
         assert_eq!(DeltaLog::open(&path).unwrap().1.deltas, vec![delta(3)]);
+    }
+
+    /// Item 11: an append that fails part-way leaves nothing behind it (the next append and
+    /// the next open see only whole records), and one whose bytes cannot be taken back stops
+    /// the log: no later delta is written, so none is acknowledged.
+    #[test]
+    fn a_failed_append_is_cut_back_or_stops_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.deltas");
+        let (mut log, _) = DeltaLog::open(&path).unwrap();
+        log.append(&delta(1)).unwrap();
+        // What a write that fails half-way leaves: part of a record after the last good one.
+        let mut half = Vec::new();
+        encode(&delta(2), &mut half, &path).unwrap();
+        log.file.write_all(&half[..half.len() / 2]).unwrap();
+        log.cut_back().unwrap();
+        log.append(&delta(2)).unwrap();
+        log.append(&delta(3)).unwrap();
+        drop(log);
+        let (_, replayed) = DeltaLog::open(&path).unwrap();
+        assert_eq!(replayed.deltas, vec![delta(1), delta(2), delta(3)]);
+        assert!(
+            replayed.truncated.is_none(),
+            "nothing torn, nothing set aside"
+        );
+
+        // A disk that takes no bytes and a file that cannot be cut: the log stops.
+        let mut full = DeltaLog {
+            path: path.clone(),
+            file: OpenOptions::new().write(true).open("/dev/full").unwrap(),
+            good_len: 0,
+            stopped: None,
+        };
+        assert!(matches!(
+            full.append(&delta(4)),
+            Err(DeltaLogError::Io { .. })
+        ));
+        assert!(matches!(
+            full.append(&delta(5)),
+            Err(DeltaLogError::Stopped { .. })
+        ));
+        let (_, replayed) = DeltaLog::open(&path).unwrap();
+        assert_eq!(replayed.deltas.len(), 3, "the log on disk is untouched");
     }
 
     #[test]

@@ -145,21 +145,6 @@ impl EdgeIndex {
         self.len() == 0
     }
 
-    /// Runs `f` over the snapshot with search buffers from the pool (reused across searches).
-    pub fn with_scratch<R>(&self, f: impl FnOnce(&SnapshotView<'_>, &mut SearchScratch) -> R) -> R {
-        let mut searcher = self
-            .searchers
-            .lock()
-            .map(|mut pool| pool.pop())
-            .unwrap_or_default()
-            .unwrap_or_default();
-        let result = f(&self.snapshot.view(), &mut searcher.scratch);
-        if let Ok(mut pool) = self.searchers.lock() {
-            pool.push(searcher);
-        }
-        result
-    }
-
     /// The `k` nearest vectors to `query` with beam width `ef` (raised to `k` if smaller).
     /// Rejects a wrong dimension, NaN or infinite components, `k == 0`, `k > MAX_K` and
     /// `ef > MAX_EF` with [`EdgeError::Query`].

@@ -8,7 +8,9 @@
 //! made as soon as a query needs the cloud (that query rides in the first flight, 0-RTT when a
 //! ticket is at hand) or after the first backoff interval, whichever comes first; after a
 //! failed attempt the task waits the whole backoff (doubling up to a cap) so that an outage
-//! does not turn every query into a connection attempt.
+//! does not turn every query into a connection attempt. Every wait is jittered (drawn from the
+//! upper half of its interval, `tiervec_shared::backoff`), so edges that lost the cloud together
+//! (a cloud restart) do not reconnect in lockstep.
 //!
 //! An edge cut off from the cloud for longer than its lease marks local answers `stale`: the
 //! cloud may have deleted or changed what it holds and could not say so. The mark goes once a
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
+use tiervec_shared::backoff::Backoff;
 use tiervec_shared::confidence::{ConfidenceRule, ThresholdTuner};
 use tiervec_shared::local::LocalHit;
 use tiervec_shared::protocol::frame::{Answer, Query, WireCollection};
@@ -502,6 +505,14 @@ fn live(pending: Option<Pending>, waiting: &mut mpsc::Receiver<Pending>) -> Opti
     }
 }
 
+/// A uniform draw in [0, 1] for backoff jitter, independent between edges and between calls
+/// (std's per-instance random hash keys; no RNG state to keep).
+fn jitter() -> f64 {
+    use std::hash::BuildHasher;
+    let bits = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Connects, and reconnects after every loss (see the module docs for when).
 async fn keep_connected(
     connector: Arc<Connector>,
@@ -510,6 +521,7 @@ async fn keep_connected(
     mut waiting: mpsc::Receiver<Pending>,
     backoff: (Duration, Duration),
 ) {
+    let mut backoff = Backoff::new(backoff.0, backoff.1);
     let mut wait = Duration::ZERO;
     let mut failed = false;
     loop {
@@ -543,7 +555,8 @@ async fn keep_connected(
                 *down_since.lock() = None;
                 metrics::gauge!("tiervec_edge_link_up").set(1.0);
                 failed = false;
-                wait = backoff.0;
+                backoff.reset();
+                wait = backoff.next_wait(jitter());
                 link.closed().await;
                 current.store(None);
                 *down_since.lock() = Some(Instant::now());
@@ -555,11 +568,7 @@ async fn keep_connected(
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(QueryFailure::Disconnected));
                 }
-                wait = if failed {
-                    (wait * 2).min(backoff.1)
-                } else {
-                    backoff.0
-                };
+                wait = backoff.next_wait(jitter());
                 failed = true;
             }
         }

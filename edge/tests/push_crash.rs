@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,38 +23,13 @@ use tiervec_edge::config::{CloudLinkConfig, EdgeConfig};
 use tiervec_shared::Metric;
 use tiervec_shared::confidence::ConfidenceRule;
 use tiervec_shared::hnsw::HnswParams;
+use tiervec_test_support::net::free_tcp_port;
+use tiervec_test_support::process::ChildGuard;
+use tiervec_test_support::vectors::vector;
 
 const DIM: usize = 16;
 const POINTS: u64 = 3_000;
 const ROUNDS: u64 = 24;
-
-fn vector(i: u64) -> Vec<f32> {
-    (0..DIM as u64)
-        .map(|d| {
-            let x = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (d << 56))
-                .wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
-
-/// A child process killed (SIGKILL) when dropped.
-struct Edge(Child);
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn cache_config(snapshot: &Path) -> CacheConfig {
     CacheConfig {
@@ -63,13 +38,14 @@ fn cache_config(snapshot: &Path) -> CacheConfig {
     }
 }
 
-fn start_edge(config: &Path, log: &Path) -> Edge {
+/// Starts `tiervec-edge serve`, killed (SIGKILL) when the guard drops.
+fn start_edge(config: &Path, log: &Path) -> ChildGuard {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Edge(
+    ChildGuard::new(
         Command::new(env!("CARGO_BIN_EXE_tiervec-edge"))
             .args(["serve", "--config"])
             .arg(config)
@@ -101,7 +77,10 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
         .create_collection("c", DIM, Metric::Cosine, HnswParams::default())
         .unwrap();
     service
-        .upsert("c", (0..POINTS).map(|i| (i, vector(i), None)).collect())
+        .upsert(
+            "c",
+            (0..POINTS).map(|i| (i, vector(i, DIM), None)).collect(),
+        )
         .unwrap();
     let collection = service.catalog().get("c").unwrap().info.id.0;
     let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
@@ -126,11 +105,12 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
         service.clone(),
         Arc::new(acl),
         hub.clone(),
+        tiervec_cloud::ScanSlots::new(2),
     ));
 
     let snapshot: PathBuf = dir.path().join("edge").join("cache.tvs");
     std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
-    let http_port = free_port();
+    let http_port = free_tcp_port();
     let config = EdgeConfig {
         name: "edge-1".into(),
         snapshot: snapshot.clone(),
@@ -177,7 +157,7 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
             next_query += 1;
-            let body = serde_json::json!({"vector": vector(POINTS + next_query), "k": 5});
+            let body = serde_json::json!({"vector": vector(POINTS + next_query, DIM), "k": 5});
             if let Ok(r) = http.post(&url).json(&body).send().await {
                 assert!(r.status().is_success(), "round {round}: {}", r.status());
                 answered += 1;
@@ -208,7 +188,7 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
         // Every held vector is searchable, and nothing else is returned.
         let inventory = cache.inventory();
         for v in inventory.vectors.iter().take(40) {
-            let hits = cache.search(&vector(v.id), 1, 64).unwrap().hits;
+            let hits = cache.search(&vector(v.id, DIM), 1, 64).unwrap().hits;
             assert_eq!(
                 hits[0].id, v.id,
                 "round {round}: held vector {} not found",
@@ -227,7 +207,7 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
     // Back up for good: it resyncs (versions agree) and answers an anchor locally.
     let _edge = start_edge(&config_path, &log);
     let started = Instant::now();
-    let probe = vector(POINTS + next_query);
+    let probe = vector(POINTS + next_query, DIM);
     let mut last = serde_json::Value::Null;
     loop {
         let body = serde_json::json!({"vector": probe, "k": 5});

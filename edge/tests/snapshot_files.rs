@@ -10,14 +10,9 @@ use tiervec_shared::hnsw::{HnswBuilder, HnswParams};
 use tiervec_shared::query::{MAX_K, QueryError};
 use tiervec_shared::snapshot::{self, Expected, SnapshotBody, SnapshotError, SnapshotSpec};
 use tiervec_shared::{CollectionId, Metric, exact};
+use tiervec_test_support::vectors::family_vector;
 
 const DIM: usize = 16;
-
-fn vector(i: usize, seed: u64) -> Vec<f32> {
-    (0..DIM)
-        .map(|d| (((i as u64 * 31 + d as u64 * 17 + seed * 101) % 1000) as f32 * 0.013).sin())
-        .collect()
-}
 
 fn spec(params: HnswParams) -> SnapshotSpec {
     SnapshotSpec {
@@ -32,7 +27,7 @@ fn encode(n: usize, seed: u64, payloads: bool) -> Vec<u8> {
     let params = HnswParams::default();
     let mut b = HnswBuilder::new(DIM, Metric::Cosine, params);
     for i in 0..n {
-        b.insert(&vector(i, seed)).unwrap();
+        b.insert(&family_vector(seed, i as u64, DIM)).unwrap();
     }
     let texts: Vec<String> = (0..n).map(|i| format!("text of {i}")).collect();
     let body = SnapshotBody::from_builder(
@@ -89,14 +84,14 @@ fn a_reader_of_the_old_file_is_unaffected_by_replacement() {
     let path = write(dir.path(), "s.tvs", &encode(50, 1, true));
     let old = EdgeIndex::open(&path).unwrap();
     let before = old
-        .search(&vector(7, 1), 5, 32)
+        .search(&family_vector(1, 7, DIM), 5, 32)
         .unwrap()
         .iter()
         .map(|h| h.id)
         .collect::<Vec<_>>();
     write(dir.path(), "s.tvs", &encode(80, 9, false));
     let after = old
-        .search(&vector(7, 1), 5, 32)
+        .search(&family_vector(1, 7, DIM), 5, 32)
         .unwrap()
         .iter()
         .map(|h| h.id)
@@ -113,7 +108,7 @@ fn search_returns_ids_distances_lsns_and_payloads() {
         EdgeIndex::open(&path).unwrap(),
         EdgeIndex::load(&path).unwrap(),
     ] {
-        let hits = index.search(&vector(42, 3), 3, 64).unwrap();
+        let hits = index.search(&family_vector(3, 42, DIM), 3, 64).unwrap();
         assert_eq!(hits.len(), 3);
         assert_eq!(hits[0].id, 420, "ids are the cloud ids, not node numbers");
         assert_eq!(hits[0].lsn, 42);
@@ -127,7 +122,7 @@ fn search_returns_ids_distances_lsns_and_payloads() {
 fn bad_requests_get_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let index = EdgeIndex::open(&write(dir.path(), "s.tvs", &encode(50, 1, false))).unwrap();
-    let q = vector(1, 1);
+    let q = family_vector(1, 1, DIM);
     let query_err = |r: Result<Vec<tiervec_edge::Hit<'_>>, EdgeError>| match r {
         Err(EdgeError::Query(e)) => e,
         other => panic!("expected a query error, got {other:?}"),
@@ -169,7 +164,12 @@ fn empty_snapshot_is_valid_and_answers_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let index = EdgeIndex::open(&write(dir.path(), "e.tvs", &encode(0, 0, true))).unwrap();
     assert!(index.is_empty());
-    assert!(index.search(&vector(0, 0), 10, 64).unwrap().is_empty());
+    assert!(
+        index
+            .search(&family_vector(0, 0, DIM), 10, 64)
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -392,7 +392,7 @@ fn a_damaged_cache_file_is_set_aside_and_the_rest_opens() {
         vectors: vec![PushedVector {
             id: 1_000 + version,
             lsn: 100 + version,
-            vector: vector(1_000 + version as usize, 9),
+            vector: family_vector(9, 1_000 + version, DIM),
             payload: Some(format!("pushed {version}")),
         }],
         tombstones: vec![Tombstone { id: 0, lsn: 99 }],
@@ -414,14 +414,17 @@ fn a_damaged_cache_file_is_set_aside_and_the_rest_opens() {
     // Reopened: the deltas replay over the snapshot.
     let (cache, _) = EdgeCache::open(config.clone()).unwrap();
     assert_eq!((cache.version(), cache.usage().0), (3, 52));
-    let hits = cache.search(&vector(1_003, 9), 1, 32).unwrap().hits;
+    let hits = cache
+        .search(&family_vector(9, 1_003, DIM), 1, 32)
+        .unwrap()
+        .hits;
     assert_eq!(
         (hits[0].id, hits[0].payload.as_deref()),
         (1_003, Some("pushed 3"))
     );
     assert!(
         cache
-            .search(&vector(0, 1), 5, 32)
+            .search(&family_vector(1, 0, DIM), 5, 32)
             .unwrap()
             .hits
             .iter()
@@ -460,7 +463,13 @@ fn a_damaged_cache_file_is_set_aside_and_the_rest_opens() {
     assert_eq!(report.set_aside.len(), 1, "{report:?}");
     assert_eq!((cache.version(), cache.usage().0), (0, 0));
     assert_eq!(cache.collection_id(), [0; 16]);
-    assert!(cache.search(&vector(1, 1), 3, 32).unwrap().hits.is_empty());
+    assert!(
+        cache
+            .search(&family_vector(1, 1, DIM), 3, 32)
+            .unwrap()
+            .hits
+            .is_empty()
+    );
     // A first delta binds it again.
     cache
         .apply(
@@ -479,7 +488,7 @@ fn encode_at(n: usize, version: u64) -> Vec<u8> {
     let params = HnswParams::default();
     let mut b = HnswBuilder::new(DIM, Metric::Cosine, params);
     for i in 0..n {
-        b.insert(&vector(i, 3)).unwrap();
+        b.insert(&family_vector(3, i as u64, DIM)).unwrap();
     }
     let mut body = SnapshotBody::from_builder(
         &b,
@@ -539,7 +548,7 @@ fn a_streamed_snapshot_is_installed_only_when_whole_valid_and_newer() {
     );
     assert_eq!((cache.version(), cache.usage().0), (7, 50));
     assert!(!incoming.exists());
-    let hits = cache.search(&vector(3, 3), 1, 32).unwrap().hits;
+    let hits = cache.search(&family_vector(3, 3, DIM), 1, 32).unwrap().hits;
     assert_eq!(hits[0].id, 3);
     drop(cache);
     // A transfer cut short by a crash leaves its file: removed at the next open.

@@ -19,32 +19,28 @@ use tiervec_edge::wasm_host::{ModuleSource, WasmConfig, WasmError, WasmHost};
 use tiervec_shared::certificate::euclidean;
 use tiervec_shared::confidence::ConfidenceRule;
 use tiervec_shared::guest_abi as wire;
-use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
-use tiervec_shared::local::LocalCache;
+use tiervec_shared::hnsw::{HnswBuilder, HnswParams};
+use tiervec_shared::local::{LocalCache, LocalScratch};
 use tiervec_shared::push::{Certificate, Delta, PushedAnchor, PushedVector, Tombstone, anchor_id};
 use tiervec_shared::snapshot::{self, Snapshot, SnapshotBody, SnapshotSpec};
 use tiervec_shared::vecs::{Matrix, parse_fvecs};
 use tiervec_shared::{CollectionId, Metric};
+use tiervec_test_support::net::free_tcp_port;
+use tiervec_test_support::paths::workspace_root;
+use tiervec_test_support::process::ChildGuard;
 
 const SLICE: usize = 2_000;
 const QUERIES: usize = 200;
 const COLLECTION: CollectionId = CollectionId::from_u128(0x77);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("edge/ has a parent")
-        .to_owned()
-}
-
 /// The guest with its test exports, built once per test binary.
 fn guest() -> &'static Path {
     static GUEST: OnceLock<PathBuf> = OnceLock::new();
     GUEST.get_or_init(|| {
-        let target = workspace().join("target").join("wasm-guest-test");
+        let target = workspace_root().join("target").join("wasm-guest-test");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
-            .current_dir(workspace())
+            .current_dir(workspace_root())
             .args([
                 "build",
                 "--release",
@@ -72,7 +68,7 @@ fn guest() -> &'static Path {
 fn data_dir() -> PathBuf {
     std::env::var_os("TIERVEC_DATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("../shared/data"))
+        .unwrap_or_else(|| workspace_root().join("../shared/data"))
 }
 
 /// The first `rows` vectors of an `.fvecs` file (only those bytes are read).
@@ -202,11 +198,11 @@ fn guest_answers_equal_native_search_on_real_data_before_and_after_a_delta() {
     let native = Snapshot::open(d.snapshot.clone()).expect("valid");
     let view = native.view();
     let mut cache = LocalCache::over_snapshot(&view);
-    let mut scratch = SearchScratch::new();
+    let mut scratch = LocalScratch::default();
     // On a CPU with AVX2 and FMA the native kernels fuse, and so does wasmtime's lowering of the
     // guest's `relaxed_madd`: the same arithmetic in the same order, so the same bits.
     let bit_for_bit = tiervec_shared::kernels::active() == "avx2+fma";
-    let compare = |cache: &LocalCache, scratch: &mut SearchScratch, stage: &str| {
+    let compare = |cache: &LocalCache, scratch: &mut LocalScratch, stage: &str| {
         for q in 0..QUERIES {
             let query = d.queries.row(q);
             let n = cache
@@ -441,15 +437,6 @@ fn the_confidence_rule_reaches_the_guest() {
 async fn serve_engine_wasm_answers_like_the_native_edge_over_http() {
     use tiervec_edge::config::EdgeConfig;
 
-    /// A child process killed when dropped.
-    struct Served(std::process::Child);
-    impl Drop for Served {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
     let dir = tempfile::tempdir().expect("temp dir");
     let http = reqwest::Client::new();
     let mut urls = Vec::new();
@@ -459,10 +446,7 @@ async fn serve_engine_wasm_answers_like_the_native_edge_over_http() {
         std::fs::create_dir_all(&home).expect("edge dir");
         let snapshot = home.join("cache.tvs");
         std::fs::write(&snapshot, &data().snapshot).expect("snapshot written");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_tcp_port();
         let config = EdgeConfig {
             name: format!("edge-{engine}"),
             snapshot,
@@ -484,7 +468,9 @@ async fn serve_engine_wasm_answers_like_the_native_edge_over_http() {
             command.arg("--guest").arg(guest());
             command.arg("--module-cache").arg(home.join("modules"));
         }
-        served.push(Served(command.spawn().expect("tiervec-edge starts")));
+        served.push(ChildGuard::new(
+            command.spawn().expect("tiervec-edge starts"),
+        ));
         urls.push(format!(
             "http://127.0.0.1:{port}/v1/collections/wordnet/search"
         ));

@@ -7,8 +7,7 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use tiervec_shared::hnsw::SearchScratch;
-use tiervec_shared::local::LocalCache;
+use tiervec_shared::local::{LocalCache, LocalScratch};
 use tiervec_shared::metric::Metric;
 use tiervec_shared::push::{Delta, PushedAnchor, PushedVector};
 use tiervec_shared::vecs::{Matrix, parse_fvecs};
@@ -69,7 +68,7 @@ fn bench_anchors(c: &mut Criterion) {
     g.sample_size(30);
     for anchors in [0, 300, 1_000, MAX_ANCHORS] {
         let cache = cache(&base, &queries, anchors);
-        let mut scratch = SearchScratch::new();
+        let mut scratch = LocalScratch::default();
         let mut next = 0;
         g.bench_with_input(BenchmarkId::from_parameter(anchors), &anchors, |x, _| {
             x.iter(|| {

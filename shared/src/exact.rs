@@ -30,11 +30,27 @@ pub fn search(
     query: &[f32],
     k: usize,
 ) -> Vec<Neighbour> {
+    search_where(vectors, dim, metric, query, k, |_| true)
+}
+
+/// [`search`] over the rows `keep` accepts (by row number): memory for `k` results whatever the
+/// number of rows or how many are skipped.
+pub fn search_where(
+    vectors: &[f32],
+    dim: usize,
+    metric: Metric,
+    query: &[f32],
+    k: usize,
+    keep: impl Fn(usize) -> bool,
+) -> Vec<Neighbour> {
     if k == 0 || dim == 0 {
         return Vec::new();
     }
     let mut heap: BinaryHeap<Worst> = BinaryHeap::with_capacity(k + 1);
     for (id, row) in vectors.chunks_exact(dim).enumerate() {
+        if !keep(id) {
+            continue;
+        }
         let candidate = Neighbour {
             id: id as u32,
             distance: metric.distance(query, row),
@@ -66,5 +82,14 @@ mod tests {
         assert_eq!(got[0].distance, -1.0);
         assert!(search(&v, 2, Metric::Dot, &[1.0, 0.0], 0).is_empty());
         assert_eq!(search(&v, 2, Metric::Dot, &[1.0, 0.0], 10).len(), 4);
+        let odd: Vec<u32> = search_where(&v, 2, Metric::Dot, &[1.0, 0.0], 10, |r| r % 2 == 1)
+            .iter()
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(
+            odd,
+            vec![1, 3],
+            "skipped rows are not returned; row numbers are kept"
+        );
     }
 }

@@ -28,9 +28,12 @@
 //!   (`protocol::cache`: whether to resync, whether a push was acknowledged).
 //! * [`guest_abi`] is the byte layout of the WASM guest's calls (requests, responses,
 //!   certificates, status codes), shared by the guest (`tiervec-wasm`) and its host in the edge.
+//! * [`backoff`] is retry timing (exponential, with jitter the caller draws): the edge's
+//!   reconnections and the cloud's checkpoint retries.
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
 //!   file replacement and directory syncs for the edge and the cloud.
 
+pub mod backoff;
 pub mod certificate;
 pub mod confidence;
 #[cfg(feature = "fs")]

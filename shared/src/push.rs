@@ -110,6 +110,16 @@ pub struct Delta {
     pub sent_at_unix_us: u64,
 }
 
+/// The most bytes of payload (JSON text) one point may carry. A point is pushed whole, so this
+/// keeps any single point far inside the edge's frame limit (`protocol::DEFAULT_MAX_FRAME`,
+/// 4 MiB) with its vector; the cloud refuses larger payloads when they are written.
+pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
+
+/// Bytes that are not a [`Delta`] archive (bytecheck refused them).
+#[derive(Debug, thiserror::Error)]
+#[error("not a delta archive: {0}")]
+pub struct UndecodableDelta(#[source] rkyv::rancor::Error);
+
 impl Delta {
     /// The delta's rkyv archive (a delta-log record body).
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -119,10 +129,10 @@ impl Delta {
     }
 
     /// Validates (bytecheck) and decodes an archive made by [`Delta::to_bytes`].
-    pub fn from_bytes(bytes: &[u8]) -> Result<Delta, String> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Delta, UndecodableDelta> {
         let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
         aligned.extend_from_slice(bytes);
-        rkyv::from_bytes::<Delta, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
+        rkyv::from_bytes::<Delta, rkyv::rancor::Error>(&aligned).map_err(UndecodableDelta)
     }
 
     /// Whether this delta only invalidates (tombstones and certificate updates, sent at once,
@@ -223,6 +233,7 @@ pub struct Manifest {
     anchors: HashMap<u64, Vec<u64>>,
     /// Highest LSN at which each id was deleted or replaced, as far as this cache has heard.
     tombstones: HashMap<u64, u64>,
+    /// Saturating: a manifest may be rebuilt from an inventory an edge sent.
     bytes: u64,
 }
 
@@ -242,7 +253,7 @@ impl Manifest {
             m.insert(v.id, v.lsn, v.bytes);
         }
         for (anchor, members) in &inv.anchors {
-            m.bytes += anchor_bytes(dim, members.len());
+            m.bytes = m.bytes.saturating_add(anchor_bytes(dim, members.len()));
             m.anchors.insert(*anchor, members.clone());
         }
         m
@@ -274,16 +285,16 @@ impl Manifest {
     /// Records a held vector (used when a snapshot is opened).
     pub fn insert(&mut self, id: u64, lsn: u64, bytes: u64) {
         if let Some(old) = self.held.insert(id, Held { lsn, bytes }) {
-            self.bytes -= old.bytes;
+            self.bytes = self.bytes.saturating_sub(old.bytes);
         }
-        self.bytes += bytes;
+        self.bytes = self.bytes.saturating_add(bytes);
     }
 
     /// Records a held anchor (used when a snapshot is opened).
     pub fn insert_anchor(&mut self, anchor: u64, members: Vec<u64>, dim: usize) {
-        self.bytes += anchor_bytes(dim, members.len());
+        self.bytes = self.bytes.saturating_add(anchor_bytes(dim, members.len()));
         if let Some(old) = self.anchors.insert(anchor, members) {
-            self.bytes -= anchor_bytes(dim, old.len());
+            self.bytes = self.bytes.saturating_sub(anchor_bytes(dim, old.len()));
         }
     }
 
@@ -335,12 +346,12 @@ impl Manifest {
     pub fn apply_step(&mut self, step: &ManifestStep, dim: usize) {
         for id in &step.removed {
             if let Some(h) = self.held.remove(id) {
-                self.bytes -= h.bytes;
+                self.bytes = self.bytes.saturating_sub(h.bytes);
             }
         }
         for anchor in &step.anchors_removed {
             if let Some(members) = self.anchors.remove(anchor) {
-                self.bytes -= anchor_bytes(dim, members.len());
+                self.bytes = self.bytes.saturating_sub(anchor_bytes(dim, members.len()));
             }
         }
         for v in &step.added {
@@ -399,13 +410,13 @@ impl Manifest {
         let mut applied = Applied::default();
         for &id in &delta.evict {
             if let Some(h) = self.held.remove(&id) {
-                self.bytes -= h.bytes;
+                self.bytes = self.bytes.saturating_sub(h.bytes);
                 applied.removed.push(id);
             }
         }
         for &anchor in &delta.evict_anchors {
             if let Some(members) = self.anchors.remove(&anchor) {
-                self.bytes -= anchor_bytes(dim, members.len());
+                self.bytes = self.bytes.saturating_sub(anchor_bytes(dim, members.len()));
                 applied.anchors_removed.push(anchor);
             }
         }
@@ -415,7 +426,7 @@ impl Manifest {
             if self.held.get(&t.id).is_some_and(|h| h.lsn <= t.lsn)
                 && let Some(h) = self.held.remove(&t.id)
             {
-                self.bytes -= h.bytes;
+                self.bytes = self.bytes.saturating_sub(h.bytes);
                 applied.removed.push(t.id);
             }
         }

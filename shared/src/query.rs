@@ -14,6 +14,12 @@ pub const MAX_K: usize = 1024;
 /// tiervec builds and only cost time.
 pub const MAX_EF: usize = 4096;
 
+/// The largest magnitude of a component of a vector stored or searched. Below it no distance
+/// overflows: a dot product or squared difference of two such vectors of up to
+/// `snapshot::MAX_DIM` components stays under `f32::MAX` (1e15² · 65,536 ≈ 6.6e34); above it
+/// `dot` and `l2` distances can become infinite and then NaN.
+pub const MAX_COMPONENT: f32 = 1e15;
+
 /// Why a search request was refused.
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum QueryError {
@@ -23,6 +29,10 @@ pub enum QueryError {
         "query component {index} is {value}: every component must be a finite number (no NaN or infinity)"
     )]
     NonFinite { index: usize, value: f32 },
+    #[error(
+        "component {index} is {value}: magnitudes above {MAX_COMPONENT:e} overflow distances; scale the vectors down"
+    )]
+    TooLarge { index: usize, value: f32 },
     #[error("k must be at least 1")]
     ZeroK,
     #[error("k = {k} is above the maximum of {max}")]
@@ -33,7 +43,8 @@ pub enum QueryError {
     TooManyVectors { max: usize },
 }
 
-/// Checks that a vector to be stored or searched has `dim` finite components.
+/// Checks that a vector to be stored or searched has `dim` finite components, none larger in
+/// magnitude than [`MAX_COMPONENT`].
 pub fn validate_vector(vector: &[f32], dim: usize) -> Result<(), QueryError> {
     if vector.len() != dim {
         return Err(QueryError::DimensionMismatch {
@@ -41,8 +52,13 @@ pub fn validate_vector(vector: &[f32], dim: usize) -> Result<(), QueryError> {
             found: vector.len(),
         });
     }
-    match vector.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        Some((index, &value)) => Err(QueryError::NonFinite { index, value }),
+    match vector
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !x.is_finite() || x.abs() > MAX_COMPONENT)
+    {
+        Some((index, &value)) if !value.is_finite() => Err(QueryError::NonFinite { index, value }),
+        Some((index, &value)) => Err(QueryError::TooLarge { index, value }),
         None => Ok(()),
     }
 }
@@ -86,6 +102,13 @@ mod tests {
         assert!(matches!(
             validate_search(&inf, 4, 10, 64),
             Err(QueryError::NonFinite { index: 2, .. })
+        ));
+        let at_limit = [0.0, -MAX_COMPONENT, 0.0, MAX_COMPONENT];
+        assert_eq!(validate_search(&at_limit, 4, 10, 64), Ok(()));
+        let above = [0.0, 0.0, 0.0, MAX_COMPONENT.next_up()];
+        assert!(matches!(
+            validate_search(&above, 4, 10, 64),
+            Err(QueryError::TooLarge { index: 3, .. })
         ));
         assert_eq!(validate_search(&q, 4, 0, 64), Err(QueryError::ZeroK));
         assert_eq!(

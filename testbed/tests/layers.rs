@@ -9,16 +9,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("testbed/ has a parent")
-        .to_owned()
-}
+use tiervec_test_support::paths::workspace_root;
 
 /// `(source dir, layers top first)` for each crate in the table.
 fn layer_table() -> Vec<(String, Vec<BTreeSet<String>>)> {
-    let doc = std::fs::read_to_string(workspace().join("docs/ARCHITECTURE.md"))
+    let doc = std::fs::read_to_string(workspace_root().join("docs/ARCHITECTURE.md"))
         .expect("docs/ARCHITECTURE.md is readable");
     let section = doc
         .split("\n## Layers")
@@ -357,7 +352,7 @@ fn every_module_uses_only_lower_layers_and_no_file_is_in_an_import_cycle() {
     let table = layer_table();
     assert!(!table.is_empty(), "the layer table lists no crate");
     for (dir, layers) in &table {
-        let src = workspace().join(dir);
+        let src = workspace_root().join(dir);
         let sources = sources(&src);
         assert!(!sources.is_empty(), "{dir} holds no module");
         let layer_of: HashMap<&str, usize> = layers

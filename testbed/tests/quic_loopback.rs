@@ -19,18 +19,9 @@ use tiervec_shared::Metric;
 use tiervec_shared::hnsw::HnswParams;
 use tiervec_shared::protocol::frame::{ErrorCode, Query};
 use tiervec_shared::protocol::session::QueryFailure;
+use tiervec_test_support::vectors::vector;
 
 const DIM: usize = 8;
-
-fn vector(i: u64) -> Vec<f32> {
-    (0..DIM as u64)
-        .map(|d| {
-            let x = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (d << 56))
-                .wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
 
 fn link(
     addr: std::net::SocketAddr,
@@ -97,7 +88,7 @@ fn cloud_with_points(dir: &Path, count: u64) -> Arc<Service> {
         .create_collection("c", DIM, Metric::Cosine, HnswParams::default())
         .unwrap();
     service
-        .upsert("c", (0..count).map(|i| (i, vector(i), None)).collect())
+        .upsert("c", (0..count).map(|i| (i, vector(i, DIM), None)).collect())
         .unwrap();
     service
 }
@@ -120,6 +111,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
         service.clone(),
         Arc::new(acl),
         quiet_hub(&service, hot_ids.clone()),
+        tiervec_cloud::ScanSlots::new(2),
     ));
 
     let edge1 = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
@@ -128,7 +120,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
     assert_eq!(edge1.collections().len(), 1);
     let id = edge1.collections()[0].id;
     let answer = edge1
-        .query(query("c", id, vector(42)), Duration::from_secs(5))
+        .query(query("c", id, vector(42, DIM)), Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(answer.hits[0].id, 42);
@@ -138,7 +130,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
         .query(
             Query {
                 shadow: true,
-                ..query("c", id, vector(77))
+                ..query("c", id, vector(77, DIM))
             },
             Duration::from_secs(5),
         )
@@ -173,7 +165,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
         ),
         ErrorCode::BadQuery
     );
-    let mut nan = vector(1);
+    let mut nan = vector(1, DIM);
     nan[0] = f32::NAN;
     assert_eq!(
         refused(
@@ -186,7 +178,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
     assert_eq!(
         refused(
             edge1
-                .query(query("c", [0; 16], vector(1)), Duration::from_secs(5))
+                .query(query("c", [0; 16], vector(1, DIM)), Duration::from_secs(5))
                 .await
         ),
         ErrorCode::UnknownCollection
@@ -194,14 +186,14 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
     assert_eq!(
         refused(
             edge1
-                .query(query("other", id, vector(1)), Duration::from_secs(5))
+                .query(query("other", id, vector(1, DIM)), Duration::from_secs(5))
                 .await
         ),
         ErrorCode::NotAllowed
     );
     assert_eq!(
         edge1
-            .query(query("c", id, vector(7)), Duration::from_secs(5))
+            .query(query("c", id, vector(7, DIM)), Duration::from_secs(5))
             .await
             .unwrap()
             .hits[0]
@@ -217,7 +209,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
     assert_eq!(
         refused(
             edge2
-                .query(query("c", id, vector(1)), Duration::from_secs(5))
+                .query(query("c", id, vector(1, DIM)), Duration::from_secs(5))
                 .await
         ),
         ErrorCode::NotAllowed
@@ -237,7 +229,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
     // And nothing of that harmed the first edge.
     assert_eq!(
         edge1
-            .query(query("c", id, vector(9)), Duration::from_secs(5))
+            .query(query("c", id, vector(9, DIM)), Duration::from_secs(5))
             .await
             .unwrap()
             .hits[0]
@@ -272,12 +264,13 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         service.clone(),
         acl.clone(),
         quiet_hub(&service, hot_ids.clone()),
+        tiervec_cloud::ScanSlots::new(2),
     ));
 
     // The edge caches the first 100 points.
     let mut builder = HnswBuilder::new(DIM, Metric::Cosine, HnswParams::default());
     for i in 0..100 {
-        builder.insert(&vector(i)).unwrap();
+        builder.insert(&vector(i, DIM)).unwrap();
     }
     let texts: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
     let body = SnapshotBody::from_builder(
@@ -312,13 +305,13 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
     );
     wait_for(|| node.connected()).await;
 
-    let answer = node.search(&vector(5), 1, 32).await.unwrap();
+    let answer = node.search(&vector(5, DIM), 1, 32).await.unwrap();
     let (hits, source) = (answer.hits, answer.source);
     assert_eq!(
         (source, hits[0].id, hits[0].payload.as_deref()),
         (Source::Local, 5, Some("t5"))
     );
-    let answer = node.search(&vector(250), 1, 32).await.unwrap();
+    let answer = node.search(&vector(250, DIM), 1, 32).await.unwrap();
     let (hits, source) = (answer.hits, answer.source);
     assert_eq!(
         (source, hits[0].id),
@@ -331,7 +324,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
     endpoint.wait_idle().await;
     drop(endpoint);
     wait_for(|| !node.connected()).await;
-    let answer = node.search(&vector(250), 1, 32).await.unwrap();
+    let answer = node.search(&vector(250, DIM), 1, 32).await.unwrap();
     let (hits, source) = (answer.hits, answer.source);
     assert_eq!(source, Source::Degraded);
     assert_ne!(hits[0].id, 250, "the best the cache has");
@@ -344,9 +337,10 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         service.clone(),
         acl,
         quiet_hub(&service, hot()),
+        tiervec_cloud::ScanSlots::new(2),
     ));
     wait_for(|| node.connected()).await;
-    let answer = node.search(&vector(250), 1, 32).await.unwrap();
+    let answer = node.search(&vector(250, DIM), 1, 32).await.unwrap();
     let (hits, source) = (answer.hits, answer.source);
     assert_eq!((source, hits[0].id), (Source::Cloud, 250));
 
@@ -367,7 +361,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
             .send()
     };
     let r: serde_json::Value = post(
-        serde_json::json!({"vector": vector(3), "k": 1, "with_payload": true}),
+        serde_json::json!({"vector": vector(3, DIM), "k": 1, "with_payload": true}),
         "c",
     )
     .await
@@ -384,7 +378,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         ),
         (Some("local"), Some(3), Some("t3"), Some(false))
     );
-    let r: serde_json::Value = post(serde_json::json!({"vector": vector(250), "k": 1}), "c")
+    let r: serde_json::Value = post(serde_json::json!({"vector": vector(250, DIM), "k": 1}), "c")
         .await
         .unwrap()
         .json()
@@ -398,9 +392,12 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         .await
         .unwrap();
     assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
-    let missing = post(serde_json::json!({"vector": vector(1), "k": 1}), "other")
-        .await
-        .unwrap();
+    let missing = post(
+        serde_json::json!({"vector": vector(1, DIM), "k": 1}),
+        "other",
+    )
+    .await
+    .unwrap();
     assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
 
     // The edge's metrics: answers by source, the fallback histogram, the link state, bytes.
@@ -448,6 +445,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
         service.clone(),
         acl.clone(),
         quiet_hub(&service, hot_ids.clone()),
+        tiervec_cloud::ScanSlots::new(2),
     ));
 
     let connector = Connector::new(link(addr, &certs, Some(&certs), "edge-1")).unwrap();
@@ -471,7 +469,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
     let mut round = 0u64;
     loop {
         let again = connector
-            .connect(Some(query("c", id, vector(10 + round))))
+            .connect(Some(query("c", id, vector(10 + round, DIM))))
             .await
             .unwrap();
         assert_eq!(again.handshake, Handshake::ZeroRtt, "round {round}");
@@ -480,7 +478,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
         // The link goes on serving after its 0-RTT start.
         let later = again
             .link
-            .query(query("c", id, vector(50)), Duration::from_secs(5))
+            .query(query("c", id, vector(50, DIM)), Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(later.hits[0].id, 50);
@@ -504,7 +502,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
     // check after the connection has closed.
     assert!(!is_hot(60));
     let brief = connector
-        .connect(Some(query("c", id, vector(60))))
+        .connect(Some(query("c", id, vector(60, DIM))))
         .await
         .unwrap();
     assert_eq!(brief.handshake, Handshake::ZeroRtt);
@@ -523,9 +521,10 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
         service.clone(),
         acl,
         quiet_hub(&service, hot()),
+        tiervec_cloud::ScanSlots::new(2),
     ));
     let after = connector
-        .connect(Some(query("c", id, vector(77))))
+        .connect(Some(query("c", id, vector(77, DIM))))
         .await
         .unwrap();
     assert_eq!(after.handshake, Handshake::ZeroRttRejected);
@@ -556,6 +555,7 @@ async fn malformed_frames_are_refused_typed_and_counted() {
         service.clone(),
         acl,
         quiet_hub(&service, hot()),
+        tiervec_cloud::ScanSlots::new(2),
     ));
     let healthy = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
         .await
@@ -607,7 +607,7 @@ async fn malformed_frames_are_refused_typed_and_counted() {
     let conn = raw_connection().await;
     let mut bytes = hello(PROTOCOL_VERSION);
     bytes.extend_from_slice(&(64u32 << 20).to_le_bytes());
-    bytes.push(Frame::Query(query("c", id, vector(1))).frame_type());
+    bytes.push(Frame::Query(query("c", id, vector(1, DIM))).frame_type());
     let frames = send_raw(conn.clone(), bytes).await;
     assert!(matches!(frames[0], Frame::HelloAck(_)));
     assert_eq!(error_code(&frames), ErrorCode::FrameTooLarge);
@@ -617,7 +617,7 @@ async fn malformed_frames_are_refused_typed_and_counted() {
     let conn = raw_connection().await;
     let mut bytes = hello(PROTOCOL_VERSION);
     bytes.extend_from_slice(&16u32.to_le_bytes());
-    bytes.push(Frame::Query(query("c", id, vector(1))).frame_type());
+    bytes.push(Frame::Query(query("c", id, vector(1, DIM))).frame_type());
     bytes.extend_from_slice(&[0xA5; 16]);
     assert_eq!(
         error_code(&send_raw(conn.clone(), bytes).await),
@@ -637,7 +637,7 @@ async fn malformed_frames_are_refused_typed_and_counted() {
     let mut ask = Vec::new();
     Frame::Query(Query {
         query_id: 5,
-        ..query("c", id, vector(3))
+        ..query("c", id, vector(3, DIM))
     })
     .encode(&mut ask);
     let frames = send_raw(conn.clone(), ask).await;
@@ -670,7 +670,7 @@ async fn malformed_frames_are_refused_typed_and_counted() {
     }
     // None of it harmed the well-behaved edge.
     let answer = healthy
-        .query(query("c", id, vector(8)), Duration::from_secs(5))
+        .query(query("c", id, vector(8, DIM)), Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(answer.hits[0].id, 8);
@@ -731,6 +731,7 @@ impl PushBed {
             service,
             self.acl.clone(),
             hub,
+            tiervec_cloud::ScanSlots::new(2),
         ));
         (endpoint, addr)
     }
@@ -813,7 +814,7 @@ async fn pushes_warm_a_cold_cache_and_deletes_reach_it_at_once() {
     assert_eq!(cache.usage().0, 0, "cold");
 
     // A cold cache: the cloud answers, then pushes the anchor and its answer.
-    let q = vector(123);
+    let q = vector(123, DIM);
     let first = node.search(&q, 5, 32).await.unwrap();
     assert_eq!(first.source, Source::Cloud);
     wait_for(|| cache.usage().1 >= 1).await;
@@ -954,7 +955,7 @@ async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the
         |hits: &[tiervec_shared::local::LocalHit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
 
     // The cloud answers, then pushes the anchor with its exact ball.
-    let q = vector(123);
+    let q = vector(123, DIM);
     assert_eq!(node.search(&q, 5, 32).await.unwrap().source, Source::Cloud);
     wait_for(|| cache.certified_anchors() == 1).await;
     let certified = node.search(&q, 5, 32).await.unwrap();
@@ -1033,7 +1034,7 @@ async fn an_edge_that_lost_its_cache_is_restored_whole_by_a_streamed_snapshot() 
     wait_for(|| node.connected()).await;
 
     // Warm the cache with three questions, each pushed as an anchor and its answer.
-    let questions: Vec<Vec<f32>> = [11, 222, 333].into_iter().map(vector).collect();
+    let questions: Vec<Vec<f32>> = [11, 222, 333].into_iter().map(|i| vector(i, DIM)).collect();
     let mut answers = Vec::new();
     for (n, q) in questions.iter().enumerate() {
         answers.push(node.search(q, 5, 32).await.unwrap());

@@ -40,8 +40,7 @@ use std::cell::RefCell;
 use std::ops::Deref;
 
 use tiervec_shared::confidence::{ConfidenceRule, Decision};
-use tiervec_shared::hnsw::SearchScratch;
-use tiervec_shared::local::LocalCache;
+use tiervec_shared::local::{LocalCache, LocalScratch};
 use tiervec_shared::push::Delta;
 use tiervec_shared::snapshot::{BODY_ALIGN, Snapshot, StableBytes};
 
@@ -90,7 +89,7 @@ pub struct Guest {
     snapshot: Option<Snapshot<GuestBytes>>,
     cache: LocalCache,
     rule: ConfidenceRule,
-    scratch: SearchScratch,
+    scratch: LocalScratch,
     query: Vec<f32>,
     /// The last export's result: a response, or an error message.
     result: Vec<u8>,
@@ -110,7 +109,8 @@ impl Guest {
     }
 
     fn apply_delta(&mut self, bytes: &[u8], accept_certificates: bool) -> Result<(), Failure> {
-        let delta = Delta::from_bytes(bytes).map_err(|e| Failure(status::DELTA_MALFORMED, e))?;
+        let delta = Delta::from_bytes(bytes)
+            .map_err(|e| Failure(status::DELTA_MALFORMED, e.to_string()))?;
         self.cache
             .apply(&delta, accept_certificates)
             .map_err(|e| Failure(status::DELTA_REFUSED, e.to_string()))?;

@@ -3,28 +3,23 @@
 //! in and refused, deltas applied, searches equal to `LocalCache` searched directly.
 
 use tiervec_shared::certificate::euclidean;
-use tiervec_shared::hnsw::{HnswBuilder, HnswParams, SearchScratch};
-use tiervec_shared::local::LocalCache;
+use tiervec_shared::hnsw::{HnswBuilder, HnswParams};
+use tiervec_shared::local::{LocalCache, LocalScratch};
 use tiervec_shared::push::{Delta, PushedAnchor, PushedVector, Tombstone, anchor_id};
 use tiervec_shared::snapshot::{self, Snapshot, SnapshotBody, SnapshotSpec};
 use tiervec_shared::{CollectionId, Metric};
+use tiervec_test_support::vectors::vector;
 
 use super::*;
 
 const DIM: usize = 24;
 const COLLECTION: CollectionId = CollectionId::from_u128(7);
 
-fn vector(i: usize) -> Vec<f32> {
-    (0..DIM)
-        .map(|d| (((i * 37 + d * 11) % 97) as f32 * 0.071).sin())
-        .collect()
-}
-
 fn snapshot_bytes(n: usize) -> Vec<u8> {
     let params = HnswParams::default();
     let mut b = HnswBuilder::new(DIM, Metric::Cosine, params);
     for i in 0..n {
-        b.insert(&vector(i)).expect("finite vector");
+        b.insert(&vector(i as u64, DIM)).expect("finite vector");
     }
     let texts: Vec<String> = (0..n).map(|i| format!("text {i}")).collect();
     let body = SnapshotBody::from_builder(
@@ -101,7 +96,7 @@ fn set_certificates(bytes: &[u8]) -> i32 {
 fn certified_delta(anchor: &[f32]) -> Delta {
     let corpus: Vec<(u64, Vec<f32>)> = (0..200u64)
         .map(|id| {
-            let mut v = vector(id as usize + 5_000);
+            let mut v = vector(id + 5_000, DIM);
             Metric::Cosine.prepare(&mut v);
             (id, v)
         })
@@ -145,9 +140,9 @@ fn answers_equal_local_cache_search() {
     let native = Snapshot::open(bytes).expect("valid");
     let view = native.view();
     let cache = LocalCache::over_snapshot(&view);
-    let mut scratch = SearchScratch::new();
+    let mut scratch = LocalScratch::new();
     for q in 0..20 {
-        let query = vector(1000 + q);
+        let query = vector(1000 + q, DIM);
         let expected = cache
             .search(Some(&view), &query, 10, 48, &mut scratch)
             .expect("valid query");
@@ -173,7 +168,10 @@ fn corrupt_snapshot_is_refused_with_its_code_and_the_old_cache_stays() {
     assert!(message().contains("checksum"), "{}", message());
     assert_eq!(load(&bytes[..100]), status::SNAPSHOT_REFUSED);
     assert_eq!(
-        search(&vector(1), 5, 16).expect("still answers").hits.len(),
+        search(&vector(1, DIM), 5, 16)
+            .expect("still answers")
+            .hits
+            .len(),
         5
     );
 }
@@ -202,22 +200,22 @@ fn malformed_and_invalid_requests_have_their_codes() {
     fresh();
     assert_eq!(load(&snapshot_bytes(40)), status::OK);
     let mut request = Vec::new();
-    guest_abi::encode_request(5, 16, &vector(3), &mut request).expect("encodes");
+    guest_abi::encode_request(5, 16, &vector(3, DIM), &mut request).expect("encodes");
     // SAFETY: a live buffer, one byte shorter than its header promises.
     let code = unsafe { tv_search(request.as_ptr(), request.len() - 1) };
     assert_eq!(code, status::MALFORMED_REQUEST);
     assert_eq!(
-        search(&vector(3)[..DIM - 1], 5, 16).map(|_| ()),
+        search(&vector(3, DIM)[..DIM - 1], 5, 16).map(|_| ()),
         Err((
             status::INVALID_QUERY,
             "query has 23 dimensions but the index has 24".into()
         ))
     );
-    let mut nan = vector(3);
+    let mut nan = vector(3, DIM);
     nan[2] = f32::NAN;
     assert_eq!(search(&nan, 5, 16).unwrap_err().0, status::INVALID_QUERY);
     assert_eq!(
-        search(&vector(3), 0, 16).unwrap_err().0,
+        search(&vector(3, DIM), 0, 16).unwrap_err().0,
         status::INVALID_QUERY
     );
 }
@@ -246,7 +244,7 @@ fn deltas_show_up_in_answers_and_bad_ones_are_refused() {
     let answer = search(&pushed, 3, 32).expect("answers");
     assert_eq!(answer.hits[0].id, 999_999);
     assert_eq!(answer.hits[0].payload.as_deref(), Some("pushed"));
-    let near_zero = search(&vector(0), 10, 64).expect("answers");
+    let near_zero = search(&vector(0, DIM), 10, 64).expect("answers");
     assert!(
         near_zero.hits.iter().all(|h| h.id != 0),
         "tombstoned id 0 returned"
@@ -264,7 +262,7 @@ fn deltas_show_up_in_answers_and_bad_ones_are_refused() {
 fn confidence_rule_decides_locally_only_within_its_threshold() {
     fresh();
     assert_eq!(load(&snapshot_bytes(80)), status::OK);
-    let query = vector(12);
+    let query = vector(12, DIM);
     assert_eq!(tv_configure(1, 10.0, 0, 0.0), status::OK);
     assert!(search(&query, 5, 32).expect("answers").local);
     assert_eq!(tv_configure(1, -1.0, 0, 0.0), status::OK);
@@ -276,7 +274,12 @@ fn confidence_rule_decides_locally_only_within_its_threshold() {
 #[test]
 fn empty_guest_answers_nothing_and_alloc_refuses_bad_alignment() {
     fresh();
-    assert!(search(&vector(1), 3, 16).expect("answers").hits.is_empty());
+    assert!(
+        search(&vector(1, DIM), 3, 16)
+            .expect("answers")
+            .hits
+            .is_empty()
+    );
     assert!(tv_alloc(16, 3).is_null());
     assert_eq!(tv_abi_version(), guest_abi::ABI_VERSION);
 }
@@ -341,14 +344,14 @@ fn kernels_return_the_portable_or_the_fused_bits() {
 #[test]
 fn certificates_certify_like_the_local_cache_and_follow_set_certificates() {
     fresh();
-    let mut anchor = vector(9_999);
+    let mut anchor = vector(9_999, DIM);
     Metric::Cosine.prepare(&mut anchor);
     let delta = certified_delta(&anchor);
     let mut native = LocalCache::empty();
     native.apply(&delta, true).expect("applies");
     assert_eq!(apply(&delta), status::OK, "{}", message());
     let expected = native
-        .search(None, &anchor, 5, 32, &mut SearchScratch::new())
+        .search(None, &anchor, 5, 32, &mut LocalScratch::new())
         .expect("valid query");
     assert!(expected.certified);
     let got = search(&anchor, 5, 32).expect("answers");
@@ -379,7 +382,7 @@ fn certificates_certify_like_the_local_cache_and_follow_set_certificates() {
 #[test]
 fn a_delta_applied_without_its_certificates_never_certifies() {
     fresh();
-    let mut anchor = vector(9_999);
+    let mut anchor = vector(9_999, DIM);
     Metric::Cosine.prepare(&mut anchor);
     assert_eq!(apply_with(&certified_delta(&anchor), false), status::OK);
     let answer = search(&anchor, 5, 32).expect("answers");

@@ -21,13 +21,20 @@ use tiervec_shared::snapshot::QuantSection;
 /// negative by definition. hnsw_rs only *compares* distances, so it is given a monotone,
 /// non-negative image of them: cosine clamped at 0, `dot` mapped through `1 + d / (1 + |d|)`
 /// into (0, 2). Graph structure is unchanged; tiervec's search computes true distances.
+///
+/// Writes bound components (`query::MAX_COMPONENT`) so that no distance overflows, but the
+/// assertion aborts a whole maintenance pass, so a non-finite distance is still mapped to a
+/// finite one: the farthest possible, or for `dot`'s −∞ the nearest.
 pub struct MetricDistance(pub Metric);
 
 impl Distance<f32> for MetricDistance {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
         let d = self.0.distance(a, b);
         match self.0 {
-            Metric::Cosine | Metric::L2 => d.max(0.0),
+            _ if d.is_nan() => f32::MAX,
+            Metric::Cosine | Metric::L2 => d.clamp(0.0, f32::MAX),
+            Metric::Dot if d == f32::NEG_INFINITY => 0.0,
+            Metric::Dot if d == f32::INFINITY => 2.0,
             Metric::Dot => 1.0 + d / (1.0 + d.abs()),
         }
     }
@@ -175,6 +182,37 @@ impl Generation {
             len,
             graph,
             codes: QuantSection::build(&vectors[..len * dim], dim),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hnsw_rs asserts `distance >= 0` and a failed assertion stops indexing for good, so no
+    /// pair of vectors, however extreme, may give it a negative or NaN distance.
+    #[test]
+    fn distances_given_to_hnsw_rs_are_finite_and_non_negative_for_any_vectors() {
+        let extremes = [
+            0.0,
+            1.0,
+            -1.0,
+            1e20,
+            -1e20,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        for metric in [Metric::Cosine, Metric::Dot, Metric::L2] {
+            let distance = MetricDistance(metric);
+            for &x in &extremes {
+                for &y in &extremes {
+                    let d = distance.eval(&[x, 1.0, x], &[y, y, -1.0]);
+                    assert!(d.is_finite() && d >= 0.0, "{metric:?} ({x}, {y}) → {d}");
+                }
+            }
         }
     }
 }

@@ -74,7 +74,10 @@ pub struct Points {
     payloads: Vec<Option<Arc<str>>>,
     live: Vec<bool>,
     live_count: usize,
-    /// Highest LSN that touched each deleted id, so a replayed older upsert cannot resurrect it.
+    /// The LSN at which each deleted id was last deleted: what an edge still holding the id is
+    /// told (`push::certify::outdated`), and a guard against an older upsert resurrecting it.
+    /// Only ids that existed are remembered, and the service forgets those no edge holds
+    /// ([`Collection::forget_deletions`]), so deleting ids cannot grow memory without bound.
     deleted_at: HashMap<u64, u64>,
     /// Tombstones made so far: a device copy whose live mask was built at another count
     /// rebuilds the mask.
@@ -209,17 +212,35 @@ impl Collection {
     pub fn apply_delete(&self, lsn: u64, ids: &[u64]) {
         let mut p = self.points.write();
         for &id in ids {
-            if let Some(&slot) = p.slot_of.get(&id) {
-                if p.lsns[slot as usize] >= lsn {
-                    continue;
+            match p.slot_of.get(&id) {
+                Some(&slot) => {
+                    if p.lsns[slot as usize] >= lsn {
+                        continue;
+                    }
+                    p.tombstone(slot);
+                    p.slot_of.remove(&id);
+                    self.note_tombstone(slot);
                 }
-                p.tombstone(slot);
-                p.slot_of.remove(&id);
-                self.note_tombstone(slot);
+                // An id that never existed (or is already forgotten) leaves nothing behind.
+                None if !p.deleted_at.contains_key(&id) => continue,
+                None => {}
             }
             let at = p.deleted_at.entry(id).or_insert(lsn);
             *at = (*at).max(lsn);
         }
+    }
+
+    /// Deleted ids remembered with their deletion LSN.
+    pub fn remembered_deletions(&self) -> usize {
+        self.points.read().deleted_at.len()
+    }
+
+    /// Forgets the deletions of ids `still_held` says no edge holds; returns how many.
+    pub fn forget_deletions(&self, still_held: impl Fn(u64) -> bool) -> usize {
+        let mut p = self.points.write();
+        let before = p.deleted_at.len();
+        p.deleted_at.retain(|&id, _| still_held(id));
+        before - p.deleted_at.len()
     }
 
     /// Counts a tombstone against the graph if the slot is in it.
@@ -263,6 +284,13 @@ impl Collection {
     /// Slots in the searchable graph generation.
     pub fn generation_len(&self) -> usize {
         self.generation.load().len
+    }
+
+    /// The length of point `id`'s payload text (0 without one), if the point exists.
+    pub fn payload_len(&self, id: u64) -> Option<usize> {
+        let p = self.points.read();
+        let slot = *p.slot_of.get(&id)? as usize;
+        Some(p.payloads[slot].as_ref().map_or(0, |t| t.len()))
     }
 
     pub fn get(&self, id: u64) -> Option<Point> {
@@ -395,6 +423,25 @@ impl Collection {
             .collect()
     }
 
+    /// Whether a search scans every live point: asked to, the collection is small, or no graph
+    /// generation exists yet (after a restart, before the first export).
+    fn answers_exactly(p: &Points, generation: &Generation, asked: bool) -> bool {
+        asked || p.live_count < EXACT_BELOW || generation.len == 0
+    }
+
+    /// How many rows a search with `exact` scans exactly: every slot when it answers exactly,
+    /// else the slots written since the graph generation was exported. Callers run searches
+    /// that scan many off the async workers.
+    pub fn scanned_rows(&self, exact: bool) -> usize {
+        let p = self.points.read();
+        let generation = self.generation.load();
+        if Self::answers_exactly(&p, &generation, exact) {
+            p.slots()
+        } else {
+            p.slots().saturating_sub(generation.len)
+        }
+    }
+
     /// k-nearest-neighbour search. Exact when asked or when the collection is small; otherwise
     /// the graph generation (quantised traversal, exact re-rank) plus an exact scan of points
     /// written since it was exported. Tombstoned points are never returned.
@@ -408,7 +455,7 @@ impl Collection {
         self.info.metric.prepare(&mut q);
         let p = self.points.read();
         let generation = self.generation.load();
-        let use_exact = params.exact || p.live_count < EXACT_BELOW || generation.len == 0;
+        let use_exact = Self::answers_exactly(&p, &generation, params.exact);
         let mut found: Vec<Neighbour> = if use_exact {
             self.exact_top(&p, &q, params.k).pop().unwrap_or_default()
         } else {
@@ -506,27 +553,17 @@ impl Collection {
         })
     }
 
-    /// Live slots at or above `from`, scanned exactly: the `k` nearest.
+    /// Live slots at or above `from`, scanned exactly: the `k` nearest (memory for `k`, however
+    /// many slots are tombstones).
     fn scan(&self, p: &Points, q: &[f32], from: usize, k: usize) -> Vec<Neighbour> {
         let dim = self.info.dim;
         let rows = &p.vectors[from * dim..];
-        if p.live_count == p.slots() {
-            let mut top = exact::search(rows, dim, self.info.metric, q, k);
-            top.iter_mut().for_each(|n| n.id += from as u32);
-            return top;
-        }
-        let mut all: Vec<Neighbour> = rows
-            .chunks_exact(dim)
-            .enumerate()
-            .filter(|(i, _)| p.live[from + i])
-            .map(|(i, row)| Neighbour {
-                id: (from + i) as u32,
-                distance: self.info.metric.distance(q, row),
-            })
-            .collect();
-        all.sort_unstable_by(Neighbour::cmp_nearest);
-        all.truncate(k);
-        all
+        let all_live = p.live_count == p.slots();
+        let mut top = exact::search_where(rows, dim, self.info.metric, q, k, |i| {
+            all_live || p.live[from + i]
+        });
+        top.iter_mut().for_each(|n| n.id += from as u32);
+        top
     }
 
     /// Beam search of width `ef` over the generation; returns live slots, nearest first.

@@ -67,9 +67,36 @@ pub enum CheckpointError {
         source: io::Error,
     },
     #[error(
-        "checkpoint {path} is damaged: {what}; move it aside to start from the WAL alone only if the WAL still holds every record"
+        "checkpoint {path} is damaged: {source}; move it aside to start from the WAL alone only if the WAL still holds every record"
     )]
-    Corrupt { path: PathBuf, what: String },
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: DecodeError,
+    },
+}
+
+/// Why checkpoint bytes were refused.
+#[derive(Debug, Error)]
+pub enum DecodeError {
+    #[error("{0} bytes, shorter than the header")]
+    Short(usize),
+    #[error("bad magic")]
+    Magic,
+    #[error("format version {0}, this build reads {FORMAT_VERSION}")]
+    Version(u32),
+    #[error("header checksum mismatch")]
+    HeaderChecksum,
+    #[error("body is {found} bytes, header says {header}")]
+    BodyLength { found: u64, header: u64 },
+    #[error("body checksum mismatch")]
+    BodyChecksum,
+    #[error("body is not a checkpoint archive: {0}")]
+    Archive(#[source] rancor::Error),
+    #[error("header and body disagree on the LSN")]
+    LsnMismatch,
+    #[error("collection `{0}` has inconsistent array lengths")]
+    Inconsistent(String),
 }
 
 fn checkpoint_path(dir: &Path, lsn: u64) -> PathBuf {
@@ -100,48 +127,42 @@ pub fn encode(body: &CheckpointBody) -> Vec<u8> {
 }
 
 /// Validates and decodes checkpoint file bytes.
-pub fn decode(bytes: &[u8]) -> Result<CheckpointBody, String> {
+pub fn decode(bytes: &[u8]) -> Result<CheckpointBody, DecodeError> {
     if bytes.len() < HEADER_LEN {
-        return Err(format!("{} bytes, shorter than the header", bytes.len()));
+        return Err(DecodeError::Short(bytes.len()));
     }
     if bytes[..8] != MAGIC {
-        return Err("bad magic".into());
+        return Err(DecodeError::Magic);
     }
     let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != FORMAT_VERSION {
-        return Err(format!(
-            "format version {version}, this build reads {FORMAT_VERSION}"
-        ));
+        return Err(DecodeError::Version(version));
     }
     if u64_at(56) != xxh3_64(&bytes[..56]) {
-        return Err("header checksum mismatch".into());
+        return Err(DecodeError::HeaderChecksum);
     }
     let body = &bytes[HEADER_LEN..];
     if body.len() as u64 != u64_at(24) {
-        return Err(format!(
-            "body is {} bytes, header says {}",
-            body.len(),
-            u64_at(24)
-        ));
+        return Err(DecodeError::BodyLength {
+            found: body.len() as u64,
+            header: u64_at(24),
+        });
     }
     if xxh3_64(body) != u64_at(32) {
-        return Err("body checksum mismatch".into());
+        return Err(DecodeError::BodyChecksum);
     }
     let mut aligned = AlignedVec::<16>::with_capacity(body.len());
     aligned.extend_from_slice(body);
-    let decoded =
-        rkyv::from_bytes::<CheckpointBody, rancor::Error>(&aligned).map_err(|e| e.to_string())?;
+    let decoded = rkyv::from_bytes::<CheckpointBody, rancor::Error>(&aligned)
+        .map_err(DecodeError::Archive)?;
     if decoded.lsn != u64_at(16) {
-        return Err("header and body disagree on the LSN".into());
+        return Err(DecodeError::LsnMismatch);
     }
     for c in &decoded.collections {
         let n = c.ids.len();
         if c.lsns.len() != n || c.payloads.len() != n || c.vectors.len() != n * c.dim as usize {
-            return Err(format!(
-                "collection `{}` has inconsistent array lengths",
-                c.name
-            ));
+            return Err(DecodeError::Inconsistent(c.name.clone()));
         }
     }
     Ok(decoded)
@@ -169,9 +190,9 @@ pub fn load_latest(dir: &Path) -> Result<Option<(PathBuf, CheckpointBody)>, Chec
         return Ok(None);
     };
     let bytes = fs::read(&path).map_err(io(&path))?;
-    let body = decode(&bytes).map_err(|what| CheckpointError::Corrupt {
+    let body = decode(&bytes).map_err(|source| CheckpointError::Corrupt {
         path: path.clone(),
-        what,
+        source,
     })?;
     Ok(Some((path, body)))
 }
@@ -189,6 +210,23 @@ pub fn remove_before(dir: &Path, lsn: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// docs/wal.md states the versions the code writes: the log framing's row first, then
+    /// the checkpoint's.
+    #[test]
+    fn the_format_document_states_the_versions_written() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/wal.md"))
+            .unwrap();
+        let stated: Vec<u32> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| 8 | 4 | format version, `"))
+            .map(|rest| rest[..rest.find('`').unwrap()].parse().unwrap())
+            .collect();
+        assert_eq!(
+            stated,
+            vec![tiervec_shared::log::FORMAT_VERSION, FORMAT_VERSION]
+        );
+    }
 
     fn body() -> CheckpointBody {
         CheckpointBody {

@@ -63,4 +63,6 @@ pub trait DurableLog: Send + Sync {
     fn bytes(&self) -> u64;
     /// Durable writes (e.g. fsyncs) so far; fewer than appends when appends shared them.
     fn flushes(&self) -> u64;
+    /// Why the log no longer takes appends, if it does not (it stopped after a failed write).
+    fn failure(&self) -> Option<String>;
 }

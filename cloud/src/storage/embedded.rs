@@ -113,4 +113,8 @@ impl DurableLog for Embedded {
     fn flushes(&self) -> u64 {
         self.wal.flushes()
     }
+
+    fn failure(&self) -> Option<String> {
+        self.wal.failure()
+    }
 }

@@ -62,6 +62,11 @@ pub enum WalEntry {
     },
 }
 
+/// A record body that is not a [`WalEntry`] archive (bytecheck refused it).
+#[derive(Debug, thiserror::Error)]
+#[error("not a WAL entry: {0}")]
+pub struct UndecodableEntry(#[source] rancor::Error);
+
 impl WalEntry {
     /// The log a replicated store keeps this entry in: a collection's writes in its shard's
     /// log, everything else in the catalog's (the embedded store keeps all in its one WAL).
@@ -85,10 +90,10 @@ impl WalEntry {
     }
 
     /// Validates and decodes a record body.
-    pub fn decode(body: &[u8]) -> Result<WalEntry, String> {
+    pub fn decode(body: &[u8]) -> Result<WalEntry, UndecodableEntry> {
         let mut aligned = AlignedVec::<16>::with_capacity(body.len());
         aligned.extend_from_slice(body);
-        rkyv::from_bytes::<WalEntry, rancor::Error>(&aligned).map_err(|e| e.to_string())
+        rkyv::from_bytes::<WalEntry, rancor::Error>(&aligned).map_err(UndecodableEntry)
     }
 }
 
@@ -104,7 +109,7 @@ mod tests {
             vectors: vec![0.5; 8],
             payloads: vec![Some("{\"a\":1}".into()), None],
         };
-        assert_eq!(WalEntry::decode(&e.encode()), Ok(e));
+        assert_eq!(WalEntry::decode(&e.encode()).unwrap(), e);
         assert!(WalEntry::decode(&[0xff; 40]).is_err());
         assert!(WalEntry::decode(&[]).is_err());
     }

@@ -27,8 +27,8 @@ pub mod wal;
 mod contract;
 mod embedded;
 
-pub use checkpoint::{CheckpointError, CollectionImage, EdgeCacheImage};
+pub use checkpoint::{CheckpointError, CollectionImage, DecodeError, EdgeCacheImage};
 pub use contract::{Apply, Checkpointed, Cut, DurableLog, Image, StorageError};
 pub use embedded::{Embedded, StartReport};
-pub use entry::{LogName, WalEntry};
+pub use entry::{LogName, UndecodableEntry, WalEntry};
 pub use wal::WalError;

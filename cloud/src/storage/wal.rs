@@ -15,15 +15,17 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use thiserror::Error;
-use tiervec_shared::durable::sync_dir;
-use tiervec_shared::log::{self, LogError, LogHeader, LogKind};
+use tiervec_shared::durable::{sync_dir, write_atomic};
+use tiervec_shared::log::{self, FILE_HEADER_LEN, LogError, LogHeader, LogKind};
 
-use super::entry::WalEntry;
+use super::entry::{UndecodableEntry, WalEntry};
 
 /// Why the WAL failed.
 #[derive(Debug, Error)]
@@ -46,7 +48,16 @@ pub enum WalError {
     BadEntry {
         path: PathBuf,
         offset: u64,
-        what: String,
+        what: &'static str,
+    },
+    #[error(
+        "WAL file {path} holds a record at byte {offset} that does not decode ({source}); the server will not start on a damaged log — restore the file or move it aside"
+    )]
+    Undecodable {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: UndecodableEntry,
     },
     #[error(
         "WAL file {path} ends in a torn write but a later segment exists: an earlier segment cannot be torn"
@@ -124,11 +135,20 @@ pub fn recover(
     let mut last = after;
     for (i, (_, path)) in segs.iter().enumerate() {
         let bytes = fs::read(path).map_err(io_err(path))?;
+        // A newest segment without a whole header is one whose creation never finished (by a
+        // version that did not create segments atomically): it holds no record.
+        if i + 1 == segs.len() && bytes.len() < FILE_HEADER_LEN {
+            fs::remove_file(path).map_err(io_err(path))?;
+            sync_dir(dir).map_err(io_err(dir))?;
+            report.segments -= 1;
+            report.truncated = Some((path.clone(), 0, "a segment whose header was never written"));
+            continue;
+        }
         let scan = log::scan(&bytes, LogKind::CloudWal).map_err(|source| match source {
             LogError::Corrupt { offset, what } => WalError::BadEntry {
                 path: path.clone(),
                 offset,
-                what: what.to_owned(),
+                what,
             },
             source => WalError::Format {
                 path: path.clone(),
@@ -140,10 +160,10 @@ pub fn recover(
                 report.records_skipped += 1;
                 continue;
             }
-            let entry = WalEntry::decode(r.body).map_err(|what| WalError::BadEntry {
+            let entry = WalEntry::decode(r.body).map_err(|source| WalError::Undecodable {
                 path: path.clone(),
                 offset: r.offset,
-                what,
+                source,
             })?;
             replay(r.lsn, entry);
             last = r.lsn;
@@ -168,7 +188,10 @@ pub fn recover(
 type ApplyFn<S> = Box<dyn Fn(&S, &[(u64, WalEntry)]) + Send + Sync>;
 
 struct Segment {
-    file: File,
+    /// Shared with the flush leader, which writes while the lock is released: a duplicated
+    /// descriptor per flush could fail (EMFILE) and poison the log for a reason that is not
+    /// the disk's.
+    file: Arc<File>,
     path: PathBuf,
     bytes: u64,
 }
@@ -220,7 +243,7 @@ impl<S: ?Sized> Wal<S> {
                     .map_err(io_err(path))?;
                 let bytes = file.metadata().map_err(io_err(path))?.len();
                 Segment {
-                    file,
+                    file: Arc::new(file),
                     path: path.clone(),
                     bytes,
                 }
@@ -293,15 +316,25 @@ impl<S: ?Sized> Wal<S> {
         st.flushing = true;
         let bytes = std::mem::take(&mut st.pending);
         let entries = std::mem::take(&mut st.pending_entries);
-        let file = st.segment.file.try_clone();
+        let file = st.segment.file.clone();
         let written = MutexGuard::unlocked(&mut st, || {
             let started = Instant::now();
-            file.and_then(|mut f| {
-                f.write_all(&bytes)?;
-                f.sync_data()
-            })?;
+            (&*file).write_all(&bytes)?;
+            file.sync_data()?;
             let fsync_seconds = started.elapsed().as_secs_f64();
-            (self.apply)(state, &entries);
+            // A panic while applying would leave `flushing` set and every later writer waiting
+            // for ever; the entries are durable but the state did not take them, so the log
+            // stops taking writes (a restart replays them) and every waiter gets the error.
+            std::panic::catch_unwind(AssertUnwindSafe(|| (self.apply)(state, &entries))).map_err(
+                |panic| {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    io::Error::other(format!("applying durable entries panicked: {why}"))
+                },
+            )?;
             on_flush(FlushStats {
                 records: entries.len(),
                 bytes: bytes.len(),
@@ -369,46 +402,122 @@ impl<S: ?Sized> Wal<S> {
         self.state.lock().total_bytes
     }
 
-    /// Bytes in the segment being appended to.
-    pub fn segment_bytes(&self) -> u64 {
-        self.state.lock().segment.bytes
+    /// Why the log stopped taking writes, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.state.lock().failed.clone()
     }
 
     /// Flushes (write + fsync) since the log was opened.
     pub fn flushes(&self) -> u64 {
         self.state.lock().flushes
     }
-
-    /// The highest durable LSN.
-    pub fn durable_lsn(&self) -> u64 {
-        self.state.lock().durable_lsn
-    }
-
-    /// The file being appended to.
-    pub fn current_path(&self) -> PathBuf {
-        self.state.lock().segment.path.clone()
-    }
 }
 
+/// Creates segment `first_lsn` whole or not at all: its header is written to a temp file,
+/// fsynced and renamed into place, so a crash or a full disk never leaves a header-less
+/// segment behind.
 fn create_segment(dir: &Path, first_lsn: u64) -> Result<Segment, WalError> {
     let path = segment_path(dir, first_lsn);
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
     let header = LogHeader {
         kind: LogKind::CloudWal,
         first_lsn,
     }
     .encode();
-    file.write_all(&header).map_err(io_err(&path))?;
-    file.sync_all().map_err(io_err(&path))?;
-    sync_dir(dir).map_err(io_err(dir))?;
+    write_atomic(&path, &header, false).map_err(io_err(&path))?;
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
     Ok(Segment {
-        file,
+        file: Arc::new(file),
         path,
         bytes: header.len() as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn entry(id: u64) -> WalEntry {
+        WalEntry::Delete {
+            collection: [1; 16],
+            ids: vec![id],
+        }
+    }
+
+    /// A crash (or ENOSPC) while an older version created a segment left it without a whole
+    /// header: recovery drops it (it holds no record) instead of refusing to start, and the
+    /// log goes on in the previous segment. Segments are now created whole or not at all.
+    #[test]
+    fn a_newest_segment_without_its_header_is_dropped_at_recovery() {
+        for short in [0usize, 7, FILE_HEADER_LEN - 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let wal: Wal<()> =
+                Wal::open(dir.path(), 1, |_: &(), _: &[(u64, WalEntry)]| {}).unwrap();
+            for id in 1..=3 {
+                wal.commit(&(), entry(id), &|_| {}).unwrap();
+            }
+            drop(wal);
+            let torn = segment_path(dir.path(), 4);
+            let header = LogHeader {
+                kind: LogKind::CloudWal,
+                first_lsn: 4,
+            }
+            .encode();
+            fs::write(&torn, &header[..short]).unwrap();
+
+            let mut replayed = Vec::new();
+            let (report, last) = recover(dir.path(), 0, |lsn, _| replayed.push(lsn)).unwrap();
+            assert_eq!((replayed, last), (vec![1, 2, 3], 3), "{short} header bytes");
+            assert_eq!(report.segments, 1);
+            assert!(!torn.exists());
+            let wal: Wal<()> =
+                Wal::open(dir.path(), 4, |_: &(), _: &[(u64, WalEntry)]| {}).unwrap();
+            assert_eq!(wal.commit(&(), entry(4), &|_| {}).unwrap(), 4);
+            drop(wal);
+            let mut replayed = Vec::new();
+            recover(dir.path(), 0, |lsn, _| replayed.push(lsn)).unwrap();
+            assert_eq!(replayed, vec![1, 2, 3, 4]);
+        }
+    }
+
+    /// A panic while a leader applies entries must not leave `flushing` set: every writer,
+    /// then and later, gets an error instead of waiting for ever.
+    #[test]
+    fn a_panic_while_applying_poisons_the_log_instead_of_wedging_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let explode = Arc::new(AtomicBool::new(false));
+        let wal: Arc<Wal<AtomicBool>> = Arc::new(
+            Wal::open(
+                dir.path(),
+                1,
+                |explode: &AtomicBool, _: &[(u64, WalEntry)]| {
+                    assert!(!explode.load(Ordering::SeqCst), "apply failed");
+                },
+            )
+            .unwrap(),
+        );
+        assert_eq!(wal.commit(&explode, entry(1), &|_| {}).unwrap(), 1);
+        explode.store(true, Ordering::SeqCst);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for id in 2..6 {
+            let (wal, explode, tx) = (wal.clone(), explode.clone(), tx.clone());
+            std::thread::spawn(move || tx.send(wal.commit(&explode, entry(id), &|_| {})));
+        }
+        for _ in 2..6 {
+            let answer = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a writer is wedged");
+            assert!(matches!(answer, Err(WalError::Poisoned(why)) if why.contains("panicked")));
+        }
+        explode.store(false, Ordering::SeqCst);
+        assert!(matches!(
+            wal.commit(&explode, entry(9), &|_| {}),
+            Err(WalError::Poisoned(_))
+        ));
+    }
 }

@@ -7,7 +7,7 @@
 //! `/healthz`, `/readyz`, `/metrics` and `/v1/openapi.json` are open.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -17,19 +17,22 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use metrics_exporter_prometheus::PrometheusHandle;
+use ring::hmac;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
+use thiserror::Error;
 use tiervec_shared::Metric;
 use tiervec_shared::hnsw::HnswParams;
 use tracing::{Instrument, info_span};
 use utoipa::{OpenApi, ToSchema};
-use xxhash_rust::xxh3::xxh3_128;
 
 use crate::collection::gpu::EngineKind;
 use crate::collection::{Collection, Engine, SearchParams};
 use crate::hot::HotIds;
 use crate::service::{Service, ServiceError};
+use crate::storage::WalError;
+use crate::transport::ScanSlots;
 
 /// An API key and what it may do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,10 +54,33 @@ pub enum Role {
 #[derive(Clone)]
 pub struct AppState {
     pub service: Arc<OnceLock<Arc<Service>>>,
-    pub keys: Arc<Vec<ApiKey>>,
+    pub keys: Arc<KeyTable>,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
     pub hot: Arc<HotIds>,
+    /// How many API requests run at once, and for how long.
+    pub gate: Arc<RequestGate>,
+    /// Large exact scans at once, shared with the QUIC endpoint.
+    pub scans: ScanSlots,
+}
+
+/// Admission of API requests (`/v1/collections…`): a fixed number served at once, each under a
+/// deadline. Probes, metrics and the OpenAPI document bypass it, so they answer under load.
+pub struct RequestGate {
+    permits: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+    deadline: Duration,
+}
+
+impl RequestGate {
+    pub fn new(max_concurrent: usize, deadline: Duration) -> RequestGate {
+        let limit = max_concurrent.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        RequestGate {
+            permits: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+            deadline,
+        }
+    }
 }
 
 /// A JSON error with its status.
@@ -103,6 +129,10 @@ impl From<ServiceError> for ApiError {
             E::CollectionExists(_) => (StatusCode::CONFLICT, "collection_exists"),
             E::Query(_) | E::BadPoint { .. } | E::Invalid(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
+            }
+            // One write's log entry over the record limit: the request, not the storage.
+            E::Wal(WalError::TooLarge(_)) | E::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
             E::Wal(_) | E::Checkpoint(_) | E::DataDir { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage_error")
@@ -335,6 +365,14 @@ pub struct BatchSearchResponse {
 /// Most searches in one batch request.
 pub const MAX_BATCH_SEARCHES: usize = 1_024;
 
+/// The most one search answer, or a batch's answers together, may carry: hits counted at
+/// [`HIT_JSON_BYTES`] each plus their payloads' JSON text. Past it the request is refused (400)
+/// rather than a response of up to a gigabyte built in memory (1,024 hits of 1 MiB payloads).
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// What one hit costs in an answer, payload aside (id, distance, LSN and their JSON keys).
+pub const HIT_JSON_BYTES: usize = 96;
+
 fn describe(c: &Collection) -> CollectionDescription {
     let engine = c.exact_engine();
     CollectionDescription {
@@ -366,9 +404,70 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Recovery done"), (status = 503, body = ErrorBody)))]
-async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    service(&state).map(|_| "ready")
+/// What `/readyz` reports (docs/cloud.md, "Readiness"): ready means recovered and the log
+/// takes writes; whether each collection's graph covers its points is a field, not a
+/// condition (without it searches are exact scans, slower but correct).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    /// The checkpoint and the log were replayed.
+    pub recovered: bool,
+    /// The log takes writes (false after a failed write, until a restart).
+    pub log_writable: bool,
+    /// Why the log stopped taking writes.
+    pub log_error: Option<String>,
+    pub collections: Vec<CollectionReadiness>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CollectionReadiness {
+    pub name: String,
+    /// Live points.
+    pub points: usize,
+    /// Points (live or replaced since) written after the searchable graph generation was
+    /// exported: every search scans them exactly.
+    pub unindexed: usize,
+    /// `unindexed` is 0: the graph generation covers every point.
+    pub graph_complete: bool,
+}
+
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Readiness, description = "Recovered and the log takes writes"), (status = 503, body = Readiness, description = "Recovering, or the log stopped taking writes")))]
+async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
+    let readiness = match state.service.get() {
+        None => Readiness {
+            ready: false,
+            recovered: false,
+            log_writable: false,
+            log_error: None,
+            collections: Vec::new(),
+        },
+        Some(svc) => {
+            let log_error = svc.log_failure();
+            Readiness {
+                ready: log_error.is_none(),
+                recovered: true,
+                log_writable: log_error.is_none(),
+                log_error,
+                collections: svc
+                    .catalog()
+                    .all()
+                    .iter()
+                    .map(|c| CollectionReadiness {
+                        name: c.info.name.clone(),
+                        points: c.len(),
+                        unindexed: c.slots().saturating_sub(c.generation_len()),
+                        graph_complete: c.generation_len() >= c.slots(),
+                    })
+                    .collect(),
+            }
+        }
+    };
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(readiness))
 }
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
@@ -518,6 +617,7 @@ fn run_search(
     svc: &Service,
     name: &str,
     req: &SearchRequest,
+    answer_budget: &mut usize,
 ) -> Result<SearchResponse, ServiceError> {
     let started = Instant::now();
     let params = SearchParams {
@@ -527,6 +627,23 @@ fn run_search(
         max_distance: req.max_distance,
     };
     let (hits, engine) = svc.search(name, &req.vector, &params)?;
+    let payload_bytes: usize = if req.with_payload {
+        hits.iter()
+            .filter_map(|h| h.payload.as_ref().map(|p| p.len()))
+            .sum()
+    } else {
+        0
+    };
+    let cost = hits.len() * HIT_JSON_BYTES + payload_bytes;
+    if cost > *answer_budget {
+        return Err(ServiceError::Invalid(format!(
+            "the answer would carry {cost} bytes ({} hits, {payload_bytes} bytes of payloads), \
+             over the {MAX_ANSWER_BYTES} bytes one answer may carry: ask for fewer hits (k) or \
+             without payloads",
+            hits.len()
+        )));
+    }
+    *answer_budget -= cost;
     Ok(SearchResponse {
         hits: hits
             .into_iter()
@@ -557,13 +674,22 @@ async fn search(
     ApiJson(req): ApiJson<SearchRequest>,
 ) -> Result<axum::Json<SearchResponse>, ApiError> {
     let svc = service(&state)?;
-    // A graph search takes tens of microseconds: cheaper inline than a hop to the blocking pool.
-    if req.exact {
-        return Ok(axum::Json(
-            blocking(move || run_search(&svc, &name, &req)).await?,
-        ));
+    // A graph search takes tens of microseconds: cheaper inline than a hop to the blocking
+    // pool. A large exact scan (asked for, or no graph yet, or a long unindexed tail) waits for
+    // a scan slot and runs there.
+    let rows = svc.scanned_rows(&name, req.exact)?;
+    match state.scans.slot_for(rows).await {
+        None => Ok(axum::Json(run_search(&svc, &name, &req, &mut {
+            MAX_ANSWER_BYTES
+        })?)),
+        Some(slot) => Ok(axum::Json(
+            blocking(move || {
+                let _slot = slot;
+                run_search(&svc, &name, &req, &mut { MAX_ANSWER_BYTES })
+            })
+            .await?,
+        )),
     }
-    Ok(axum::Json(run_search(&svc, &name, &req)?))
 }
 
 #[utoipa::path(post, path = "/v1/collections/{name}/search/batch", params(("name" = String, Path)), request_body = BatchSearchRequest,
@@ -584,13 +710,31 @@ async fn search_batch(
             ),
         ));
     }
+    let hits_asked: usize = req.searches.iter().map(|s| s.k).sum();
+    if hits_asked.saturating_mul(HIT_JSON_BYTES) > MAX_ANSWER_BYTES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "{hits_asked} hits asked for in one batch; the answers together may carry at \
+                 most {MAX_ANSWER_BYTES} bytes, about {} hits: split the batch or ask for \
+                 fewer hits (k)",
+                MAX_ANSWER_BYTES / HIT_JSON_BYTES
+            ),
+        ));
+    }
     let started = Instant::now();
+    // The batch holds one scan slot however it is answered (its exact scans spread over the
+    // cores).
+    let slot = state.scans.slot_for(usize::MAX).await;
     let results = blocking(move || {
+        let _slot = slot;
+        let mut answer_budget = MAX_ANSWER_BYTES;
         req.searches
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                run_search(&svc, &name, s).map_err(|e| match e {
+                run_search(&svc, &name, s, &mut answer_budget).map_err(|e| match e {
                     ServiceError::Query(q) => ServiceError::Invalid(format!("search {i}: {q}")),
                     other => other,
                 })
@@ -627,6 +771,8 @@ async fn search_batch(
     ),
     components(schemas(
         ErrorBody,
+        Readiness,
+        CollectionReadiness,
         CreateCollection,
         CollectionDescription,
         CollectionList,
@@ -672,19 +818,63 @@ fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     headers.get("api-key").map(|v| v.as_bytes())
 }
 
-/// The role of `presented`, comparing against every configured key in constant time: the
-/// digests are compared first (equal length, so no length leak), then the bytes.
-fn role_of(keys: &[ApiKey], presented: &[u8]) -> Option<Role> {
-    let digest = xxh3_128(presented).to_le_bytes();
-    let mut found = None;
-    for k in keys {
-        let same_digest = xxh3_128(k.key.as_bytes()).to_le_bytes().ct_eq(&digest);
-        let same = same_digest & k.key.as_bytes().ct_eq(presented);
-        if bool::from(same) {
-            found = Some(k.role);
+/// A configured API key that cannot be used.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error(
+        "API key {index} is empty; an empty key would match a request that sends an empty header"
+    )]
+    Empty { index: usize },
+}
+
+/// The configured API keys, held as HMAC-SHA256 tags under a key drawn at start-up: a presented
+/// key is tagged once and compared with every configured tag in constant time. Tags have one
+/// length whatever the key's, so the comparison leaks neither the keys nor their lengths, and
+/// no one who does not know the process's HMAC key can choose bytes whose tag matches.
+pub struct KeyTable {
+    mac: hmac::Key,
+    tags: Vec<([u8; 32], Role)>,
+}
+
+impl KeyTable {
+    /// Refuses an empty key.
+    pub fn new(keys: &[ApiKey]) -> Result<KeyTable, KeyError> {
+        let rng = ring::rand::SystemRandom::new();
+        let mac = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+            .expect("the operating system's random source is available");
+        let mut tags = Vec::with_capacity(keys.len());
+        for (index, k) in keys.iter().enumerate() {
+            if k.key.is_empty() {
+                return Err(KeyError::Empty { index });
+            }
+            tags.push((tag(&mac, k.key.as_bytes()), k.role));
         }
+        Ok(KeyTable { mac, tags })
     }
-    found
+
+    /// No keys configured: the API is open.
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_empty()
+    }
+
+    /// The role of `presented`; every configured tag is compared, whichever matches.
+    fn role_of(&self, presented: &[u8]) -> Option<Role> {
+        let presented = tag(&self.mac, presented);
+        let mut found = None;
+        for (configured, role) in &self.tags {
+            if bool::from(configured.ct_eq(&presented)) {
+                found = Some(*role);
+            }
+        }
+        found
+    }
+}
+
+fn tag(mac: &hmac::Key, bytes: &[u8]) -> [u8; 32] {
+    hmac::sign(mac, bytes)
+        .as_ref()
+        .try_into()
+        .expect("HMAC-SHA256 tags are 32 bytes")
 }
 
 async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -702,7 +892,7 @@ async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -
         )
         .into_response();
     };
-    match role_of(&state.keys, presented) {
+    match state.keys.role_of(presented) {
         None => ApiError::new(
             StatusCode::FORBIDDEN,
             "invalid_api_key",
@@ -741,6 +931,42 @@ async fn observe(req: Request, next: Next) -> Response {
     response
 }
 
+/// Admits an API request under the [`RequestGate`]: 503 `overloaded` at once when the limit
+/// is reached (queueing would only move the wait into the client's timeout), 503
+/// `deadline_exceeded` when the answer takes longer than the deadline.
+async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/v1/collections") {
+        return next.run(req).await;
+    }
+    let gate = &state.gate;
+    let Ok(_permit) = gate.permits.clone().try_acquire_owned() else {
+        metrics::counter!("tiervec_http_overloaded_total").increment(1);
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "{} API requests are being served, the most this server takes at once \
+                 (http.max_concurrent_requests); retry shortly",
+                gate.limit
+            ),
+        )
+        .into_response();
+    };
+    match tokio::time::timeout(gate.deadline, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "deadline_exceeded",
+            format!(
+                "no answer within {} ms (http.request_timeout_ms); a write may still land \
+                 (upserts and deletes are idempotent: retry them), a search can ask for less",
+                gate.deadline.as_millis()
+            ),
+        )
+        .into_response(),
+    }
+}
+
 /// The whole router.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -762,8 +988,56 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/collections/{name}/hot", get(hot_ids))
         .route("/v1/collections/{name}/search", post(search))
         .route("/v1/collections/{name}/search/batch", post(search_batch))
+        .layer(middleware::from_fn_with_state(state.clone(), admit))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route_layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(key: &str, role: Role) -> ApiKey {
+        ApiKey {
+            key: key.into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn an_empty_configured_key_is_refused() {
+        let keys = [key("rw-key", Role::ReadWrite), key("", Role::ReadOnly)];
+        assert_eq!(
+            KeyTable::new(&keys).err(),
+            Some(KeyError::Empty { index: 1 })
+        );
+    }
+
+    #[test]
+    fn only_the_exact_key_matches_whatever_its_length() {
+        let table =
+            KeyTable::new(&[key("rw-key", Role::ReadWrite), key("ro", Role::ReadOnly)]).unwrap();
+        assert_eq!(table.role_of(b"rw-key"), Some(Role::ReadWrite));
+        assert_eq!(table.role_of(b"ro"), Some(Role::ReadOnly));
+        for wrong in [&b""[..], b"r", b"rw-ke", b"rw-key ", b"rw-keyrw-key", b"RO"] {
+            assert_eq!(table.role_of(wrong), None, "{wrong:?}");
+        }
+        assert!(KeyTable::new(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_write_over_the_log_record_limit_is_413_not_a_storage_error() {
+        let too_large = ServiceError::Wal(WalError::TooLarge(
+            tiervec_shared::log::LogError::RecordTooLarge {
+                len: tiervec_shared::log::MAX_RECORD + 1,
+            },
+        ));
+        let e = ApiError::from(too_large);
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        );
+    }
 }

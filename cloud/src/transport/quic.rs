@@ -27,6 +27,7 @@ use super::certs::CertDir;
 use crate::collection::SearchParams;
 use crate::push::{PushHub, PushSession, push_loop};
 use crate::service::Service;
+use crate::transport::ScanSlots;
 
 #[derive(Debug, Error)]
 pub enum QuicError {
@@ -123,9 +124,11 @@ pub async fn serve(
     service: Arc<Service>,
     acl: Arc<AccessList>,
     push: Arc<PushHub>,
+    scans: ScanSlots,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let (service, acl, push) = (service.clone(), acl.clone(), push.clone());
+        let (service, acl, push, scans) =
+            (service.clone(), acl.clone(), push.clone(), scans.clone());
         tokio::spawn(async move {
             let connecting = match incoming.accept() {
                 Ok(connecting) => connecting,
@@ -161,7 +164,7 @@ pub async fn serve(
                     }
                 });
             }
-            connection(conn, confirmed, service, acl, push).await;
+            connection(conn, confirmed, service, acl, push, scans).await;
         });
     }
 }
@@ -186,6 +189,8 @@ fn handshake_failed(e: &dyn std::fmt::Display) {
 struct Peer {
     edge: String,
     push: Arc<PushHub>,
+    /// Large exact scans at once, shared with the HTTP API.
+    scans: ScanSlots,
     session: Mutex<ServerSession>,
     confirmed: tokio::sync::watch::Receiver<bool>,
     wire: [AtomicU64; 2],
@@ -200,6 +205,7 @@ async fn connection(
     service: Arc<Service>,
     acl: Arc<AccessList>,
     push: Arc<PushHub>,
+    scans: ScanSlots,
 ) {
     // A full handshake proves the certificate only when it completes.
     let edge = match edge_id(&conn) {
@@ -233,6 +239,7 @@ async fn connection(
     let peer = Arc::new(Peer {
         edge,
         push,
+        scans,
         session: Mutex::new(ServerSession::new(collections, cache_versions)),
         confirmed,
         wire: [AtomicU64::new(0), AtomicU64::new(0)],
@@ -270,7 +277,21 @@ async fn read_frames(recv: &mut quinn::RecvStream, peer: &Peer) -> Option<Vec<Se
         Ok(bytes) => match decoder.push(&bytes) {
             Ok(()) => loop {
                 match decoder.next_frame() {
-                    Ok(Some(frame)) => actions.extend(peer.session.lock().handle(frame)),
+                    Ok(Some(frame)) if *peer.confirmed.borrow() => {
+                        actions.extend(peer.session.lock().handle(frame))
+                    }
+                    Ok(Some(frame)) => {
+                        let early = peer.session.lock().handle_early(frame);
+                        match early {
+                            Ok(done) => actions.extend(done),
+                            Err(deferred) => {
+                                // Not replay-safe: handled once the handshake completes,
+                                // dropped with the stream if it fails.
+                                peer.confirmed.clone().wait_for(|c| *c).await.ok()?;
+                                actions.extend(peer.session.lock().handle(*deferred));
+                            }
+                        }
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         actions.extend(peer.session.lock().bad_frame(&e));
@@ -324,8 +345,13 @@ async fn exchange(
                     q.shadow,
                     q.vector.clone(),
                 );
-                let frame =
-                    tokio::task::spawn_blocking(move || span.in_scope(|| search(&svc, q))).await;
+                let rows = service.scanned_rows(&q.collection, false).unwrap_or(0);
+                let slot = peer.scans.slot_for(rows).await;
+                let frame = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    span.in_scope(|| search(&svc, q))
+                })
+                .await;
                 if let Ok(frame) = frame {
                     if let Frame::Answer(a) = &frame {
                         answered.push(Answered {
@@ -409,9 +435,6 @@ async fn exchange(
                     }
                 }
             }
-            // A push is acknowledged on the stream the push task opened, which checks it
-            // (`protocol::cache::check_push_ack`); one on a stream the edge opened answers nothing.
-            ServerAction::DeltaAcked(_) => {}
         }
     }
     let _ = send.write_all(&out).await;

@@ -56,6 +56,14 @@ impl HnswParams {
     }
 }
 
+/// The `m` a graph may be built with: below 2 a graph cannot branch; above 256 a node's
+/// neighbour list outgrows what the snapshot's header records (`snapshot::MAX_M`).
+pub const M_RANGE: std::ops::RangeInclusive<usize> = 2..=256;
+
+/// The largest `ef_construction` a graph is built with. hnsw_rs sizes a heap by it on every
+/// insert, and beyond a few hundred it buys no recall on any corpus tiervec serves.
+pub const MAX_EF_CONSTRUCTION: usize = 4096;
+
 /// Highest layer index a node can reach. With `m = 16`, reaching it by chance takes more than
 /// 16^15 insertions; the bound keeps corrupt or hostile level data from sizing anything.
 pub const MAX_LAYERS: usize = 16;

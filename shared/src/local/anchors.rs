@@ -59,6 +59,13 @@ impl Coded {
     }
 }
 
+/// Reusable buffers of [`Anchors::nearest`]: the query's codes and each anchor's lower bound.
+#[derive(Debug, Default)]
+pub(super) struct NearestScratch {
+    query_codes: Vec<i8>,
+    lower: Vec<f32>,
+}
+
 /// Largest `‖q‖‖a‖` the prefilter bounds: beyond it the `f32` kernels may overflow, and such an
 /// anchor is always kept for the exact pass.
 const BOUNDED_PRODUCT: f32 = 1e30;
@@ -122,7 +129,13 @@ impl Anchors {
     /// `n` products: at most `n · ε · ‖q‖‖a‖` off) and of the bound itself. Only anchors whose
     /// lower bound does not exceed the smallest upper bound can be nearest; the second pass
     /// computes their exact distances in slot order, as the full scan would.
-    pub(super) fn nearest(&self, query: &[f32], metric: Metric, dim: usize) -> Option<(u64, f32)> {
+    pub(super) fn nearest(
+        &self,
+        query: &[f32],
+        metric: Metric,
+        dim: usize,
+        scratch: &mut NearestScratch,
+    ) -> Option<(u64, f32)> {
         let exact = |slot: usize| {
             let distance = metric.distance(query, &self.vectors[slot * dim..(slot + 1) * dim]);
             (self.ids[slot], distance)
@@ -138,16 +151,17 @@ impl Anchors {
         if self.ids.len() < PREFILTER_FROM {
             return first_nearest(&mut (0..self.ids.len()));
         }
-        let mut query_codes = Vec::with_capacity(dim);
-        let q = Coded::encode(query, &mut query_codes);
+        let NearestScratch { query_codes, lower } = scratch;
+        query_codes.clear();
+        lower.clear();
+        let q = Coded::encode(query, query_codes);
         // ‖q̂‖ ≤ ‖q‖ + ‖q − q̂‖: no need to compute it.
         let quantised_norm = q.norm + q.residual;
         let rounding = 2.0 * (dim as f32 + 4.0) * f32::EPSILON;
-        let mut lower = Vec::with_capacity(self.ids.len());
         let mut least_upper = f32::INFINITY;
         for (slot, a) in self.coded.iter().enumerate() {
             let codes = &self.codes[slot * dim..(slot + 1) * dim];
-            let approximate = q.scale * a.scale * kernels::dot_i8(&query_codes, codes) as f32;
+            let approximate = q.scale * a.scale * kernels::dot_i8(query_codes, codes) as f32;
             let error = (q.residual * a.norm + quantised_norm * a.residual) * (1.0 + BOUND_MARGIN)
                 + rounding * (1.0 + q.norm * a.norm);
             // Written so that a NaN (an infinite norm times a zero one) also lands here.
@@ -222,7 +236,7 @@ mod tests {
                     anchors.remove(removed, dim);
                 }
                 prop_assert_eq!(
-                    bits(anchors.nearest(&query, metric, dim)),
+                    bits(anchors.nearest(&query, metric, dim, &mut NearestScratch::default())),
                     bits(full_scan(&anchors, &query, metric, dim)),
                     "{:?}", metric
                 );
@@ -260,7 +274,7 @@ mod tests {
                     anchors.upsert(i as u64, &v, 0.0);
                 }
                 prop_assert_eq!(
-                    bits(anchors.nearest(&query, metric, DIM)),
+                    bits(anchors.nearest(&query, metric, DIM, &mut NearestScratch::default())),
                     bits(full_scan(&anchors, &query, metric, DIM)),
                     "{:?}", metric
                 );
@@ -301,7 +315,10 @@ mod tests {
                 Some(999),
                 "the case is set up wrong"
             );
-            assert_eq!(bits(anchors.nearest(&query, Metric::Dot, DIM)), bits(full));
+            assert_eq!(
+                bits(anchors.nearest(&query, Metric::Dot, DIM, &mut NearestScratch::default())),
+                bits(full)
+            );
         }
     }
 

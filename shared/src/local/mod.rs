@@ -307,7 +307,7 @@ impl LocalCache {
             return Some(HeldRef {
                 vector: &self.overlay.vectors[slot * dim..(slot + 1) * dim],
                 lsn: self.overlay.lsns[slot],
-                payload: self.overlay.payloads[slot].as_deref(),
+                at: Held::Overlay(slot),
             });
         }
         if self.overlay.hidden.contains(&id) {
@@ -318,20 +318,32 @@ impl LocalCache {
         Some(HeldRef {
             vector: view.vector(node)?,
             lsn: view.lsn(node).unwrap_or(0),
-            payload: view.payload(node),
+            at: Held::Snapshot(node),
         })
+    }
+
+    /// The payload of a held vector.
+    fn payload<'v>(&'v self, snapshot: Option<&SnapshotView<'v>>, at: Held) -> Option<&'v str> {
+        match at {
+            Held::Overlay(slot) => self.overlay.payloads[slot].as_deref(),
+            Held::Snapshot(node) => snapshot?.payload(node),
+        }
     }
 
     /// The `k` nearest held vectors to `query` (snapshot through its graph with beam `ef`,
     /// overlay exactly), the nearest anchor, and a certified exact answer where a certificate
     /// proves one. `snapshot` must be the one this cache was built over.
+    ///
+    /// With a warm `scratch`, what a search allocates is its answer (the hits and their
+    /// payloads), never anything that grows with the cache: candidates carry where their
+    /// vector is held, and payloads are copied for the `k` hits returned only.
     pub fn search(
         &self,
         snapshot: Option<&SnapshotView<'_>>,
         query: &[f32],
         k: usize,
         ef: usize,
-        scratch: &mut SearchScratch,
+        scratch: &mut LocalScratch,
     ) -> Result<LocalSearch, QueryError> {
         let Some(shape) = self.shape else {
             // An empty cache that has not heard of its collection: nothing to check the
@@ -340,136 +352,192 @@ impl LocalCache {
             return Ok(LocalSearch::default());
         };
         validate_search(query, shape.dim, k, ef)?;
-        let mut prepared = query.to_vec();
-        shape.metric.prepare(&mut prepared);
+        let LocalScratch {
+            graph,
+            query: prepared,
+            candidates,
+            overlay_scores,
+            anchors,
+            covering,
+            members,
+        } = scratch;
+        prepared.clear();
+        prepared.extend_from_slice(query);
+        shape.metric.prepare(prepared);
         let overlay = &self.overlay;
-        let mut hits: Vec<LocalHit> = Vec::with_capacity(2 * k);
+        candidates.clear();
         if let Some(view) = snapshot {
             let wanted = k + overlay.hidden.len().min(ef);
             for &Neighbour { id: node, distance } in
-                view.search(&prepared, wanted, ef.max(wanted), scratch)
+                view.search(prepared, wanted, ef.max(wanted), graph)
             {
                 let id = view.ids()[node as usize];
                 if !overlay.hidden.contains(&id) {
-                    hits.push(LocalHit {
+                    candidates.push(Candidate {
                         id,
                         distance,
                         lsn: view.lsn(node).unwrap_or(0),
-                        payload: view.payload(node).map(str::to_owned),
+                        at: Held::Snapshot(node),
                     });
                 }
             }
         }
         let dim = shape.dim;
-        let mut scored: Vec<(f32, usize)> = overlay
-            .vectors
-            .chunks_exact(dim)
-            .enumerate()
-            .map(|(slot, v)| (shape.metric.distance(&prepared, v), slot))
-            .collect();
-        let take = k.min(scored.len());
+        overlay_scores.clear();
+        overlay_scores.extend(
+            overlay
+                .vectors
+                .chunks_exact(dim)
+                .enumerate()
+                .map(|(slot, v)| (shape.metric.distance(prepared, v), slot)),
+        );
+        let take = k.min(overlay_scores.len());
         if take > 0 {
-            scored.select_nth_unstable_by(take - 1, |a, b| a.0.total_cmp(&b.0));
+            overlay_scores.select_nth_unstable_by(take - 1, |a, b| a.0.total_cmp(&b.0));
         }
-        for &(distance, slot) in &scored[..take] {
-            hits.push(LocalHit {
-                id: overlay.ids[slot],
-                distance,
-                lsn: overlay.lsns[slot],
-                payload: overlay.payloads[slot].clone(),
-            });
-        }
-        sort_hits(&mut hits);
-        hits.truncate(k);
+        candidates.extend(
+            overlay_scores[..take]
+                .iter()
+                .map(|&(distance, slot)| Candidate {
+                    id: overlay.ids[slot],
+                    distance,
+                    lsn: overlay.lsns[slot],
+                    at: Held::Overlay(slot),
+                }),
+        );
+        candidates.sort_unstable_by(nearest_first);
+        candidates.truncate(k);
 
-        let nearest_anchor = self.anchors.nearest(&prepared, shape.metric, dim);
-        match self.certify(snapshot, shape, &prepared, k) {
-            Some(certified) => Ok(LocalSearch {
-                hits: certified,
-                nearest_anchor,
-                certified: true,
-            }),
-            None => Ok(LocalSearch {
-                hits,
-                nearest_anchor,
-                certified: false,
-            }),
-        }
+        let nearest_anchor = self.anchors.nearest(prepared, shape.metric, dim, anchors);
+        let certified = self.certify(snapshot, shape, prepared, k, covering, members);
+        let hit = |c: &Candidate| LocalHit {
+            id: c.id,
+            distance: c.distance,
+            lsn: c.lsn,
+            payload: self.payload(snapshot, c.at).map(str::to_owned),
+        };
+        Ok(LocalSearch {
+            hits: if certified {
+                members.iter().map(|(c, _)| hit(c)).collect()
+            } else {
+                candidates.iter().map(hit).collect()
+            },
+            nearest_anchor,
+            certified,
+        })
     }
 
-    /// The exact top-k among the members of a certified anchor whose certificate covers the
-    /// query (the one with the widest margin `ρ − δ` first), if any does.
+    /// Whether a certified anchor's certificate covers the query (the one with the widest
+    /// margin `ρ − δ` tried first) and proves its members' top-k exact; if so, `members` holds
+    /// that top-k.
     fn certify(
         &self,
         snapshot: Option<&SnapshotView<'_>>,
         shape: Shape,
         query: &[f32],
         k: usize,
-    ) -> Option<Vec<LocalHit>> {
+        covering: &mut Vec<(f32, f32, usize)>,
+        members: &mut Vec<(Candidate, f32)>,
+    ) -> bool {
         if !certifiable(shape.metric) {
-            return None;
+            return false;
         }
         let dim = shape.dim;
-        let mut covering: Vec<(f32, f32, u64)> = self
-            .anchors
-            .ids
-            .iter()
-            .zip(self.anchors.vectors.chunks_exact(dim))
-            .zip(&self.anchors.radii)
-            .filter(|(_, radius)| **radius > 0.0)
-            .filter_map(|((&id, v), &radius)| {
-                let delta = euclidean(query, v);
-                (delta < radius).then_some((radius, delta, id))
-            })
-            .collect();
-        covering.sort_by(|a, b| (b.0 - b.1).total_cmp(&(a.0 - a.1)));
-        'anchors: for (radius, delta, anchor) in covering {
-            let Some(members) = self.manifest.anchor_members(anchor) else {
+        covering.clear();
+        covering.extend(
+            self.anchors
+                .ids
+                .iter()
+                .zip(self.anchors.vectors.chunks_exact(dim))
+                .zip(&self.anchors.radii)
+                .enumerate()
+                .filter(|(_, (_, radius))| **radius > 0.0)
+                .filter_map(|(slot, ((_, v), &radius))| {
+                    let delta = euclidean(query, v);
+                    (delta < radius).then_some((radius, delta, slot))
+                }),
+        );
+        // Ties in slot order; an unstable sort, because a stable one allocates.
+        covering.sort_unstable_by(|a, b| (b.0 - b.1).total_cmp(&(a.0 - a.1)).then(a.2.cmp(&b.2)));
+        'anchors: for &(radius, delta, slot) in covering.iter() {
+            let Some(ids) = self.manifest.anchor_members(self.anchors.ids[slot]) else {
                 continue;
             };
-            if members.len() < k {
+            if ids.len() < k {
                 continue;
             }
-            let mut scored = Vec::with_capacity(members.len());
-            for &id in members {
+            members.clear();
+            for &id in ids {
                 let Some(held) = self.held_vector(snapshot, id) else {
                     // A member evicted or invalidated: this certificate proves nothing until
                     // the cloud sends a new one.
                     continue 'anchors;
                 };
-                let hit = LocalHit {
+                let candidate = Candidate {
                     id,
                     distance: shape.metric.distance(query, held.vector),
                     lsn: held.lsn,
-                    payload: held.payload.map(str::to_owned),
+                    at: held.at,
                 };
-                scored.push((hit, euclidean(query, held.vector)));
+                members.push((candidate, euclidean(query, held.vector)));
             }
-            scored.sort_by(|a, b| {
-                a.0.distance
-                    .total_cmp(&b.0.distance)
-                    .then(a.0.id.cmp(&b.0.id))
-            });
-            scored.truncate(k);
-            let kth = scored.iter().map(|(_, e)| *e).fold(0.0, f32::max);
+            members.sort_unstable_by(|a, b| nearest_first(&a.0, &b.0));
+            members.truncate(k);
+            let kth = members.iter().map(|(_, e)| *e).fold(0.0, f32::max);
             if kth + delta + certificate_slack(dim, radius, delta, kth) <= radius {
-                return Some(scored.into_iter().map(|(h, _)| h).collect());
+                return true;
             }
         }
-        None
+        false
     }
+}
+
+/// Reusable buffers of [`LocalCache::search`], one per concurrent search: sized by the first
+/// searches, then reused, so that a warm search allocates nothing that grows with the cache.
+#[derive(Debug, Default)]
+pub struct LocalScratch {
+    graph: SearchScratch,
+    query: Vec<f32>,
+    candidates: Vec<Candidate>,
+    overlay_scores: Vec<(f32, usize)>,
+    anchors: anchors::NearestScratch,
+    covering: Vec<(f32, f32, usize)>,
+    members: Vec<(Candidate, f32)>,
+}
+
+impl LocalScratch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Where a held vector lives.
+#[derive(Clone, Copy, Debug)]
+enum Held {
+    Snapshot(u32),
+    Overlay(usize),
+}
+
+/// A candidate hit: its payload is looked up only if it is returned.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    id: u64,
+    distance: f32,
+    lsn: u64,
+    at: Held,
 }
 
 /// A held vector, borrowed from the overlay or the snapshot.
 struct HeldRef<'v> {
     vector: &'v [f32],
     lsn: u64,
-    payload: Option<&'v str>,
+    at: Held,
 }
 
-/// Nearest first; equal distances by id, so that merged answers are deterministic.
-fn sort_hits(hits: &mut [LocalHit]) {
-    hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id)));
+/// Nearest first; equal distances by id, so that merged answers are deterministic (ids are
+/// unique among candidates: the overlay hides the snapshot ids it holds).
+fn nearest_first(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id))
 }
 
 #[cfg(test)]
@@ -548,7 +616,7 @@ mod tests {
 
     fn search(cache: &LocalCache, query: &[f32], k: usize) -> LocalSearch {
         cache
-            .search(None, query, k, 16, &mut SearchScratch::default())
+            .search(None, query, k, 16, &mut LocalScratch::default())
             .unwrap()
     }
 

@@ -265,7 +265,7 @@ impl ClientSession {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ServerAction {
     Send(Frame),
-    /// Run this (validated) query and reply with [`ServerSession::answer`].
+    /// Run this (validated) query and reply with a [`Frame::Answer`] (or an error frame).
     Search(Query),
     /// The edge keeps a cache of this (allowed) collection: push into it. `told` is the
     /// manifest version the `HelloAck` gave the edge: when it is not the cache's, the edge
@@ -276,8 +276,6 @@ pub enum ServerAction {
     },
     /// The edge says its cache holds exactly this: adopt it (durably), reply `InventoryAck`.
     Resync(Inventory),
-    /// The edge made this delta version durable.
-    DeltaAcked(u64),
     /// Count a refused frame or query (metrics), by reason.
     Refused(ErrorCode),
     Close {
@@ -349,6 +347,21 @@ impl ServerSession {
         }
     }
 
+    /// A frame that arrived as 0-RTT data, before the handshake is confirmed. Anyone who
+    /// recorded an edge's early flight can replay it, so only frames whose replay changes
+    /// nothing durable are handled now (Hello, Query, Ping, Pong: a query that may be a replay
+    /// is answered but not counted, see the driver); any other is handed back, for the driver
+    /// to pass to [`ServerSession::handle`] once the handshake completes, or to drop if it
+    /// never does.
+    pub fn handle_early(&mut self, frame: Frame) -> Result<Vec<ServerAction>, Box<Frame>> {
+        match frame {
+            Frame::Hello(_) | Frame::Query(_) | Frame::Ping(_) | Frame::Pong(_) => {
+                Ok(self.handle(frame))
+            }
+            other => Err(Box::new(other)),
+        }
+    }
+
     pub fn handle(&mut self, frame: Frame) -> Vec<ServerAction> {
         match (self.state, frame) {
             (ServerState::Closed, _) => Vec::new(),
@@ -399,7 +412,6 @@ impl ServerSession {
                     )
                 }
             }
-            (ServerState::Ready(_), Frame::DeltaAck(v)) => vec![ServerAction::DeltaAcked(v)],
             (_, Frame::Ping(n)) => vec![ServerAction::Send(Frame::Pong(n))],
             (_, Frame::Pong(_)) => Vec::new(),
             (_, other) => self.close(
@@ -441,11 +453,6 @@ impl ServerSession {
             );
         }
         vec![ServerAction::Search(q)]
-    }
-
-    /// The frame answering a query the driver searched.
-    pub fn answer(&self, answer: Answer) -> Frame {
-        Frame::Answer(answer)
     }
 }
 
@@ -538,7 +545,7 @@ mod tests {
             took_us: 80,
         };
         let got = edge.handle(
-            ClientEvent::Received(wire(&cloud.answer(answer.clone()))),
+            ClientEvent::Received(wire(&Frame::Answer(answer.clone()))),
             200,
         );
         assert_eq!(got, vec![ClientAction::Answered(answer)]);
@@ -743,6 +750,41 @@ mod tests {
             })
         ));
         assert_eq!(cloud.handle(Frame::Ping(3)), Vec::new(), "closed");
+
+        // A push is acknowledged on the stream the cloud opened for it
+        // (`cache::check_push_ack`); an acknowledgement on a stream the edge opened is a
+        // protocol error, not something to ignore.
+        let (_, mut cloud) = handshake();
+        assert!(matches!(
+            cloud.handle(Frame::DeltaAck(5)).last(),
+            Some(ServerAction::Close {
+                code: ErrorCode::Unexpected,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn only_replay_safe_frames_are_handled_as_early_data() {
+        // Early (0-RTT) data: an inventory would be logged before the handshake proves the
+        // flight is not a replay, so it waits; queries and pings are answered at once.
+        let (_, mut cloud) = handshake();
+        let inventory = Frame::Inventory(Inventory {
+            collection_id: [1; 16],
+            ..Inventory::default()
+        });
+        assert_eq!(
+            cloud.handle_early(inventory.clone()),
+            Err(Box::new(inventory))
+        );
+        assert_eq!(
+            cloud.handle_early(Frame::Ping(4)),
+            Ok(vec![ServerAction::Send(Frame::Pong(4))])
+        );
+        assert!(matches!(
+            cloud.handle_early(Frame::Query(query(1))).as_deref(),
+            Ok([ServerAction::Search(_)])
+        ));
     }
 
     #[test]
@@ -766,7 +808,7 @@ mod tests {
             for action in cloud.handle(frame) {
                 match action {
                     ServerAction::Send(f) => replies.push(f),
-                    ServerAction::Search(q) => replies.push(cloud.answer(Answer {
+                    ServerAction::Search(q) => replies.push(Frame::Answer(Answer {
                         query_id: q.query_id,
                         collection_id: q.collection_id,
                         hits: vec![],
@@ -849,10 +891,6 @@ mod tests {
         assert_eq!(
             edge.handle(ClientEvent::Received(wire(&Frame::Delta(delta.clone()))), 3),
             vec![ClientAction::ApplyDelta(delta)]
-        );
-        assert_eq!(
-            cloud.handle(wire(&Frame::DeltaAck(5))),
-            vec![ServerAction::DeltaAcked(5)]
         );
         let begin = SnapshotBegin {
             collection_id: [1; 16],

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tiervec_edge::wasm_host::{ModuleSource, WasmConfig, WasmHost};
-use tiervec_shared::hnsw::{HnswParams, SearchScratch};
-use tiervec_shared::local::LocalCache;
+use tiervec_shared::hnsw::HnswParams;
+use tiervec_shared::local::{LocalCache, LocalScratch};
 use tiervec_shared::snapshot::Snapshot;
 
 use super::{Contender, Row, SearchFn, measure, measure_interleaved, rows_table};
@@ -196,7 +196,7 @@ pub fn run(mut args: WasmArgs) -> anyhow::Result<()> {
     let native_snapshot = Snapshot::open(snapshot.clone())?;
     let view = native_snapshot.view();
     let cache = LocalCache::over_snapshot(&view);
-    let mut scratch = SearchScratch::new();
+    let mut scratch = LocalScratch::new();
     let mut answers_differing = 0;
     for q in &queries {
         let n = cache.search(Some(&view), q, k, ef, &mut scratch)?;

@@ -1,0 +1,267 @@
+//! What an HTTP client can make the cloud spend: descriptors (connections), the time a
+//! connection may sit without sending a request, and how many API requests run at once. A real
+//! `tiervec-cloud serve` child process on loopback, under the descriptor soft limit a service
+//! gets by default (1,024), not this machine's larger one.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tiervec_test_support::process::ChildGuard;
+use tiervec_test_support::vectors::vector;
+
+/// The soft descriptor limit of a service started by a stock init system.
+const SERVICE_NOFILE: u64 = 1_024;
+
+/// Starts the cloud with `RLIMIT_NOFILE` soft `nofile` and the `--set` overrides; returns
+/// once its HTTP address is known.
+fn spawn(dir: &Path, nofile: u64, overrides: &[&str]) -> (ChildGuard, String) {
+    let addr_file = dir.join("addr");
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tiervec-cloud"));
+    command
+        .arg("serve")
+        .arg("--set")
+        .arg(format!("data_dir={:?}", dir.join("data").to_str().unwrap()))
+        .arg("--set")
+        .arg("http_addr=\"127.0.0.1:0\"")
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(log);
+    for o in overrides {
+        command.arg("--set").arg(o);
+    }
+    // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit.rlim_cur = nofile.min(limit.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = ChildGuard::new(command.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            return (child, a);
+        }
+        assert!(Instant::now() < deadline, "the cloud did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A new client: its requests open a connection of their own.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+async fn wait_ready(http: &reqwest::Client, addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the cloud never became ready");
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// 1,100 idle TCP connections (no request, no key) against a cloud whose descriptor soft limit
+/// is 1,024: it keeps answering new clients, keeps taking durable writes, and its `/readyz`
+/// says so truthfully; it never holds more descriptors than it may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_past_the_descriptor_limit_do_not_stop_the_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = spawn(dir.path(), SERVICE_NOFILE, &[]);
+    let http = client();
+    wait_ready(&http, &addr).await;
+
+    let idle: Vec<TcpStream> = (0..1_100)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Let the cloud accept what it will.
+    std::thread::sleep(Duration::from_millis(500));
+    let descriptors = open_descriptors(server.id());
+    assert!(
+        descriptors < SERVICE_NOFILE as usize,
+        "{descriptors} descriptors open"
+    );
+
+    let started = Instant::now();
+    let r = client()
+        .post(format!("http://{addr}/v1/collections"))
+        .json(&json!({"name": "docs", "dim": 8, "metric": "l2"}))
+        .send()
+        .await
+        .expect("a new client gets an answer");
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let points: Vec<Value> = (0..100)
+        .map(|i| json!({"id": i, "vector": vector(i, 8)}))
+        .collect();
+    let r = client()
+        .put(format!("http://{addr}/v1/collections/docs/points"))
+        .json(&json!({ "points": points }))
+        .send()
+        .await
+        .expect("a durable write gets an answer");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = client()
+        .post(format!("http://{addr}/v1/collections/docs/search"))
+        .json(&json!({"vector": vector(7, 8), "k": 1}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["hits"][0]["id"], 7, "{body}");
+    let r = client()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["log_writable"], true, "{body}");
+    eprintln!(
+        "4 requests from new clients behind 1,100 idle connections: {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
+/// Limit + 1 for each HTTP limit, with small limits set: one connection past the cap closes
+/// the longest-idle one; a connection that sends nothing is closed after the header timeout;
+/// one request past the concurrency limit answers 503 `overloaded` at once; a request past its
+/// deadline answers 503 `deadline_exceeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_http_limit_holds_at_limit_plus_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, addr) = spawn(
+        dir.path(),
+        SERVICE_NOFILE,
+        &[
+            "http.max_connections=4",
+            "http.header_timeout_ms=1000",
+            "http.max_concurrent_requests=1",
+            "http.request_timeout_ms=1500",
+        ],
+    );
+    let http = client();
+    wait_ready(&http, &addr).await;
+    drop(http);
+    std::thread::sleep(Duration::from_millis(100));
+
+    // The connection cap: four idle connections fill it; a fifth client is served and the
+    // longest-idle connection is closed to make room.
+    let mut idle: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let s = TcpStream::connect(&addr).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            s
+        })
+        .collect();
+    let r = client()
+        .get(format!("http://{addr}/v1/collections"))
+        .send()
+        .await
+        .expect("served past the cap");
+    assert_eq!(r.status(), 200);
+    idle[0]
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        idle[0].read(&mut byte).ok(),
+        Some(0),
+        "the longest-idle connection was closed"
+    );
+    drop(idle);
+
+    // The header timeout: a connection that sends nothing is closed, and one that sends half
+    // a request head too.
+    for partial in [&b""[..], b"GET /v1/collections HTTP/1.1\r\nHost: x\r\n"] {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(partial).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+            "closed after {waited:?} ({partial:?})"
+        );
+    }
+
+    // The request limit: a write whose body never finishes holds the one permit; the next
+    // request is refused at once; the held one answers when its deadline passes.
+    let r = client()
+        .post(format!("http://{addr}/v1/collections"))
+        .json(&json!({"name": "docs", "dim": 8, "metric": "l2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut held = TcpStream::connect(&addr).unwrap();
+    held.write_all(
+        b"PUT /v1/collections/docs/points HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"points\": [",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let r = client()
+        .get(format!("http://{addr}/v1/collections"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "overloaded", "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+    let r = client()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "probes bypass the request limit");
+
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = held.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("deadline_exceeded"), "{answer}");
+    let r = client()
+        .get(format!("http://{addr}/v1/collections"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the permit came back");
+}
