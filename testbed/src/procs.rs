@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 /// Builds the cloud and edge binaries when run under cargo (`cargo run` sets `CARGO`), so the
-/// processes started are those of the current sources; otherwise they must exist already.
+/// processes started are those of the current sources; otherwise they must exist already. The
+/// testbed is named too (already built, so no work): cargo unifies features over the packages
+/// of one command, and with it the dependencies compile as for `cargo run -p tiervec-testbed`
+/// and the workspace's tests instead of a second time.
 pub fn ensure_binaries() -> anyhow::Result<()> {
     if let Some(cargo) = std::env::var_os("CARGO") {
         let profile_is_release = !cfg!(debug_assertions);
@@ -17,6 +20,8 @@ pub fn ensure_binaries() -> anyhow::Result<()> {
         cmd.args([
             "build",
             "-q",
+            "-p",
+            "tiervec-testbed",
             "-p",
             "tiervec-cloud",
             "-p",
