@@ -15,6 +15,7 @@ use crate::push::PushConfig;
 use crate::service::ServiceConfig;
 use crate::transport::http::ApiKey;
 use crate::transport::listener::HttpLimits;
+use crate::transport::quic::QuicLimits;
 
 /// Why a configuration could not be read; the message names the file, variable or flag.
 #[derive(Debug, Error)]
@@ -62,6 +63,8 @@ pub struct CloudConfig {
     pub gpu: GpuConfig,
     /// Connections and concurrent requests of the HTTP API (`transport/listener.rs`).
     pub http: HttpLimits,
+    /// Connections, streams and windows of the QUIC endpoint (`transport/quic.rs`).
+    pub quic: QuicLimits,
 }
 
 impl Default for CloudConfig {
@@ -85,6 +88,7 @@ impl Default for CloudConfig {
             push: PushConfig::default(),
             gpu: GpuConfig::default(),
             http: HttpLimits::default(),
+            quic: QuicLimits::default(),
         }
     }
 }

@@ -109,9 +109,13 @@ pub async fn serve(
                 dir: config.certs_dir.clone(),
                 deployment: String::new(),
             };
-            let endpoint = quic::bind(quic_addr, &certs)?;
+            let endpoint = quic::bind(quic_addr, &certs, &config.quic)?;
             tracing::info!(addr = %endpoint.local_addr()?, "QUIC endpoint for edges (mutual TLS)");
-            Some((endpoint, AccessList(config.edges.clone())))
+            Some((
+                endpoint,
+                AccessList(config.edges.clone()),
+                config.quic.clone(),
+            ))
         }
         None => None,
     };
@@ -123,7 +127,7 @@ pub async fn serve(
         );
     let service = Arc::new(recovery.await??);
     tracing::info!(%addr, "serving");
-    if let Some((endpoint, acl)) = quic {
+    if let Some((endpoint, acl, quic_limits)) = quic {
         let push = PushHub::start(push_config, service.clone(), hot);
         tokio::spawn(quic::serve(
             endpoint,
@@ -131,6 +135,7 @@ pub async fn serve(
             Arc::new(acl),
             push,
             scans,
+            quic_limits,
         ));
     }
     let _ = cell.set(service);

@@ -48,8 +48,13 @@ pub struct CacheConfig {
     pub deltas: PathBuf,
     /// Bytes (in the shared byte model) the cloud may fill.
     pub budget_bytes: u64,
-    /// Compact once the overlay holds this many vectors.
+    /// Compact once the overlay holds this many vectors,
     pub compact_after: usize,
+    /// or once this many deltas arrived since the snapshot (invalidations and certificates add
+    /// no vectors, yet each one stays in the log and in memory until a compaction),
+    pub compact_after_deltas: usize,
+    /// or once the delta log holds this many bytes.
+    pub compact_after_log_bytes: u64,
 }
 
 impl CacheConfig {
@@ -60,6 +65,8 @@ impl CacheConfig {
             deltas: snapshot.with_extension("deltas"),
             budget_bytes,
             compact_after: 2_048,
+            compact_after_deltas: 4_096,
+            compact_after_log_bytes: 16 << 20,
         }
     }
 }
@@ -586,9 +593,18 @@ impl EdgeCache {
         Ok(report)
     }
 
-    /// Whether the overlay is big enough to compact.
+    /// Whether what arrived since the snapshot is worth folding into a new one: vectors in the
+    /// overlay, deltas in memory, or bytes in the log, each past its threshold.
     pub fn wants_compaction(&self) -> bool {
-        self.overlay_len() >= self.config.compact_after && !self.compacting.load(Ordering::Acquire)
+        if self.compacting.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.overlay_len() >= self.config.compact_after {
+            return true;
+        }
+        let writer = self.writer.lock();
+        writer.since_snapshot.len() >= self.config.compact_after_deltas
+            || writer.log.bytes() >= self.config.compact_after_log_bytes
     }
 
     /// Folds the overlay into a new snapshot and swaps it in, on the calling thread (blocking).

@@ -35,8 +35,12 @@ pub struct EdgeConfig {
     pub snapshot: PathBuf,
     /// Bytes (in the shared byte model) the cloud may fill the cache with.
     pub budget_bytes: u64,
-    /// Fold the pushed overlay into a new snapshot once it holds this many vectors.
+    /// Fold the pushed overlay into a new snapshot once it holds this many vectors,
     pub compact_after: usize,
+    /// or once this many deltas arrived since the snapshot,
+    pub compact_after_deltas: usize,
+    /// or once the delta log holds this many bytes.
+    pub compact_after_log_bytes: u64,
     /// The collection it caches, by the cloud's name.
     pub collection: String,
     /// Local HTTP endpoint for applications.
@@ -72,6 +76,8 @@ impl Default for EdgeConfig {
             snapshot: PathBuf::from("cache.tvs"),
             budget_bytes: 16 << 20,
             compact_after: 2_048,
+            compact_after_deltas: 4_096,
+            compact_after_log_bytes: 16 << 20,
             collection: "default".into(),
             http_addr: "127.0.0.1:6390".parse().expect("valid address"),
             confidence: ConfidenceRule::kth(0.35),
@@ -106,6 +112,8 @@ impl EdgeConfig {
     pub fn cache(&self) -> CacheConfig {
         CacheConfig {
             compact_after: self.compact_after,
+            compact_after_deltas: self.compact_after_deltas,
+            compact_after_log_bytes: self.compact_after_log_bytes,
             ..CacheConfig::beside(&self.snapshot, self.budget_bytes)
         }
     }

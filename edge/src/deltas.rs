@@ -87,6 +87,11 @@ fn encode(delta: &Delta, out: &mut Vec<u8>, path: &Path) -> Result<(), DeltaLogE
 }
 
 impl DeltaLog {
+    /// Bytes of the log through its last whole record.
+    pub fn bytes(&self) -> u64 {
+        self.good_len
+    }
+
     /// Opens (or creates) the log at `path` and returns its deltas in version order. A torn
     /// tail is truncated; anything else wrong is an error (the caller sets the file aside).
     pub fn open(path: &Path) -> Result<(DeltaLog, Replayed), DeltaLogError> {

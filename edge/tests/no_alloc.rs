@@ -127,6 +127,8 @@ fn served_allocations(overlay: usize, hidden: usize, anchors: usize) -> (Vec<usi
     write_snapshot_atomic(&path, &snapshot::encode(&spec, &body).unwrap()).unwrap();
     let mut config = CacheConfig::beside(&path, u64::MAX);
     config.compact_after = usize::MAX;
+    config.compact_after_deltas = usize::MAX;
+    config.compact_after_log_bytes = u64::MAX;
     let (cache, _) = EdgeCache::open(config).unwrap();
     let connection = cache.begin_connection();
 

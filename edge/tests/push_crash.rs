@@ -83,7 +83,12 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
         )
         .unwrap();
     let collection = service.catalog().get("c").unwrap().info.id.0;
-    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let endpoint = quic::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &certs,
+        &tiervec_cloud::quic::QuicLimits::default(),
+    )
+    .unwrap();
     let quic_addr = endpoint.local_addr().unwrap();
     let hub = PushHub::start(
         PushConfig {
@@ -106,6 +111,7 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
         Arc::new(acl),
         hub.clone(),
         tiervec_cloud::ScanSlots::new(2),
+        tiervec_cloud::quic::QuicLimits::default(),
     ));
 
     let snapshot: PathBuf = dir.path().join("edge").join("cache.tvs");

@@ -483,6 +483,79 @@ fn a_damaged_cache_file_is_set_aside_and_the_rest_opens() {
     assert_eq!(cache.collection_id(), CollectionId::from_u128(42).0);
 }
 
+/// Deltas that add no vector (tombstones) still lead to a compaction once enough of them
+/// arrived, or once the log is large enough: the log and the deltas held in memory stay
+/// bounded.
+#[test]
+fn deltas_without_vectors_still_lead_to_a_compaction() {
+    use tiervec_edge::cache::{CacheConfig, EdgeCache};
+    use tiervec_shared::push::{Delta, Tombstone};
+
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = write(dir.path(), "cache.tvs", &encode(50, 1, false));
+    let tombstone = |version: u64| Delta {
+        collection_id: CollectionId::from_u128(42).0,
+        dim: DIM as u32,
+        metric: Metric::Cosine.code(),
+        version,
+        // Snapshot ids are multiples of 10: delta v removes id 10·v.
+        tombstones: vec![Tombstone {
+            id: 10 * version,
+            lsn: 100 + version,
+        }],
+        ..Delta::default()
+    };
+    for (by_count, config) in [
+        (
+            true,
+            CacheConfig {
+                compact_after_deltas: 3,
+                ..CacheConfig::beside(&snapshot, 1 << 20)
+            },
+        ),
+        (
+            false,
+            CacheConfig {
+                compact_after_log_bytes: 1,
+                ..CacheConfig::beside(&snapshot, 1 << 20)
+            },
+        ),
+    ] {
+        let (cache, _) = EdgeCache::open(config.clone()).unwrap();
+        let base = cache.version();
+        cache.apply(&tombstone(base + 1), 0).unwrap();
+        if by_count {
+            assert!(!cache.wants_compaction(), "one delta of three");
+            cache.apply(&tombstone(base + 2), 0).unwrap();
+            assert!(!cache.wants_compaction(), "two deltas of three");
+            cache.apply(&tombstone(base + 3), 0).unwrap();
+        }
+        assert_eq!(cache.overlay_len(), 0, "no vector was added");
+        assert!(cache.wants_compaction());
+        let log_before = std::fs::metadata(&config.deltas).unwrap().len();
+        let last = cache.version();
+        assert_eq!(cache.compact().unwrap(), Some(last));
+        if by_count {
+            assert!(!cache.wants_compaction(), "the count starts again");
+        }
+        assert!(std::fs::metadata(&config.deltas).unwrap().len() < log_before);
+        drop(cache);
+        // Reopened from the new snapshot alone: the tombstoned ids stay gone.
+        let (cache, report) = EdgeCache::open(config).unwrap();
+        assert_eq!((report.replayed_deltas, cache.version()), (0, last));
+        assert_eq!(cache.usage().0, 50 - last as usize);
+        let hits = cache
+            .search(&family_vector(1, 0, DIM), 50, 64)
+            .unwrap()
+            .hits;
+        assert_eq!(hits.len(), 50 - last as usize);
+        assert!(
+            hits.iter().all(|h| h.id == 0 || h.id > 10 * last),
+            "a tombstoned id came back"
+        );
+    }
+}
+
 /// `encode` with the manifest version set, as a streamed snapshot carries it.
 fn encode_at(n: usize, version: u64) -> Vec<u8> {
     let params = HnswParams::default();

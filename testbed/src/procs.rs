@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -14,6 +15,9 @@ use anyhow::{Context, bail};
 /// of one command, and with it the dependencies compile as for `cargo run -p tiervec-testbed`
 /// and the workspace's tests instead of a second time.
 pub fn ensure_binaries() -> anyhow::Result<()> {
+    // Resolved before cargo runs: cargo re-links `target/<profile>/tiervec-testbed` even when
+    // nothing changed, and from then on the kernel names the running binary "… (deleted)".
+    this_exe()?;
     if let Some(cargo) = std::env::var_os("CARGO") {
         let profile_is_release = !cfg!(debug_assertions);
         let mut cmd = Command::new(cargo);
@@ -78,9 +82,20 @@ pub fn wasm_guest(simd: bool) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The path of the running testbed binary, as it was at the first call (see
+/// [`ensure_binaries`]); the demo and the benchmarks start it again for their helper processes.
+pub fn this_exe() -> anyhow::Result<PathBuf> {
+    static THIS_EXE: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(path) = THIS_EXE.get() {
+        return Ok(path.clone());
+    }
+    let path = std::env::current_exe().context("locating the running testbed binary")?;
+    Ok(THIS_EXE.get_or_init(|| path).clone())
+}
+
 /// A binary of this workspace next to the running one.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
+    let path = this_exe()?.with_file_name(name);
     if !path.exists() {
         bail!(
             "{} not found: build it with `cargo build --release -p {name}`",

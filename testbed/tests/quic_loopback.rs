@@ -103,7 +103,12 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
         ("edge-1".to_owned(), vec!["c".to_owned()]),
         ("edge-2".to_owned(), vec![]),
     ]));
-    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let endpoint = quic::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &certs,
+        &tiervec_cloud::quic::QuicLimits::default(),
+    )
+    .unwrap();
     let addr = endpoint.local_addr().unwrap();
     let hot_ids = hot();
     tokio::spawn(quic::serve(
@@ -112,6 +117,7 @@ async fn mutual_tls_queries_and_refusals_over_loopback() {
         Arc::new(acl),
         quiet_hub(&service, hot_ids.clone()),
         tiervec_cloud::ScanSlots::new(2),
+        tiervec_cloud::quic::QuicLimits::default(),
     ));
 
     let edge1 = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
@@ -256,7 +262,12 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         "edge-1".to_owned(),
         vec!["*".to_owned()],
     )])));
-    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let endpoint = quic::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &certs,
+        &tiervec_cloud::quic::QuicLimits::default(),
+    )
+    .unwrap();
     let addr = endpoint.local_addr().unwrap();
     let hot_ids = hot();
     tokio::spawn(quic::serve(
@@ -265,6 +276,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         acl.clone(),
         quiet_hub(&service, hot_ids.clone()),
         tiervec_cloud::ScanSlots::new(2),
+        tiervec_cloud::quic::QuicLimits::default(),
     ));
 
     // The edge caches the first 100 points.
@@ -338,6 +350,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
         acl,
         quiet_hub(&service, hot()),
         tiervec_cloud::ScanSlots::new(2),
+        tiervec_cloud::quic::QuicLimits::default(),
     ));
     wait_for(|| node.connected()).await;
     let answer = node.search(&vector(250, DIM), 1, 32).await.unwrap();
@@ -437,7 +450,12 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
         "edge-1".to_owned(),
         vec!["c".to_owned()],
     )])));
-    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let endpoint = quic::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &certs,
+        &tiervec_cloud::quic::QuicLimits::default(),
+    )
+    .unwrap();
     let addr = endpoint.local_addr().unwrap();
     let hot_ids = hot();
     tokio::spawn(quic::serve(
@@ -446,6 +464,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
         acl.clone(),
         quiet_hub(&service, hot_ids.clone()),
         tiervec_cloud::ScanSlots::new(2),
+        tiervec_cloud::quic::QuicLimits::default(),
     ));
 
     let connector = Connector::new(link(addr, &certs, Some(&certs), "edge-1")).unwrap();
@@ -522,6 +541,7 @@ async fn reconnections_use_0rtt_and_survive_its_rejection() {
         acl,
         quiet_hub(&service, hot()),
         tiervec_cloud::ScanSlots::new(2),
+        tiervec_cloud::quic::QuicLimits::default(),
     ));
     let after = connector
         .connect(Some(query("c", id, vector(77, DIM))))
@@ -548,7 +568,12 @@ async fn malformed_frames_are_refused_typed_and_counted() {
         "edge-1".to_owned(),
         vec!["c".to_owned()],
     )])));
-    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs).unwrap();
+    let endpoint = quic::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &certs,
+        &tiervec_cloud::quic::QuicLimits::default(),
+    )
+    .unwrap();
     let addr = endpoint.local_addr().unwrap();
     tokio::spawn(quic::serve(
         endpoint,
@@ -556,6 +581,7 @@ async fn malformed_frames_are_refused_typed_and_counted() {
         acl,
         quiet_hub(&service, hot()),
         tiervec_cloud::ScanSlots::new(2),
+        tiervec_cloud::quic::QuicLimits::default(),
     ));
     let healthy = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
         .await
@@ -676,6 +702,164 @@ async fn malformed_frames_are_refused_typed_and_counted() {
     assert_eq!(answer.hits[0].id, 8);
 }
 
+/// Each of the QUIC endpoint's limits at its value and one past it, over real connections:
+/// frames in a stream, concurrent streams in a connection, connections of one edge, and
+/// connections in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_limits_hold_at_the_limit_and_one_past_it() {
+    use tiervec_cloud::quic::QuicLimits;
+    use tiervec_shared::protocol::frame::{
+        DEFAULT_MAX_FRAME, Frame, FrameDecoder, Hello, PROTOCOL_VERSION,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = cloud_with_points(dir.path(), 20);
+    let acl = Arc::new(AccessList(HashMap::from([
+        ("edge-1".to_owned(), vec!["c".to_owned()]),
+        ("edge-2".to_owned(), vec!["c".to_owned()]),
+    ])));
+    let start = |limits: QuicLimits| {
+        let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs, &limits).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        tokio::spawn(quic::serve(
+            endpoint,
+            service.clone(),
+            acl.clone(),
+            quiet_hub(&service, hot()),
+            tiervec_cloud::ScanSlots::new(2),
+            limits,
+        ));
+        addr
+    };
+    let per_connection = start(QuicLimits {
+        max_connections_per_edge: 2,
+        max_streams_per_connection: 4,
+        max_frames_per_stream: 8,
+        ..QuicLimits::default()
+    });
+    let in_all = start(QuicLimits {
+        max_connections: 4,
+        ..QuicLimits::default()
+    });
+    let clients: HashMap<&str, quinn::Endpoint> = ["edge-1", "edge-2"]
+        .into_iter()
+        .map(|edge| {
+            let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            let cfg = link(per_connection, &certs, Some(&certs), edge);
+            client.set_default_client_config(tiervec_edge::link::client_config(&cfg).unwrap());
+            (edge, client)
+        })
+        .collect();
+    let connect = |edge: &str, addr| {
+        let connecting = clients[edge].connect(addr, "localhost").unwrap();
+        async move { connecting.await }
+    };
+    // A Hello (first on a connection) then `pings` Pings, in one stream; the frames answered.
+    let exchange = |conn: quinn::Connection, hello: bool, pings: u64| async move {
+        let mut bytes = Vec::new();
+        if hello {
+            Frame::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                min_version: PROTOCOL_VERSION,
+                edge_name: "raw".into(),
+                cache: None,
+            })
+            .encode(&mut bytes);
+        }
+        for i in 0..pings {
+            Frame::Ping(i).encode(&mut bytes);
+        }
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        send.finish().unwrap();
+        let answer = recv.read_to_end(1 << 20).await.unwrap_or_default();
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        decoder.push(&answer).unwrap();
+        let mut frames = Vec::new();
+        while let Some(f) = decoder.next_frame().unwrap() {
+            frames.push(f);
+        }
+        frames
+    };
+
+    // Frames in a stream: 8 (a Hello and 7 Pings) answered; 9 close the connection, typed.
+    let conn = connect("edge-1", per_connection).await.unwrap();
+    let frames = exchange(conn.clone(), true, 7).await;
+    assert_eq!(frames.len(), 8, "{frames:?}");
+    assert!(matches!(frames.last(), Some(Frame::Pong(6))));
+    let conn = connect("edge-1", per_connection).await.unwrap();
+    let frames = exchange(conn.clone(), true, 8).await;
+    match frames.last() {
+        Some(Frame::Error(e)) => {
+            assert_eq!(ErrorCode::from_u16(e.code), Some(ErrorCode::FrameTooLarge));
+            assert!(e.message.contains("more than 8 frames"), "{}", e.message);
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    conn.closed().await;
+
+    // Streams in a connection: 4 open at once; a fifth waits for one of them to end.
+    let conn = connect("edge-1", per_connection).await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        open.push((send, recv));
+    }
+    let fifth = conn.open_bi();
+    tokio::pin!(fifth);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut fifth)
+            .await
+            .is_err(),
+        "a fifth concurrent stream opened"
+    );
+    let (mut send, mut recv) = open.pop().unwrap();
+    send.finish().unwrap();
+    let _ = recv.read_to_end(1 << 20).await;
+    tokio::time::timeout(Duration::from_secs(5), fifth)
+        .await
+        .expect("the fifth stream opens once one ends")
+        .unwrap();
+    drop(open);
+    conn.close(0u32.into(), b"done");
+
+    // Connections of one edge: two held; a third closes the oldest, not the newest.
+    let oldest = connect("edge-2", per_connection).await.unwrap();
+    assert_eq!(exchange(oldest.clone(), true, 1).await.len(), 2);
+    let second = connect("edge-2", per_connection).await.unwrap();
+    assert_eq!(exchange(second.clone(), true, 1).await.len(), 2);
+    let third = connect("edge-2", per_connection).await.unwrap();
+    assert_eq!(exchange(third.clone(), true, 1).await.len(), 2);
+    tokio::time::timeout(Duration::from_secs(5), oldest.closed())
+        .await
+        .expect("the oldest connection is closed");
+    for conn in [&second, &third] {
+        assert!(conn.close_reason().is_none());
+        assert_eq!(exchange(conn.clone(), false, 1).await.len(), 1);
+    }
+
+    // Connections in all: four served; a fifth is refused at once.
+    let mut held = Vec::new();
+    for edge in ["edge-1", "edge-1", "edge-2", "edge-2"] {
+        let conn = connect(edge, in_all).await.unwrap();
+        assert_eq!(exchange(conn.clone(), true, 1).await.len(), 2);
+        held.push(conn);
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(5), connect("edge-1", in_all))
+        .await
+        .expect("refused at once, not left to time out");
+    assert!(refused.is_err(), "a fifth connection was accepted");
+    for conn in &held {
+        assert_eq!(
+            exchange(conn.clone(), false, 1).await.len(),
+            1,
+            "the four still served"
+        );
+    }
+}
+
 /// Binds a new cloud endpoint on the address a stopped one held (its socket is released once
 /// the stopped accept loop drops it).
 /// What the push tests share: a cloud with collection `c` holding points `0..400` in `dir`,
@@ -723,7 +907,12 @@ impl PushBed {
 
     /// Serves `service` over QUIC on a fresh port, pushing with this bed's configuration.
     fn serve(&self, service: Arc<Service>) -> (quinn::Endpoint, std::net::SocketAddr) {
-        let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &self.certs).unwrap();
+        let endpoint = quic::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &self.certs,
+            &tiervec_cloud::quic::QuicLimits::default(),
+        )
+        .unwrap();
         let addr = endpoint.local_addr().unwrap();
         let hub = PushHub::start(self.push.clone(), service.clone(), hot());
         tokio::spawn(quic::serve(
@@ -732,6 +921,7 @@ impl PushBed {
             self.acl.clone(),
             hub,
             tiervec_cloud::ScanSlots::new(2),
+            tiervec_cloud::quic::QuicLimits::default(),
         ));
         (endpoint, addr)
     }
@@ -759,12 +949,12 @@ impl PushBed {
 
 async fn rebind(addr: std::net::SocketAddr, certs: &CertDir) -> quinn::Endpoint {
     for _ in 0..200 {
-        if let Ok(endpoint) = quic::bind(addr, certs) {
+        if let Ok(endpoint) = quic::bind(addr, certs, &tiervec_cloud::quic::QuicLimits::default()) {
             return endpoint;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    quic::bind(addr, certs).unwrap()
+    quic::bind(addr, certs, &tiervec_cloud::quic::QuicLimits::default()).unwrap()
 }
 
 /// Whether `ready` holds within `within` (polled every 10 ms).

@@ -73,25 +73,43 @@ const BALL_MARGIN: usize = 4;
 /// task (a few milliseconds at 384 dimensions); above, its certificates are dropped instead.
 const MAX_BALL_CHECKS: usize = 1 << 20;
 
-/// The delta for a write of `ids` at `lsn` in a cache: tombstones for the ids it holds, and
-/// the certificates the write changes (computed from `balls`, the connection's certificates).
+/// Writes to deliver to a cache in one delta.
+#[derive(Debug, Default, PartialEq)]
+pub struct InvalidationBatch {
+    /// In the order they came; at most `state::MAX_IDS_PER_DELTA` ids in all.
+    pub invalidations: Vec<Invalidation>,
+    /// Revoke every certificate of the cache: writes were dropped from its queue unseen.
+    pub revoke_certificates: bool,
+}
+
+/// The delta for a batch of writes in a cache: tombstones for the ids it holds (at the latest
+/// LSN each was written), and the certificates the writes change (computed from `balls`, the
+/// connection's certificates), or all of them revoked when the batch says so.
 pub(super) fn invalidation(
     manifest: &Manifest,
     corpus: &impl Corpus,
-    inv: &Invalidation,
+    batch: &InvalidationBatch,
     balls: &HashMap<u64, Ball>,
 ) -> Option<(Delta, ManifestStep)> {
-    let tombstones: Vec<Tombstone> = inv
-        .ids
+    let mut latest: HashMap<u64, u64> = HashMap::new();
+    for inv in &batch.invalidations {
+        for &id in &inv.ids {
+            let lsn = latest.entry(id).or_default();
+            *lsn = (*lsn).max(inv.lsn);
+        }
+    }
+    let mut tombstones: Vec<Tombstone> = latest
         .iter()
-        .filter(|id| manifest.held(**id).is_some())
-        .map(|&id| Tombstone { id, lsn: inv.lsn })
+        .filter(|(id, _)| manifest.held(**id).is_some())
+        .map(|(&id, &lsn)| Tombstone { id, lsn })
         .collect();
+    tombstones.sort_unstable_by_key(|t| t.id);
     let mut certificates = Vec::new();
-    if inv.ids.len().saturating_mul(balls.len()) > MAX_BALL_CHECKS {
-        // A bulk write: checking every point against every ball would stall this cache's
-        // deliveries; dropping the certificates is always correct, and hot anchors are
-        // certified again by the next pushes.
+    if batch.revoke_certificates || latest.len().saturating_mul(balls.len()) > MAX_BALL_CHECKS {
+        // Writes the batch cannot show (dropped from a full queue), or a bulk write: checking
+        // every point against every ball would stall this cache's deliveries. Dropping the
+        // certificates is always correct, and hot anchors are certified again by the next
+        // pushes.
         certificates.extend(balls.keys().filter(|a| manifest.holds_anchor(**a)).map(
             |&anchor_id| {
                 Certificate {
@@ -105,9 +123,8 @@ pub(super) fn invalidation(
             },
         ));
     } else if !balls.is_empty() {
-        let written: Vec<(u64, Option<Vec<f32>>)> = inv
-            .ids
-            .iter()
+        let written: Vec<(u64, Option<Vec<f32>>)> = latest
+            .keys()
             .map(|&id| (id, corpus.get(id).map(|p| p.vector)))
             .collect();
         for (&anchor, ball) in balls {

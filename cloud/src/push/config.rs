@@ -4,7 +4,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use tiervec_shared::protocol::frame::DEFAULT_MAX_FRAME;
+
 use super::restore::RestorePolicy;
+
+/// Most bytes (byte model) any delta adds, whatever `max_delta_bytes` says: half the edge's
+/// frame limit, the rest left to the archive's framing of each vector, anchor and tombstone.
+pub const MAX_DELTA_BYTES: u64 = (DEFAULT_MAX_FRAME / 2) as u64;
 
 /// Knobs of pushing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,8 +33,9 @@ pub struct PushConfig {
     pub anchors_per_edge: usize,
     /// Most anchors in one delta (the rest go in the next).
     pub max_anchors_per_delta: usize,
-    /// Most bytes (byte model) one delta adds: a delivery stays short, so an invalidation
-    /// never waits long behind a push.
+    /// Most bytes (byte model) one delta adds, anchors and hot ids together: a delivery stays
+    /// short, so an invalidation never waits long behind a push (hot ids left out go in the
+    /// next delta, planned at once). Lowered to [`MAX_DELTA_BYTES`].
     pub max_delta_bytes: u64,
     /// A plain id (outside any anchor) is pushed once it was in this many answers (decayed).
     pub hot_id_count: f64,
@@ -54,5 +61,28 @@ impl Default for PushConfig {
             ack_timeout_ms: 5_000,
             restore: RestorePolicy::default(),
         }
+    }
+}
+
+impl PushConfig {
+    /// The bytes one delta may add: `max_delta_bytes`, at most [`MAX_DELTA_BYTES`].
+    pub fn delta_limit(&self) -> u64 {
+        self.max_delta_bytes.min(MAX_DELTA_BYTES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delta_limit_past_the_frame_is_lowered_to_half_of_it() {
+        let config = |max_delta_bytes| PushConfig {
+            max_delta_bytes,
+            ..PushConfig::default()
+        };
+        assert_eq!(config(128 << 10).delta_limit(), 128 << 10);
+        assert_eq!(config(u64::MAX).delta_limit(), MAX_DELTA_BYTES);
+        assert_eq!(MAX_DELTA_BYTES * 2, DEFAULT_MAX_FRAME as u64);
     }
 }

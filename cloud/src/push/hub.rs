@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -24,6 +25,10 @@ pub(super) enum Job {
     Invalidate(Invalidation),
 }
 
+/// Jobs queued for one cache's push task (each a write). When full, the writes that do not fit
+/// are dropped and the task reconciles the cache instead (`state.rs`, `MAX_QUEUED_IDS`).
+pub(super) const JOB_QUEUE: usize = 1_024;
+
 /// An edge cache: (edge id, collection identity).
 pub(super) type CacheKey = (String, [u8; 16]);
 
@@ -31,7 +36,9 @@ pub(super) type CacheKey = (String, [u8; 16]);
 pub(super) struct Route {
     /// The connection the task pushes over.
     pub(super) conn: quinn::Connection,
-    pub(super) jobs: mpsc::UnboundedSender<Job>,
+    pub(super) jobs: mpsc::Sender<Job>,
+    /// Set when a job did not fit in `jobs`.
+    pub(super) overflowed: Arc<AtomicBool>,
     /// Signalled when one of the cache's anchors becomes hot.
     pub(super) anchor_hot: Arc<Notify>,
     /// The cache keeps certificates: every write concerns it.
@@ -119,11 +126,14 @@ impl PushHub {
                 (false, Some(held)) => held.clone(),
                 (false, None) => continue,
             };
-            let _ = route.jobs.send(Job::Invalidate(Invalidation {
+            let job = Job::Invalidate(Invalidation {
                 collection: inv.collection,
                 ids,
                 lsn: inv.lsn,
-            }));
+            });
+            if let Err(mpsc::error::TrySendError::Full(_)) = route.jobs.try_send(job) {
+                route.overflowed.store(true, Ordering::Release);
+            }
         }
     }
 

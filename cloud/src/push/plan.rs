@@ -28,8 +28,19 @@ pub(super) struct Demand {
     pub hot_ids: Vec<Estimate>,
 }
 
-/// The delta that brings the cache (`manifest`) closer to `demand`, within `budget`, with its
-/// manifest step; `None` when there is nothing to push. Admission: a hot anchor enters a full
+/// A planned delta with its manifest step.
+#[derive(Debug, PartialEq)]
+pub(super) struct Plan {
+    pub delta: Delta,
+    pub step: ManifestStep,
+    /// Hot ids that the cache has room for were left out to keep the delta within its byte
+    /// limit: plan again as soon as this one is delivered.
+    pub more: bool,
+}
+
+/// The delta that brings the cache (`manifest`) closer to `demand`, within `budget` and the
+/// delta byte limit ([`PushConfig::delta_limit`]), with its manifest step;
+/// `None` when there is nothing to push. Admission: a hot anchor enters a full
 /// cache only by evicting anchors colder than itself, so that an evicted anchor (still hot,
 /// but less) is not pushed straight back — no churn.
 ///
@@ -43,9 +54,10 @@ pub(super) fn plan(
     budget: u64,
     certify: bool,
     demand: Demand,
-) -> Option<(Delta, ManifestStep)> {
+) -> Option<Plan> {
     let info = corpus.info();
     let dim = info.dim;
+    let delta_limit = config.delta_limit();
     let Demand {
         candidates,
         scores,
@@ -76,7 +88,7 @@ pub(super) fn plan(
         })
         .collect();
     // Drop the coldest candidates until the rest fit by evicting only colder entries.
-    let (anchors, vectors, evict, evict_anchors) = loop {
+    let (anchors, vectors, evict, evict_anchors, added) = loop {
         let mut vectors = Vec::new();
         let mut seen: HashSet<u64> = HashSet::new();
         for (a, _) in &anchors {
@@ -102,13 +114,13 @@ pub(super) fn plan(
         };
         let evicted = evictions(manifest, &ranked, &keep, needed, budget, dim, coldest);
         match evicted {
-            Some((evict, evict_anchors)) if needed <= config.max_delta_bytes => {
-                break (anchors, vectors, evict, evict_anchors);
+            Some((evict, evict_anchors)) if needed <= delta_limit => {
+                break (anchors, vectors, evict, evict_anchors, needed);
             }
             _ if anchors.len() > 1 => {
                 anchors.pop();
             }
-            _ => break (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            _ => break (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0),
         }
     };
     let mut anchors: Vec<PushedAnchor> = anchors.into_iter().map(|(a, _)| a).collect();
@@ -126,14 +138,18 @@ pub(super) fn plan(
             .map(|h| h.bytes)
             .sum::<u64>();
     let mut room = budget.saturating_sub(after);
+    let mut delta_room = delta_limit.saturating_sub(added);
+    let mut more = false;
     let pushed: HashSet<u64> = vectors.iter().map(|v| v.id).collect();
     for e in &hot_ids {
         if manifest.held(e.id).is_none() && !pushed.contains(&e.id) {
             match as_pushed(corpus, e.id) {
-                Some(v) if push_cost(&v, dim) <= room => {
+                Some(v) if push_cost(&v, dim) <= room.min(delta_room) => {
                     room -= push_cost(&v, dim);
+                    delta_room -= push_cost(&v, dim);
                     vectors.push(v);
                 }
+                Some(v) if push_cost(&v, dim) <= room => more = true,
                 _ => {}
             }
         }
@@ -205,7 +221,7 @@ pub(super) fn plan(
         certificates,
         sent_at_unix_us: 0,
     };
-    Some((delta, step))
+    Some(Plan { delta, step, more })
 }
 
 /// Point `id` as pushed, if it exists.
@@ -380,8 +396,9 @@ mod tests {
             ..PushConfig::default()
         };
         let manifest = Manifest::new([9; 16], 6);
-        let (delta, step) =
+        let Plan { delta, step, more } =
             plan(&line, &config, &manifest, 1 << 20, false, demand(77, 0.9)).unwrap();
+        assert!(!more);
         assert_eq!((delta.version, step.version), (7, 7));
         assert_eq!(delta.anchors.len(), 1);
         assert_eq!(delta.anchors[0].members, vec![2, 1]);
@@ -402,7 +419,9 @@ mod tests {
             ..PushConfig::default()
         };
         let manifest = Manifest::new([9; 16], 0);
-        let (delta, _) = plan(&line, &config, &manifest, 1 << 20, true, demand(77, 0.9)).unwrap();
+        let delta = plan(&line, &config, &manifest, 1 << 20, true, demand(77, 0.9))
+            .unwrap()
+            .delta;
         let radius = delta.anchors[0].radius;
         assert!(
             (radius - 1.1).abs() < 1e-6,
@@ -425,6 +444,55 @@ mod tests {
             ),
             None
         );
+    }
+
+    /// A cache with room for every hot id still gets them within the delta limit, and is told
+    /// to plan again at once for the rest.
+    #[test]
+    fn hot_ids_fill_a_delta_up_to_its_byte_limit_and_ask_for_the_rest() {
+        let points: Vec<(u64, f32)> = (1..=50).map(|i| (i, i as f32)).collect();
+        let line = Line::new(&points);
+        let each = vector_bytes(2, 0);
+        let config = PushConfig {
+            max_delta_bytes: 10 * each,
+            ..PushConfig::default()
+        };
+        let hot = Demand {
+            candidates: Vec::new(),
+            scores: HashMap::new(),
+            uncertified: Vec::new(),
+            hot_ids: (1..=50)
+                .map(|id| Estimate {
+                    id,
+                    count: 100.0 - id as f64,
+                    error: 0.0,
+                })
+                .collect(),
+        };
+        let mut manifest = Manifest::new([9; 16], 0);
+        let first = plan(&line, &config, &manifest, 1 << 30, false, hot).unwrap();
+        assert_eq!(first.delta.vectors.len(), 10, "exactly the limit");
+        assert!(first.more, "40 more fit in the cache");
+        let ids: Vec<u64> = first.delta.vectors.iter().map(|v| v.id).collect();
+        assert_eq!(ids, (1..=10).collect::<Vec<_>>(), "hottest first");
+        // The last ones: nothing left out.
+        for id in 1..=45 {
+            manifest.insert(id, id + 100, each);
+        }
+        let rest = Demand {
+            candidates: Vec::new(),
+            scores: HashMap::new(),
+            uncertified: Vec::new(),
+            hot_ids: (46..=50)
+                .map(|id| Estimate {
+                    id,
+                    count: 1.0,
+                    error: 0.0,
+                })
+                .collect(),
+        };
+        let last = plan(&line, &config, &manifest, 1 << 30, false, rest).unwrap();
+        assert_eq!((last.delta.vectors.len(), last.more), (5, false));
     }
 
     #[test]

@@ -8,13 +8,28 @@
 //! is sent ([`PushAction::Send`]), then acknowledged. Invalidations never wait for a plan: the
 //! plan runs on the blocking pool while they are delivered, and a plan overtaken by a delivered
 //! step is dropped and made again at once.
+//!
+//! What waits is bounded: queued writes go out together, up to [`MAX_IDS_PER_DELTA`] ids a
+//! delta, and past [`MAX_QUEUED_IDS`] the queue gives way to one reconciliation (the cache's
+//! outdated ids, found from the collection as it now is) and the revocation of its certificates.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tiervec_shared::push::{Delta, ManifestStep};
 
+pub use super::certify::InvalidationBatch;
 use crate::service::Invalidation;
+
+/// Ids of writes queued for one cache. Past it the queue is dropped for a reconciliation, which
+/// finds every id the cache holds at an older LSN, and the cache's certificates are revoked
+/// (a dropped write may have entered their balls): an edge that falls behind costs bounded
+/// memory and gets a correct cache.
+pub const MAX_QUEUED_IDS: usize = 65_536;
+
+/// Most ids in one invalidation delta (16 bytes a tombstone: a quarter of a MiB, far within the
+/// frame limit).
+pub const MAX_IDS_PER_DELTA: usize = 16_384;
 
 /// What the driver is to do next.
 #[derive(Debug, PartialEq)]
@@ -22,9 +37,9 @@ pub enum PushAction {
     /// Find the ids the cache holds at older LSNs than the collection's (writes whose
     /// invalidation never reached it) and feed them back as invalidations.
     Reconcile,
-    /// Build the delta of this write for the cache (tombstones, shrunk certificates) from the
-    /// logged manifest, and report it with [`PushState::handle_built`].
-    BuildInvalidation(Invalidation),
+    /// Build the delta of these writes for the cache (tombstones, shrunk or revoked
+    /// certificates) from the logged manifest, and report it with [`PushState::handle_built`].
+    BuildInvalidation(InvalidationBatch),
     /// Plan a push on the blocking pool (events keep flowing meanwhile); report it with
     /// [`PushState::handle_planned`].
     PlanNeeded,
@@ -77,8 +92,16 @@ pub struct PushState {
     planning: bool,
     /// A finished plan waiting for the delivery slot.
     planned: Option<(Delta, ManifestStep)>,
+    /// The delivered plan left demand out (its byte limit): plan again once it is acknowledged.
+    plan_after_ack: bool,
     reconcile: bool,
+    /// Outdated ids found by the last reconciliation, delivered before queued writes.
+    reconciled: VecDeque<Invalidation>,
     invalidations: VecDeque<Invalidation>,
+    /// Ids in `invalidations`.
+    queued_ids: usize,
+    /// The next batch revokes the cache's certificates.
+    revoke: bool,
     delivery: Delivery,
 }
 
@@ -96,15 +119,80 @@ impl PushState {
             push_wanted: false,
             planning: false,
             planned: None,
+            plan_after_ack: false,
             reconcile: true,
+            reconciled: VecDeque::new(),
             invalidations: VecDeque::new(),
+            queued_ids: 0,
+            revoke: false,
             delivery: Delivery::Idle,
         }
     }
 
-    /// A durable write that concerns the cache.
-    pub fn handle_invalidation(&mut self, inv: Invalidation) {
+    /// A durable write that concerns the cache. Returns whether the queue overflowed
+    /// [`MAX_QUEUED_IDS`] (and was replaced by a reconciliation).
+    pub fn handle_invalidation(&mut self, inv: Invalidation) -> bool {
+        if self.queued_ids + inv.ids.len() > MAX_QUEUED_IDS {
+            self.handle_backlog_overflow();
+            return true;
+        }
+        self.queued_ids += inv.ids.len();
         self.invalidations.push_back(inv);
+        false
+    }
+
+    /// Writes for the cache were dropped before they reached this state (its driver's queue
+    /// was full): reconcile and revoke its certificates, as when this state's queue overflows.
+    pub fn handle_backlog_overflow(&mut self) {
+        self.invalidations.clear();
+        self.queued_ids = 0;
+        self.reconcile = true;
+        self.revoke = true;
+    }
+
+    /// The outdated ids a [`PushAction::Reconcile`] found, as writes to deliver (not counted
+    /// against [`MAX_QUEUED_IDS`]: they are bounded by the cache's manifest).
+    pub fn handle_reconciled(&mut self, outdated: Vec<Invalidation>) {
+        self.reconciled.extend(outdated);
+    }
+
+    /// The next writes to deliver together, reconciled ones first, splitting a write with more
+    /// than [`MAX_IDS_PER_DELTA`] ids.
+    fn next_batch(&mut self) -> Option<InvalidationBatch> {
+        if !self.revoke && self.reconciled.is_empty() && self.invalidations.is_empty() {
+            return None;
+        }
+        let mut batch = InvalidationBatch {
+            invalidations: Vec::new(),
+            revoke_certificates: std::mem::take(&mut self.revoke),
+        };
+        let mut room = MAX_IDS_PER_DELTA;
+        while room > 0 {
+            let reconciled = !self.reconciled.is_empty();
+            let queue = if reconciled {
+                &mut self.reconciled
+            } else {
+                &mut self.invalidations
+            };
+            let Some(next) = queue.front_mut() else {
+                break;
+            };
+            let inv = if next.ids.len() > room {
+                let rest = next.ids.split_off(room);
+                Invalidation {
+                    ids: std::mem::replace(&mut next.ids, rest),
+                    ..*next
+                }
+            } else {
+                queue.pop_front().expect("a front")
+            };
+            room -= inv.ids.len();
+            if !reconciled {
+                self.queued_ids -= inv.ids.len();
+            }
+            batch.invalidations.push(inv);
+        }
+        Some(batch)
     }
 
     /// One of the cache's anchors became hot: a push is due within the gap.
@@ -138,9 +226,12 @@ impl PushState {
         }
     }
 
-    /// A plan finished: its delta and step, or nothing to push.
-    pub fn handle_planned(&mut self, plan: Option<(Delta, ManifestStep)>) {
+    /// A plan finished: its delta and step, or nothing to push. `more`: it left out demand
+    /// the cache has room for (to keep within the delta's byte limit), so the next plan is due
+    /// as soon as this delta is acknowledged rather than at the next period.
+    pub fn handle_planned(&mut self, plan: Option<(Delta, ManifestStep)>, more: bool) {
         self.planning = false;
+        self.plan_after_ack = more && plan.is_some();
         self.planned = plan;
     }
 
@@ -169,6 +260,9 @@ impl PushState {
     pub fn handle_ack(&mut self, version: u64) {
         if matches!(self.delivery, Delivery::Sending(v) if v == version) {
             self.delivery = Delivery::Idle;
+            if std::mem::take(&mut self.plan_after_ack) {
+                self.push_wanted = true;
+            }
         }
     }
 
@@ -201,9 +295,9 @@ impl PushState {
             // Overtaken by a step delivered while it was planned: plan again at once.
             self.push_wanted = true;
         }
-        if let Some(inv) = self.invalidations.pop_front() {
+        if let Some(batch) = self.next_batch() {
             self.delivery = Delivery::Building;
-            return Some(PushAction::BuildInvalidation(inv));
+            return Some(PushAction::BuildInvalidation(batch));
         }
         if self.push_wanted && !self.planning {
             self.push_wanted = false;
@@ -229,6 +323,14 @@ mod tests {
         }
     }
 
+    /// The writes of `ids` (one each) as one batch.
+    fn batch(ids: &[u64]) -> PushAction {
+        PushAction::BuildInvalidation(InvalidationBatch {
+            invalidations: ids.iter().map(|&id| inv(id)).collect(),
+            revoke_certificates: false,
+        })
+    }
+
     fn delta(version: u64) -> (Delta, ManifestStep) {
         (
             Delta {
@@ -248,7 +350,7 @@ mod tests {
         assert_eq!(s.poll(), Some(PushAction::Reconcile));
         s.handle_tick(t0);
         assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
-        s.handle_planned(None);
+        s.handle_planned(None, false);
         assert_eq!(s.poll(), None);
         s
     }
@@ -281,15 +383,15 @@ mod tests {
         let t0 = Instant::now();
         let mut s = settled(3, t0);
         s.handle_invalidation(inv(1));
+        assert_eq!(s.poll(), Some(batch(&[1])));
         s.handle_invalidation(inv(2));
-        assert_eq!(s.poll(), Some(PushAction::BuildInvalidation(inv(1))));
         assert_eq!(s.poll(), None, "one delivery at a time");
         let (d, step) = delta(4);
         s.handle_built(Some((d, step.clone())));
         assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
         assert_eq!(s.poll(), None, "nothing is sent before the step is durable");
         deliver(&mut s, 4);
-        assert_eq!(s.poll(), Some(PushAction::BuildInvalidation(inv(2))));
+        assert_eq!(s.poll(), Some(batch(&[2])));
         s.handle_built(None);
         assert_eq!(
             s.poll(),
@@ -306,16 +408,16 @@ mod tests {
         assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
         // The plan, made against version 3, is still running when a write comes in.
         s.handle_invalidation(inv(7));
-        assert_eq!(s.poll(), Some(PushAction::BuildInvalidation(inv(7))));
+        assert_eq!(s.poll(), Some(batch(&[7])));
         let (d, step) = delta(4);
         s.handle_built(Some((d, step.clone())));
         assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
         deliver(&mut s, 4);
         // The plan finishes for version 4, which the invalidation took: planned again.
-        s.handle_planned(Some(delta(4)));
+        s.handle_planned(Some(delta(4)), false);
         assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
         let (d, step) = delta(5);
-        s.handle_planned(Some((d, step.clone())));
+        s.handle_planned(Some((d, step.clone())), false);
         assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
         deliver(&mut s, 5);
         assert_eq!(s.poll(), None);
@@ -344,7 +446,7 @@ mod tests {
         assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
         s.handle_tick(t0 + 2 * PERIOD);
         assert_eq!(s.poll(), None, "the running plan answers for both");
-        s.handle_planned(None);
+        s.handle_planned(None, false);
         assert_eq!(s.poll(), Some(PushAction::PlanNeeded), "the later tick's");
     }
 
@@ -355,7 +457,7 @@ mod tests {
         s.handle_tick(t0 + PERIOD);
         assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
         s.handle_resynced(9);
-        s.handle_planned(Some(delta(4)));
+        s.handle_planned(Some(delta(4)), false);
         assert_eq!(s.poll(), Some(PushAction::Reconcile));
         assert_eq!(
             s.poll(),
@@ -363,7 +465,7 @@ mod tests {
             "the stale plan is made again"
         );
         let (d, step) = delta(10);
-        s.handle_planned(Some((d, step.clone())));
+        s.handle_planned(Some((d, step.clone())), false);
         assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
     }
 
@@ -381,7 +483,98 @@ mod tests {
         s.handle_invalidation(inv(2));
         assert_eq!(s.poll(), None, "still waiting for 1");
         s.handle_ack(1);
-        assert_eq!(s.poll(), Some(PushAction::BuildInvalidation(inv(2))));
+        assert_eq!(s.poll(), Some(batch(&[2])));
+    }
+
+    #[test]
+    fn a_plan_that_left_demand_out_is_followed_by_the_next_once_acknowledged() {
+        let t0 = Instant::now();
+        let mut s = settled(0, t0);
+        s.handle_anchor_hot(t0);
+        s.handle_tick(t0 + GAP);
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
+        let (d, step) = delta(1);
+        s.handle_planned(Some((d, step.clone())), true);
+        assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
+        s.handle_committed(1);
+        assert!(matches!(s.poll(), Some(PushAction::Send(_))));
+        assert_eq!(s.poll(), None, "not before the acknowledgement");
+        s.handle_ack(1);
+        assert_eq!(
+            s.poll(),
+            Some(PushAction::PlanNeeded),
+            "not at the next period"
+        );
+        s.handle_planned(Some(delta(2)), false);
+        assert!(matches!(s.poll(), Some(PushAction::CommitStep(_))));
+        deliver(&mut s, 2);
+        assert_eq!(s.poll(), None, "nothing was left out");
+    }
+
+    #[test]
+    fn queued_writes_go_out_together_up_to_the_delta_limit() {
+        let t0 = Instant::now();
+        let mut s = settled(0, t0);
+        s.handle_invalidation(inv(1));
+        assert_eq!(s.poll(), Some(batch(&[1])));
+        // While 1 is delivered, three writes queue: 2 and 3 small, 4 larger than a delta.
+        s.handle_invalidation(inv(2));
+        s.handle_invalidation(inv(3));
+        let big = Invalidation {
+            collection: [1; 16],
+            ids: (100..100 + MAX_IDS_PER_DELTA as u64).collect(),
+            lsn: 4,
+        };
+        s.handle_invalidation(big.clone());
+        s.handle_built(None);
+        let Some(PushAction::BuildInvalidation(first)) = s.poll() else {
+            panic!("a batch")
+        };
+        assert_eq!(first.invalidations.len(), 3);
+        assert_eq!(&first.invalidations[..2], &[inv(2), inv(3)]);
+        assert_eq!(first.invalidations[2].ids, big.ids[..MAX_IDS_PER_DELTA - 2]);
+        assert_eq!(first.invalidations[2].lsn, 4);
+        s.handle_built(None);
+        let Some(PushAction::BuildInvalidation(rest)) = s.poll() else {
+            panic!("the rest of the large write")
+        };
+        assert_eq!(rest.invalidations.len(), 1);
+        assert_eq!(rest.invalidations[0].ids, big.ids[MAX_IDS_PER_DELTA - 2..]);
+        s.handle_built(None);
+        assert_eq!(s.poll(), None);
+    }
+
+    #[test]
+    fn a_queue_past_its_limit_becomes_a_reconciliation_that_revokes_certificates() {
+        let t0 = Instant::now();
+        let mut s = settled(0, t0);
+        s.handle_invalidation(inv(1));
+        assert_eq!(s.poll(), Some(batch(&[1])));
+        // The edge is slow to acknowledge: writes pile up to the limit, and one more.
+        let full = Invalidation {
+            collection: [1; 16],
+            ids: (10..10 + MAX_QUEUED_IDS as u64).collect(),
+            lsn: 2,
+        };
+        assert!(!s.handle_invalidation(full), "exactly the limit is kept");
+        assert!(s.handle_invalidation(inv(3)), "one more id overflows");
+        s.handle_built(None);
+        assert_eq!(s.poll(), Some(PushAction::Reconcile));
+        s.handle_reconciled(vec![inv(10), inv(11)]);
+        let Some(PushAction::BuildInvalidation(b)) = s.poll() else {
+            panic!("the reconciled writes")
+        };
+        assert!(b.revoke_certificates);
+        assert_eq!(
+            b.invalidations,
+            vec![inv(10), inv(11)],
+            "the queue was dropped"
+        );
+        s.handle_built(None);
+        assert_eq!(s.poll(), None);
+        // Memory is back: the queue takes writes again.
+        assert!(!s.handle_invalidation(inv(4)));
+        assert_eq!(s.poll(), Some(batch(&[4])));
     }
 
     /// What the fuzzed driver does next: an event from outside, or the completion of work an
@@ -437,9 +630,11 @@ mod tests {
         fn take(&mut self, action: PushAction) {
             match action {
                 PushAction::Reconcile => {}
-                PushAction::BuildInvalidation(inv) => {
+                PushAction::BuildInvalidation(batch) => {
                     assert!(!self.delivering(), "a build while delivering");
-                    self.built.push(inv.lsn);
+                    assert!(!batch.revoke_certificates);
+                    self.built
+                        .extend(batch.invalidations.iter().map(|inv| inv.lsn));
                     self.building = true;
                 }
                 PushAction::PlanNeeded => {
@@ -498,7 +693,7 @@ mod tests {
                     }
                     Op::FinishPlan(found) => {
                         if let Some(from) = d.plan_from.take() {
-                            s.handle_planned(found.then(|| delta(from + 1)));
+                            s.handle_planned(found.then(|| delta(from + 1)), false);
                         }
                     }
                     Op::FinishBuild(found) => {
@@ -529,7 +724,7 @@ mod tests {
             // Finishing all work delivers every invalidation, in the order they came.
             for _ in 0..4 * (d.handed + 4) {
                 if let Some(from) = d.plan_from.take() {
-                    s.handle_planned(Some(delta(from + 1)));
+                    s.handle_planned(Some(delta(from + 1)), false);
                 }
                 if d.building {
                     d.building = false;

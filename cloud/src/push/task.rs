@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -15,13 +16,13 @@ use tiervec_shared::certificate::certifiable;
 use tiervec_shared::protocol::cache::{PUSH_ACK_MAX_LEN, PushAckError, check_push_ack};
 use tiervec_shared::protocol::frame::Frame;
 use tiervec_shared::protocol::transfer::snapshot_frames;
-use tiervec_shared::push::{Delta, Manifest, ManifestStep};
+use tiervec_shared::push::{Delta, Manifest};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
 use super::certify::{Ball, follow_certificates, invalidation, outdated};
 use super::clock::now_unix_us;
-use super::hub::{CacheKey, Job, PushHub, Route};
+use super::hub::{CacheKey, JOB_QUEUE, Job, PushHub, Route};
 use super::plan;
 use super::restore::{self, RestoreError};
 use super::state::{PushAction, PushState};
@@ -226,7 +227,8 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         return;
     }
     let key: CacheKey = (edge.clone(), collection_id);
-    let (jobs_tx, mut jobs) = mpsc::unbounded_channel();
+    let (jobs_tx, mut jobs) = mpsc::channel(JOB_QUEUE);
+    let overflowed = Arc::new(AtomicBool::new(false));
     let notify = Arc::new(Notify::new());
     let turn = hub
         .delivering
@@ -260,6 +262,7 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
             Route {
                 conn: conn.clone(),
                 jobs: jobs_tx.clone(),
+                overflowed: overflowed.clone(),
                 anchor_hot: notify.clone(),
                 certify,
             },
@@ -298,9 +301,13 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         logged_version().unwrap_or(0),
         Instant::now(),
     );
-    let mut planning: Option<tokio::task::JoinHandle<Option<(Delta, ManifestStep)>>> = None;
+    let mut planning: Option<tokio::task::JoinHandle<Option<plan::Plan>>> = None;
     let mut planned_at = Instant::now();
     let outcome: Result<(), PushError> = 'run: loop {
+        if overflowed.swap(false, Ordering::Acquire) {
+            state.handle_backlog_overflow();
+            backlog_overflowed(&edge);
+        }
         // A delivery holds the cache's turn, so versions never interleave across connections.
         let mut turn_held = None;
         while let Some(action) = state.poll() {
@@ -325,13 +332,17 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
             };
             match action {
                 PushAction::Reconcile => {
-                    for (id, lsn) in outdated(&manifest(), &collection) {
-                        state.handle_invalidation(Invalidation {
-                            collection: collection_id,
-                            ids: vec![id],
-                            lsn,
-                        });
-                    }
+                    let found = outdated(&manifest(), &collection);
+                    state.handle_reconciled(
+                        found
+                            .into_iter()
+                            .map(|(id, lsn)| Invalidation {
+                                collection: collection_id,
+                                ids: vec![id],
+                                lsn,
+                            })
+                            .collect(),
+                    );
                 }
                 PushAction::PlanNeeded => {
                     // Planning (exact searches for certificates) runs on the blocking pool
@@ -354,11 +365,11 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
                         )
                     }));
                 }
-                PushAction::BuildInvalidation(inv) => {
+                PushAction::BuildInvalidation(batch) => {
                     let (collection, balls, manifest) =
                         (collection.clone(), balls.clone(), manifest());
                     let built = tokio::task::spawn_blocking(move || {
-                        invalidation(&manifest, &*collection, &inv, &balls.lock())
+                        invalidation(&manifest, &*collection, &batch, &balls.lock())
                     })
                     .await;
                     match built {
@@ -399,14 +410,20 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
             () = notify.notified() => state.handle_anchor_hot(Instant::now()),
             () = resynced.notified() => state.handle_resynced(logged_version().unwrap_or(0)),
             job = jobs.recv() => match job {
-                Some(Job::Invalidate(inv)) => state.handle_invalidation(inv),
+                Some(Job::Invalidate(inv)) => {
+                    if state.handle_invalidation(inv) {
+                        backlog_overflowed(&edge);
+                    }
+                }
                 None => break Ok(()),
             },
             planned = async { planning.as_mut().expect("guarded").await }, if planning.is_some() => {
                 planning = None;
                 metrics::histogram!("tiervec_push_plan_seconds")
                     .record(planned_at.elapsed().as_secs_f64());
-                state.handle_planned(planned.ok().flatten());
+                let planned = planned.ok().flatten();
+                let more = planned.as_ref().is_some_and(|p| p.more);
+                state.handle_planned(planned.map(|p| (p.delta, p.step)), more);
             }
             _ = conn.closed() => break Ok(()),
         }
@@ -422,4 +439,10 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
     {
         routes.remove(&key);
     }
+}
+
+/// Writes for a cache were dropped from a full queue: it is reconciled instead.
+fn backlog_overflowed(edge: &str) {
+    metrics::counter!("tiervec_push_backlog_overflows_total").increment(1);
+    warn!(edge = %edge, "the edge's invalidation queue is full; reconciling its cache and revoking its certificates instead");
 }

@@ -5,19 +5,20 @@
 //! or more frames and finishes; the cloud answers on the same stream. The protocol logic is the
 //! sans-IO [`ServerSession`]; this module only moves bytes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tiervec_shared::protocol::cache::needs_resync;
 use tiervec_shared::protocol::frame::{
-    ALPN, Answer, DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameDecoder, PREFIX_LEN, Query,
+    ALPN, Answer, DEFAULT_MAX_FRAME, ErrorCode, Frame, FrameDecoder, FrameError, PREFIX_LEN, Query,
     WireCollection, WireHit,
 };
 use tiervec_shared::protocol::session::{ServerAction, ServerSession};
@@ -45,6 +46,63 @@ fn tls(e: impl std::fmt::Display) -> QuicError {
 /// are forgotten first, which costs their edges a full handshake.
 pub const SESSION_CACHE_ENTRIES: usize = 8192;
 
+/// What edges may make the QUIC endpoint spend (`[quic]` in the configuration). Memory per
+/// connection is bounded by its streams × the stream window, and what is queued for sending by
+/// the connection window; both directions' flow control is QUIC's own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicLimits {
+    /// Most open connections, all edges together; one more is refused at its first packet.
+    pub max_connections: usize,
+    /// Most open connections of one edge identity (an edge needs one; a reconnecting edge may
+    /// briefly hold two): one more closes the edge's oldest connection.
+    pub max_connections_per_edge: usize,
+    /// Most concurrent streams an edge may open on a connection; more wait for stream credit.
+    pub max_streams_per_connection: u32,
+    /// Most frames in one stream; one more closes the connection with `FrameTooLarge`.
+    pub max_frames_per_stream: usize,
+    /// Bytes in flight in each direction of a connection, all streams together (its receive
+    /// window, and the most data the cloud queues for sending while the edge withholds credit).
+    pub connection_window_bytes: u32,
+    /// A connection with no packet from the edge for this long is closed (edges keep theirs
+    /// alive every second).
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        QuicLimits {
+            max_connections: 4_096,
+            max_connections_per_edge: 4,
+            max_streams_per_connection: 32,
+            max_frames_per_stream: 64,
+            connection_window_bytes: 16 << 20,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl QuicLimits {
+    /// The transport parameters these limits set. A stream's window holds one frame of the
+    /// largest size, which is also the most a stream's read takes.
+    fn transport(&self) -> Result<quinn::TransportConfig, QuicError> {
+        let mut t = quinn::TransportConfig::default();
+        t.max_concurrent_bidi_streams(self.max_streams_per_connection.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .stream_receive_window(quinn::VarInt::from_u32(
+                (DEFAULT_MAX_FRAME + PREFIX_LEN) as u32,
+            ))
+            .receive_window(self.connection_window_bytes.into())
+            .send_window(self.connection_window_bytes.into())
+            .max_idle_timeout(Some(
+                Duration::from_millis(self.idle_timeout_ms)
+                    .try_into()
+                    .map_err(tls)?,
+            ));
+        Ok(t)
+    }
+}
+
 /// Which collections each edge may query; `*` grants all.
 #[derive(Clone, Debug, Default)]
 pub struct AccessList(pub HashMap<String, Vec<String>>);
@@ -62,9 +120,12 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Server crypto: the server certificate, and client certificates required and verified
-/// against the deployment CA.
-pub fn server_config(certs: &CertDir) -> Result<quinn::ServerConfig, QuicError> {
+/// Server crypto (the server certificate, and client certificates required and verified
+/// against the deployment CA) and the transport's limits.
+pub fn server_config(
+    certs: &CertDir,
+    limits: &QuicLimits,
+) -> Result<quinn::ServerConfig, QuicError> {
     let at = |path: std::path::PathBuf| {
         move |e: rustls::pki_types::pem::Error| QuicError::Tls(format!("{}: {e}", path.display()))
     };
@@ -94,7 +155,9 @@ pub fn server_config(certs: &CertDir) -> Result<quinn::ServerConfig, QuicError> 
     crypto.max_early_data_size = u32::MAX;
     crypto.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(tls)?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(limits.transport()?));
+    Ok(config)
 }
 
 /// The edge id: the Common Name of the verified client certificate.
@@ -114,8 +177,41 @@ fn edge_id(conn: &quinn::Connection) -> Option<String> {
 }
 
 /// Binds the QUIC endpoint.
-pub fn bind(addr: SocketAddr, certs: &CertDir) -> Result<quinn::Endpoint, QuicError> {
-    Ok(quinn::Endpoint::server(server_config(certs)?, addr)?)
+pub fn bind(
+    addr: SocketAddr,
+    certs: &CertDir,
+    limits: &QuicLimits,
+) -> Result<quinn::Endpoint, QuicError> {
+    Ok(quinn::Endpoint::server(
+        server_config(certs, limits)?,
+        addr,
+    )?)
+}
+
+/// Each edge's open connections, oldest first, so that one identity cannot hold more than its
+/// share.
+#[derive(Default)]
+struct EdgeConnections(Mutex<HashMap<String, VecDeque<quinn::Connection>>>);
+
+impl EdgeConnections {
+    /// Counts `conn` as `edge`'s newest; returns the oldest it displaces past `max`.
+    fn admit(&self, edge: &str, conn: &quinn::Connection, max: usize) -> Vec<quinn::Connection> {
+        let mut all = self.0.lock();
+        let held = all.entry(edge.to_owned()).or_default();
+        held.push_back(conn.clone());
+        let excess = held.len().saturating_sub(max.max(1));
+        held.drain(..excess).collect()
+    }
+
+    fn remove(&self, edge: &str, conn: &quinn::Connection) {
+        let mut all = self.0.lock();
+        if let Some(held) = all.get_mut(edge) {
+            held.retain(|c| c.stable_id() != conn.stable_id());
+            if held.is_empty() {
+                all.remove(edge);
+            }
+        }
+    }
 }
 
 /// Accepts edges until the endpoint closes.
@@ -125,10 +221,29 @@ pub async fn serve(
     acl: Arc<AccessList>,
     push: Arc<PushHub>,
     scans: ScanSlots,
+    limits: QuicLimits,
 ) {
+    let limits = Arc::new(limits);
+    let edges = Arc::new(EdgeConnections::default());
     while let Some(incoming) = endpoint.accept().await {
-        let (service, acl, push, scans) =
-            (service.clone(), acl.clone(), push.clone(), scans.clone());
+        if endpoint.open_connections() >= limits.max_connections {
+            metrics::counter!("tiervec_quic_refused_connections_total").increment(1);
+            warn!(
+                max = limits.max_connections,
+                remote = %incoming.remote_address(),
+                "QUIC connection refused: at the connection limit"
+            );
+            incoming.refuse();
+            continue;
+        }
+        let (service, acl, push, scans, limits, edges) = (
+            service.clone(),
+            acl.clone(),
+            push.clone(),
+            scans.clone(),
+            limits.clone(),
+            edges.clone(),
+        );
         tokio::spawn(async move {
             let connecting = match incoming.accept() {
                 Ok(connecting) => connecting,
@@ -164,7 +279,15 @@ pub async fn serve(
                     }
                 });
             }
-            connection(conn, confirmed, service, acl, push, scans).await;
+            let resources = Resources {
+                service,
+                acl,
+                push,
+                scans,
+                limits,
+                edges,
+            };
+            connection(conn, confirmed, resources).await;
         });
     }
 }
@@ -194,19 +317,35 @@ struct Peer {
     session: Mutex<ServerSession>,
     confirmed: tokio::sync::watch::Receiver<bool>,
     wire: [AtomicU64; 2],
+    max_frames_per_stream: usize,
     resynced: Arc<tokio::sync::Notify>,
     /// Set when the adopted inventory was far behind the logged manifest: that manifest.
     restore: Arc<Mutex<Option<tiervec_shared::push::Manifest>>>,
 }
 
-async fn connection(
-    conn: quinn::Connection,
-    mut confirmed: tokio::sync::watch::Receiver<bool>,
+/// What every connection shares.
+struct Resources {
     service: Arc<Service>,
     acl: Arc<AccessList>,
     push: Arc<PushHub>,
     scans: ScanSlots,
+    limits: Arc<QuicLimits>,
+    edges: Arc<EdgeConnections>,
+}
+
+async fn connection(
+    conn: quinn::Connection,
+    mut confirmed: tokio::sync::watch::Receiver<bool>,
+    resources: Resources,
 ) {
+    let Resources {
+        service,
+        acl,
+        push,
+        scans,
+        limits,
+        edges,
+    } = resources;
     // A full handshake proves the certificate only when it completes.
     let edge = match edge_id(&conn) {
         Some(edge) => Some(edge),
@@ -234,6 +373,13 @@ async fn connection(
             metric: c.info.metric.code(),
         })
         .collect();
+    for oldest in edges.admit(&edge, &conn, limits.max_connections_per_edge) {
+        warn!(edge = %edge, max = limits.max_connections_per_edge, "closing the edge's oldest connection: at its connection limit");
+        oldest.close(
+            quinn::VarInt::from_u32(0),
+            b"superseded: the edge opened more connections than its limit",
+        );
+    }
     metrics::gauge!("tiervec_quic_connections").increment(1.0);
     let cache_versions = service.catalog().cache_versions(&edge);
     let peer = Arc::new(Peer {
@@ -243,6 +389,7 @@ async fn connection(
         session: Mutex::new(ServerSession::new(collections, cache_versions)),
         confirmed,
         wire: [AtomicU64::new(0), AtomicU64::new(0)],
+        max_frames_per_stream: limits.max_frames_per_stream,
         resynced: Arc::new(tokio::sync::Notify::new()),
         restore: Arc::default(),
     });
@@ -252,6 +399,7 @@ async fn connection(
         tokio::spawn(exchange(send, recv, peer, service, conn2).instrument(span));
     }
     account_wire_bytes(&conn, &peer.wire);
+    edges.remove(&peer.edge, &conn);
     metrics::gauge!("tiervec_quic_connections").decrement(1.0);
 }
 
@@ -275,38 +423,48 @@ async fn read_frames(recv: &mut quinn::RecvStream, peer: &Peer) -> Option<Vec<Se
     let mut actions = Vec::new();
     match recv.read_to_end(DEFAULT_MAX_FRAME + PREFIX_LEN).await {
         Ok(bytes) => match decoder.push(&bytes) {
-            Ok(()) => loop {
-                match decoder.next_frame() {
-                    Ok(Some(frame)) if *peer.confirmed.borrow() => {
-                        actions.extend(peer.session.lock().handle(frame))
-                    }
-                    Ok(Some(frame)) => {
-                        let early = peer.session.lock().handle_early(frame);
-                        match early {
-                            Ok(done) => actions.extend(done),
-                            Err(deferred) => {
-                                // Not replay-safe: handled once the handshake completes,
-                                // dropped with the stream if it fails.
-                                peer.confirmed.clone().wait_for(|c| *c).await.ok()?;
-                                actions.extend(peer.session.lock().handle(*deferred));
+            Ok(()) => {
+                for taken in 0.. {
+                    let next = match decoder.next_frame() {
+                        Ok(Some(_)) if taken == peer.max_frames_per_stream => {
+                            Err(FrameError::TooManyFrames {
+                                max: peer.max_frames_per_stream,
+                            })
+                        }
+                        next => next,
+                    };
+                    match next {
+                        Ok(Some(frame)) if *peer.confirmed.borrow() => {
+                            actions.extend(peer.session.lock().handle(frame))
+                        }
+                        Ok(Some(frame)) => {
+                            let early = peer.session.lock().handle_early(frame);
+                            match early {
+                                Ok(done) => actions.extend(done),
+                                Err(deferred) => {
+                                    // Not replay-safe: handled once the handshake completes,
+                                    // dropped with the stream if it fails.
+                                    peer.confirmed.clone().wait_for(|c| *c).await.ok()?;
+                                    actions.extend(peer.session.lock().handle(*deferred));
+                                }
                             }
                         }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        actions.extend(peer.session.lock().bad_frame(&e));
-                        break;
+                        Ok(None) => break,
+                        Err(e) => {
+                            actions.extend(peer.session.lock().bad_frame(&e));
+                            break;
+                        }
                     }
                 }
-            },
+            }
             Err(e) => actions.extend(peer.session.lock().bad_frame(&e)),
         },
-        Err(quinn::ReadToEndError::TooLong) => actions.extend(peer.session.lock().bad_frame(
-            &tiervec_shared::protocol::frame::FrameError::TooLarge {
+        Err(quinn::ReadToEndError::TooLong) => {
+            actions.extend(peer.session.lock().bad_frame(&FrameError::TooLarge {
                 len: DEFAULT_MAX_FRAME + PREFIX_LEN + 1,
                 max: DEFAULT_MAX_FRAME,
-            },
-        )),
+            }))
+        }
         Err(_) => return None,
     }
     Some(actions)

@@ -109,7 +109,11 @@ pub fn echo_server(certs_dir: &Path, addr_file: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let endpoint = tiervec_cloud::quic::bind("127.0.0.1:0".parse()?, &certs)?;
+        let endpoint = tiervec_cloud::quic::bind(
+            "127.0.0.1:0".parse()?,
+            &certs,
+            &tiervec_cloud::quic::QuicLimits::default(),
+        )?;
         tiervec_shared::durable::write_atomic(
             addr_file,
             endpoint.local_addr()?.to_string().as_bytes(),
@@ -265,7 +269,7 @@ pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
     let echo_addr_file = dir.join("echo.addr");
     let mut echo = Process::start(
         "quic-echo",
-        &std::env::current_exe()?,
+        &procs::this_exe()?,
         &[
             "quic-echo".into(),
             "--certs".into(),

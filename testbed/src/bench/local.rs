@@ -313,7 +313,7 @@ pub fn run(mut args: LocalArgs) -> anyhow::Result<()> {
 }
 
 fn spawn_rss_probe(path: &Path) -> anyhow::Result<RssProbe> {
-    let out = std::process::Command::new(std::env::current_exe()?)
+    let out = std::process::Command::new(crate::procs::this_exe()?)
         .arg("rss-probe")
         .arg(path)
         .output()
