@@ -42,6 +42,9 @@ pub struct CloudConfig {
     pub tombstone_rebuild_fraction: f64,
     /// Take a checkpoint (and drop covered WAL segments) once the WAL exceeds this many bytes.
     pub checkpoint_wal_bytes: u64,
+    /// Most bytes of points in one checkpoint chunk; a checkpoint of any size is written in
+    /// chunks this large (rkyv's archives stop at 2 GiB).
+    pub checkpoint_chunk_bytes: usize,
     /// Tokio worker threads (default: one per core).
     pub worker_threads: Option<usize>,
     /// Large exact scans (over 2,048 rows) running at once, HTTP and QUIC together (default:
@@ -78,6 +81,7 @@ impl Default for CloudConfig {
             default_ef: 64,
             tombstone_rebuild_fraction: 0.25,
             checkpoint_wal_bytes: 256 << 20,
+            checkpoint_chunk_bytes: crate::storage::checkpoint::CHUNK_BYTES,
             worker_threads: None,
             max_concurrent_scans: None,
             json_logs: false,
@@ -105,6 +109,7 @@ impl CloudConfig {
             default_ef: self.default_ef,
             tombstone_rebuild_fraction: self.tombstone_rebuild_fraction,
             checkpoint_wal_bytes: self.checkpoint_wal_bytes,
+            checkpoint_chunk_bytes: self.checkpoint_chunk_bytes,
         }
     }
 

@@ -21,6 +21,8 @@ pub enum InspectError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Checkpoint(checkpoint::CheckpointError),
     #[error("writing the report: {0}")]
     Write(#[from] io::Error),
 }
@@ -38,14 +40,13 @@ pub fn report(dir: &Path, out: &mut impl Write) -> Result<(), InspectError> {
         return Err(InspectError::NotADirectory(dir.to_owned()));
     }
     for (lsn, path) in checkpoint::list(dir).map_err(at(dir))? {
-        let bytes = std::fs::read(&path).map_err(at(&path))?;
-        match checkpoint::decode(&bytes) {
+        let bytes = std::fs::metadata(&path).map_err(at(&path))?.len();
+        match checkpoint::read(&path) {
             Ok(body) => {
                 writeln!(
                     out,
-                    "checkpoint {} at LSN {lsn}: {} bytes, valid",
+                    "checkpoint {} at LSN {lsn}: {bytes} bytes, valid",
                     path.display(),
-                    bytes.len()
                 )?;
                 for c in &body.collections {
                     writeln!(
@@ -58,11 +59,12 @@ pub fn report(dir: &Path, out: &mut impl Write) -> Result<(), InspectError> {
                     )?;
                 }
             }
-            Err(e) => writeln!(
+            Err(checkpoint::CheckpointError::Corrupt { source, .. }) => writeln!(
                 out,
-                "checkpoint {} at LSN {lsn}: INVALID: {e}",
+                "checkpoint {} at LSN {lsn}: INVALID: {source}",
                 path.display()
             )?,
+            Err(e) => return Err(InspectError::Checkpoint(e)),
         }
     }
     for (first, path) in wal::segments(dir).map_err(at(dir))? {

@@ -43,6 +43,8 @@ pub struct ServiceConfig {
     pub tombstone_rebuild_fraction: f64,
     /// Take a checkpoint (and drop covered WAL segments) once the log exceeds this many bytes.
     pub checkpoint_wal_bytes: u64,
+    /// Most bytes of points in one checkpoint chunk (`storage::checkpoint::CHUNK_BYTES`).
+    pub checkpoint_chunk_bytes: usize,
 }
 
 /// Errors of the service, classified for the API: user errors, missing things, and service
@@ -380,7 +382,29 @@ pub struct Service {
     start: StartReport,
     stop: Arc<AtomicBool>,
     maintenance: Option<JoinHandle<()>>,
+    health: Arc<MaintenanceHealth>,
     _lock: File,
+}
+
+/// What the maintenance thread last reported. `/readyz` is not ready while its last pass
+/// panicked (no indexing, no checkpoints: the WAL would grow without bound), and says why
+/// checkpoints are failing while they are.
+#[derive(Debug, Default)]
+pub struct MaintenanceHealth {
+    failure: parking_lot::Mutex<Option<String>>,
+    checkpoint_failure: parking_lot::Mutex<Option<String>>,
+}
+
+impl MaintenanceHealth {
+    /// Why the last maintenance pass failed, if it did and none has completed since.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
+    }
+
+    /// Why the last checkpoint failed, if none has succeeded since.
+    pub fn checkpoint_failure(&self) -> Option<String> {
+        self.checkpoint_failure.lock().clone()
+    }
 }
 
 /// Collection names: 1–64 of `[A-Za-z0-9_-]`, so they are safe in URLs and file names.
@@ -439,7 +463,7 @@ impl Service {
         })?;
 
         let catalog = Arc::new(Catalog::new(engine));
-        let (log, start) = Embedded::open(&dir, catalog.clone())?;
+        let (log, start) = Embedded::open(&dir, catalog.clone(), config.checkpoint_chunk_bytes)?;
         let log: Arc<dyn DurableLog> = Arc::new(log);
         info!(
             seconds = start.seconds,
@@ -448,12 +472,23 @@ impl Service {
             "recovery done"
         );
         let stop = Arc::new(AtomicBool::new(false));
+        let health = Arc::new(MaintenanceHealth::default());
         let maintenance = {
-            let (catalog, log, stop, config) =
-                (catalog.clone(), log.clone(), stop.clone(), config.clone());
+            let (catalog, log, stop, config, health) = (
+                catalog.clone(),
+                log.clone(),
+                stop.clone(),
+                config.clone(),
+                health.clone(),
+            );
             std::thread::Builder::new()
                 .name("tiervec-maintenance".into())
-                .spawn(move || maintain(&catalog, &*log, &stop, &config))
+                .spawn(move || {
+                    let mut checkpoints = CheckpointSchedule::default();
+                    supervise(&stop, &health, MAINTENANCE_RETRY, || {
+                        maintenance_pass(&catalog, &*log, &config, &mut checkpoints, &health)
+                    })
+                })
                 .map_err(|e| data_err(format!("cannot start the maintenance thread: {e}")))?
         };
         Ok(Service {
@@ -463,6 +498,7 @@ impl Service {
             start,
             stop,
             maintenance: Some(maintenance),
+            health,
             _lock: lock,
         })
     }
@@ -478,6 +514,11 @@ impl Service {
     /// Why the log no longer takes writes, if it does not; `/readyz` reports it.
     pub fn log_failure(&self) -> Option<String> {
         self.log.failure()
+    }
+
+    /// The maintenance thread's state; `/readyz` reports it.
+    pub fn maintenance(&self) -> &MaintenanceHealth {
+        &self.health
     }
 
     /// WAL flushes (write + fsync) since start; fewer than writes when writers shared them.
@@ -717,70 +758,172 @@ impl Drop for Service {
 /// (or as many as the collection has live points, if more).
 const FORGET_DELETIONS_ABOVE: usize = 4_096;
 
-/// The maintenance loop: index new points, export generations, rebuild graphs heavy with
-/// tombstones, checkpoint when the WAL grows past its budget, publish gauges.
 /// The first wait before retrying a failed checkpoint, and the longest.
 const CHECKPOINT_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// The first wait before another maintenance pass after one panicked, and the longest.
+const MAINTENANCE_RETRY: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(30));
+/// The pause after a pass that found nothing to do.
+const IDLE_PASS: Duration = Duration::from_millis(20);
 
-fn maintain(catalog: &Catalog, log: &dyn DurableLog, stop: &AtomicBool, config: &ServiceConfig) {
-    // A checkpoint copies every vector under the log's lock: a failing one (a full disk) is
-    // retried after a backoff, not on every pass.
-    let mut checkpoint_backoff = Backoff::new(CHECKPOINT_RETRY.0, CHECKPOINT_RETRY.1);
-    let mut checkpoint_after: Option<Instant> = None;
+/// When the next checkpoint may be tried: a checkpoint copies every vector under the log's
+/// lock, so a failing one (a full disk) is retried after a backoff, not on every pass.
+struct CheckpointSchedule {
+    backoff: Backoff,
+    not_before: Option<Instant>,
+}
+
+impl Default for CheckpointSchedule {
+    fn default() -> Self {
+        CheckpointSchedule {
+            backoff: Backoff::new(CHECKPOINT_RETRY.0, CHECKPOINT_RETRY.1),
+            not_before: None,
+        }
+    }
+}
+
+/// Runs `pass` until `stop` is set, pausing after a pass that did nothing. A pass that panics
+/// is logged, counted (`tiervec_maintenance_failures_total`) and recorded in `health` (so
+/// `/readyz` turns not ready), and the next pass follows after a growing wait; the first pass
+/// that completes clears it.
+fn supervise(
+    stop: &AtomicBool,
+    health: &MaintenanceHealth,
+    retry: (Duration, Duration),
+    mut pass: impl FnMut() -> bool,
+) {
+    let mut backoff = Backoff::new(retry.0, retry.1);
     while !stop.load(Ordering::Acquire) {
-        let mut worked = false;
-        for c in catalog.all() {
-            if c.index_dead_fraction() > config.tombstone_rebuild_fraction {
-                info!(collection = %c.info.name, dead = c.index_dead_fraction(), "rebuilding graph");
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.rebuild_index()))
-                    .is_err()
-                {
-                    tracing::error!(collection = %c.info.name, "graph rebuild panicked");
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut pass)) {
+            Ok(worked) => {
+                if health.failure.lock().take().is_some() {
+                    info!("maintenance pass completed again; ready");
+                    backoff.reset();
                 }
-                worked = true;
-            }
-            // A panic inside hnsw_rs must not end maintenance for every collection: the
-            // collection keeps being served (exactly, from its last generation) and it is logged.
-            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                c.index_step(false) || c.index_step(true)
-            }));
-            match step {
-                Ok(did) => worked |= did,
-                Err(_) => {
-                    metrics::counter!("tiervec_index_failures_total", "collection" => c.info.name.clone()).increment(1);
-                    tracing::error!(collection = %c.info.name, "indexing panicked; searches fall back to the last generation and exact scans");
+                if !worked {
+                    std::thread::sleep(IDLE_PASS);
                 }
             }
-            if c.remembered_deletions() > FORGET_DELETIONS_ABOVE.max(c.len()) {
-                let held = catalog.ids_held_by_edges(c.info.id.0);
-                let forgotten = c.forget_deletions(|id| held.contains(&id));
-                debug!(collection = %c.info.name, forgotten, "forgot deletions no edge needs");
-            }
-            metrics::gauge!("tiervec_collection_points", "collection" => c.info.name.clone())
-                .set(c.len() as f64);
-            metrics::gauge!("tiervec_index_generation_points", "collection" => c.info.name.clone())
-                .set(c.generation_len() as f64);
-        }
-        let bytes = log.bytes();
-        metrics::gauge!("tiervec_wal_bytes").set(bytes as f64);
-        if bytes > config.checkpoint_wal_bytes
-            && checkpoint_after.is_none_or(|t| Instant::now() >= t)
-        {
-            match log.checkpoint() {
-                Ok(_) => {
-                    checkpoint_backoff.reset();
-                    checkpoint_after = None;
-                }
-                Err(e) => {
-                    let wait = checkpoint_backoff.next_wait(1.0);
-                    checkpoint_after = Some(Instant::now() + wait);
-                    metrics::counter!("tiervec_checkpoint_failures_total").increment(1);
-                    tracing::error!(error = %e, retry_in_s = wait.as_secs_f64(), wal_bytes = bytes, "checkpoint failed");
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                let wait = backoff.next_wait(1.0);
+                metrics::counter!("tiervec_maintenance_failures_total").increment(1);
+                tracing::error!(error = %why, retry_in_s = wait.as_secs_f64(), "maintenance pass panicked: no indexing or checkpoints until one completes; /readyz is not ready");
+                *health.failure.lock() = Some(format!("maintenance pass panicked: {why}"));
+                let until = Instant::now() + wait;
+                while !stop.load(Ordering::Acquire) && Instant::now() < until {
+                    std::thread::sleep(IDLE_PASS);
                 }
             }
         }
-        if !worked {
-            std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One maintenance pass: index new points, export generations, rebuild graphs heavy with
+/// tombstones, checkpoint when the WAL grows past its budget, publish gauges. Returns whether
+/// it did any work.
+fn maintenance_pass(
+    catalog: &Catalog,
+    log: &dyn DurableLog,
+    config: &ServiceConfig,
+    checkpoints: &mut CheckpointSchedule,
+    health: &MaintenanceHealth,
+) -> bool {
+    let mut worked = false;
+    for c in catalog.all() {
+        if c.index_dead_fraction() > config.tombstone_rebuild_fraction {
+            info!(collection = %c.info.name, dead = c.index_dead_fraction(), "rebuilding graph");
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.rebuild_index())).is_err()
+            {
+                tracing::error!(collection = %c.info.name, "graph rebuild panicked");
+            }
+            worked = true;
         }
+        // A panic inside hnsw_rs must not end maintenance for every collection: the
+        // collection keeps being served (exactly, from its last generation) and it is logged.
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.index_step(false) || c.index_step(true)
+        }));
+        match step {
+            Ok(did) => worked |= did,
+            Err(_) => {
+                metrics::counter!("tiervec_index_failures_total", "collection" => c.info.name.clone()).increment(1);
+                tracing::error!(collection = %c.info.name, "indexing panicked; searches fall back to the last generation and exact scans");
+            }
+        }
+        if c.remembered_deletions() > FORGET_DELETIONS_ABOVE.max(c.len()) {
+            let held = catalog.ids_held_by_edges(c.info.id.0);
+            let forgotten = c.forget_deletions(|id| held.contains(&id));
+            debug!(collection = %c.info.name, forgotten, "forgot deletions no edge needs");
+        }
+        metrics::gauge!("tiervec_collection_points", "collection" => c.info.name.clone())
+            .set(c.len() as f64);
+        metrics::gauge!("tiervec_index_generation_points", "collection" => c.info.name.clone())
+            .set(c.generation_len() as f64);
+    }
+    let bytes = log.bytes();
+    metrics::gauge!("tiervec_wal_bytes").set(bytes as f64);
+    if bytes > config.checkpoint_wal_bytes
+        && checkpoints.not_before.is_none_or(|t| Instant::now() >= t)
+    {
+        match log.checkpoint() {
+            Ok(_) => {
+                checkpoints.backoff.reset();
+                checkpoints.not_before = None;
+                *health.checkpoint_failure.lock() = None;
+            }
+            Err(e) => {
+                let wait = checkpoints.backoff.next_wait(1.0);
+                checkpoints.not_before = Some(Instant::now() + wait);
+                metrics::counter!("tiervec_checkpoint_failures_total").increment(1);
+                tracing::error!(error = %e, retry_in_s = wait.as_secs_f64(), wal_bytes = bytes, "checkpoint failed");
+                *health.checkpoint_failure.lock() = Some(e.to_string());
+            }
+        }
+    }
+    worked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pass that panics turns the node not ready and is retried after a wait; the first pass
+    /// that completes clears it; `stop` ends the loop even during a wait.
+    #[test]
+    fn a_panicking_maintenance_pass_is_retried_and_reported_until_one_completes() {
+        let stop = AtomicBool::new(false);
+        let health = MaintenanceHealth::default();
+        let mut seen = Vec::new();
+        let mut calls = 0;
+        supervise(
+            &stop,
+            &health,
+            (Duration::from_millis(1), Duration::from_millis(2)),
+            || {
+                calls += 1;
+                seen.push(health.failure());
+                match calls {
+                    1 | 2 => panic!("checkpoint chunk {calls} overflowed"),
+                    3 => true,
+                    _ => {
+                        stop.store(true, Ordering::Release);
+                        false
+                    }
+                }
+            },
+        );
+        assert_eq!(calls, 4);
+        assert_eq!(seen[0], None);
+        assert_eq!(
+            seen[2].as_deref(),
+            Some("maintenance pass panicked: checkpoint chunk 2 overflowed")
+        );
+        assert_eq!(seen[3], None, "a completed pass clears the failure");
+        assert_eq!(health.failure(), None);
     }
 }

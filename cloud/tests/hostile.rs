@@ -47,7 +47,7 @@ impl Apply for Discard {
 
 /// Appends `entries` to the log of `dir` directly, past the service's validation.
 fn log_raw(dir: &Path, entries: Vec<WalEntry>) {
-    let (log, _) = Embedded::open(dir, Arc::new(Discard)).unwrap();
+    let (log, _) = Embedded::open(dir, Arc::new(Discard), 1 << 20).unwrap();
     for e in entries {
         log.append(e).unwrap();
     }

@@ -369,7 +369,8 @@ async fn routes_statuses_and_errors() {
     assert_eq!(st, StatusCode::NOT_FOUND);
 }
 
-/// `/readyz` (docs/cloud.md, "Readiness"): recovered and the log writable make it 200; its
+/// `/readyz` (docs/cloud.md, "Readiness"): recovered, the log writable and maintenance running
+/// make it 200; its
 /// body says so field by field and, per collection, how many points the graph does not cover
 /// yet, down to none once the maintenance loop has indexed them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,7 +383,7 @@ async fn readiness_says_what_the_node_can_serve() {
     assert_eq!(
         body,
         json!({"ready": true, "recovered": true, "log_writable": true, "log_error": null,
-               "collections": []})
+               "maintenance_error": null, "checkpoint_error": null, "collections": []})
     );
 
     let (st, _) = call(

@@ -751,10 +751,7 @@ async fn quic_limits_hold_at_the_limit_and_one_past_it() {
             (edge, client)
         })
         .collect();
-    let connect = |edge: &str, addr| {
-        let connecting = clients[edge].connect(addr, "localhost").unwrap();
-        async move { connecting.await }
-    };
+    let connect = |edge: &str, addr| clients[edge].connect(addr, "localhost").unwrap();
     // A Hello (first on a connection) then `pings` Pings, in one stream; the frames answered.
     let exchange = |conn: quinn::Connection, hello: bool, pings: u64| async move {
         let mut bytes = Vec::new();

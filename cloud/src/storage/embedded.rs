@@ -27,6 +27,7 @@ pub struct Embedded {
     dir: PathBuf,
     state: Arc<dyn Apply>,
     wal: Wal<dyn Apply>,
+    checkpoint_chunk_bytes: usize,
 }
 
 fn record_flush(stats: FlushStats) {
@@ -41,6 +42,7 @@ impl Embedded {
     pub fn open(
         dir: &Path,
         state: Arc<dyn Apply>,
+        checkpoint_chunk_bytes: usize,
     ) -> Result<(Embedded, StartReport), StorageError> {
         let started = Instant::now();
         let mut start = StartReport::default();
@@ -72,6 +74,7 @@ impl Embedded {
                 dir: dir.to_owned(),
                 state,
                 wal,
+                checkpoint_chunk_bytes,
             },
             start,
         ))
@@ -93,6 +96,7 @@ impl DurableLog for Embedded {
                 collections: image.collections,
                 edge_caches: image.edge_caches,
             },
+            self.checkpoint_chunk_bytes,
         )?;
         self.wal.remove_through(lsn)?;
         checkpoint::remove_before(&self.dir, lsn).map_err(|source| CheckpointError::Io {

@@ -416,6 +416,12 @@ pub struct Readiness {
     pub log_writable: bool,
     /// Why the log stopped taking writes.
     pub log_error: Option<String>,
+    /// Why the last maintenance pass (indexing, rebuilds, checkpoints) panicked, while no pass
+    /// has completed since; the node is not ready then.
+    pub maintenance_error: Option<String>,
+    /// Why the last checkpoint failed, while none has succeeded since (the node stays ready:
+    /// writes are durable in the log, which grows until a checkpoint succeeds).
+    pub checkpoint_error: Option<String>,
     pub collections: Vec<CollectionReadiness>,
 }
 
@@ -431,7 +437,7 @@ pub struct CollectionReadiness {
     pub graph_complete: bool,
 }
 
-#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Readiness, description = "Recovered and the log takes writes"), (status = 503, body = Readiness, description = "Recovering, or the log stopped taking writes")))]
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Readiness, description = "Recovered, the log takes writes and maintenance runs"), (status = 503, body = Readiness, description = "Recovering, the log stopped taking writes, or maintenance is failing")))]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
     let readiness = match state.service.get() {
         None => Readiness {
@@ -439,15 +445,20 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readin
             recovered: false,
             log_writable: false,
             log_error: None,
+            maintenance_error: None,
+            checkpoint_error: None,
             collections: Vec::new(),
         },
         Some(svc) => {
             let log_error = svc.log_failure();
+            let maintenance_error = svc.maintenance().failure();
             Readiness {
-                ready: log_error.is_none(),
+                ready: log_error.is_none() && maintenance_error.is_none(),
                 recovered: true,
                 log_writable: log_error.is_none(),
                 log_error,
+                maintenance_error,
+                checkpoint_error: svc.maintenance().checkpoint_failure(),
                 collections: svc
                     .catalog()
                     .all()
