@@ -370,9 +370,8 @@ async fn routes_statuses_and_errors() {
 }
 
 /// `/readyz` (docs/cloud.md, "Readiness"): recovered, the log writable and maintenance running
-/// make it 200; its
-/// body says so field by field and, per collection, how many points the graph does not cover
-/// yet, down to none once the maintenance loop has indexed them.
+/// make it 200; its body says so field by field and, per collection, how many points the graph
+/// does not cover yet, down to none once the maintenance loop has indexed them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_says_what_the_node_can_serve() {
     use reqwest::Method as M;
