@@ -85,6 +85,16 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Rewrite the WAL segments a server refuses to start on (damaged before their last
+    /// flush) with every record that reads back whole; the originals are set aside as
+    /// `*.log.damaged`. The server must be stopped.
+    Repair {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Only report what would be kept and lost.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -192,6 +202,33 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Inspect { data_dir } => {
             tiervec_cloud::inspect::report(&data_dir, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Repair { data_dir, dry_run } => {
+            let _lock = tiervec_cloud::service::lock_data_dir(&data_dir)?;
+            let repaired = tiervec_cloud::storage::wal::repair(&data_dir, dry_run)?;
+            if repaired.is_empty() {
+                println!(
+                    "every WAL segment in {} reads back; nothing to repair",
+                    data_dir.display()
+                );
+            }
+            for r in &repaired {
+                let lost: u64 = r.lost.iter().map(|(a, b)| b - a).sum();
+                println!(
+                    "{}: {} {} records; {lost} damaged bytes in {} ranges {:?}; LSNs missing between kept records: {:?}{}",
+                    r.path.display(),
+                    if dry_run { "would keep" } else { "kept" },
+                    r.kept,
+                    r.lost.len(),
+                    r.lost,
+                    r.lsn_gaps,
+                    r.set_aside
+                        .as_ref()
+                        .map(|p| format!("; original set aside as {}", p.display()))
+                        .unwrap_or_default(),
+                );
+            }
             Ok(())
         }
         Command::Certs {

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -456,11 +456,7 @@ impl Service {
             path: dir.clone(),
             what,
         };
-        fs::create_dir_all(&dir).map_err(|e| data_err(e.to_string()))?;
-        let lock = File::create(dir.join("LOCK")).map_err(|e| data_err(e.to_string()))?;
-        lock.try_lock().map_err(|_| {
-            data_err("another tiervec-cloud process holds it (LOCK); one writer per WAL".into())
-        })?;
+        let lock = lock_data_dir(&dir)?;
 
         let catalog = Arc::new(Catalog::new(engine));
         let (log, start) = Embedded::open(&dir, catalog.clone(), config.checkpoint_chunk_bytes)?;
@@ -886,6 +882,21 @@ fn maintenance_pass(
         }
     }
     worked
+}
+
+/// Creates `dir` if needed and takes its lock, held while the returned file is open: one
+/// process (a server, or an offline repair) writes a data directory at a time.
+pub fn lock_data_dir(dir: &Path) -> Result<File, ServiceError> {
+    let data_err = |what: String| ServiceError::DataDir {
+        path: dir.to_owned(),
+        what,
+    };
+    fs::create_dir_all(dir).map_err(|e| data_err(e.to_string()))?;
+    let lock = File::create(dir.join("LOCK")).map_err(|e| data_err(e.to_string()))?;
+    lock.try_lock().map_err(|_| {
+        data_err("another tiervec-cloud process holds it (LOCK); one writer per WAL".into())
+    })?;
+    Ok(lock)
 }
 
 #[cfg(test)]

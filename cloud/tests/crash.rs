@@ -1,6 +1,7 @@
 //! Crash test: `tiervec-cloud serve` as a real child process, concurrent writers, `kill -9` at
 //! random moments, restart, and check that every acknowledged write is there, that no
 //! unacknowledged batch is half-applied, and that no id is duplicated. 20 rounds, ≤ 5,000 ids.
+//! And a torn last write whose body holds record-shaped bytes is cut at recovery.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -325,4 +326,139 @@ async fn kill_9_never_loses_an_acknowledged_write() {
         l.acked.len()
     );
     drop(child);
+}
+
+/// Record-shaped bytes, as a client would forge them inside a vector: one record framed as
+/// log format version 1 frames it (no salt), one as version 2 does with a guessed salt of 0,
+/// each holding `body`. `None` when some 4-byte word is not a small finite `f32` (the API
+/// would refuse it).
+fn forged_records(body: &[f32]) -> Option<Vec<f32>> {
+    use xxhash_rust::xxh3::xxh3_64_with_seed;
+    let body: Vec<u8> = body.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut words = Vec::new();
+    for flags in [None, Some(3u32)] {
+        let mut r = Vec::new();
+        r.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        if let Some(f) = flags {
+            r.extend_from_slice(&f.to_le_bytes());
+        }
+        r.extend_from_slice(&999_999u64.to_le_bytes());
+        r.extend_from_slice(&xxh3_64_with_seed(&body, 0).to_le_bytes());
+        let head_sum = xxh3_64_with_seed(&r, 0) as u32;
+        r.extend_from_slice(&head_sum.to_le_bytes());
+        r.extend_from_slice(&body);
+        words.extend(
+            r.chunks(4)
+                .map(|w| f32::from_le_bytes(w.try_into().unwrap())),
+        );
+    }
+    words
+        .iter()
+        .all(|x| x.is_finite() && x.abs() < 1e6)
+        .then_some(words)
+}
+
+/// Finding 7: a crash tears the body of the last write, and that body holds bytes a client
+/// chose to look like whole records. Recovery must take them for what they are — part of a
+/// torn tail — and start with every earlier write, not call the log corrupt and refuse to
+/// start (which the version-1 framing, unsalted and without flush marks, did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_write_holding_record_shaped_bytes_is_cut_at_recovery() {
+    const FORGED_DIM: usize = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let (mut child, base) = spawn(dir.path());
+    wait_ready(&http, &base).await;
+    let r = http
+        .post(format!("{base}/v1/collections"))
+        .json(&json!({"name": "c", "dim": FORGED_DIM, "metric": "l2"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    for id in 0..10u64 {
+        let v: Vec<f32> = (0..FORGED_DIM)
+            .map(|i| (id * 7 + i as u64) as f32)
+            .collect();
+        let r = http
+            .put(format!("{base}/v1/collections/c/points"))
+            .json(&json!({"points": [{"id": id, "vector": v}]}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let forged = (0u32..)
+        .find_map(|s| forged_records(&[1.0 + s as f32 / 1024.0, 0.5, 0.25, 2.0]))
+        .unwrap();
+    let mut vector = forged.clone();
+    vector.resize(FORGED_DIM, 1.0);
+    let r = http
+        .put(format!("{base}/v1/collections/c/points"))
+        .json(&json!({"points": [{"id": 100, "vector": vector}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    child.kill().unwrap();
+
+    // The crash: the last record's body lost its final bytes (the archive's root, after the
+    // vector data), so the forged records lie whole inside a torn record.
+    let data = dir.path().join("data");
+    let segment = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .max()
+        .unwrap();
+    let bytes = std::fs::read(&segment).unwrap();
+    let forged_bytes: Vec<u8> = forged.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let at = bytes
+        .windows(forged_bytes.len())
+        .position(|w| w == forged_bytes)
+        .expect("the forged records are in the log as sent");
+    let cut = bytes.len() - 8;
+    assert!(at + forged_bytes.len() <= cut);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(cut as u64)
+        .unwrap();
+
+    let (mut child, base) = spawn(dir.path());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.child_mut().try_wait().unwrap() {
+            panic!(
+                "the server refused to start on a torn tail ({status}): {}",
+                std::fs::read_to_string(dir.path().join("server.log")).unwrap()
+            );
+        }
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "server not ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for id in 0..10u64 {
+        let r = http
+            .get(format!("{base}/v1/collections/c/points/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "acknowledged id {id} lost");
+    }
+    let r = http
+        .get(format!("{base}/v1/collections/c/points/100"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        reqwest::StatusCode::NOT_FOUND,
+        "the torn write is gone"
+    );
 }

@@ -184,6 +184,43 @@ fn corruption_before_valid_records_names_the_file_and_offset() {
     assert_eq!(std::fs::read(&seg).unwrap(), bytes);
 }
 
+/// A data directory written by the release whose log was format version 1 (frozen in
+/// `tests/fixtures/wal-v1/` from that release's `tiervec-cloud serve`: collection `v1`, dim 4,
+/// l2, points 1..=5 with payloads, point 2 deleted, point 3 replaced) opens with every write,
+/// takes new writes in a version-2 segment beside the old one, and reopens with both.
+#[test]
+fn a_version_1_wal_is_read_and_continued_in_version_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wal-v1");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let check = |svc: &Service, extra: usize| {
+        let c = svc.catalog().get("v1").unwrap();
+        assert_eq!(c.len(), 4 + extra);
+        assert!(c.get(2).is_none(), "the delete is replayed");
+        let p = c.get(3).unwrap();
+        assert_eq!(p.vector, vec![30.0, 3.0, 3.0, 3.0], "the replacement wins");
+        assert_eq!(p.payload.as_deref(), Some(r#"{"text":"three again"}"#));
+    };
+    {
+        let svc = open_with(dir.path());
+        check(&svc, 0);
+        svc.upsert("v1", vec![(6, vec![6.0; 4], None)]).unwrap();
+        check(&svc, 1);
+    }
+    let segments = wal::segments(dir.path()).unwrap();
+    assert_eq!(segments.len(), 2, "{segments:?}");
+    let newest = std::fs::read(&segments[1].1).unwrap();
+    assert_eq!(
+        &newest[8..12],
+        &2u32.to_le_bytes(),
+        "new records go to a version-2 segment"
+    );
+    check(&open_with(dir.path()), 1);
+}
+
 #[test]
 fn checkpoints_bound_replay_and_drop_covered_segments() {
     let dir = tempfile::tempdir().unwrap();

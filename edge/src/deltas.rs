@@ -1,7 +1,8 @@
 //! The edge's delta log: every delta the cloud pushed since the snapshot was written, in the
 //! shared log format (`tiervec_shared::log`, kind `EdgeDeltas`, documented in `docs/wal.md`),
-//! one record per delta, its LSN the manifest version, its body the delta's rkyv archive. A
-//! delta is acknowledged to the cloud only after its record is fsynced.
+//! one record per delta and one flush per append, its LSN the manifest version, its body the
+//! delta's rkyv archive. A delta is acknowledged to the cloud only after its record is fsynced.
+//! A log in an older format is read and rewritten in the current one when it is opened.
 //!
 //! A compaction writes a new snapshot at version V and then rewrites the log with only the
 //! records after V (atomically), so that a crash between the two leaves records the reader
@@ -71,19 +72,34 @@ pub struct Replayed {
 pub struct DeltaLog {
     path: PathBuf,
     file: File,
+    /// Seed of the file's record checksums (its header's).
+    salt: u64,
     /// The length through the last record appended whole and fsynced.
     good_len: u64,
     /// Why appends stopped, if they did.
     stopped: Option<String>,
 }
 
-/// Appends `delta`'s record to `out`; a body over the record limit is refused, not a panic.
-fn encode(delta: &Delta, out: &mut Vec<u8>, path: &Path) -> Result<(), DeltaLogError> {
-    let body = delta.to_bytes();
-    log::encode_record(delta.version, &body, out).map_err(|source| DeltaLogError::Unwritable {
+/// Appends `deltas`' records to `out` as one flush; a body over the record limit is refused,
+/// not a panic.
+fn encode(
+    deltas: &[Delta],
+    salt: u64,
+    out: &mut Vec<u8>,
+    path: &Path,
+) -> Result<(), DeltaLogError> {
+    let records: Vec<(u64, Vec<u8>)> = deltas.iter().map(|d| (d.version, d.to_bytes())).collect();
+    log::encode_flush(salt, &records, out).map_err(|source| DeltaLogError::Unwritable {
         path: path.to_owned(),
         source,
     })
+}
+
+/// A random seed for a new log's checksums (std's per-instance random hash keys), unknown to
+/// the cloud, so bytes inside a pushed vector can never pass for a record.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0u8)
 }
 
 impl DeltaLog {
@@ -93,7 +109,8 @@ impl DeltaLog {
     }
 
     /// Opens (or creates) the log at `path` and returns its deltas in version order. A torn
-    /// tail is truncated; anything else wrong is an error (the caller sets the file aside).
+    /// tail is truncated; a log in an older format is rewritten in the current one; anything
+    /// else wrong is an error (the caller sets the file aside).
     pub fn open(path: &Path) -> Result<(DeltaLog, Replayed), DeltaLogError> {
         let io_err = |source| DeltaLogError::Io {
             path: path.to_owned(),
@@ -128,6 +145,9 @@ impl DeltaLog {
             }
             replayed.deltas.push(delta);
         }
+        if !scan.header.is_current() {
+            return Ok((Self::rewrite(path, &replayed.deltas)?, replayed));
+        }
         let file = OpenOptions::new().write(true).open(path).map_err(io_err)?;
         if scan.torn_tail.is_some() {
             file.set_len(scan.valid_len).map_err(io_err)?;
@@ -136,6 +156,7 @@ impl DeltaLog {
         let mut log = DeltaLog {
             path: path.to_owned(),
             file,
+            salt: scan.header.salt,
             good_len: 0,
             stopped: None,
         };
@@ -160,20 +181,18 @@ impl DeltaLog {
             path: path.to_owned(),
             source,
         };
-        let mut bytes = LogHeader {
-            kind: LogKind::EdgeDeltas,
-            first_lsn: deltas.first().map_or(0, |d| d.version),
-        }
-        .encode()
-        .to_vec();
-        for d in deltas {
-            encode(d, &mut bytes, path)?;
-        }
+        let salt = random_u64();
+        let first_lsn = deltas.first().map_or(0, |d| d.version);
+        let mut bytes = LogHeader::new(LogKind::EdgeDeltas, first_lsn, salt)
+            .encode()
+            .to_vec();
+        encode(deltas, salt, &mut bytes, path)?;
         write_atomic(path, &bytes, false).map_err(io_err)?;
         let file = OpenOptions::new().write(true).open(path).map_err(io_err)?;
         let mut log = DeltaLog {
             path: path.to_owned(),
             file,
+            salt,
             good_len: 0,
             stopped: None,
         };
@@ -193,7 +212,12 @@ impl DeltaLog {
             });
         }
         let mut bytes = Vec::new();
-        encode(delta, &mut bytes, &self.path)?;
+        encode(
+            std::slice::from_ref(delta),
+            self.salt,
+            &mut bytes,
+            &self.path,
+        )?;
         let path = self.path.clone();
         let io_err = |source| DeltaLogError::Io { path, source };
         if let Err(e) = self.file.write_all(&bytes) {
@@ -275,7 +299,7 @@ mod tests {
         log.append(&delta(1)).unwrap();
         // What a write that fails half-way leaves: part of a record after the last good one.
         let mut half = Vec::new();
-        encode(&delta(2), &mut half, &path).unwrap();
+        encode(&[delta(2)], log.salt, &mut half, &path).unwrap();
         log.file.write_all(&half[..half.len() / 2]).unwrap();
         log.cut_back().unwrap();
         log.append(&delta(2)).unwrap();
@@ -292,6 +316,7 @@ mod tests {
         let mut full = DeltaLog {
             path: path.clone(),
             file: OpenOptions::new().write(true).open("/dev/full").unwrap(),
+            salt: 0,
             good_len: 0,
             stopped: None,
         };
@@ -324,5 +349,34 @@ mod tests {
         assert!(err.to_string().contains("cache.deltas"));
         std::fs::write(&path, b"not a log at all, just some bytes here").unwrap();
         assert!(DeltaLog::open(&path).is_err());
+    }
+
+    /// A delta log of format version 1 (frozen: written by the release before flushes were
+    /// marked) replays, is rewritten in the current format, and takes appends after that.
+    #[test]
+    fn a_version_1_log_is_read_and_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.deltas");
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/deltas-v1.log"),
+            &path,
+        )
+        .unwrap();
+        let (mut log, replayed) = DeltaLog::open(&path).unwrap();
+        let versions: Vec<u64> = replayed.deltas.iter().map(|d| d.version).collect();
+        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(replayed.deltas[1].tombstones[0].id, 55);
+        assert_eq!(
+            replayed.deltas[2].vectors[0].payload.as_deref(),
+            Some("point 3")
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        let header = LogHeader::decode(&bytes, LogKind::EdgeDeltas).unwrap();
+        assert!(header.is_current(), "rewritten in the current format");
+        log.append(&delta(4)).unwrap();
+        drop(log);
+        let (_, again) = DeltaLog::open(&path).unwrap();
+        assert_eq!(&again.deltas[..3], &replayed.deltas[..]);
+        assert_eq!(again.deltas[3], delta(4));
     }
 }

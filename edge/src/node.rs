@@ -508,9 +508,7 @@ fn live(pending: Option<Pending>, waiting: &mut mpsc::Receiver<Pending>) -> Opti
 /// A uniform draw in [0, 1] for backoff jitter, independent between edges and between calls
 /// (std's per-instance random hash keys; no RNG state to keep).
 fn jitter() -> f64 {
-    use std::hash::BuildHasher;
-    let bits = std::collections::hash_map::RandomState::new().hash_one(0u8);
-    (bits >> 11) as f64 / (1u64 << 53) as f64
+    (crate::deltas::random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Connects, and reconnects after every loss (see the module docs for when).

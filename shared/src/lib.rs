@@ -32,6 +32,8 @@
 //!   reconnections and the cloud's checkpoint retries.
 //! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
 //!   file replacement and directory syncs for the edge and the cloud.
+//! * `fuzzing` (feature `fuzzing`, and in tests) holds the invariant checks the fuzz targets
+//!   of `shared/fuzz` run, so that stable tests replay their corpora.
 
 pub mod backoff;
 pub mod certificate;
@@ -39,6 +41,8 @@ pub mod confidence;
 #[cfg(feature = "fs")]
 pub mod durable;
 pub mod exact;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod guest_abi;
 pub mod hnsw;
 pub mod hot;

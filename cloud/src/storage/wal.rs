@@ -1,15 +1,17 @@
 //! The write-ahead log on disk: segment files, recovery, and group commit.
 //!
 //! Records use the shared log format (`tiervec_shared::log`, kind `CloudWal`) with
-//! [`WalEntry`] bodies; `docs/wal.md` documents both. Segments are named
+//! [`WalEntry`] bodies; `docs/wal.md` documents both. Each flush is marked as one in the log, so
+//! that recovery cuts an unacknowledged flush that reached the disk partly (in any order) as a
+//! torn tail; [`repair`] keeps every intact record of a log damaged before its end. Segments are named
 //! `wal-{first_lsn:020}.log` in the data directory; a checkpoint at LSN `c` starts a new
 //! segment at `c + 1`, after which older segments can be deleted.
 //!
-//! **Group commit.** A writer appends its encoded record to a shared pending buffer and waits.
-//! The first writer that finds no flush under way becomes the leader: it takes the whole pending
-//! buffer, writes it with one `write` and one `fdatasync`, applies the flushed entries to the
-//! in-memory state in LSN order (through the `apply` hook), marks them durable and wakes the
-//! others. So concurrent writers share fsyncs, nothing is visible before it is durable, and no
+//! **Group commit.** A writer queues its encoded entry and waits. The first writer that finds no
+//! flush under way becomes the leader: it takes every queued entry, frames them as one flush
+//! (first and last record marked), writes it with one `write` and one `fdatasync`, applies the
+//! flushed entries to the in-memory state in LSN order (through the `apply` hook), marks them
+//! durable and wakes the others. So concurrent writers share fsyncs, nothing is visible before it is durable, and no
 //! write is acknowledged before its fsync returned. An IO error poisons the log: every later
 //! write fails until the process restarts and recovers from disk.
 
@@ -23,7 +25,7 @@ use std::time::Instant;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use thiserror::Error;
 use tiervec_shared::durable::{sync_dir, write_atomic};
-use tiervec_shared::log::{self, FILE_HEADER_LEN, LogError, LogHeader, LogKind};
+use tiervec_shared::log::{self, FILE_HEADER_LEN, LogError, LogHeader, LogKind, MAX_RECORD};
 
 use super::entry::{UndecodableEntry, WalEntry};
 
@@ -43,7 +45,7 @@ pub enum WalError {
         source: LogError,
     },
     #[error(
-        "WAL file {path} is corrupt at byte {offset}: {what}; the server will not start on a damaged log — restore the file or move it aside"
+        "WAL file {path} is corrupt at byte {offset}: {what}, and a later flush follows (so it was acknowledged); the server will not start on a damaged log — stop it and run `tiervec-cloud repair --data-dir <dir>`, which keeps every record that reads back whole and sets the damaged file aside"
     )]
     BadEntry {
         path: PathBuf,
@@ -60,7 +62,7 @@ pub enum WalError {
         source: UndecodableEntry,
     },
     #[error(
-        "WAL file {path} ends in a torn write but a later segment exists: an earlier segment cannot be torn"
+        "WAL file {path} ends in a torn write but a later segment exists: an earlier segment cannot be torn; stop the server and run `tiervec-cloud repair --data-dir <dir>`"
     )]
     TornMiddle { path: PathBuf },
     #[error(
@@ -188,6 +190,8 @@ pub fn recover(
 type ApplyFn<S> = Box<dyn Fn(&S, &[(u64, WalEntry)]) + Send + Sync>;
 
 struct Segment {
+    /// Seed of the segment's record checksums (its header's).
+    salt: u64,
     /// Shared with the flush leader, which writes while the lock is released: a duplicated
     /// descriptor per flush could fail (EMFILE) and poison the log for a reason that is not
     /// the disk's.
@@ -200,7 +204,8 @@ struct WalState {
     segment: Segment,
     next_lsn: u64,
     durable_lsn: u64,
-    pending: Vec<u8>,
+    /// Encoded bodies waiting for the next flush, with their LSNs.
+    pending: Vec<(u64, Vec<u8>)>,
     pending_entries: Vec<(u64, WalEntry)>,
     flushing: bool,
     failed: Option<String>,
@@ -227,8 +232,9 @@ pub struct FlushStats {
 }
 
 impl<S: ?Sized> Wal<S> {
-    /// Opens the log for appending after recovery: continues the newest segment (or starts one
-    /// at `next_lsn`). `apply` is called by flush leaders with durable entries in LSN order.
+    /// Opens the log for appending after recovery: continues the newest segment when it is in
+    /// the current format, or starts one at `next_lsn`. `apply` is called by flush leaders with
+    /// durable entries in LSN order.
     pub fn open(
         dir: &Path,
         next_lsn: u64,
@@ -236,18 +242,11 @@ impl<S: ?Sized> Wal<S> {
     ) -> Result<Wal<S>, WalError> {
         let segs = segments(dir).map_err(io_err(dir))?;
         let segment = match segs.last() {
-            Some((_, path)) => {
-                let file = OpenOptions::new()
-                    .append(true)
-                    .open(path)
-                    .map_err(io_err(path))?;
-                let bytes = file.metadata().map_err(io_err(path))?.len();
-                Segment {
-                    file: Arc::new(file),
-                    path: path.clone(),
-                    bytes,
-                }
-            }
+            Some((_, path)) => match open_current(path)? {
+                Some(segment) => segment,
+                // A segment of an older format is read, never appended to.
+                None => create_segment(dir, next_lsn)?,
+            },
             None => create_segment(dir, next_lsn)?,
         };
         let older: u64 = segs
@@ -283,13 +282,18 @@ impl<S: ?Sized> Wal<S> {
         on_flush: &dyn Fn(FlushStats),
     ) -> Result<u64, WalError> {
         let body = entry.encode();
+        if body.len() > MAX_RECORD {
+            return Err(WalError::TooLarge(LogError::RecordTooLarge {
+                len: body.len(),
+            }));
+        }
         let mut st = self.state.lock();
         if let Some(why) = &st.failed {
             return Err(WalError::Poisoned(why.clone()));
         }
         let lsn = st.next_lsn;
-        log::encode_record(lsn, &body, &mut st.pending).map_err(WalError::TooLarge)?;
         st.next_lsn += 1;
+        st.pending.push((lsn, body));
         st.pending_entries.push((lsn, entry));
         loop {
             if st.durable_lsn >= lsn {
@@ -314,10 +318,14 @@ impl<S: ?Sized> Wal<S> {
         on_flush: &dyn Fn(FlushStats),
     ) -> MutexGuard<'a, WalState> {
         st.flushing = true;
-        let bytes = std::mem::take(&mut st.pending);
+        let records = std::mem::take(&mut st.pending);
         let entries = std::mem::take(&mut st.pending_entries);
         let file = st.segment.file.clone();
+        let salt = st.segment.salt;
+        let mut bytes = Vec::new();
         let written = MutexGuard::unlocked(&mut st, || {
+            // Every body was checked against the record limit when it was queued.
+            log::encode_flush(salt, &records, &mut bytes).map_err(io::Error::other)?;
             let started = Instant::now();
             (&*file).write_all(&bytes)?;
             file.sync_data()?;
@@ -413,26 +421,131 @@ impl<S: ?Sized> Wal<S> {
     }
 }
 
+/// A random seed for a new segment's checksums: unknown to clients, so bytes they choose can
+/// never pass for a record.
+fn random_salt() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut salt = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut salt)
+        .expect("the operating system's random source is available");
+    u64::from_le_bytes(salt)
+}
+
+/// Opens an existing segment for appending, or `None` when it is in an older format.
+fn open_current(path: &Path) -> Result<Option<Segment>, WalError> {
+    use std::io::Read;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut head = Vec::with_capacity(FILE_HEADER_LEN);
+    (&mut file)
+        .take(FILE_HEADER_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(io_err(path))?;
+    let header =
+        LogHeader::decode(&head, LogKind::CloudWal).map_err(|source| WalError::Format {
+            path: path.to_owned(),
+            source,
+        })?;
+    if !header.is_current() {
+        return Ok(None);
+    }
+    let bytes = file.metadata().map_err(io_err(path))?.len();
+    Ok(Some(Segment {
+        salt: header.salt,
+        file: Arc::new(file),
+        path: path.to_owned(),
+        bytes,
+    }))
+}
+
 /// Creates segment `first_lsn` whole or not at all: its header is written to a temp file,
 /// fsynced and renamed into place, so a crash or a full disk never leaves a header-less
 /// segment behind.
 fn create_segment(dir: &Path, first_lsn: u64) -> Result<Segment, WalError> {
+    write_segment(dir, first_lsn, &[])?;
     let path = segment_path(dir, first_lsn);
-    let header = LogHeader {
-        kind: LogKind::CloudWal,
-        first_lsn,
+    Ok(open_current(&path)?.expect("a segment just written is in the current format"))
+}
+
+/// Writes segment `first_lsn` atomically, holding `records` as one flush.
+fn write_segment(dir: &Path, first_lsn: u64, records: &[(u64, &[u8])]) -> Result<(), WalError> {
+    let path = segment_path(dir, first_lsn);
+    let salt = random_salt();
+    let mut bytes = LogHeader::new(LogKind::CloudWal, first_lsn, salt)
+        .encode()
+        .to_vec();
+    log::encode_flush(salt, records, &mut bytes).map_err(|source| WalError::Format {
+        path: path.clone(),
+        source,
+    })?;
+    write_atomic(&path, &bytes, false).map_err(io_err(&path))
+}
+
+/// What [`repair`] did to one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentRepair {
+    pub path: PathBuf,
+    /// Where the damaged original was set aside (`None` on a dry run).
+    pub set_aside: Option<PathBuf>,
+    /// Records kept: every one that reads back whole.
+    pub kept: usize,
+    /// Byte ranges `[start, end)` of the original in which no record reads back.
+    pub lost: Vec<(u64, u64)>,
+    /// LSNs missing between kept records (`(after, before)`, exclusive): the writes lost.
+    pub lsn_gaps: Vec<(u64, u64)>,
+}
+
+/// Rewrites every segment that recovery refuses — damaged before its last flush, or torn but
+/// followed by another segment — with every record of it that reads back whole, setting the
+/// original aside as `<name>.damaged`. Intact segments and a newest segment that merely ends in
+/// a torn write (which recovery cuts) are left alone. The server must be stopped. With
+/// `dry_run` nothing is written; the report says what would be kept and lost.
+pub fn repair(dir: &Path, dry_run: bool) -> Result<Vec<SegmentRepair>, WalError> {
+    let segs = segments(dir).map_err(io_err(dir))?;
+    let mut out = Vec::new();
+    for (i, (first_lsn, path)) in segs.iter().enumerate() {
+        let bytes = fs::read(path).map_err(io_err(path))?;
+        let format = |source| WalError::Format {
+            path: path.clone(),
+            source,
+        };
+        let refused = match log::scan(&bytes, LogKind::CloudWal) {
+            Ok(scan) => scan.torn_tail.is_some() && i + 1 != segs.len(),
+            Err(LogError::Corrupt { .. }) => true,
+            Err(e) => return Err(format(e)),
+        };
+        if !refused {
+            continue;
+        }
+        let salvaged = log::salvage(&bytes, LogKind::CloudWal).map_err(format)?;
+        let lsn_gaps = salvaged
+            .records
+            .windows(2)
+            .filter(|w| w[1].lsn > w[0].lsn + 1)
+            .map(|w| (w[0].lsn, w[1].lsn))
+            .collect();
+        let mut report = SegmentRepair {
+            path: path.clone(),
+            set_aside: None,
+            kept: salvaged.records.len(),
+            lost: salvaged.lost.clone(),
+            lsn_gaps,
+        };
+        if !dry_run {
+            let aside = path.with_extension("log.damaged");
+            write_atomic(&aside, &bytes, false).map_err(io_err(&aside))?;
+            let records: Vec<(u64, &[u8])> =
+                salvaged.records.iter().map(|r| (r.lsn, r.body)).collect();
+            write_segment(dir, *first_lsn, &records)?;
+            report.set_aside = Some(aside);
+        }
+        out.push(report);
     }
-    .encode();
-    write_atomic(&path, &header, false).map_err(io_err(&path))?;
-    let file = OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
-    Ok(Segment {
-        file: Arc::new(file),
-        path,
-        bytes: header.len() as u64,
-    })
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -463,11 +576,7 @@ mod tests {
             }
             drop(wal);
             let torn = segment_path(dir.path(), 4);
-            let header = LogHeader {
-                kind: LogKind::CloudWal,
-                first_lsn: 4,
-            }
-            .encode();
+            let header = LogHeader::new(LogKind::CloudWal, 4, 1).encode();
             fs::write(&torn, &header[..short]).unwrap();
 
             let mut replayed = Vec::new();
@@ -519,5 +628,102 @@ mod tests {
             wal.commit(&explode, entry(9), &|_| {}),
             Err(WalError::Poisoned(_))
         ));
+    }
+
+    /// Finding 7: a record damaged before the last flush is corruption (acknowledged data),
+    /// and the server refuses it; `repair` keeps every other record — before and after the
+    /// damage — so that recovery then replays all but the one lost, and the log goes on.
+    #[test]
+    fn repair_keeps_every_intact_record_of_a_log_damaged_before_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal: Wal<()> = Wal::open(dir.path(), 1, |_: &(), _: &[(u64, WalEntry)]| {}).unwrap();
+        for id in 1..=5 {
+            wal.commit(&(), entry(id), &|_| {}).unwrap();
+        }
+        drop(wal);
+        let path = segment_path(dir.path(), 1);
+        let original = fs::read(&path).unwrap();
+        let third = log::scan(&original, LogKind::CloudWal).unwrap().records[2].offset as usize;
+        let mut damaged = original.clone();
+        damaged[third + log::RECORD_HEADER_LEN + 3] ^= 0x40;
+        fs::write(&path, &damaged).unwrap();
+
+        let err = recover(dir.path(), 0, |_, _| {}).unwrap_err();
+        assert!(matches!(err, WalError::BadEntry { .. }), "{err}");
+        assert!(err.to_string().contains("tiervec-cloud repair"), "{err}");
+
+        let dry = repair(dir.path(), true).unwrap();
+        assert_eq!(dry.len(), 1);
+        assert_eq!((dry[0].kept, dry[0].lsn_gaps.clone()), (4, vec![(2, 4)]));
+        assert_eq!(dry[0].set_aside, None);
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            damaged,
+            "a dry run writes nothing"
+        );
+
+        let done = repair(dir.path(), false).unwrap();
+        let aside = done[0].set_aside.clone().unwrap();
+        assert_eq!(
+            fs::read(&aside).unwrap(),
+            damaged,
+            "the original is kept aside"
+        );
+        let mut replayed = Vec::new();
+        let (_, last) = recover(dir.path(), 0, |lsn, _| replayed.push(lsn)).unwrap();
+        assert_eq!((replayed, last), (vec![1, 2, 4, 5], 5));
+        assert!(
+            repair(dir.path(), false).unwrap().is_empty(),
+            "nothing left to repair"
+        );
+
+        let wal: Wal<()> = Wal::open(dir.path(), 6, |_: &(), _: &[(u64, WalEntry)]| {}).unwrap();
+        assert_eq!(wal.commit(&(), entry(6), &|_| {}).unwrap(), 6);
+        drop(wal);
+        let mut replayed = Vec::new();
+        recover(dir.path(), 0, |lsn, _| replayed.push(lsn)).unwrap();
+        assert_eq!(replayed, vec![1, 2, 4, 5, 6]);
+    }
+
+    /// Concurrent writers' records shared flushes, and each flush is marked: a file cut after
+    /// any record that does not end a flush loses that whole flush at recovery, never part
+    /// of one.
+    #[test]
+    fn group_commits_are_recovered_flush_by_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal: Arc<Wal<()>> =
+            Arc::new(Wal::open(dir.path(), 1, |_: &(), _: &[(u64, WalEntry)]| {}).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let wal = wal.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        wal.commit(&(), entry(t * 100 + i), &|_| {}).unwrap();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert!(wal.flushes() < 200);
+        drop(wal);
+        let path = segment_path(dir.path(), 1);
+        let bytes = fs::read(&path).unwrap();
+        let records = log::scan(&bytes, LogKind::CloudWal).unwrap().records;
+        assert_eq!(records.len(), 200);
+        let inside = records
+            .iter()
+            .find(|r| r.flags & log::FLUSH_END == 0)
+            .expect("some flush holds several records");
+        let start = records
+            .iter()
+            .rev()
+            .find(|r| r.offset <= inside.offset && r.flags & log::FLUSH_START != 0)
+            .unwrap();
+        let cut = inside.offset as usize + log::RECORD_HEADER_LEN + inside.body.len();
+        fs::write(&path, &bytes[..cut]).unwrap();
+        let mut replayed = Vec::new();
+        let (report, _) = recover(dir.path(), 0, |lsn, _| replayed.push(lsn)).unwrap();
+        assert_eq!(replayed.last().copied().unwrap_or(0), start.lsn - 1);
+        assert_eq!(report.truncated.unwrap().1, start.offset);
     }
 }
