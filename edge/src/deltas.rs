@@ -80,19 +80,24 @@ pub struct DeltaLog {
     stopped: Option<String>,
 }
 
-/// Appends `deltas`' records to `out` as one flush; a body over the record limit is refused,
-/// not a panic.
+/// Appends `deltas`' records to `out`, each its own flush (as each was appended and fsynced
+/// alone): damage to any but the last is then corruption, never mistaken for a torn write. A
+/// body over the record limit is refused, not a panic.
 fn encode(
     deltas: &[Delta],
     salt: u64,
     out: &mut Vec<u8>,
     path: &Path,
 ) -> Result<(), DeltaLogError> {
-    let records: Vec<(u64, Vec<u8>)> = deltas.iter().map(|d| (d.version, d.to_bytes())).collect();
-    log::encode_flush(salt, &records, out).map_err(|source| DeltaLogError::Unwritable {
-        path: path.to_owned(),
-        source,
-    })
+    for d in deltas {
+        log::encode_flush(salt, &[(d.version, d.to_bytes())], out).map_err(|source| {
+            DeltaLogError::Unwritable {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// A random seed for a new log's checksums (std's per-instance random hash keys), unknown to

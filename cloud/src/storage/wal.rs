@@ -471,17 +471,23 @@ fn create_segment(dir: &Path, first_lsn: u64) -> Result<Segment, WalError> {
     Ok(open_current(&path)?.expect("a segment just written is in the current format"))
 }
 
-/// Writes segment `first_lsn` atomically, holding `records` as one flush.
+/// Writes segment `first_lsn` atomically, each of `records` its own flush: the file is
+/// durable whole, so damage to any record but the last is later judged corruption, not a
+/// torn write.
 fn write_segment(dir: &Path, first_lsn: u64, records: &[(u64, &[u8])]) -> Result<(), WalError> {
     let path = segment_path(dir, first_lsn);
     let salt = random_salt();
     let mut bytes = LogHeader::new(LogKind::CloudWal, first_lsn, salt)
         .encode()
         .to_vec();
-    log::encode_flush(salt, records, &mut bytes).map_err(|source| WalError::Format {
-        path: path.clone(),
-        source,
-    })?;
+    for record in records {
+        log::encode_flush(salt, std::slice::from_ref(record), &mut bytes).map_err(|source| {
+            WalError::Format {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
     write_atomic(&path, &bytes, false).map_err(io_err(&path))
 }
 
