@@ -56,6 +56,16 @@ fn decode_in_pieces(stream: &[u8], pieces: &[usize]) -> (Vec<Frame>, Option<Fram
     (frames, None)
 }
 
+/// Frames by their wire bytes: two decodings agree when these do (a frame holding a NaN is
+/// not equal to itself, its bytes are).
+fn wire(frames: &[Frame]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for f in frames {
+        f.encode(&mut bytes);
+    }
+    bytes
+}
+
 /// The frame decoder: the same frames and the same first error however the stream is cut
 /// into pieces; every frame re-encodes to bytes that decode to it again.
 pub fn frame_decoder(data: &[u8]) {
@@ -68,16 +78,19 @@ pub fn frame_decoder(data: &[u8]) {
     }
     let (sizes, stream) = rest.split_at(n);
     let pieces: Vec<usize> = sizes.iter().map(|&s| s as usize + 1).collect();
-    let whole = decode_in_pieces(stream, &[]);
-    let cut = decode_in_pieces(stream, &pieces);
-    assert_eq!(whole, cut, "the pieces changed what was decoded");
-    for frame in &whole.0 {
-        let mut bytes = Vec::new();
-        frame.encode(&mut bytes);
-        let again = decode_in_pieces(&bytes, &[]);
+    let (frames, error) = decode_in_pieces(stream, &[]);
+    let (cut_frames, cut_error) = decode_in_pieces(stream, &pieces);
+    assert_eq!(
+        (wire(&frames), error),
+        (wire(&cut_frames), cut_error),
+        "the pieces changed what was decoded"
+    );
+    for frame in &frames {
+        let bytes = wire(std::slice::from_ref(frame));
+        let (again, error) = decode_in_pieces(&bytes, &[]);
         assert_eq!(
-            again,
-            (vec![frame.clone()], None),
+            (wire(&again), error),
+            (bytes, None),
             "a frame did not round-trip"
         );
     }
@@ -196,10 +209,10 @@ pub fn delta_decode(data: &[u8]) {
     let Ok(delta) = Delta::from_bytes(data) else {
         return;
     };
-    assert_eq!(
-        Delta::from_bytes(&delta.to_bytes()).ok().as_ref(),
-        Some(&delta)
-    );
+    // Compared as archives: a delta holding a NaN is not equal to itself.
+    let bytes = delta.to_bytes();
+    let again = Delta::from_bytes(&bytes).expect("an archive made here decodes");
+    assert_eq!(again.to_bytes(), bytes, "a delta did not round-trip");
     let mut manifest = Manifest::new(delta.collection_id, delta.version.saturating_sub(1));
     let _ = manifest.apply(&delta, (delta.dim as usize).min(1 << 16));
 }
