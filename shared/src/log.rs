@@ -270,7 +270,7 @@ pub struct Record<'a> {
 }
 
 impl Record<'_> {
-    /// Bytes of the record in a file of `header`'s version.
+    /// The offset just past the record, in a file of `layout`.
     fn end(&self, layout: Layout) -> u64 {
         self.offset + (layout.record_header_len + self.body.len()) as u64
     }
