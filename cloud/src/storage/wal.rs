@@ -423,13 +423,14 @@ impl<S: ?Sized> Wal<S> {
 
 /// A random seed for a new segment's checksums: unknown to clients, so bytes they choose can
 /// never pass for a record.
-fn random_salt() -> u64 {
+fn random_salt(path: &Path) -> Result<u64, WalError> {
     use ring::rand::SecureRandom;
     let mut salt = [0u8; 8];
     ring::rand::SystemRandom::new()
         .fill(&mut salt)
-        .expect("the operating system's random source is available");
-    u64::from_le_bytes(salt)
+        .map_err(|_| io::Error::other("the operating system's random source failed"))
+        .map_err(io_err(path))?;
+    Ok(u64::from_le_bytes(salt))
 }
 
 /// Opens an existing segment for appending, or `None` when it is in an older format.
@@ -466,17 +467,29 @@ fn open_current(path: &Path) -> Result<Option<Segment>, WalError> {
 /// fsynced and renamed into place, so a crash or a full disk never leaves a header-less
 /// segment behind.
 fn create_segment(dir: &Path, first_lsn: u64) -> Result<Segment, WalError> {
-    write_segment(dir, first_lsn, &[])?;
-    let path = segment_path(dir, first_lsn);
-    Ok(open_current(&path)?.expect("a segment just written is in the current format"))
+    let (path, salt, bytes) = write_segment(dir, first_lsn, &[])?;
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    Ok(Segment {
+        salt,
+        file: Arc::new(file),
+        path,
+        bytes,
+    })
 }
 
 /// Writes segment `first_lsn` atomically, each of `records` its own flush: the file is
 /// durable whole, so damage to any record but the last is later judged corruption, not a
-/// torn write.
-fn write_segment(dir: &Path, first_lsn: u64, records: &[(u64, &[u8])]) -> Result<(), WalError> {
+/// torn write. Returns its path, salt and length.
+fn write_segment(
+    dir: &Path,
+    first_lsn: u64,
+    records: &[(u64, &[u8])],
+) -> Result<(PathBuf, u64, u64), WalError> {
     let path = segment_path(dir, first_lsn);
-    let salt = random_salt();
+    let salt = random_salt(&path)?;
     let mut bytes = LogHeader::new(LogKind::CloudWal, first_lsn, salt)
         .encode()
         .to_vec();
@@ -488,7 +501,8 @@ fn write_segment(dir: &Path, first_lsn: u64, records: &[(u64, &[u8])]) -> Result
             }
         })?;
     }
-    write_atomic(&path, &bytes, false).map_err(io_err(&path))
+    write_atomic(&path, &bytes, false).map_err(io_err(&path))?;
+    Ok((path, salt, bytes.len() as u64))
 }
 
 /// What [`repair`] did to one segment.
