@@ -164,6 +164,75 @@ pub struct Inventory {
     pub anchors: Vec<(u64, Vec<u64>)>,
 }
 
+/// The most items (held vectors, anchors and anchor members, all together) an inventory may
+/// list: ~2 M held vectors, a cache far larger than an edge device holds, and an inventory the
+/// cloud can still log as one WAL entry (24 bytes an item, under its 64 MiB entry limit). The
+/// cloud refuses a larger one (`FrameTooLarge`), the edge does not send it.
+pub const MAX_INVENTORY_ITEMS: usize = 2_000_000;
+
+/// Archived bytes of an inventory's fixed part, and of each held vector, anchor and member
+/// (rkyv's 32-bit layout: 16-byte id, version, two relative vector headers; `(u64, Vec<u64>)`
+/// is a u64 and a vector header).
+const INVENTORY_ROOT_BYTES: usize = 48;
+const HELD_VECTOR_BYTES: usize = 24;
+const ANCHOR_BYTES: usize = 16;
+const MEMBER_BYTES: usize = 8;
+
+impl Inventory {
+    /// Held vectors, anchors and anchor members together (what [`MAX_INVENTORY_ITEMS`] bounds).
+    pub fn items(&self) -> usize {
+        self.vectors.len()
+            + self.anchors.len()
+            + self.anchors.iter().map(|(_, m)| m.len()).sum::<usize>()
+    }
+
+    /// An upper bound on the bytes of its archive (alignment padding included).
+    pub fn archived_bytes(&self) -> usize {
+        INVENTORY_ROOT_BYTES
+            + self.vectors.len() * HELD_VECTOR_BYTES
+            + self
+                .anchors
+                .iter()
+                .map(|(_, m)| ANCHOR_BYTES + m.len() * MEMBER_BYTES + MEMBER_BYTES)
+                .sum::<usize>()
+    }
+
+    /// Splits the inventory into parts whose archives each take at most `max_bytes` (same
+    /// collection and version in every part; vectors first, then anchors, in order), so that
+    /// an inventory larger than a frame can be sent as several. Always at least one part; an
+    /// anchor whose members alone exceed `max_bytes` makes a part of its own that does.
+    pub fn split(self, max_bytes: usize) -> Vec<Inventory> {
+        let empty = || Inventory {
+            collection_id: self.collection_id,
+            version: self.version,
+            ..Inventory::default()
+        };
+        let mut parts = vec![empty()];
+        for held in self.vectors.iter().copied() {
+            let last = parts.last_mut().expect("never empty");
+            if last.archived_bytes() + HELD_VECTOR_BYTES > max_bytes && last.items() > 0 {
+                parts.push(empty());
+            }
+            parts.last_mut().expect("never empty").vectors.push(held);
+        }
+        for anchor in self.anchors.iter().cloned() {
+            let cost = ANCHOR_BYTES + (anchor.1.len() + 1) * MEMBER_BYTES;
+            let last = parts.last_mut().expect("never empty");
+            if last.archived_bytes() + cost > max_bytes && last.items() > 0 {
+                parts.push(empty());
+            }
+            parts.last_mut().expect("never empty").anchors.push(anchor);
+        }
+        parts
+    }
+
+    /// Appends a later part of the same inventory (see [`Inventory::split`]).
+    pub fn extend(&mut self, part: Inventory) {
+        self.vectors.extend(part.vectors);
+        self.anchors.extend(part.anchors);
+    }
+}
+
 /// What a delta does to a manifest, without the vectors' contents: what the cloud logs (in
 /// its WAL) for each delta it sends, so that a restarted cloud still knows what each edge may
 /// hold. Tombstoned ids count as removed.
@@ -558,6 +627,74 @@ mod tests {
         old_tomb.tombstones = vec![Tombstone { id: 5, lsn: 9 }];
         assert!(m.apply(&old_tomb, DIM).unwrap().removed.is_empty());
         assert_eq!(m.held(5).map(|h| h.lsn), Some(10));
+    }
+
+    fn archive_len(inventory: &Inventory) -> usize {
+        rkyv::to_bytes::<rkyv::rancor::Error>(inventory)
+            .unwrap()
+            .len()
+    }
+
+    /// 300k held vectors (7 MiB archived) and anchors go as parts that each fit a 4 MiB frame
+    /// and join back into the same inventory.
+    #[test]
+    fn a_large_inventory_splits_into_parts_under_the_limit() {
+        let whole = Inventory {
+            collection_id: [3; 16],
+            version: 9,
+            vectors: (0..300_000)
+                .map(|id| HeldVector {
+                    id,
+                    lsn: id + 1,
+                    bytes: 40,
+                })
+                .collect(),
+            anchors: (0..2_000).map(|a| (a, (0..a % 50).collect())).collect(),
+        };
+        assert!(archive_len(&whole) > crate::protocol::frame::DEFAULT_MAX_FRAME);
+        assert!(archive_len(&whole) <= whole.archived_bytes());
+        let parts = whole
+            .clone()
+            .split(crate::protocol::frame::DEFAULT_MAX_FRAME);
+        assert_eq!(parts.len(), 2);
+        let mut joined = Inventory::default();
+        for part in &parts {
+            assert!(archive_len(part) <= crate::protocol::frame::DEFAULT_MAX_FRAME);
+            assert_eq!((part.collection_id, part.version), ([3; 16], 9));
+        }
+        joined.collection_id = [3; 16];
+        joined.version = 9;
+        for part in parts {
+            joined.extend(part);
+        }
+        assert_eq!(joined, whole);
+        assert_eq!(Inventory::default().split(100).len(), 1);
+    }
+
+    proptest! {
+        /// Any inventory: every part's archive within the budget (unless one anchor alone is
+        /// larger) and its bound true; the parts join back into the whole.
+        #[test]
+        fn inventories_split_within_the_budget(
+            vectors in 0usize..400,
+            anchors in proptest::collection::vec(0usize..30, 0..40),
+            budget in 128usize..2_000,
+        ) {
+            let whole = Inventory {
+                collection_id: [1; 16],
+                version: 2,
+                vectors: (0..vectors as u64).map(|id| HeldVector { id, lsn: id, bytes: 1 }).collect(),
+                anchors: anchors.iter().enumerate().map(|(i, n)| (i as u64, (0..*n as u64).collect())).collect(),
+            };
+            let mut joined = Inventory { collection_id: [1; 16], version: 2, ..Inventory::default() };
+            for part in whole.clone().split(budget) {
+                let len = archive_len(&part);
+                prop_assert!(len <= part.archived_bytes());
+                prop_assert!(len <= budget || (part.vectors.is_empty() && part.anchors.len() == 1));
+                joined.extend(part);
+            }
+            prop_assert_eq!(joined, whole);
+        }
     }
 
     proptest! {

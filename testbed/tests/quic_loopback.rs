@@ -702,6 +702,211 @@ async fn malformed_frames_are_refused_typed_and_counted() {
     assert_eq!(answer.hits[0].id, 8);
 }
 
+/// An edge that withholds flow credit holds up its own stream's searches: the cloud writes
+/// each answer as it is made and searches no further while the write waits, so a stream's
+/// answers never pile up in the cloud's memory. Once the edge reads, every answer arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_edge_withholds_credit_stops_searching() {
+    use tiervec_shared::protocol::frame::{
+        DEFAULT_MAX_FRAME, Frame, FrameDecoder, Hello, PROTOCOL_VERSION,
+    };
+
+    let metrics = tiervec_cloud::server::prometheus();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = cloud_with_points(dir.path(), 1);
+    // A collection of its own: the searches counter is per collection and process-wide.
+    let info = service
+        .create_collection("credit", DIM, Metric::Cosine, HnswParams::default())
+        .unwrap();
+    service
+        .upsert(
+            "credit",
+            (0..300).map(|i| (i, vector(i, DIM), None)).collect(),
+        )
+        .unwrap();
+    let acl = Arc::new(AccessList(HashMap::from([(
+        "edge-1".to_owned(),
+        vec!["*".to_owned()],
+    )])));
+    let limits = tiervec_cloud::quic::QuicLimits::default();
+    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs, &limits).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(quic::serve(
+        endpoint,
+        service.clone(),
+        acl,
+        quiet_hub(&service, hot()),
+        tiervec_cloud::ScanSlots::new(2),
+        limits.clone(),
+    ));
+
+    // A raw edge whose streams grant the cloud 1 KiB of credit: less than one answer.
+    let cfg = link(addr, &certs, Some(&certs), "edge-1");
+    let mut client_config = tiervec_edge::link::client_config(&cfg).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(1024u32.into());
+    client_config.transport_config(Arc::new(transport));
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(client_config);
+    let conn = client.connect(addr, "localhost").unwrap().await.unwrap();
+    let mut bytes = Vec::new();
+    Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        min_version: PROTOCOL_VERSION,
+        edge_name: "slow reader".into(),
+        cache: None,
+    })
+    .encode(&mut bytes);
+    let queries = limits.max_frames_per_stream - 1;
+    for i in 0..queries as u64 {
+        Frame::Query(Query {
+            query_id: i + 1,
+            k: 200,
+            ef: 200,
+            ..query("credit", info.id.0, vector(i, DIM))
+        })
+        .encode(&mut bytes);
+    }
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&bytes).await.unwrap();
+    send.finish().unwrap();
+
+    let searched = || {
+        metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with("tiervec_quic_searches_total{collection=\"credit\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        holds_within(|| searched() >= 1.0, Duration::from_secs(5)).await,
+        "the cloud never searched"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        searched() <= 2.0,
+        "{} of {queries} searches ran while the edge read nothing",
+        searched()
+    );
+
+    let answer = recv
+        .read_to_end(DEFAULT_MAX_FRAME)
+        .await
+        .expect("every answer once the edge reads");
+    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    decoder.push(&answer).unwrap();
+    let mut answers = 0;
+    while let Some(frame) = decoder.next_frame().unwrap() {
+        match frame {
+            Frame::HelloAck(_) => {}
+            Frame::Answer(a) => {
+                assert_eq!(a.hits.len(), 200);
+                answers += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(answers, queries);
+    assert_eq!(searched(), queries as f64);
+}
+
+/// An inventory larger than a frame (300k held vectors, ~7 MiB) crosses a real connection in
+/// parts, one stream each, and the cloud adopts and logs it whole at the last part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_larger_than_a_frame_is_adopted_in_parts() {
+    use tiervec_shared::protocol::frame::{
+        DEFAULT_MAX_FRAME, Frame, FrameDecoder, Hello, InventoryPart, PROTOCOL_VERSION,
+    };
+    use tiervec_shared::push::{CacheAnnouncement, HeldVector, Inventory};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = cloud_with_points(dir.path(), 10);
+    let id = service.catalog().get("c").unwrap().info.id.0;
+    let acl = Arc::new(AccessList(HashMap::from([(
+        "edge-1".to_owned(),
+        vec!["*".to_owned()],
+    )])));
+    let limits = tiervec_cloud::quic::QuicLimits::default();
+    let endpoint = quic::bind("127.0.0.1:0".parse().unwrap(), &certs, &limits).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(quic::serve(
+        endpoint,
+        service.clone(),
+        acl,
+        quiet_hub(&service, hot()),
+        tiervec_cloud::ScanSlots::new(2),
+        limits,
+    ));
+    let cfg = link(addr, &certs, Some(&certs), "edge-1");
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(tiervec_edge::link::client_config(&cfg).unwrap());
+    let conn = client.connect(addr, "localhost").unwrap().await.unwrap();
+    let exchange = |frame: Frame| {
+        let conn = conn.clone();
+        async move {
+            let mut bytes = Vec::new();
+            frame.encode(&mut bytes);
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(&bytes).await.unwrap();
+            send.finish().unwrap();
+            let answer = recv.read_to_end(1 << 20).await.unwrap();
+            let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+            decoder.push(&answer).unwrap();
+            let mut frames = Vec::new();
+            while let Some(f) = decoder.next_frame().unwrap() {
+                frames.push(f);
+            }
+            frames
+        }
+    };
+    let hello = exchange(Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        min_version: PROTOCOL_VERSION,
+        edge_name: "large cache".into(),
+        cache: Some(CacheAnnouncement {
+            collection: "c".into(),
+            collection_id: id,
+            version: 3,
+            budget_bytes: 1 << 40,
+            certify: false,
+        }),
+    }))
+    .await;
+    assert!(matches!(&hello[..], [Frame::HelloAck(_)]), "{hello:?}");
+
+    let whole = Inventory {
+        collection_id: id,
+        version: 3,
+        vectors: (0..300_000)
+            .map(|id| HeldVector {
+                id,
+                lsn: 1,
+                bytes: 64,
+            })
+            .collect(),
+        anchors: vec![(5, vec![1, 2])],
+    };
+    let parts = whole.clone().split(DEFAULT_MAX_FRAME);
+    assert_eq!(parts.len(), 2);
+    let count = parts.len();
+    for (i, inventory) in parts.into_iter().enumerate() {
+        let last = i + 1 == count;
+        let answer = exchange(Frame::InventoryPart(InventoryPart { last, inventory })).await;
+        if last {
+            assert_eq!(answer, vec![Frame::InventoryAck(3)]);
+        } else {
+            assert_eq!(answer, vec![], "nothing until the last part");
+            assert!(service.catalog().edge_cache("edge-1", id).is_none());
+        }
+    }
+    let logged = service.catalog().edge_cache("edge-1", id).unwrap();
+    assert_eq!(logged.len(), 300_000);
+    assert!(logged.holds_anchor(5));
+}
+
 /// Each of the QUIC endpoint's limits at its value and one past it, over real connections:
 /// frames in a stream, concurrent streams in a connection, connections of one edge, and
 /// connections in all.

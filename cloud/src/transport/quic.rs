@@ -470,7 +470,10 @@ async fn read_frames(recv: &mut quinn::RecvStream, peer: &Peer) -> Option<Vec<Se
     Some(actions)
 }
 
-/// One stream: read the edge's frames, answer each through the session.
+/// One stream: read the edge's frames, answer each through the session. Each answer is
+/// written as soon as it is made, so what a stream holds in memory is one answer, and an edge
+/// that withholds flow credit stops its own stream's searches (the write waits) rather than
+/// letting answers pile up; a stream the edge reset gets no more searches.
 async fn exchange(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -483,11 +486,17 @@ async fn exchange(
     };
     let early = !*peer.confirmed.borrow();
     let mut out = Vec::new();
+    let mut writable = true;
     let mut close = None;
     let mut answered = Vec::new();
     for action in actions {
+        if !out.is_empty() && writable {
+            writable = send.write_all(&out).await.is_ok();
+            out.clear();
+        }
         match action {
             ServerAction::Send(frame) => frame.encode(&mut out),
+            ServerAction::Search(_) if !writable => {}
             ServerAction::Search(q) => {
                 let span = info_span!(
                     "cloud_query",
@@ -595,7 +604,9 @@ async fn exchange(
             }
         }
     }
-    let _ = send.write_all(&out).await;
+    if writable {
+        let _ = send.write_all(&out).await;
+    }
     let _ = send.finish();
     account_wire_bytes(&conn, &peer.wire);
     if let Some((code, message)) = close {
@@ -637,7 +648,11 @@ async fn count_answered(peer: &Peer, answered: Vec<Answered>, early: bool) {
     }
 }
 
+/// Runs one edge query. `tiervec_quic_searches_total` counts the searches run (0-RTT data the
+/// handshake later refused included), as `tiervec_quic_queries_total` counts answers.
 fn search(service: &Service, q: Query) -> Frame {
+    metrics::counter!("tiervec_quic_searches_total", "collection" => q.collection.clone())
+        .increment(1);
     let started = Instant::now();
     let params = SearchParams {
         k: q.k as usize,

@@ -66,22 +66,30 @@ pub(super) async fn resync(
     let mut inventory = cache.inventory();
     inventory.collection_id = collection.id;
     let held = inventory.vectors.len();
-    let frames = exchange(conn, &[Frame::Inventory(inventory)])
-        .await
-        .map_err(|e| LinkError::Handshake(format!("resync: {}", e.message())))?;
-    let now = started.elapsed().as_micros() as u64;
-    for f in frames {
-        for action in session.lock().handle(ClientEvent::Received(f), now) {
-            match action {
-                ClientAction::InventoryAcked(v) if v == version => {
-                    metrics::counter!("tiervec_edge_resyncs_total").increment(1);
-                    debug!(version, held, "cloud adopted the cache's inventory");
-                    return Ok(());
+    let flight = session
+        .lock()
+        .inventory_flight(inventory)
+        .map_err(|e| LinkError::Handshake(format!("resync: {e}")))?;
+    // Parts go one stream each, in order: the cloud answers only the last.
+    let parts = flight.len();
+    for frame in flight {
+        let frames = exchange(conn, &[frame])
+            .await
+            .map_err(|e| LinkError::Handshake(format!("resync: {}", e.message())))?;
+        let now = started.elapsed().as_micros() as u64;
+        for f in frames {
+            for action in session.lock().handle(ClientEvent::Received(f), now) {
+                match action {
+                    ClientAction::InventoryAcked(v) if v == version => {
+                        metrics::counter!("tiervec_edge_resyncs_total").increment(1);
+                        debug!(version, held, parts, "cloud adopted the cache's inventory");
+                        return Ok(());
+                    }
+                    ClientAction::Close { message, .. } => {
+                        return Err(LinkError::Handshake(format!("resync refused: {message}")));
+                    }
+                    _ => {}
                 }
-                ClientAction::Close { message, .. } => {
-                    return Err(LinkError::Handshake(format!("resync refused: {message}")));
-                }
-                _ => {}
             }
         }
     }

@@ -1,4 +1,4 @@
-//! Frames of the edge–cloud protocol, version 4: a 5-byte prefix (body length `u32` LE, frame
+//! Frames of the edge–cloud protocol, version 5: a 5-byte prefix (body length `u32` LE, frame
 //! type `u8`) and an rkyv body, validated with bytecheck before use. The length is checked
 //! against the configured maximum before anything is buffered or allocated.
 
@@ -12,8 +12,9 @@ use crate::push::{CacheAnnouncement, Delta, Inventory};
 /// The protocol version this build speaks, and the oldest it still accepts.
 /// Version 2 added the push frames and the cache announcement; version 3 certificates (anchor
 /// radii, certificate updates, the announcement's `certify`); version 4 whole caches streamed
-/// as snapshot files (`SnapshotBegin`, `SnapshotChunk`). Older edges are refused.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// as snapshot files (`SnapshotBegin`, `SnapshotChunk`); version 5 inventories larger than a
+/// frame, sent in parts (`InventoryPart`). Edges older than 4 are refused.
+pub const PROTOCOL_VERSION: u16 = 5;
 pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// ALPN of QUIC connections carrying this protocol.
 pub const ALPN: &[u8] = b"tiervec/1";
@@ -52,6 +53,14 @@ pub struct HelloAck {
     /// The manifest version the cloud believes the announced cache is at (`None`: it knows
     /// nothing of it). When it differs from the edge's, the edge sends an [`Inventory`].
     pub cache_version: Option<u64>,
+}
+
+/// One part of an inventory sent in several ([`Inventory::split`]).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct InventoryPart {
+    /// Whether this part is the inventory's last.
+    pub last: bool,
+    pub inventory: Inventory,
 }
 
 /// A search the edge could not answer confidently.
@@ -172,6 +181,9 @@ pub enum Frame {
     DeltaAck(u64),
     /// Edge → cloud: what the cache holds, when the cloud's idea of it may be wrong.
     Inventory(Inventory),
+    /// Edge → cloud (version 5): one part of an inventory larger than a frame, each on its own
+    /// stream, in order; the cloud adopts the inventory at the last part.
+    InventoryPart(InventoryPart),
     /// Cloud → edge: the cloud now believes the cache is at this version.
     InventoryAck(u64),
     /// Cloud → edge, on a stream the cloud opens: a whole cache follows as a snapshot file
@@ -196,6 +208,7 @@ pub mod types {
     pub const INVENTORY_ACK: u8 = 19;
     pub const SNAPSHOT_BEGIN: u8 = 20;
     pub const SNAPSHOT_CHUNK: u8 = 21;
+    pub const INVENTORY_PART: u8 = 22;
 }
 
 /// Why bytes could not be read as a frame.
@@ -250,6 +263,7 @@ impl Frame {
             Frame::Delta(_) => types::DELTA,
             Frame::DeltaAck(_) => types::DELTA_ACK,
             Frame::Inventory(_) => types::INVENTORY,
+            Frame::InventoryPart(_) => types::INVENTORY_PART,
             Frame::InventoryAck(_) => types::INVENTORY_ACK,
             Frame::SnapshotBegin(_) => types::SNAPSHOT_BEGIN,
             Frame::SnapshotChunk(_) => types::SNAPSHOT_CHUNK,
@@ -266,6 +280,7 @@ impl Frame {
             Frame::Error(v) => archive(v).to_vec(),
             Frame::Delta(v) => archive(v).to_vec(),
             Frame::Inventory(v) => archive(v).to_vec(),
+            Frame::InventoryPart(v) => archive(v).to_vec(),
             Frame::SnapshotBegin(v) => archive(v).to_vec(),
             Frame::SnapshotChunk(bytes) => bytes.clone(),
             Frame::Ping(n) | Frame::Pong(n) | Frame::DeltaAck(n) | Frame::InventoryAck(n) => {
@@ -317,6 +332,9 @@ impl Frame {
             types::DELTA_ACK => Frame::DeltaAck(nonce()?),
             types::INVENTORY => Frame::Inventory(
                 rkyv::from_bytes::<Inventory, rancor::Error>(&aligned).map_err(malformed)?,
+            ),
+            types::INVENTORY_PART => Frame::InventoryPart(
+                rkyv::from_bytes::<InventoryPart, rancor::Error>(&aligned).map_err(malformed)?,
             ),
             types::INVENTORY_ACK => Frame::InventoryAck(nonce()?),
             types::SNAPSHOT_BEGIN => Frame::SnapshotBegin(
@@ -492,6 +510,15 @@ mod tests {
                     bytes: 100,
                 }],
                 anchors: vec![(11, vec![3])],
+            }),
+            Frame::InventoryPart(InventoryPart {
+                last: true,
+                inventory: Inventory {
+                    collection_id: [9; 16],
+                    version: 4,
+                    vectors: vec![],
+                    anchors: vec![(12, vec![])],
+                },
             }),
             Frame::InventoryAck(4),
             Frame::SnapshotBegin(SnapshotBegin {

@@ -10,11 +10,11 @@
 use std::collections::BTreeMap;
 
 use super::frame::{
-    Answer, ErrorCode, ErrorFrame, Frame, FrameError, Hello, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, Query, SnapshotBegin, WireCollection,
+    Answer, DEFAULT_MAX_FRAME, ErrorCode, ErrorFrame, Frame, FrameError, Hello, InventoryPart,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Query, SnapshotBegin, WireCollection,
 };
 use crate::Metric;
-use crate::push::{CacheAnnouncement, Delta, Inventory};
+use crate::push::{CacheAnnouncement, Delta, Inventory, MAX_INVENTORY_ITEMS};
 use crate::query::validate_search;
 
 /// Why a query sent to the cloud got no answer.
@@ -109,6 +109,43 @@ impl ClientSession {
 
     pub fn is_ready(&self) -> bool {
         matches!(self.state, ClientState::Ready(_))
+    }
+
+    /// The frames that send `inventory`, each on its own stream, in order: one `Inventory`
+    /// frame when it fits a frame, else (protocol version 5 and later) `InventoryPart`s. Refused
+    /// before anything is sent when the inventory lists more than [`MAX_INVENTORY_ITEMS`] or the
+    /// cloud speaks a version that cannot take it.
+    pub fn inventory_flight(&self, inventory: Inventory) -> Result<Vec<Frame>, String> {
+        let ClientState::Ready(version) = self.state else {
+            return Err("no connection to send the inventory on".into());
+        };
+        if inventory.items() > MAX_INVENTORY_ITEMS {
+            return Err(format!(
+                "the inventory lists {} items, more than the protocol's {MAX_INVENTORY_ITEMS}",
+                inventory.items()
+            ));
+        }
+        if inventory.archived_bytes() <= DEFAULT_MAX_FRAME {
+            return Ok(vec![Frame::Inventory(inventory)]);
+        }
+        if version < 5 {
+            return Err(format!(
+                "the inventory takes more than one frame and the cloud speaks protocol version \
+                 {version}, which cannot take it in parts (version 5 can)"
+            ));
+        }
+        let parts = inventory.split(DEFAULT_MAX_FRAME);
+        let count = parts.len();
+        Ok(parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, inventory)| {
+                Frame::InventoryPart(InventoryPart {
+                    last: i + 1 == count,
+                    inventory,
+                })
+            })
+            .collect())
     }
 
     /// The earliest deadline among queries in flight: when to call [`ClientSession::handle_timeout`].
@@ -299,6 +336,8 @@ pub struct ServerSession {
     collections: Vec<WireCollection>,
     cache_versions: Vec<([u8; 16], u64)>,
     state: ServerState,
+    /// The parts of an inventory received so far (its last part not yet).
+    gathering: Option<Inventory>,
 }
 
 impl ServerSession {
@@ -310,6 +349,7 @@ impl ServerSession {
             collections,
             cache_versions,
             state: ServerState::AwaitingHello,
+            gathering: None,
         }
     }
 
@@ -402,15 +442,11 @@ impl ServerSession {
             }
             (ServerState::Ready(_), Frame::Query(q)) => self.check_query(q),
             (ServerState::Ready(_), Frame::Inventory(inv)) => {
-                if self.collections.iter().any(|c| c.id == inv.collection_id) {
-                    vec![ServerAction::Resync(inv)]
-                } else {
-                    Self::refuse(
-                        0,
-                        ErrorCode::NotAllowed,
-                        "inventory of a collection this edge may not cache".into(),
-                    )
-                }
+                self.gathering = None;
+                self.adopt(inv)
+            }
+            (ServerState::Ready(version), Frame::InventoryPart(part)) if version >= 5 => {
+                self.gather(part)
             }
             (_, Frame::Ping(n)) => vec![ServerAction::Send(Frame::Pong(n))],
             (_, Frame::Pong(_)) => Vec::new(),
@@ -418,6 +454,57 @@ impl ServerSession {
                 ErrorCode::Unexpected,
                 format!("frame type {} is not expected now", other.frame_type()),
             ),
+        }
+    }
+
+    /// Adds a part to the inventory being gathered; a part of another collection or version
+    /// than the parts before it starts a new one (the edge began its resync again).
+    fn gather(&mut self, part: InventoryPart) -> Vec<ServerAction> {
+        let InventoryPart { last, inventory } = part;
+        let gathered = match self.gathering.take() {
+            Some(mut so_far)
+                if (so_far.collection_id, so_far.version)
+                    == (inventory.collection_id, inventory.version) =>
+            {
+                if so_far.items() + inventory.items() > MAX_INVENTORY_ITEMS {
+                    return self.close(
+                        ErrorCode::FrameTooLarge,
+                        format!("an inventory may list at most {MAX_INVENTORY_ITEMS} items"),
+                    );
+                }
+                so_far.extend(inventory);
+                so_far
+            }
+            _ => inventory,
+        };
+        if last {
+            self.adopt(gathered)
+        } else {
+            self.gathering = Some(gathered);
+            Vec::new()
+        }
+    }
+
+    /// A whole inventory: adopted if it fits the limit and names a collection the edge may cache.
+    fn adopt(&mut self, inventory: Inventory) -> Vec<ServerAction> {
+        if inventory.items() > MAX_INVENTORY_ITEMS {
+            return self.close(
+                ErrorCode::FrameTooLarge,
+                format!("an inventory may list at most {MAX_INVENTORY_ITEMS} items"),
+            );
+        }
+        if self
+            .collections
+            .iter()
+            .any(|c| c.id == inventory.collection_id)
+        {
+            vec![ServerAction::Resync(inventory)]
+        } else {
+            Self::refuse(
+                0,
+                ErrorCode::NotAllowed,
+                "inventory of a collection this edge may not cache".into(),
+            )
         }
     }
 
@@ -458,7 +545,7 @@ impl ServerSession {
 
 #[cfg(test)]
 mod tests {
-    use super::super::frame::{DEFAULT_MAX_FRAME, FrameDecoder, WireHit};
+    use super::super::frame::{FrameDecoder, WireHit};
     use super::*;
 
     fn collections() -> Vec<WireCollection> {
@@ -674,8 +761,8 @@ mod tests {
     fn version_ranges_must_overlap() {
         let mut cloud = ServerSession::new(collections(), Vec::new());
         let newer = Hello {
-            version: 7,
-            min_version: 5,
+            version: PROTOCOL_VERSION + 3,
+            min_version: PROTOCOL_VERSION + 1,
             edge_name: "future".into(),
             cache: None,
         };
@@ -825,6 +912,131 @@ mod tests {
         assert!(matches!(actions[0], ClientAction::Ready { .. }));
         assert!(matches!(&actions[1], ClientAction::Answered(a) if a.query_id == 7));
         assert_eq!(edge.poll_timeout(), None);
+    }
+
+    fn held(count: u64) -> Inventory {
+        Inventory {
+            collection_id: [1; 16],
+            version: 4,
+            vectors: (0..count)
+                .map(|id| crate::push::HeldVector {
+                    id,
+                    lsn: id,
+                    bytes: 24,
+                })
+                .collect(),
+            anchors: vec![(7, vec![1, 2, 3])],
+        }
+    }
+
+    /// An inventory larger than a frame goes in parts, each through the real encoder within
+    /// the frame limit; the cloud adopts it whole at the last part and not before.
+    #[test]
+    fn an_inventory_larger_than_a_frame_is_sent_in_parts_and_adopted_whole() {
+        let (edge, mut cloud) = handshake();
+        let whole = held(400_000);
+        let flight = edge.inventory_flight(whole.clone()).unwrap();
+        assert_eq!(flight.len(), 3);
+        let count = flight.len();
+        for (i, frame) in flight.iter().enumerate() {
+            let mut bytes = Vec::new();
+            frame.encode(&mut bytes);
+            assert!(bytes.len() <= DEFAULT_MAX_FRAME + super::super::frame::PREFIX_LEN);
+            let actions = cloud.handle(wire(frame));
+            if i + 1 < count {
+                assert_eq!(actions, vec![], "part {i}");
+            } else {
+                assert_eq!(actions, vec![ServerAction::Resync(whole.clone())]);
+            }
+        }
+        // A small one still goes as one frame.
+        assert!(matches!(
+            &edge.inventory_flight(held(10)).unwrap()[..],
+            [Frame::Inventory(_)]
+        ));
+        // A resync begun again (another version) drops the parts gathered before it.
+        let mut later = held(400_000);
+        later.version = 5;
+        let first = edge.inventory_flight(whole).unwrap().remove(0);
+        assert_eq!(cloud.handle(first), vec![]);
+        let mut actions = Vec::new();
+        for frame in edge.inventory_flight(later.clone()).unwrap() {
+            actions = cloud.handle(frame);
+        }
+        assert_eq!(actions, vec![ServerAction::Resync(later)]);
+    }
+
+    /// Past the item limit: the edge does not send it, and a cloud sent one closes the
+    /// connection; parts to a cloud that negotiated version 4 are refused on both sides.
+    #[test]
+    fn inventories_past_the_limit_or_the_version_are_refused() {
+        let (edge, mut cloud) = handshake();
+        let over = held(MAX_INVENTORY_ITEMS as u64 - 3);
+        assert_eq!(over.items(), MAX_INVENTORY_ITEMS + 1);
+        assert!(edge.inventory_flight(over.clone()).is_err());
+        let at = held(MAX_INVENTORY_ITEMS as u64 - 4);
+        let frames = edge.inventory_flight(at.clone()).unwrap();
+        let mut last = Vec::new();
+        for frame in frames {
+            last = cloud.handle(frame);
+        }
+        assert_eq!(last, vec![ServerAction::Resync(at)]);
+        let mut parts = over.split(DEFAULT_MAX_FRAME);
+        let final_part = parts.pop().unwrap();
+        for part in parts {
+            assert_eq!(
+                cloud.handle(Frame::InventoryPart(InventoryPart {
+                    last: false,
+                    inventory: part
+                })),
+                vec![]
+            );
+        }
+        let closed = cloud.handle(Frame::InventoryPart(InventoryPart {
+            last: true,
+            inventory: final_part,
+        }));
+        assert!(
+            closed.iter().any(|a| matches!(
+                a,
+                ServerAction::Close {
+                    code: ErrorCode::FrameTooLarge,
+                    ..
+                }
+            )),
+            "{closed:?}"
+        );
+
+        // Version 4 on the cloud's side: parts are an unexpected frame.
+        let mut old_cloud = ServerSession::new(collections(), Vec::new());
+        let ack = old_cloud.handle(Frame::Hello(Hello {
+            version: 4,
+            min_version: 4,
+            edge_name: "old".into(),
+            cache: None,
+        }));
+        let ServerAction::Send(Frame::HelloAck(ack)) = &ack[0] else {
+            panic!("{ack:?}")
+        };
+        assert_eq!(ack.version, 4);
+        let part = Frame::InventoryPart(InventoryPart {
+            last: true,
+            inventory: held(1),
+        });
+        assert!(old_cloud.handle(part).iter().any(|a| matches!(
+            a,
+            ServerAction::Close {
+                code: ErrorCode::Unexpected,
+                ..
+            }
+        )));
+        // …and on the edge's: a large inventory is refused before anything is sent.
+        let mut old_edge = ClientSession::new("e", None);
+        old_edge.handle(ClientEvent::Connected, 0);
+        old_edge.handle(ClientEvent::Received(Frame::HelloAck(ack.clone())), 1);
+        assert!(old_edge.is_ready());
+        assert!(old_edge.inventory_flight(held(400_000)).is_err());
+        assert!(old_edge.inventory_flight(held(10)).is_ok());
     }
 
     #[test]
