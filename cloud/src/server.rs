@@ -95,6 +95,7 @@ pub async fn serve(
         max_body_bytes: config.max_body_bytes,
         hot: Arc::new(HotIds::new(config.hot.clone())),
         scans: scans.clone(),
+        max_batch: config.max_batch,
         gate: Arc::new(RequestGate::new(
             config.http.max_concurrent_requests,
             Duration::from_millis(config.http.request_timeout_ms),

@@ -197,8 +197,8 @@ async fn routes_statuses_and_errors() {
             M::POST,
             "/v1/collections/docs/search",
             json!({"vector": vector(1, 7), "k": 1}),
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "dimension_mismatch",
         ),
         (
             M::POST,
@@ -219,7 +219,7 @@ async fn routes_statuses_and_errors() {
             "/v1/collections/docs/search",
             json!({"vector": [1e39, 0, 0, 0, 0, 0, 0, 0], "k": 1}),
             StatusCode::BAD_REQUEST,
-            "invalid_request",
+            "invalid_json",
         ),
         (
             M::POST,
@@ -239,8 +239,8 @@ async fn routes_statuses_and_errors() {
             M::PUT,
             "/v1/collections/docs/points",
             json!({"points": [{"id": 1, "vector": vector(1, 3)}]}),
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "dimension_mismatch",
         ),
         (
             M::POST,
@@ -263,6 +263,49 @@ async fn routes_statuses_and_errors() {
             StatusCode::NOT_FOUND,
             "collection_not_found",
         ),
+        // A component just past the stated bound is refused, not rounded onto it as f32.
+        (
+            M::POST,
+            "/v1/collections/docs/search",
+            json!({"vector": [-999_999_986_991_105.0, 0, 0, 0, 0, 0, 0, 0], "k": 1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            M::POST,
+            "/v1/collections/docs/search",
+            json!({"vector": vector(1, 8), "k": 1.5}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            M::GET,
+            "/v1/collections/docs/hot?n=10001",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            M::GET,
+            "/v1/collections/docs/hot?n=-1",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            M::GET,
+            "/v1/collections/docs/points/-1",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            M::POST,
+            "/v1/collections/nope/search/batch",
+            json!({"searches": []}),
+            StatusCode::NOT_FOUND,
+            "collection_not_found",
+        ),
     ];
     for (method, path, body, status, code) in bad {
         let body = (!body.is_null()).then_some(body);
@@ -271,6 +314,46 @@ async fn routes_statuses_and_errors() {
         assert_eq!(got["code"], code, "{method} {path}: {got}");
         assert!(!got["message"].as_str().unwrap().is_empty());
     }
+
+    // Whole numbers written as floats are the integers JSON Schema says they are; the bound
+    // components sit on is accepted.
+    let (st, got) = call(
+        a,
+        M::POST,
+        "/v1/collections/docs/search",
+        Some(RO),
+        Some(
+            json!({"vector": [-999_999_986_991_104.0, 0, 0, 0, 0, 0, 0, 0], "k": 2.0, "ef": 64.0}),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{got}");
+    assert_eq!(got["hits"].as_array().unwrap().len(), 2);
+    let (st, got) = call(
+        a,
+        M::GET,
+        "/v1/collections/docs/hot?n=10000",
+        Some(RO),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{got}");
+
+    // The document states the bounds the API enforces.
+    let (_, spec) = call(a, M::GET, "/v1/openapi.json", None, None).await;
+    let search = &spec["components"]["schemas"]["SearchRequest"]["properties"];
+    assert_eq!(search["k"]["maximum"], 1_024);
+    assert_eq!(search["ef"]["maximum"], 4_096);
+    assert_eq!(search["vector"]["items"]["maximum"], 999_999_986_991_104.0);
+    assert_eq!(
+        spec["components"]["schemas"]["UpsertPoints"]["properties"]["points"]["maxItems"],
+        10_000
+    );
+    assert_eq!(
+        spec["components"]["schemas"]["PointIn"]["properties"]["id"]["maximum"],
+        u64::MAX
+    );
+    assert!(spec["paths"]["/v1/collections/{name}/search"]["post"]["responses"]["422"].is_object());
 
     // Bodies over the limit get 413 as JSON.
     let big: Vec<Value> = (0..20_000)
@@ -432,7 +515,7 @@ async fn readiness_says_what_the_node_can_serve() {
 }
 
 /// An answer carries at most 16 MiB (`MAX_ANSWER_BYTES`): hits whose payloads would pass it
-/// are refused with a 400 that says what to ask for instead, at the limit they are served, and
+/// are refused with a 422 that says what to ask for instead, at the limit they are served, and
 /// a batch asking for more hits than fit is refused before any search runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_past_the_size_limit_are_refused() {
@@ -471,8 +554,12 @@ async fn answers_past_the_size_limit_are_refused() {
     assert_eq!(st, StatusCode::OK, "at the limit");
     assert_eq!(body["hits"].as_array().unwrap().len(), fits);
     let (st, body) = call(a, M::POST, path, Some(RO), Some(search(fits + 1, true))).await;
-    assert_eq!(st, StatusCode::BAD_REQUEST, "one hit past the limit");
-    assert_eq!(body["code"], "invalid_request");
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "one hit past the limit"
+    );
+    assert_eq!(body["code"], "answer_too_large");
     assert!(
         body["message"]
             .as_str()
@@ -489,7 +576,7 @@ async fn answers_past_the_size_limit_are_refused() {
     let (st, body) = call(a, M::POST, batch_path, Some(RO), Some(batch(most))).await;
     assert_eq!(st, StatusCode::OK, "{body}");
     let (st, body) = call(a, M::POST, batch_path, Some(RO), Some(batch(most + 1))).await;
-    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert!(
         body["message"]
             .as_str()

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
+};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +27,7 @@ use subtle::ConstantTimeEq;
 use thiserror::Error;
 use tiervec_shared::Metric;
 use tiervec_shared::hnsw::HnswParams;
+use tiervec_shared::query::QueryError;
 use tracing::{Instrument, info_span};
 use utoipa::{OpenApi, ToSchema};
 
@@ -33,6 +37,7 @@ use crate::hot::HotIds;
 use crate::service::{Service, ServiceError};
 use crate::storage::WalError;
 use crate::transport::ScanSlots;
+pub use crate::transport::spec::{MAX_BATCH_SEARCHES, MAX_HOT_IDS};
 
 /// An API key and what it may do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +67,8 @@ pub struct AppState {
     pub gate: Arc<RequestGate>,
     /// Large exact scans at once, shared with the QUIC endpoint.
     pub scans: ScanSlots,
+    /// Points per upsert or delete (`max_batch`), stated in the API document.
+    pub max_batch: usize,
 }
 
 /// Admission of API requests (`/v1/collections…`): a fixed number served at once, each under a
@@ -127,6 +134,12 @@ impl From<ServiceError> for ApiError {
             E::CollectionNotFound(_) => (StatusCode::NOT_FOUND, "collection_not_found"),
             E::PointNotFound { .. } => (StatusCode::NOT_FOUND, "point_not_found"),
             E::CollectionExists(_) => (StatusCode::CONFLICT, "collection_exists"),
+            // The one bound the API document cannot state: it is the collection's.
+            E::Query(QueryError::DimensionMismatch { .. })
+            | E::BadPoint {
+                source: QueryError::DimensionMismatch { .. },
+                ..
+            } => (StatusCode::UNPROCESSABLE_ENTITY, "dimension_mismatch"),
             E::Query(_) | E::BadPoint { .. } | E::Invalid(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
@@ -156,6 +169,34 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
     }
 }
 
+/// `Path<T>` whose rejections are API errors (400 `invalid_request`, JSON like every other).
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| ApiPath(v))
+            .map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", r.body_text()))
+    }
+}
+
+/// `Query<T>` whose rejections are API errors (400 `invalid_request`).
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| ApiQuery(v))
+            .map_err(|r| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", r.body_text()))
+    }
+}
+
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(
@@ -182,16 +223,123 @@ fn service(state: &AppState) -> Result<Arc<Service>, ApiError> {
 }
 
 /// Runs blocking service work (WAL commits, big searches) off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(ApiError::from)
+        .map_err(Into::into)
 }
 
 // ---- request and response types ----
+
+/// A vector's components read as the JSON numbers they are (f64) and checked against the bound
+/// the API document states before they are narrowed to f32, so that a number just past the
+/// bound is refused rather than rounded onto it.
+mod components {
+    use serde::Deserializer;
+    use serde::de::{Error, SeqAccess, Visitor};
+
+    /// The largest magnitude a component may have: `query::MAX_COMPONENT`, exactly.
+    pub const MAX: f64 = tiervec_shared::query::MAX_COMPONENT as f64;
+
+    pub fn vector<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<f32>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "an array of numbers of magnitude at most {MAX:e}")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<f32>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(x) = seq.next_element::<f64>()? {
+                    if x.abs() > MAX {
+                        return Err(A::Error::custom(format!(
+                            "component {} is {x}: magnitudes above {MAX:e} overflow distances; \
+                             scale the vectors down",
+                            out.len()
+                        )));
+                    }
+                    out.push(x as f32);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// Integer fields as JSON Schema reads them: `3` and `3.0` are the same integer (serde takes only
+/// the first), so a client that writes whole numbers as floats is not refused. Fractions,
+/// negatives and numbers past `u64` are still refused, naming the value.
+mod whole {
+    use serde::de::{Deserializer, Error, Visitor};
+    use serde::{Deserialize, de};
+
+    pub struct Whole(pub u64);
+
+    impl<'de> Deserialize<'de> for Whole {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Whole, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Whole;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a non-negative integer")
+                }
+                fn visit_u64<E: Error>(self, v: u64) -> Result<Whole, E> {
+                    Ok(Whole(v))
+                }
+                fn visit_i64<E: Error>(self, v: i64) -> Result<Whole, E> {
+                    u64::try_from(v)
+                        .map(Whole)
+                        .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+                }
+                fn visit_f64<E: Error>(self, v: f64) -> Result<Whole, E> {
+                    // 2^64 is the first float past u64::MAX.
+                    if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                        Ok(Whole(v as u64))
+                    } else {
+                        Err(E::invalid_value(de::Unexpected::Float(v), &self))
+                    }
+                }
+                fn visit_str<E: Error>(self, v: &str) -> Result<Whole, E> {
+                    match (v.parse::<u64>(), v.parse::<f64>()) {
+                        (Ok(n), _) => Ok(Whole(n)),
+                        (_, Ok(f)) => self.visit_f64(f),
+                        _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
+                    }
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    fn fit<E: Error>(n: u64) -> Result<usize, E> {
+        usize::try_from(n).map_err(|_| E::custom(format!("{n} is too large")))
+    }
+
+    pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        Whole::deserialize(d).map(|w| w.0)
+    }
+
+    pub fn usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        fit(Whole::deserialize(d)?.0)
+    }
+
+    pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        Option::<Whole>::deserialize(d)?
+            .map(|w| fit(w.0))
+            .transpose()
+    }
+
+    pub fn vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        Ok(Vec::<Whole>::deserialize(d)?
+            .into_iter()
+            .map(|w| w.0)
+            .collect())
+    }
+}
 
 /// `POST /v1/collections`
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -199,13 +347,16 @@ async fn blocking<T: Send + 'static>(
 pub struct CreateCollection {
     /// 1–64 characters of `A-Z a-z 0-9 _ -`.
     pub name: String,
+    #[serde(deserialize_with = "whole::usize")]
     pub dim: usize,
     /// `cosine` (1 − dot of normalised vectors), `l2` (squared) or `dot` (−dot).
     #[schema(value_type = String, example = "cosine")]
     pub metric: Metric,
     /// HNSW out-degree (default 16).
+    #[serde(default, deserialize_with = "whole::option")]
     pub m: Option<usize>,
     /// HNSW build beam width (default 200).
+    #[serde(default, deserialize_with = "whole::option")]
     pub ef_construction: Option<usize>,
 }
 
@@ -241,7 +392,9 @@ pub struct CollectionList {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PointIn {
+    #[serde(deserialize_with = "whole::u64")]
     pub id: u64,
+    #[serde(deserialize_with = "components::vector")]
     pub vector: Vec<f32>,
     /// Any JSON value, stored and returned as given.
     #[schema(value_type = Object)]
@@ -259,6 +412,7 @@ pub struct UpsertPoints {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeletePoints {
+    #[serde(deserialize_with = "whole::vec")]
     pub ids: Vec<u64>,
 }
 
@@ -275,7 +429,8 @@ pub struct WriteAck {
 pub struct HotQuery {
     /// An edge id (its certificate's Common Name); none: across all edges.
     pub edge: Option<String>,
-    /// How many ids (default 20, at most 10,000).
+    /// How many ids (default 20, at most [`MAX_HOT_IDS`]).
+    #[serde(default, deserialize_with = "whole::option")]
     pub n: Option<usize>,
 }
 
@@ -311,10 +466,13 @@ pub struct PointOut {
 #[derive(Debug, Serialize, Deserialize, ToSchema, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct SearchRequest {
+    #[serde(deserialize_with = "components::vector")]
     pub vector: Vec<f32>,
     /// Results wanted, 1..=1024.
+    #[serde(deserialize_with = "whole::usize")]
     pub k: usize,
     /// Beam width (default from the server config); raised to `k` if smaller.
+    #[serde(default, deserialize_with = "whole::option")]
     pub ef: Option<usize>,
     /// Exact brute-force search instead of the graph.
     #[serde(default)]
@@ -361,9 +519,6 @@ pub struct BatchSearchResponse {
     pub results: Vec<SearchResponse>,
     pub took_us: u64,
 }
-
-/// Most searches in one batch request.
-pub const MAX_BATCH_SEARCHES: usize = 1_024;
 
 /// The most one search answer, or a batch's answers together, may carry: hits counted at
 /// [`HIT_JSON_BYTES`] each plus their payloads' JSON text. Past it the request is refused (400)
@@ -486,8 +641,11 @@ async fn metrics_text(State(state): State<AppState>) -> String {
     state.metrics.render()
 }
 
-async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
+/// The API document with the bounds the API enforces (`transport::spec`).
+async fn openapi(State(state): State<AppState>) -> axum::Json<serde_json::Value> {
+    let mut spec = serde_json::to_value(ApiDoc::openapi()).expect("the API document is plain data");
+    super::spec::state_bounds(&mut spec, state.max_batch);
+    axum::Json(spec)
 }
 
 #[utoipa::path(post, path = "/v1/collections", request_body = CreateCollection,
@@ -527,7 +685,7 @@ async fn list_collections(
     responses((status = 200, body = CollectionDescription), (status = 404, body = ErrorBody)))]
 async fn get_collection(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<axum::Json<CollectionDescription>, ApiError> {
     let svc = service(&state)?;
     let c = svc
@@ -541,7 +699,7 @@ async fn get_collection(
     responses((status = 200, body = WriteAck), (status = 404, body = ErrorBody)))]
 async fn drop_collection(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<axum::Json<WriteAck>, ApiError> {
     let svc = service(&state)?;
     let lsn = blocking(move || svc.drop_collection(&name)).await?;
@@ -552,7 +710,7 @@ async fn drop_collection(
     responses((status = 200, body = WriteAck), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
 async fn upsert_points(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<UpsertPoints>,
 ) -> Result<axum::Json<WriteAck>, ApiError> {
     let svc = service(&state)?;
@@ -569,7 +727,7 @@ async fn upsert_points(
     responses((status = 200, body = WriteAck), (status = 404, body = ErrorBody)))]
 async fn delete_points(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<DeletePoints>,
 ) -> Result<axum::Json<WriteAck>, ApiError> {
     let svc = service(&state)?;
@@ -581,7 +739,7 @@ async fn delete_points(
     responses((status = 200, body = PointOut), (status = 404, body = ErrorBody)))]
 async fn get_point(
     State(state): State<AppState>,
-    Path((name, id)): Path<(String, u64)>,
+    ApiPath((name, id)): ApiPath<(String, u64)>,
 ) -> Result<axum::Json<PointOut>, ApiError> {
     let svc = service(&state)?;
     let p = svc.get(&name, id)?;
@@ -597,18 +755,23 @@ async fn get_point(
     responses((status = 200, body = HotResponse), (status = 404, body = ErrorBody)))]
 async fn hot_ids(
     State(state): State<AppState>,
-    Path(name): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<HotQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<HotQuery>,
 ) -> Result<axum::Json<HotResponse>, ApiError> {
     let svc = service(&state)?;
+    if let Some(n) = q.n.filter(|n| *n > MAX_HOT_IDS) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("n = {n} is above the maximum of {MAX_HOT_IDS}"),
+        ));
+    }
     let Some(collection) = svc.catalog().get(&name) else {
         return Err(ServiceError::CollectionNotFound(name).into());
     };
-    let (total, top) = state.hot.top(
-        collection.info.id.0,
-        q.edge.as_deref(),
-        q.n.unwrap_or(20).min(10_000),
-    );
+    let (total, top) = state
+        .hot
+        .top(collection.info.id.0, q.edge.as_deref(), q.n.unwrap_or(20));
     Ok(axum::Json(HotResponse {
         collection: name,
         edge: q.edge,
@@ -629,7 +792,7 @@ fn run_search(
     name: &str,
     req: &SearchRequest,
     answer_budget: &mut usize,
-) -> Result<SearchResponse, ServiceError> {
+) -> Result<SearchResponse, ApiError> {
     let started = Instant::now();
     let params = SearchParams {
         k: req.k,
@@ -647,12 +810,16 @@ fn run_search(
     };
     let cost = hits.len() * HIT_JSON_BYTES + payload_bytes;
     if cost > *answer_budget {
-        return Err(ServiceError::Invalid(format!(
-            "the answer would carry {cost} bytes ({} hits, {payload_bytes} bytes of payloads), \
-             over the {MAX_ANSWER_BYTES} bytes one answer may carry: ask for fewer hits (k) or \
-             without payloads",
-            hits.len()
-        )));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "answer_too_large",
+            format!(
+                "the answer would carry {cost} bytes ({} hits, {payload_bytes} bytes of \
+                 payloads), over the {MAX_ANSWER_BYTES} bytes one answer may carry: ask for \
+                 fewer hits (k) or without payloads",
+                hits.len()
+            ),
+        ));
     }
     *answer_budget -= cost;
     Ok(SearchResponse {
@@ -681,7 +848,7 @@ fn run_search(
     responses((status = 200, body = SearchResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn search(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<SearchRequest>,
 ) -> Result<axum::Json<SearchResponse>, ApiError> {
     let svc = service(&state)?;
@@ -707,10 +874,13 @@ async fn search(
     responses((status = 200, body = BatchSearchResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn search_batch(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<BatchSearchRequest>,
 ) -> Result<axum::Json<BatchSearchResponse>, ApiError> {
     let svc = service(&state)?;
+    if svc.catalog().get(&name).is_none() {
+        return Err(ServiceError::CollectionNotFound(name).into());
+    }
     if req.searches.len() > MAX_BATCH_SEARCHES {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -724,8 +894,8 @@ async fn search_batch(
     let hits_asked: usize = req.searches.iter().map(|s| s.k).sum();
     if hits_asked.saturating_mul(HIT_JSON_BYTES) > MAX_ANSWER_BYTES {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "answer_too_large",
             format!(
                 "{hits_asked} hits asked for in one batch; the answers together may carry at \
                  most {MAX_ANSWER_BYTES} bytes, about {} hits: split the batch or ask for \
@@ -745,9 +915,9 @@ async fn search_batch(
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                run_search(&svc, &name, s, &mut answer_budget).map_err(|e| match e {
-                    ServiceError::Query(q) => ServiceError::Invalid(format!("search {i}: {q}")),
-                    other => other,
+                run_search(&svc, &name, s, &mut answer_budget).map_err(|e| ApiError {
+                    message: format!("search {i}: {}", e.message),
+                    ..e
                 })
             })
             .collect::<Result<Vec<_>, _>>()

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod http;
 pub mod listener;
 pub mod quic;
+pub mod spec;
 
 use std::sync::Arc;
 
