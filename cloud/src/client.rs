@@ -7,8 +7,8 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::transport::http::{
-    CollectionDescription, CreateCollection, ErrorBody, PointIn, SearchRequest, SearchResponse,
-    UpsertPoints, WriteAck,
+    CollectionDescription, CreateCollection, ErrorBody, PointIn, PointOut, SearchRequest,
+    SearchResponse, UpsertPoints, WriteAck,
 };
 
 #[derive(Debug, Error)]
@@ -104,6 +104,24 @@ impl Client {
             &crate::transport::http::DeletePoints { ids },
         )
         .await
+    }
+
+    /// The stored point `id`, or `None` where the collection has none.
+    pub async fn point(&self, name: &str, id: u64) -> Result<Option<PointOut>, ClientError> {
+        let got = self
+            .send(
+                self.http
+                    .get(self.url(&format!("/v1/collections/{name}/points/{id}"))),
+            )
+            .await;
+        match got {
+            Err(ClientError::Api { status, code, .. })
+                if status == StatusCode::NOT_FOUND && code == "point_not_found" =>
+            {
+                Ok(None)
+            }
+            other => other.map(Some),
+        }
     }
 
     pub async fn search(

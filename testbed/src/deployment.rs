@@ -30,12 +30,33 @@ pub struct Cloud {
     pub quic_addr: SocketAddr,
     pub certs: CertDir,
     pub dir: PathBuf,
+    /// `serve`'s arguments, for [`Cloud::restart`].
+    serve_args: Vec<String>,
+}
+
+/// What [`start_cloud_with`] loads and how the cloud serves.
+#[derive(Debug, Clone, Default)]
+pub struct CloudSpec {
+    /// Load only the first this many base vectors (`None`: all of them).
+    pub rows: Option<usize>,
+    /// More `--set key=value` settings for `serve` (e.g. push knobs).
+    pub settings: Vec<String>,
 }
 
 /// Makes certificates for `edges`, bulk-loads the dataset into a fresh data directory under
 /// `dir` with `tiervec-cloud load`, and starts `tiervec-cloud serve` (HTTP and QUIC, one tokio
 /// worker). It builds its graph in the background: see [`Cloud::wait_indexed`].
 pub fn start_cloud(dir: &Path, ds: &Dataset, edges: &[String]) -> anyhow::Result<Cloud> {
+    start_cloud_with(dir, ds, edges, &CloudSpec::default())
+}
+
+/// [`start_cloud`] with a corpus of `spec.rows` and `spec.settings` added to `serve`'s.
+pub fn start_cloud_with(
+    dir: &Path,
+    ds: &Dataset,
+    edges: &[String],
+    spec: &CloudSpec,
+) -> anyhow::Result<Cloud> {
     let certs = CertDir {
         dir: dir.join("certs"),
         deployment: "tiervec-testbed".into(),
@@ -48,6 +69,7 @@ pub fn start_cloud(dir: &Path, ds: &Dataset, edges: &[String]) -> anyhow::Result
     let data_dir = dir.join("cloud-data");
     let _ = std::fs::remove_dir_all(&data_dir);
     let t = Instant::now();
+    let rows = spec.rows.unwrap_or(ds.base.rows()).min(ds.base.rows());
     let load = std::process::Command::new(procs::binary("tiervec-cloud")?)
         .arg("load")
         .args(["--collection", COLLECTION])
@@ -55,6 +77,7 @@ pub fn start_cloud(dir: &Path, ds: &Dataset, edges: &[String]) -> anyhow::Result
         .arg(ds.dir.join("base.fvecs"))
         .arg("--jsonl")
         .arg(ds.dir.join("base.jsonl"))
+        .args(["--limit", &rows.to_string()])
         .arg("--data-dir")
         .arg(&data_dir)
         .stderr(std::process::Stdio::null())
@@ -62,8 +85,7 @@ pub fn start_cloud(dir: &Path, ds: &Dataset, edges: &[String]) -> anyhow::Result
         .context("running tiervec-cloud load")?;
     anyhow::ensure!(load.success(), "tiervec-cloud load failed");
     eprintln!(
-        "  cloud: loaded {} vectors durably in {:.1} s",
-        ds.base.rows(),
+        "  cloud: loaded {rows} vectors durably in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     let quic_addr: SocketAddr = format!("127.0.0.1:{}", procs::free_udp_port()?).parse()?;
@@ -73,8 +95,7 @@ pub fn start_cloud(dir: &Path, ds: &Dataset, edges: &[String]) -> anyhow::Result
         .collect::<Vec<_>>()
         .join(", ");
     let addr_file = dir.join("cloud.addr");
-    let _ = std::fs::remove_file(&addr_file);
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "serve".to_owned(),
         "--set".into(),
         format!("data_dir={:?}", data_dir.to_string_lossy()),
@@ -92,24 +113,44 @@ pub fn start_cloud(dir: &Path, ds: &Dataset, edges: &[String]) -> anyhow::Result
         addr_file.to_string_lossy().into_owned(),
     ]
     .into();
+    for setting in &spec.settings {
+        args.extend(["--set".to_owned(), setting.clone()]);
+    }
+    let (process, http_base) = serve(dir, &args)?;
+    Ok(Cloud {
+        process,
+        http_base,
+        quic_addr,
+        certs,
+        dir: dir.to_owned(),
+        serve_args: args,
+    })
+}
+
+/// Starts `tiervec-cloud serve args…` and waits for the HTTP address it writes.
+fn serve(dir: &Path, args: &[String]) -> anyhow::Result<(Process, String)> {
+    let addr_file = dir.join("cloud.addr");
+    let _ = std::fs::remove_file(&addr_file);
     let mut process = Process::start(
         "tiervec-cloud",
         &procs::binary("tiervec-cloud")?,
-        &args,
+        args,
         None,
         &dir.join("cloud.log"),
     )?;
     let http = procs::wait_addr_file(&addr_file, &mut process)?;
-    Ok(Cloud {
-        process,
-        http_base: format!("http://{http}"),
-        quic_addr,
-        certs,
-        dir: dir.to_owned(),
-    })
+    Ok((process, format!("http://{http}")))
 }
 
 impl Cloud {
+    /// Starts `serve` again on the same data directory, QUIC address and certificates (after
+    /// the process was killed, or killing it first); its HTTP port is new.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        (self.process, self.http_base) = serve(&self.dir, &self.serve_args)?;
+        Ok(())
+    }
+
     /// Waits until the cloud has recovered and its graph covers every point.
     pub async fn wait_indexed(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
         procs::wait_http_ok(
@@ -273,11 +314,25 @@ pub struct EdgeSpec<'a> {
 pub struct Edge {
     pub process: Process,
     pub url: String,
+    /// How it was started, for [`Edge::restart`]: arguments, CPU list and log file.
+    args: Vec<String>,
+    cpus: Option<String>,
+    log: PathBuf,
 }
 
 /// Starts `tiervec-edge serve` (one tokio worker) with a config written next to the cloud's
 /// files, linked to `cloud`.
 pub fn start_edge(cloud: &Cloud, spec: &EdgeSpec) -> anyhow::Result<Edge> {
+    start_edge_via(cloud, spec, cloud.quic_addr)
+}
+
+/// [`start_edge`] with the edge told to reach the cloud at `cloud_addr` (a relay in front of
+/// it).
+pub fn start_edge_via(
+    cloud: &Cloud,
+    spec: &EdgeSpec,
+    cloud_addr: SocketAddr,
+) -> anyhow::Result<Edge> {
     let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -294,7 +349,7 @@ pub fn start_edge(cloud: &Cloud, spec: &EdgeSpec) -> anyhow::Result<Edge> {
         worker_threads: Some(1),
         certify: spec.certify,
         cloud: Some(CloudLinkConfig {
-            addr: cloud.quic_addr,
+            addr: cloud_addr,
             server_name: "localhost".into(),
             ca_cert: cloud.certs.ca_cert(),
             cert: cloud.certs.edge_cert(spec.name),
@@ -317,20 +372,38 @@ pub fn start_edge(cloud: &Cloud, spec: &EdgeSpec) -> anyhow::Result<Edge> {
             guest.to_string_lossy().into_owned(),
         ]);
     }
+    let log = cloud.dir.join(format!("{}.log", spec.name));
     let process = Process::start(
         spec.name,
         &procs::binary("tiervec-edge")?,
         &args,
         spec.cpus,
-        &cloud.dir.join(format!("{}.log", spec.name)),
+        &log,
     )?;
     Ok(Edge {
         process,
         url: format!("http://127.0.0.1:{http_port}"),
+        args,
+        cpus: spec.cpus.map(str::to_owned),
+        log,
     })
 }
 
 impl Edge {
+    /// Starts the edge again with the same configuration and files (after the process was
+    /// killed, or killing it first).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        self.process = Process::start(
+            &self.process.name.clone(),
+            &procs::binary("tiervec-edge")?,
+            &self.args,
+            self.cpus.as_deref(),
+            &self.log,
+        )?;
+        Ok(())
+    }
+
     /// Waits until the edge serves HTTP and its link to the cloud is up.
     pub async fn wait_linked(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
         procs::wait_http_ok(

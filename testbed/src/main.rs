@@ -82,6 +82,18 @@ enum Bench {
     /// corpus, fraction of the device's limits, speed-up; CPU rows only without a device
     /// (--quick: a 100,000-vector synthetic corpus, 256 real queries).
     Gpu(tiervec_testbed::bench::gpu::GpuArgs),
+    /// 1,000 edges (each its own certificate, QUIC connection and cache) on one cloud process:
+    /// latency per source, the cloud's memory and connections, fairness, pushes (--quick: 100
+    /// edges, 15 s).
+    Load(tiervec_testbed::bench::load::LoadArgs),
+    /// Crash soak: 100 rounds of `kill -9` of the cloud or the edge at random moments under a
+    /// steady writer on 5,000 vectors; no acknowledged write lost, no phantom, no duplicate, the
+    /// edge consistent with the cloud after each resync (--quick: 5 rounds).
+    Soak(tiervec_testbed::bench::soak::SoakArgs),
+    /// The edge–cloud link through a relay injecting delay, reordering, loss, a partition and a
+    /// cloud restart: answers per source, errors (none allowed), reconnections, the edge's
+    /// memory (--quick: 4 s phases).
+    Faults(tiervec_testbed::bench::faults::FaultsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +118,15 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::Gpu(args),
         } => tiervec_testbed::bench::gpu::run(args),
+        Command::Bench {
+            bench: Bench::Load(args),
+        } => tiervec_testbed::bench::load::run(args),
+        Command::Bench {
+            bench: Bench::Soak(args),
+        } => tiervec_testbed::bench::soak::run(args),
+        Command::Bench {
+            bench: Bench::Faults(args),
+        } => tiervec_testbed::bench::faults::run(args),
         Command::QuicEcho { certs, addr_file } => {
             tiervec_testbed::bench::e2e::echo_server(&certs, &addr_file)
         }

@@ -105,6 +105,20 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A memory field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, …) of process `pid` (`None`:
+/// this one), in bytes; 0 when unreadable.
+pub fn memory_field(pid: Option<u32>, field: &str) -> u64 {
+    let path = pid.map_or("/proc/self/status".to_owned(), |p| {
+        format!("/proc/{p}/status")
+    });
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// Whether `taskset` can pin processes here.
 pub fn can_pin() -> bool {
     Command::new("taskset")

@@ -79,16 +79,10 @@ pub struct RssProbe {
 
 /// Reads `RssFile` and `RssAnon` of this process from `/proc/self/status`, in bytes.
 pub fn rss_now() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("RssFile:"), field("RssAnon:"))
+    (
+        crate::procs::memory_field(None, "RssFile"),
+        crate::procs::memory_field(None, "RssAnon"),
+    )
 }
 
 /// The child side of the RSS measurement: open `snapshot`, search with each stored vector as

@@ -5,9 +5,12 @@
 
 pub mod cloud;
 pub mod e2e;
+pub mod faults;
 pub mod gpu;
+pub mod load;
 pub mod local;
 pub mod memory;
+pub mod soak;
 pub mod wasm;
 
 use std::time::{Duration, Instant};
