@@ -23,10 +23,15 @@
 //! * [`server`] — the composition root (`serve`, `spawn`, the metrics recorder), configured by
 //!   [`config::CloudConfig`]; [`inspect`] reports a data directory; [`client`] is a small HTTP
 //!   client of the API (bulk loads, tests, benchmarks). `main.rs` is glue.
+//! * `fuzzing` (feature `fuzzing`, and in tests) — invariant checks the fuzz targets of
+//!   `cloud/fuzz` and the property tests share: the push state machine under any sequence of
+//!   events.
 
 pub mod client;
 pub mod collection;
 pub mod config;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod hot;
 pub mod inspect;
 pub mod push;

@@ -555,11 +555,11 @@ async fn keep_connected(
                 failed = false;
                 backoff.reset();
                 wait = backoff.next_wait(jitter());
-                link.closed().await;
+                let reason = link.closed().await;
                 current.store(None);
                 *down_since.lock() = Some(Instant::now());
                 metrics::gauge!("tiervec_edge_link_up").set(0.0);
-                warn!("link to the cloud lost; reconnecting");
+                warn!(%reason, "link to the cloud lost; reconnecting");
             }
             Err(e) => {
                 debug!(error = %e, "cannot connect to the cloud yet");

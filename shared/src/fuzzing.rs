@@ -9,7 +9,10 @@ use crate::hnsw::SearchScratch;
 use crate::log::{self, LogKind};
 use crate::metric::Metric;
 use crate::protocol::frame::{Frame, FrameDecoder, FrameError, WireCollection};
-use crate::protocol::session::{ServerAction, ServerSession};
+use crate::protocol::frame::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Query};
+use crate::protocol::session::{
+    ClientAction, ClientEvent, ClientSession, QueryFailure, ServerAction, ServerSession,
+};
 use crate::push::{Delta, Manifest};
 use crate::query::validate_search;
 use crate::snapshot::Snapshot;
@@ -18,13 +21,14 @@ use crate::snapshot::Snapshot;
 pub type Check = fn(&[u8]);
 
 /// The fuzz targets, by name, as `shared/fuzz/fuzz_targets/<name>.rs` calls them.
-pub const TARGETS: [(&str, Check); 6] = [
+pub const TARGETS: [(&str, Check); 7] = [
     ("frame_decoder", frame_decoder),
     ("log_scan", log_scan),
     ("log_round_trip", log_round_trip),
     ("snapshot_open", snapshot_open),
     ("delta_decode", delta_decode),
     ("server_session", server_session),
+    ("client_session", client_session),
 ];
 
 /// The frame limit the decoder check runs under: small, so that the limit is reached often.
@@ -320,9 +324,234 @@ pub fn server_session(data: &[u8]) {
     }
 }
 
+/// What the edge's session has promised so far, kept beside it by [`client_session`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ModelState {
+    Disconnected,
+    Handshaking,
+    Ready,
+}
+
+/// The edge's session driven by a script of events: connections, disconnections, queries with
+/// deadlines, the passing of time, undecodable frames and frames from the cloud (decoded from
+/// the input's tail). Every query asked ends at most once, as an answer only on a ready session
+/// and a timeout only at its deadline; a disconnection or a close fails every query in flight;
+/// the handshake completes only in the version range offered, after a Hello; cache traffic is
+/// acted on only on a ready session; `is_ready` and `poll_timeout` agree with what was promised.
+///
+/// Input: one byte `n`, `n` script bytes, then a frame stream (the cloud's frames, taken one per
+/// `Received` step).
+pub fn client_session(data: &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let (script, stream) = rest.split_at((n as usize).min(rest.len()));
+    let mut decoder = FrameDecoder::new(1 << 16);
+    if decoder.push(stream).is_err() {
+        return;
+    }
+    let mut frames = std::iter::from_fn(|| decoder.next_frame().ok().flatten());
+    let mut session = ClientSession::new("fuzz-edge", None);
+    let mut state = ModelState::Disconnected;
+    let mut in_flight: std::collections::BTreeMap<u64, u64> = Default::default();
+    let mut now = 0u64;
+    let mut bytes = script.iter().copied();
+    while let Some(op) = bytes.next() {
+        let arg = bytes.next().unwrap_or(0);
+        let before = state;
+        let event = match op % 6 {
+            0 => ClientEvent::Connected,
+            1 => ClientEvent::Disconnected,
+            2 => ClientEvent::Ask {
+                query: Query {
+                    query_id: u64::from(arg % 8),
+                    collection: "wordnet".into(),
+                    collection_id: [5; 16],
+                    vector: vec![0.0; 4],
+                    k: 1,
+                    ef: 0,
+                    span_id: 0,
+                    shadow: false,
+                },
+                deadline_us: now + u64::from(arg) * 1_000,
+            },
+            3 => match frames.next() {
+                Some(frame) => ClientEvent::Received(frame),
+                None => continue,
+            },
+            4 => ClientEvent::BadFrame(FrameError::UnknownType(arg)),
+            _ => {
+                now += u64::from(arg) * 1_000;
+                let actions = session.handle_timeout(now);
+                for action in actions {
+                    let ClientAction::Failed { query_id, reason } = action else {
+                        panic!("a timeout did more than fail queries: {action:?}");
+                    };
+                    assert_eq!(reason, QueryFailure::Timeout);
+                    let deadline = in_flight.remove(&query_id).expect("a query failed twice");
+                    assert!(deadline <= now, "a query timed out before its deadline");
+                }
+                continue;
+            }
+        };
+        let asked = match &event {
+            ClientEvent::Ask { query, deadline_us } => Some((query.query_id, *deadline_us)),
+            _ => None,
+        };
+        let received_hello_ack = matches!(&event, ClientEvent::Received(Frame::HelloAck(_)));
+        let actions = session.handle(event, now);
+        // Queries whose deadline had passed fail first, whatever the event.
+        let mut hello_sent = false;
+        let mut closed = false;
+        for action in &actions {
+            match action {
+                ClientAction::Send(Frame::Hello(h)) => {
+                    assert_eq!(op % 6, 0, "a Hello sent without a new connection");
+                    assert_eq!(
+                        (h.min_version, h.version),
+                        (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+                    );
+                    hello_sent = true;
+                }
+                ClientAction::Send(Frame::Query(q)) => {
+                    assert_eq!(Some(q.query_id), asked.map(|a| a.0), "a query nobody asked");
+                    assert_ne!(before, ModelState::Disconnected, "a query sent unconnected");
+                }
+                ClientAction::Send(frame) => assert!(
+                    matches!(frame, Frame::Pong(_)),
+                    "the session sent {frame:?} on its own"
+                ),
+                ClientAction::Ready { version, .. } => {
+                    assert!(received_hello_ack && before == ModelState::Handshaking);
+                    assert!((MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(version));
+                    state = ModelState::Ready;
+                }
+                ClientAction::Answered(answer) => {
+                    assert_eq!(
+                        before,
+                        ModelState::Ready,
+                        "an answer outside a ready session"
+                    );
+                    in_flight
+                        .remove(&answer.query_id)
+                        .expect("an answer to a query not in flight");
+                }
+                ClientAction::Failed {
+                    query_id,
+                    reason: QueryFailure::NotReady,
+                } => {
+                    assert_eq!(before, ModelState::Disconnected);
+                    assert_eq!(Some(*query_id), asked.map(|a| a.0));
+                }
+                ClientAction::Failed { query_id, reason } => {
+                    let deadline = in_flight
+                        .remove(query_id)
+                        .expect("a failure of a query not in flight");
+                    if reason == &QueryFailure::Timeout {
+                        assert!(deadline <= now, "a query timed out before its deadline");
+                    }
+                }
+                ClientAction::ApplyDelta(_)
+                | ClientAction::SnapshotBegin(_)
+                | ClientAction::SnapshotChunk(_)
+                | ClientAction::InventoryAcked(_) => {
+                    assert_eq!(
+                        before,
+                        ModelState::Ready,
+                        "cache traffic outside a ready session"
+                    )
+                }
+                ClientAction::Close { .. } => closed = true,
+            }
+        }
+        if hello_sent {
+            state = ModelState::Handshaking;
+        }
+        if let Some((id, deadline)) = asked
+            && before != ModelState::Disconnected
+        {
+            in_flight.insert(id, deadline);
+        }
+        if closed || op % 6 == 1 {
+            state = ModelState::Disconnected;
+            assert!(in_flight.is_empty(), "queries outlived their connection");
+        }
+        assert_eq!(session.is_ready(), state == ModelState::Ready);
+        assert_eq!(session.poll_timeout(), in_flight.values().min().copied());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    use crate::protocol::frame::{
+        Answer, ErrorCode, ErrorFrame, Frame, HelloAck, SnapshotBegin, WireHit,
+    };
+
+    /// A whole conversation in `client_session`'s input format: connect with a query pipelined
+    /// behind the Hello, the handshake, an answer, a ping, cache traffic, a refusal, a timeout,
+    /// a disconnection with a query in flight, a query asked while disconnected.
+    pub(super) fn client_conversation() -> Vec<u8> {
+        let script: &[u8] = &[
+            0, 0, // Connected
+            2, 1, // Ask query 1, deadline 1 ms
+            3, 0, // HelloAck
+            3, 0, // Answer to query 1
+            3, 0, // Ping
+            3, 0, // SnapshotBegin
+            3, 0, // SnapshotChunk
+            3, 0, // InventoryAck
+            2, 2, // Ask query 2
+            3, 0, // Error for query 2
+            2, 3, // Ask query 3
+            5, 9, // 9 ms pass: query 3 times out
+            2, 4, // Ask query 4
+            1, 0, // Disconnected: query 4 fails
+            2, 5, // Ask query 5 while disconnected
+            4, 9, // an undecodable frame
+        ];
+        let frames = [
+            Frame::HelloAck(HelloAck {
+                version: super::PROTOCOL_VERSION,
+                collections: Vec::new(),
+                cache_version: Some(3),
+            }),
+            Frame::Answer(Answer {
+                query_id: 1,
+                collection_id: [5; 16],
+                hits: vec![WireHit {
+                    id: 7,
+                    distance: 0.25,
+                    lsn: 2,
+                }],
+                took_us: 40,
+            }),
+            Frame::Ping(9),
+            Frame::SnapshotBegin(SnapshotBegin {
+                collection_id: [5; 16],
+                version: 4,
+                len: 3,
+                checksum: 1,
+            }),
+            Frame::SnapshotChunk(vec![1, 2, 3]),
+            Frame::InventoryAck(4),
+            Frame::Error(ErrorFrame {
+                query_id: 2,
+                code: ErrorCode::BadQuery as u16,
+                message: "k too large".into(),
+            }),
+        ];
+        let mut data = vec![script.len() as u8];
+        data.extend_from_slice(script);
+        data.extend(super::wire(&frames));
+        data
+    }
+
+    #[test]
+    fn a_whole_client_conversation_keeps_the_session_invariants() {
+        super::client_session(&client_conversation());
+    }
 
     /// Every committed corpus input and every recorded crash, through its target's check.
     #[test]

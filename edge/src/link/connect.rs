@@ -272,9 +272,9 @@ impl CloudLink {
         self.conn.close_reason().is_some()
     }
 
-    /// Resolves when the connection ends.
-    pub async fn closed(&self) {
-        self.conn.closed().await;
+    /// Resolves when the connection ends, with why it ended.
+    pub async fn closed(&self) -> quinn::ConnectionError {
+        self.conn.closed().await
     }
 
     /// The collections this edge may query, as the cloud announced them.

@@ -19,7 +19,7 @@ use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
 use tiervec_shared::confidence::ConfidenceRule;
 
 use crate::dataset::Dataset;
-use crate::deployment::{COLLECTION, start_cloud};
+use crate::deployment::{COLLECTION, Cloud, start_cloud};
 use crate::measure::{Latencies, Machine, OutputArgs, update_benchmarks_md};
 use crate::procs;
 
@@ -75,6 +75,23 @@ struct Report {
     cloud_rss_end_bytes: u64,
     cloud_quic_connections: f64,
     cloud_quic_connection_limit: usize,
+    restart: Restart,
+}
+
+/// The fleet after a kill -9 and restart of the cloud: when each edge was connected again.
+#[derive(Debug, Serialize)]
+struct Restart {
+    /// From the kill to the restarted cloud's `/readyz` 200 (recovered, log writable).
+    ready_seconds: f64,
+    /// Edges connected again within the bench's 60 s wait.
+    reconnected: usize,
+    /// Reconnection times, from the restarted cloud's readiness.
+    p50_ms: f64,
+    p99_ms: f64,
+    last_ms: f64,
+    /// The most edges that reconnected within any 100 ms (all of them at once would be a fleet
+    /// in lockstep).
+    busiest_100ms: usize,
 }
 
 /// What one edge saw.
@@ -227,6 +244,7 @@ pub fn run(mut args: LoadArgs) -> anyhow::Result<()> {
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(f64::NAN);
         let edges_with_push = nodes.iter().filter(|n| n.cache().version() > 0).count();
+        let restart = restart_and_reconnect(&mut cloud, &http, &nodes).await?;
 
         let mut merged: [Latencies; 3] = Default::default();
         let mut answers: Vec<u64> = Vec::new();
@@ -283,6 +301,7 @@ pub fn run(mut args: LoadArgs) -> anyhow::Result<()> {
             cloud_rss_end_bytes: rss_end,
             cloud_quic_connections: quic_connections,
             cloud_quic_connection_limit: tiervec_cloud::quic::QuicLimits::default().max_connections,
+            restart,
         })
     })?;
     eprintln!(
@@ -303,6 +322,17 @@ pub fn run(mut args: LoadArgs) -> anyhow::Result<()> {
             r.source, r.answers, r.p50_us, r.p99_us, r.qps
         );
     }
+    let r = &report.restart;
+    eprintln!(
+        "  cloud killed and restarted: ready after {:.1} s; {} of {} edges reconnected, after readiness p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms; busiest 100 ms: {} reconnections",
+        r.ready_seconds,
+        r.reconnected,
+        report.edges,
+        r.p50_ms,
+        r.p99_ms,
+        r.last_ms,
+        r.busiest_100ms
+    );
     args.output.write_json(&report)?;
     if let Some(docs) = &docs {
         update_benchmarks_md(
@@ -315,7 +345,95 @@ pub fn run(mut args: LoadArgs) -> anyhow::Result<()> {
         "bench load done in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    let mut failures = Vec::new();
+    if report.errors > 0 {
+        failures.push(format!("{} searches failed", report.errors));
+    }
+    if report.min_over_median < 0.5 {
+        failures.push(format!(
+            "an edge was starved: fewest answers ÷ median {:.2} < 0.5",
+            report.min_over_median
+        ));
+    }
+    if report.edges_with_push < report.edges {
+        failures.push(format!(
+            "{} edges received no push",
+            report.edges - report.edges_with_push
+        ));
+    }
+    if report.restart.reconnected < report.edges {
+        failures.push(format!(
+            "{} edges did not reconnect after the cloud's restart",
+            report.edges - report.restart.reconnected
+        ));
+    }
+    anyhow::ensure!(failures.is_empty(), "bench load: {}", failures.join("; "));
     Ok(())
+}
+
+/// Kills the cloud (SIGKILL), restarts it on the same data and address, and records when each
+/// edge is connected again; edges reconnect on their own, with jittered backoff.
+async fn restart_and_reconnect(
+    cloud: &mut Cloud,
+    http: &reqwest::Client,
+    nodes: &[Arc<EdgeNode>],
+) -> anyhow::Result<Restart> {
+    let killed = Instant::now();
+    cloud.restart()?;
+    let mut seen_down = vec![false; nodes.len()];
+    let mut back: Vec<Option<Instant>> = vec![None; nodes.len()];
+    let ready_url = format!("{}/readyz", cloud.http_base);
+    let mut ready: Option<Instant> = None;
+    let limit = Instant::now() + Duration::from_secs(60);
+    while back.iter().any(Option::is_none) && Instant::now() < limit {
+        let now = Instant::now();
+        for (i, node) in nodes.iter().enumerate() {
+            let up = node.connected();
+            seen_down[i] |= !up;
+            if up && seen_down[i] && back[i].is_none() {
+                back[i] = Some(now);
+            }
+        }
+        if ready.is_none()
+            && http
+                .get(&ready_url)
+                .timeout(Duration::from_millis(200))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        {
+            ready = Some(Instant::now());
+        }
+        cloud.process.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ready = ready.context("the restarted cloud was not ready within 60 s")?;
+    let mut after: Vec<f64> = back
+        .iter()
+        .flatten()
+        .map(|t| t.saturating_duration_since(ready).as_secs_f64() * 1e3)
+        .collect();
+    after.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        after
+            .get(((after.len() as f64 * q) as usize).min(after.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let busiest_100ms = after
+        .iter()
+        .enumerate()
+        .map(|(i, t)| after[i..].partition_point(|u| *u < t + 100.0))
+        .max()
+        .unwrap_or(0);
+    Ok(Restart {
+        ready_seconds: ready.duration_since(killed).as_secs_f64(),
+        reconnected: after.len(),
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        last_ms: after.last().copied().unwrap_or(f64::NAN),
+        busiest_100ms,
+    })
 }
 
 fn section(r: &Report, quick: &str) -> String {
@@ -339,7 +457,11 @@ fn section(r: &Report, quick: &str) -> String {
          | source | answers | p50 µs | p99 µs | p99.9 µs | per s |\n|---|---:|---:|---:|---:|---:|\n{rows}\n\
          Errors: {}. Answers per edge: fewest {}, median {} (fewest ÷ median {:.2}). Edges that received at least \
          one push: {} of {}. The cloud's resident memory: peak {:.0} MiB, at the end {:.0} MiB; QUIC connections \
-         it held at the end: {} (limit {}).\n",
+         it held at the end: {} (limit {}).\n\n\
+         Then the cloud was killed (SIGKILL) and restarted on the same data and address: ready after {:.1} s, \
+         {} of {} edges connected again on their own (jittered exponential backoff, 100 ms to 2 s), after \
+         readiness p50 {:.0} ms, p99 {:.0} ms, the last {:.0} ms; the most that reconnected within any 100 ms \
+         was {}.\n",
         r.machine.cpu_model,
         r.machine.cpus,
         r.edges,
@@ -358,5 +480,12 @@ fn section(r: &Report, quick: &str) -> String {
         r.cloud_rss_end_bytes as f64 / (1 << 20) as f64,
         r.cloud_quic_connections,
         r.cloud_quic_connection_limit,
+        r.restart.ready_seconds,
+        r.restart.reconnected,
+        r.edges,
+        r.restart.p50_ms,
+        r.restart.p99_ms,
+        r.restart.last_ms,
+        r.restart.busiest_100ms,
     )
 }
