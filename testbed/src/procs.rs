@@ -93,9 +93,19 @@ pub fn this_exe() -> anyhow::Result<PathBuf> {
     Ok(THIS_EXE.get_or_init(|| path).clone())
 }
 
-/// A binary of this workspace next to the running one.
+/// A binary of this workspace next to the running one (or, for an integration test, whose
+/// binary lies in `target/<profile>/deps`, in the folder above it).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let path = this_exe()?.with_file_name(name);
+    let this = this_exe()?;
+    let mut path = this.with_file_name(name);
+    if !path.exists()
+        && let Some(profile) = this
+            .parent()
+            .filter(|d| d.ends_with("deps"))
+            .and_then(|d| d.parent())
+    {
+        path = profile.join(name);
+    }
     if !path.exists() {
         bail!(
             "{} not found: build it with `cargo build --release -p {name}`",

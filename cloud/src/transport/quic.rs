@@ -176,15 +176,49 @@ fn edge_id(conn: &quinn::Connection) -> Option<String> {
     Some(cn.to_owned())
 }
 
+/// A key derived from the server's private key for `purpose`.
+fn derived_key(certs: &CertDir, purpose: &[u8]) -> Result<ring::hmac::Tag, QuicError> {
+    let server_key = std::fs::read(certs.server_key())
+        .map_err(|e| QuicError::Tls(format!("{}: {e}", certs.server_key().display())))?;
+    Ok(ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &server_key),
+        purpose,
+    ))
+}
+
+/// The endpoint's keys, derived from the server's private key so that they are the same after
+/// a restart: the connection-id generator's (a restarted cloud recognises the ids the process
+/// before it issued, instead of dropping their packets as garbage) and the stateless-reset key
+/// (it answers them with a reset the edge accepts, so the edge reconnects at once instead of
+/// waiting out its idle timeout). Both are as secret as the server key: a reset token forged
+/// without it would let anyone on the path close an edge's connection.
+fn endpoint_config(certs: &CertDir) -> Result<quinn::EndpointConfig, QuicError> {
+    let reset = derived_key(certs, b"tiervec: QUIC stateless reset key")?;
+    let cid = derived_key(certs, b"tiervec: QUIC connection id key")?;
+    let cid_key = u64::from_le_bytes(cid.as_ref()[..8].try_into().expect("8 of 32 bytes"));
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset.as_ref(),
+    )));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
+}
+
 /// Binds the QUIC endpoint.
 pub fn bind(
     addr: SocketAddr,
     certs: &CertDir,
     limits: &QuicLimits,
 ) -> Result<quinn::Endpoint, QuicError> {
-    Ok(quinn::Endpoint::server(
-        server_config(certs, limits)?,
-        addr,
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("the QUIC endpoint needs a tokio runtime"))?;
+    Ok(quinn::Endpoint::new(
+        endpoint_config(certs)?,
+        Some(server_config(certs, limits)?),
+        std::net::UdpSocket::bind(addr)?,
+        runtime,
     )?)
 }
 
