@@ -73,6 +73,9 @@ pub struct PushSession {
     pub restore: Arc<Mutex<Option<Manifest>>>,
 }
 
+/// The send priority of push streams, below the answers' (0, quinn's default).
+const PUSH_STREAM_PRIORITY: i32 = -1;
+
 /// Sends `frames` (a delta, or a snapshot's head and chunks) on a new stream and waits for the
 /// acknowledgement of `version`.
 async fn send_frames(
@@ -84,6 +87,11 @@ async fn send_frames(
     let mut sent = 0u64;
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
+        // Answers go first: a push is background work, and on a link whose congestion window
+        // has shrunk (loss, reordering) a delta's bytes queued ahead of answers would make the
+        // edge's queries miss their deadlines. (A stream already closed fails at its first
+        // write, below.)
+        let _ = send.set_priority(PUSH_STREAM_PRIORITY);
         let mut bytes = Vec::new();
         for frame in frames {
             bytes.clear();

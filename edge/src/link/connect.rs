@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tiervec_shared::protocol::frame::{Answer, Query, WireCollection};
 use tiervec_shared::protocol::session::{ClientAction, ClientEvent, ClientSession, QueryFailure};
 use tiervec_shared::push::CacheAnnouncement;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, info_span, warn};
 
 use super::push::{PushTarget, accept_pushes, resync};
 use super::stream::{ExchangeError, account_wire_bytes, exchange};
@@ -293,6 +293,9 @@ impl CloudLink {
 
     /// Closes the connection (the node's keeper then reconnects).
     fn close(&self, reason: &[u8]) {
+        if self.conn.close_reason().is_none() {
+            warn!(reason = %String::from_utf8_lossy(reason), "closing the link to the cloud");
+        }
         self.conn.close(quinn::VarInt::from_u32(0), reason);
     }
 

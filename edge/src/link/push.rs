@@ -120,6 +120,7 @@ pub(super) async fn accept_pushes(
             Err(PushRefusal::Frame(e)) => {
                 metrics::counter!("tiervec_edge_link_refused_total", "reason" => e.code().label())
                     .increment(1);
+                warn!(error = %e, "refusing what the cloud pushed; closing the link");
                 conn.close(
                     quinn::VarInt::from_u32(e.code() as u32),
                     e.to_string().as_bytes(),

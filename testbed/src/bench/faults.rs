@@ -9,8 +9,8 @@
 //! keeps asking into a partition.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -57,7 +57,8 @@ struct PhaseRow {
     degraded: u64,
     p50_us: f64,
     p99_us: f64,
-    /// From the phase's start to the first cloud answer (`None`: none came).
+    /// From the phase's start (in the restart phase, the cloud's restart) to the first cloud
+    /// answer to a question asked after it (`None`: none came).
     first_cloud_answer_ms: Option<f64>,
     edge_rss_max_bytes: u64,
     datagrams_dropped: u64,
@@ -145,15 +146,29 @@ pub fn run(mut args: FaultsArgs) -> anyhow::Result<()> {
         let edge_pid = edge.process.pid();
         let rss_start = procs::memory_field(Some(edge_pid), "VmRSS");
         let ms = Duration::from_millis;
-        let phases: [(&str, Faults); 6] = [
+        let phases: [(&str, Faults); 8] = [
             ("clean", Faults::default()),
             (
-                "delay 20 ms + jitter 20 ms, 2 % loss",
+                "delay 20 ms",
+                Faults {
+                    delay: ms(20),
+                    ..Faults::default()
+                },
+            ),
+            (
+                "delay 20 ms + jitter 20 ms (reordering)",
                 Faults {
                     delay: ms(20),
                     jitter: ms(20),
+                    ..Faults::default()
+                },
+            ),
+            (
+                "delay 20 ms, 2 % loss",
+                Faults {
+                    delay: ms(20),
                     loss: 0.02,
-                    partitioned: false,
+                    ..Faults::default()
                 },
             ),
             (
@@ -187,6 +202,8 @@ pub fn run(mut args: FaultsArgs) -> anyhow::Result<()> {
             let connects_before = Exposition::parse(&edge.metrics(&http).await?)
                 .counter("tiervec_edge_link_connects_total");
             let phase_started = Instant::now();
+            // First cloud answers count from here: the phase's start, or the cloud's restart.
+            let since = Arc::new(Mutex::new(phase_started));
             let stop = Arc::new(AtomicBool::new(false));
             let askers: Vec<_> = (0..args.clients)
                 .map(|c| {
@@ -196,7 +213,7 @@ pub fn run(mut args: FaultsArgs) -> anyhow::Result<()> {
                         ds.clone(),
                         query_offset + c * 100_000,
                         args.clients,
-                        phase_started,
+                        since.clone(),
                         stop.clone(),
                     ))
                 })
@@ -208,6 +225,7 @@ pub fn run(mut args: FaultsArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(phase_length / 4).await;
                 cloud.process.kill();
                 tokio::time::sleep(phase_length / 4).await;
+                *since.lock().expect("never held across a panic") = Instant::now();
                 cloud.restart()?;
             }
             while phase_started.elapsed() < phase_length {
@@ -292,8 +310,14 @@ pub fn run(mut args: FaultsArgs) -> anyhow::Result<()> {
             &section(&report, args.output.quick_flag()),
         )?;
     }
-    let healed = &report.rows[4];
-    let restarted = &report.rows[5];
+    let phase = |name: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.phase.starts_with(name))
+            .expect("every phase has a row")
+    };
+    let (healed, restarted) = (phase("healed"), phase("cloud killed"));
     anyhow::ensure!(
         report.errors == 0,
         "the edge answered {} requests with an error",
@@ -319,7 +343,7 @@ async fn ask(
     ds: Arc<Dataset>,
     first: usize,
     stride: usize,
-    phase_started: Instant,
+    since: Arc<Mutex<Instant>>,
     stop: Arc<AtomicBool>,
 ) -> Seen {
     let mut seen = Seen::default();
@@ -349,8 +373,9 @@ async fn ask(
             _ => 2,
         };
         seen.by_source[source] += 1;
-        if source == 1 && seen.first_cloud.is_none() {
-            seen.first_cloud = Some(phase_started.elapsed());
+        let since = *since.lock().expect("never held across a panic");
+        if source == 1 && seen.first_cloud.is_none() && t >= since {
+            seen.first_cloud = Some(since.elapsed());
         }
     }
     seen
@@ -381,10 +406,12 @@ fn section(r: &Report, quick: &str) -> String {
     format!(
         "## bench faults\n\n`cargo run --release -p tiervec-testbed -- bench faults{quick} --json target/bench-faults.json` \
          on {} ({} cores): a `tiervec-cloud serve` over the first {} base vectors, a `tiervec-edge serve` reaching it \
-         through a UDP relay that delays (a draw per datagram, so they reorder), drops or partitions, and {} \
+         through a UDP relay that delays (with jitter, a draw per datagram, so they reorder), drops or partitions, and {} \
          application clients asking the edge in a closed loop ({} ms fallback deadline; nothing is confident \
          locally, so every answer is the cloud's or degraded), {} s per phase. Latency at the application's HTTP \
-         call; reconnections are the edge's `tiervec_edge_link_connects_total` during the phase; the edge's \
+         call; the first cloud answer is counted from the phase's start (in the last phase, from the cloud's \
+         restart, a quarter of the phase after its kill); reconnections are the edge's \
+         `tiervec_edge_link_connects_total` during the phase; the edge's \
          resident memory was {:.1} MiB before the first phase.\n\n\
          | phase | answers | errors | cloud | degraded | local | p50 µs | p99 µs | first cloud answer ms | reconnections | edge RSS max MiB |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n{rows}",
