@@ -294,7 +294,15 @@ impl CloudLink {
     /// Closes the connection (the node's keeper then reconnects).
     fn close(&self, reason: &[u8]) {
         if self.conn.close_reason().is_none() {
-            warn!(reason = %String::from_utf8_lossy(reason), "closing the link to the cloud");
+            let path = self.conn.stats().path;
+            warn!(
+                reason = %String::from_utf8_lossy(reason),
+                rtt_ms = path.rtt.as_secs_f64() * 1e3,
+                cwnd = path.cwnd,
+                lost_packets = path.lost_packets,
+                congestion_events = path.congestion_events,
+                "closing the link to the cloud"
+            );
         }
         self.conn.close(quinn::VarInt::from_u32(0), reason);
     }
