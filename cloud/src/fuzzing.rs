@@ -17,12 +17,13 @@ pub type Check = fn(&[u8]);
 /// The fuzz targets, by name, as `cloud/fuzz/fuzz_targets/<name>.rs` calls them.
 pub const TARGETS: [(&str, Check); 1] = [("push_state", push_state)];
 
-/// The planning period and the gap between plans the model's [`PushState`] runs with.
-const PERIOD: Duration = Duration::from_millis(1_000);
-const GAP: Duration = Duration::from_millis(100);
+/// The planning period and the gap between plans the model's [`PushState`] runs with (and the
+/// push state's unit tests).
+pub(crate) const PERIOD: Duration = Duration::from_millis(1_000);
+pub(crate) const GAP: Duration = Duration::from_millis(100);
 
 /// The write of id `id` at LSN `id`.
-fn inv(id: u64) -> Invalidation {
+pub(crate) fn inv(id: u64) -> Invalidation {
     Invalidation {
         collection: [1; 16],
         ids: vec![id],
@@ -31,7 +32,7 @@ fn inv(id: u64) -> Invalidation {
 }
 
 /// An empty delta of `version` and its manifest step.
-fn delta(version: u64) -> (Delta, ManifestStep) {
+pub(crate) fn delta(version: u64) -> (Delta, ManifestStep) {
     (
         Delta {
             version,
@@ -244,28 +245,10 @@ pub fn push_events(ops: &[PushOp]) {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     /// Every committed corpus input and every recorded crash, through its target's check.
     #[test]
     fn corpora_replay() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-        let mut replayed = 0;
-        for (name, check) in super::TARGETS {
-            for dir in ["corpus", "regressions"] {
-                let Ok(entries) = std::fs::read_dir(root.join(dir).join(name)) else {
-                    continue;
-                };
-                for entry in entries {
-                    let path = entry.unwrap().path();
-                    let bytes = std::fs::read(&path).unwrap();
-                    let outcome = std::panic::catch_unwind(|| check(&bytes));
-                    assert!(outcome.is_ok(), "{name}: {} fails", path.display());
-                    replayed += 1;
-                }
-            }
-        }
-        assert!(replayed > 0, "no corpus under {}", root.display());
-        eprintln!("{replayed} fuzz inputs replayed");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        tiervec_shared::fuzzing::replay_corpora(&root, &super::TARGETS);
     }
 }

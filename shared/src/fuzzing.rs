@@ -481,6 +481,30 @@ pub fn client_session(data: &[u8]) {
     }
 }
 
+/// Runs each target's check over every input under `root/corpus/<target>/` (what the fuzzer
+/// kept) and `root/regressions/<target>/` (what once failed); panics naming the first input
+/// that fails, or when there is none at all. The crates' `corpora_replay` tests call it, so the
+/// corpora are checked on stable.
+pub fn replay_corpora(root: &std::path::Path, targets: &[(&str, Check)]) {
+    let mut replayed = 0;
+    for &(name, check) in targets {
+        for dir in ["corpus", "regressions"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir).join(name)) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.expect("a readable corpus folder").path();
+                let bytes = std::fs::read(&path).expect("a readable corpus file");
+                let outcome = std::panic::catch_unwind(|| check(&bytes));
+                assert!(outcome.is_ok(), "{name}: {} fails", path.display());
+                replayed += 1;
+            }
+        }
+    }
+    assert!(replayed > 0, "no corpus under {}", root.display());
+    eprintln!("{replayed} fuzz inputs replayed");
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -556,23 +580,6 @@ mod tests {
     /// Every committed corpus input and every recorded crash, through its target's check.
     #[test]
     fn corpora_replay() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-        let mut replayed = 0;
-        for (name, check) in super::TARGETS {
-            for dir in ["corpus", "regressions"] {
-                let Ok(entries) = std::fs::read_dir(root.join(dir).join(name)) else {
-                    continue;
-                };
-                for entry in entries {
-                    let path = entry.unwrap().path();
-                    let bytes = std::fs::read(&path).unwrap();
-                    let outcome = std::panic::catch_unwind(|| check(&bytes));
-                    assert!(outcome.is_ok(), "{name}: {} fails", path.display());
-                    replayed += 1;
-                }
-            }
-        }
-        assert!(replayed > 0, "no corpus under {}", root.display());
-        eprintln!("{replayed} fuzz inputs replayed");
+        super::replay_corpora(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz"), &super::TARGETS);
     }
 }

@@ -311,17 +311,7 @@ impl PushState {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const PERIOD: Duration = Duration::from_millis(1_000);
-    const GAP: Duration = Duration::from_millis(100);
-
-    fn inv(id: u64) -> Invalidation {
-        Invalidation {
-            collection: [1; 16],
-            ids: vec![id],
-            lsn: id,
-        }
-    }
+    use crate::fuzzing::{GAP, PERIOD, delta, inv};
 
     /// The writes of `ids` (one each) as one batch.
     fn batch(ids: &[u64]) -> PushAction {
@@ -329,19 +319,6 @@ mod tests {
             invalidations: ids.iter().map(|&id| inv(id)).collect(),
             revoke_certificates: false,
         })
-    }
-
-    fn delta(version: u64) -> (Delta, ManifestStep) {
-        (
-            Delta {
-                version,
-                ..Delta::default()
-            },
-            ManifestStep {
-                version,
-                ..ManifestStep::default()
-            },
-        )
     }
 
     /// A state past its first reconcile and first plan (which found nothing).
