@@ -580,6 +580,9 @@ mod tests {
     /// Every committed corpus input and every recorded crash, through its target's check.
     #[test]
     fn corpora_replay() {
-        super::replay_corpora(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz"), &super::TARGETS);
+        super::replay_corpora(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz"),
+            &super::TARGETS,
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! [`Faults`] say. Delays drawn per datagram reorder them; a partition drops everything.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -141,24 +142,26 @@ async fn relay_front(
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
             continue;
         };
-        if !toward_upstream.contains_key(&client) {
-            let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else {
-                continue;
-            };
-            if socket.connect(upstream).await.is_err() {
-                continue;
+        let (socket, _) = match toward_upstream.entry(client) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else {
+                    continue;
+                };
+                if socket.connect(upstream).await.is_err() {
+                    continue;
+                }
+                let socket = Arc::new(socket);
+                let back = tokio::spawn(relay_back(
+                    socket.clone(),
+                    front.clone(),
+                    client,
+                    faults.clone(),
+                    counts.clone(),
+                ));
+                e.insert((socket, AbortOnDrop(back)))
             }
-            let socket = Arc::new(socket);
-            let back = tokio::spawn(relay_back(
-                socket.clone(),
-                front.clone(),
-                client,
-                faults.clone(),
-                counts.clone(),
-            ));
-            toward_upstream.insert(client, (socket, AbortOnDrop(back)));
-        }
-        let (socket, _) = &toward_upstream[&client];
+        };
         pass(socket, None, buf[..n].to_vec(), &faults, &counts);
     }
 }

@@ -232,18 +232,16 @@ pub fn run(mut args: SoakArgs) -> anyhow::Result<()> {
             .build()?;
         cloud.wait_indexed(&http).await?;
         edge.wait_linked(&http).await?;
-        let ledger = Arc::new(Mutex::new(Ledger::default()));
-        {
-            let client = Client::new(&cloud.http_base, None);
-            let mut l = ledger.lock().expect("not poisoned");
-            for id in 0..args.points as u64 {
-                let p = client
-                    .point(COLLECTION, id)
-                    .await?
-                    .with_context(|| format!("loaded point {id} missing"))?;
-                l.want.insert(id, Want::Live { lsn: p.lsn, version: 0 });
-            }
+        let mut loaded = Ledger::default();
+        let client = Client::new(&cloud.http_base, None);
+        for id in 0..args.points as u64 {
+            let p = client
+                .point(COLLECTION, id)
+                .await?
+                .with_context(|| format!("loaded point {id} missing"))?;
+            loaded.want.insert(id, Want::Live { lsn: p.lsn, version: 0 });
         }
+        let ledger = Arc::new(Mutex::new(loaded));
         let mut violations = Violations::default();
         let mut by_source: HashMap<String, Latencies> = HashMap::new();
         let (mut cloud_kills, mut edge_kills) = (0, 0);
