@@ -21,7 +21,7 @@ use tiervec_shared::confidence::ConfidenceRule;
 use crate::dataset::Dataset;
 use crate::deployment::{CloudSpec, EdgeSpec, start_cloud_with, start_edge_via};
 use crate::measure::prom::Exposition;
-use crate::measure::{Latencies, Machine, OutputArgs, update_benchmarks_md};
+use crate::measure::{Latencies, Machine, OutputArgs};
 use crate::procs;
 use crate::relay::{Faults, Relay};
 
@@ -91,7 +91,8 @@ pub fn run(mut args: FaultsArgs) -> anyhow::Result<()> {
     if args.output.quick {
         args.phase_seconds = args.phase_seconds.min(4);
     }
-    let docs = args.output.docs_dir()?.map(|d| d.to_owned());
+    // Refused before any work: a --quick run into the recorded docs.
+    args.output.docs_dir()?;
     procs::ensure_binaries()?;
     let ds = Arc::new(Dataset::load_default()?);
     let dir = args.work_dir.clone();
@@ -302,14 +303,7 @@ pub fn run(mut args: FaultsArgs) -> anyhow::Result<()> {
             edge_rss_max_bytes,
         })
     })?;
-    args.output.write_json(&report)?;
-    if let Some(docs) = &docs {
-        update_benchmarks_md(
-            &docs.join("benchmarks.md"),
-            "faults",
-            &section(&report, args.output.quick_flag()),
-        )?;
-    }
+    args.output.publish(&report, "faults", section)?;
     let phase = |name: &str| {
         report
             .rows

@@ -20,7 +20,7 @@ use tiervec_shared::confidence::ConfidenceRule;
 
 use crate::dataset::Dataset;
 use crate::deployment::{COLLECTION, Cloud, start_cloud};
-use crate::measure::{Latencies, Machine, OutputArgs, update_benchmarks_md};
+use crate::measure::{Latencies, Machine, OutputArgs};
 use crate::procs;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -121,7 +121,8 @@ pub fn run(mut args: LoadArgs) -> anyhow::Result<()> {
         args.edges = args.edges.min(100);
         args.seconds = args.seconds.min(15);
     }
-    let docs = args.output.docs_dir()?.map(|d| d.to_owned());
+    // Refused before any work: a --quick run into the recorded docs.
+    args.output.docs_dir()?;
     procs::ensure_binaries()?;
     let ds = Dataset::load_default()?;
     let dir = args.work_dir.clone();
@@ -333,14 +334,7 @@ pub fn run(mut args: LoadArgs) -> anyhow::Result<()> {
         r.last_ms,
         r.busiest_100ms
     );
-    args.output.write_json(&report)?;
-    if let Some(docs) = &docs {
-        update_benchmarks_md(
-            &docs.join("benchmarks.md"),
-            "load",
-            &section(&report, args.output.quick_flag()),
-        )?;
-    }
+    args.output.publish(&report, "load", section)?;
     eprintln!(
         "bench load done in {:.0} s",
         started.elapsed().as_secs_f64()

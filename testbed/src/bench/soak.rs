@@ -33,7 +33,7 @@ use tiervec_shared::confidence::ConfidenceRule;
 use crate::dataset::Dataset;
 use crate::deployment::{COLLECTION, CloudSpec, Edge, EdgeSpec, start_cloud_with, start_edge};
 use crate::measure::prom::Exposition;
-use crate::measure::{Latencies, Machine, OutputArgs, update_benchmarks_md};
+use crate::measure::{Latencies, Machine, OutputArgs};
 use crate::procs;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -185,7 +185,8 @@ pub fn run(mut args: SoakArgs) -> anyhow::Result<()> {
         "bench soak: {} rounds over {} points, seed {seed}",
         args.rounds, args.points
     );
-    let docs = args.output.docs_dir()?.map(|d| d.to_owned());
+    // Refused before any work: a --quick run into the recorded docs.
+    args.output.docs_dir()?;
     procs::ensure_binaries()?;
     let ds = Arc::new(Dataset::load_default()?);
     let dir = args.work_dir.clone();
@@ -424,14 +425,7 @@ pub fn run(mut args: SoakArgs) -> anyhow::Result<()> {
         report.edge_vectors_checked,
         report.violations
     );
-    args.output.write_json(&report)?;
-    if let Some(docs) = &docs {
-        update_benchmarks_md(
-            &docs.join("benchmarks.md"),
-            "soak",
-            &section(&report, args.output.quick_flag()),
-        )?;
-    }
+    args.output.publish(&report, "soak", section)?;
     anyhow::ensure!(
         report.violations.total() == 0,
         "the soak found violations: {:?} (seed {seed}; files in {})",

@@ -67,6 +67,25 @@ impl OutputArgs {
         if self.quick { " --quick" } else { "" }
     }
 
+    /// Writes `report` to `--json`, when given, and `section(report, quick_flag)` as the `name`
+    /// section of `benchmarks.md` in the docs folder, when this run writes docs.
+    pub fn publish<T: Serialize>(
+        &self,
+        report: &T,
+        name: &str,
+        section: impl FnOnce(&T, &str) -> String,
+    ) -> Result<(), OutputError> {
+        self.write_json(report)?;
+        if let Some(docs) = self.docs_dir()? {
+            update_benchmarks_md(
+                &docs.join("benchmarks.md"),
+                name,
+                &section(report, self.quick_flag()),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Writes `report` to `--json`, when given.
     pub fn write_json<T: Serialize>(&self, report: &T) -> Result<(), OutputError> {
         match &self.json {
