@@ -10,12 +10,13 @@ use tiervec_shared::push::{Delta, ManifestStep};
 
 use crate::push::state::{PushAction, PushState};
 use crate::service::Invalidation;
+use crate::storage::WalEntry;
 
 /// An invariant check over one input; it panics when an invariant breaks.
 pub type Check = fn(&[u8]);
 
 /// The fuzz targets, by name, as `cloud/fuzz/fuzz_targets/<name>.rs` calls them.
-pub const TARGETS: [(&str, Check); 1] = [("push_state", push_state)];
+pub const TARGETS: [(&str, Check); 2] = [("push_state", push_state), ("wal_entry", wal_entry)];
 
 /// The planning period and the gap between plans the model's [`PushState`] runs with (and the
 /// push state's unit tests).
@@ -241,6 +242,19 @@ pub fn push_events(ops: &[PushOp]) {
         "invalidations lost or reordered"
     );
     assert!(!d.delivering(), "a delivery never finished");
+}
+
+/// A WAL record body as recovery reads it: refused, or decoded into an entry whose own
+/// encoding decodes again to the same bytes (compared as bytes: a vector may hold a NaN) and
+/// whose log is named.
+pub fn wal_entry(data: &[u8]) {
+    let Ok(entry) = WalEntry::decode(data) else {
+        return;
+    };
+    let bytes = entry.encode();
+    let again = WalEntry::decode(&bytes).expect("an entry's own encoding decodes");
+    assert_eq!(again.encode(), bytes, "an entry's encoding is not stable");
+    let _ = entry.log();
 }
 
 #[cfg(test)]

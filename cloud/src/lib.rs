@@ -25,7 +25,7 @@
 //!   client of the API (bulk loads, tests, benchmarks). `main.rs` is glue.
 //! * `fuzzing` (feature `fuzzing`, and in tests) — invariant checks the fuzz targets of
 //!   `cloud/fuzz` and the property tests share: the push state machine under any sequence of
-//!   events.
+//!   events, WAL record bodies as recovery decodes them.
 
 pub mod client;
 pub mod collection;
