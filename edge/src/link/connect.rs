@@ -256,9 +256,10 @@ pub struct CloudLink {
 /// Deadlines missed since the last answer after which the link is closed and made again,
 /// provided the cloud has also been silent for that many deadlines (so that a burst of
 /// concurrent queries timing out in one short pause does not count three times). A cloud that
-/// was killed and restarted leaves the old connection looking alive until the idle timeout;
-/// closing it early lets the edge reach the new process at once instead of degrading for
-/// seconds.
+/// is alive but not answering (or a path that stopped carrying answers) keeps the connection
+/// looking alive until the idle timeout; closing it early lets the edge try a new connection
+/// instead of degrading for seconds. (A cloud restarted after a crash resets the connection
+/// itself: see the cloud's `quic::endpoint_config`.)
 pub const UNRESPONSIVE_AFTER: u64 = 3;
 
 impl CloudLink {
