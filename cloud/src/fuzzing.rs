@@ -16,7 +16,11 @@ use crate::storage::WalEntry;
 pub type Check = fn(&[u8]);
 
 /// The fuzz targets, by name, as `cloud/fuzz/fuzz_targets/<name>.rs` calls them.
-pub const TARGETS: [(&str, Check); 2] = [("push_state", push_state), ("wal_entry", wal_entry)];
+pub const TARGETS: [(&str, Check); 3] = [
+    ("push_state", push_state),
+    ("wal_entry", wal_entry),
+    ("http_body", http_body),
+];
 
 /// The planning period and the gap between plans the model's [`PushState`] runs with (and the
 /// push state's unit tests).
@@ -255,6 +259,344 @@ pub fn wal_entry(data: &[u8]) {
     let again = WalEntry::decode(&bytes).expect("an entry's own encoding decodes");
     assert_eq!(again.encode(), bytes, "an entry's encoding is not stable");
     let _ = entry.log();
+}
+
+/// The operations [`http_body`] sends, with their route in the API document.
+const HTTP_OPERATIONS: [(&str, &str); 8] = [
+    ("post", "/v1/collections"),
+    ("put", "/v1/collections/{name}/points"),
+    ("post", "/v1/collections/{name}/points/delete"),
+    ("post", "/v1/collections/{name}/search"),
+    ("post", "/v1/collections/{name}/search/batch"),
+    ("get", "/v1/collections/{name}/points/{id}"),
+    ("delete", "/v1/collections/{name}"),
+    ("get", "/v1/collections/{name}/hot"),
+];
+
+/// Collection names a request's path may take: two that exist at the start of every input
+/// (`c`, cosine, and `d`, dot, both 4-d with points 1..=3), one that never does, and one an
+/// input may create.
+const HTTP_NAMES: [&str; 4] = ["c", "d", "missing", "x-new"];
+
+/// A cloud service and its HTTP router in this process, driven without sockets: the handlers,
+/// extractors, middleware and limits of `tiervec-cloud serve`, over a data directory of its own.
+struct HttpHarness {
+    runtime: tokio::runtime::Runtime,
+    router: axum::Router,
+    /// The statuses the API document gives each of [`HTTP_OPERATIONS`].
+    documented: Vec<Vec<u16>>,
+    /// The newest acknowledged write's LSN: acknowledgements only go up.
+    last_lsn: std::sync::atomic::AtomicU64,
+}
+
+impl HttpHarness {
+    fn start() -> HttpHarness {
+        use std::sync::{Arc, OnceLock};
+        // On Linux a tmpfs keeps the fsync of every acknowledged write cheap; the code path is
+        // the same as on a disk.
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            std::path::PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        // Data directories of earlier runs whose process is gone are removed.
+        for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("tiervec-fuzz-http-"));
+            if pid.is_some_and(|pid| !std::path::Path::new("/proc").join(pid).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = base.join(format!("tiervec-fuzz-http-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = crate::config::CloudConfig {
+            data_dir: dir,
+            // Small enough that an input reaches them; the limits themselves are those of
+            // `tiervec-cloud serve`.
+            max_body_bytes: 1 << 20,
+            max_batch: 64,
+            ..crate::config::CloudConfig::default()
+        };
+        let keys = Arc::new(crate::transport::http::KeyTable::new(&[]).expect("no keys"));
+        let cell = Arc::new(OnceLock::new());
+        let state = crate::server::api_state(&config, keys, cell.clone());
+        let service = crate::service::Service::open(config).expect("the service opens");
+        let _ = cell.set(Arc::new(service));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let mut harness = HttpHarness {
+            runtime,
+            router: crate::transport::http::router(state),
+            documented: Vec::new(),
+            last_lsn: std::sync::atomic::AtomicU64::new(0),
+        };
+        let (status, body) = harness.call("GET", "/v1/openapi.json", Vec::new());
+        assert_eq!(status, 200);
+        let spec: serde_json::Value = serde_json::from_slice(&body).expect("the API document");
+        harness.documented = HTTP_OPERATIONS
+            .iter()
+            .map(|(method, path)| {
+                let responses = spec["paths"][path][method]["responses"]
+                    .as_object()
+                    .unwrap_or_else(|| panic!("{method} {path} is documented"));
+                responses
+                    .keys()
+                    .map(|code| code.parse().expect("numeric statuses"))
+                    .collect()
+            })
+            .collect();
+        harness
+    }
+
+    fn call(&self, method: &str, uri: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        use tower::ServiceExt;
+        self.runtime.block_on(async {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body))
+                .expect("a request");
+            let response = match self.router.clone().oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+            let status = response.status().as_u16();
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .expect("the body is read");
+            (status, bytes.to_vec())
+        })
+    }
+
+    /// A write answered 200: its acknowledgement parses and its LSN is newer than any before.
+    fn acknowledged(&self, body: &[u8]) -> u64 {
+        use crate::transport::http::WriteAck;
+        let ack: WriteAck = serde_json::from_slice(body).expect("an acknowledgement");
+        let before = self
+            .last_lsn
+            .fetch_max(ack.lsn, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            ack.lsn > before,
+            "LSN {} acknowledged after {before}",
+            ack.lsn
+        );
+        ack.lsn
+    }
+
+    /// Every input starts from the same two collections, so inputs replay alike and the
+    /// service's memory stays bounded over a long run.
+    fn reset(&self) {
+        use crate::transport::http::CollectionList;
+        let (status, body) = self.call("GET", "/v1/collections", Vec::new());
+        assert_eq!(status, 200);
+        let list: CollectionList = serde_json::from_slice(&body).expect("a collection list");
+        for c in list.collections {
+            let (status, _) =
+                self.call("DELETE", &format!("/v1/collections/{}", c.name), Vec::new());
+            assert_eq!(status, 200, "dropping {}", c.name);
+        }
+        for (name, metric) in [("c", "cosine"), ("d", "dot")] {
+            let create = format!(r#"{{"name":"{name}","dim":4,"metric":"{metric}"}}"#);
+            let (status, body) = self.call("POST", "/v1/collections", create.into_bytes());
+            assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+            let points = r#"{"points":[{"id":1,"vector":[1,0,0,0],"payload":{"text":"one"}},
+                {"id":2,"vector":[0,1,0,0]},{"id":3,"vector":[0.5,0.5,0.5,0.5],"payload":3}]}"#;
+            let uri = format!("/v1/collections/{name}/points");
+            let (status, body) = self.call("PUT", &uri, points.as_bytes().to_vec());
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            self.acknowledged(&body);
+        }
+    }
+
+    /// The point `id` of `name` as `GET …/points/{id}` answers it.
+    fn point(&self, name: &str, id: u64) -> Option<crate::transport::http::PointOut> {
+        let (status, body) = self.call(
+            "GET",
+            &format!("/v1/collections/{name}/points/{id}"),
+            Vec::new(),
+        );
+        match status {
+            200 => Some(serde_json::from_slice(&body).expect("a point")),
+            404 => None,
+            other => panic!("GET point {id}: status {other}"),
+        }
+    }
+}
+
+/// Percent-encodes `bytes` for a URI, leaving `keep` as they are.
+fn percent_encode(bytes: &[u8], keep: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 3);
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Search hits as the API promises them: at most `k`, nearest first.
+fn check_hits(hits: &[crate::transport::http::SearchHit], k: usize) {
+    assert!(hits.len() <= k, "{} hits for k = {k}", hits.len());
+    assert!(
+        hits.windows(2).all(|w| w[0].distance <= w[1].distance),
+        "hits out of order"
+    );
+}
+
+/// Requests with arbitrary bodies, paths and query strings sent through the cloud's real HTTP
+/// router to a real service (one per process, reset to the same two collections before each
+/// input). `data` is a sequence of requests: an operation byte, a collection-name byte, a
+/// little-endian `u16` length, then that many bytes of body (or of the point id, or of the
+/// query string). Every answer is one the API document gives its operation, never a server
+/// error; a refusal carries an error body; what is answered 200 parses as its schema says;
+/// acknowledged writes are there to read (with their LSN, which only goes up) and acknowledged
+/// deletions are gone; searches answer at most `k` hits, nearest first.
+pub fn http_body(data: &[u8]) {
+    use crate::transport::http::{
+        BatchSearchRequest, BatchSearchResponse, CollectionDescription, DeletePoints, ErrorBody,
+        HotResponse, SearchRequest, SearchResponse, UpsertPoints,
+    };
+    static HARNESS: std::sync::OnceLock<std::sync::Mutex<HttpHarness>> = std::sync::OnceLock::new();
+    let harness = HARNESS
+        .get_or_init(|| std::sync::Mutex::new(HttpHarness::start()))
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    harness.reset();
+    let mut rest = data;
+    while let [op, name, lo, hi, tail @ ..] = rest {
+        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+        let (bytes, after) = tail.split_at(len);
+        rest = after;
+        let op = usize::from(*op) % HTTP_OPERATIONS.len();
+        let name = HTTP_NAMES[usize::from(*name) % HTTP_NAMES.len()];
+        let collection = format!("/v1/collections/{name}");
+        let (method, uri, body) = match op {
+            0 => ("POST", "/v1/collections".to_owned(), bytes.to_vec()),
+            1 => ("PUT", format!("{collection}/points"), bytes.to_vec()),
+            2 => (
+                "POST",
+                format!("{collection}/points/delete"),
+                bytes.to_vec(),
+            ),
+            3 => ("POST", format!("{collection}/search"), bytes.to_vec()),
+            4 => ("POST", format!("{collection}/search/batch"), bytes.to_vec()),
+            5 => {
+                let id = percent_encode(bytes, b"-._~");
+                ("GET", format!("{collection}/points/{id}"), Vec::new())
+            }
+            6 => ("DELETE", collection.clone(), Vec::new()),
+            _ => {
+                let query = percent_encode(bytes, b"-._~=&");
+                ("GET", format!("{collection}/hot?{query}"), Vec::new())
+            }
+        };
+        let (status, answer) = harness.call(method, &uri, body);
+        let what = format!("{method} {uri}");
+        assert!(
+            status < 500,
+            "{what}: server error {status}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        assert!(
+            harness.documented[op].contains(&status),
+            "{what}: status {status} is not in the API document ({:?})",
+            harness.documented[op]
+        );
+        if !(200..300).contains(&status) {
+            let error: ErrorBody = serde_json::from_slice(&answer)
+                .unwrap_or_else(|e| panic!("{what}: {status} without an error body: {e}"));
+            assert!(
+                !error.code.is_empty() && !error.message.is_empty(),
+                "{what}: {error:?}"
+            );
+            continue;
+        }
+        match op {
+            0 => {
+                let created: CollectionDescription =
+                    serde_json::from_slice(&answer).expect("a collection description");
+                assert_eq!(created.points, 0);
+            }
+            1 => {
+                let lsn = harness.acknowledged(&answer);
+                let request: UpsertPoints =
+                    serde_json::from_slice(bytes).expect("an acknowledged upsert parses as one");
+                for point in &request.points {
+                    let stored = harness.point(name, point.id).unwrap_or_else(|| {
+                        panic!("{what}: acknowledged point {} is missing", point.id)
+                    });
+                    assert_eq!(stored.lsn, lsn, "{what}: point {}", point.id);
+                }
+                // The last value of each id is the one kept; its payload is stored as given.
+                let mut last = std::collections::HashMap::new();
+                for point in &request.points {
+                    last.insert(point.id, point);
+                }
+                for (id, point) in last {
+                    let stored = harness.point(name, id).expect("read above");
+                    let value = |p: &Option<Box<serde_json::value::RawValue>>| {
+                        p.as_ref().map(|raw| {
+                            serde_json::from_str::<serde_json::Value>(raw.get()).expect("JSON")
+                        })
+                    };
+                    assert_eq!(
+                        value(&stored.payload),
+                        value(&point.payload),
+                        "{what}: payload of {id}"
+                    );
+                    if name == "d" {
+                        assert_eq!(stored.vector, point.vector, "{what}: vector of {id}");
+                    }
+                }
+            }
+            2 => {
+                harness.acknowledged(&answer);
+                let request: DeletePoints =
+                    serde_json::from_slice(bytes).expect("an acknowledged deletion parses as one");
+                for &id in &request.ids {
+                    assert!(
+                        harness.point(name, id).is_none(),
+                        "{what}: deleted point {id} is back"
+                    );
+                }
+            }
+            3 => {
+                let request: SearchRequest =
+                    serde_json::from_slice(bytes).expect("an answered search parses as one");
+                let answer: SearchResponse =
+                    serde_json::from_slice(&answer).expect("a search answer");
+                check_hits(&answer.hits, request.k);
+            }
+            4 => {
+                let request: BatchSearchRequest =
+                    serde_json::from_slice(bytes).expect("an answered batch parses as one");
+                let answer: BatchSearchResponse =
+                    serde_json::from_slice(&answer).expect("a batch answer");
+                assert_eq!(answer.results.len(), request.searches.len());
+                for (search, result) in request.searches.iter().zip(&answer.results) {
+                    check_hits(&result.hits, search.k);
+                }
+            }
+            5 => {
+                let _: crate::transport::http::PointOut =
+                    serde_json::from_slice(&answer).expect("a point");
+            }
+            6 => assert!(
+                harness.call("GET", &collection, Vec::new()).0 == 404,
+                "{what}: still there"
+            ),
+            _ => {
+                let _: HotResponse = serde_json::from_slice(&answer).expect("hot ids");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

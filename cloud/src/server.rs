@@ -68,6 +68,32 @@ impl Service {
     }
 }
 
+/// The HTTP API's shared state under `config`'s limits; its handlers answer 503 until
+/// `service` is set.
+pub fn api_state(
+    config: &CloudConfig,
+    keys: Arc<KeyTable>,
+    service: Arc<OnceLock<Arc<Service>>>,
+) -> AppState {
+    AppState {
+        service,
+        keys,
+        metrics: prometheus(),
+        max_body_bytes: config.max_body_bytes,
+        hot: Arc::new(HotIds::new(config.hot.clone())),
+        scans: ScanSlots::new(
+            config
+                .max_concurrent_scans
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        ),
+        max_batch: config.max_batch,
+        gate: Arc::new(RequestGate::new(
+            config.http.max_concurrent_requests,
+            Duration::from_millis(config.http.request_timeout_ms),
+        )),
+    }
+}
+
 /// Binds `config.http_addr`, starts recovery in the background and serves until `shutdown`
 /// resolves. `on_bound` receives the bound address (port 0 picks one) before recovery starts.
 pub async fn serve(
@@ -83,24 +109,8 @@ pub async fn serve(
         tracing::warn!("no API keys configured: the API is open to anyone who can reach {addr}");
     }
     let cell: Arc<OnceLock<Arc<Service>>> = Arc::new(OnceLock::new());
-    let scans = ScanSlots::new(
-        config
-            .max_concurrent_scans
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-    );
-    let state = AppState {
-        service: cell.clone(),
-        keys,
-        metrics: prometheus(),
-        max_body_bytes: config.max_body_bytes,
-        hot: Arc::new(HotIds::new(config.hot.clone())),
-        scans: scans.clone(),
-        max_batch: config.max_batch,
-        gate: Arc::new(RequestGate::new(
-            config.http.max_concurrent_requests,
-            Duration::from_millis(config.http.request_timeout_ms),
-        )),
-    };
+    let state = api_state(&config, keys, cell.clone());
+    let scans = state.scans.clone();
     let hot = state.hot.clone();
     let push_config = config.push.clone();
     // The QUIC endpoint binds now (so a bad certificate fails fast) and serves once recovered.

@@ -1,7 +1,8 @@
 //! What an HTTP client can make the cloud spend: descriptors (connections), the time a
-//! connection may sit without sending a request, and how many API requests run at once. A real
-//! `tiervec-cloud serve` child process on loopback, under the descriptor soft limit a service
-//! gets by default (1,024), not this machine's larger one.
+//! connection may sit without sending a request, and how many API requests run at once; and
+//! what the cloud says when its disk refuses a write. A real `tiervec-cloud serve` child process
+//! on loopback, under the descriptor soft limit a service gets by default (1,024), not this
+//! machine's larger one, or under a file size limit.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -17,10 +18,27 @@ use tiervec_test_support::vectors::vector;
 /// The soft descriptor limit of a service started by a stock init system.
 const SERVICE_NOFILE: u64 = 1_024;
 
-/// Starts the cloud with `RLIMIT_NOFILE` soft `nofile` and the `--set` overrides; returns
-/// once its HTTP address is known.
-fn spawn(dir: &Path, nofile: u64, overrides: &[&str]) -> (ChildGuard, String) {
+/// Resource limits a cloud process starts under.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// Soft `RLIMIT_NOFILE`.
+    nofile: u64,
+    /// Soft `RLIMIT_FSIZE` (bytes a file may grow to), with `SIGXFSZ` ignored so that a write
+    /// past it fails with `EFBIG` as a full disk fails with `ENOSPC`; `None`: unlimited.
+    file_size: Option<u64>,
+}
+
+const SERVICE_LIMITS: Limits = Limits {
+    nofile: SERVICE_NOFILE,
+    file_size: None,
+};
+
+/// Starts the cloud under `limits` with the `--set` overrides; returns once its HTTP address
+/// is known.
+fn spawn(dir: &Path, limits: Limits, overrides: &[&str]) -> (ChildGuard, String) {
     let addr_file = dir.join("addr");
+    // A restart in the same folder must not read its predecessor's address.
+    let _ = std::fs::remove_file(&addr_file);
     let log = std::fs::File::create(dir.join("server.log")).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tiervec-cloud"));
     command
@@ -36,19 +54,27 @@ fn spawn(dir: &Path, nofile: u64, overrides: &[&str]) -> (ChildGuard, String) {
     for o in overrides {
         command.arg("--set").arg(o);
     }
-    // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
+    // SAFETY: between fork and exec only getrlimit, setrlimit and signal run, which are
+    // async-signal-safe. An ignored signal stays ignored across exec.
     unsafe {
         command.pre_exec(move || {
-            let mut limit = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-                return Err(std::io::Error::last_os_error());
+            let mut wanted = vec![(libc::RLIMIT_NOFILE, limits.nofile)];
+            if let Some(bytes) = limits.file_size {
+                wanted.push((libc::RLIMIT_FSIZE, bytes));
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             }
-            limit.rlim_cur = nofile.min(limit.rlim_max);
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
+            for (resource, soft) in wanted {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(resource, &mut limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                limit.rlim_cur = soft.min(limit.rlim_max);
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -97,7 +123,7 @@ fn open_descriptors(pid: u32) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_past_the_descriptor_limit_do_not_stop_the_cloud() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, addr) = spawn(dir.path(), SERVICE_NOFILE, &[]);
+    let (server, addr) = spawn(dir.path(), SERVICE_LIMITS, &[]);
     let http = client();
     wait_ready(&http, &addr).await;
 
@@ -162,7 +188,7 @@ async fn each_http_limit_holds_at_limit_plus_one() {
     let dir = tempfile::tempdir().unwrap();
     let (_server, addr) = spawn(
         dir.path(),
-        SERVICE_NOFILE,
+        SERVICE_LIMITS,
         &[
             "http.max_connections=4",
             "http.header_timeout_ms=1000",
@@ -264,4 +290,101 @@ async fn each_http_limit_holds_at_limit_plus_one() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "the permit came back");
+}
+
+/// A write the disk refuses (here a file size limit: `EFBIG`, as a full disk gives `ENOSPC`)
+/// is answered `storage_error` and stops the log: later writes are refused at once, never
+/// acknowledged, `/readyz` turns 503 saying the log is not writable and why, and searches go on.
+/// Restarted without the limit, the cloud holds every write it acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_disk_refuses_stops_the_log_and_readyz_says_so() {
+    const DIM: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let limited = Limits {
+        file_size: Some(2 << 20),
+        ..SERVICE_LIMITS
+    };
+    let (server, addr) = spawn(dir.path(), limited, &[]);
+    let http = client();
+    wait_ready(&http, &addr).await;
+    let r = http
+        .post(format!("http://{addr}/v1/collections"))
+        .json(&json!({"name": "docs", "dim": DIM, "metric": "l2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let upsert = |first: u64| {
+        let points: Vec<Value> = (first..first + 500)
+            .map(|i| json!({"id": i, "vector": vector(i, DIM)}))
+            .collect();
+        http.put(format!("http://{addr}/v1/collections/docs/points"))
+            .json(&json!({ "points": points }))
+            .send()
+    };
+    let mut acknowledged = 0;
+    let refusal = loop {
+        let r = upsert(acknowledged).await.unwrap();
+        if r.status() != 200 {
+            break (r.status().as_u16(), r.json::<Value>().await.unwrap());
+        }
+        acknowledged += 500;
+        assert!(acknowledged < 1_000_000, "the file size limit never bit");
+    };
+    assert_eq!(refusal.0, 500, "{refusal:?}");
+    assert_eq!(refusal.1["code"], "storage_error", "{refusal:?}");
+    let r = http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let readiness: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            &readiness["ready"],
+            &readiness["recovered"],
+            &readiness["log_writable"]
+        ),
+        (&json!(false), &json!(true), &json!(false)),
+        "{readiness}"
+    );
+    assert!(readiness["log_error"].is_string(), "{readiness}");
+    // Stopped, not wedged: the next write is refused at once.
+    let started = Instant::now();
+    let r = upsert(acknowledged).await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+    let r = http
+        .post(format!("http://{addr}/v1/collections/docs/search"))
+        .json(&json!({"vector": vector(3, DIM), "k": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "reads go on");
+    drop(server);
+
+    let (_server, addr) = spawn(dir.path(), SERVICE_LIMITS, &[]);
+    wait_ready(&http, &addr).await;
+    let r = http
+        .get(format!("http://{addr}/v1/collections/docs"))
+        .send()
+        .await
+        .unwrap();
+    let description: Value = r.json().await.unwrap();
+    assert!(
+        description["points"].as_u64().unwrap() >= acknowledged,
+        "{acknowledged} acknowledged, {description}"
+    );
+    for id in [0, acknowledged / 2, acknowledged - 1] {
+        let r = http
+            .get(format!("http://{addr}/v1/collections/docs/points/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "acknowledged point {id}");
+    }
 }

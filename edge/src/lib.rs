@@ -27,12 +27,17 @@
 //! * [`http`] and [`config`] — the local HTTP endpoint and `tiervec-edge serve`'s
 //!   configuration.
 //!
+//! * `fuzzing` (feature `fuzzing`, and in tests) — the guest ABI's host side checked against the
+//!   native kernel under arbitrary calls, for the fuzz target of `edge/fuzz`.
+//!
 //! A module uses only modules listed before it (and `tiervec-shared`), never one after it.
 
 pub mod cache;
 pub mod config;
 mod deltas;
 mod files;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod http;
 mod index;
 pub mod inspect;

@@ -5,8 +5,7 @@
 //! and recompiled; an unsafe directory refused), and certificates following the native
 //! cache into the guests (taken, dropped at a new connection, handed over at compaction).
 //!
-//! The guest is built here (with its `test-exports` feature, into its own target directory so
-//! the nested cargo never waits on the lock of the build running these tests).
+//! The guest is built by `tiervec_test_support::guest` (with its `test-exports` feature).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,36 +32,9 @@ const SLICE: usize = 2_000;
 const QUERIES: usize = 200;
 const COLLECTION: CollectionId = CollectionId::from_u128(0x77);
 
-/// The guest with its test exports, built once per test binary.
+/// The guest with its test exports.
 fn guest() -> &'static Path {
-    static GUEST: OnceLock<PathBuf> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        let target = workspace_root().join("target").join("wasm-guest-test");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip1",
-                "-p",
-                "tiervec-wasm",
-                "--features",
-                "test-exports",
-                "--target-dir",
-            ])
-            .arg(&target)
-            .status()
-            .expect("cargo runs");
-        assert!(
-            status.success(),
-            "building the guest for wasm32-wasip1 failed (see cargo's output above); if the \
-             target is missing, run `rustup toolchain install` in the repository root, which \
-             installs the toolchain, target and components that rust-toolchain.toml lists"
-        );
-        target.join("wasm32-wasip1/release/tiervec_wasm.wasm")
-    })
+    tiervec_test_support::guest::test_guest()
 }
 
 fn data_dir() -> PathBuf {

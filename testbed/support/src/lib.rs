@@ -6,8 +6,10 @@
 //! - [`process`] — [`ChildGuard`](process::ChildGuard), a child process killed (SIGKILL) and
 //!   reaped when dropped, so a failed assertion leaves no server behind;
 //! - [`net`] — loopback ports free right now;
+//! - [`guest`] — the WASM guest built for the tests that run it;
 //! - [`paths`] — the workspace root.
 
+pub mod guest;
 pub mod net;
 pub mod paths;
 pub mod process;
