@@ -585,3 +585,46 @@ async fn answers_past_the_size_limit_are_refused() {
         "{body}"
     );
 }
+
+/// A path no route takes and a method a route does not take answer the API's error body like
+/// every other refusal (the `http_body` fuzz target found the bare 404 of `GET
+/// …/points/` with no id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_methods_answer_an_error_body() {
+    use reqwest::Method as M;
+    let s = start(1 << 20).await;
+    let a = s.addr;
+    let (st, _) = call(
+        a,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(json!({"name": "docs", "dim": 8, "metric": "l2"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    for (method, path, status, code) in [
+        (
+            M::GET,
+            "/v1/collections/docs/points/",
+            404,
+            "route_not_found",
+        ),
+        (M::GET, "/v1/nothing-here", 404, "route_not_found"),
+        (M::PATCH, "/v1/collections/docs", 405, "method_not_allowed"),
+        (
+            M::GET,
+            "/v1/collections/docs/search",
+            405,
+            "method_not_allowed",
+        ),
+    ] {
+        let (st, body) = call(a, method.clone(), path, Some(RW), None).await;
+        assert_eq!(st.as_u16(), status, "{method} {path}: {body}");
+        assert_eq!(body["code"], code, "{method} {path}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.contains(path)),
+            "{body}"
+        );
+    }
+}

@@ -1148,6 +1148,30 @@ async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Respo
     }
 }
 
+/// A path no route takes (an empty point id included) answers the API's error body too.
+async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        format!(
+            "no route takes {method} {}; /v1/openapi.json lists them",
+            uri.path()
+        ),
+    )
+}
+
+/// A route asked with a method it does not take.
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} does not take {method}; /v1/openapi.json lists what it takes",
+            uri.path()
+        ),
+    )
+}
+
 /// The whole router.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -1169,6 +1193,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/collections/{name}/hot", get(hot_ids))
         .route("/v1/collections/{name}/search", post(search))
         .route("/v1/collections/{name}/search/batch", post(search_batch))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), admit))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route_layer(middleware::from_fn(observe))
