@@ -53,7 +53,7 @@ fn snapshot_file() -> Vec<u8> {
     }
     let texts: Vec<String> = (0..ROWS)
         .map(|i| {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 format!("row {i}")
             } else {
                 String::new()
@@ -220,7 +220,7 @@ fn delta(bytes: &mut Bytes<'_>, version: u64, lsn: &mut u64) -> Delta {
     for _ in 0..bytes.u8() % 6 {
         let id = u64::from(bytes.u8() % 64);
         let vector = bytes.vector();
-        let payload = (bytes.u8() % 3 == 0).then(|| format!("pushed {id}"));
+        let payload = bytes.u8().is_multiple_of(3).then(|| format!("pushed {id}"));
         delta.vectors.push(PushedVector {
             id,
             lsn: next_lsn(),
@@ -280,7 +280,8 @@ fn refusal(what: &str, e: &WasmError) -> i32 {
 /// The guest ABI's host side driven by a script of calls (see [`delta`] and
 /// [`Bytes::vector`]): each op byte picks a search, a delta, certificates, a confidence rule,
 /// a damaged snapshot, the starting snapshot again, or an empty cache. After every call the
-/// guest and the native kernel agree: the same snapshots and deltas taken and refused (with
+/// guest and the native kernel agree (a certificate list the ABI refuses — a radius not finite
+/// and positive — changes neither): the same snapshots and deltas taken and refused (with
 /// the refusal's code), the same answers — hits, distances, LSNs, payloads, nearest anchor,
 /// certification and the rule's decision — bit for bit where both run fused kernels
 /// (AVX2 + FMA), otherwise distances within 1e-5 rank by rank.
@@ -357,9 +358,18 @@ pub fn guest_abi(data: &[u8]) {
                 let certificates: Vec<(u64, f32)> = (0..bytes.u8() % 6)
                     .map(|_| (u64::from(bytes.u8() % 8) + 1_000, bytes.radius()))
                     .collect();
-                h.native.cache.set_certificates(&certificates);
-                if let Err(e) = h.host.set_certificates(&certificates) {
-                    panic!("certificates {certificates:?} refused: {e}");
+                // The ABI takes radii that are finite and positive (`guest_abi`); a list
+                // holding another is refused whole and changes nothing.
+                let valid = certificates.iter().all(|&(_, r)| r.is_finite() && r > 0.0);
+                match h.host.set_certificates(&certificates) {
+                    Ok(()) => {
+                        assert!(valid, "certificates {certificates:?} taken");
+                        h.native.cache.set_certificates(&certificates);
+                    }
+                    Err(e) => {
+                        assert!(!valid, "certificates {certificates:?} refused: {e}");
+                        assert_eq!(refusal("certificates", &e), status::MALFORMED_REQUEST);
+                    }
                 }
             }
             5 => {
