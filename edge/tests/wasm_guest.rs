@@ -624,3 +624,29 @@ async fn a_guest_that_cannot_answer_never_becomes_a_local_answer_or_an_error() {
     let err = node.search(&[0.5; 3], 10, 64).await.unwrap_err();
     assert!(err.to_string().contains("dimension"), "{err}");
 }
+
+/// Every snapshot load keeps the pool within `max_instances`: a loaded snapshot's probe joins
+/// the pool and the instances holding the old one leave it (each holds a 4 GiB reservation and
+/// a snapshot copy; found by the `guest_abi` fuzz target, which ran out of address space).
+#[test]
+fn snapshot_loads_keep_the_pool_within_its_bound() {
+    let host = host();
+    let query = data().queries.row(0);
+    for _ in 0..20 {
+        host.load_snapshot(&data().snapshot).expect("loads");
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| host.search(query, 10, 64).expect("answers"));
+            }
+        });
+    }
+    for _ in 0..5 {
+        host.load_snapshot(b"not a snapshot").unwrap_err();
+    }
+    assert!(
+        host.idle_instances() <= 2,
+        "{} idle instances for max_instances = 2",
+        host.idle_instances()
+    );
+    assert_eq!(host.search(query, 10, 64).unwrap().hits.len(), 10);
+}

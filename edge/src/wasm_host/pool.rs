@@ -109,12 +109,9 @@ impl WasmHost {
     pub fn load_snapshot(&self, bytes: &[u8]) -> Result<(), WasmError> {
         let _span = debug_span!("wasm_load_snapshot", bytes = bytes.len()).entered();
         let _writer = self.writer.lock();
+        // The probe is not counted in the pool until it joins it.
         let mut probe = self.new_instance()?;
-        let outcome = probe.load_snapshot(bytes);
-        if let Err(e) = outcome {
-            self.discard(probe);
-            return Err(e);
-        }
+        probe.load_snapshot(bytes)?;
         let mut journal = self.journal.lock();
         journal.generation += 1;
         journal.snapshot = Some(Arc::from(bytes));
@@ -123,6 +120,13 @@ impl WasmHost {
         probe.applied = 0;
         probe.rule_generation = u64::MAX;
         drop(journal);
+        // The probe joins the pool; the idle instances hold the old snapshot and would each be
+        // remade at their next request, so they go now, and their memory with them.
+        let mut pool = self.pool.lock();
+        let stale = std::mem::take(&mut pool.idle);
+        pool.live = pool.live - stale.len() + 1;
+        drop(pool);
+        drop(stale);
         self.put_back(probe);
         Ok(())
     }
@@ -227,6 +231,12 @@ impl WasmHost {
         }
     }
 
+    /// Instances waiting for a request: at most `max_instances`, each holding its linear
+    /// memory (a 4 GiB reservation) and a copy of the snapshot.
+    pub fn idle_instances(&self) -> usize {
+        self.pool.lock().idle.len()
+    }
+
     /// Bytes of linear memory of an idle instance after it has followed the journal (the
     /// snapshot copy, the overlay and the guest's buffers): the memory one instance costs.
     pub fn memory_per_instance(&self) -> Result<usize, WasmError> {
@@ -299,8 +309,17 @@ impl WasmHost {
             .inspect_err(|_| self.pool.lock().live -= 1)
     }
 
+    /// Returns an instance to the pool, or drops it while more than `max_instances` exist (a
+    /// snapshot load adds its probe while others are in use).
     fn put_back(&self, instance: GuestInstance) {
-        self.pool.lock().idle.push(instance);
+        let mut pool = self.pool.lock();
+        if pool.live > self.config.max_instances.max(1) {
+            pool.live -= 1;
+            drop(pool);
+            drop(instance);
+        } else {
+            pool.idle.push(instance);
+        }
         self.returned.notify_one();
     }
 
