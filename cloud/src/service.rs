@@ -664,6 +664,18 @@ impl Service {
             vectors.extend_from_slice(&vector);
             payloads.push(payload);
         }
+        // An id given twice in one request keeps its last value, as if the points were written
+        // in order (the log holds each id once: replay keeps the first of equal LSNs).
+        let last: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        if last.len() < ids.len() {
+            let kept: Vec<usize> = (0..ids.len()).filter(|&i| last[&ids[i]] == i).collect();
+            vectors = kept
+                .iter()
+                .flat_map(|&i| vectors[i * dim..(i + 1) * dim].iter().copied())
+                .collect();
+            payloads = kept.iter().map(|&i| payloads[i].take()).collect();
+            ids = kept.iter().map(|&i| ids[i]).collect();
+        }
         self.commit(WalEntry::Upsert {
             collection: c.info.id.0,
             ids,

@@ -628,3 +628,41 @@ async fn unknown_routes_and_methods_answer_an_error_body() {
         );
     }
 }
+
+/// An id given twice in one upsert keeps its last vector and payload, as if written in order
+/// (the `http_body` fuzz target found the first one kept); the log holds it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_given_twice_in_one_upsert_keeps_its_last_value() {
+    use reqwest::Method as M;
+    let s = start(1 << 20).await;
+    let a = s.addr;
+    let (st, _) = call(
+        a,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(json!({"name": "docs", "dim": 4, "metric": "l2"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let points = json!({"points": [
+        {"id": 1, "vector": [1.0, 0.0, 0.0, 0.0], "payload": {"text": "first"}},
+        {"id": 2, "vector": [0.0, 1.0, 0.0, 0.0]},
+        {"id": 1, "vector": [0.0, 0.0, 1.0, 0.0], "payload": {"text": "last"}},
+    ]});
+    let (st, _) = call(
+        a,
+        M::PUT,
+        "/v1/collections/docs/points",
+        Some(RW),
+        Some(points),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, point) = call(a, M::GET, "/v1/collections/docs/points/1", Some(RW), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(point["payload"], json!({"text": "last"}), "{point}");
+    assert_eq!(point["vector"], json!([0.0, 0.0, 1.0, 0.0]), "{point}");
+    let (_, description) = call(a, M::GET, "/v1/collections/docs", Some(RW), None).await;
+    assert_eq!(description["points"], 2, "{description}");
+}
