@@ -110,7 +110,7 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    fn new(engine: Arc<ExactEngine>) -> Catalog {
+    pub(crate) fn new(engine: Arc<ExactEngine>) -> Catalog {
         Catalog {
             by_name: RwLock::default(),
             edge_caches: RwLock::default(),
@@ -262,7 +262,14 @@ impl Apply for Catalog {
                 if map.contains_key(name) {
                     return;
                 }
-                let Some(metric) = Metric::from_code(*metric) else {
+                // The service logs only creates it validated; one that still breaks its rules
+                // (a damaged or foreign log) is skipped loudly: a dimension it refuses, or an
+                // identity in use, which would make every write to that identity ambiguous.
+                let metric = Metric::from_code(*metric);
+                let id_in_use = map.values().any(|c| c.info.id.0 == *id);
+                let (Some(metric), false, true) = (metric, id_in_use, (1..=MAX_DIM).contains(dim))
+                else {
+                    tracing::error!(lsn, collection = %name, dim, id_in_use, "collection create record that breaks the create rules skipped");
                     return;
                 };
                 map.insert(
