@@ -13,6 +13,7 @@ use crate::collection::gpu::GpuConfig;
 use crate::hot::HotConfig;
 use crate::push::PushConfig;
 use crate::service::ServiceConfig;
+use crate::storage::ClusterConfig;
 use crate::transport::http::ApiKey;
 use crate::transport::listener::HttpLimits;
 use crate::transport::quic::QuicLimits;
@@ -68,6 +69,9 @@ pub struct CloudConfig {
     pub http: HttpLimits,
     /// Connections, streams and windows of the QUIC endpoint (`transport/quic.rs`).
     pub quic: QuicLimits,
+    /// Run as a node of a cluster whose logs are NATS JetStream streams
+    /// (`storage/jetstream.rs`, `docs/cluster.md`); without it the embedded WAL holds them.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for CloudConfig {
@@ -93,6 +97,7 @@ impl Default for CloudConfig {
             gpu: GpuConfig::default(),
             http: HttpLimits::default(),
             quic: QuicLimits::default(),
+            cluster: None,
         }
     }
 }
@@ -110,6 +115,7 @@ impl CloudConfig {
             tombstone_rebuild_fraction: self.tombstone_rebuild_fraction,
             checkpoint_wal_bytes: self.checkpoint_wal_bytes,
             checkpoint_chunk_bytes: self.checkpoint_chunk_bytes,
+            cluster: self.cluster.clone(),
         }
     }
 

@@ -24,8 +24,8 @@ use tracing::{debug, info, warn};
 use crate::collection::gpu::ExactEngine;
 use crate::collection::{Collection, CollectionInfo, Engine, Hit, Point, SearchParams};
 use crate::storage::{
-    Apply, CheckpointError, Checkpointed, CollectionImage, DurableLog, EdgeCacheImage, Embedded,
-    Image, StartReport, StorageError, WalEntry, WalError,
+    Apply, CheckpointError, Checkpointed, ClusterConfig, ClusterError, CollectionImage, DurableLog,
+    EdgeCacheImage, Embedded, Image, JetStreamLog, StartReport, StorageError, WalEntry, WalError,
 };
 
 /// What the service needs to know: where its data lives and its limits (the `tiervec-cloud
@@ -45,6 +45,8 @@ pub struct ServiceConfig {
     pub checkpoint_wal_bytes: u64,
     /// Most bytes of points in one checkpoint chunk (`storage::checkpoint::CHUNK_BYTES`).
     pub checkpoint_chunk_bytes: usize,
+    /// The cluster's NATS JetStream logs to run on; none runs on the embedded WAL.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Errors of the service, classified for the API: user errors, missing things, and service
@@ -76,6 +78,8 @@ pub enum ServiceError {
     Wal(#[from] WalError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("data directory {path}: {what}")]
     DataDir { path: PathBuf, what: String },
 }
@@ -85,6 +89,7 @@ impl From<StorageError> for ServiceError {
         match e {
             StorageError::Wal(e) => ServiceError::Wal(e),
             StorageError::Checkpoint(e) => ServiceError::Checkpoint(e),
+            StorageError::Cluster(e) => ServiceError::Cluster(e),
         }
     }
 }
@@ -466,8 +471,17 @@ impl Service {
         let lock = lock_data_dir(&dir)?;
 
         let catalog = Arc::new(Catalog::new(engine));
-        let (log, start) = Embedded::open(&dir, catalog.clone(), config.checkpoint_chunk_bytes)?;
-        let log: Arc<dyn DurableLog> = Arc::new(log);
+        let (log, start): (Arc<dyn DurableLog>, StartReport) = match &config.cluster {
+            Some(cluster) => {
+                let (log, start) = JetStreamLog::open(cluster, catalog.clone())?;
+                (Arc::new(log), start)
+            }
+            None => {
+                let (log, start) =
+                    Embedded::open(&dir, catalog.clone(), config.checkpoint_chunk_bytes)?;
+                (Arc::new(log), start)
+            }
+        };
         info!(
             seconds = start.seconds,
             replayed = start.wal.records_replayed,

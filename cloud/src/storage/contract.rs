@@ -7,6 +7,7 @@ use thiserror::Error;
 
 use super::checkpoint::{CheckpointError, CollectionImage, EdgeCacheImage};
 use super::entry::{LogName, WalEntry};
+use super::jetstream::ClusterError;
 use super::wal::WalError;
 
 /// Why storage failed.
@@ -16,6 +17,8 @@ pub enum StorageError {
     Wal(#[from] WalError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// What a checkpoint covers: a position per log, every entry at or before which it includes.

@@ -5,11 +5,11 @@
 //! owns (the catalog) takes entries through [`Apply`]; neither knows how the log is kept.
 //!
 //! The trait is shaped for two implementations that differ in ways settled here:
-//! * [`Embedded`], the default and today's only one: one WAL per data directory
+//! * [`Embedded`], the default: one WAL per data directory
 //!   ([`wal`], group commit) carrying every entry, and checkpoint files ([`checkpoint`]). Its
 //!   flush leader applies a flushed group to the state *before* it acknowledges the appends, so
 //!   an acknowledged write is visible at once.
-//! * A replicated store (a log per shard on NATS JetStream, and a catalog log for creates,
+//! * [`JetStreamLog`], the replicated store (a log per shard on NATS JetStream, and a catalog log for creates,
 //!   drops and edge steps): each entry goes to the log [`WalEntry::log`] names, a position means
 //!   something only within its log, replicas apply by following their logs, and an append is
 //!   acknowledged once durable — so its `append` also waits until the local replica has applied
@@ -26,9 +26,11 @@ pub mod wal;
 
 mod contract;
 mod embedded;
+mod jetstream;
 
 pub use checkpoint::{CheckpointError, CollectionImage, DecodeError, EdgeCacheImage};
 pub use contract::{Apply, Checkpointed, Cut, DurableLog, Image, StorageError};
 pub use embedded::{Embedded, StartReport};
 pub use entry::{LogName, UndecodableEntry, WalEntry};
+pub use jetstream::{ClusterConfig, ClusterError, JetStreamLog};
 pub use wal::WalError;

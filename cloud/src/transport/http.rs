@@ -35,7 +35,7 @@ use crate::collection::gpu::EngineKind;
 use crate::collection::{Collection, Engine, SearchParams};
 use crate::hot::HotIds;
 use crate::service::{Service, ServiceError};
-use crate::storage::WalError;
+use crate::storage::{ClusterError, WalError};
 use crate::transport::ScanSlots;
 pub use crate::transport::spec::{MAX_BATCH_SEARCHES, MAX_HOT_IDS};
 
@@ -147,7 +147,18 @@ impl From<ServiceError> for ApiError {
             E::Wal(WalError::TooLarge(_)) | E::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
-            E::Wal(_) | E::Checkpoint(_) | E::DataDir { .. } => {
+            E::Cluster(ClusterError::TooLarge { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            E::Cluster(ClusterError::Conflict(_)) => (StatusCode::CONFLICT, "write_conflict"),
+            // The cluster's log could not be reached in time: retry (possibly at another node).
+            E::Cluster(ClusterError::Unavailable(_) | ClusterError::Connect(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
+            E::Wal(_)
+            | E::Checkpoint(_)
+            | E::DataDir { .. }
+            | E::Cluster(ClusterError::Config(_) | ClusterError::Unsupported(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage_error")
             }
         };

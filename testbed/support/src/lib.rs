@@ -6,10 +6,12 @@
 //! - [`process`] — [`ChildGuard`](process::ChildGuard), a child process killed (SIGKILL) and
 //!   reaped when dropped, so a failed assertion leaves no server behind;
 //! - [`net`] — loopback ports free right now;
+//! - [`nats`] — a JetStream cluster of real `nats-server` processes;
 //! - [`guest`] — the WASM guest built for the tests that run it;
 //! - [`paths`] — the workspace root.
 
 pub mod guest;
+pub mod nats;
 pub mod net;
 pub mod paths;
 pub mod process;

@@ -1,0 +1,585 @@
+//! The replicated store: the logs of a cloud cluster kept as NATS JetStream streams (see
+//! `docs/cluster.md`). A [`DurableLog`] whose append publishes to the entry's stream and whose
+//! state follows every stream, so each node holds every collection and answers on its own.
+//!
+//! Streams and subjects (`P` is [`ClusterConfig::prefix`]):
+//! * `P_CATALOG`, subjects `P.catalog.>`: creates and drops on `P.catalog.name.<name>`, edge
+//!   steps and resets on `P.catalog.edge`;
+//! * `P_SHARD_<identity in hex>`, subject `P.shard.<identity in hex>`: one collection's upserts
+//!   and deletes, created (by whichever node logs the create) before the create is published.
+//!
+//! An entry's position is its stream sequence. Writers on several nodes resolve as follows:
+//! point writes are published unconditionally — JetStream orders them, every replica applies
+//! them in that order, and the last write of an id wins everywhere; a create is published with
+//! the sequence this node last applied on its name's subject as the expected last subject
+//! sequence, so of two creates of one name on two nodes JetStream takes one and refuses the
+//! other ([`ClusterError::Conflict`]). Every publish carries a fresh `Nats-Msg-Id`, and one
+//! that timed out is retried with the same id, so JetStream keeps a retried entry once.
+//!
+//! An append returns after JetStream's acknowledgement (the stream's quorum holds the entry)
+//! *and* after this node's follower applied it, so a write is visible on the node that
+//! acknowledged it; other nodes apply it when their followers reach it. A follower is a
+//! JetStream ordered consumer from the position after the last one applied; it recreates
+//! itself after a gap or a lost server, so it applies each entry once, in order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, context, stream};
+use futures::StreamExt;
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{debug, error, info, warn};
+
+use super::contract::{Apply, Checkpointed, DurableLog, StorageError};
+use super::embedded::StartReport;
+use super::entry::{LogName, WalEntry};
+
+/// Where the cluster's NATS servers are and how this cloud uses them (`[cluster]` in
+/// `tiervec-cloud serve`'s configuration; without it the cloud runs on its embedded WAL).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:port`) of the JetStream cluster; the client fails over
+    /// between them.
+    pub nats: Vec<String>,
+    /// Prefix of every stream and subject of this cloud (1–32 of `[A-Za-z0-9_-]`), so that
+    /// several clouds may share one NATS cluster.
+    pub prefix: String,
+    /// Replicas of each stream (JetStream's R, 1–5); 0 chooses three when at least three
+    /// servers are listed, else one.
+    pub replicas: usize,
+    /// How long an append waits for JetStream's acknowledgement and the local apply, retries
+    /// included, before it answers "unavailable".
+    pub append_timeout_ms: u64,
+    /// How long start-up waits to apply every stream up to the position it had at start.
+    pub recovery_timeout_secs: u64,
+    /// NATS user and password, when the servers require them.
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats: Vec::new(),
+            prefix: "TIERVEC".into(),
+            replicas: 0,
+            append_timeout_ms: 5_000,
+            recovery_timeout_secs: 600,
+            user: None,
+            password: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The replicas each stream gets.
+    pub fn stream_replicas(&self) -> usize {
+        match self.replicas {
+            0 if self.nats.len() >= 3 => 3,
+            0 => 1,
+            r => r,
+        }
+    }
+}
+
+/// Why the replicated store failed, classified for the caller: the request is at fault
+/// (`TooLarge`), another node won (`Conflict`), or the cluster could not be reached in time
+/// (`Unavailable`: retry later; the entry may or may not have become durable).
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    #[error("cluster configuration: {0}")]
+    Config(String),
+    #[error("cannot reach the NATS cluster: {0}")]
+    Connect(String),
+    #[error("the cluster log is unavailable: {0}")]
+    Unavailable(String),
+    #[error("an entry of {bytes} bytes is over the NATS servers' max_payload of {max} bytes")]
+    TooLarge { bytes: usize, max: usize },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// Bytes of a published message besides its body (headers: the message id, the expected
+/// sequence), kept free under the servers' `max_payload`.
+const HEADER_ROOM: usize = 512;
+
+/// The first wait before a failed publish or follower is retried; it doubles up to a second.
+const RETRY_FIRST: Duration = Duration::from_millis(20);
+
+/// The logs of a cloud cluster on NATS JetStream.
+pub struct JetStreamLog {
+    shared: Arc<Shared>,
+    /// The NATS client's and the followers' runtime (one thread: they do little but wait).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// What the appending threads and the followers share.
+struct Shared {
+    config: ClusterConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    state: Arc<dyn Apply>,
+    /// The last position applied, per log.
+    applied: Mutex<HashMap<LogName, u64>>,
+    advanced: Condvar,
+    /// Per collection name, the catalog sequence of its last create or drop applied here.
+    name_sequences: Mutex<HashMap<String, u64>>,
+    /// The shard followers started, by collection identity, with the position their stream
+    /// had when they started, once they know it (what start-up waits for).
+    followers: Mutex<HashMap<[u8; 16], Option<u64>>>,
+    acknowledged: AtomicU64,
+    replayed: AtomicU64,
+}
+
+fn hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Shared {
+    fn catalog_stream(&self) -> String {
+        format!("{}_CATALOG", self.config.prefix)
+    }
+
+    fn shard_stream(&self, id: &[u8; 16]) -> String {
+        format!("{}_SHARD_{}", self.config.prefix, hex(id))
+    }
+
+    fn name_subject(&self, name: &str) -> String {
+        format!("{}.catalog.name.{name}", self.config.prefix)
+    }
+
+    fn subject(&self, entry: &WalEntry) -> String {
+        let p = &self.config.prefix;
+        match entry {
+            WalEntry::CreateCollection { name, .. } | WalEntry::DropCollection { name, .. } => {
+                self.name_subject(name)
+            }
+            WalEntry::EdgeStep { .. } | WalEntry::EdgeReset { .. } => format!("{p}.catalog.edge"),
+            WalEntry::Upsert { collection, .. } | WalEntry::Delete { collection, .. } => {
+                format!("{p}.shard.{}", hex(collection))
+            }
+        }
+    }
+
+    fn stream_config(&self, name: String, subjects: Vec<String>) -> stream::Config {
+        stream::Config {
+            name,
+            subjects,
+            storage: stream::StorageType::File,
+            num_replicas: self.config.stream_replicas(),
+            // The default two minutes: a publish retried within it is kept once.
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        }
+    }
+
+    fn applied(&self, log: LogName) -> u64 {
+        self.applied.lock().get(&log).copied().unwrap_or(0)
+    }
+
+    /// Waits until `log` is applied through `position`; false at `deadline`.
+    fn wait_applied(&self, log: LogName, position: u64, deadline: Instant) -> bool {
+        let mut applied = self.applied.lock();
+        loop {
+            if applied.get(&log).copied().unwrap_or(0) >= position {
+                return true;
+            }
+            if self.advanced.wait_until(&mut applied, deadline).timed_out() {
+                return applied.get(&log).copied().unwrap_or(0) >= position;
+            }
+        }
+    }
+
+    /// Applies the entry at `position` of `log` (once: a position at or below the last
+    /// applied is skipped) and starts following the shard of a collection it creates.
+    fn apply(self: &Arc<Self>, log: LogName, position: u64, subject: &str, body: &[u8]) {
+        if position <= self.applied(log) {
+            return;
+        }
+        match WalEntry::decode(body) {
+            Ok(entry) => {
+                self.state.apply(position, &entry);
+                match &entry {
+                    WalEntry::CreateCollection { name, id, .. } => {
+                        self.name_sequences.lock().insert(name.clone(), position);
+                        self.follow_shard(*id);
+                    }
+                    WalEntry::DropCollection { name, .. } => {
+                        self.name_sequences.lock().insert(name.clone(), position);
+                    }
+                    _ => {}
+                }
+            }
+            // A body no tiervec wrote: skipped loudly, never a stop of the follower.
+            Err(e) => error!(?log, position, subject, error = %e, "undecodable entry skipped"),
+        }
+        self.replayed.fetch_add(1, Ordering::Relaxed);
+        self.applied.lock().insert(log, position);
+        self.advanced.notify_all();
+    }
+
+    fn follow_shard(self: &Arc<Self>, id: [u8; 16]) {
+        let mut followers = self.followers.lock();
+        if followers.contains_key(&id) {
+            return;
+        }
+        followers.insert(id, None);
+        drop(followers);
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let stream = shared.shard_stream(&id);
+            follow(shared, LogName::Shard(id), stream).await
+        });
+    }
+}
+
+/// Follows one stream for good: applies its entries in order, and after an error starts again
+/// after the last position applied (with a growing wait). Ends when the stream is gone (its
+/// collection was dropped).
+async fn follow(shared: Arc<Shared>, log: LogName, stream_name: String) {
+    let mut wait = RETRY_FIRST;
+    loop {
+        match follow_once(&shared, log, &stream_name).await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(stream = %stream_name, error = %e, "stream follower restarts");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(), String> {
+    let mut stream = match shared.js.get_stream(name).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(e.kind(), context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            debug!(stream = name, error = %e, "stream gone: its collection was dropped");
+            if let LogName::Shard(id) = log {
+                shared.followers.lock().insert(id, Some(0));
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    if let LogName::Shard(id) = log {
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence;
+        shared.followers.lock().insert(id, Some(last));
+    }
+    let from = shared.applied(log) + 1;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| e.to_string())?;
+        let position = message.info().map_err(|e| e.to_string())?.stream_sequence;
+        shared.apply(log, position, message.subject.as_str(), &message.payload);
+    }
+    Err("the consumer's messages ended".into())
+}
+
+fn check_prefix(prefix: &str) -> Result<(), ClusterError> {
+    let ok = (1..=32).contains(&prefix.len())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ClusterError::Config(format!(
+            "prefix `{prefix}` must be 1 to 32 characters of A-Z, a-z, 0-9, _ and -"
+        )))
+    }
+}
+
+impl JetStreamLog {
+    /// Connects to the cluster, creates the catalog stream if it does not exist, and applies
+    /// every stream to `state` up to the position it has now (a fresh node replays all; there
+    /// are no local checkpoints yet), then keeps following them.
+    pub fn open(
+        config: &ClusterConfig,
+        state: Arc<dyn Apply>,
+    ) -> Result<(JetStreamLog, StartReport), StorageError> {
+        let started = Instant::now();
+        check_prefix(&config.prefix)?;
+        if config.nats.is_empty() {
+            return Err(
+                ClusterError::Config("no NATS server listed (`cluster.nats`)".into()).into(),
+            );
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tiervec-nats")
+            .enable_all()
+            .build()
+            .map_err(|e| ClusterError::Connect(format!("cannot start its runtime: {e}")))?;
+        let recovery = Duration::from_secs(config.recovery_timeout_secs);
+        let shared = runtime.block_on(async {
+            let mut options = async_nats::ConnectOptions::new()
+                .name("tiervec-cloud")
+                .retry_on_initial_connect()
+                .connection_timeout(Duration::from_secs(2))
+                .event_callback(|event| async move { info!(%event, "NATS connection") });
+            if let (Some(user), Some(password)) = (&config.user, &config.password) {
+                options = options.user_and_password(user.clone(), password.clone());
+            }
+            let addrs = config
+                .nats
+                .iter()
+                .map(|u| u.parse::<async_nats::ServerAddr>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ClusterError::Config(format!("a NATS address: {e}")))?;
+            let client = tokio::time::timeout(recovery, options.connect(addrs))
+                .await
+                .map_err(|_| {
+                    ClusterError::Connect(format!("no server answered within {recovery:?}"))
+                })?
+                .map_err(|e| ClusterError::Connect(e.to_string()))?;
+            let js = jetstream::new(client.clone());
+            let shared = Arc::new(Shared {
+                config: config.clone(),
+                client,
+                js,
+                state,
+                applied: Mutex::new(HashMap::new()),
+                advanced: Condvar::new(),
+                name_sequences: Mutex::new(HashMap::new()),
+                followers: Mutex::new(HashMap::new()),
+                acknowledged: AtomicU64::new(0),
+                replayed: AtomicU64::new(0),
+            });
+            let catalog = shared.catalog_stream();
+            let subjects = vec![format!("{}.catalog.>", config.prefix)];
+            let deadline = Instant::now() + recovery;
+            let mut stream = loop {
+                // Right after the cluster forms, JetStream may not have a meta leader yet.
+                match shared
+                    .js
+                    .get_or_create_stream(shared.stream_config(catalog.clone(), subjects.clone()))
+                    .await
+                {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        debug!(error = %e, "catalog stream not ready");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        return Err(ClusterError::Connect(format!(
+                            "catalog stream {catalog}: {e}"
+                        )));
+                    }
+                }
+            };
+            let last = stream
+                .info()
+                .await
+                .map_err(|e| ClusterError::Connect(e.to_string()))?
+                .state
+                .last_sequence;
+            tokio::spawn(follow(shared.clone(), LogName::Catalog, catalog));
+            Ok::<_, ClusterError>((shared, last))
+        })?;
+        let (shared, catalog_last) = shared;
+        let deadline = started + recovery;
+        let caught_up = |log, position| {
+            if shared.wait_applied(log, position, deadline) {
+                Ok(())
+            } else {
+                Err(ClusterError::Connect(format!(
+                    "{log:?} not applied through {position} within {recovery:?}"
+                )))
+            }
+        };
+        caught_up(LogName::Catalog, catalog_last)?;
+        // Each shard follower records its stream's position when it starts (0 for a stream
+        // that is gone).
+        loop {
+            let pending = shared
+                .followers
+                .lock()
+                .iter()
+                .filter(|(id, target)| {
+                    target.is_none_or(|t| shared.applied(LogName::Shard(**id)) < t)
+                })
+                .count();
+            if pending == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Connect(format!(
+                    "{pending} shards not caught up within {recovery:?}"
+                ))
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let mut report = StartReport {
+            seconds,
+            ..StartReport::default()
+        };
+        report.wal.records_replayed = shared.replayed.load(Ordering::Relaxed);
+        info!(
+            seconds,
+            entries = report.wal.records_replayed,
+            replicas = config.stream_replicas(),
+            "caught up with the cluster's streams"
+        );
+        Ok((
+            JetStreamLog {
+                shared,
+                runtime: Some(runtime),
+            },
+            report,
+        ))
+    }
+
+    async fn publish(&self, entry: &WalEntry, deadline: Instant) -> Result<u64, ClusterError> {
+        let shared = &self.shared;
+        let body = entry.encode();
+        let max = shared.client.server_info().max_payload;
+        if body.len() + HEADER_ROOM > max {
+            return Err(ClusterError::TooLarge {
+                bytes: body.len(),
+                max,
+            });
+        }
+        if let WalEntry::CreateCollection { id, .. } = entry {
+            let stream = shared.shard_stream(id);
+            let subject = format!("{}.shard.{}", shared.config.prefix, hex(id));
+            let config = shared.stream_config(stream.clone(), vec![subject]);
+            tokio::time::timeout_at(deadline.into(), shared.js.get_or_create_stream(config))
+                .await
+                .map_err(|_| {
+                    ClusterError::Unavailable(format!("creating stream {stream} timed out"))
+                })?
+                .map_err(|e| ClusterError::Unavailable(format!("stream {stream}: {e}")))?;
+        }
+        let expected = match entry {
+            WalEntry::CreateCollection { name, .. } => {
+                Some(shared.name_sequences.lock().get(name).copied().unwrap_or(0))
+            }
+            _ => None,
+        };
+        let subject = shared.subject(entry);
+        let message_id = uuid::Uuid::new_v4().to_string();
+        let body = bytes::Bytes::from(body);
+        let mut wait = RETRY_FIRST;
+        loop {
+            let mut publish = context::Publish::build()
+                .payload(body.clone())
+                .message_id(&message_id);
+            if let Some(sequence) = expected {
+                publish = publish.expected_last_subject_sequence(sequence);
+            }
+            let attempt = async {
+                let ack = shared.js.send_publish(subject.clone(), publish).await?;
+                ack.await
+            };
+            let outcome = tokio::time::timeout_at(deadline.into(), attempt).await;
+            let error = match outcome {
+                Ok(Ok(ack)) => return Ok(ack.sequence),
+                Ok(Err(e)) if e.kind() == context::PublishErrorKind::WrongLastSequence => {
+                    return Err(ClusterError::Conflict(format!(
+                        "another node changed `{subject}` first; retry once this node has caught up"
+                    )));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no acknowledgement in time".to_owned(),
+            };
+            if Instant::now() + wait >= deadline {
+                return Err(ClusterError::Unavailable(format!(
+                    "publishing to {subject}: {error}"
+                )));
+            }
+            debug!(subject, error, "publish retried with the same message id");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for JetStreamLog {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks on its tasks; the followers never end on their own.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl DurableLog for JetStreamLog {
+    fn append(&self, entry: WalEntry) -> Result<u64, StorageError> {
+        let deadline = Instant::now() + Duration::from_millis(self.shared.config.append_timeout_ms);
+        let log = entry.log();
+        let position = self.runtime().block_on(self.publish(&entry, deadline))?;
+        if !self.shared.wait_applied(log, position, deadline) {
+            // Durable in the cluster, but this node has not applied it: the caller must not
+            // answer as if it were visible here, and must not claim it failed either.
+            return Err(ClusterError::Unavailable(format!(
+                "{log:?} position {position} is durable but not yet applied on this node"
+            ))
+            .into());
+        }
+        self.shared.acknowledged.fetch_add(1, Ordering::Relaxed);
+        if let WalEntry::DropCollection { id, .. } = &entry {
+            let stream = self.shared.shard_stream(id);
+            if let Err(e) = self
+                .runtime()
+                .block_on(self.shared.js.delete_stream(&stream))
+            {
+                warn!(stream, error = %e, "the dropped collection's stream was not deleted");
+            }
+        }
+        Ok(position)
+    }
+
+    fn checkpoint(&self) -> Result<Checkpointed, StorageError> {
+        Err(ClusterError::Unsupported(
+            "a cluster node writes no checkpoints yet: it recovers by replaying the cluster's streams",
+        )
+        .into())
+    }
+
+    /// No local log grows, so no checkpoint is ever due.
+    fn bytes(&self) -> u64 {
+        0
+    }
+
+    fn flushes(&self) -> u64 {
+        self.shared.acknowledged.load(Ordering::Relaxed)
+    }
+
+    fn failure(&self) -> Option<String> {
+        match self.shared.client.connection_state() {
+            async_nats::connection::State::Connected => None,
+            state => Some(format!("NATS connection {state}")),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The cloud as a cluster on NATS JetStream: real `nats-server` processes forming a JetStream
+//! cluster and real `tiervec-cloud` processes on loopback, killed with SIGKILL mid-write.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tiervec_test_support::nats::NatsCluster;
+use tiervec_test_support::process::{ChildGuard, read_addr_file};
+use tiervec_test_support::vectors::family_vector;
+
+const DIM: usize = 8;
+
+/// A cloud node on the cluster's streams, its data in `dir`; its HTTP address.
+fn spawn_node(dir: &Path, nats: &[String]) -> (ChildGuard, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let addr_file = dir.join("addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .unwrap();
+    let urls: Vec<String> = nats.iter().map(|u| format!("{u:?}")).collect();
+    let child = Command::new(env!("CARGO_BIN_EXE_tiervec-cloud"))
+        .arg("serve")
+        .args([
+            "--set",
+            &format!("data_dir={:?}", dir.join("data").to_str().unwrap()),
+        ])
+        .args(["--set", "http_addr=\"127.0.0.1:0\""])
+        .args(["--set", &format!("cluster.nats=[{}]", urls.join(","))])
+        .args(["--set", "cluster.prefix=\"T\""])
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let guard = ChildGuard::new(child);
+    let addr = read_addr_file(&addr_file, Duration::from_secs(60));
+    (guard, addr)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn wait_ready(http: &reqwest::Client, addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("node {addr} never became ready");
+}
+
+/// The point `id` as node `addr` holds it: its vector, or `None` when it has no such point.
+async fn point(http: &reqwest::Client, addr: &str, id: u64) -> Option<Vec<f32>> {
+    let r = http
+        .get(format!("http://{addr}/v1/collections/c/points/{id}"))
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    let body: Value = r.json().await.ok()?;
+    serde_json::from_value(body["vector"].clone()).ok()
+}
+
+/// Waits (up to `within`) until node `addr` holds `id` as `want` (`None`: deleted).
+async fn until_held(
+    http: &reqwest::Client,
+    addr: &str,
+    id: u64,
+    want: Option<&[f32]>,
+    within: Duration,
+) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if point(http, addr, id).await.as_deref() == want {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Two cloud nodes on a three-server JetStream cluster: a write acknowledged by either is
+/// visible at once on the node that acknowledged it and soon on the other; a second create of
+/// the same name is refused; one node killed (SIGKILL) mid-write, then one nats-server, the
+/// writes go on at the surviving node; the killed node, restarted with an empty data folder,
+/// catches up from the streams; every acknowledged write and deletion is on both at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_every_acknowledged_write_across_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsCluster::start(dir.path(), 3);
+    let urls = nats.urls();
+    let http = client();
+    let (mut node_a, mut a) = spawn_node(&dir.path().join("a"), &urls);
+    let (_node_b, b) = spawn_node(&dir.path().join("b"), &urls);
+    wait_ready(&http, &a).await;
+    wait_ready(&http, &b).await;
+
+    let create = json!({"name": "c", "dim": DIM, "metric": "l2"});
+    let r = http
+        .post(format!("http://{a}/v1/collections"))
+        .json(&create)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let r = http
+        .post(format!("http://{b}/v1/collections"))
+        .json(&create)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "a second create of `c` must be refused");
+
+    // id → vector of every acknowledged write (the last one of each id); ids deleted.
+    let mut acked: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    let mut refused = 0;
+    let writes = 300u64;
+    for i in 0..writes {
+        if i == 100 {
+            node_a.kill().unwrap();
+        }
+        if i == 200 {
+            nats.servers[0].kill();
+        }
+        let at = if i < 100 && i % 2 == 0 { &a } else { &b };
+        let id = i % 250;
+        let v = family_vector(i, id, DIM);
+        let r = http
+            .put(format!("http://{at}/v1/collections/c/points"))
+            .json(&json!({"points": [{"id": id, "vector": v}]}))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status() == 200 => {
+                // Visible at once where it was acknowledged.
+                assert!(
+                    until_held(&http, at, id, Some(&v), Duration::ZERO).await,
+                    "write {i} acknowledged by {at} but not visible there"
+                );
+                acked.insert(id, v);
+            }
+            Ok(r) => {
+                let status = r.status();
+                let body = r.text().await.unwrap();
+                assert!(status == 503, "write {i}: {status} {body}");
+                refused += 1;
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    let deleted: Vec<u64> = (0..20).collect();
+    let r = http
+        .post(format!("http://{b}/v1/collections/c/points/delete"))
+        .json(&json!({"ids": deleted}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for id in &deleted {
+        acked.remove(id);
+    }
+    nats.servers[0].restart();
+
+    // The killed node comes back with nothing of its own and replays the streams.
+    let _ = std::fs::remove_dir_all(dir.path().join("a").join("data"));
+    let (node_a_again, a_again) = spawn_node(&dir.path().join("a"), &urls);
+    let _keep = node_a_again;
+    a = a_again;
+    wait_ready(&http, &a).await;
+    for node in [&a, &b] {
+        for (id, v) in &acked {
+            assert!(
+                until_held(&http, node, *id, Some(v), Duration::from_secs(5)).await,
+                "acknowledged write of {id} missing or stale on {node}"
+            );
+        }
+        for id in &deleted {
+            assert!(
+                until_held(&http, node, *id, None, Duration::from_secs(5)).await,
+                "deleted point {id} still on {node}"
+            );
+        }
+    }
+    let search = json!({"vector": family_vector(299, 299 % 250, DIM), "k": 5, "exact": true});
+    let r: Value = http
+        .post(format!("http://{a}/v1/collections/c/search"))
+        .json(&search)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["hits"][0]["id"], json!(299 % 250), "{r}");
+    eprintln!(
+        "{} ids acknowledged, {refused} writes refused during the kills",
+        acked.len() + deleted.len()
+    );
+    assert!(refused < 30, "{refused} writes refused");
+}
