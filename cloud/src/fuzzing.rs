@@ -531,7 +531,9 @@ pub fn wal_replay(data: &[u8]) {
                         "{name}: a hit that is not live"
                     );
                     assert!(
-                        hits.windows(2).all(|w| !(w[0].distance > w[1].distance)),
+                        hits.windows(2)
+                            .all(|w| w[0].distance.partial_cmp(&w[1].distance)
+                                != Some(std::cmp::Ordering::Greater)),
                         "{name}: hits not nearest first"
                     );
                 }
