@@ -15,6 +15,13 @@ const DIM: usize = 8;
 
 /// A cloud node on the cluster's streams, its data in `dir`; its HTTP address.
 fn spawn_node(dir: &Path, nats: &[String]) -> (ChildGuard, String) {
+    let guard = start_node(dir, nats, &[]);
+    let addr = read_addr_file(&dir.join("addr"), Duration::from_secs(60));
+    (guard, addr)
+}
+
+/// Starts a cloud node with `extra` `--set` overrides, without waiting for it.
+fn start_node(dir: &Path, nats: &[String], extra: &[&str]) -> ChildGuard {
     std::fs::create_dir_all(dir).unwrap();
     let addr_file = dir.join("addr");
     let _ = std::fs::remove_file(&addr_file);
@@ -33,15 +40,14 @@ fn spawn_node(dir: &Path, nats: &[String]) -> (ChildGuard, String) {
         .args(["--set", "http_addr=\"127.0.0.1:0\""])
         .args(["--set", &format!("cluster.nats=[{}]", urls.join(","))])
         .args(["--set", "cluster.prefix=\"T\""])
+        .args(extra.iter().flat_map(|o| ["--set", o]))
         .arg("--addr-file")
         .arg(&addr_file)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();
-    let guard = ChildGuard::new(child);
-    let addr = read_addr_file(&addr_file, Duration::from_secs(60));
-    (guard, addr)
+    ChildGuard::new(child)
 }
 
 fn client() -> reqwest::Client {
@@ -216,4 +222,46 @@ async fn two_nodes_share_every_acknowledged_write_across_kills() {
         acked.len() + deleted.len()
     );
     assert!(refused < 30, "{refused} writes refused");
+}
+
+/// NATS servers that require a user: a node with the wrong password stops at once, non-zero,
+/// saying the servers refused its credentials (no waiting out the recovery timeout); a node
+/// with the right one serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_nats_servers_refuse_stops_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start_with_user(dir.path(), 1, Some(("tiervec", "right")));
+    let urls = nats.urls();
+    let node_dir = dir.path().join("wrong");
+    let mut node = start_node(
+        &node_dir,
+        &urls,
+        &["cluster.user=\"tiervec\"", "cluster.password=\"wrong\""],
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = node.child_mut().try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a refused node must stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(node_dir.join("server.log")).unwrap();
+    assert!(
+        log.contains("refused this node's credentials"),
+        "the reason is not in the log: {log}"
+    );
+
+    let node_dir = dir.path().join("right");
+    let _node = start_node(
+        &node_dir,
+        &urls,
+        &["cluster.user=\"tiervec\"", "cluster.password=\"right\""],
+    );
+    let addr = read_addr_file(&node_dir.join("addr"), Duration::from_secs(60));
+    wait_ready(&client(), &addr).await;
 }

@@ -337,26 +337,45 @@ impl JetStreamLog {
             .map_err(|e| ClusterError::Connect(format!("cannot start its runtime: {e}")))?;
         let recovery = Duration::from_secs(config.recovery_timeout_secs);
         let shared = runtime.block_on(async {
-            let mut options = async_nats::ConnectOptions::new()
-                .name("tiervec-cloud")
-                .retry_on_initial_connect()
-                .connection_timeout(Duration::from_secs(2))
-                .event_callback(|event| async move { info!(%event, "NATS connection") });
-            if let (Some(user), Some(password)) = (&config.user, &config.password) {
-                options = options.user_and_password(user.clone(), password.clone());
-            }
             let addrs = config
                 .nats
                 .iter()
                 .map(|u| u.parse::<async_nats::ServerAddr>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| ClusterError::Config(format!("a NATS address: {e}")))?;
-            let client = tokio::time::timeout(recovery, options.connect(addrs))
-                .await
-                .map_err(|_| {
-                    ClusterError::Connect(format!("no server answered within {recovery:?}"))
-                })?
-                .map_err(|e| ClusterError::Connect(e.to_string()))?;
+            let deadline = Instant::now() + recovery;
+            // Servers still starting are waited for; refused credentials end the start at once.
+            let client = loop {
+                let mut options = async_nats::ConnectOptions::new()
+                    .name("tiervec-cloud")
+                    .connection_timeout(Duration::from_secs(2))
+                    .event_callback(|event| async move { info!(%event, "NATS connection") });
+                if let (Some(user), Some(password)) = (&config.user, &config.password) {
+                    options = options.user_and_password(user.clone(), password.clone());
+                }
+                match options.connect(addrs.clone()).await {
+                    Ok(client) => break client,
+                    Err(e) if matches!(
+                        e.kind(),
+                        async_nats::ConnectErrorKind::AuthorizationViolation
+                            | async_nats::ConnectErrorKind::Authentication
+                    ) =>
+                    {
+                        return Err(ClusterError::Connect(format!(
+                            "the NATS servers refused this node's credentials (cluster.user, cluster.password): {e}"
+                        )));
+                    }
+                    Err(e) if Instant::now() < deadline => {
+                        debug!(error = %e, "no NATS server answered yet");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        return Err(ClusterError::Connect(format!(
+                            "no NATS server answered within {recovery:?}: {e}"
+                        )));
+                    }
+                }
+            };
             let js = jetstream::new(client.clone());
             let shared = Arc::new(Shared {
                 config: config.clone(),
@@ -372,7 +391,6 @@ impl JetStreamLog {
             });
             let catalog = shared.catalog_stream();
             let subjects = vec![format!("{}.catalog.>", config.prefix)];
-            let deadline = Instant::now() + recovery;
             let mut stream = loop {
                 // Right after the cluster forms, JetStream may not have a meta leader yet.
                 match shared

@@ -43,6 +43,11 @@ impl NatsCluster {
     /// Starts `n` servers in folders under `dir`, clustered with each other (`n` = 1: a
     /// single JetStream server), and waits until JetStream answers on every one.
     pub fn start(dir: &Path, n: usize) -> NatsCluster {
+        NatsCluster::start_with_user(dir, n, None)
+    }
+
+    /// [`NatsCluster::start`] with clients required to log in as `user` (name, password).
+    pub fn start_with_user(dir: &Path, n: usize, user: Option<(&str, &str)>) -> NatsCluster {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_tcp_port()).collect();
         let routes: Vec<String> = cluster_ports
             .iter()
@@ -61,9 +66,15 @@ impl NatsCluster {
             } else {
                 String::new()
             };
+            let authorization = match user {
+                Some((name, password)) => {
+                    format!("authorization {{ user: {name:?}, password: {password:?} }}\n")
+                }
+                None => String::new(),
+            };
             let config = format!(
                 "server_name: n{i}\nlisten: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{monitor_port}\n\
-                 max_payload: 8MB\n\
+                 max_payload: 8MB\n{authorization}\
                  jetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB }}\n{cluster}",
                 server_dir.join("store").to_str().expect("a UTF-8 path"),
             );
