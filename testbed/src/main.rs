@@ -69,6 +69,10 @@ enum Bench {
     /// The cloud tier on 50,000 vectors: load, search, recovery, HTTP (--quick: 10,000
     /// vectors, 1,000 queries and samples, a 1,000-record WAL tail).
     Cloud(CloudArgs),
+    /// One cloud on its embedded WAL against three cloud nodes on a three-server NATS
+    /// JetStream cluster (nats-server from Debian): load, writes, searches, a new node's
+    /// catch-up (--quick: 2,000 vectors, 300 writes, 1,000 searches).
+    Cluster(tiervec_testbed::bench::cluster::ClusterArgs),
     /// The fallback path end to end over QUIC, with a raw quinn echo, and 0-RTT against a
     /// full handshake under an emulated round trip (--quick: 1,000 samples per row, 10
     /// reconnections).
@@ -109,6 +113,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::Cloud(args),
         } => tiervec_testbed::bench::cloud::run(args),
+        Command::Bench {
+            bench: Bench::Cluster(args),
+        } => tiervec_testbed::bench::cluster::run(args),
         Command::Bench {
             bench: Bench::E2e(args),
         } => tiervec_testbed::bench::e2e::run(args),

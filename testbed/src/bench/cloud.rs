@@ -323,15 +323,15 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
 }
 
 /// The server under load and the queries with their ground truth.
-struct HttpTarget<'a> {
-    http: &'a reqwest::Client,
-    base: &'a str,
-    queries: &'a [&'a [f32]],
-    truth: &'a [(Vec<u64>, Vec<f32>)],
+pub(super) struct HttpTarget<'a> {
+    pub(super) http: &'a reqwest::Client,
+    pub(super) base: &'a str,
+    pub(super) queries: &'a [&'a [f32]],
+    pub(super) truth: &'a [(Vec<u64>, Vec<f32>)],
 }
 
 /// Searches over HTTP with `clients` concurrent clients until `samples` requests are answered.
-async fn http_row(
+pub(super) async fn http_row(
     engine: &'static str,
     target: &HttpTarget<'_>,
     samples: usize,

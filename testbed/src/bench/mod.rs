@@ -4,6 +4,7 @@
 //! their tables.
 
 pub mod cloud;
+pub mod cluster;
 pub mod e2e;
 pub mod faults;
 pub mod gpu;

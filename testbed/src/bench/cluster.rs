@@ -1,0 +1,430 @@
+//! `tiervec-testbed bench cluster`: one cloud on its embedded WAL against a cluster of three
+//! cloud nodes on a three-server NATS JetStream cluster (`docs/cluster.md`), all real processes
+//! on loopback, in the same run: bulk load, single-point writes one at a time and from 16
+//! clients (local fsync against JetStream's R3 acknowledgement — a quorum holding the entry in
+//! memory, not fsynced), searches over HTTP, and a new node's catch-up from the streams.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use tiervec_test_support::nats::NatsCluster;
+
+use super::Row;
+use super::cloud::{HttpTarget, http_row};
+use crate::dataset::Dataset;
+use crate::deployment::{self, COLLECTION};
+use crate::measure::{K, Latencies, Machine, OutputArgs, exact_top_k, update_benchmarks_md};
+use crate::procs::{self, Process};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// Base vectors loaded (with their texts) before the measurements.
+    #[arg(long, default_value_t = 20_000)]
+    pub vectors: usize,
+    /// Single-point writes per write row.
+    #[arg(long, default_value_t = 2_000)]
+    pub writes: usize,
+    /// Search samples per search row.
+    #[arg(long, default_value_t = 10_000)]
+    pub samples: usize,
+    /// Concurrent writers of the concurrent write rows.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Cloud nodes of the cluster.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    #[arg(long, default_value = "target/tiervec-bench/cluster")]
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    bench: &'static str,
+    machine: Machine,
+    settings: serde_json::Value,
+    rows: Vec<Row>,
+    cloud_nodes: usize,
+    nats_servers: usize,
+    single_load_vectors_per_second: f64,
+    cluster_load_vectors_per_second: f64,
+    search_p50_ratio_cluster_to_single: f64,
+    search_p99_ratio_cluster_to_single: f64,
+    write_p50_ratio_cluster_to_single: f64,
+    catch_up_vectors: usize,
+    catch_up_seconds: f64,
+    catch_up_seconds_per_million_extrapolated: f64,
+}
+
+/// A cloud node (or the single cloud) as a child process, and its HTTP base URL.
+struct Node {
+    process: Process,
+    base: String,
+}
+
+fn start_node(dir: &Path, name: &str, cluster: Option<&[String]>) -> anyhow::Result<Node> {
+    std::fs::create_dir_all(dir)?;
+    let addr_file = dir.join(format!("{name}.addr"));
+    let _ = std::fs::remove_file(&addr_file);
+    let data_dir = dir.join(format!("{name}-data"));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--set".into(),
+        format!("data_dir={:?}", data_dir.to_string_lossy()),
+        "--set".into(),
+        "http_addr=\"127.0.0.1:0\"".into(),
+        "--addr-file".into(),
+        addr_file.to_string_lossy().into_owned(),
+    ];
+    if let Some(urls) = cluster {
+        let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+        args.extend([
+            "--set".into(),
+            format!("cluster.nats=[{}]", urls.join(",")),
+            "--set".into(),
+            "cluster.prefix=\"BENCH\"".into(),
+        ]);
+    }
+    let mut process = Process::start(
+        name,
+        &procs::binary("tiervec-cloud")?,
+        &args,
+        None,
+        &dir.join(format!("{name}.log")),
+    )?;
+    let addr = procs::wait_addr_file(&addr_file, &mut process)?;
+    Ok(Node {
+        process,
+        base: format!("http://{addr}"),
+    })
+}
+
+/// Creates the collection at `nodes[0]` and loads the first `count` base vectors with their
+/// texts in batches of 1,000, the batches spread over `nodes`; vectors a second.
+async fn load(
+    http: &reqwest::Client,
+    nodes: &[Node],
+    ds: &Dataset,
+    texts: &[String],
+    count: usize,
+) -> anyhow::Result<f64> {
+    let create = serde_json::json!({"name": COLLECTION, "dim": ds.base.dim, "metric": "cosine"});
+    let r = http
+        .post(format!("{}/v1/collections", nodes[0].base))
+        .json(&create)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "create: {}", r.text().await?);
+    let t = Instant::now();
+    for (b, start) in (0..count).step_by(1_000).enumerate() {
+        let points: Vec<serde_json::Value> = (start..(start + 1_000).min(count))
+            .map(|i| serde_json::json!({"id": i, "vector": ds.base.row(i), "payload": {"text": texts[i]}}))
+            .collect();
+        let node = &nodes[b % nodes.len()];
+        let r = http
+            .put(format!("{}/v1/collections/{COLLECTION}/points", node.base))
+            .json(&serde_json::json!({ "points": points }))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "load: {}", r.text().await?);
+    }
+    Ok(count as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `writes` single-point upserts (ids past the loaded ones, vectors of the base) from
+/// `clients` concurrent writers, spread over `nodes`.
+async fn write_row(
+    engine: &'static str,
+    http: &reqwest::Client,
+    nodes: &[Node],
+    ds: &Dataset,
+    first_id: usize,
+    writes: usize,
+    clients: usize,
+) -> anyhow::Result<Row> {
+    let bases: Arc<Vec<String>> = Arc::new(
+        nodes
+            .iter()
+            .map(|n| format!("{}/v1/collections/{COLLECTION}/points", n.base))
+            .collect(),
+    );
+    let bodies: Arc<Vec<String>> = Arc::new(
+        (0..writes)
+            .map(|i| {
+                let v = ds.base.row(i % ds.base.rows());
+                serde_json::json!({"points": [{"id": first_id + i, "vector": v}]}).to_string()
+            })
+            .collect(),
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, bases, bodies, next) =
+            (http.clone(), bases.clone(), bodies.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Latencies::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= bodies.len() {
+                    break;
+                }
+                let t = Instant::now();
+                let r = http
+                    .put(&bases[i % bases.len()])
+                    .header("content-type", "application/json")
+                    .body(bodies[i].clone())
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "write {i}: {}", r.text().await?);
+                lat.record(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Latencies::new();
+    for t in tasks {
+        lat.merge(&t.await??);
+    }
+    let row = Row {
+        engine,
+        ef: None,
+        recall_at_10: 0.0,
+        p50_us: lat.percentile_us(0.5),
+        p99_us: lat.percentile_us(0.99),
+        p999_us: lat.percentile_us(0.999),
+        qps: lat.samples() as f64 / started.elapsed().as_secs_f64(),
+        threads: clients,
+    };
+    eprintln!(
+        "  {engine:<26} clients={clients:<3} p50={:>8.1}µs p99={:>8.1}µs qps={:>7.0}",
+        row.p50_us, row.p99_us, row.qps
+    );
+    Ok(row)
+}
+
+pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
+    let docs = args.output.docs_dir()?.map(Path::to_owned);
+    let quick = args.output.quick;
+    if quick {
+        args.vectors = args.vectors.min(2_000);
+        args.writes = args.writes.min(300);
+        args.samples = args.samples.min(1_000);
+    }
+    anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
+    let started = Instant::now();
+    let ds = Dataset::load_default()?;
+    let texts = ds.base_texts()?;
+    let count = args.vectors.min(ds.base.rows());
+    let dim = ds.base.dim;
+    let nq = if quick { 1_000 } else { ds.queries.rows() };
+    let queries: Vec<&[f32]> = (0..nq).map(|i| ds.queries.row(i)).collect();
+    let truth: Vec<(Vec<u64>, Vec<f32>)> = if count == ds.base.rows() {
+        (0..nq).map(|q| ds.ground_truth(q, K)).collect()
+    } else {
+        exact_top_k(&ds.base.data[..count * dim], dim, &queries)
+    };
+    let _ = std::fs::remove_dir_all(&args.work_dir);
+    std::fs::create_dir_all(&args.work_dir)?;
+    eprintln!(
+        "bench cluster: {count} vectors × {dim}; one cloud (embedded WAL) against {} nodes on 3 nats-servers",
+        args.nodes
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let ef = 64;
+    let (clients, writes) = (args.clients, args.writes);
+
+    // 1. The single cloud on its embedded WAL.
+    let mut single = vec![start_node(&args.work_dir, "single", None)?];
+    let (single_load, single_rows) = rt.block_on(async {
+        procs::wait_http_ok(
+            &http,
+            &format!("{}/readyz", single[0].base),
+            Duration::from_secs(60),
+        )
+        .await?;
+        let load = load(&http, &single, &ds, &texts, count).await?;
+        let node = &mut single[0];
+        deployment::wait_indexed(&http, &node.base, &mut node.process).await?;
+        let target = HttpTarget {
+            http: &http,
+            base: &single[0].base,
+            queries: &queries,
+            truth: &truth,
+        };
+        let search = http_row("single_search", &target, args.samples, 1, ef).await?;
+        let write = write_row("single_write_fsync", &http, &single, &ds, count, writes, 1).await?;
+        let many = write_row(
+            "single_write_fsync_c",
+            &http,
+            &single,
+            &ds,
+            count + writes,
+            writes * 2,
+            clients,
+        )
+        .await?;
+        anyhow::Ok((load, vec![search, write, many]))
+    })?;
+    drop(single);
+
+    // 2. The cluster: three nats-servers, `nodes` cloud nodes.
+    let nats = NatsCluster::start(&args.work_dir.join("nats"), 3);
+    let urls = nats.urls();
+    let mut nodes = (0..args.nodes)
+        .map(|i| start_node(&args.work_dir, &format!("node{i}"), Some(&urls)))
+        .collect::<anyhow::Result<Vec<Node>>>()?;
+    let (cluster_load, cluster_rows) = rt.block_on(async {
+        for n in &nodes {
+            procs::wait_http_ok(
+                &http,
+                &format!("{}/readyz", n.base),
+                Duration::from_secs(120),
+            )
+            .await?;
+        }
+        let load = load(&http, &nodes, &ds, &texts, count).await?;
+        for n in nodes.iter_mut() {
+            deployment::wait_indexed(&http, &n.base, &mut n.process).await?;
+        }
+        let target = HttpTarget {
+            http: &http,
+            base: &nodes[0].base,
+            queries: &queries,
+            truth: &truth,
+        };
+        let search = http_row("cluster_search", &target, args.samples, 1, ef).await?;
+        let write = write_row(
+            "cluster_write_jetstream_r3",
+            &http,
+            &nodes,
+            &ds,
+            count,
+            writes,
+            1,
+        )
+        .await?;
+        let many = write_row(
+            "cluster_write_jetstream_r3_c",
+            &http,
+            &nodes,
+            &ds,
+            count + writes,
+            writes * 2,
+            clients,
+        )
+        .await?;
+        anyhow::Ok((load, vec![search, write, many]))
+    })?;
+
+    // 3. A new node replays the streams (the loaded vectors and every write) from empty.
+    let t = Instant::now();
+    let newcomer = start_node(&args.work_dir, "newcomer", Some(&urls))?;
+    rt.block_on(procs::wait_http_ok(
+        &http,
+        &format!("{}/readyz", newcomer.base),
+        Duration::from_secs(900),
+    ))
+    .context("the new node never caught up")?;
+    let catch_up_seconds = t.elapsed().as_secs_f64();
+    let catch_up_vectors = count + 3 * writes;
+    eprintln!(
+        "  new node ready after replaying {catch_up_vectors} point writes: {catch_up_seconds:.2} s"
+    );
+    drop(newcomer);
+    drop(nodes);
+    drop(nats);
+
+    let mut rows = single_rows;
+    rows.extend(cluster_rows);
+    let row = |e: &str| rows.iter().find(|r| r.engine == e).expect("measured above");
+    let report = Report {
+        bench: "cluster",
+        machine: Machine::detect(),
+        settings: serde_json::json!({
+            "vectors": count, "dim": dim, "k": 10, "ef": ef, "writes": writes, "clients": clients,
+            "quick": quick, "search_samples": args.samples, "queries": nq,
+            "nats_server": "Debian nats-server 2.9.10, 3 servers, JetStream file storage, streams R3",
+            "acknowledgement": "single: WAL fsync; cluster: JetStream R3 ack (a quorum holds it in memory, not fsynced) + the node's own apply",
+            "placement": "every process on the same 2 cores, unpinned; searches at node 0, writes round-robin over the nodes",
+        }),
+        cloud_nodes: args.nodes,
+        nats_servers: 3,
+        single_load_vectors_per_second: single_load,
+        cluster_load_vectors_per_second: cluster_load,
+        search_p50_ratio_cluster_to_single: row("cluster_search").p50_us
+            / row("single_search").p50_us,
+        search_p99_ratio_cluster_to_single: row("cluster_search").p99_us
+            / row("single_search").p99_us,
+        write_p50_ratio_cluster_to_single: row("cluster_write_jetstream_r3").p50_us
+            / row("single_write_fsync").p50_us,
+        catch_up_vectors,
+        catch_up_seconds,
+        catch_up_seconds_per_million_extrapolated: catch_up_seconds * 1e6 / catch_up_vectors as f64,
+        rows,
+    };
+    args.output.write_json(&report)?;
+    if let Some(docs) = &docs {
+        write_docs(docs, &args, &report)?;
+    }
+    eprintln!(
+        "bench cluster done in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn write_docs(docs: &Path, args: &ClusterArgs, r: &Report) -> anyhow::Result<()> {
+    let mut md = String::new();
+    md.push_str("## bench cluster — one cloud against a cluster on NATS JetStream\n\n");
+    md.push_str(&format!(
+        "Command: `cargo build --release --workspace && cargo run --release -p tiervec-testbed -- bench cluster{} --json target/bench-cluster.json`  \n\
+         Machine: {} ({} cpus); Debian's nats-server 2.9.10. One `tiervec-cloud` on its embedded WAL, then \
+         {} cloud nodes on three nats-servers (streams R3), every process on the same cores, in one run. \
+         {} vectors loaded with their texts; searches (k = 10, ef = 64, one client) at node 0; single-point writes \
+         round-robin over the nodes, one client and {} clients. **Write acknowledgements differ**: the single \
+         cloud fsyncs its WAL; a cluster write is acknowledged after JetStream's R3 acknowledgement (a quorum \
+         holds it in memory and page cache, not fsynced: `docs/cluster.md`) and the node's own apply.\n\n",
+        args.output.quick_flag(), r.machine.cpu_model, r.machine.cpus, r.cloud_nodes,
+        r.settings["vectors"], args.clients
+    ));
+    md.push_str("| row | recall@10 | p50 µs | p99 µs | p99.9 µs | per second | clients |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    for row in &r.rows {
+        let recall = if row.engine.contains("search") {
+            format!("{:.4}", row.recall_at_10)
+        } else {
+            "—".into()
+        };
+        md.push_str(&format!(
+            "| `{}` | {recall} | {:.0} | {:.0} | {:.0} | {:.0} | {} |\n",
+            row.engine, row.p50_us, row.p99_us, row.p999_us, row.qps, row.threads
+        ));
+    }
+    md.push_str(&format!(
+        "\n- search p50 cluster ÷ single: {:.2}× (p99 {:.2}×): every node holds every collection, so a search is local\n\
+         - single-point write p50 cluster ÷ single: {:.2}×\n\
+         - bulk load (batches of 1,000 with texts): single {:.0} vectors/s, cluster {:.0} vectors/s\n\
+         - a new node's catch-up from empty (replaying {} point writes from the streams, until `/readyz`): {:.2} s, \
+         i.e. about {:.0} s per million point writes — **extrapolated** linearly from this run, not measured at a million\n",
+        r.search_p50_ratio_cluster_to_single, r.search_p99_ratio_cluster_to_single, r.write_p50_ratio_cluster_to_single,
+        r.single_load_vectors_per_second, r.cluster_load_vectors_per_second, r.catch_up_vectors, r.catch_up_seconds,
+        r.catch_up_seconds_per_million_extrapolated
+    ));
+    Ok(update_benchmarks_md(
+        &docs.join("benchmarks.md"),
+        "cluster",
+        &md,
+    )?)
+}
