@@ -7,7 +7,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tiervec_cloud::certs::CertDir;
+use tiervec_edge::cache::{CacheConfig, EdgeCache};
+use tiervec_edge::link::LinkConfig;
+use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
 use tiervec_test_support::nats::NatsCluster;
+use tiervec_test_support::net::free_udp_addr;
 use tiervec_test_support::process::{ChildGuard, read_addr_file};
 use tiervec_test_support::vectors::family_vector;
 
@@ -264,4 +269,145 @@ async fn a_node_the_nats_servers_refuse_stops_and_says_why() {
     );
     let addr = read_addr_file(&node_dir.join("addr"), Duration::from_secs(60));
     wait_ready(&client(), &addr).await;
+}
+
+/// An edge given both nodes' QUIC addresses answers from the cloud through the first; when that
+/// node is killed (SIGKILL) the edge answers degraded — never an error — until it has failed
+/// over to the other node, and then from the cloud again. Failover is timed from the kill to
+/// the first answer from the other node, with a 1 s idle timeout on the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_fails_over_to_another_node_when_its_node_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(dir.path(), 3);
+    let urls = nats.urls();
+    let certs = CertDir {
+        dir: dir.path().join("certs"),
+        deployment: "cluster-failover".into(),
+    };
+    certs.ensure_ca().unwrap();
+    certs.issue_server(&["localhost".into()]).unwrap();
+    certs.issue_edge("edge-1").unwrap();
+    let quic = [free_udp_addr(), free_udp_addr()];
+    let mut nodes = Vec::new();
+    for (i, q) in quic.iter().enumerate() {
+        let quic_addr = format!("quic_addr=\"{q}\"");
+        let certs_dir = format!("certs_dir={:?}", certs.dir.to_str().unwrap());
+        let node_dir = dir.path().join(format!("node{i}"));
+        let guard = start_node(
+            &node_dir,
+            &urls,
+            &[
+                &quic_addr,
+                &certs_dir,
+                r#"edges={"edge-1"=["*"]}"#,
+                "push={anchor_hot_count=1e12, hot_id_count=1e12}",
+            ],
+        );
+        let addr = read_addr_file(&node_dir.join("addr"), Duration::from_secs(60));
+        nodes.push((guard, addr));
+    }
+    let http = client();
+    for (_, addr) in &nodes {
+        wait_ready(&http, addr).await;
+    }
+    let a = nodes[0].1.clone();
+    let r = http
+        .post(format!("http://{a}/v1/collections"))
+        .json(&json!({"name": "c", "dim": DIM, "metric": "l2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let points: Vec<Value> = (0..200u64)
+        .map(|id| json!({"id": id, "vector": family_vector(0, id, DIM)}))
+        .collect();
+    let r = http
+        .put(format!("http://{a}/v1/collections/c/points"))
+        .json(&json!({ "points": points }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // An edge with an empty cache: every answer it can get from the cloud comes from there.
+    let link = LinkConfig {
+        other_cloud_addrs: vec![quic[1]],
+        idle_timeout: Duration::from_secs(1),
+        keep_alive: Duration::from_millis(300),
+        ..LinkConfig::new(
+            quic[0],
+            "localhost",
+            certs.ca_cert(),
+            Some((certs.edge_cert("edge-1"), certs.edge_key("edge-1"))),
+            "edge-1",
+        )
+    };
+    let cache = EdgeCache::open(CacheConfig::beside(&dir.path().join("edge.tvs"), 1 << 20))
+        .unwrap()
+        .0;
+    let node = EdgeNode::start(
+        std::sync::Arc::new(cache),
+        NodeConfig {
+            collection: "c".into(),
+            rule: tiervec_shared::confidence::ConfidenceRule::kth(1e-6),
+            lease: Duration::from_secs(30),
+            deadline: Duration::from_millis(200),
+            cloud_ef: 64,
+            backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+            shadow_every: 0,
+            target_recall: None,
+            certify: false,
+        },
+        Some(link),
+    )
+    .unwrap();
+    let ask = |i: u64| {
+        let q = family_vector(0, i % 200, DIM);
+        let node = &node;
+        async move {
+            node.search(&q, 1, 32)
+                .await
+                .expect("an answer, never an error")
+        }
+    };
+    let started = Instant::now();
+    loop {
+        let answer = ask(0).await;
+        if answer.source == Source::Cloud {
+            assert_eq!(answer.hits[0].id, 0);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the edge never reached the cloud"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    nodes[0].0.kill().unwrap();
+    let killed = Instant::now();
+    let mut degraded = 0;
+    for i in 1u64.. {
+        let answer = ask(i).await;
+        match answer.source {
+            Source::Cloud => {
+                assert_eq!(answer.hits[0].id, i % 200, "the other node's answer");
+                break;
+            }
+            _ => degraded += 1,
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "the edge never failed over"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let failover = killed.elapsed();
+    eprintln!(
+        "failover: {failover:?} from the kill to an answer from the other node ({degraded} degraded answers meanwhile)"
+    );
+    assert!(
+        failover < Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
 }

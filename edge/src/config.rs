@@ -18,12 +18,24 @@ use crate::node::NodeConfig;
 pub struct CloudLinkConfig {
     /// The cloud's QUIC address.
     pub addr: SocketAddr,
+    /// The QUIC addresses of the cloud cluster's other nodes, tried in turn after `addr` when
+    /// a link is lost or an attempt fails (`docs/cluster.md`).
+    #[serde(default)]
+    pub other_addrs: Vec<SocketAddr>,
+    /// A link with no packet for this long is dead and the edge fails over (keep-alives go
+    /// every third of it); also bounds a connection attempt.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
     /// Name in the cloud's certificate.
     pub server_name: String,
     pub ca_cert: PathBuf,
     /// This edge's certificate and key (its id is the certificate's Common Name).
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    3_000
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,13 +132,19 @@ impl EdgeConfig {
 
     pub fn link(&self) -> Option<LinkConfig> {
         self.cloud.as_ref().map(|c| {
-            LinkConfig::new(
-                c.addr,
-                &c.server_name,
-                c.ca_cert.clone(),
-                Some((c.cert.clone(), c.key.clone())),
-                &self.name,
-            )
+            let idle_timeout = Duration::from_millis(c.idle_timeout_ms.max(30));
+            LinkConfig {
+                other_cloud_addrs: c.other_addrs.clone(),
+                idle_timeout,
+                keep_alive: idle_timeout / 3,
+                ..LinkConfig::new(
+                    c.addr,
+                    &c.server_name,
+                    c.ca_cert.clone(),
+                    Some((c.cert.clone(), c.key.clone())),
+                    &self.name,
+                )
+            }
         })
     }
 }

@@ -543,6 +543,7 @@ async fn keep_connected(
             Ok(connected) => {
                 info!(
                     handshake = connected.handshake.label(),
+                    cloud = %connector.target(),
                     "connected to the cloud"
                 );
                 if let (Some(reply), Some(answer)) = (reply, connected.first_answer) {
@@ -559,10 +560,12 @@ async fn keep_connected(
                 current.store(None);
                 *down_since.lock() = Some(Instant::now());
                 metrics::gauge!("tiervec_edge_link_up").set(0.0);
-                warn!(%reason, "link to the cloud lost; reconnecting");
+                warn!(%reason, cloud = %connector.target(), "link to the cloud lost; reconnecting");
+                connector.fail_over();
             }
             Err(e) => {
-                debug!(error = %e, "cannot connect to the cloud yet");
+                debug!(error = %e, cloud = %connector.target(), "cannot connect to the cloud yet");
+                connector.fail_over();
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(QueryFailure::Disconnected));
                 }

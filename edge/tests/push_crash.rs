@@ -134,6 +134,8 @@ async fn an_edge_killed_during_pushes_and_compactions_restarts_consistent_and_re
         worker_threads: Some(1),
         cloud: Some(CloudLinkConfig {
             addr: quic_addr,
+            other_addrs: Vec::new(),
+            idle_timeout_ms: 3_000,
             server_name: "localhost".into(),
             ca_cert: certs.ca_cert(),
             cert: certs.edge_cert("edge-1"),

@@ -350,6 +350,8 @@ pub fn start_edge_via(
         certify: spec.certify,
         cloud: Some(CloudLinkConfig {
             addr: cloud_addr,
+            other_addrs: Vec::new(),
+            idle_timeout_ms: 3_000,
             server_name: "localhost".into(),
             ca_cert: cloud.certs.ca_cert(),
             cert: cloud.certs.edge_cert(spec.name),

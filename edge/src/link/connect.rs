@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -48,6 +48,9 @@ pub struct Connector {
     /// The collections of the last handshake: what a query pipelined behind the next Hello
     /// may name.
     known: Mutex<Vec<WireCollection>>,
+    /// Which cloud address the next connection goes to (an index into `cloud_addr` followed
+    /// by `other_cloud_addrs`).
+    target: AtomicUsize,
 }
 
 /// A new connection, and the answer to the query its first flight carried.
@@ -75,7 +78,26 @@ impl Connector {
             config,
             push: None,
             known: Mutex::new(Vec::new()),
+            target: AtomicUsize::new(0),
         })
+    }
+
+    /// The cloud address the next connection goes to.
+    pub fn target(&self) -> SocketAddr {
+        let i = self.target.load(Ordering::Relaxed) % (1 + self.config.other_cloud_addrs.len());
+        match i {
+            0 => self.config.cloud_addr,
+            i => self.config.other_cloud_addrs[i - 1],
+        }
+    }
+
+    /// Moves on to the next cloud address (after a lost link or a failed attempt: every node
+    /// of a cluster answers alike, and the one just lost is likely down). Session tickets are
+    /// per node, so the first connection to another node is a full handshake.
+    pub fn fail_over(&self) {
+        if !self.config.other_cloud_addrs.is_empty() {
+            self.target.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A connector whose connections let the cloud push into `target`.
@@ -106,7 +128,7 @@ impl Connector {
     pub async fn connect(&self, first: Option<Query>) -> Result<Connected, LinkError> {
         let connecting = self
             .endpoint
-            .connect(self.config.cloud_addr, &self.config.server_name)
+            .connect(self.target(), &self.config.server_name)
             .map_err(|e| LinkError::Connect(e.to_string()))?;
         let (conn, early_data_accepted) = match connecting.into_0rtt() {
             Ok((conn, accepted)) => (conn, Some(accepted)),

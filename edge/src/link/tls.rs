@@ -30,6 +30,9 @@ fn tls(e: impl std::fmt::Display) -> LinkError {
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
     pub cloud_addr: SocketAddr,
+    /// Further nodes of a cloud cluster: after a lost link or a failed attempt the connector
+    /// tries the next address in turn (`cloud_addr` first).
+    pub other_cloud_addrs: Vec<SocketAddr>,
     /// Name the cloud's certificate must carry.
     pub server_name: String,
     pub ca_cert: PathBuf,
@@ -53,6 +56,7 @@ impl LinkConfig {
     ) -> LinkConfig {
         LinkConfig {
             cloud_addr,
+            other_cloud_addrs: Vec::new(),
             server_name: server_name.to_owned(),
             ca_cert,
             identity,
