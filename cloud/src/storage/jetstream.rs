@@ -3,8 +3,9 @@
 //! state follows every stream, so each node holds every collection and answers on its own.
 //!
 //! Streams and subjects (`P` is [`ClusterConfig::prefix`]):
-//! * `P_CATALOG`, subjects `P.catalog.>`: creates and drops on `P.catalog.name.<name>`, edge
-//!   steps and resets on `P.catalog.edge`;
+//! * `P_CATALOG`, subjects `P.catalog.>`: creates and drops on `P.catalog.name.<name>`, the
+//!   steps and resets of one edge's cache of one collection on
+//!   `P.catalog.edge.<edge name in hex>.<identity in hex>`;
 //! * `P_SHARD_<identity in hex>`, subject `P.shard.<identity in hex>`: one collection's upserts
 //!   and deletes, created (by whichever node logs the create) before the create is published.
 //!
@@ -13,7 +14,12 @@
 //! them in that order, and the last write of an id wins everywhere; a create is published with
 //! the sequence this node last applied on its name's subject as the expected last subject
 //! sequence, so of two creates of one name on two nodes JetStream takes one and refuses the
-//! other ([`ClusterError::Conflict`]). Every publish carries a fresh `Nats-Msg-Id`, and one
+//! other ([`ClusterError::Conflict`]). An edge-cache step is published the same way, expecting
+//! the last step or reset of that cache this node applied: a node that has not applied a step
+//! another node logged for the same cache (around an edge's failover) cannot log its own step
+//! of the same version over it — the cloud's manifest of the cache would then miss what the
+//! first step removed, and invalidations for it would never reach the edge. A reset (the edge's
+//! own account of its cache) is published unconditionally. Every publish carries a fresh `Nats-Msg-Id`, and one
 //! that timed out is retried with the same id, so JetStream keeps a retried entry once.
 //!
 //! An append returns after JetStream's acknowledgement (the stream's quorum holds the entry)
@@ -131,6 +137,9 @@ struct Shared {
     advanced: Condvar,
     /// Per collection name, the catalog sequence of its last create or drop applied here.
     name_sequences: Mutex<HashMap<String, u64>>,
+    /// Per (edge, collection identity), the catalog sequence of the last step or reset of
+    /// that edge's cache applied here.
+    cache_sequences: Mutex<HashMap<(String, [u8; 16]), u64>>,
     /// The shard followers started, by collection identity, with the position their stream
     /// had when they started, once they know it (what start-up waits for).
     followers: Mutex<HashMap<[u8; 16], Option<u64>>>,
@@ -139,7 +148,12 @@ struct Shared {
 }
 
 fn hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    hex_bytes(id)
+}
+
+/// Lower-case hex: any bytes as one subject token (edge names may hold `.` or spaces).
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Shared {
@@ -161,7 +175,16 @@ impl Shared {
             WalEntry::CreateCollection { name, .. } | WalEntry::DropCollection { name, .. } => {
                 self.name_subject(name)
             }
-            WalEntry::EdgeStep { .. } | WalEntry::EdgeReset { .. } => format!("{p}.catalog.edge"),
+            WalEntry::EdgeStep {
+                edge, collection, ..
+            }
+            | WalEntry::EdgeReset {
+                edge, collection, ..
+            } => format!(
+                "{p}.catalog.edge.{}.{}",
+                hex_bytes(edge.as_bytes()),
+                hex(collection)
+            ),
             WalEntry::Upsert { collection, .. } | WalEntry::Delete { collection, .. } => {
                 format!("{p}.shard.{}", hex(collection))
             }
@@ -214,7 +237,16 @@ impl Shared {
                     WalEntry::DropCollection { name, .. } => {
                         self.name_sequences.lock().insert(name.clone(), position);
                     }
-                    _ => {}
+                    WalEntry::EdgeStep {
+                        edge, collection, ..
+                    }
+                    | WalEntry::EdgeReset {
+                        edge, collection, ..
+                    } => {
+                        let key = (edge.clone(), *collection);
+                        self.cache_sequences.lock().insert(key, position);
+                    }
+                    WalEntry::Upsert { .. } | WalEntry::Delete { .. } => {}
                 }
             }
             // A body no tiervec wrote: skipped loudly, never a stop of the follower.
@@ -385,6 +417,7 @@ impl JetStreamLog {
                 applied: Mutex::new(HashMap::new()),
                 advanced: Condvar::new(),
                 name_sequences: Mutex::new(HashMap::new()),
+                cache_sequences: Mutex::new(HashMap::new()),
                 followers: Mutex::new(HashMap::new()),
                 acknowledged: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
@@ -474,7 +507,35 @@ impl JetStreamLog {
         ))
     }
 
-    async fn publish(&self, entry: &WalEntry, deadline: Instant) -> Result<u64, ClusterError> {
+    /// The last subject sequence `entry`'s publish expects, for the entries that are
+    /// conditional: the name's last create or drop, the cache's last step or reset, as this
+    /// node applied them.
+    fn expected_sequence(&self, entry: &WalEntry) -> Option<u64> {
+        let shared = &self.shared;
+        match entry {
+            WalEntry::CreateCollection { name, .. } => {
+                Some(shared.name_sequences.lock().get(name).copied().unwrap_or(0))
+            }
+            WalEntry::EdgeStep {
+                edge, collection, ..
+            } => Some(
+                shared
+                    .cache_sequences
+                    .lock()
+                    .get(&(edge.clone(), *collection))
+                    .copied()
+                    .unwrap_or(0),
+            ),
+            _ => None,
+        }
+    }
+
+    async fn publish(
+        &self,
+        entry: &WalEntry,
+        expected: Option<u64>,
+        deadline: Instant,
+    ) -> Result<u64, ClusterError> {
         let shared = &self.shared;
         let body = entry.encode();
         let max = shared.client.server_info().max_payload;
@@ -495,12 +556,6 @@ impl JetStreamLog {
                 })?
                 .map_err(|e| ClusterError::Unavailable(format!("stream {stream}: {e}")))?;
         }
-        let expected = match entry {
-            WalEntry::CreateCollection { name, .. } => {
-                Some(shared.name_sequences.lock().get(name).copied().unwrap_or(0))
-            }
-            _ => None,
-        };
         let subject = shared.subject(entry);
         let message_id = uuid::Uuid::new_v4().to_string();
         let body = bytes::Bytes::from(body);
@@ -556,7 +611,10 @@ impl DurableLog for JetStreamLog {
     fn append(&self, entry: WalEntry) -> Result<u64, StorageError> {
         let deadline = Instant::now() + Duration::from_millis(self.shared.config.append_timeout_ms);
         let log = entry.log();
-        let position = self.runtime().block_on(self.publish(&entry, deadline))?;
+        let expected = self.expected_sequence(&entry);
+        let position = self
+            .runtime()
+            .block_on(self.publish(&entry, expected, deadline))?;
         if !self.shared.wait_applied(log, position, deadline) {
             // Durable in the cluster, but this node has not applied it: the caller must not
             // answer as if it were visible here, and must not claim it failed either.
@@ -599,5 +657,94 @@ impl DurableLog for JetStreamLog {
             async_nats::connection::State::Connected => None,
             state => Some(format!("NATS connection {state}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tiervec_shared::push::{HeldVector, ManifestStep};
+    use tiervec_test_support::nats::NatsCluster;
+
+    use super::*;
+    use crate::storage::Image;
+
+    /// The entries a log applied, by log and position.
+    #[derive(Default)]
+    struct Applied(Mutex<Vec<(u64, WalEntry)>>);
+
+    impl Apply for Applied {
+        fn restore(&self, _: Image) {}
+        fn apply(&self, position: u64, entry: &WalEntry) {
+            self.0.lock().push((position, entry.clone()));
+        }
+        fn image(&self) -> Image {
+            Image {
+                collections: Vec::new(),
+                edge_caches: Vec::new(),
+            }
+        }
+    }
+
+    fn step(version: u64, id: u64) -> WalEntry {
+        WalEntry::EdgeStep {
+            edge: "edge 1".into(),
+            collection: [7; 16],
+            step: ManifestStep {
+                version,
+                added: vec![HeldVector {
+                    id,
+                    lsn: 1,
+                    bytes: 8,
+                }],
+                ..ManifestStep::default()
+            },
+        }
+    }
+
+    /// Around an edge's failover two nodes may both plan "version v + 1" of its cache. A node
+    /// that has not applied the step another node logged cannot log its own over it (the
+    /// publish expects the cache's last step it applied, and JetStream refuses a stale
+    /// expectation); once it has applied that step, its next one is taken.
+    #[test]
+    fn a_node_behind_on_a_cache_cannot_log_a_step_over_another_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = NatsCluster::start(dir.path(), 3);
+        let config = ClusterConfig {
+            nats: nats.urls(),
+            prefix: "STEPS".into(),
+            ..ClusterConfig::default()
+        };
+        let (a, _) = JetStreamLog::open(&config, Arc::new(Applied::default())).unwrap();
+        let (b, _) = JetStreamLog::open(&config, Arc::new(Applied::default())).unwrap();
+        let stale = b.expected_sequence(&step(1, 1));
+        assert_eq!(stale, Some(0), "b has applied no step of this cache");
+        let first = a.append(step(1, 1)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // b, as it was before it applied a's step: refused.
+        let refused = b
+            .runtime()
+            .block_on(b.publish(&step(1, 2), stale, deadline));
+        assert!(
+            matches!(refused, Err(ClusterError::Conflict(_))),
+            "{refused:?}"
+        );
+        // b, once it has applied a's step: taken.
+        assert!(b.shared.wait_applied(LogName::Catalog, first, deadline));
+        assert_eq!(b.expected_sequence(&step(2, 2)), Some(first));
+        let second = b.append(step(2, 2)).unwrap();
+        assert!(second > first);
+        // A reset (the edge's own account) is never refused.
+        let reset = WalEntry::EdgeReset {
+            edge: "edge 1".into(),
+            collection: [7; 16],
+            inventory: tiervec_shared::push::Inventory {
+                collection_id: [7; 16],
+                version: 9,
+                vectors: Vec::new(),
+                anchors: Vec::new(),
+            },
+        };
+        assert_eq!(a.expected_sequence(&reset), None);
+        a.append(reset).unwrap();
     }
 }
