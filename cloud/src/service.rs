@@ -25,7 +25,8 @@ use crate::collection::gpu::ExactEngine;
 use crate::collection::{Collection, CollectionInfo, Engine, Hit, Point, SearchParams};
 use crate::storage::{
     Apply, CheckpointError, Checkpointed, ClusterConfig, ClusterError, CollectionImage, DurableLog,
-    EdgeCacheImage, Embedded, Image, JetStreamLog, StartReport, StorageError, WalEntry, WalError,
+    EdgeCacheImage, Embedded, Image, JetStreamLog, LogName, StartReport, StorageError, WalEntry,
+    WalError,
 };
 
 /// What the service needs to know: where its data lives and its limits (the `tiervec-cloud
@@ -732,6 +733,19 @@ impl Service {
                 collection: name.to_owned(),
                 id,
             })
+    }
+
+    /// Waits up to `within` until this node has applied the writes of `name` through `lsn` (a
+    /// write's acknowledged LSN, perhaps from another node of a cluster); whether it has.
+    pub fn wait_applied(
+        &self,
+        name: &str,
+        lsn: u64,
+        within: Duration,
+    ) -> Result<bool, ServiceError> {
+        // The log of the collection's writes in a replicated store (the embedded one has one).
+        let log = LogName::Shard(self.collection(name)?.info.id.0);
+        Ok(self.log.wait_applied(log, lsn, within))
     }
 
     /// How many rows a search of `name` scans exactly ([`Collection::scanned_rows`]).

@@ -141,6 +141,49 @@ async fn two_nodes_share_every_acknowledged_write_across_kills() {
         .unwrap();
     assert_eq!(r.status(), 409, "a second create of `c` must be refused");
 
+    // Read-your-writes at the other node on request: a search naming the write's LSN answers
+    // only once that node has applied it; one naming an LSN never written is refused in time.
+    for id in 1000..1020u64 {
+        let v = family_vector(7, id, DIM);
+        let ack: Value = http
+            .put(format!("http://{a}/v1/collections/c/points"))
+            .json(&json!({"points": [{"id": id, "vector": v}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let r: Value = http
+            .post(format!("http://{b}/v1/collections/c/search"))
+            .json(&json!({"vector": v, "k": 1, "exact": true, "after_lsn": ack["lsn"]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["hits"][0]["id"], json!(id), "{r}");
+    }
+    let started = Instant::now();
+    let r = http
+        .post(format!("http://{b}/v1/collections/c/search"))
+        .json(&json!({"vector": family_vector(7, 0, DIM), "k": 1, "after_lsn": 1_000_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "not_caught_up", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let r = http
+        .post(format!("http://{b}/v1/collections/c/points/delete"))
+        .json(&json!({"ids": (1000..1020).collect::<Vec<u64>>()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
     // id → vector of every acknowledged write (the last one of each id); ids deleted.
     let mut acked: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
     let mut refused = 0;

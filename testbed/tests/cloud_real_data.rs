@@ -76,6 +76,7 @@ async fn real_slice_over_http_has_high_recall() {
                     exact: false,
                     max_distance: None,
                     with_payload: true,
+                    after_lsn: None,
                 },
             )
             .await

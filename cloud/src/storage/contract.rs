@@ -68,4 +68,7 @@ pub trait DurableLog: Send + Sync {
     fn flushes(&self) -> u64;
     /// Why the log no longer takes appends, if it does not (it stopped after a failed write).
     fn failure(&self) -> Option<String>;
+    /// Waits up to `within` until this node has applied `log` through `position` (a position
+    /// another node of a cluster acknowledged); whether it has.
+    fn wait_applied(&self, log: LogName, position: u64, within: std::time::Duration) -> bool;
 }

@@ -652,6 +652,11 @@ impl DurableLog for JetStreamLog {
         self.shared.acknowledged.load(Ordering::Relaxed)
     }
 
+    fn wait_applied(&self, log: LogName, position: u64, within: Duration) -> bool {
+        self.shared
+            .wait_applied(log, position, Instant::now() + within)
+    }
+
     fn failure(&self) -> Option<String> {
         match self.shared.client.connection_state() {
             async_nats::connection::State::Connected => None,

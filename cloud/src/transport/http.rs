@@ -493,7 +493,15 @@ pub struct SearchRequest {
     /// Return payloads with the hits.
     #[serde(default)]
     pub with_payload: bool,
+    /// Answer only once this node has applied the collection's writes through this LSN (a
+    /// write's `lsn`): on a cluster a write acknowledged by another node reaches this one a
+    /// little later. Waits up to `MAX_CATCH_UP_WAIT` (2 s), then 503 `not_caught_up`.
+    #[serde(default)]
+    pub after_lsn: Option<u64>,
 }
+
+/// How long a search with `after_lsn` waits for this node to apply the writes it names.
+pub const MAX_CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// One search hit.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -660,7 +668,7 @@ async fn openapi(State(state): State<AppState>) -> axum::Json<serde_json::Value>
 }
 
 #[utoipa::path(post, path = "/v1/collections", request_body = CreateCollection,
-    responses((status = 201, body = CollectionDescription), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = CollectionDescription), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create_collection(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<CreateCollection>,
@@ -707,7 +715,7 @@ async fn get_collection(
 }
 
 #[utoipa::path(delete, path = "/v1/collections/{name}", params(("name" = String, Path)),
-    responses((status = 200, body = WriteAck), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = WriteAck), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn drop_collection(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -718,7 +726,7 @@ async fn drop_collection(
 }
 
 #[utoipa::path(put, path = "/v1/collections/{name}/points", params(("name" = String, Path)), request_body = UpsertPoints,
-    responses((status = 200, body = WriteAck), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
+    responses((status = 200, body = WriteAck), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn upsert_points(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -735,7 +743,7 @@ async fn upsert_points(
 }
 
 #[utoipa::path(post, path = "/v1/collections/{name}/points/delete", params(("name" = String, Path)), request_body = DeletePoints,
-    responses((status = 200, body = WriteAck), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = WriteAck), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn delete_points(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -856,13 +864,27 @@ fn run_search(
 }
 
 #[utoipa::path(post, path = "/v1/collections/{name}/search", params(("name" = String, Path)), request_body = SearchRequest,
-    responses((status = 200, body = SearchResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = SearchResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn search(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<SearchRequest>,
 ) -> Result<axum::Json<SearchResponse>, ApiError> {
     let svc = service(&state)?;
+    if let Some(lsn) = req.after_lsn {
+        let (waiting, collection) = (svc.clone(), name.clone());
+        let applied =
+            blocking(move || waiting.wait_applied(&collection, lsn, MAX_CATCH_UP_WAIT)).await?;
+        if !applied {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_caught_up",
+                format!(
+                    "this node has not applied the writes of `{name}` through LSN {lsn} within {MAX_CATCH_UP_WAIT:?}; retry, or ask the node that acknowledged the write"
+                ),
+            ));
+        }
+    }
     // A graph search takes tens of microseconds: cheaper inline than a hop to the blocking
     // pool. A large exact scan (asked for, or no graph yet, or a long unindexed tail) waits for
     // a scan slot and runs there.
