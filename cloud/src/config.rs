@@ -208,6 +208,39 @@ mod tests {
         assert!(CloudConfig::load(None, vec![], &["default_ef=\"x\"".into()]).is_err());
     }
 
+    /// The node configurations under `docs/deploy/` are ones the cloud takes: the systemd
+    /// example file, and the Kubernetes ConfigMap's with the password from the environment
+    /// as the StatefulSet passes it.
+    #[test]
+    fn the_deployment_examples_are_valid_configurations() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy");
+        let node =
+            CloudConfig::load(Some(&deploy.join("systemd/cloud-node.toml")), vec![], &[]).unwrap();
+        let cluster = node.cluster.expect("a cluster node");
+        assert_eq!(cluster.nats.len(), 3);
+        assert_eq!(cluster.stream_replicas(), 3);
+
+        let manifest = std::fs::read_to_string(deploy.join("kubernetes/cloud.yaml")).unwrap();
+        let start = manifest.find("cloud.toml: |\n").unwrap() + "cloud.toml: |\n".len();
+        let text: String = manifest[start..]
+            .lines()
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.toml");
+        std::fs::write(&path, text).unwrap();
+        let env = vec![(
+            "TIERVEC_CLOUD_CLUSTER.PASSWORD".to_owned(),
+            "secret".to_owned(),
+        )];
+        let pod = CloudConfig::load(Some(&path), env, &[]).unwrap();
+        let cluster = pod.cluster.expect("a cluster node");
+        assert_eq!(cluster.password.as_deref(), Some("secret"));
+        assert_eq!(cluster.user.as_deref(), Some("tiervec"));
+        assert!(pod.quic_addr.is_some());
+    }
+
     #[test]
     fn a_dotted_flag_sets_one_field_of_a_table() {
         let c = CloudConfig::load(

@@ -326,7 +326,11 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| e.to_string())?;
-        let position = message.info().map_err(|e| e.to_string())?.stream_sequence;
+        let info = message.info().map_err(|e| e.to_string())?;
+        let (position, pending) = (info.stream_sequence, info.pending);
+        // Entries of this stream not yet delivered here: how far this replica trails.
+        metrics::gauge!("tiervec_cluster_replica_lag_entries", "stream" => name.to_owned())
+            .set(pending as f64);
         shared.apply(log, position, message.subject.as_str(), &message.payload);
     }
     Err("the consumer's messages ended".into())
@@ -609,12 +613,21 @@ impl Drop for JetStreamLog {
 
 impl DurableLog for JetStreamLog {
     fn append(&self, entry: WalEntry) -> Result<u64, StorageError> {
-        let deadline = Instant::now() + Duration::from_millis(self.shared.config.append_timeout_ms);
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.shared.config.append_timeout_ms);
         let log = entry.log();
         let expected = self.expected_sequence(&entry);
-        let position = self
+        let published = self
             .runtime()
-            .block_on(self.publish(&entry, expected, deadline))?;
+            .block_on(self.publish(&entry, expected, deadline));
+        let outcome = match &published {
+            Ok(_) => "acknowledged",
+            Err(ClusterError::Conflict(_)) => "conflict",
+            Err(ClusterError::TooLarge { .. }) => "too_large",
+            Err(_) => "unavailable",
+        };
+        metrics::counter!("tiervec_cluster_appends_total", "outcome" => outcome).increment(1);
+        let position = published?;
         if !self.shared.wait_applied(log, position, deadline) {
             // Durable in the cluster, but this node has not applied it: the caller must not
             // answer as if it were visible here, and must not claim it failed either.
@@ -624,6 +637,8 @@ impl DurableLog for JetStreamLog {
             .into());
         }
         self.shared.acknowledged.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("tiervec_cluster_append_seconds")
+            .record(started.elapsed().as_secs_f64());
         if let WalEntry::DropCollection { id, .. } = &entry {
             let stream = self.shared.shard_stream(id);
             if let Err(e) = self
