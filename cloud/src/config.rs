@@ -36,6 +36,9 @@ pub struct CloudConfig {
     pub max_body_bytes: usize,
     /// Most points in one upsert or delete request.
     pub max_batch: usize,
+    /// Most collections held at once; a create beyond it is refused (409
+    /// `too_many_collections`).
+    pub max_collections: usize,
     /// Beam width when a search request names none.
     pub default_ef: usize,
     /// Rebuild a collection's graph in the background once this fraction of its slots are
@@ -82,6 +85,7 @@ impl Default for CloudConfig {
             api_keys: Vec::new(),
             max_body_bytes: 64 << 20,
             max_batch: 10_000,
+            max_collections: 1_000,
             default_ef: 64,
             tombstone_rebuild_fraction: 0.25,
             checkpoint_wal_bytes: 256 << 20,
@@ -116,6 +120,7 @@ impl CloudConfig {
             checkpoint_wal_bytes: self.checkpoint_wal_bytes,
             checkpoint_chunk_bytes: self.checkpoint_chunk_bytes,
             cluster: self.cluster.clone(),
+            max_collections: self.max_collections,
         }
     }
 

@@ -48,6 +48,8 @@ pub struct ServiceConfig {
     pub checkpoint_chunk_bytes: usize,
     /// The cluster's NATS JetStream logs to run on; none runs on the embedded WAL.
     pub cluster: Option<ClusterConfig>,
+    /// Most collections the cloud holds at once.
+    pub max_collections: usize,
 }
 
 /// Errors of the service, classified for the API: user errors, missing things, and service
@@ -58,6 +60,8 @@ pub enum ServiceError {
     CollectionNotFound(String),
     #[error("collection `{0}` already exists")]
     CollectionExists(String),
+    #[error("this cloud holds its most collections ({max}, `max_collections`); drop one first")]
+    TooManyCollections { max: usize },
     #[error("point {id} does not exist in collection `{collection}`")]
     PointNotFound { collection: String, id: u64 },
     #[error(transparent)]
@@ -632,6 +636,12 @@ impl Service {
         }
         if self.catalog.get(name).is_some() {
             return Err(ServiceError::CollectionExists(name.to_owned()));
+        }
+        // Each collection costs memory (and, on a cluster, a JetStream stream and a consumer
+        // per node): a client may not create them without bound.
+        let max = self.config.max_collections;
+        if self.catalog.all().len() >= max {
+            return Err(ServiceError::TooManyCollections { max });
         }
         let id = *uuid::Uuid::new_v4().as_bytes();
         self.commit(WalEntry::CreateCollection {

@@ -20,8 +20,13 @@ struct Server {
 }
 
 async fn start(max_body_bytes: usize) -> Server {
+    start_with(|c| c.max_body_bytes = max_body_bytes).await
+}
+
+/// A server whose configuration `edit` changed.
+async fn start_with(edit: impl FnOnce(&mut CloudConfig)) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let config = CloudConfig {
+    let mut config = CloudConfig {
         data_dir: dir.path().to_owned(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         api_keys: vec![
@@ -34,9 +39,9 @@ async fn start(max_body_bytes: usize) -> Server {
                 role: Role::ReadOnly,
             },
         ],
-        max_body_bytes,
         ..CloudConfig::default()
     };
+    edit(&mut config);
     let running = tiervec_cloud::server::spawn(config).await.unwrap();
     let addr = running.addr;
     let http = reqwest::Client::new();
@@ -665,4 +670,45 @@ async fn an_id_given_twice_in_one_upsert_keeps_its_last_value() {
     assert_eq!(point["vector"], json!([0.0, 0.0, 1.0, 0.0]), "{point}");
     let (_, description) = call(a, M::GET, "/v1/collections/docs", Some(RW), None).await;
     assert_eq!(description["points"], 2, "{description}");
+}
+
+/// `max_collections` at its limit and one past it: the third create of three is taken, the
+/// fourth refused (409 `too_many_collections`), and a drop makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_past_max_collections_are_refused() {
+    use reqwest::Method as M;
+    let s = start_with(|c| c.max_collections = 3).await;
+    let create = |name: &str| json!({"name": name, "dim": 4, "metric": "l2"});
+    for name in ["a", "b", "c"] {
+        let (st, body) = call(
+            s.addr,
+            M::POST,
+            "/v1/collections",
+            Some(RW),
+            Some(create(name)),
+        )
+        .await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+    }
+    let (st, body) = call(
+        s.addr,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(create("d")),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "too_many_collections", "{body}");
+    let (st, _) = call(s.addr, M::DELETE, "/v1/collections/a", Some(RW), None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, body) = call(
+        s.addr,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(create("d")),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
 }

@@ -134,6 +134,7 @@ impl From<ServiceError> for ApiError {
             E::CollectionNotFound(_) => (StatusCode::NOT_FOUND, "collection_not_found"),
             E::PointNotFound { .. } => (StatusCode::NOT_FOUND, "point_not_found"),
             E::CollectionExists(_) => (StatusCode::CONFLICT, "collection_exists"),
+            E::TooManyCollections { .. } => (StatusCode::CONFLICT, "too_many_collections"),
             // The one bound the API document cannot state: it is the collection's.
             E::Query(QueryError::DimensionMismatch { .. })
             | E::BadPoint {
@@ -338,6 +339,10 @@ mod whole {
         fit(Whole::deserialize(d)?.0)
     }
 
+    pub fn option_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(Option::<Whole>::deserialize(d)?.map(|w| w.0))
+    }
+
     pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
         Option::<Whole>::deserialize(d)?
             .map(|w| fit(w.0))
@@ -496,7 +501,7 @@ pub struct SearchRequest {
     /// Answer only once this node has applied the collection's writes through this LSN (a
     /// write's `lsn`): on a cluster a write acknowledged by another node reaches this one a
     /// little later. Waits up to `MAX_CATCH_UP_WAIT` (2 s), then 503 `not_caught_up`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::option_u64")]
     pub after_lsn: Option<u64>,
 }
 

@@ -128,6 +128,13 @@ pub fn state_bounds(spec: &mut Value, max_batch: usize) {
         &format!("{s}/SearchRequest/properties/ef"),
         json!({"minimum": 0, "maximum": MAX_EF}),
     );
+    // An LSN, like an id, is any unsigned 64-bit integer (utoipa would say int64).
+    set(
+        spec,
+        &format!("{s}/SearchRequest/properties/after_lsn"),
+        json!({"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX,
+               "description": "Answer once this node applied the collection's writes through this LSN (waits up to 2 s, else 503 `not_caught_up`)."}),
+    );
     bound(
         spec,
         &format!("{s}/SearchRequest/properties/max_distance"),
