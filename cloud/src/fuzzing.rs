@@ -949,6 +949,18 @@ mod tests {
                     anchors: vec![(1, vec![1, 3])],
                 },
             },
+            // A reset whose inventory names another collection than the record (found by
+            // the fuzzer: it was kept, then lost at the next checkpoint's restore).
+            WalEntry::EdgeReset {
+                edge: "e2".into(),
+                collection: [1; 16],
+                inventory: Inventory {
+                    collection_id: [9; 16],
+                    version: 1,
+                    vectors: vec![HeldVector { id: 1, lsn: 7, bytes: 16 }],
+                    anchors: Vec::new(),
+                },
+            },
             WalEntry::EdgeStep {
                 edge: "e1".into(),
                 collection: [1; 16],

@@ -344,6 +344,13 @@ impl Apply for Catalog {
                 collection,
                 inventory,
             } => {
+                // The service logs a reset under its inventory's collection; one that names
+                // another would be kept under one key and checkpointed under the other, so a
+                // restart would lose it: skipped loudly, like an upsert whose lengths disagree.
+                if inventory.collection_id != *collection {
+                    tracing::error!(lsn, edge = %edge, "edge reset record naming two collections skipped");
+                    return;
+                }
                 if let Some(c) = self.by_id(*collection) {
                     self.edge_caches.write().insert(
                         (edge.clone(), *collection),
