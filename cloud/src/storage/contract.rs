@@ -7,7 +7,6 @@ use thiserror::Error;
 
 use super::checkpoint::{CheckpointError, CollectionImage, EdgeCacheImage};
 use super::entry::{LogName, WalEntry};
-use super::jetstream::ClusterError;
 use super::wal::WalError;
 
 /// Why storage failed.
@@ -19,6 +18,25 @@ pub enum StorageError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+}
+
+/// Why the replicated store failed, classified for the caller: the request is at fault
+/// (`TooLarge`), another node won (`Conflict`), or the cluster could not be reached in time
+/// (`Unavailable`: retry later; the entry may or may not have become durable).
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    #[error("cluster configuration: {0}")]
+    Config(String),
+    #[error("cannot reach the NATS cluster: {0}")]
+    Connect(String),
+    #[error("the cluster log is unavailable: {0}")]
+    Unavailable(String),
+    #[error("an entry of {bytes} bytes is over the NATS servers' max_payload of {max} bytes")]
+    TooLarge { bytes: usize, max: usize },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// What a checkpoint covers: a position per log, every entry at or before which it includes.

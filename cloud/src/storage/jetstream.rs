@@ -37,10 +37,9 @@ use async_nats::jetstream::{self, consumer, context, stream};
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 use tracing::{debug, error, info, warn};
 
-use super::contract::{Apply, Checkpointed, DurableLog, StorageError};
+use super::contract::{Apply, Checkpointed, ClusterError, DurableLog, StorageError};
 use super::embedded::StartReport;
 use super::entry::{LogName, WalEntry};
 
@@ -91,25 +90,6 @@ impl ClusterConfig {
             r => r,
         }
     }
-}
-
-/// Why the replicated store failed, classified for the caller: the request is at fault
-/// (`TooLarge`), another node won (`Conflict`), or the cluster could not be reached in time
-/// (`Unavailable`: retry later; the entry may or may not have become durable).
-#[derive(Debug, Error)]
-pub enum ClusterError {
-    #[error("cluster configuration: {0}")]
-    Config(String),
-    #[error("cannot reach the NATS cluster: {0}")]
-    Connect(String),
-    #[error("the cluster log is unavailable: {0}")]
-    Unavailable(String),
-    #[error("an entry of {bytes} bytes is over the NATS servers' max_payload of {max} bytes")]
-    TooLarge { bytes: usize, max: usize },
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 /// Bytes of a published message besides its body (headers: the message id, the expected

@@ -29,8 +29,8 @@ mod embedded;
 mod jetstream;
 
 pub use checkpoint::{CheckpointError, CollectionImage, DecodeError, EdgeCacheImage};
-pub use contract::{Apply, Checkpointed, Cut, DurableLog, Image, StorageError};
+pub use contract::{Apply, Checkpointed, ClusterError, Cut, DurableLog, Image, StorageError};
 pub use embedded::{Embedded, StartReport};
 pub use entry::{LogName, UndecodableEntry, WalEntry};
-pub use jetstream::{ClusterConfig, ClusterError, JetStreamLog};
+pub use jetstream::{ClusterConfig, JetStreamLog};
 pub use wal::WalError;
