@@ -957,7 +957,11 @@ mod tests {
                 inventory: Inventory {
                     collection_id: [9; 16],
                     version: 1,
-                    vectors: vec![HeldVector { id: 1, lsn: 7, bytes: 16 }],
+                    vectors: vec![HeldVector {
+                        id: 1,
+                        lsn: 7,
+                        bytes: 16,
+                    }],
                     anchors: Vec::new(),
                 },
             },

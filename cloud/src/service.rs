@@ -398,6 +398,10 @@ impl Apply for Catalog {
     }
 }
 
+/// How long a request naming a collection this node does not know waits for the catalog to
+/// catch up (on a cluster; at most one request at a time waits).
+const CATALOG_CATCH_UP: Duration = Duration::from_millis(500);
+
 /// The running cloud service.
 pub struct Service {
     pub config: ServiceConfig,
@@ -603,10 +607,19 @@ impl Service {
         })
     }
 
-    fn collection(&self, name: &str) -> Result<Arc<Collection>, ServiceError> {
-        self.catalog
-            .get(name)
-            .ok_or_else(|| ServiceError::CollectionNotFound(name.to_owned()))
+    /// The collection `name`; on a cluster, after catching up with the catalog when this node
+    /// does not know it yet.
+    pub fn collection(&self, name: &str) -> Result<Arc<Collection>, ServiceError> {
+        if let Some(c) = self.catalog.get(name) {
+            return Ok(c);
+        }
+        // On a cluster, a create another node acknowledged may not have reached this node yet.
+        if self.log.catch_up_catalog(CATALOG_CATCH_UP)
+            && let Some(c) = self.catalog.get(name)
+        {
+            return Ok(c);
+        }
+        Err(ServiceError::CollectionNotFound(name.to_owned()))
     }
 
     fn commit(&self, entry: WalEntry) -> Result<u64, ServiceError> {

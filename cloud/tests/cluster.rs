@@ -141,6 +141,26 @@ async fn two_nodes_share_every_acknowledged_write_across_kills() {
         .unwrap();
     assert_eq!(r.status(), 409, "a second create of `c` must be refused");
 
+    // A collection created at one node is written at the other at once: the other catches up
+    // with the catalog rather than answer 404.
+    for i in 0..10 {
+        let name = format!("fresh{i}");
+        let r = http
+            .post(format!("http://{a}/v1/collections"))
+            .json(&json!({"name": name, "dim": DIM, "metric": "l2"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let r = http
+            .put(format!("http://{b}/v1/collections/{name}/points"))
+            .json(&json!({"points": [{"id": 1, "vector": family_vector(0, 1, DIM)}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+
     // Read-your-writes at the other node on request: a search naming the write's LSN answers
     // only once that node has applied it; one naming an LSN never written is refused in time.
     for id in 1000..1020u64 {

@@ -89,4 +89,8 @@ pub trait DurableLog: Send + Sync {
     /// Waits up to `within` until this node has applied `log` through `position` (a position
     /// another node of a cluster acknowledged); whether it has.
     fn wait_applied(&self, log: LogName, position: u64, within: std::time::Duration) -> bool;
+    /// Applies, waiting up to `within`, every catalog entry the store holds now (on a cluster,
+    /// a collection another node just created); whether anything may have changed. At most
+    /// one caller at a time waits; the others return false at once.
+    fn catch_up_catalog(&self, within: std::time::Duration) -> bool;
 }

@@ -125,6 +125,8 @@ struct Shared {
     followers: Mutex<HashMap<[u8; 16], Option<u64>>>,
     acknowledged: AtomicU64,
     replayed: AtomicU64,
+    /// Held by the one caller catching up with the catalog (the others do not wait).
+    catching_up: Mutex<()>,
 }
 
 fn hex(id: &[u8; 16]) -> String {
@@ -405,6 +407,7 @@ impl JetStreamLog {
                 followers: Mutex::new(HashMap::new()),
                 acknowledged: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
+                catching_up: Mutex::new(()),
             });
             let catalog = shared.catalog_stream();
             let subjects = vec![format!("{}.catalog.>", config.prefix)];
@@ -650,6 +653,30 @@ impl DurableLog for JetStreamLog {
     fn wait_applied(&self, log: LogName, position: u64, within: Duration) -> bool {
         self.shared
             .wait_applied(log, position, Instant::now() + within)
+    }
+
+    /// Asks JetStream for the catalog stream's last sequence and waits until it is applied.
+    /// Callers may be async workers, so the request runs on the NATS runtime and this thread
+    /// only waits on its answer (never `block_on` inside another runtime).
+    fn catch_up_catalog(&self, within: Duration) -> bool {
+        let Some(_one) = self.shared.catching_up.try_lock() else {
+            return false;
+        };
+        let deadline = Instant::now() + within;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = self.shared.clone();
+        self.runtime().spawn(async move {
+            let last = shared
+                .js
+                .get_stream(shared.catalog_stream())
+                .await
+                .map(|s| s.cached_info().state.last_sequence);
+            let _ = tx.send(last);
+        });
+        match rx.recv_timeout(within) {
+            Ok(Ok(last)) => self.shared.wait_applied(LogName::Catalog, last, deadline),
+            _ => false,
+        }
     }
 
     fn failure(&self) -> Option<String> {

@@ -790,9 +790,7 @@ async fn hot_ids(
             format!("n = {n} is above the maximum of {MAX_HOT_IDS}"),
         ));
     }
-    let Some(collection) = svc.catalog().get(&name) else {
-        return Err(ServiceError::CollectionNotFound(name).into());
-    };
+    let collection = svc.collection(&name)?;
     let (total, top) = state
         .hot
         .top(collection.info.id.0, q.edge.as_deref(), q.n.unwrap_or(20));
@@ -916,9 +914,7 @@ async fn search_batch(
     ApiJson(req): ApiJson<BatchSearchRequest>,
 ) -> Result<axum::Json<BatchSearchResponse>, ApiError> {
     let svc = service(&state)?;
-    if svc.catalog().get(&name).is_none() {
-        return Err(ServiceError::CollectionNotFound(name).into());
-    }
+    svc.collection(&name)?;
     if req.searches.len() > MAX_BATCH_SEARCHES {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
