@@ -209,6 +209,59 @@ async fn write_row(
     Ok(row)
 }
 
+/// A write acknowledged by the first node, then the time until the second answers a search
+/// that names its LSN (`after_lsn`: it waits until it applied the write): how far behind the
+/// acknowledging node another node sees a write.
+async fn cross_node_row(
+    http: &reqwest::Client,
+    nodes: &[Node],
+    ds: &Dataset,
+    first_id: usize,
+    writes: usize,
+) -> anyhow::Result<Row> {
+    anyhow::ensure!(nodes.len() >= 2, "the cross-node row needs two nodes");
+    let (writer, reader) = (&nodes[0].base, &nodes[1].base);
+    let mut lat = Latencies::new();
+    let started = Instant::now();
+    for i in 0..writes {
+        let v = ds.base.row(i % ds.base.rows());
+        let ack: serde_json::Value = http
+            .put(format!("{writer}/v1/collections/{COLLECTION}/points"))
+            .json(&serde_json::json!({"points": [{"id": first_id + i, "vector": v}]}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let t = Instant::now();
+        let r = http
+            .post(format!("{reader}/v1/collections/{COLLECTION}/search"))
+            .json(&serde_json::json!({"vector": v, "k": 1, "after_lsn": ack["lsn"]}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "read at the other node: {}",
+            r.text().await?
+        );
+        lat.record(t.elapsed());
+    }
+    let row = Row {
+        engine: "cluster_visible_at_another_node",
+        ef: None,
+        recall_at_10: 0.0,
+        p50_us: lat.percentile_us(0.5),
+        p99_us: lat.percentile_us(0.99),
+        p999_us: lat.percentile_us(0.999),
+        qps: lat.samples() as f64 / started.elapsed().as_secs_f64(),
+        threads: 1,
+    };
+    eprintln!(
+        "  {:<26} p50={:>8.1}µs p99={:>8.1}µs (a search at node 1 naming the LSN node 0 acknowledged)",
+        row.engine, row.p50_us, row.p99_us
+    );
+    Ok(row)
+}
+
 pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
     let docs = args.output.docs_dir()?.map(Path::to_owned);
     let quick = args.output.quick;
@@ -326,7 +379,8 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
             clients,
         )
         .await?;
-        anyhow::Ok((load, vec![search, write, many]))
+        let visible = cross_node_row(&http, &nodes, &ds, count + 3 * writes, writes).await?;
+        anyhow::Ok((load, vec![search, write, many, visible]))
     })?;
 
     // 3. A new node replays the streams (the loaded vectors and every write) from empty.
@@ -339,7 +393,7 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
     ))
     .context("the new node never caught up")?;
     let catch_up_seconds = t.elapsed().as_secs_f64();
-    let catch_up_vectors = count + 3 * writes;
+    let catch_up_vectors = count + 4 * writes;
     eprintln!(
         "  new node ready after replaying {catch_up_vectors} point writes: {catch_up_seconds:.2} s"
     );
@@ -415,6 +469,8 @@ fn write_docs(docs: &Path, args: &ClusterArgs, r: &Report) -> anyhow::Result<()>
     md.push_str(&format!(
         "\n- search p50 cluster ÷ single: {:.2}× (p99 {:.2}×): every node holds every collection, so a search is local\n\
          - single-point write p50 cluster ÷ single: {:.2}×\n\
+         - `cluster_visible_at_another_node`: after node 0 acknowledged a write, a search at node 1 naming its LSN \
+         (answered once node 1 applied it): how far behind another node sees a write, search included\n\
          - bulk load (batches of 1,000 with texts): single {:.0} vectors/s, cluster {:.0} vectors/s\n\
          - a new node's catch-up from empty (replaying {} point writes from the streams, until `/readyz`): {:.2} s, \
          i.e. about {:.0} s per million point writes — **extrapolated** linearly from this run, not measured at a million\n",
