@@ -140,6 +140,27 @@ async fn two_nodes_share_every_acknowledged_write_across_kills() {
         .await
         .unwrap();
     assert_eq!(r.status(), 409, "a second create of `c` must be refused");
+    // The refused create's stream (made before its publish) is gone again.
+    let jsz: Value = http
+        .get(format!(
+            "http://127.0.0.1:{}/jsz?streams=true",
+            nats.servers[1].monitor_port
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let streams: Vec<&str> = jsz["account_details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+        .filter_map(|s| s["name"].as_str())
+        .filter(|n| n.starts_with("T_SHARD_"))
+        .collect();
+    assert_eq!(streams.len(), 1, "{streams:?}");
 
     // A collection created at one node is written at the other at once: the other catches up
     // with the catalog rather than answer 404.

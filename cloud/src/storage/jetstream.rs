@@ -562,6 +562,13 @@ impl JetStreamLog {
             let error = match outcome {
                 Ok(Ok(ack)) => return Ok(ack.sequence),
                 Ok(Err(e)) if e.kind() == context::PublishErrorKind::WrongLastSequence => {
+                    // A refused create never became durable: its stream, made just before, goes.
+                    // (A create whose acknowledgement was only lost keeps it.)
+                    if let WalEntry::CreateCollection { id, .. } = entry
+                        && let Err(e) = shared.js.delete_stream(shared.shard_stream(id)).await
+                    {
+                        warn!(error = %e, "the stream of a refused create was not deleted");
+                    }
                     return Err(ClusterError::Conflict(format!(
                         "another node changed `{subject}` first; retry once this node has caught up"
                     )));
