@@ -990,6 +990,34 @@ mod tests {
         ]
     }
 
+    /// Points deleted before the maintenance pass indexed them leave an empty graph; exporting
+    /// it panicked inside hnsw_rs (no entry point) on every pass (found by `wal_replay`).
+    #[test]
+    fn points_deleted_before_indexing_leave_nothing_to_export() {
+        let entries = [
+            WalEntry::CreateCollection {
+                name: "g".into(),
+                id: [5; 16],
+                dim: 2,
+                metric: Metric::L2.code(),
+                m: 8,
+                ef_construction: 16,
+                seed: 1,
+            },
+            WalEntry::Upsert {
+                collection: [5; 16],
+                ids: vec![1, 2],
+                vectors: vec![0.5, 0.5, 0.25, 0.75],
+                payloads: vec![None, None],
+            },
+            WalEntry::Delete {
+                collection: [5; 16],
+                ids: vec![1, 2],
+            },
+        ];
+        wal_replay(&replay_input(&entries));
+    }
+
     #[test]
     fn a_replayed_history_leaves_what_the_model_says() {
         wal_replay(&replay_input(&replayed_history()));

@@ -65,6 +65,14 @@ impl GraphIndex {
     }
 
     /// Inserts `(row, slot)` pairs (in parallel for large batches).
+    /// Whether no point was ever inserted (hnsw_rs's point iterator, which [`export`] walks,
+    /// panics on a graph without an entry point).
+    ///
+    /// [`export`]: GraphIndex::export
+    pub fn is_empty(&self) -> bool {
+        self.hnsw.get_nb_point() == 0
+    }
+
     pub fn insert(&self, rows: &[(&[f32], usize)]) {
         if rows.len() >= PARALLEL_INSERT_MIN {
             self.hnsw.parallel_insert_slice(&rows.to_vec());

@@ -359,7 +359,10 @@ impl Collection {
         }
         let indexed = self.indexed.load(Ordering::Acquire);
         let exported = self.generation.load().len;
-        if indexed > exported && (flush || indexed - exported >= EXPORT_EVERY) {
+        // Slots that were all deleted before they were indexed leave the graph empty: there is
+        // nothing to export, and searches keep scanning exactly.
+        if indexed > exported && (flush || indexed - exported >= EXPORT_EVERY) && !index.is_empty()
+        {
             let p = self.points.read();
             let generation = Generation::export(&index, &p.vectors, self.info.dim, indexed);
             drop(p);
@@ -403,9 +406,13 @@ impl Collection {
             self.index_dead.store(0, Ordering::Release);
             self.indexed.store(end, Ordering::Release);
         }
-        let p = self.points.read();
-        let generation = Generation::export(&fresh, &p.vectors, self.info.dim, end);
-        drop(p);
+        let generation = if fresh.is_empty() {
+            // Every point is deleted: no graph to search, exact scans of nothing live.
+            Generation::empty()
+        } else {
+            let p = self.points.read();
+            Generation::export(&fresh, &p.vectors, self.info.dim, end)
+        };
         self.generation.store(Arc::new(generation));
     }
 
