@@ -224,6 +224,7 @@ mod tests {
         let cluster = node.cluster.expect("a cluster node");
         assert_eq!(cluster.nats.len(), 3);
         assert_eq!(cluster.stream_replicas(), 3);
+        cluster.check().unwrap();
 
         let manifest = std::fs::read_to_string(deploy.join("kubernetes/cloud.yaml")).unwrap();
         let start = manifest.find("cloud.toml: |\n").unwrap() + "cloud.toml: |\n".len();
@@ -235,12 +236,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cloud.toml");
         std::fs::write(&path, text).unwrap();
-        let env = vec![(
-            "TIERVEC_CLOUD_CLUSTER.PASSWORD".to_owned(),
-            "secret".to_owned(),
-        )];
+        let env = vec![
+            (
+                "TIERVEC_CLOUD_CLUSTER.PASSWORD".to_owned(),
+                "secret".to_owned(),
+            ),
+            (
+                "TIERVEC_CLOUD_CLUSTER.NODE".to_owned(),
+                "cloud-2".to_owned(),
+            ),
+        ];
         let pod = CloudConfig::load(Some(&path), env, &[]).unwrap();
         let cluster = pod.cluster.expect("a cluster node");
+        cluster.check().unwrap();
+        assert_eq!(cluster.node, "cloud-2");
         assert_eq!(cluster.password.as_deref(), Some("secret"));
         assert_eq!(cluster.user.as_deref(), Some("tiervec"));
         assert!(pod.quic_addr.is_some());

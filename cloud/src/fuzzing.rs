@@ -257,7 +257,7 @@ pub fn push_events(ops: &[PushOp]) {
 
 /// A WAL record body as recovery reads it: refused, or decoded into an entry whose own
 /// encoding decodes again to the same bytes (compared as bytes: a vector may hold a NaN) and
-/// whose log is named.
+/// which splits over shards point by point.
 pub fn wal_entry(data: &[u8]) {
     let Ok(entry) = WalEntry::decode(data) else {
         return;
@@ -265,7 +265,51 @@ pub fn wal_entry(data: &[u8]) {
     let bytes = entry.encode();
     let again = WalEntry::decode(&bytes).expect("an entry's own encoding decodes");
     assert_eq!(again.encode(), bytes, "an entry's encoding is not stable");
-    let _ = entry.log();
+    // Spread over shards, a consistent upsert keeps each point (id, vector bits, payload)
+    // once, in its shard, in its order.
+    if let WalEntry::Upsert {
+        ids,
+        vectors,
+        payloads,
+        ..
+    } = &entry
+        && !ids.is_empty()
+        && vectors.len() % ids.len() == 0
+        && payloads.len() == ids.len()
+    {
+        let dim = vectors.len() / ids.len();
+        let point = |i: usize, ids: &[u64], vectors: &[f32], payloads: &[Option<String>]| {
+            let bits: Vec<u32> = vectors[i * dim..(i + 1) * dim]
+                .iter()
+                .map(|f| f.to_bits())
+                .collect();
+            (ids[i], bits, payloads[i].clone())
+        };
+        for shards in [2, 3, crate::storage::MAX_SHARDS] {
+            let mut wanted = vec![Vec::new(); shards as usize];
+            for i in 0..ids.len() {
+                wanted[crate::storage::shard_of(ids[i], shards) as usize]
+                    .push(point(i, ids, vectors, payloads));
+            }
+            let mut got = vec![Vec::new(); shards as usize];
+            for (shard, part) in crate::storage::placement::split_by_shard(entry.clone(), shards) {
+                let WalEntry::Upsert {
+                    ids,
+                    vectors,
+                    payloads,
+                    ..
+                } = &part
+                else {
+                    panic!("an upsert split into {part:?}");
+                };
+                assert!(got[shard as usize].is_empty(), "shard {shard} given twice");
+                got[shard as usize] = (0..ids.len())
+                    .map(|i| point(i, ids, vectors, payloads))
+                    .collect();
+            }
+            assert_eq!(got, wanted, "a write split over {shards} shards");
+        }
+    }
 }
 
 /// The record bodies a [`wal_replay`] input spells: each a 2-byte little-endian length and

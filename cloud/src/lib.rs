@@ -11,6 +11,8 @@
 //!   ([`collection::index`], hnsw_rs exported into tiervec's quantised generations) and its
 //!   exact scans ([`collection::gpu`]: on a GPU with feature `gpu` when one is usable, the
 //!   CPU's SIMD scan otherwise).
+//! * [`fanout`] — queries of a collection whose shards are spread over cluster nodes: the
+//!   requests between nodes, the exact merge, answers naming the shards no node answered.
 //! * [`service`] — the [`service::Catalog`] of collections and edge-cache manifests, the write
 //!   path (validate → log → apply → acknowledge), recovery, checkpoints, and the maintenance
 //!   thread; configured by a plain [`service::ServiceConfig`] and given its exact engine.
@@ -30,6 +32,7 @@
 pub mod client;
 pub mod collection;
 pub mod config;
+pub mod fanout;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod hot;

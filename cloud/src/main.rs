@@ -280,6 +280,7 @@ async fn load_over_api(
                     metric,
                     m: None,
                     ef_construction: None,
+                    shards: None,
                 })
                 .await?;
         }

@@ -22,11 +22,12 @@ use tiervec_shared::{CollectionId, Metric};
 use tracing::{debug, info, warn};
 
 use crate::collection::gpu::ExactEngine;
-use crate::collection::{Collection, CollectionInfo, Engine, Hit, Point, SearchParams};
+use crate::collection::{Collection, CollectionInfo, Point, SearchParams};
+use crate::fanout::{self, Answer, FanOutError};
 use crate::storage::{
-    Apply, CheckpointError, Checkpointed, ClusterConfig, ClusterError, CollectionImage, DurableLog,
-    EdgeCacheImage, Embedded, Image, JetStreamLog, LogName, StartReport, StorageError, WalEntry,
-    WalError,
+    Appended, Apply, CheckpointError, Checkpointed, ClusterConfig, ClusterError, CollectionImage,
+    DurableLog, EdgeCacheImage, Embedded, Image, JetStreamLog, MAX_SHARDS, StartReport,
+    StorageError, WalEntry, WalError,
 };
 
 /// What the service needs to know: where its data lives and its limits (the `tiervec-cloud
@@ -87,6 +88,18 @@ pub enum ServiceError {
     Cluster(#[from] ClusterError),
     #[error("data directory {path}: {what}")]
     DataDir { path: PathBuf, what: String },
+    #[error(transparent)]
+    FanOut(FanOutError),
+}
+
+impl From<FanOutError> for ServiceError {
+    fn from(e: FanOutError) -> ServiceError {
+        match e {
+            // The same refusal a search on one node gives.
+            FanOutError::Query(q) => ServiceError::Query(q),
+            other => ServiceError::FanOut(other),
+        }
+    }
 }
 
 impl From<StorageError> for ServiceError {
@@ -504,6 +517,17 @@ impl Service {
             collections = catalog.all().len(),
             "recovery done"
         );
+        if let Some(peers) = log.peers() {
+            let (catalog, weak) = (catalog.clone(), Arc::downgrade(&log));
+            peers.answer_with(Box::new(move |body| {
+                // The log holds this handler: it keeps only a weak reference back.
+                let Some(log) = weak.upgrade() else {
+                    return Vec::new();
+                };
+                let peers = log.peers().expect("a log with peers");
+                fanout::answer(body, &*log, peers, |id| catalog.by_id(id))
+            }));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let health = Arc::new(MaintenanceHealth::default());
         let maintenance = {
@@ -623,7 +647,36 @@ impl Service {
     }
 
     fn commit(&self, entry: WalEntry) -> Result<u64, ServiceError> {
-        Ok(self.log.append(entry)?)
+        Ok(self.log.append(entry)?.position)
+    }
+
+    /// Whether this node holds every shard of the collection caught up (always, off a
+    /// cluster): what an answer that must cover the whole collection (a certificate) needs.
+    pub fn holds_whole(&self, collection: [u8; 16]) -> bool {
+        self.log
+            .peers()
+            .is_none_or(|p| p.ready_here(collection).len() == p.shards(collection) as usize)
+    }
+
+    /// The shards of a collection (1 off a cluster).
+    pub fn shards(&self, collection: [u8; 16]) -> u32 {
+        self.log.peers().map_or(1, |p| p.shards(collection))
+    }
+
+    /// Whether a search of `name` asks other nodes (so a caller runs it off async workers).
+    pub fn fans_out(&self, name: &str) -> bool {
+        self.catalog
+            .get(name)
+            .is_some_and(|c| !self.holds_whole(c.info.id.0))
+    }
+
+    fn shard_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.config
+                .cluster
+                .as_ref()
+                .map_or(1_000, |c| c.shard_timeout_ms),
+        )
     }
 
     /// Creates a collection with a fresh identity.
@@ -634,7 +687,31 @@ impl Service {
         metric: Metric,
         params: HnswParams,
     ) -> Result<CollectionInfo, ServiceError> {
+        self.create_sharded_collection(name, dim, metric, params, 1)
+    }
+
+    /// Creates a collection whose points are spread over `shards` shards (more than one only
+    /// on a cluster).
+    pub fn create_sharded_collection(
+        &self,
+        name: &str,
+        dim: usize,
+        metric: Metric,
+        params: HnswParams,
+        shards: u32,
+    ) -> Result<CollectionInfo, ServiceError> {
         check_name(name)?;
+        if !(1..=MAX_SHARDS).contains(&shards) {
+            return Err(ServiceError::Invalid(format!(
+                "shards = {shards} is outside 1..={MAX_SHARDS}"
+            )));
+        }
+        if shards > 1 && self.log.peers().is_none() {
+            return Err(ServiceError::Invalid(
+                "a collection of several shards needs a cluster (`[cluster]` in the configuration)"
+                    .into(),
+            ));
+        }
         if dim == 0 || dim > MAX_DIM as usize {
             return Err(ServiceError::Invalid(format!(
                 "dim {dim} is outside 1..={MAX_DIM}"
@@ -664,7 +741,7 @@ impl Service {
             return Err(ServiceError::TooManyCollections { max });
         }
         let id = *uuid::Uuid::new_v4().as_bytes();
-        self.commit(WalEntry::CreateCollection {
+        let create = WalEntry::CreateCollection {
             name: name.to_owned(),
             id,
             dim: dim as u32,
@@ -672,7 +749,8 @@ impl Service {
             m: params.m as u32,
             ef_construction: params.ef_construction as u32,
             seed: params.seed,
-        })?;
+        };
+        self.log.append_create(create, shards)?;
         match self.catalog.get(name) {
             Some(c) if c.info.id.0 == id => Ok(c.info.clone()),
             _ => Err(ServiceError::CollectionExists(name.to_owned())),
@@ -688,12 +766,12 @@ impl Service {
         })
     }
 
-    /// Inserts or replaces points; acknowledged (returns the LSN) once durable.
+    /// Inserts or replaces points; acknowledged (returns where) once durable.
     pub fn upsert(
         &self,
         name: &str,
         points: Vec<(u64, Vec<f32>, Option<String>)>,
-    ) -> Result<u64, ServiceError> {
+    ) -> Result<Appended, ServiceError> {
         let c = self.collection(name)?;
         self.check_batch(points.len())?;
         let dim = c.info.dim;
@@ -728,22 +806,22 @@ impl Service {
             payloads = kept.iter().map(|&i| payloads[i].take()).collect();
             ids = kept.iter().map(|&i| ids[i]).collect();
         }
-        self.commit(WalEntry::Upsert {
+        Ok(self.log.append(WalEntry::Upsert {
             collection: c.info.id.0,
             ids,
             vectors,
             payloads,
-        })
+        })?)
     }
 
     /// Deletes points (absent ids are ignored); acknowledged once durable.
-    pub fn delete(&self, name: &str, ids: Vec<u64>) -> Result<u64, ServiceError> {
+    pub fn delete(&self, name: &str, ids: Vec<u64>) -> Result<Appended, ServiceError> {
         let c = self.collection(name)?;
         self.check_batch(ids.len())?;
-        self.commit(WalEntry::Delete {
+        Ok(self.log.append(WalEntry::Delete {
             collection: c.info.id.0,
             ids,
-        })
+        })?)
     }
 
     fn check_batch(&self, n: usize) -> Result<(), ServiceError> {
@@ -757,25 +835,15 @@ impl Service {
     }
 
     pub fn get(&self, name: &str, id: u64) -> Result<Point, ServiceError> {
-        self.collection(name)?
-            .get(id)
-            .ok_or(ServiceError::PointNotFound {
-                collection: name.to_owned(),
-                id,
-            })
-    }
-
-    /// Waits up to `within` until this node has applied the writes of `name` through `lsn` (a
-    /// write's acknowledged LSN, perhaps from another node of a cluster); whether it has.
-    pub fn wait_applied(
-        &self,
-        name: &str,
-        lsn: u64,
-        within: Duration,
-    ) -> Result<bool, ServiceError> {
-        // The log of the collection's writes in a replicated store (the embedded one has one).
-        let log = LogName::Shard(self.collection(name)?.info.id.0);
-        Ok(self.log.wait_applied(log, lsn, within))
+        let c = self.collection(name)?;
+        let point = match self.log.peers() {
+            Some(peers) => fanout::get(peers, &c, id, self.shard_timeout())?,
+            None => c.get(id),
+        };
+        point.ok_or(ServiceError::PointNotFound {
+            collection: name.to_owned(),
+            id,
+        })
     }
 
     /// How many rows a search of `name` scans exactly ([`Collection::scanned_rows`]).
@@ -788,8 +856,48 @@ impl Service {
         name: &str,
         query: &[f32],
         params: &SearchParams,
-    ) -> Result<(Vec<Hit>, Engine), ServiceError> {
-        Ok(self.collection(name)?.search(query, params)?)
+    ) -> Result<Answer, ServiceError> {
+        self.search_after(name, query, params, &[], Duration::ZERO)
+    }
+
+    /// Searches once the writes named in `after` ((shard, position) pairs a write answered;
+    /// shard 0 off a cluster) are applied where they are searched, waiting up to `catch_up`.
+    /// On a cluster, shards this node does not hold are asked of nodes that do, and an answer
+    /// without some shards names them.
+    pub fn search_after(
+        &self,
+        name: &str,
+        query: &[f32],
+        params: &SearchParams,
+        after: &[(u32, u64)],
+        catch_up: Duration,
+    ) -> Result<Answer, ServiceError> {
+        let c = self.collection(name)?;
+        let Some(peers) = self.log.peers() else {
+            // Off a cluster every acknowledged write is applied.
+            let (hits, engine) = c.search(query, params)?;
+            return Ok(Answer {
+                hits,
+                engine,
+                missing_shards: Vec::new(),
+            });
+        };
+        let shards = peers.shards(c.info.id.0);
+        if let Some((shard, _)) = after.iter().find(|(s, _)| *s >= shards) {
+            return Err(ServiceError::Invalid(format!(
+                "shard {shard} named in `after_shards`: the collection has {shards}"
+            )));
+        }
+        Ok(fanout::search(
+            &*self.log,
+            peers,
+            &c,
+            query,
+            params,
+            after,
+            catch_up,
+            self.shard_timeout(),
+        )?)
     }
 
     /// Writes a checkpoint of every collection and drops the WAL segments it covers.

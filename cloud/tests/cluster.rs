@@ -45,6 +45,13 @@ fn start_node(dir: &Path, nats: &[String], extra: &[&str]) -> ChildGuard {
         .args(["--set", "http_addr=\"127.0.0.1:0\""])
         .args(["--set", &format!("cluster.nats=[{}]", urls.join(","))])
         .args(["--set", "cluster.prefix=\"T\""])
+        .args([
+            "--set",
+            &format!(
+                "cluster.node={:?}",
+                dir.file_name().unwrap().to_str().unwrap()
+            ),
+        ])
         .args(extra.iter().flat_map(|o| ["--set", o]))
         .arg("--addr-file")
         .arg(&addr_file)

@@ -53,7 +53,7 @@ fn top1(svc: &Service, name: &str, q: &[f32]) -> u64 {
         exact: true,
         max_distance: None,
     };
-    svc.search(name, q, &params).unwrap().0[0].id
+    svc.search(name, q, &params).unwrap().hits[0].id
 }
 
 #[test]
@@ -262,21 +262,25 @@ fn deletes_and_replacements_are_seen_by_the_next_search() {
         max_distance: None,
     };
     let q = family_vector(0, 1234, DIM);
-    let (hits, engine) = svc.search("c", &q, &graph).unwrap();
+    let answer = svc.search("c", &q, &graph).unwrap();
+    let (hits, engine) = (answer.hits, answer.engine);
     assert_eq!(engine, tiervec_cloud::collection::Engine::Graph);
     assert_eq!(hits[0].id, 1234);
     svc.delete("c", vec![1234]).unwrap();
-    let (hits, _) = svc.search("c", &q, &graph).unwrap();
+    let hits = svc.search("c", &q, &graph).unwrap().hits;
     assert!(hits.iter().all(|h| h.id != 1234), "deleted point returned");
     // Replacing a point moves it: the old vector no longer finds it.
     svc.upsert("c", vec![(42, family_vector(5, 9999, DIM), None)])
         .unwrap();
-    let (hits, _) = svc.search("c", &family_vector(0, 42, DIM), &graph).unwrap();
+    let hits = svc
+        .search("c", &family_vector(0, 42, DIM), &graph)
+        .unwrap()
+        .hits;
     assert!(hits.first().is_none_or(|h| h.id != 42 || h.distance > 1e-4));
     assert_eq!(
         svc.search("c", &family_vector(5, 9999, DIM), &graph)
             .unwrap()
-            .0[0]
+            .hits[0]
             .id,
         42
     );
@@ -302,7 +306,7 @@ fn a_query_whose_neighbours_were_all_deleted_still_gets_k_answers() {
     let nearest: Vec<u64> = svc
         .search("c", &q, &exact(100))
         .unwrap()
-        .0
+        .hits
         .iter()
         .map(|h| h.id)
         .collect();
@@ -313,13 +317,14 @@ fn a_query_whose_neighbours_were_all_deleted_still_gets_k_answers() {
         exact: false,
         max_distance: None,
     };
-    let (hits, engine) = svc.search("c", &q, &graph).unwrap();
+    let answer = svc.search("c", &q, &graph).unwrap();
+    let (hits, engine) = (answer.hits, answer.engine);
     assert_eq!(engine, tiervec_cloud::collection::Engine::Graph);
     assert_eq!(hits.len(), 10, "answered short: {hits:?}");
     let live_truth: Vec<u64> = svc
         .search("c", &q, &exact(10))
         .unwrap()
-        .0
+        .hits
         .iter()
         .map(|h| h.id)
         .collect();
@@ -385,7 +390,10 @@ fn heavy_tombstones_trigger_a_graph_rebuild() {
         max_distance: None,
     };
     for id in [1500u64, 2000, 3999] {
-        let (hits, _) = svc.search("c", &family_vector(0, id, DIM), &graph).unwrap();
+        let hits = svc
+            .search("c", &family_vector(0, id, DIM), &graph)
+            .unwrap()
+            .hits;
         assert_eq!(hits.len(), 10);
         assert_eq!(hits[0].id, id);
         assert!(hits.iter().all(|h| h.id >= 1500));
@@ -397,7 +405,7 @@ fn bad_writes_are_refused_before_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let svc = open_with(dir.path());
     create(&svc, "c");
-    let lsn_before = svc.upsert("c", points(0..1, 0)).unwrap();
+    let lsn_before = svc.upsert("c", points(0..1, 0)).unwrap().position;
     let mut nan = family_vector(0, 1, DIM);
     nan[3] = f32::NAN;
     assert!(matches!(
@@ -421,7 +429,7 @@ fn bad_writes_are_refused_before_the_log() {
         Err(ServiceError::Invalid(_))
     ));
     assert_eq!(
-        svc.upsert("c", points(5..6, 0)).unwrap(),
+        svc.upsert("c", points(5..6, 0)).unwrap().position,
         lsn_before + 1,
         "refused writes took no LSN"
     );

@@ -227,6 +227,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
         metric: Metric::Cosine,
         m: None,
         ef_construction: None,
+        shards: None,
     })
     .await
     .unwrap();
@@ -494,6 +495,7 @@ async fn pushes_survive_a_killed_cloud_and_resume_after_its_restart() {
         metric: Metric::Cosine,
         m: None,
         ef_construction: None,
+        shards: None,
     })
     .await
     .unwrap();

@@ -91,7 +91,7 @@ fn graph_top1(svc: &Service, query: &[f32]) -> u64 {
         exact: false,
         max_distance: None,
     };
-    svc.search("c", query, &params).unwrap().0[0].id
+    svc.search("c", query, &params).unwrap().hits[0].id
 }
 
 #[test]
@@ -159,7 +159,7 @@ fn huge_components_are_refused_and_logged_ones_do_not_stop_indexing() {
         svc.search("c", &above, &params),
         Err(ServiceError::Query(QueryError::TooLarge { index: 3, .. }))
     ));
-    assert_eq!(svc.search("c", &at_limit, &params).unwrap().0[0].id, 1);
+    assert_eq!(svc.search("c", &at_limit, &params).unwrap().hits[0].id, 1);
     drop(svc);
 
     // Logged before the bound existed: their dot products overflow to infinity, and indexing

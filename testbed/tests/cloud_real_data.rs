@@ -36,6 +36,7 @@ async fn real_slice_over_http_has_high_recall() {
             metric: Metric::Cosine,
             m: None,
             ef_construction: None,
+            shards: None,
         })
         .await
         .unwrap();
@@ -77,6 +78,7 @@ async fn real_slice_over_http_has_high_recall() {
                     max_distance: None,
                     with_payload: true,
                     after_lsn: None,
+                    after_shards: Vec::new(),
                 },
             )
             .await

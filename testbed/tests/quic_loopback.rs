@@ -1340,7 +1340,7 @@ async fn certified_answers_are_exact_and_shrink_when_the_cloud_writes_inside_the
             exact: true,
             max_distance: None,
         };
-        let (hits, _) = service.search("c", v, &params).unwrap();
+        let hits = service.search("c", v, &params).unwrap().hits;
         hits.iter().map(|h| h.id).collect::<Vec<_>>()
     };
     let ids =

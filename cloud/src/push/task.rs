@@ -213,7 +213,11 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         certify,
         restore,
     } = session;
-    let certify = certify && certifiable(collection.info.metric);
+    // A certificate claims an exact ball over the whole collection: only a node holding all
+    // of its shards can give one.
+    let certify = certify
+        && certifiable(collection.info.metric)
+        && hub.service.holds_whole(collection.info.id.0);
     let collection_id = collection.info.id.0;
     // The certificates sent on this connection, kept exact as the corpus changes; the edge
     // forgot every other one when it connected.

@@ -37,6 +37,16 @@ pub enum ClusterError {
     Conflict(String),
     #[error("{0}")]
     Unsupported(&'static str),
+    /// A write spanning shards became durable on some of them only: those keep it (their
+    /// positions are named), the others do not; retrying the whole write is safe.
+    #[error(
+        "the write is durable on shards {durable:?} (shard, position) but not on shards {failed:?}: {reason}"
+    )]
+    PartlyDurable {
+        durable: Vec<(u32, u64)>,
+        failed: Vec<u32>,
+        reason: String,
+    },
 }
 
 /// What a checkpoint covers: a position per log, every entry at or before which it includes.
@@ -74,10 +84,60 @@ pub trait Apply: Send + Sync {
     fn image(&self) -> Image;
 }
 
+/// Where an appended entry became durable.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// Its position in its log; for a write spread over several shards, the highest of theirs.
+    pub position: u64,
+    /// For a write on a replicated store, each shard it touched with its position there
+    /// (empty on the embedded store, whose one log orders everything).
+    pub shards: Vec<(u32, u64)>,
+}
+
+/// Shards held by other nodes: what a store that spreads collections over nodes offers the
+/// service's fan-out (the embedded store holds everything here and has none).
+pub trait Peers: Send + Sync {
+    /// The shards of the collection with identity `collection` (1 when unknown).
+    fn shards(&self, collection: [u8; 16]) -> u32;
+    /// The shards of `collection` this node holds and has caught up with.
+    fn ready_here(&self, collection: [u8; 16]) -> Vec<u32>;
+    /// Other live nodes that may answer shards of `collection`, each with those shards.
+    fn candidates(&self, collection: [u8; 16]) -> Vec<(String, Vec<u32>)>;
+    /// Sends `body` to `node`'s request handler; its answer, or why there is none, arrives on
+    /// the receiver by `deadline`.
+    fn ask(
+        &self,
+        node: &str,
+        body: Vec<u8>,
+        deadline: std::time::Instant,
+    ) -> std::sync::mpsc::Receiver<Result<Vec<u8>, ClusterError>>;
+    /// Sets what answers other nodes' requests (called once, at start).
+    fn answer_with(&self, handler: PeerHandler);
+}
+
+/// Answers one request of another node (runs on a blocking thread).
+pub type PeerHandler = Box<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
+
 /// A durable log the service appends to.
 pub trait DurableLog: Send + Sync {
-    /// Appends `entry` to its log; returns its position once it is durable and applied.
-    fn append(&self, entry: WalEntry) -> Result<u64, StorageError>;
+    /// Appends `entry` to its log; returns where once it is durable and applied (on a
+    /// replicated store: applied here for the shards this node holds).
+    fn append(&self, entry: WalEntry) -> Result<Appended, StorageError>;
+    /// Appends a collection create whose writes are spread over `shards` shards.
+    fn append_create(&self, entry: WalEntry, shards: u32) -> Result<Appended, StorageError> {
+        if shards == 1 {
+            self.append(entry)
+        } else {
+            Err(ClusterError::Unsupported(
+                "a collection of several shards needs a cluster (`[cluster]` in the configuration)",
+            )
+            .into())
+        }
+    }
+    /// The other nodes holding shards, on a store that spreads them over nodes.
+    fn peers(&self) -> Option<&dyn Peers> {
+        None
+    }
     /// Writes a checkpoint of the state and drops what it makes redundant.
     fn checkpoint(&self) -> Result<Checkpointed, StorageError>;
     /// Bytes of log not yet covered by a checkpoint (what checkpoints are triggered by).

@@ -9,7 +9,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use super::checkpoint::{self, CheckpointBody, CheckpointError};
-use super::contract::{Apply, Checkpointed, Cut, DurableLog, Image, StorageError};
+use super::contract::{Appended, Apply, Checkpointed, Cut, DurableLog, Image, StorageError};
 use super::entry::{LogName, WalEntry};
 use super::wal::{self, FlushStats, RecoveryReport, Wal};
 
@@ -82,8 +82,12 @@ impl Embedded {
 }
 
 impl DurableLog for Embedded {
-    fn append(&self, entry: WalEntry) -> Result<u64, StorageError> {
-        Ok(self.wal.commit(&*self.state, entry, &record_flush)?)
+    fn append(&self, entry: WalEntry) -> Result<Appended, StorageError> {
+        let position = self.wal.commit(&*self.state, entry, &record_flush)?;
+        Ok(Appended {
+            position,
+            shards: Vec::new(),
+        })
     }
 
     fn checkpoint(&self) -> Result<Checkpointed, StorageError> {

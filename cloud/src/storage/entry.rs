@@ -18,8 +18,8 @@ pub enum LogName {
     Embedded,
     /// Creates, drops and edge-cache steps.
     Catalog,
-    /// The writes of one collection (by identity).
-    Shard([u8; 16]),
+    /// The writes of one shard (by number) of one collection (by identity).
+    Shard([u8; 16], u32),
 }
 
 /// One logged write.
@@ -68,20 +68,6 @@ pub enum WalEntry {
 pub struct UndecodableEntry(#[source] rancor::Error);
 
 impl WalEntry {
-    /// The log a replicated store keeps this entry in: a collection's writes in its shard's
-    /// log, everything else in the catalog's (the embedded store keeps all in its one WAL).
-    pub fn log(&self) -> LogName {
-        match self {
-            WalEntry::Upsert { collection, .. } | WalEntry::Delete { collection, .. } => {
-                LogName::Shard(*collection)
-            }
-            WalEntry::CreateCollection { .. }
-            | WalEntry::DropCollection { .. }
-            | WalEntry::EdgeStep { .. }
-            | WalEntry::EdgeReset { .. } => LogName::Catalog,
-        }
-    }
-
     /// The record body for this entry.
     pub fn encode(&self) -> Vec<u8> {
         rkyv::to_bytes::<rancor::Error>(self)
@@ -112,19 +98,5 @@ mod tests {
         assert_eq!(WalEntry::decode(&e.encode()).unwrap(), e);
         assert!(WalEntry::decode(&[0xff; 40]).is_err());
         assert!(WalEntry::decode(&[]).is_err());
-    }
-
-    #[test]
-    fn writes_go_to_their_shards_log_and_the_rest_to_the_catalogs() {
-        let delete = WalEntry::Delete {
-            collection: [3; 16],
-            ids: vec![1],
-        };
-        assert_eq!(delete.log(), LogName::Shard([3; 16]));
-        let drop = WalEntry::DropCollection {
-            name: "c".into(),
-            id: [3; 16],
-        };
-        assert_eq!(drop.log(), LogName::Catalog);
     }
 }

@@ -29,8 +29,12 @@ mod embedded;
 mod jetstream;
 
 pub use checkpoint::{CheckpointError, CollectionImage, DecodeError, EdgeCacheImage};
-pub use contract::{Apply, Checkpointed, ClusterError, Cut, DurableLog, Image, StorageError};
+pub use contract::{
+    Appended, Apply, Checkpointed, ClusterError, Cut, DurableLog, Image, PeerHandler, Peers,
+    StorageError,
+};
 pub use embedded::{Embedded, StartReport};
 pub use entry::{LogName, UndecodableEntry, WalEntry};
+pub use jetstream::placement::{self, FanOut, MAX_SHARDS, plan_fan_out, shard_of};
 pub use jetstream::{ClusterConfig, JetStreamLog};
 pub use wal::WalError;

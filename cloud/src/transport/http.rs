@@ -33,9 +33,10 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::collection::gpu::EngineKind;
 use crate::collection::{Collection, Engine, SearchParams};
+use crate::fanout::FanOutError;
 use crate::hot::HotIds;
 use crate::service::{Service, ServiceError};
-use crate::storage::{ClusterError, WalError};
+use crate::storage::{Appended, ClusterError, MAX_SHARDS, WalError};
 use crate::transport::ScanSlots;
 pub use crate::transport::spec::{MAX_BATCH_SEARCHES, MAX_HOT_IDS};
 
@@ -156,6 +157,17 @@ impl From<ServiceError> for ApiError {
             E::Cluster(ClusterError::Unavailable(_) | ClusterError::Connect(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
             }
+            // Durable on the shards named, not on the others: retrying the whole write is safe.
+            E::Cluster(ClusterError::PartlyDurable { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "partly_durable")
+            }
+            E::FanOut(FanOutError::NotCaughtUp { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "not_caught_up")
+            }
+            E::FanOut(FanOutError::ShardUnavailable { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "shard_unavailable")
+            }
+            E::FanOut(FanOutError::Query(_)) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::Wal(_)
             | E::Checkpoint(_)
             | E::DataDir { .. }
@@ -339,6 +351,20 @@ mod whole {
         fit(Whole::deserialize(d)?.0)
     }
 
+    fn fit_u32<E: Error>(n: u64) -> Result<u32, E> {
+        u32::try_from(n).map_err(|_| E::custom(format!("{n} is too large")))
+    }
+
+    pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        fit_u32(Whole::deserialize(d)?.0)
+    }
+
+    pub fn option_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        Option::<Whole>::deserialize(d)?
+            .map(|w| fit_u32(w.0))
+            .transpose()
+    }
+
     pub fn option_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         Ok(Option::<Whole>::deserialize(d)?.map(|w| w.0))
     }
@@ -374,6 +400,10 @@ pub struct CreateCollection {
     /// HNSW build beam width (default 200).
     #[serde(default, deserialize_with = "whole::option")]
     pub ef_construction: Option<usize>,
+    /// Shards the collection's points are spread over (1–64, default 1; more than 1 only on
+    /// a cluster). Fixed at creation.
+    #[serde(default, deserialize_with = "whole::option_u32")]
+    pub shards: Option<u32>,
 }
 
 /// A collection's description.
@@ -387,7 +417,9 @@ pub struct CollectionDescription {
     pub metric: Metric,
     pub m: usize,
     pub ef_construction: usize,
-    /// Live points.
+    /// Shards its points are spread over (1 off a cluster).
+    pub shards: u32,
+    /// Live points held on the node answering (on a cluster, those of the shards it holds).
     pub points: usize,
     /// Points in the searchable graph generation (the rest are searched exactly).
     pub indexed_points: usize,
@@ -432,11 +464,40 @@ pub struct DeletePoints {
     pub ids: Vec<u64>,
 }
 
-/// An acknowledged write: durable (fsync'ed) before this response was sent.
+/// An acknowledged write: durable before this response was sent (fsync'ed into the WAL; on a
+/// cluster, held by a quorum of JetStream servers — see docs/cluster.md).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WriteAck {
-    /// Sequence number of the write in the WAL.
+    /// Sequence number of the write in the WAL; on a cluster, its position in its shard's
+    /// stream (the highest of them for a write spanning shards: see `shards`).
     pub lsn: u64,
+    /// On a cluster, each shard the write touched with its position there (what a search's
+    /// `after_shards` names); empty off a cluster.
+    #[serde(default)]
+    pub shards: Vec<ShardPosition>,
+}
+
+/// A position in one shard's log.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShardPosition {
+    #[serde(deserialize_with = "whole::u32")]
+    pub shard: u32,
+    #[serde(deserialize_with = "whole::u64")]
+    pub lsn: u64,
+}
+
+impl WriteAck {
+    fn of(appended: Appended) -> WriteAck {
+        WriteAck {
+            lsn: appended.position,
+            shards: appended
+                .shards
+                .into_iter()
+                .map(|(shard, lsn)| ShardPosition { shard, lsn })
+                .collect(),
+        }
+    }
 }
 
 /// `GET /v1/collections/{name}/hot` parameters.
@@ -503,6 +564,9 @@ pub struct SearchRequest {
     /// little later. Waits up to `MAX_CATCH_UP_WAIT` (2 s), then 503 `not_caught_up`.
     #[serde(default, deserialize_with = "whole::option_u64")]
     pub after_lsn: Option<u64>,
+    /// The same for a collection of several shards: a write's `shards`, at most 64.
+    #[serde(default)]
+    pub after_shards: Vec<ShardPosition>,
 }
 
 /// How long a search with `after_lsn` waits for this node to apply the writes it names.
@@ -528,6 +592,9 @@ pub struct SearchResponse {
     pub took_us: u64,
     /// `graph` or `exact`.
     pub engine: String,
+    /// On a cluster, shards no live node answered: the hits are the nearest among the other
+    /// shards only. Empty for a complete answer.
+    pub missing_shards: Vec<u32>,
 }
 
 /// `POST /v1/collections/{name}/search/batch`
@@ -552,7 +619,7 @@ pub const MAX_ANSWER_BYTES: usize = 16 << 20;
 /// What one hit costs in an answer, payload aside (id, distance, LSN and their JSON keys).
 pub const HIT_JSON_BYTES: usize = 96;
 
-fn describe(c: &Collection) -> CollectionDescription {
+fn describe(svc: &Service, c: &Collection) -> CollectionDescription {
     let engine = c.exact_engine();
     CollectionDescription {
         name: c.info.name.clone(),
@@ -561,6 +628,7 @@ fn describe(c: &Collection) -> CollectionDescription {
         metric: c.info.metric,
         m: c.info.params.m,
         ef_construction: c.info.params.ef_construction,
+        shards: svc.shards(c.info.id.0),
         points: c.len(),
         indexed_points: c.indexed_points(),
         exact_engine: match engine.kind {
@@ -686,13 +754,21 @@ async fn create_collection(
         seed: defaults.seed,
     };
     let s = svc.clone();
-    let info =
-        blocking(move || s.create_collection(&req.name, req.dim, req.metric, params)).await?;
+    let info = blocking(move || {
+        s.create_sharded_collection(
+            &req.name,
+            req.dim,
+            req.metric,
+            params,
+            req.shards.unwrap_or(1),
+        )
+    })
+    .await?;
     let c = svc
         .catalog()
         .get(&info.name)
         .ok_or_else(|| ServiceError::CollectionNotFound(info.name.clone()))?;
-    Ok((StatusCode::CREATED, axum::Json(describe(&c))))
+    Ok((StatusCode::CREATED, axum::Json(describe(&svc, &c))))
 }
 
 #[utoipa::path(get, path = "/v1/collections", responses((status = 200, body = CollectionList)))]
@@ -701,7 +777,12 @@ async fn list_collections(
 ) -> Result<axum::Json<CollectionList>, ApiError> {
     let svc = service(&state)?;
     Ok(axum::Json(CollectionList {
-        collections: svc.catalog().all().iter().map(|c| describe(c)).collect(),
+        collections: svc
+            .catalog()
+            .all()
+            .iter()
+            .map(|c| describe(&svc, c))
+            .collect(),
     }))
 }
 
@@ -716,7 +797,7 @@ async fn get_collection(
         .catalog()
         .get(&name)
         .ok_or(ServiceError::CollectionNotFound(name))?;
-    Ok(axum::Json(describe(&c)))
+    Ok(axum::Json(describe(&svc, &c)))
 }
 
 #[utoipa::path(delete, path = "/v1/collections/{name}", params(("name" = String, Path)),
@@ -727,7 +808,10 @@ async fn drop_collection(
 ) -> Result<axum::Json<WriteAck>, ApiError> {
     let svc = service(&state)?;
     let lsn = blocking(move || svc.drop_collection(&name)).await?;
-    Ok(axum::Json(WriteAck { lsn }))
+    Ok(axum::Json(WriteAck {
+        lsn,
+        shards: Vec::new(),
+    }))
 }
 
 #[utoipa::path(put, path = "/v1/collections/{name}/points", params(("name" = String, Path)), request_body = UpsertPoints,
@@ -743,8 +827,8 @@ async fn upsert_points(
         .into_iter()
         .map(|p| (p.id, p.vector, p.payload.map(|r| r.get().to_owned())))
         .collect();
-    let lsn = blocking(move || svc.upsert(&name, points)).await?;
-    Ok(axum::Json(WriteAck { lsn }))
+    let appended = blocking(move || svc.upsert(&name, points)).await?;
+    Ok(axum::Json(WriteAck::of(appended)))
 }
 
 #[utoipa::path(post, path = "/v1/collections/{name}/points/delete", params(("name" = String, Path)), request_body = DeletePoints,
@@ -755,8 +839,8 @@ async fn delete_points(
     ApiJson(req): ApiJson<DeletePoints>,
 ) -> Result<axum::Json<WriteAck>, ApiError> {
     let svc = service(&state)?;
-    let lsn = blocking(move || svc.delete(&name, req.ids)).await?;
-    Ok(axum::Json(WriteAck { lsn }))
+    let appended = blocking(move || svc.delete(&name, req.ids)).await?;
+    Ok(axum::Json(WriteAck::of(appended)))
 }
 
 #[utoipa::path(get, path = "/v1/collections/{name}/points/{id}", params(("name" = String, Path), ("id" = u64, Path)),
@@ -822,7 +906,14 @@ fn run_search(
         exact: req.exact,
         max_distance: req.max_distance,
     };
-    let (hits, engine) = svc.search(name, &req.vector, &params)?;
+    let after: Vec<(u32, u64)> = req
+        .after_lsn
+        .map(|lsn| (0, lsn))
+        .into_iter()
+        .chain(req.after_shards.iter().map(|p| (p.shard, p.lsn)))
+        .collect();
+    let answer = svc.search_after(name, &req.vector, &params, &after, MAX_CATCH_UP_WAIT)?;
+    let (hits, engine) = (answer.hits, answer.engine);
     let payload_bytes: usize = if req.with_payload {
         hits.iter()
             .filter_map(|h| h.payload.as_ref().map(|p| p.len()))
@@ -863,6 +954,7 @@ fn run_search(
             Engine::Graph => "graph".into(),
             Engine::Exact => "exact".into(),
         },
+        missing_shards: answer.missing_shards,
     })
 }
 
@@ -874,19 +966,21 @@ async fn search(
     ApiJson(req): ApiJson<SearchRequest>,
 ) -> Result<axum::Json<SearchResponse>, ApiError> {
     let svc = service(&state)?;
-    if let Some(lsn) = req.after_lsn {
-        let (waiting, collection) = (svc.clone(), name.clone());
-        let applied =
-            blocking(move || waiting.wait_applied(&collection, lsn, MAX_CATCH_UP_WAIT)).await?;
-        if !applied {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_caught_up",
-                format!(
-                    "this node has not applied the writes of `{name}` through LSN {lsn} within {MAX_CATCH_UP_WAIT:?}; retry, or ask the node that acknowledged the write"
-                ),
-            ));
-        }
+    if req.after_shards.len() > MAX_SHARDS as usize {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "{} shard positions in `after_shards`; a collection has at most {MAX_SHARDS} shards",
+                req.after_shards.len()
+            ),
+        ));
+    }
+    // A search that waits for writes, or asks other nodes, never holds an async worker.
+    if req.after_lsn.is_some() || !req.after_shards.is_empty() || svc.fans_out(&name) {
+        return Ok(axum::Json(
+            blocking(move || run_search(&svc, &name, &req, &mut { MAX_ANSWER_BYTES })).await?,
+        ));
     }
     // A graph search takes tens of microseconds: cheaper inline than a hop to the blocking
     // pool. A large exact scan (asked for, or no graph yet, or a long unindexed tail) waits for

@@ -700,10 +700,11 @@ fn search(service: &Service, q: Query) -> Frame {
         max_distance: None,
     };
     match service.search(&q.collection, &q.vector, &params) {
-        Ok((hits, _)) => Frame::Answer(Answer {
+        Ok(answer) => Frame::Answer(Answer {
             query_id: q.query_id,
             collection_id: q.collection_id,
-            hits: hits
+            hits: answer
+                .hits
                 .iter()
                 .map(|h| WireHit {
                     id: h.id,

@@ -89,6 +89,8 @@ fn start_node(dir: &Path, name: &str, cluster: Option<&[String]>) -> anyhow::Res
             format!("cluster.nats=[{}]", urls.join(",")),
             "--set".into(),
             "cluster.prefix=\"BENCH\"".into(),
+            "--set".into(),
+            format!("cluster.node={name:?}"),
         ]);
     }
     let mut process = Process::start(

@@ -1,13 +1,20 @@
 //! The replicated store: the logs of a cloud cluster kept as NATS JetStream streams (see
-//! `docs/cluster.md`). A [`DurableLog`] whose append publishes to the entry's stream and whose
-//! state follows every stream, so each node holds every collection and answers on its own.
+//! `docs/cluster.md`). A [`DurableLog`] whose append publishes to the entry's stream, whose
+//! state follows the catalog stream and the streams of the shards placed on this node, and
+//! which answers other nodes' requests for the shards it holds ([`Peers`]).
 //!
 //! Streams and subjects (`P` is [`ClusterConfig::prefix`]):
-//! * `P_CATALOG`, subjects `P.catalog.>`: creates and drops on `P.catalog.name.<name>`, the
-//!   steps and resets of one edge's cache of one collection on
-//!   `P.catalog.edge.<edge name in hex>.<identity in hex>`;
-//! * `P_SHARD_<identity in hex>`, subject `P.shard.<identity in hex>`: one collection's upserts
-//!   and deletes, created (by whichever node logs the create) before the create is published.
+//! * `P_CATALOG`, subjects `P.catalog.>`: creates and drops on `P.catalog.name.<name>` (a
+//!   create carries its shard count in the `Tiervec-Shards` header), the steps and resets of
+//!   one edge's cache of one collection on `P.catalog.edge.<edge name in hex>.<identity in hex>`;
+//! * `P_SHARD_<identity in hex>_<shard>`, subject `P.shard.<identity in hex>.<shard>`: the
+//!   upserts and deletes of one shard of one collection (a point's shard is
+//!   [`placement::shard_of`] its id), created (by whichever node logs the create) before the
+//!   create is published.
+//!
+//! Membership and placement live in two KV buckets (`membership.rs`): `P_NODES`, a heartbeat
+//! per node naming the shards it holds caught up, and `P_PLACEMENT`, the nodes that should
+//! hold each shard, written with compare-and-set.
 //!
 //! An entry's position is its stream sequence. Writers on several nodes resolve as follows:
 //! point writes are published unconditionally — JetStream orders them, every replica applies
@@ -19,14 +26,16 @@
 //! another node logged for the same cache (around an edge's failover) cannot log its own step
 //! of the same version over it — the cloud's manifest of the cache would then miss what the
 //! first step removed, and invalidations for it would never reach the edge. A reset (the edge's
-//! own account of its cache) is published unconditionally. Every publish carries a fresh `Nats-Msg-Id`, and one
-//! that timed out is retried with the same id, so JetStream keeps a retried entry once.
+//! own account of its cache) is published unconditionally. Every publish carries a fresh
+//! `Nats-Msg-Id`, and one that timed out is retried with the same id, so JetStream keeps a
+//! retried entry once.
 //!
-//! An append returns after JetStream's acknowledgement (the stream's quorum holds the entry)
-//! *and* after this node's follower applied it, so a write is visible on the node that
-//! acknowledged it; other nodes apply it when their followers reach it. A follower is a
-//! JetStream ordered consumer from the position after the last one applied; it recreates
-//! itself after a gap or a lost server, so it applies each entry once, in order.
+//! An append returns after JetStream's acknowledgement for every shard it touched (the
+//! stream's quorum holds the entry) *and* after this node applied it where this node holds the
+//! shard, so a write is visible on the node that acknowledged it; other replicas apply it when
+//! their followers reach it. A follower is a JetStream ordered consumer from the position
+//! after the last one applied; it recreates itself after a gap or a lost server, so it applies
+//! each entry once, in order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,15 +48,25 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use super::contract::{Apply, Checkpointed, ClusterError, DurableLog, StorageError};
+use super::contract::{
+    Appended, Apply, Checkpointed, ClusterError, DurableLog, PeerHandler, Peers, StorageError,
+};
 use super::embedded::StartReport;
 use super::entry::{LogName, WalEntry};
+
+mod membership;
+pub mod placement;
+
+use placement::MAX_SHARDS;
 
 /// Where the cluster's NATS servers are and how this cloud uses them (`[cluster]` in
 /// `tiervec-cloud serve`'s configuration; without it the cloud runs on its embedded WAL).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// This node's name, unique in the cluster and kept across restarts (a returning node
+    /// takes its shards back): e.g. the host name, or a StatefulSet pod's name.
+    pub node: String,
     /// NATS server URLs (`nats://host:port`) of the JetStream cluster; the client fails over
     /// between them.
     pub nats: Vec<String>,
@@ -62,6 +81,15 @@ pub struct ClusterConfig {
     pub append_timeout_ms: u64,
     /// How long start-up waits to apply every stream up to the position it had at start.
     pub recovery_timeout_secs: u64,
+    /// Cloud nodes holding each shard (1–5; fewer while fewer nodes are alive).
+    pub replication: usize,
+    /// How often a node announces itself (its heartbeat in the `P_NODES` bucket).
+    pub heartbeat_ms: u64,
+    /// A node silent this long is dead: its shards are placed on others.
+    pub node_timeout_ms: u64,
+    /// How long a query waits for another node's answer for its shards before asking another
+    /// replica (or answering without them, naming them).
+    pub shard_timeout_ms: u64,
     /// NATS user and password, when the servers require them.
     pub user: Option<String>,
     pub password: Option<String>,
@@ -75,6 +103,11 @@ impl Default for ClusterConfig {
             replicas: 0,
             append_timeout_ms: 5_000,
             recovery_timeout_secs: 600,
+            node: String::new(),
+            replication: 2,
+            heartbeat_ms: 1_000,
+            node_timeout_ms: 4_000,
+            shard_timeout_ms: 1_000,
             user: None,
             password: None,
         }
@@ -106,7 +139,10 @@ pub struct JetStreamLog {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-/// What the appending threads and the followers share.
+/// A shard of a collection: its identity and number.
+type ShardKey = ([u8; 16], u32);
+
+/// What the appending threads, the followers and the membership tasks share.
 struct Shared {
     config: ClusterConfig,
     client: async_nats::Client,
@@ -120,9 +156,15 @@ struct Shared {
     /// Per (edge, collection identity), the catalog sequence of the last step or reset of
     /// that edge's cache applied here.
     cache_sequences: Mutex<HashMap<(String, [u8; 16]), u64>>,
-    /// The shard followers started, by collection identity, with the position their stream
-    /// had when they started, once they know it (what start-up waits for).
-    followers: Mutex<HashMap<[u8; 16], Option<u64>>>,
+    /// Shards per live collection, from the creates applied here.
+    layouts: Mutex<HashMap<[u8; 16], u32>>,
+    /// The shard followers started, with the position their stream had when they started,
+    /// once they know it (a shard is caught up once applied through it).
+    followers: Mutex<HashMap<ShardKey, Option<u64>>>,
+    /// Who is alive and where shards are placed, as the KV buckets say.
+    membership: membership::View,
+    /// What answers other nodes' requests.
+    handler: std::sync::OnceLock<PeerHandler>,
     acknowledged: AtomicU64,
     replayed: AtomicU64,
     /// Held by the one caller catching up with the catalog (the others do not wait).
@@ -138,25 +180,30 @@ fn hex_bytes(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The header of a create naming its shard count.
+const SHARDS_HEADER: &str = "Tiervec-Shards";
+
 impl Shared {
     fn catalog_stream(&self) -> String {
         format!("{}_CATALOG", self.config.prefix)
     }
 
-    fn shard_stream(&self, id: &[u8; 16]) -> String {
-        format!("{}_SHARD_{}", self.config.prefix, hex(id))
+    fn shard_stream(&self, (id, shard): ShardKey) -> String {
+        format!("{}_SHARD_{}_{shard}", self.config.prefix, hex(&id))
+    }
+
+    fn shard_subject(&self, (id, shard): ShardKey) -> String {
+        format!("{}.shard.{}.{shard}", self.config.prefix, hex(&id))
     }
 
     fn name_subject(&self, name: &str) -> String {
         format!("{}.catalog.name.{name}", self.config.prefix)
     }
 
-    fn subject(&self, entry: &WalEntry) -> String {
+    /// The subject of a catalog entry.
+    fn catalog_subject(&self, entry: &WalEntry) -> String {
         let p = &self.config.prefix;
         match entry {
-            WalEntry::CreateCollection { name, .. } | WalEntry::DropCollection { name, .. } => {
-                self.name_subject(name)
-            }
             WalEntry::EdgeStep {
                 edge, collection, ..
             }
@@ -167,10 +214,17 @@ impl Shared {
                 hex_bytes(edge.as_bytes()),
                 hex(collection)
             ),
-            WalEntry::Upsert { collection, .. } | WalEntry::Delete { collection, .. } => {
-                format!("{p}.shard.{}", hex(collection))
+            WalEntry::CreateCollection { name, .. } | WalEntry::DropCollection { name, .. } => {
+                self.name_subject(name)
+            }
+            WalEntry::Upsert { .. } | WalEntry::Delete { .. } => {
+                unreachable!("point writes go to their shards' streams")
             }
         }
+    }
+
+    fn shards(&self, id: &[u8; 16]) -> u32 {
+        self.layouts.lock().get(id).copied().unwrap_or(1)
     }
 
     fn stream_config(&self, name: String, subjects: Vec<String>) -> stream::Config {
@@ -202,22 +256,46 @@ impl Shared {
         }
     }
 
+    /// The shards this node follows and has applied through the position their stream had
+    /// when following began.
+    fn ready(&self) -> Vec<ShardKey> {
+        let followers = self.followers.lock();
+        let applied = self.applied.lock();
+        followers
+            .iter()
+            .filter(|((id, s), start)| {
+                start.is_some_and(|t| {
+                    applied.get(&LogName::Shard(*id, *s)).copied().unwrap_or(0) >= t
+                })
+            })
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     /// Applies the entry at `position` of `log` (once: a position at or below the last
-    /// applied is skipped) and starts following the shard of a collection it creates.
-    fn apply(self: &Arc<Self>, log: LogName, position: u64, subject: &str, body: &[u8]) {
+    /// applied is skipped); a create's shard count comes from its header.
+    fn apply(&self, log: LogName, position: u64, message: &async_nats::Message) {
         if position <= self.applied(log) {
             return;
         }
-        match WalEntry::decode(body) {
+        match WalEntry::decode(&message.payload) {
             Ok(entry) => {
                 self.state.apply(position, &entry);
                 match &entry {
                     WalEntry::CreateCollection { name, id, .. } => {
+                        let shards = message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(SHARDS_HEADER))
+                            .and_then(|v| v.as_str().parse::<u32>().ok())
+                            .filter(|s| (1..=MAX_SHARDS).contains(s))
+                            .unwrap_or(1);
                         self.name_sequences.lock().insert(name.clone(), position);
-                        self.follow_shard(*id);
+                        self.layouts.lock().entry(*id).or_insert(shards);
                     }
-                    WalEntry::DropCollection { name, .. } => {
+                    WalEntry::DropCollection { name, id } => {
                         self.name_sequences.lock().insert(name.clone(), position);
+                        self.layouts.lock().remove(id);
                     }
                     WalEntry::EdgeStep {
                         edge, collection, ..
@@ -232,24 +310,29 @@ impl Shared {
                 }
             }
             // A body no tiervec wrote: skipped loudly, never a stop of the follower.
-            Err(e) => error!(?log, position, subject, error = %e, "undecodable entry skipped"),
+            Err(e) => {
+                error!(?log, position, subject = %message.subject, error = %e, "undecodable entry skipped")
+            }
         }
         self.replayed.fetch_add(1, Ordering::Relaxed);
         self.applied.lock().insert(log, position);
         self.advanced.notify_all();
     }
 
-    fn follow_shard(self: &Arc<Self>, id: [u8; 16]) {
+    /// Starts following a shard placed on this node (once; a node keeps every shard it
+    /// followed until it restarts).
+    fn follow_shard(self: &Arc<Self>, key: ShardKey) {
         let mut followers = self.followers.lock();
-        if followers.contains_key(&id) {
+        if followers.contains_key(&key) {
             return;
         }
-        followers.insert(id, None);
+        followers.insert(key, None);
         drop(followers);
+        info!(collection = %hex(&key.0), shard = key.1, "following a shard placed on this node");
         let shared = self.clone();
         tokio::spawn(async move {
-            let stream = shared.shard_stream(&id);
-            follow(shared, LogName::Shard(id), stream).await
+            let stream = shared.shard_stream(key);
+            follow(shared, LogName::Shard(key.0, key.1), stream).await
         });
     }
 }
@@ -279,21 +362,25 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
                 if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
         {
             debug!(stream = name, error = %e, "stream gone: its collection was dropped");
-            if let LogName::Shard(id) = log {
-                shared.followers.lock().insert(id, Some(0));
+            if let LogName::Shard(id, s) = log {
+                shared.followers.lock().insert((id, s), Some(0));
             }
             return Ok(());
         }
         Err(e) => return Err(e.to_string()),
     };
-    if let LogName::Shard(id) = log {
+    if let LogName::Shard(id, s) = log {
         let last = stream
             .info()
             .await
             .map_err(|e| e.to_string())?
             .state
             .last_sequence;
-        shared.followers.lock().insert(id, Some(last));
+        let mut followers = shared.followers.lock();
+        let start = followers.entry((id, s)).or_insert(None);
+        if start.is_none() {
+            *start = Some(last);
+        }
     }
     let from = shared.applied(log) + 1;
     let consumer = stream
@@ -313,9 +400,39 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
         // Entries of this stream not yet delivered here: how far this replica trails.
         metrics::gauge!("tiervec_cluster_replica_lag_entries", "stream" => name.to_owned())
             .set(pending as f64);
-        shared.apply(log, position, message.subject.as_str(), &message.payload);
+        shared.apply(log, position, &message);
     }
     Err("the consumer's messages ended".into())
+}
+
+impl ClusterConfig {
+    /// Refuses what cannot work, naming the field.
+    pub fn check(&self) -> Result<(), ClusterError> {
+        check_prefix(&self.prefix)?;
+        if self.nats.is_empty() {
+            return Err(ClusterError::Config(
+                "no NATS server listed (`cluster.nats`)".into(),
+            ));
+        }
+        if self.node.is_empty() || self.node.len() > 128 {
+            return Err(ClusterError::Config(
+                "`cluster.node` must name this node (1 to 128 bytes, unique in the cluster, kept across restarts)".into(),
+            ));
+        }
+        if !(1..=5).contains(&self.replication) {
+            return Err(ClusterError::Config(format!(
+                "`cluster.replication` = {} is outside 1..=5",
+                self.replication
+            )));
+        }
+        if self.heartbeat_ms == 0 || self.node_timeout_ms < 2 * self.heartbeat_ms {
+            return Err(ClusterError::Config(format!(
+                "`cluster.node_timeout_ms` ({}) must be at least twice `cluster.heartbeat_ms` ({}), which must not be 0",
+                self.node_timeout_ms, self.heartbeat_ms
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn check_prefix(prefix: &str) -> Result<(), ClusterError> {
@@ -341,12 +458,7 @@ impl JetStreamLog {
         state: Arc<dyn Apply>,
     ) -> Result<(JetStreamLog, StartReport), StorageError> {
         let started = Instant::now();
-        check_prefix(&config.prefix)?;
-        if config.nats.is_empty() {
-            return Err(
-                ClusterError::Config("no NATS server listed (`cluster.nats`)".into()).into(),
-            );
-        }
+        config.check()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tiervec-nats")
@@ -404,7 +516,10 @@ impl JetStreamLog {
                 advanced: Condvar::new(),
                 name_sequences: Mutex::new(HashMap::new()),
                 cache_sequences: Mutex::new(HashMap::new()),
+                layouts: Mutex::new(HashMap::new()),
                 followers: Mutex::new(HashMap::new()),
+                membership: membership::View::default(),
+                handler: std::sync::OnceLock::new(),
                 acknowledged: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
                 catching_up: Mutex::new(()),
@@ -437,6 +552,8 @@ impl JetStreamLog {
                 .state
                 .last_sequence;
             tokio::spawn(follow(shared.clone(), LogName::Catalog, catalog));
+            membership::open_buckets(&shared).await?;
+            membership::start(&shared);
             Ok::<_, ClusterError>((shared, last))
         })?;
         let (shared, catalog_last) = shared;
@@ -451,18 +568,21 @@ impl JetStreamLog {
             }
         };
         caught_up(LogName::Catalog, catalog_last)?;
-        // Each shard follower records its stream's position when it starts (0 for a stream
-        // that is gone).
+        // The placement watcher follows the shards placed here as it reads the bucket; each
+        // follower records its stream's position when it starts (0 for a stream that is gone).
+        // Start-up waits until the watcher has read the bucket once and the followers have
+        // applied through those positions.
         loop {
+            let read = shared.membership.placement_read();
             let pending = shared
                 .followers
                 .lock()
                 .iter()
-                .filter(|(id, target)| {
-                    target.is_none_or(|t| shared.applied(LogName::Shard(**id)) < t)
+                .filter(|((id, s), target)| {
+                    target.is_none_or(|t| shared.applied(LogName::Shard(*id, *s)) < t)
                 })
                 .count();
-            if pending == 0 {
+            if read && pending == 0 {
                 break;
             }
             if Instant::now() > deadline {
@@ -517,14 +637,17 @@ impl JetStreamLog {
         }
     }
 
+    /// Publishes `body` to `subject` (expecting the subject's last sequence when given, with
+    /// `headers`), retrying with the same message id until `deadline`; its stream sequence.
     async fn publish(
         &self,
-        entry: &WalEntry,
+        subject: String,
+        body: Vec<u8>,
         expected: Option<u64>,
+        headers: &[(&'static str, String)],
         deadline: Instant,
     ) -> Result<u64, ClusterError> {
         let shared = &self.shared;
-        let body = entry.encode();
         let max = shared.client.server_info().max_payload;
         if body.len() + HEADER_ROOM > max {
             return Err(ClusterError::TooLarge {
@@ -532,18 +655,6 @@ impl JetStreamLog {
                 max,
             });
         }
-        if let WalEntry::CreateCollection { id, .. } = entry {
-            let stream = shared.shard_stream(id);
-            let subject = format!("{}.shard.{}", shared.config.prefix, hex(id));
-            let config = shared.stream_config(stream.clone(), vec![subject]);
-            tokio::time::timeout_at(deadline.into(), shared.js.get_or_create_stream(config))
-                .await
-                .map_err(|_| {
-                    ClusterError::Unavailable(format!("creating stream {stream} timed out"))
-                })?
-                .map_err(|e| ClusterError::Unavailable(format!("stream {stream}: {e}")))?;
-        }
-        let subject = shared.subject(entry);
         let message_id = uuid::Uuid::new_v4().to_string();
         let body = bytes::Bytes::from(body);
         let mut wait = RETRY_FIRST;
@@ -551,6 +662,9 @@ impl JetStreamLog {
             let mut publish = context::Publish::build()
                 .payload(body.clone())
                 .message_id(&message_id);
+            for (name, value) in headers {
+                publish = publish.header(*name, value.as_str());
+            }
             if let Some(sequence) = expected {
                 publish = publish.expected_last_subject_sequence(sequence);
             }
@@ -562,13 +676,6 @@ impl JetStreamLog {
             let error = match outcome {
                 Ok(Ok(ack)) => return Ok(ack.sequence),
                 Ok(Err(e)) if e.kind() == context::PublishErrorKind::WrongLastSequence => {
-                    // A refused create never became durable: its stream, made just before, goes.
-                    // (A create whose acknowledgement was only lost keeps it.)
-                    if let WalEntry::CreateCollection { id, .. } = entry
-                        && let Err(e) = shared.js.delete_stream(shared.shard_stream(id)).await
-                    {
-                        warn!(error = %e, "the stream of a refused create was not deleted");
-                    }
                     return Err(ClusterError::Conflict(format!(
                         "another node changed `{subject}` first; retry once this node has caught up"
                     )));
@@ -587,6 +694,120 @@ impl JetStreamLog {
         }
     }
 
+    /// Publishes a catalog entry; for a create, first makes its shards' streams, and after it,
+    /// places them. A refused create removes the streams made for it (one whose
+    /// acknowledgement was only lost keeps them).
+    async fn publish_catalog(
+        &self,
+        entry: &WalEntry,
+        shards: u32,
+        deadline: Instant,
+    ) -> Result<u64, ClusterError> {
+        let shared = &self.shared;
+        let created = match entry {
+            WalEntry::CreateCollection { id, .. } => Some(*id),
+            _ => None,
+        };
+        if let Some(id) = created {
+            for shard in 0..shards {
+                let stream = shared.shard_stream((id, shard));
+                let config =
+                    shared.stream_config(stream.clone(), vec![shared.shard_subject((id, shard))]);
+                tokio::time::timeout_at(deadline.into(), shared.js.get_or_create_stream(config))
+                    .await
+                    .map_err(|_| {
+                        ClusterError::Unavailable(format!("creating stream {stream} timed out"))
+                    })?
+                    .map_err(|e| ClusterError::Unavailable(format!("stream {stream}: {e}")))?;
+            }
+        }
+        let headers = match created {
+            Some(_) => vec![(SHARDS_HEADER, shards.to_string())],
+            None => Vec::new(),
+        };
+        let expected = self.expected_sequence(entry);
+        let published = self
+            .publish(
+                shared.catalog_subject(entry),
+                entry.encode(),
+                expected,
+                &headers,
+                deadline,
+            )
+            .await;
+        if let (Some(id), Err(ClusterError::Conflict(_))) = (created, &published) {
+            for shard in 0..shards {
+                if let Err(e) = shared
+                    .js
+                    .delete_stream(shared.shard_stream((id, shard)))
+                    .await
+                {
+                    warn!(error = %e, "the stream of a refused create was not deleted");
+                }
+            }
+        }
+        let position = published?;
+        if let Some(id) = created {
+            let mut live = shared
+                .membership
+                .live(Duration::from_millis(shared.config.node_timeout_ms));
+            if !live.contains(&shared.config.node) {
+                live.push(shared.config.node.clone());
+                live.sort();
+            }
+            membership::place_collection(shared, id, shards, &live).await;
+        }
+        Ok(position)
+    }
+
+    /// Publishes a point write to the streams of the shards it touches, all at once; where
+    /// each became durable, or which did not.
+    async fn publish_writes(
+        &self,
+        entry: WalEntry,
+        deadline: Instant,
+    ) -> Result<Vec<(u32, u64)>, ClusterError> {
+        let shared = &self.shared;
+        let id = match &entry {
+            WalEntry::Upsert { collection, .. } | WalEntry::Delete { collection, .. } => {
+                *collection
+            }
+            _ => unreachable!("only point writes go to shards"),
+        };
+        let parts = placement::split_by_shard(entry, shared.shards(&id));
+        let sends = parts.iter().map(|(shard, part)| {
+            self.publish(
+                shared.shard_subject((id, *shard)),
+                part.encode(),
+                None,
+                &[],
+                deadline,
+            )
+        });
+        let outcomes = futures::future::join_all(sends).await;
+        let mut durable = Vec::new();
+        let mut failed = Vec::new();
+        let mut reason = None;
+        for ((shard, _), outcome) in parts.iter().zip(outcomes) {
+            match outcome {
+                Ok(position) => durable.push((*shard, position)),
+                Err(e) => {
+                    failed.push(*shard);
+                    reason.get_or_insert(e);
+                }
+            }
+        }
+        match reason {
+            None => Ok(durable),
+            Some(e) if durable.is_empty() => Err(e),
+            Some(e) => Err(ClusterError::PartlyDurable {
+                durable,
+                failed,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
     fn runtime(&self) -> &tokio::runtime::Runtime {
         self.runtime.as_ref().expect("present until dropped")
     }
@@ -601,44 +822,101 @@ impl Drop for JetStreamLog {
     }
 }
 
-impl DurableLog for JetStreamLog {
-    fn append(&self, entry: WalEntry) -> Result<u64, StorageError> {
+impl JetStreamLog {
+    /// Appends a catalog entry or a point write; `shards` is a create's shard count.
+    fn append_with(&self, entry: WalEntry, shards: u32) -> Result<Appended, StorageError> {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.shared.config.append_timeout_ms);
-        let log = entry.log();
-        let expected = self.expected_sequence(&entry);
-        let published = self
-            .runtime()
-            .block_on(self.publish(&entry, expected, deadline));
+        let writes = matches!(entry, WalEntry::Upsert { .. } | WalEntry::Delete { .. });
+        let collection = match &entry {
+            WalEntry::Upsert { collection, .. } | WalEntry::Delete { collection, .. } => {
+                *collection
+            }
+            _ => [0; 16],
+        };
+        let dropped = match &entry {
+            WalEntry::DropCollection { id, .. } => Some(*id),
+            _ => None,
+        };
+        let published = if writes {
+            self.runtime()
+                .block_on(self.publish_writes(entry, deadline))
+        } else {
+            self.runtime()
+                .block_on(self.publish_catalog(&entry, shards, deadline))
+                .map(|p| vec![(0, p)])
+        };
         let outcome = match &published {
             Ok(_) => "acknowledged",
             Err(ClusterError::Conflict(_)) => "conflict",
             Err(ClusterError::TooLarge { .. }) => "too_large",
+            Err(ClusterError::PartlyDurable { .. }) => "partly_durable",
             Err(_) => "unavailable",
         };
         metrics::counter!("tiervec_cluster_appends_total", "outcome" => outcome).increment(1);
-        let position = published?;
-        if !self.shared.wait_applied(log, position, deadline) {
-            // Durable in the cluster, but this node has not applied it: the caller must not
-            // answer as if it were visible here, and must not claim it failed either.
-            return Err(ClusterError::Unavailable(format!(
-                "{log:?} position {position} is durable but not yet applied on this node"
-            ))
-            .into());
+        let positions = published?;
+        // Visible here before it is acknowledged, where this node holds what it wrote.
+        for &(shard, position) in &positions {
+            let log = if writes {
+                if !self
+                    .shared
+                    .followers
+                    .lock()
+                    .contains_key(&(collection, shard))
+                {
+                    continue;
+                }
+                LogName::Shard(collection, shard)
+            } else {
+                LogName::Catalog
+            };
+            if !self.shared.wait_applied(log, position, deadline) {
+                // Durable in the cluster, but this node has not applied it: the caller must
+                // not answer as if it were visible here, and must not claim it failed either.
+                return Err(ClusterError::Unavailable(format!(
+                    "{log:?} position {position} is durable but not yet applied on this node"
+                ))
+                .into());
+            }
         }
         self.shared.acknowledged.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!("tiervec_cluster_append_seconds")
             .record(started.elapsed().as_secs_f64());
-        if let WalEntry::DropCollection { id, .. } = &entry {
-            let stream = self.shared.shard_stream(id);
-            if let Err(e) = self
-                .runtime()
-                .block_on(self.shared.js.delete_stream(&stream))
-            {
-                warn!(stream, error = %e, "the dropped collection's stream was not deleted");
+        if let Some(id) = dropped {
+            for shard in 0..self.shared.shards(&id).max(shards) {
+                let stream = self.shared.shard_stream((id, shard));
+                if let Err(e) = self
+                    .runtime()
+                    .block_on(self.shared.js.delete_stream(&stream))
+                {
+                    warn!(stream, error = %e, "the dropped collection's stream was not deleted");
+                }
             }
         }
-        Ok(position)
+        Ok(Appended {
+            position: positions.iter().map(|(_, p)| *p).max().unwrap_or(0),
+            shards: if writes { positions } else { Vec::new() },
+        })
+    }
+}
+
+impl DurableLog for JetStreamLog {
+    fn append(&self, entry: WalEntry) -> Result<Appended, StorageError> {
+        self.append_with(entry, 1)
+    }
+
+    fn append_create(&self, entry: WalEntry, shards: u32) -> Result<Appended, StorageError> {
+        if !(1..=MAX_SHARDS).contains(&shards) {
+            return Err(ClusterError::Config(format!(
+                "shards = {shards} is outside 1..={MAX_SHARDS}"
+            ))
+            .into());
+        }
+        self.append_with(entry, shards)
+    }
+
+    fn peers(&self) -> Option<&dyn Peers> {
+        Some(self)
     }
 
     fn checkpoint(&self) -> Result<Checkpointed, StorageError> {
@@ -694,6 +972,49 @@ impl DurableLog for JetStreamLog {
     }
 }
 
+impl Peers for JetStreamLog {
+    fn shards(&self, collection: [u8; 16]) -> u32 {
+        self.shared.shards(&collection)
+    }
+
+    fn ready_here(&self, collection: [u8; 16]) -> Vec<u32> {
+        let mut ready: Vec<u32> = self
+            .shared
+            .ready()
+            .into_iter()
+            .filter(|(id, _)| *id == collection)
+            .map(|(_, s)| s)
+            .collect();
+        ready.sort_unstable();
+        ready
+    }
+
+    fn candidates(&self, collection: [u8; 16]) -> Vec<(String, Vec<u32>)> {
+        let timeout = Duration::from_millis(self.shared.config.node_timeout_ms);
+        self.shared
+            .membership
+            .candidates(collection, &self.shared.config.node, timeout)
+    }
+
+    fn ask(
+        &self,
+        node: &str,
+        body: Vec<u8>,
+        deadline: Instant,
+    ) -> std::sync::mpsc::Receiver<Result<Vec<u8>, ClusterError>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (shared, node) = (self.shared.clone(), node.to_owned());
+        self.runtime().spawn(async move {
+            let _ = tx.send(membership::ask(&shared, &node, body, deadline).await);
+        });
+        rx
+    }
+
+    fn answer_with(&self, handler: PeerHandler) {
+        let _ = self.shared.handler.set(handler);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tiervec_shared::push::{HeldVector, ManifestStep};
@@ -746,18 +1067,27 @@ mod tests {
         let config = ClusterConfig {
             nats: nats.urls(),
             prefix: "STEPS".into(),
+            node: "a".into(),
             ..ClusterConfig::default()
         };
         let (a, _) = JetStreamLog::open(&config, Arc::new(Applied::default())).unwrap();
-        let (b, _) = JetStreamLog::open(&config, Arc::new(Applied::default())).unwrap();
+        let config_b = ClusterConfig {
+            node: "b".into(),
+            ..config
+        };
+        let (b, _) = JetStreamLog::open(&config_b, Arc::new(Applied::default())).unwrap();
         let stale = b.expected_sequence(&step(1, 1));
         assert_eq!(stale, Some(0), "b has applied no step of this cache");
-        let first = a.append(step(1, 1)).unwrap();
+        let first = a.append(step(1, 1)).unwrap().position;
         let deadline = Instant::now() + Duration::from_secs(5);
         // b, as it was before it applied a's step: refused.
-        let refused = b
-            .runtime()
-            .block_on(b.publish(&step(1, 2), stale, deadline));
+        let refused = b.runtime().block_on(b.publish(
+            b.shared.catalog_subject(&step(1, 2)),
+            step(1, 2).encode(),
+            stale,
+            &[],
+            deadline,
+        ));
         assert!(
             matches!(refused, Err(ClusterError::Conflict(_))),
             "{refused:?}"
@@ -765,7 +1095,7 @@ mod tests {
         // b, once it has applied a's step: taken.
         assert!(b.shared.wait_applied(LogName::Catalog, first, deadline));
         assert_eq!(b.expected_sequence(&step(2, 2)), Some(first));
-        let second = b.append(step(2, 2)).unwrap();
+        let second = b.append(step(2, 2)).unwrap().position;
         assert!(second > first);
         // A reset (the edge's own account) is never refused.
         let reset = WalEntry::EdgeReset {
