@@ -20,7 +20,13 @@ const DIM: usize = 8;
 
 /// A cloud node on the cluster's streams, its data in `dir`; its HTTP address.
 fn spawn_node(dir: &Path, nats: &[String]) -> (ChildGuard, String) {
-    let guard = start_node(dir, nats, &[]);
+    spawn_node_with(dir, nats, &[])
+}
+
+/// The same with `extra` `--set` overrides.
+fn spawn_node_with(dir: &Path, nats: &[String], extra: &[&str]) -> (ChildGuard, String) {
+    let _ = std::fs::remove_file(dir.join("addr"));
+    let guard = start_node(dir, nats, extra);
     let addr = read_addr_file(&dir.join("addr"), Duration::from_secs(60));
     (guard, addr)
 }
@@ -82,10 +88,23 @@ async fn wait_ready(http: &reqwest::Client, addr: &str) {
     panic!("node {addr} never became ready");
 }
 
-/// The point `id` as node `addr` holds it: its vector, or `None` when it has no such point.
+/// The point `id` of collection `c` as node `addr` holds it: its vector, or `None` when it has
+/// no such point.
 async fn point(http: &reqwest::Client, addr: &str, id: u64) -> Option<Vec<f32>> {
+    point_of(http, addr, "c", id).await
+}
+
+/// The same in `collection`.
+async fn point_of(
+    http: &reqwest::Client,
+    addr: &str,
+    collection: &str,
+    id: u64,
+) -> Option<Vec<f32>> {
     let r = http
-        .get(format!("http://{addr}/v1/collections/c/points/{id}"))
+        .get(format!(
+            "http://{addr}/v1/collections/{collection}/points/{id}"
+        ))
         .send()
         .await
         .ok()?;
@@ -501,4 +520,242 @@ async fn an_edge_fails_over_to_another_node_when_its_node_is_killed() {
         failover < Duration::from_secs(5),
         "failover took {failover:?}"
     );
+}
+
+/// Heartbeats every 200 ms, a node dead after 1 s: the sharded test's membership.
+const QUICK_MEMBERSHIP: [&str; 3] = [
+    "cluster.heartbeat_ms=200",
+    "cluster.node_timeout_ms=1000",
+    "cluster.shard_timeout_ms=1000",
+];
+
+/// A search at `addr` of collection `s`: its hit ids and the shards it says are missing.
+async fn search_s(
+    http: &reqwest::Client,
+    addr: &str,
+    q: &[f32],
+    after: &Value,
+) -> (Vec<u64>, Vec<u64>) {
+    let r = http
+        .post(format!("http://{addr}/v1/collections/s/search"))
+        .json(&json!({"vector": q, "k": 10, "exact": true, "after_shards": after}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ids = body["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect();
+    let missing = serde_json::from_value(body["missing_shards"].clone()).unwrap();
+    (ids, missing)
+}
+
+/// The exact top 10 of `points` for `q` (L2, ties by id), as the cloud ranks them.
+fn truth(points: &BTreeMap<u64, Vec<f32>>, q: &[f32]) -> Vec<u64> {
+    let mut scored: Vec<(f32, u64)> = points
+        .iter()
+        .map(|(id, v)| (v.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum(), *id))
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    scored.iter().take(10).map(|(_, id)| *id).collect()
+}
+
+/// Three nodes hold a collection of three shards, two replicas each (placed by the cluster,
+/// not by the test). Writes through every node answer per-shard positions; a search at any
+/// node, waiting for those positions, is the exact top 10 of everything written though no
+/// node holds it all; a point is read at any node. One node killed (SIGKILL): every shard
+/// still has a replica, answers stay complete. A second killed: the survivor answers at once
+/// with the shards it holds and names the one it lacks (a partial answer, never a silently
+/// short one), then — its dead peers' shards placed on it — catches up and answers whole
+/// again. Both killed nodes restarted from empty folders: every node answers whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(dir.path(), 3);
+    let urls = nats.urls();
+    let http = client();
+    let mut nodes = Vec::new();
+    for name in ["n0", "n1", "n2"] {
+        nodes.push(spawn_node_with(
+            &dir.path().join(name),
+            &urls,
+            &QUICK_MEMBERSHIP,
+        ));
+    }
+    for (_, addr) in &nodes {
+        wait_ready(&http, addr).await;
+    }
+    // Every node hears every other before the create, so placement spreads over all three.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let addrs: Vec<String> = nodes.iter().map(|(_, a)| a.clone()).collect();
+    let r = http
+        .post(format!("http://{}/v1/collections", addrs[0]))
+        .json(&json!({"name": "s", "dim": DIM, "metric": "l2", "shards": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    // More than 64 shards, or several on one node alone, are refused.
+    let r = http
+        .post(format!("http://{}/v1/collections", addrs[1]))
+        .json(&json!({"name": "t", "dim": DIM, "metric": "l2", "shards": 65}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    let mut written: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    let mut after: BTreeMap<u64, u64> = BTreeMap::new();
+    for batch in 0..10u64 {
+        let points: Vec<Value> = (batch * 30..batch * 30 + 30)
+            .map(|id| {
+                let v = family_vector(id % 7, id, DIM);
+                written.insert(id, v.clone());
+                json!({"id": id, "vector": v})
+            })
+            .collect();
+        let r = http
+            .put(format!(
+                "http://{}/v1/collections/s/points",
+                addrs[batch as usize % 3]
+            ))
+            .json(&json!({"points": points}))
+            .send()
+            .await
+            .unwrap();
+        let ack: Value = r.json().await.unwrap();
+        let shards = ack["shards"].as_array().expect("per-shard positions");
+        assert_eq!(shards.len(), 3, "30 ids touch every shard: {ack}");
+        for p in shards {
+            let (shard, lsn) = (p["shard"].as_u64().unwrap(), p["lsn"].as_u64().unwrap());
+            let e = after.entry(shard).or_default();
+            *e = (*e).max(lsn);
+        }
+    }
+    let after_json: Value = after
+        .iter()
+        .map(|(s, l)| json!({"shard": s, "lsn": l}))
+        .collect();
+    let queries: Vec<Vec<f32>> = (0..12u64)
+        .map(|i| family_vector(i % 7, 10_000 + i, DIM))
+        .collect();
+    for addr in &addrs {
+        for q in &queries {
+            let (ids, missing) = search_s(&http, addr, q, &after_json).await;
+            assert!(missing.is_empty(), "{addr}: missing {missing:?}");
+            assert_eq!(ids, truth(&written, q), "{addr}");
+        }
+        let r: Value = http
+            .get(format!("http://{addr}/v1/collections/s"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["shards"], 3);
+        for id in [0u64, 77, 299] {
+            assert_eq!(
+                point_of(&http, addr, "s", id).await.as_deref(),
+                Some(&written[&id][..]),
+                "{addr} id {id}"
+            );
+        }
+    }
+    // Each point on exactly two nodes (once every replica has applied everything).
+    let settled = Instant::now() + Duration::from_secs(20);
+    let held_by = loop {
+        let mut held_by = Vec::new();
+        for addr in &addrs {
+            let r: Value = http
+                .get(format!("http://{addr}/v1/collections/s"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            held_by.push(r["points"].as_u64().unwrap());
+        }
+        if held_by.iter().sum::<u64>() == 600 || Instant::now() > settled {
+            break held_by;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        held_by.iter().sum::<u64>(),
+        600,
+        "two replicas of each point: {held_by:?}"
+    );
+    // The survivor-to-be lacks a shard (one holding fewer points than the average does).
+    let survivor = (0..3).min_by_key(|&i| held_by[i]).unwrap();
+    let (first, second) = match survivor {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+
+    // One node gone: every shard keeps a replica.
+    nodes[first].0.kill().unwrap();
+    for addr in [&addrs[survivor], &addrs[second]] {
+        for q in &queries {
+            let (ids, missing) = search_s(&http, addr, q, &json!([])).await;
+            assert!(
+                missing.is_empty(),
+                "{addr} after one kill: missing {missing:?}"
+            );
+            assert_eq!(ids, truth(&written, q));
+        }
+    }
+    // Two gone: the survivor names what it lacks, then takes it over.
+    nodes[second].0.kill().unwrap();
+    let survivor = &addrs[survivor];
+    let (_, missing) = search_s(&http, survivor, &queries[0], &json!([])).await;
+    let whole_again = Instant::now() + Duration::from_secs(60);
+    let mut saw_partial = !missing.is_empty();
+    loop {
+        let (ids, missing) = search_s(&http, survivor, &queries[0], &json!([])).await;
+        if missing.is_empty() {
+            assert_eq!(ids, truth(&written, &queries[0]));
+            break;
+        }
+        saw_partial = true;
+        assert!(
+            missing.len() < 3,
+            "the survivor holds shards of its own: {missing:?}"
+        );
+        assert!(
+            Instant::now() < whole_again,
+            "the survivor never took over shards {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        saw_partial,
+        "with two of three nodes gone at once, some shard had no live replica"
+    );
+
+    // Back from empty folders: every node answers whole.
+    for i in [first, second] {
+        let node_dir = dir.path().join(format!("n{i}"));
+        let _ = std::fs::remove_dir_all(node_dir.join("data"));
+        nodes[i] = spawn_node_with(&node_dir, &urls, &QUICK_MEMBERSHIP);
+        wait_ready(&http, &nodes[i].1).await;
+    }
+    let addrs: Vec<String> = nodes.iter().map(|(_, a)| a.clone()).collect();
+    for addr in &addrs {
+        for q in &queries {
+            let (ids, missing) = search_s(&http, addr, q, &json!([])).await;
+            assert!(
+                missing.is_empty(),
+                "{addr} after the restarts: missing {missing:?}"
+            );
+            assert_eq!(ids, truth(&written, q), "{addr} after the restarts");
+        }
+    }
 }

@@ -712,3 +712,59 @@ async fn creates_past_max_collections_are_refused() {
     .await;
     assert_eq!(st, StatusCode::CREATED, "{body}");
 }
+
+/// Off a cluster a collection has one shard: more is refused with a reason, and a collection's
+/// description says how many it has.
+#[tokio::test]
+async fn several_shards_need_a_cluster() {
+    use reqwest::Method as M;
+    let s = start_with(|_| {}).await;
+    let (st, body) = call(
+        s.addr,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(json!({"name": "a", "dim": 4, "metric": "l2", "shards": 2})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("cluster"),
+        "{body}"
+    );
+    let (st, body) = call(
+        s.addr,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(json!({"name": "a", "dim": 4, "metric": "l2", "shards": 1})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["shards"], 1);
+    let (st, body) = call(
+        s.addr,
+        M::PUT,
+        "/v1/collections/a/points",
+        Some(RW),
+        Some(json!({"points": [{"id": 1, "vector": [1, 0, 0, 0]}]})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["shards"],
+        json!([]),
+        "one log orders everything: {body}"
+    );
+    let (st, body) = call(
+        s.addr,
+        M::POST,
+        "/v1/collections/a/search",
+        Some(RO),
+        Some(json!({"vector": [1, 0, 0, 0], "k": 1, "after_shards": [{"shard": 0, "lsn": 1}]})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body["missing_shards"], json!([]));
+    assert_eq!(body["hits"][0]["id"], 1);
+}

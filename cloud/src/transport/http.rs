@@ -1089,6 +1089,7 @@ async fn search_batch(
         UpsertPoints,
         DeletePoints,
         WriteAck,
+        ShardPosition,
         PointOut,
         HotId,
         HotResponse,

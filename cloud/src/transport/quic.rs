@@ -700,6 +700,17 @@ fn search(service: &Service, q: Query) -> Frame {
         max_distance: None,
     };
     match service.search(&q.collection, &q.vector, &params) {
+        // An edge takes an answer as the whole collection's: a short one is refused instead.
+        Ok(answer) if !answer.missing_shards.is_empty() => {
+            Frame::Error(tiervec_shared::protocol::frame::ErrorFrame {
+                query_id: q.query_id,
+                code: ErrorCode::PartialAnswer as u16,
+                message: format!(
+                    "no live replica of shards {:?} of `{}`",
+                    answer.missing_shards, q.collection
+                ),
+            })
+        }
         Ok(answer) => Frame::Answer(Answer {
             query_id: q.query_id,
             collection_id: q.collection_id,

@@ -10,6 +10,8 @@ use tiervec_shared::hnsw::{M_RANGE, MAX_EF_CONSTRUCTION};
 use tiervec_shared::query::{MAX_COMPONENT, MAX_EF, MAX_K};
 use tiervec_shared::snapshot::MAX_DIM;
 
+use crate::storage::MAX_SHARDS;
+
 /// Most searches in one batch request.
 pub const MAX_BATCH_SEARCHES: usize = 1_024;
 
@@ -134,6 +136,26 @@ pub fn state_bounds(spec: &mut Value, max_batch: usize) {
         &format!("{s}/SearchRequest/properties/after_lsn"),
         json!({"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX,
                "description": "Answer once this node applied the collection's writes through this LSN (waits up to 2 s, else 503 `not_caught_up`)."}),
+    );
+    bound(
+        spec,
+        &format!("{s}/SearchRequest/properties/after_shards"),
+        json!({"maxItems": MAX_SHARDS}),
+    );
+    bound(
+        spec,
+        &format!("{s}/ShardPosition/properties/shard"),
+        json!({"minimum": 0, "maximum": MAX_SHARDS - 1}),
+    );
+    set(
+        spec,
+        &format!("{s}/ShardPosition/properties/lsn"),
+        json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}),
+    );
+    bound(
+        spec,
+        &format!("{s}/CreateCollection/properties/shards"),
+        json!({"minimum": 1, "maximum": MAX_SHARDS}),
     );
     bound(
         spec,

@@ -109,6 +109,9 @@ pub enum ErrorCode {
     UnknownFrameType = 7,
     Unexpected = 8,
     Internal = 9,
+    /// A cloud cluster could not search every shard of the collection (no live replica of
+    /// some): refused rather than answered short. An edge that predates it reads `Internal`.
+    PartialAnswer = 10,
 }
 
 impl ErrorCode {
@@ -124,6 +127,7 @@ impl ErrorCode {
             UnknownFrameType,
             Unexpected,
             Internal,
+            PartialAnswer,
         ]
         .into_iter()
         .find(|c| *c as u16 == code)
@@ -141,6 +145,7 @@ impl ErrorCode {
             ErrorCode::UnknownFrameType => "unknown_frame_type",
             ErrorCode::Unexpected => "unexpected",
             ErrorCode::Internal => "internal",
+            ErrorCode::PartialAnswer => "partial_answer",
         }
     }
 }

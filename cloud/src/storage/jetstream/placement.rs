@@ -178,7 +178,7 @@ mod tests {
                 shard_of(42, 3),
                 shard_of(u64::MAX, 3)
             ],
-            [0, 2, 1, 2]
+            [0, 1, 2, 0]
         );
         assert_eq!(shard_of(7, 1), 0);
         assert_eq!(shard_of(7, 0), 0);
