@@ -374,6 +374,17 @@ impl Apply for Catalog {
         }
     }
 
+    /// Only invalidations: the points themselves live on the nodes holding the shard.
+    fn observe(&self, lsn: u64, entry: &WalEntry) {
+        match entry {
+            WalEntry::Upsert {
+                collection, ids, ..
+            }
+            | WalEntry::Delete { collection, ids } => self.invalidate(*collection, ids, lsn),
+            _ => {}
+        }
+    }
+
     fn image(&self) -> Image {
         let edge_caches: Vec<EdgeCacheImage> = self
             .edge_caches
@@ -658,6 +669,13 @@ impl Service {
             .is_none_or(|p| p.ready_here(collection).len() == p.shards(collection) as usize)
     }
 
+    /// The shards of a collection this node holds caught up (all of them off a cluster).
+    pub fn shards_held(&self, collection: [u8; 16]) -> Vec<u32> {
+        self.log
+            .peers()
+            .map_or_else(|| vec![0], |p| p.ready_here(collection))
+    }
+
     /// The shards of a collection (1 off a cluster).
     pub fn shards(&self, collection: [u8; 16]) -> u32 {
         self.log.peers().map_or(1, |p| p.shards(collection))
@@ -836,13 +854,17 @@ impl Service {
 
     pub fn get(&self, name: &str, id: u64) -> Result<Point, ServiceError> {
         let c = self.collection(name)?;
-        let point = match self.log.peers() {
-            Some(peers) => fanout::get(peers, &c, id, self.shard_timeout())?,
-            None => c.get(id),
-        };
-        point.ok_or(ServiceError::PointNotFound {
+        self.get_from(&c, id)?.ok_or(ServiceError::PointNotFound {
             collection: name.to_owned(),
             id,
+        })
+    }
+
+    /// Point `id` of `c`, from this node or (on a cluster) a node holding its shard.
+    pub fn get_from(&self, c: &Collection, id: u64) -> Result<Option<Point>, ServiceError> {
+        Ok(match self.log.peers() {
+            Some(peers) => fanout::get(peers, c, id, self.shard_timeout())?,
+            None => c.get(id),
         })
     }
 
@@ -873,6 +895,18 @@ impl Service {
         catch_up: Duration,
     ) -> Result<Answer, ServiceError> {
         let c = self.collection(name)?;
+        self.search_in(&c, query, params, after, catch_up)
+    }
+
+    /// [`Service::search_after`] of a collection in hand.
+    pub fn search_in(
+        &self,
+        c: &Collection,
+        query: &[f32],
+        params: &SearchParams,
+        after: &[(u32, u64)],
+        catch_up: Duration,
+    ) -> Result<Answer, ServiceError> {
         let Some(peers) = self.log.peers() else {
             // Off a cluster every acknowledged write is applied.
             let (hits, engine) = c.search(query, params)?;
@@ -891,7 +925,7 @@ impl Service {
         Ok(fanout::search(
             &*self.log,
             peers,
-            &c,
+            c,
             query,
             params,
             after,

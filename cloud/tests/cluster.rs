@@ -759,3 +759,153 @@ async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing(
         }
     }
 }
+
+/// An edge served by a node that holds only some shards (one replica per shard, three nodes)
+/// still gets vectors of the others pushed — the node fetches them from their replicas — and
+/// hears their deletes: a point of a shard its node does not hold, deleted at another node,
+/// leaves the edge's cache within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_gets_and_loses_vectors_of_shards_its_node_does_not_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(dir.path(), 3);
+    let urls = nats.urls();
+    let certs = CertDir {
+        dir: dir.path().join("certs"),
+        deployment: "cluster-shards".into(),
+    };
+    certs.ensure_ca().unwrap();
+    certs.issue_server(&["localhost".into()]).unwrap();
+    certs.issue_edge("edge-1").unwrap();
+    let quic = free_udp_addr();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let mut settings: Vec<String> = QUICK_MEMBERSHIP.iter().map(|s| s.to_string()).collect();
+        settings.push("cluster.replication=1".into());
+        if i == 0 {
+            // The edge's node: every answered id is hot at once.
+            settings.extend([
+                format!("quic_addr=\"{quic}\""),
+                format!("certs_dir={:?}", certs.dir.to_str().unwrap()),
+                r#"edges={"edge-1"=["*"]}"#.into(),
+                "push={anchor_hot_count=1, hot_id_count=1}".into(),
+            ]);
+        }
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        nodes.push(spawn_node_with(
+            &dir.path().join(format!("n{i}")),
+            &urls,
+            &settings,
+        ));
+    }
+    let http = client();
+    for (_, addr) in &nodes {
+        wait_ready(&http, addr).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let (a, other) = (nodes[0].1.clone(), nodes[1].1.clone());
+    let r = http
+        .post(format!("http://{a}/v1/collections"))
+        .json(&json!({"name": "c", "dim": DIM, "metric": "l2", "shards": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let points: Vec<Value> = (0..300u64)
+        .map(|id| json!({"id": id, "vector": family_vector(id % 5, id, DIM)}))
+        .collect();
+    let r = http
+        .put(format!("http://{other}/v1/collections/c/points"))
+        .json(&json!({ "points": points }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let description: Value = http
+        .get(format!("http://{a}/v1/collections/c"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let held: Vec<u64> = serde_json::from_value(description["shards_held"].clone()).unwrap();
+    assert!(
+        held.len() < 3,
+        "one replica per shard over three nodes: node 0 holds {held:?}"
+    );
+    // A point of a shard node 0 does not hold (the shard function is the cloud's).
+    let foreign = (0..300u64)
+        .find(|&id| !held.contains(&u64::from(tiervec_cloud::storage::shard_of(id, 3))))
+        .unwrap();
+    let q = family_vector(foreign % 5, foreign, DIM);
+
+    let link = LinkConfig::new(
+        quic,
+        "localhost",
+        certs.ca_cert(),
+        Some((certs.edge_cert("edge-1"), certs.edge_key("edge-1"))),
+        "edge-1",
+    );
+    let cache = EdgeCache::open(CacheConfig::beside(&dir.path().join("edge.tvs"), 1 << 20))
+        .unwrap()
+        .0;
+    let node = EdgeNode::start(
+        std::sync::Arc::new(cache),
+        NodeConfig {
+            collection: "c".into(),
+            rule: tiervec_shared::confidence::ConfidenceRule::kth(1e-6),
+            lease: Duration::from_secs(30),
+            deadline: Duration::from_millis(500),
+            cloud_ef: 64,
+            backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+            shadow_every: 0,
+            target_recall: None,
+            certify: false,
+        },
+        Some(link),
+    )
+    .unwrap();
+    let held_locally = |node: &EdgeNode| {
+        node.search_local(&q, 1, 32)
+            .unwrap()
+            .hits
+            .first()
+            .is_some_and(|h| h.id == foreign)
+    };
+    // Asked through the cloud until the node pushed the foreign vector into the cache.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !held_locally(&node) {
+        let answer = node.search(&q, 1, 32).await.expect("an answer");
+        if answer.source == Source::Cloud {
+            assert_eq!(
+                answer.hits[0].id, foreign,
+                "the cloud's answer spans the shards"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "point {foreign} of another node's shard never pushed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Deleted at another node: node 0 hears it and invalidates the edge's copy.
+    let r = http
+        .post(format!("http://{other}/v1/collections/c/points/delete"))
+        .json(&json!({"ids": [foreign]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deleted = Instant::now();
+    while held_locally(&node) {
+        assert!(
+            deleted.elapsed() < Duration::from_secs(10),
+            "the edge still answers deleted point {foreign} from its cache"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "a delete at another node left the edge's cache {:?} after its acknowledgement",
+        deleted.elapsed()
+    );
+}

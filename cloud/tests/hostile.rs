@@ -43,6 +43,7 @@ impl Apply for Discard {
             edge_caches: Vec::new(),
         }
     }
+    fn observe(&self, _: u64, _: &WalEntry) {}
 }
 
 /// Appends `entries` to the log of `dir` directly, past the service's validation.

@@ -10,7 +10,6 @@ use tiervec_shared::certificate::euclidean;
 use tiervec_shared::push::{Certificate, Delta, Manifest, ManifestStep, Tombstone};
 
 use super::corpus::Corpus;
-use crate::collection::Collection;
 use crate::service::Invalidation;
 
 /// A certificate as the cloud keeps it on one connection: the anchor's point, the radius, and
@@ -220,13 +219,13 @@ pub(super) fn follow_certificates(
 
 /// Ids a cache holds at an older LSN than the collection's, or that no longer exist: found
 /// when an edge connects, for writes whose invalidation never reached it.
-pub(super) fn outdated(manifest: &Manifest, collection: &Collection) -> Vec<(u64, u64)> {
+pub(super) fn outdated(manifest: &Manifest, corpus: &impl Corpus) -> Vec<(u64, u64)> {
     manifest
         .ids()
-        .filter_map(|(id, held)| match collection.get(id) {
+        .filter_map(|(id, held)| match corpus.get(id) {
             Some(p) if p.lsn <= held.lsn => None,
             Some(p) => Some((id, p.lsn)),
-            None => Some((id, collection.deleted_at(id).unwrap_or(u64::MAX))),
+            None => Some((id, corpus.deleted_at(id).unwrap_or(u64::MAX))),
         })
         .collect()
 }

@@ -377,6 +377,9 @@ mod tests {
         fn exact(&self, query: &[f32], k: usize) -> Option<Vec<u64>> {
             Some(self.nearest(query, k))
         }
+        fn deleted_at(&self, _: u64) -> Option<u64> {
+            None
+        }
     }
 
     fn demand(anchor: u64, at: f32) -> Demand {

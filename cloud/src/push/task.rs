@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::certify::{Ball, follow_certificates, invalidation, outdated};
 use super::clock::now_unix_us;
+use super::corpus::ServiceCorpus;
 use super::hub::{CacheKey, JOB_QUEUE, Job, PushHub, Route};
 use super::plan;
 use super::restore::{self, RestoreError};
@@ -168,10 +169,14 @@ async fn restore_cache(
         .edge_cache(edge, collection_id)
         .map_or(0, |m| m.version)
         + 1;
-    let (builder, edge_name, built_collection) = (hub.clone(), edge.to_owned(), collection.clone());
+    let corpus = ServiceCorpus {
+        service: hub.service.clone(),
+        collection: collection.clone(),
+    };
+    let (builder, edge_name) = (hub.clone(), edge.to_owned());
     let (bytes, inventory) = tokio::task::spawn_blocking(move || {
         restore::build(
-            &*built_collection,
+            &corpus,
             &logged,
             |anchor| builder.anchor_vector(&edge_name, collection_id, anchor),
             version,
@@ -219,6 +224,12 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
         && certifiable(collection.info.metric)
         && hub.service.holds_whole(collection.info.id.0);
     let collection_id = collection.info.id.0;
+    // What planning reads: the collection as the whole cloud holds it (other nodes' shards
+    // included, on a cluster).
+    let corpus = Arc::new(ServiceCorpus {
+        service: hub.service.clone(),
+        collection: collection.clone(),
+    });
     // The certificates sent on this connection, kept exact as the corpus changes; the edge
     // forgot every other one when it connected.
     let balls: Arc<Mutex<HashMap<u64, Ball>>> = Arc::default();
@@ -344,7 +355,15 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
             };
             match action {
                 PushAction::Reconcile => {
-                    let found = outdated(&manifest(), &collection);
+                    // Reads may ask other nodes: off this task's worker.
+                    let (corpus, manifest) = (corpus.clone(), manifest());
+                    let found =
+                        match tokio::task::spawn_blocking(move || outdated(&manifest, &*corpus))
+                            .await
+                        {
+                            Ok(found) => found,
+                            Err(e) => break 'run Err(e.into()),
+                        };
                     state.handle_reconciled(
                         found
                             .into_iter()
@@ -359,8 +378,8 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
                 PushAction::PlanNeeded => {
                     // Planning (exact searches for certificates) runs on the blocking pool
                     // while this task keeps delivering invalidations.
-                    let (planner, edge, collection, manifest) =
-                        (hub.clone(), edge.clone(), collection.clone(), manifest());
+                    let (planner, edge, corpus, manifest) =
+                        (hub.clone(), edge.clone(), corpus.clone(), manifest());
                     let certified: Option<HashSet<u64>> =
                         certify.then(|| balls.lock().keys().copied().collect());
                     planned_at = Instant::now();
@@ -368,7 +387,7 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
                         let demand =
                             planner.demand(&edge, collection_id, &manifest, certified.as_ref())?;
                         plan::plan(
-                            &*collection,
+                            &*corpus,
                             &planner.config,
                             &manifest,
                             budget,
@@ -378,10 +397,9 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
                     }));
                 }
                 PushAction::BuildInvalidation(batch) => {
-                    let (collection, balls, manifest) =
-                        (collection.clone(), balls.clone(), manifest());
+                    let (corpus, balls, manifest) = (corpus.clone(), balls.clone(), manifest());
                     let built = tokio::task::spawn_blocking(move || {
-                        invalidation(&manifest, &*collection, &batch, &balls.lock())
+                        invalidation(&manifest, &*corpus, &batch, &balls.lock())
                     })
                     .await;
                     match built {

@@ -82,6 +82,9 @@ pub trait Apply: Send + Sync {
     fn apply(&self, position: u64, entry: &WalEntry);
     /// Everything applied so far; called with no append in flight.
     fn image(&self) -> Image;
+    /// Hears a durable write of a shard this node does not hold: nothing is stored, but what
+    /// the write changed is announced (edge caches this node serves may hold those ids).
+    fn observe(&self, position: u64, entry: &WalEntry);
 }
 
 /// Where an appended entry became durable.

@@ -419,6 +419,8 @@ pub struct CollectionDescription {
     pub ef_construction: usize,
     /// Shards its points are spread over (1 off a cluster).
     pub shards: u32,
+    /// The shards the node answering holds caught up (`[0]` off a cluster).
+    pub shards_held: Vec<u32>,
     /// Live points held on the node answering (on a cluster, those of the shards it holds).
     pub points: usize,
     /// Points in the searchable graph generation (the rest are searched exactly).
@@ -629,6 +631,7 @@ fn describe(svc: &Service, c: &Collection) -> CollectionDescription {
         m: c.info.params.m,
         ef_construction: c.info.params.ef_construction,
         shards: svc.shards(c.info.id.0),
+        shards_held: svc.shards_held(c.info.id.0),
         points: c.len(),
         indexed_points: c.indexed_points(),
         exact_engine: match engine.kind {

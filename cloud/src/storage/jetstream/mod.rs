@@ -161,6 +161,8 @@ struct Shared {
     /// The shard followers started, with the position their stream had when they started,
     /// once they know it (a shard is caught up once applied through it).
     followers: Mutex<HashMap<ShardKey, Option<u64>>>,
+    /// Per shard observed (every shard of every collection), the last position heard.
+    observed: Mutex<HashMap<ShardKey, u64>>,
     /// Who is alive and where shards are placed, as the KV buckets say.
     membership: membership::View,
     /// What answers other nodes' requests.
@@ -273,8 +275,9 @@ impl Shared {
     }
 
     /// Applies the entry at `position` of `log` (once: a position at or below the last
-    /// applied is skipped); a create's shard count comes from its header.
-    fn apply(&self, log: LogName, position: u64, message: &async_nats::Message) {
+    /// applied is skipped); a create's shard count comes from its header, and its shards are
+    /// observed from then on.
+    fn apply(self: &Arc<Self>, log: LogName, position: u64, message: &async_nats::Message) {
         if position <= self.applied(log) {
             return;
         }
@@ -292,6 +295,9 @@ impl Shared {
                             .unwrap_or(1);
                         self.name_sequences.lock().insert(name.clone(), position);
                         self.layouts.lock().entry(*id).or_insert(shards);
+                        for shard in 0..shards {
+                            self.observe_shard((*id, shard));
+                        }
                     }
                     WalEntry::DropCollection { name, id } => {
                         self.name_sequences.lock().insert(name.clone(), position);
@@ -335,6 +341,76 @@ impl Shared {
             follow(shared, LogName::Shard(key.0, key.1), stream).await
         });
     }
+}
+
+impl Shared {
+    /// Starts hearing the writes of a shard (once): the writes of shards this node does not
+    /// hold still announce what they change, so the edge caches this node serves are
+    /// invalidated whichever shard a write went to.
+    fn observe_shard(self: &Arc<Self>, key: ShardKey) {
+        if self.observed.lock().insert(key, 0).is_some() {
+            return;
+        }
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let mut wait = RETRY_FIRST;
+            loop {
+                match observe_once(&shared, key).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        debug!(collection = %hex(&key.0), shard = key.1, error = %e, "shard observer restarts");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Hears a shard's writes from the stream's end (or after the last one heard), handing those
+/// of a shard this node does not follow to [`Apply::observe`]. Ends when the stream is gone.
+async fn observe_once(shared: &Arc<Shared>, key: ShardKey) -> Result<(), String> {
+    let name = shared.shard_stream(key);
+    let stream = match shared.js.get_stream(&name).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(e.kind(), context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let heard = shared.observed.lock().get(&key).copied().unwrap_or(0);
+    let deliver_policy = if heard == 0 {
+        consumer::DeliverPolicy::New
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: heard + 1,
+        }
+    };
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| e.to_string())?;
+        let position = message.info().map_err(|e| e.to_string())?.stream_sequence;
+        shared.observed.lock().insert(key, position);
+        if shared.followers.lock().contains_key(&key) {
+            continue;
+        }
+        match WalEntry::decode(&message.payload) {
+            Ok(entry) => shared.state.observe(position, &entry),
+            Err(e) => debug!(stream = name, position, error = %e, "undecodable entry not observed"),
+        }
+    }
+    Err("the observer's messages ended".into())
 }
 
 /// Follows one stream for good: applies its entries in order, and after an error starts again
@@ -518,6 +594,7 @@ impl JetStreamLog {
                 cache_sequences: Mutex::new(HashMap::new()),
                 layouts: Mutex::new(HashMap::new()),
                 followers: Mutex::new(HashMap::new()),
+                observed: Mutex::new(HashMap::new()),
                 membership: membership::View::default(),
                 handler: std::sync::OnceLock::new(),
                 acknowledged: AtomicU64::new(0),
@@ -1038,6 +1115,7 @@ mod tests {
                 edge_caches: Vec::new(),
             }
         }
+        fn observe(&self, _: u64, _: &WalEntry) {}
     }
 
     fn step(version: u64, id: u64) -> WalEntry {
