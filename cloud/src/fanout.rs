@@ -34,6 +34,8 @@ pub enum PeerRequest {
         shards: Vec<u32>,
         /// How long the answering node may wait for `after`.
         wait_ms: u64,
+        /// Whether hits carry their payloads.
+        payloads: bool,
     },
     /// One point, by id.
     Get { collection: [u8; 16], id: u64 },
@@ -100,7 +102,8 @@ static SPREAD: AtomicU64 = AtomicU64::new(0);
 
 /// Searches collection `c` on this node and the nodes holding its other shards, and merges.
 /// `after` names (shard, position) pairs to have applied first, waiting up to `catch_up`;
-/// each node asked has `shard_timeout` to answer.
+/// each node asked has `shard_timeout` to answer; other nodes' hits carry their payloads only
+/// `with_payload`.
 #[allow(clippy::too_many_arguments)]
 pub fn search(
     log: &dyn DurableLog,
@@ -111,6 +114,7 @@ pub fn search(
     after: &[(u32, u64)],
     catch_up: Duration,
     shard_timeout: Duration,
+    with_payload: bool,
 ) -> Result<Answer, FanOutError> {
     let id = c.info.id.0;
     let shards = peers.shards(id);
@@ -133,6 +137,7 @@ pub fn search(
                 .collect(),
             shards: asked.to_vec(),
             wait_ms: catch_up.as_millis() as u64,
+            payloads: with_payload,
         })
         .expect("a request serialises")
     };
@@ -331,6 +336,7 @@ pub fn answer(
             after,
             shards: _,
             wait_ms,
+            payloads,
         }) => match find(collection) {
             None => PeerAnswer::Refused("no such collection here".into()),
             Some(c) => {
@@ -358,7 +364,7 @@ pub fn answer(
                                     id: h.id,
                                     distance: h.distance,
                                     lsn: h.lsn,
-                                    payload: h.payload.map(|p| p.to_string()),
+                                    payload: h.payload.filter(|_| payloads).map(|p| p.to_string()),
                                 })
                                 .collect(),
                             ready,
@@ -429,6 +435,7 @@ mod tests {
             after: vec![(0, 5)],
             shards: vec![0],
             wait_ms: 100,
+            payloads: false,
         })
         .unwrap();
         let PeerRequest::Search { vector, .. } = serde_json::from_slice(&body).unwrap() else {

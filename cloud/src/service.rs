@@ -879,13 +879,13 @@ impl Service {
         query: &[f32],
         params: &SearchParams,
     ) -> Result<Answer, ServiceError> {
-        self.search_after(name, query, params, &[], Duration::ZERO)
+        self.search_after(name, query, params, &[], Duration::ZERO, false)
     }
 
     /// Searches once the writes named in `after` ((shard, position) pairs a write answered;
     /// shard 0 off a cluster) are applied where they are searched, waiting up to `catch_up`.
-    /// On a cluster, shards this node does not hold are asked of nodes that do, and an answer
-    /// without some shards names them.
+    /// On a cluster, shards this node does not hold are asked of nodes that do (their hits
+    /// carry payloads only `with_payload`), and an answer without some shards names them.
     pub fn search_after(
         &self,
         name: &str,
@@ -893,9 +893,10 @@ impl Service {
         params: &SearchParams,
         after: &[(u32, u64)],
         catch_up: Duration,
+        with_payload: bool,
     ) -> Result<Answer, ServiceError> {
         let c = self.collection(name)?;
-        self.search_in(&c, query, params, after, catch_up)
+        self.search_in(&c, query, params, after, catch_up, with_payload)
     }
 
     /// [`Service::search_after`] of a collection in hand.
@@ -906,6 +907,7 @@ impl Service {
         params: &SearchParams,
         after: &[(u32, u64)],
         catch_up: Duration,
+        with_payload: bool,
     ) -> Result<Answer, ServiceError> {
         let Some(peers) = self.log.peers() else {
             // Off a cluster every acknowledged write is applied.
@@ -931,6 +933,7 @@ impl Service {
             after,
             catch_up,
             self.shard_timeout(),
+            with_payload,
         )?)
     }
 

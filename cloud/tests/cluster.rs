@@ -538,19 +538,19 @@ async fn search_s(
 ) -> (Vec<u64>, Vec<u64>) {
     let r = http
         .post(format!("http://{addr}/v1/collections/s/search"))
-        .json(&json!({"vector": q, "k": 10, "exact": true, "after_shards": after}))
+        .json(&json!({"vector": q, "k": 10, "exact": true, "after_shards": after, "with_payload": true}))
         .send()
         .await
         .unwrap();
     let status = r.status();
     let body: Value = r.json().await.unwrap();
     assert_eq!(status, 200, "{body}");
-    let ids = body["hits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["id"].as_u64().unwrap())
-        .collect();
+    let hits = body["hits"].as_array().unwrap();
+    // Every hit carries its payload, whichever node held it.
+    for h in hits {
+        assert_eq!(h["payload"]["n"], h["id"], "{h}");
+    }
+    let ids = hits.iter().map(|h| h["id"].as_u64().unwrap()).collect();
     let missing = serde_json::from_value(body["missing_shards"].clone()).unwrap();
     (ids, missing)
 }
@@ -616,7 +616,7 @@ async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing(
             .map(|id| {
                 let v = family_vector(id % 7, id, DIM);
                 written.insert(id, v.clone());
-                json!({"id": id, "vector": v})
+                json!({"id": id, "vector": v, "payload": {"n": id}})
             })
             .collect();
         let r = http

@@ -64,7 +64,7 @@ impl ServiceCorpus {
         };
         let answer = self
             .service
-            .search_in(&self.collection, query, &params, &[], Duration::ZERO)
+            .search_in(&self.collection, query, &params, &[], Duration::ZERO, false)
             .ok()?;
         // Neighbours missing a shard would make an anchor claim what it cannot: none.
         answer

@@ -915,7 +915,14 @@ fn run_search(
         .into_iter()
         .chain(req.after_shards.iter().map(|p| (p.shard, p.lsn)))
         .collect();
-    let answer = svc.search_after(name, &req.vector, &params, &after, MAX_CATCH_UP_WAIT)?;
+    let answer = svc.search_after(
+        name,
+        &req.vector,
+        &params,
+        &after,
+        MAX_CATCH_UP_WAIT,
+        req.with_payload,
+    )?;
     let (hits, engine) = (answer.hits, answer.engine);
     let payload_bytes: usize = if req.with_payload {
         hits.iter()

@@ -59,6 +59,9 @@ struct Report {
     nats_servers: usize,
     single_load_vectors_per_second: f64,
     cluster_load_vectors_per_second: f64,
+    /// The node the cluster's searches went to, and how many shards it holds.
+    search_node: usize,
+    search_node_shards: usize,
     search_p50_ratio_cluster_to_single: f64,
     search_p99_ratio_cluster_to_single: f64,
     write_p50_ratio_cluster_to_single: f64,
@@ -352,7 +355,7 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
     let mut nodes = (0..args.nodes)
         .map(|i| start_node(&args.work_dir, &format!("node{i}"), cluster))
         .collect::<anyhow::Result<Vec<Node>>>()?;
-    let (cluster_load, cluster_rows) = rt.block_on(async {
+    let (cluster_load, cluster_rows, search_node, search_node_shards) = rt.block_on(async {
         for n in &nodes {
             procs::wait_http_ok(
                 &http,
@@ -367,9 +370,26 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
         for n in nodes.iter_mut() {
             deployment::wait_indexed(&http, &n.base, &mut n.process).await?;
         }
+        // Searches go to the node holding the fewest shards, so they fan out (placement may
+        // give one node every shard).
+        let mut held = Vec::new();
+        for n in &nodes {
+            let d: serde_json::Value = http
+                .get(format!("{}/v1/collections/{COLLECTION}", n.base))
+                .send()
+                .await?
+                .json()
+                .await?;
+            held.push(d["shards_held"].as_array().map_or(0, Vec::len));
+        }
+        let asked = (0..nodes.len()).min_by_key(|&i| held[i]).unwrap_or(0);
+        eprintln!(
+            "  searches at node {asked}, which holds {} of {} shards",
+            held[asked], args.shards
+        );
         let target = HttpTarget {
             http: &http,
-            base: &nodes[0].base,
+            base: &nodes[asked].base,
             queries: &queries,
             truth: &truth,
         };
@@ -395,7 +415,7 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
         )
         .await?;
         let visible = cross_node_row(&http, &nodes, &ds, count + 3 * writes, writes).await?;
-        anyhow::Ok((load, vec![search, write, many, visible]))
+        anyhow::Ok((load, vec![search, write, many, visible], asked, held[asked]))
     })?;
 
     // 3. Node 0 returns from an empty data folder within the node timeout (its shards are
@@ -437,7 +457,7 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
             "quick": quick, "search_samples": args.samples, "queries": nq,
             "nats_server": "Debian nats-server 2.9.10, 3 servers, JetStream file storage, streams R3",
             "acknowledgement": "single: WAL fsync; cluster: JetStream R3 ack (a quorum holds it in memory, not fsynced) + the node's own apply",
-            "placement": "every process on the same 2 cores, unpinned; searches at node 0, writes round-robin over the nodes",
+            "placement": "every process on the same 2 cores, unpinned; searches at the node holding the fewest shards (search_node), writes round-robin over the nodes",
             "shards": args.shards, "replication": args.replication,
             "catch_up": "node 0 killed and restarted from an empty data folder within the node timeout; seconds until ready (its shards replayed)",
         }),
@@ -445,6 +465,8 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
         nats_servers: 3,
         single_load_vectors_per_second: single_load,
         cluster_load_vectors_per_second: cluster_load,
+        search_node,
+        search_node_shards,
         search_p50_ratio_cluster_to_single: row("cluster_search").p50_us
             / row("single_search").p50_us,
         search_p99_ratio_cluster_to_single: row("cluster_search").p99_us
@@ -474,7 +496,7 @@ fn write_docs(docs: &Path, args: &ClusterArgs, r: &Report) -> anyhow::Result<()>
         "Command: `cargo build --release --workspace && cargo run --release -p tiervec-testbed -- bench cluster{} --json target/bench-cluster.json`  \n\
          Machine: {} ({} cpus); Debian's nats-server 2.9.10. One `tiervec-cloud` on its embedded WAL, then \
          {} cloud nodes on three nats-servers (streams R3), every process on the same cores, in one run. \
-         {} vectors loaded with their texts; searches (k = 10, ef = 64, one client) at node 0; single-point writes \
+         {} vectors loaded with their texts; searches (k = 10, ef = 64, one client) at the node holding the fewest shards; single-point writes \
          round-robin over the nodes, one client and {} clients. **Write acknowledgements differ**: the single \
          cloud fsyncs its WAL; a cluster write is acknowledged after JetStream's R3 acknowledgement (a quorum \
          holds it in memory and page cache, not fsynced: `docs/cluster.md`) and the node's own apply.\n\n",
@@ -494,8 +516,8 @@ fn write_docs(docs: &Path, args: &ClusterArgs, r: &Report) -> anyhow::Result<()>
         ));
     }
     md.push_str(&format!(
-        "\n- search p50 cluster ÷ single: {:.2}× (p99 {:.2}×): the collection has {} shards on {} of the nodes each, \
-         so node 0 answers its own shards and asks another node for the rest (NATS request/reply), then merges\n\
+        "\n- search p50 cluster ÷ single: {:.2}× (p99 {:.2}×): the collection has {} shards on {} of the nodes each; the searched node holds {} of them, \
+         answers those itself and asks another node for the rest (NATS request/reply), then merges\n\
          - single-point write p50 cluster ÷ single: {:.2}×\n\
          - `cluster_visible_at_another_node`: after node 0 acknowledged a write, a search at node 1 naming its shard positions \
          (answered once node 1 applied it): how far behind another node sees a write, search included\n\
@@ -504,6 +526,7 @@ fn write_docs(docs: &Path, args: &ClusterArgs, r: &Report) -> anyhow::Result<()>
          until `/readyz`; it holds {} points afterwards): {:.2} s, i.e. about {:.0} s per million points of its shards — \
          **extrapolated** linearly from this run, not measured at a million\n",
         r.search_p50_ratio_cluster_to_single, r.search_p99_ratio_cluster_to_single, args.shards, args.replication,
+        r.search_node_shards,
         r.write_p50_ratio_cluster_to_single,
         r.single_load_vectors_per_second, r.cluster_load_vectors_per_second, r.catch_up_vectors, r.catch_up_seconds,
         r.catch_up_seconds_per_million_extrapolated
