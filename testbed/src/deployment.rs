@@ -127,6 +127,112 @@ pub fn start_cloud_with(
     })
 }
 
+/// How a cloud node joins a cluster ([`start_cluster_node`]).
+pub struct ClusterSpec<'a> {
+    /// The NATS servers' client URLs.
+    pub nats: &'a [String],
+    /// This node's name in the cluster.
+    pub node: &'a str,
+    /// Its QUIC address (edges list every node's).
+    pub quic_addr: SocketAddr,
+    /// More `--set key=value` settings (membership timings, replication).
+    pub settings: Vec<String>,
+}
+
+/// Starts a `tiervec-cloud serve` node of a cluster on the NATS servers of `spec`, its data in
+/// `dir/cloud-data` (made empty first), serving HTTP and QUIC with the certificates of `certs`
+/// (issued beforehand) to `edges`.
+pub fn start_cluster_node(
+    dir: &Path,
+    certs: &CertDir,
+    edges: &[String],
+    spec: &ClusterSpec,
+) -> anyhow::Result<Cloud> {
+    std::fs::create_dir_all(dir)?;
+    let data_dir = dir.join("cloud-data");
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let acl = edges
+        .iter()
+        .map(|n| format!("\"{n}\" = [\"{COLLECTION}\"]"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let urls: Vec<String> = spec.nats.iter().map(|u| format!("{u:?}")).collect();
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--set".into(),
+        format!("data_dir={:?}", data_dir.to_string_lossy()),
+        "--set".into(),
+        "http_addr=\"127.0.0.1:0\"".into(),
+        "--set".into(),
+        format!("quic_addr=\"{}\"", spec.quic_addr),
+        "--set".into(),
+        format!("certs_dir={:?}", certs.dir.to_string_lossy()),
+        "--set".into(),
+        format!("edges={{ {acl} }}"),
+        "--set".into(),
+        "worker_threads=1".into(),
+        "--set".into(),
+        format!("cluster.nats=[{}]", urls.join(",")),
+        "--set".into(),
+        format!("cluster.node={:?}", spec.node),
+        "--set".into(),
+        "cluster.prefix=\"DEMO\"".into(),
+        "--addr-file".into(),
+        dir.join("cloud.addr").to_string_lossy().into_owned(),
+    ];
+    for setting in &spec.settings {
+        args.extend(["--set".to_owned(), setting.clone()]);
+    }
+    let (process, http_base) = serve(dir, &args)?;
+    Ok(Cloud {
+        process,
+        http_base,
+        quic_addr: spec.quic_addr,
+        certs: CertDir {
+            dir: certs.dir.clone(),
+            deployment: certs.deployment.clone(),
+        },
+        dir: dir.to_owned(),
+        serve_args: args,
+    })
+}
+
+/// Creates the dataset's collection (of `shards` shards) at `bases[0]` and loads the first
+/// `count` base vectors with their texts over HTTP, in batches of 1,000 spread over `bases`;
+/// vectors a second.
+pub async fn load_over_http(
+    http: &reqwest::Client,
+    bases: &[String],
+    ds: &Dataset,
+    texts: &[String],
+    count: usize,
+    shards: u32,
+) -> anyhow::Result<f64> {
+    let create = serde_json::json!({"name": COLLECTION, "dim": ds.base.dim, "metric": "cosine", "shards": shards});
+    let r = http
+        .post(format!("{}/v1/collections", bases[0]))
+        .json(&create)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "create: {}", r.text().await?);
+    let t = Instant::now();
+    for (b, start) in (0..count).step_by(1_000).enumerate() {
+        let points: Vec<serde_json::Value> = (start..(start + 1_000).min(count))
+            .map(|i| serde_json::json!({"id": i, "vector": ds.base.row(i), "payload": {"text": texts[i]}}))
+            .collect();
+        let r = http
+            .put(format!(
+                "{}/v1/collections/{COLLECTION}/points",
+                bases[b % bases.len()]
+            ))
+            .json(&serde_json::json!({ "points": points }))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "load: {}", r.text().await?);
+    }
+    Ok(count as f64 / t.elapsed().as_secs_f64())
+}
+
 /// Starts `tiervec-cloud serve args…` and waits for the HTTP address it writes.
 fn serve(dir: &Path, args: &[String]) -> anyhow::Result<(Process, String)> {
     let addr_file = dir.join("cloud.addr");
@@ -147,6 +253,15 @@ impl Cloud {
     /// the process was killed, or killing it first); its HTTP port is new.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.process.kill();
+        (self.process, self.http_base) = serve(&self.dir, &self.serve_args)?;
+        Ok(())
+    }
+
+    /// Starts `serve` again on an empty data directory (a node of a cluster replays what it
+    /// holds from the cluster's streams), killing it first if it runs.
+    pub fn restart_empty(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        let _ = std::fs::remove_dir_all(self.dir.join("cloud-data"));
         (self.process, self.http_base) = serve(&self.dir, &self.serve_args)?;
         Ok(())
     }
@@ -308,6 +423,8 @@ pub struct EdgeSpec<'a> {
     pub certify: bool,
     /// Answer local searches with this WASM guest (`serve --engine wasm`); `None`: native.
     pub wasm_guest: Option<&'a Path>,
+    /// The QUIC addresses of the cloud's other nodes, failed over to in this order.
+    pub other_clouds: &'a [SocketAddr],
 }
 
 /// A running edge process and its applications' endpoint.
@@ -350,7 +467,7 @@ pub fn start_edge_via(
         certify: spec.certify,
         cloud: Some(CloudLinkConfig {
             addr: cloud_addr,
-            other_addrs: Vec::new(),
+            other_addrs: spec.other_clouds.to_vec(),
             idle_timeout_ms: 3_000,
             server_name: "localhost".into(),
             ca_cert: cloud.certs.ca_cert(),

@@ -118,40 +118,6 @@ fn start_node(dir: &Path, name: &str, cluster: Option<(&[String], usize)>) -> an
     })
 }
 
-/// Creates the collection (of `shards` shards) at `nodes[0]` and loads the first `count` base
-/// vectors with their texts in batches of 1,000, the batches spread over `nodes`; vectors a
-/// second.
-async fn load(
-    http: &reqwest::Client,
-    nodes: &[Node],
-    ds: &Dataset,
-    texts: &[String],
-    count: usize,
-    shards: u32,
-) -> anyhow::Result<f64> {
-    let create = serde_json::json!({"name": COLLECTION, "dim": ds.base.dim, "metric": "cosine", "shards": shards});
-    let r = http
-        .post(format!("{}/v1/collections", nodes[0].base))
-        .json(&create)
-        .send()
-        .await?;
-    anyhow::ensure!(r.status().is_success(), "create: {}", r.text().await?);
-    let t = Instant::now();
-    for (b, start) in (0..count).step_by(1_000).enumerate() {
-        let points: Vec<serde_json::Value> = (start..(start + 1_000).min(count))
-            .map(|i| serde_json::json!({"id": i, "vector": ds.base.row(i), "payload": {"text": texts[i]}}))
-            .collect();
-        let node = &nodes[b % nodes.len()];
-        let r = http
-            .put(format!("{}/v1/collections/{COLLECTION}/points", node.base))
-            .json(&serde_json::json!({ "points": points }))
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "load: {}", r.text().await?);
-    }
-    Ok(count as f64 / t.elapsed().as_secs_f64())
-}
-
 /// `writes` single-point upserts (ids past the loaded ones, vectors of the base) from
 /// `clients` concurrent writers, spread over `nodes`.
 async fn write_row(
@@ -323,7 +289,8 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
             Duration::from_secs(60),
         )
         .await?;
-        let load = load(&http, &single, &ds, &texts, count, 1).await?;
+        let bases = [single[0].base.clone()];
+        let load = deployment::load_over_http(&http, &bases, &ds, &texts, count, 1).await?;
         let node = &mut single[0];
         deployment::wait_indexed(&http, &node.base, &mut node.process).await?;
         let target = HttpTarget {
@@ -366,7 +333,9 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
         }
         // Placement spreads over every node once each has heard the others (heartbeats).
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let load = load(&http, &nodes, &ds, &texts, count, args.shards).await?;
+        let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+        let load =
+            deployment::load_over_http(&http, &bases, &ds, &texts, count, args.shards).await?;
         for n in nodes.iter_mut() {
             deployment::wait_indexed(&http, &n.base, &mut n.process).await?;
         }

@@ -263,6 +263,7 @@ pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
         // The rows measure the k-th-distance path; certified answers are the demo's.
         certify: false,
         wasm_guest: None,
+        other_clouds: &[],
     };
     let mut fallback = deployment::start_edge(&cloud, &spec(0, -1.0))?;
     let mut local = deployment::start_edge(&cloud, &spec(1, f32::MAX))?;

@@ -140,6 +140,7 @@ pub fn run(mut args: FaultsArgs) -> anyhow::Result<()> {
                 cpus: None,
                 certify: false,
                 wasm_guest: None,
+                other_clouds: &[],
             },
             relay.addr(),
         )?;

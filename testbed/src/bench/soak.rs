@@ -220,6 +220,7 @@ pub fn run(mut args: SoakArgs) -> anyhow::Result<()> {
             cpus: None,
             certify: false,
             wasm_guest: None,
+            other_clouds: &[],
         },
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

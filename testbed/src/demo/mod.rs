@@ -29,6 +29,7 @@
 //! plots); this module runs them in order.
 
 mod calibration;
+mod cluster;
 mod replay;
 mod report;
 mod windows;
@@ -124,6 +125,13 @@ pub struct DemoArgs {
     /// sample; each probe is one more search on the edge's core).
     #[arg(long, default_value_t = 4)]
     pub probe_every: usize,
+    /// Run against a cloud of three nodes on a three-server NATS JetStream cluster, killing a
+    /// node and a nats-server during the trace (`demo::cluster`; needs `nats-server`).
+    #[arg(long)]
+    pub cluster: bool,
+    /// `--cluster`: upserts a second by the steady writer.
+    #[arg(long, default_value_t = 20.0)]
+    pub write_rate: f64,
     /// Work directory (data, certificates, snapshots, logs, cached ground truth).
     #[arg(long, default_value = "target/tiervec-demo")]
     pub work_dir: PathBuf,
@@ -139,6 +147,9 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         .requests
         .unwrap_or(if args.output.quick { 3_000 } else { 20_000 });
     args.requests = Some(requests_per_edge);
+    if args.cluster {
+        return cluster::run(args);
+    }
     let started = Instant::now();
     procs::ensure_binaries()?;
     let pinning = procs::can_pin();
@@ -164,32 +175,8 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
 
     // 2. The traces (reported and calibration) and their exact ground truth (cached).
     let t = Instant::now();
-    let spec = |trace_seed: u64| TraceSpec {
-        edges: args.edges,
-        requests_per_edge,
-        zipf_exponent: args.zipf,
-        repeat_fraction: args.repeat,
-        noise_cosine: args.noise_cosine,
-        deployment_seed: args.deployment_seed,
-        trace_seed,
-    };
-    let shipped = |q: usize| {
-        let (ids, distances) = ds.ground_truth(q, K);
-        Truth { ids, distances }
-    };
-    let reported_spec = spec(args.seed);
-    let reported = trace::generate(&reported_spec, &ds.queries)?;
-    let reported_truth =
-        trace::ground_truth(&reported_spec, &reported, &ds.base, &shipped, &cache_dir)?;
-    let calibration_spec = spec(args.calibration_seed);
-    let calibration = trace::generate(&calibration_spec, &ds.queries)?;
-    let calibration_truth = trace::ground_truth(
-        &calibration_spec,
-        &calibration,
-        &ds.base,
-        &shipped,
-        &cache_dir,
-    )?;
+    let (reported, reported_truth, calibration, calibration_truth) =
+        traces(&args, &ds, requests_per_edge, &cache_dir)?;
     eprintln!(
         "  traces and exact ground truth over the corpus: {:.1} s",
         t.elapsed().as_secs_f64()
@@ -313,6 +300,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         cpus: pinning.then_some("0"),
         certify: !args.no_certify,
         wasm_guest: guest.as_deref(),
+        other_clouds: &[],
     };
     let mut edges = Vec::new();
     for e in 0..edge_names.len() {
@@ -463,7 +451,11 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         }),
         rows: source_rows(&outcomes),
         requests: outcomes.iter().map(|e| e.len() as u64).sum(),
-        errors: 0,
+        errors: outcomes
+            .iter()
+            .flatten()
+            .filter(|o| o.source == "error")
+            .count() as u64,
         local_fraction: fraction(&outcomes, "local"),
         cloud_fraction: fraction(&outcomes, "cloud"),
         degraded_fraction: fraction(&outcomes, "degraded"),
@@ -548,6 +540,49 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         report.certified_answers
     );
     Ok(())
+}
+
+/// The reported and the calibration traces with their exact ground truth (cached in
+/// `cache_dir`).
+#[allow(clippy::type_complexity)]
+fn traces(
+    args: &DemoArgs,
+    ds: &Dataset,
+    requests_per_edge: usize,
+    cache_dir: &Path,
+) -> anyhow::Result<(
+    Vec<Vec<Request>>,
+    Vec<Vec<Truth>>,
+    Vec<Vec<Request>>,
+    Vec<Vec<Truth>>,
+)> {
+    let spec = |trace_seed: u64| TraceSpec {
+        edges: args.edges,
+        requests_per_edge,
+        zipf_exponent: args.zipf,
+        repeat_fraction: args.repeat,
+        noise_cosine: args.noise_cosine,
+        deployment_seed: args.deployment_seed,
+        trace_seed,
+    };
+    let shipped = |q: usize| {
+        let (ids, distances) = ds.ground_truth(q, K);
+        Truth { ids, distances }
+    };
+    let reported_spec = spec(args.seed);
+    let reported = trace::generate(&reported_spec, &ds.queries)?;
+    let reported_truth =
+        trace::ground_truth(&reported_spec, &reported, &ds.base, &shipped, cache_dir)?;
+    let calibration_spec = spec(args.calibration_seed);
+    let calibration = trace::generate(&calibration_spec, &ds.queries)?;
+    let calibration_truth = trace::ground_truth(
+        &calibration_spec,
+        &calibration,
+        &ds.base,
+        &shipped,
+        cache_dir,
+    )?;
+    Ok((reported, reported_truth, calibration, calibration_truth))
 }
 
 /// Builds and writes each edge's snapshot (in parallel), for the cloud's collection identity

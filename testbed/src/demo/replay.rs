@@ -12,7 +12,11 @@ use crate::trace::{Request, Truth};
 
 /// Everything known about one request after the replay.
 pub struct Outcome {
+    /// `local`, `cloud`, `degraded`, or `error` (the edge answered with an error status or not
+    /// at all).
     pub source: &'static str,
+    /// When the request was sent.
+    pub at: Instant,
     pub latency: Duration,
     pub recall: f64,
     /// The edge's local answer alone, asked just before (the sweep's input), on sampled
@@ -28,7 +32,8 @@ pub struct Outcome {
 
 /// Replays each edge's `requests` through its URL: per edge a closed loop of HTTP requests,
 /// the edges concurrently; before every `probe_every`-th request the edge's local answer
-/// alone (`local_only`, no side effect) is asked too.
+/// alone (`local_only`, no side effect) is asked too. A request answered with an error is
+/// recorded as one (source `error`) and the replay goes on.
 pub async fn replay(
     edge_urls: &[String],
     requests: &[Vec<Request>],
@@ -84,8 +89,26 @@ pub async fn replay(
                     } else {
                         None
                     };
+                    let at = Instant::now();
                     let (v, latency) =
-                        post(serde_json::json!({"vector": r.vector, "k": K})).await?;
+                        match post(serde_json::json!({"vector": r.vector, "k": K})).await {
+                            Ok(answered) => answered,
+                            Err(e) => {
+                                tracing::warn!(url, error = %e, "a request got an error");
+                                outcomes.push(Outcome {
+                                    source: "error",
+                                    at,
+                                    latency: at.elapsed(),
+                                    recall: 0.0,
+                                    probe,
+                                    held: None,
+                                    certified: false,
+                                    exact: false,
+                                });
+                                bar.inc(1);
+                                continue;
+                            }
+                        };
                     let source = match v["source"].as_str() {
                         Some("local") => "local",
                         Some("cloud") => "cloud",
@@ -96,6 +119,7 @@ pub async fn replay(
                     let recall = recall_at_10(&hits, &t.ids, &t.distances);
                     outcomes.push(Outcome {
                         source,
+                        at,
                         latency,
                         recall,
                         certified: v["certified"].as_bool() == Some(true),

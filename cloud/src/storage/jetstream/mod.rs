@@ -629,7 +629,17 @@ impl JetStreamLog {
                 .state
                 .last_sequence;
             tokio::spawn(follow(shared.clone(), LogName::Catalog, catalog));
-            membership::open_buckets(&shared).await?;
+            // Like the catalog stream: JetStream may be electing leaders (a server just back).
+            loop {
+                match membership::open_buckets(&shared).await {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() < deadline => {
+                        debug!(error = %e, "membership buckets not ready");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             membership::start(&shared);
             Ok::<_, ClusterError>((shared, last))
         })?;
