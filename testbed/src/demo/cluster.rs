@@ -579,15 +579,35 @@ async fn chaos(
     procs::wait_http_ok(&http, &format!("{base}/readyz"), Duration::from_secs(600))
         .await
         .context("node 0 never caught up")?;
-    let catch_up_seconds = t.elapsed().as_secs_f64();
     bases.lock()[0] = base.clone();
-    let d: serde_json::Value = http
-        .get(format!("{base}/v1/collections/{COLLECTION}"))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let catch_up_points = d["points"].as_u64().unwrap_or(0);
+    // Its shards were placed elsewhere while it was gone: caught up once placement gives
+    // it its share back and it holds those shards caught up (unchanged for a second).
+    let mut last = (Vec::new(), 0);
+    let mut steady_since = Instant::now();
+    let catch_up_seconds = loop {
+        let d: serde_json::Value = http
+            .get(format!("{base}/v1/collections/{COLLECTION}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let now: (Vec<u64>, u64) = (
+            serde_json::from_value(d["shards_held"].clone()).unwrap_or_default(),
+            d["points"].as_u64().unwrap_or(0),
+        );
+        if now != last {
+            last = now;
+            steady_since = Instant::now();
+        } else if !last.0.is_empty() && steady_since.elapsed() > Duration::from_secs(1) {
+            break steady_since.duration_since(t).as_secs_f64();
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(600),
+            "node 0 never took its shards back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let catch_up_points = last.1;
     eprintln!(
         "  node 0 back from an empty folder, caught up with {catch_up_points} points in {catch_up_seconds:.1} s"
     );

@@ -117,14 +117,25 @@ pub async fn staleness_window(
         if !ask().await?.contains(&id) {
             continue; // evicted since: nothing to invalidate
         }
-        http.post(format!(
-            "{cloud_base}/v1/collections/{}/points/delete",
-            deployment::COLLECTION
-        ))
-        .json(&serde_json::json!({"ids": [id]}))
-        .send()
-        .await?
-        .error_for_status()?;
+        // A cluster node may answer 503 while JetStream elects leaders: asked again.
+        let asked = Instant::now();
+        loop {
+            let r = http
+                .post(format!(
+                    "{cloud_base}/v1/collections/{}/points/delete",
+                    deployment::COLLECTION
+                ))
+                .json(&serde_json::json!({"ids": [id]}))
+                .send()
+                .await?;
+            if r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
+                || asked.elapsed() > Duration::from_secs(30)
+            {
+                r.error_for_status()?;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let acknowledged = Instant::now();
         loop {
             if !ask().await?.contains(&id) {
