@@ -452,25 +452,7 @@ async fn an_edge_fails_over_to_another_node_when_its_node_is_killed() {
             "edge-1",
         )
     };
-    let cache = EdgeCache::open(CacheConfig::beside(&dir.path().join("edge.tvs"), 1 << 20))
-        .unwrap()
-        .0;
-    let node = EdgeNode::start(
-        std::sync::Arc::new(cache),
-        NodeConfig {
-            collection: "c".into(),
-            rule: tiervec_shared::confidence::ConfidenceRule::kth(1e-6),
-            lease: Duration::from_secs(30),
-            deadline: Duration::from_millis(200),
-            cloud_ef: 64,
-            backoff: (Duration::from_millis(20), Duration::from_millis(200)),
-            shadow_every: 0,
-            target_recall: None,
-            certify: false,
-        },
-        Some(link),
-    )
-    .unwrap();
+    let node = empty_edge(dir.path(), link, Duration::from_millis(200));
     let ask = |i: u64| {
         let q = family_vector(0, i % 200, DIM);
         let node = &node;
@@ -520,6 +502,30 @@ async fn an_edge_fails_over_to_another_node_when_its_node_is_killed() {
         failover < Duration::from_secs(5),
         "failover took {failover:?}"
     );
+}
+
+/// An edge in this process with an empty cache of collection `c` (in `dir`) that trusts no
+/// local answer, linked by `link`: what it can answer comes from the cloud.
+fn empty_edge(dir: &Path, link: LinkConfig, deadline: Duration) -> EdgeNode {
+    let cache = EdgeCache::open(CacheConfig::beside(&dir.join("edge.tvs"), 1 << 20))
+        .unwrap()
+        .0;
+    EdgeNode::start(
+        std::sync::Arc::new(cache),
+        NodeConfig {
+            collection: "c".into(),
+            rule: tiervec_shared::confidence::ConfidenceRule::kth(1e-6),
+            lease: Duration::from_secs(30),
+            deadline,
+            cloud_ef: 64,
+            backoff: (Duration::from_millis(20), Duration::from_millis(200)),
+            shadow_every: 0,
+            target_recall: None,
+            certify: false,
+        },
+        Some(link),
+    )
+    .unwrap()
 }
 
 /// Heartbeats every 200 ms, a node dead after 1 s: the sharded test's membership.
@@ -846,25 +852,7 @@ async fn an_edge_gets_and_loses_vectors_of_shards_its_node_does_not_hold() {
         Some((certs.edge_cert("edge-1"), certs.edge_key("edge-1"))),
         "edge-1",
     );
-    let cache = EdgeCache::open(CacheConfig::beside(&dir.path().join("edge.tvs"), 1 << 20))
-        .unwrap()
-        .0;
-    let node = EdgeNode::start(
-        std::sync::Arc::new(cache),
-        NodeConfig {
-            collection: "c".into(),
-            rule: tiervec_shared::confidence::ConfidenceRule::kth(1e-6),
-            lease: Duration::from_secs(30),
-            deadline: Duration::from_millis(500),
-            cloud_ef: 64,
-            backoff: (Duration::from_millis(20), Duration::from_millis(200)),
-            shadow_every: 0,
-            target_recall: None,
-            certify: false,
-        },
-        Some(link),
-    )
-    .unwrap();
+    let node = empty_edge(dir.path(), link, Duration::from_millis(500));
     let held_locally = |node: &EdgeNode| {
         node.search_local(&q, 1, 32)
             .unwrap()

@@ -368,19 +368,43 @@ impl Shared {
     }
 }
 
-/// Hears a shard's writes from the stream's end (or after the last one heard), handing those
-/// of a shard this node does not follow to [`Apply::observe`]. Ends when the stream is gone.
-async fn observe_once(shared: &Arc<Shared>, key: ShardKey) -> Result<(), String> {
-    let name = shared.shard_stream(key);
-    let stream = match shared.js.get_stream(&name).await {
-        Ok(s) => s,
+/// The stream `name`, or `None` when it is gone (its collection was dropped).
+async fn stream_if_present(shared: &Shared, name: &str) -> Result<Option<stream::Stream>, String> {
+    match shared.js.get_stream(name).await {
+        Ok(s) => Ok(Some(s)),
         Err(e)
             if matches!(e.kind(), context::GetStreamErrorKind::JetStream(j)
                 if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
         {
-            return Ok(());
+            Ok(None)
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The messages of an ordered consumer of `stream` delivering from `deliver_policy`.
+async fn ordered(
+    stream: &stream::Stream,
+    deliver_policy: consumer::DeliverPolicy,
+) -> Result<consumer::pull::Ordered, String> {
+    stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Hears a shard's writes from the stream's end (or after the last one heard), handing those
+/// of a shard this node does not follow to [`Apply::observe`]. Ends when the stream is gone.
+async fn observe_once(shared: &Arc<Shared>, key: ShardKey) -> Result<(), String> {
+    let name = shared.shard_stream(key);
+    let Some(stream) = stream_if_present(shared, &name).await? else {
+        return Ok(());
     };
     let heard = shared.observed.lock().get(&key).copied().unwrap_or(0);
     let deliver_policy = if heard == 0 {
@@ -390,14 +414,7 @@ async fn observe_once(shared: &Arc<Shared>, key: ShardKey) -> Result<(), String>
             start_sequence: heard + 1,
         }
     };
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut messages = ordered(&stream, deliver_policy).await?;
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| e.to_string())?;
         let position = message.info().map_err(|e| e.to_string())?.stream_sequence;
@@ -431,19 +448,12 @@ async fn follow(shared: Arc<Shared>, log: LogName, stream_name: String) {
 }
 
 async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(), String> {
-    let mut stream = match shared.js.get_stream(name).await {
-        Ok(s) => s,
-        Err(e)
-            if matches!(e.kind(), context::GetStreamErrorKind::JetStream(j)
-                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            debug!(stream = name, error = %e, "stream gone: its collection was dropped");
-            if let LogName::Shard(id, s) = log {
-                shared.followers.lock().insert((id, s), Some(0));
-            }
-            return Ok(());
+    let Some(mut stream) = stream_if_present(shared, name).await? else {
+        debug!(stream = name, "stream gone: its collection was dropped");
+        if let LogName::Shard(id, s) = log {
+            shared.followers.lock().insert((id, s), Some(0));
         }
-        Err(e) => return Err(e.to_string()),
+        return Ok(());
     };
     if let LogName::Shard(id, s) = log {
         let last = stream
@@ -459,16 +469,10 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
         }
     }
     let from = shared.applied(log) + 1;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: from,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+        start_sequence: from,
+    };
+    let mut messages = ordered(&stream, deliver_policy).await?;
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| e.to_string())?;
         let info = message.info().map_err(|e| e.to_string())?;
