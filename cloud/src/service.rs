@@ -90,6 +90,10 @@ pub enum ServiceError {
     DataDir { path: PathBuf, what: String },
     #[error(transparent)]
     FanOut(FanOutError),
+    #[error(
+        "a collection of {shards} shards needs a cluster (`[cluster]` in the configuration); this cloud runs on one node"
+    )]
+    ShardsNeedCluster { shards: u32 },
 }
 
 impl From<FanOutError> for ServiceError {
@@ -725,10 +729,7 @@ impl Service {
             )));
         }
         if shards > 1 && self.log.peers().is_none() {
-            return Err(ServiceError::Invalid(
-                "a collection of several shards needs a cluster (`[cluster]` in the configuration)"
-                    .into(),
-            ));
+            return Err(ServiceError::ShardsNeedCluster { shards });
         }
         if dim == 0 || dim > MAX_DIM as usize {
             return Err(ServiceError::Invalid(format!(

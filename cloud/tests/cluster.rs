@@ -307,6 +307,26 @@ async fn two_nodes_share_every_acknowledged_write_across_kills() {
     let _keep = node_a_again;
     a = a_again;
     wait_ready(&http, &a).await;
+    // Placed on both nodes (two replicas, two nodes), the returning node takes its shard back.
+    let back = Instant::now();
+    loop {
+        let d: Value = http
+            .get(format!("http://{a}/v1/collections/c"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if d["shards_held"] == json!([0]) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "the returning node never took its shard back: {d}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for node in [&a, &b] {
         for (id, v) in &acked {
             assert!(

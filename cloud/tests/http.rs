@@ -727,11 +727,8 @@ async fn several_shards_need_a_cluster() {
         Some(json!({"name": "a", "dim": 4, "metric": "l2", "shards": 2})),
     )
     .await;
-    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
-    assert!(
-        body["message"].as_str().unwrap().contains("cluster"),
-        "{body}"
-    );
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["code"], "shards_need_a_cluster", "{body}");
     let (st, body) = call(
         s.addr,
         M::POST,
@@ -767,4 +764,14 @@ async fn several_shards_need_a_cluster() {
     assert_eq!(st, StatusCode::OK, "{body}");
     assert_eq!(body["missing_shards"], json!([]));
     assert_eq!(body["hits"][0]["id"], 1);
+    // A shard past the most a collection may have is refused, also where it is ignored.
+    let (st, body) = call(
+        s.addr,
+        M::POST,
+        "/v1/collections/a/search",
+        Some(RO),
+        Some(json!({"vector": [1, 0, 0, 0], "k": 1, "after_shards": [{"shard": 64, "lsn": 1}]})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
 }

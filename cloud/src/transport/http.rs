@@ -136,6 +136,10 @@ impl From<ServiceError> for ApiError {
             E::PointNotFound { .. } => (StatusCode::NOT_FOUND, "point_not_found"),
             E::CollectionExists(_) => (StatusCode::CONFLICT, "collection_exists"),
             E::TooManyCollections { .. } => (StatusCode::CONFLICT, "too_many_collections"),
+            // A valid request this deployment cannot serve (one node).
+            E::ShardsNeedCluster { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "shards_need_a_cluster")
+            }
             // The one bound the API document cannot state: it is the collection's.
             E::Query(QueryError::DimensionMismatch { .. })
             | E::BadPoint {
@@ -744,7 +748,7 @@ async fn openapi(State(state): State<AppState>) -> axum::Json<serde_json::Value>
 }
 
 #[utoipa::path(post, path = "/v1/collections", request_body = CreateCollection,
-    responses((status = 201, body = CollectionDescription), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 201, body = CollectionDescription), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create_collection(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<CreateCollection>,
@@ -909,6 +913,16 @@ fn run_search(
         exact: req.exact,
         max_distance: req.max_distance,
     };
+    if let Some(p) = req.after_shards.iter().find(|p| p.shard >= MAX_SHARDS) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "shard {} in `after_shards`: a collection has at most {MAX_SHARDS} shards",
+                p.shard
+            ),
+        ));
+    }
     let after: Vec<(u32, u64)> = req
         .after_lsn
         .map(|lsn| (0, lsn))

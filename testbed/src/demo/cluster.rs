@@ -33,7 +33,7 @@ use tiervec_test_support::nats::NatsCluster;
 
 use super::replay::{self, Outcome};
 use super::report::{SourceRow, fraction, mean, source_rows};
-use super::{DemoArgs, build_snapshots, cache_rows, traces};
+use super::setup::{DemoArgs, build_snapshots, cache_rows, traces};
 use crate::dataset::Dataset;
 use crate::deployment::{self, COLLECTION, Cloud, ClusterSpec, Edge, EdgeSpec};
 use crate::measure::prom::Exposition;

@@ -25,9 +25,42 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use super::placement::{self, MAX_SHARDS};
-use super::{RETRY_FIRST, ShardKey, Shared, hex, hex_bytes};
+use async_nats::jetstream;
+
+use super::config::ClusterConfig;
+use super::placement::{self, MAX_SHARDS, ShardKey};
 use crate::storage::contract::ClusterError;
+
+/// Bytes of a message besides its body (headers), kept free under the servers' `max_payload`.
+pub(super) const HEADER_ROOM: usize = 512;
+
+/// The first wait before a failed publish or follower is retried; it doubles up to a second.
+pub(super) const RETRY_FIRST: Duration = Duration::from_millis(20);
+
+/// What membership needs of the node it runs for (the replicated store's shared state).
+pub(super) trait Member: Send + Sync + 'static {
+    fn config(&self) -> &ClusterConfig;
+    fn client(&self) -> &async_nats::Client;
+    fn js(&self) -> &jetstream::Context;
+    fn view(&self) -> &View;
+    /// The shards this node holds caught up.
+    fn ready(&self) -> Vec<ShardKey>;
+    /// Every live collection's identity and shard count.
+    fn layouts(&self) -> Vec<([u8; 16], u32)>;
+    /// Starts following a shard placed on this node (once).
+    fn follow(self: Arc<Self>, key: ShardKey);
+    /// Answers another node's request; `None` while the service has not set its handler.
+    fn handle(&self, body: &[u8]) -> Option<Vec<u8>>;
+}
+
+pub(super) fn hex(id: &[u8; 16]) -> String {
+    hex_bytes(id)
+}
+
+/// Lower-case hex: any bytes as one subject token (edge names may hold `.` or spaces).
+pub(super) fn hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// What a node announces: its name and the shards it holds caught up.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -133,15 +166,15 @@ fn parse_placement_key(key: &str) -> Option<ShardKey> {
 }
 
 /// Creates (or opens) the two buckets.
-pub(super) async fn open_buckets(shared: &Shared) -> Result<(), ClusterError> {
-    let p = &shared.config.prefix;
-    let replicas = shared.config.stream_replicas();
+pub(super) async fn open_buckets(shared: &impl Member) -> Result<(), ClusterError> {
+    let p = &shared.config().prefix;
+    let replicas = shared.config().stream_replicas();
     let nodes = shared
-        .js
+        .js()
         .create_key_value(kv::Config {
             bucket: format!("{p}_NODES"),
             history: 1,
-            max_age: Duration::from_millis(shared.config.node_timeout_ms),
+            max_age: Duration::from_millis(shared.config().node_timeout_ms),
             storage: async_nats::jetstream::stream::StorageType::File,
             num_replicas: replicas,
             ..Default::default()
@@ -149,7 +182,7 @@ pub(super) async fn open_buckets(shared: &Shared) -> Result<(), ClusterError> {
         .await
         .map_err(|e| ClusterError::Connect(format!("bucket {p}_NODES: {e}")))?;
     let placement = shared
-        .js
+        .js()
         .create_key_value(kv::Config {
             bucket: format!("{p}_PLACEMENT"),
             history: 1,
@@ -159,12 +192,12 @@ pub(super) async fn open_buckets(shared: &Shared) -> Result<(), ClusterError> {
         })
         .await
         .map_err(|e| ClusterError::Connect(format!("bucket {p}_PLACEMENT: {e}")))?;
-    let _ = shared.membership.buckets.set((nodes, placement));
+    let _ = shared.view().buckets.set((nodes, placement));
     Ok(())
 }
 
 /// Starts the watchers, the heartbeat and the request responder.
-pub(super) fn start(shared: &Arc<Shared>) {
+pub(super) fn start<S: Member>(shared: &Arc<S>) {
     tokio::spawn(keep(shared.clone(), "node watcher", watch_nodes));
     tokio::spawn(keep(shared.clone(), "placement watcher", watch_placement));
     tokio::spawn(keep(shared.clone(), "heartbeat", heartbeat));
@@ -172,9 +205,9 @@ pub(super) fn start(shared: &Arc<Shared>) {
 }
 
 /// Runs `task` for good, starting it again (after a growing wait) whenever it fails.
-async fn keep<F, Fut>(shared: Arc<Shared>, what: &'static str, task: F)
+async fn keep<S: Member, F, Fut>(shared: Arc<S>, what: &'static str, task: F)
 where
-    F: Fn(Arc<Shared>) -> Fut,
+    F: Fn(Arc<S>) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
     let mut wait = RETRY_FIRST;
@@ -187,8 +220,8 @@ where
     }
 }
 
-async fn watch_nodes(shared: Arc<Shared>) -> Result<(), String> {
-    let (nodes, _) = shared.membership.buckets().ok_or("no buckets")?;
+async fn watch_nodes<S: Member>(shared: Arc<S>) -> Result<(), String> {
+    let (nodes, _) = shared.view().buckets().ok_or("no buckets")?;
     let mut watch = nodes
         .watch_with_history(">")
         .await
@@ -200,7 +233,7 @@ async fn watch_nodes(shared: Arc<Shared>) -> Result<(), String> {
         }
         match serde_json::from_slice::<Heartbeat>(&entry.value) {
             Ok(beat) => {
-                let mut map = shared.membership.nodes.lock();
+                let mut map = shared.view().nodes.lock();
                 if !map.contains_key(&beat.node) {
                     info!(node = %beat.node, "cloud node joined");
                 }
@@ -212,8 +245,8 @@ async fn watch_nodes(shared: Arc<Shared>) -> Result<(), String> {
     Err("the node watcher ended".into())
 }
 
-async fn watch_placement(shared: Arc<Shared>) -> Result<(), String> {
-    let (_, placement) = shared.membership.buckets().ok_or("no buckets")?;
+async fn watch_placement<S: Member>(shared: Arc<S>) -> Result<(), String> {
+    let (_, placement) = shared.view().buckets().ok_or("no buckets")?;
     let mut watch = placement
         .watch_with_history(">")
         .await
@@ -226,7 +259,7 @@ async fn watch_placement(shared: Arc<Shared>) -> Result<(), String> {
         .values();
     if held == 0 {
         shared
-            .membership
+            .view()
             .placement_read
             .store(true, std::sync::atomic::Ordering::Release);
     }
@@ -234,7 +267,7 @@ async fn watch_placement(shared: Arc<Shared>) -> Result<(), String> {
         let entry = entry.map_err(|e| e.to_string())?;
         if entry.delta == 0 {
             shared
-                .membership
+                .view()
                 .placement_read
                 .store(true, std::sync::atomic::Ordering::Release);
         }
@@ -242,17 +275,17 @@ async fn watch_placement(shared: Arc<Shared>) -> Result<(), String> {
             continue;
         };
         if entry.operation != kv::Operation::Put {
-            shared.membership.placement.lock().remove(&key);
+            shared.view().placement.lock().remove(&key);
             continue;
         }
         let Ok(placed) = serde_json::from_slice::<Placed>(&entry.value) else {
             continue;
         };
-        if placed.nodes.contains(&shared.config.node) {
-            shared.follow_shard(key);
+        if placed.nodes.contains(&shared.config().node) {
+            shared.clone().follow(key);
         }
         shared
-            .membership
+            .view()
             .placement
             .lock()
             .insert(key, (placed.nodes, entry.revision));
@@ -261,38 +294,32 @@ async fn watch_placement(shared: Arc<Shared>) -> Result<(), String> {
 }
 
 /// Announces this node, then (on the live node of lowest name) places every shard.
-async fn heartbeat(shared: Arc<Shared>) -> Result<(), String> {
-    let (nodes, _) = shared.membership.buckets().ok_or("no buckets")?;
-    let key = hex_bytes(shared.config.node.as_bytes());
-    let mut ticks = tokio::time::interval(Duration::from_millis(shared.config.heartbeat_ms));
+async fn heartbeat<S: Member>(shared: Arc<S>) -> Result<(), String> {
+    let (nodes, _) = shared.view().buckets().ok_or("no buckets")?;
+    let key = hex_bytes(shared.config().node.as_bytes());
+    let mut ticks = tokio::time::interval(Duration::from_millis(shared.config().heartbeat_ms));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         nodes
-            .put(&key, announce(&shared).into())
+            .put(&key, announce(&*shared).into())
             .await
             .map_err(|e| e.to_string())?;
-        let timeout = Duration::from_millis(shared.config.node_timeout_ms);
-        let live = shared.membership.live(timeout);
-        if live.first() == Some(&shared.config.node) {
-            let layouts: Vec<([u8; 16], u32)> = shared
-                .layouts
-                .lock()
-                .iter()
-                .map(|(k, v)| (*k, *v))
-                .collect();
-            for (id, shards) in layouts {
+        let timeout = Duration::from_millis(shared.config().node_timeout_ms);
+        let live = shared.view().live(timeout);
+        if live.first() == Some(&shared.config().node) {
+            for (id, shards) in shared.layouts() {
                 place_collection(&shared, id, shards, &live).await;
             }
-            forget_dropped(&shared).await;
+            forget_dropped(&*shared).await;
         }
     }
 }
 
 /// This node's heartbeat, as JSON.
-pub(super) fn announce(shared: &Shared) -> Vec<u8> {
+pub(super) fn announce(shared: &impl Member) -> Vec<u8> {
     let beat = Heartbeat {
-        node: shared.config.node.clone(),
+        node: shared.config().node.clone(),
         ready: shared
             .ready()
             .into_iter()
@@ -305,19 +332,19 @@ pub(super) fn announce(shared: &Shared) -> Vec<u8> {
 /// Writes the placement of each shard of a collection where it differs from what
 /// [`placement::place`] gives over `live` (compare-and-set; a lost race is settled at the
 /// next heartbeat).
-pub(super) async fn place_collection(
-    shared: &Arc<Shared>,
+pub(super) async fn place_collection<S: Member>(
+    shared: &Arc<S>,
     id: [u8; 16],
     shards: u32,
     live: &[String],
 ) {
-    let Some((_, bucket)) = shared.membership.buckets() else {
+    let Some((_, bucket)) = shared.view().buckets() else {
         return;
     };
     for shard in 0..shards.min(MAX_SHARDS) {
         let key = (id, shard);
-        let wanted = placement::place(&id, shard, live, shared.config.replication);
-        let current = shared.membership.placement.lock().get(&key).cloned();
+        let wanted = placement::place(&id, shard, live, shared.config().replication);
+        let current = shared.view().placement.lock().get(&key).cloned();
         if wanted.is_empty() || current.as_ref().is_some_and(|(nodes, _)| *nodes == wanted) {
             continue;
         }
@@ -340,12 +367,12 @@ pub(super) async fn place_collection(
                 info!(collection = %hex(&id), shard, nodes = ?wanted, "shard placed");
                 // Seen at once here; the watcher brings the same value.
                 shared
-                    .membership
+                    .view()
                     .placement
                     .lock()
                     .insert(key, (wanted.clone(), revision));
-                if wanted.contains(&shared.config.node) {
-                    shared.follow_shard(key);
+                if wanted.contains(&shared.config().node) {
+                    shared.clone().follow(key);
                 }
             }
             Err(e) => {
@@ -356,14 +383,14 @@ pub(super) async fn place_collection(
 }
 
 /// Removes the placements of collections dropped since.
-async fn forget_dropped(shared: &Shared) {
-    let Some((_, bucket)) = shared.membership.buckets() else {
+async fn forget_dropped(shared: &impl Member) {
+    let Some((_, bucket)) = shared.view().buckets() else {
         return;
     };
     let gone: Vec<ShardKey> = {
-        let layouts = shared.layouts.lock();
+        let layouts: HashMap<[u8; 16], u32> = shared.layouts().into_iter().collect();
         shared
-            .membership
+            .view()
             .placement
             .lock()
             .keys()
@@ -373,7 +400,7 @@ async fn forget_dropped(shared: &Shared) {
     };
     for key in gone {
         if bucket.purge(placement_key(key)).await.is_ok() {
-            shared.membership.placement.lock().remove(&key);
+            shared.view().placement.lock().remove(&key);
         }
     }
 }
@@ -383,10 +410,10 @@ fn rpc_subject(prefix: &str, node: &str) -> String {
 }
 
 /// Answers other nodes' requests with the service's handler, each on a blocking thread.
-async fn respond(shared: Arc<Shared>) -> Result<(), String> {
-    let subject = rpc_subject(&shared.config.prefix, &shared.config.node);
+async fn respond<S: Member>(shared: Arc<S>) -> Result<(), String> {
+    let subject = rpc_subject(&shared.config().prefix, &shared.config().node);
     let mut requests = shared
-        .client
+        .client()
         .subscribe(subject)
         .await
         .map_err(|e| e.to_string())?;
@@ -397,17 +424,12 @@ async fn respond(shared: Arc<Shared>) -> Result<(), String> {
         let shared = shared.clone();
         tokio::spawn(async move {
             let handling = shared.clone();
-            let answer = tokio::task::spawn_blocking(move || {
-                handling
-                    .handler
-                    .get()
-                    .map(|handle| handle(&request.payload))
-            })
-            .await;
-            let max = shared.client.server_info().max_payload;
+            let answer =
+                tokio::task::spawn_blocking(move || handling.handle(&request.payload)).await;
+            let max = shared.client().server_info().max_payload;
             let mut headers = async_nats::HeaderMap::new();
             let body = match answer {
-                Ok(Some(body)) if body.len() + super::HEADER_ROOM <= max => body,
+                Ok(Some(body)) if body.len() + HEADER_ROOM <= max => body,
                 Ok(Some(body)) => {
                     headers.insert(
                         ERROR_HEADER,
@@ -429,7 +451,7 @@ async fn respond(shared: Arc<Shared>) -> Result<(), String> {
                 }
             };
             if let Err(e) = shared
-                .client
+                .client()
                 .publish_with_headers(reply, headers, body.into())
                 .await
             {
@@ -442,13 +464,13 @@ async fn respond(shared: Arc<Shared>) -> Result<(), String> {
 
 /// Sends one request to `node`; its answer or why there is none.
 pub(super) async fn ask(
-    shared: &Shared,
+    shared: &impl Member,
     node: &str,
     body: Vec<u8>,
     deadline: Instant,
 ) -> Result<Vec<u8>, ClusterError> {
-    let subject = rpc_subject(&shared.config.prefix, node);
-    let asked = shared.client.request(subject, body.into());
+    let subject = rpc_subject(&shared.config().prefix, node);
+    let asked = shared.client().request(subject, body.into());
     match tokio::time::timeout_at(deadline.into(), asked).await {
         Err(_) => Err(ClusterError::Unavailable(format!(
             "node `{node}` did not answer in time"

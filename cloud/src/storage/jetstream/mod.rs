@@ -45,7 +45,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, context, stream};
 use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
-use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
 use super::contract::{
@@ -54,83 +53,13 @@ use super::contract::{
 use super::embedded::StartReport;
 use super::entry::{LogName, WalEntry};
 
+mod config;
 mod membership;
 pub mod placement;
 
-use placement::MAX_SHARDS;
-
-/// Where the cluster's NATS servers are and how this cloud uses them (`[cluster]` in
-/// `tiervec-cloud serve`'s configuration; without it the cloud runs on its embedded WAL).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ClusterConfig {
-    /// This node's name, unique in the cluster and kept across restarts (a returning node
-    /// takes its shards back): e.g. the host name, or a StatefulSet pod's name.
-    pub node: String,
-    /// NATS server URLs (`nats://host:port`) of the JetStream cluster; the client fails over
-    /// between them.
-    pub nats: Vec<String>,
-    /// Prefix of every stream and subject of this cloud (1–32 of `[A-Za-z0-9_-]`), so that
-    /// several clouds may share one NATS cluster.
-    pub prefix: String,
-    /// Replicas of each stream (JetStream's R, 1–5); 0 chooses three when at least three
-    /// servers are listed, else one.
-    pub replicas: usize,
-    /// How long an append waits for JetStream's acknowledgement and the local apply, retries
-    /// included, before it answers "unavailable".
-    pub append_timeout_ms: u64,
-    /// How long start-up waits to apply every stream up to the position it had at start.
-    pub recovery_timeout_secs: u64,
-    /// Cloud nodes holding each shard (1–5; fewer while fewer nodes are alive).
-    pub replication: usize,
-    /// How often a node announces itself (its heartbeat in the `P_NODES` bucket).
-    pub heartbeat_ms: u64,
-    /// A node silent this long is dead: its shards are placed on others.
-    pub node_timeout_ms: u64,
-    /// How long a query waits for another node's answer for its shards before asking another
-    /// replica (or answering without them, naming them).
-    pub shard_timeout_ms: u64,
-    /// NATS user and password, when the servers require them.
-    pub user: Option<String>,
-    pub password: Option<String>,
-}
-
-impl Default for ClusterConfig {
-    fn default() -> Self {
-        ClusterConfig {
-            nats: Vec::new(),
-            prefix: "TIERVEC".into(),
-            replicas: 0,
-            append_timeout_ms: 5_000,
-            recovery_timeout_secs: 600,
-            node: String::new(),
-            replication: 2,
-            heartbeat_ms: 1_000,
-            node_timeout_ms: 4_000,
-            shard_timeout_ms: 1_000,
-            user: None,
-            password: None,
-        }
-    }
-}
-
-impl ClusterConfig {
-    /// The replicas each stream gets.
-    pub fn stream_replicas(&self) -> usize {
-        match self.replicas {
-            0 if self.nats.len() >= 3 => 3,
-            0 => 1,
-            r => r,
-        }
-    }
-}
-
-/// Bytes of a published message besides its body (headers: the message id, the expected
-/// sequence), kept free under the servers' `max_payload`.
-const HEADER_ROOM: usize = 512;
-
-/// The first wait before a failed publish or follower is retried; it doubles up to a second.
-const RETRY_FIRST: Duration = Duration::from_millis(20);
+pub use config::ClusterConfig;
+use membership::{HEADER_ROOM, Member, RETRY_FIRST, hex, hex_bytes};
+use placement::{MAX_SHARDS, ShardKey};
 
 /// The logs of a cloud cluster on NATS JetStream.
 pub struct JetStreamLog {
@@ -138,9 +67,6 @@ pub struct JetStreamLog {
     /// The NATS client's and the followers' runtime (one thread: they do little but wait).
     runtime: Option<tokio::runtime::Runtime>,
 }
-
-/// A shard of a collection: its identity and number.
-type ShardKey = ([u8; 16], u32);
 
 /// What the appending threads, the followers and the membership tasks share.
 struct Shared {
@@ -171,15 +97,6 @@ struct Shared {
     replayed: AtomicU64,
     /// Held by the one caller catching up with the catalog (the others do not wait).
     catching_up: Mutex<()>,
-}
-
-fn hex(id: &[u8; 16]) -> String {
-    hex_bytes(id)
-}
-
-/// Lower-case hex: any bytes as one subject token (edge names may hold `.` or spaces).
-fn hex_bytes(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The header of a create naming its shard count.
@@ -485,50 +402,6 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
     Err("the consumer's messages ended".into())
 }
 
-impl ClusterConfig {
-    /// Refuses what cannot work, naming the field.
-    pub fn check(&self) -> Result<(), ClusterError> {
-        check_prefix(&self.prefix)?;
-        if self.nats.is_empty() {
-            return Err(ClusterError::Config(
-                "no NATS server listed (`cluster.nats`)".into(),
-            ));
-        }
-        if self.node.is_empty() || self.node.len() > 128 {
-            return Err(ClusterError::Config(
-                "`cluster.node` must name this node (1 to 128 bytes, unique in the cluster, kept across restarts)".into(),
-            ));
-        }
-        if !(1..=5).contains(&self.replication) {
-            return Err(ClusterError::Config(format!(
-                "`cluster.replication` = {} is outside 1..=5",
-                self.replication
-            )));
-        }
-        if self.heartbeat_ms == 0 || self.node_timeout_ms < 2 * self.heartbeat_ms {
-            return Err(ClusterError::Config(format!(
-                "`cluster.node_timeout_ms` ({}) must be at least twice `cluster.heartbeat_ms` ({}), which must not be 0",
-                self.node_timeout_ms, self.heartbeat_ms
-            )));
-        }
-        Ok(())
-    }
-}
-
-fn check_prefix(prefix: &str) -> Result<(), ClusterError> {
-    let ok = (1..=32).contains(&prefix.len())
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ClusterError::Config(format!(
-            "prefix `{prefix}` must be 1 to 32 characters of A-Z, a-z, 0-9, _ and -"
-        )))
-    }
-}
-
 impl JetStreamLog {
     /// Connects to the cluster, creates the catalog stream if it does not exist, and applies
     /// every stream to `state` up to the position it has now (a fresh node replays all; there
@@ -635,7 +508,7 @@ impl JetStreamLog {
             tokio::spawn(follow(shared.clone(), LogName::Catalog, catalog));
             // Like the catalog stream: JetStream may be electing leaders (a server just back).
             loop {
-                match membership::open_buckets(&shared).await {
+                match membership::open_buckets(&*shared).await {
                     Ok(()) => break,
                     Err(e) if Instant::now() < deadline => {
                         debug!(error = %e, "membership buckets not ready");
@@ -1063,6 +936,40 @@ impl DurableLog for JetStreamLog {
     }
 }
 
+impl Member for Shared {
+    fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    fn view(&self) -> &membership::View {
+        &self.membership
+    }
+
+    fn ready(&self) -> Vec<ShardKey> {
+        Shared::ready(self)
+    }
+
+    fn layouts(&self) -> Vec<([u8; 16], u32)> {
+        self.layouts.lock().iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    fn follow(self: Arc<Self>, key: ShardKey) {
+        self.follow_shard(key);
+    }
+
+    fn handle(&self, body: &[u8]) -> Option<Vec<u8>> {
+        self.handler.get().map(|handle| handle(body))
+    }
+}
+
 impl Peers for JetStreamLog {
     fn shards(&self, collection: [u8; 16]) -> u32 {
         self.shared.shards(&collection)
@@ -1096,7 +1003,7 @@ impl Peers for JetStreamLog {
         let (tx, rx) = std::sync::mpsc::channel();
         let (shared, node) = (self.shared.clone(), node.to_owned());
         self.runtime().spawn(async move {
-            let _ = tx.send(membership::ask(&shared, &node, body, deadline).await);
+            let _ = tx.send(membership::ask(&*shared, &node, body, deadline).await);
         });
         rx
     }

@@ -5,6 +5,9 @@
 
 use crate::storage::WalEntry;
 
+/// A shard of a collection: its identity and number.
+pub type ShardKey = ([u8; 16], u32);
+
 /// The most shards a collection may have (each is a JetStream stream and, on every node
 /// holding it, a consumer).
 pub const MAX_SHARDS: u32 = 64;
