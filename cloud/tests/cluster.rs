@@ -410,13 +410,7 @@ async fn an_edge_fails_over_to_another_node_when_its_node_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(dir.path(), 3);
     let urls = nats.urls();
-    let certs = CertDir {
-        dir: dir.path().join("certs"),
-        deployment: "cluster-failover".into(),
-    };
-    certs.ensure_ca().unwrap();
-    certs.issue_server(&["localhost".into()]).unwrap();
-    certs.issue_edge("edge-1").unwrap();
+    let certs = edge_certs(dir.path(), "cluster-failover");
     let quic = [free_udp_addr(), free_udp_addr()];
     let mut nodes = Vec::new();
     for (i, q) in quic.iter().enumerate() {
@@ -522,6 +516,18 @@ async fn an_edge_fails_over_to_another_node_when_its_node_is_killed() {
         failover < Duration::from_secs(5),
         "failover took {failover:?}"
     );
+}
+
+/// Certificates for a deployment on loopback: a CA, the nodes' (`localhost`) and `edge-1`'s.
+fn edge_certs(dir: &Path, deployment: &str) -> CertDir {
+    let certs = CertDir {
+        dir: dir.join("certs"),
+        deployment: deployment.into(),
+    };
+    certs.ensure_ca().unwrap();
+    certs.issue_server(&["localhost".into()]).unwrap();
+    certs.issue_edge("edge-1").unwrap();
+    certs
 }
 
 /// An edge in this process with an empty cache of collection `c` (in `dir`) that trusts no
@@ -795,13 +801,7 @@ async fn an_edge_gets_and_loses_vectors_of_shards_its_node_does_not_hold() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(dir.path(), 3);
     let urls = nats.urls();
-    let certs = CertDir {
-        dir: dir.path().join("certs"),
-        deployment: "cluster-shards".into(),
-    };
-    certs.ensure_ca().unwrap();
-    certs.issue_server(&["localhost".into()]).unwrap();
-    certs.issue_edge("edge-1").unwrap();
+    let certs = edge_certs(dir.path(), "cluster-shards");
     let quic = free_udp_addr();
     let mut nodes = Vec::new();
     for i in 0..3 {
