@@ -917,3 +917,100 @@ async fn an_edge_gets_and_loses_vectors_of_shards_its_node_does_not_hold() {
         deleted.elapsed()
     );
 }
+
+/// Writes at both nodes go on across each nats-server in turn killed (SIGKILL) and restarted:
+/// a write is refused only while JetStream elects a stream's new leader, never because a node's
+/// follower is still re-creating its consumer (the cluster demo found nodes answering 503
+/// "durable but not yet applied" for many seconds after a restart); once the servers are back,
+/// every write is acknowledged, and every acknowledged write is on both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_at_every_node_go_on_across_nats_server_kills_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsCluster::start(dir.path(), 3);
+    let urls = nats.urls();
+    let http = client();
+    let (_node_a, a) = spawn_node(&dir.path().join("a"), &urls);
+    let (_node_b, b) = spawn_node(&dir.path().join("b"), &urls);
+    wait_ready(&http, &a).await;
+    wait_ready(&http, &b).await;
+    let r = http
+        .post(format!("http://{a}/v1/collections"))
+        .json(&json!({"name": "c", "dim": DIM, "metric": "l2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    let started = Instant::now();
+    // Each server in turn: killed for 5 s, then restarted; 3 s between.
+    let chaos = std::thread::spawn(move || {
+        for s in 0..3 {
+            std::thread::sleep(Duration::from_secs(3));
+            nats.servers[s].kill();
+            std::thread::sleep(Duration::from_secs(5));
+            nats.servers[s].restart();
+        }
+        (nats, started.elapsed())
+    });
+    let mut acked: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    // (sent at, acknowledged) per write.
+    let mut outcomes: Vec<(Duration, bool)> = Vec::new();
+    let mut refusals = Vec::new();
+    let mut i = 0u64;
+    while started.elapsed() < Duration::from_secs(40) {
+        let t = started.elapsed();
+        let at = if i % 2 == 0 { &a } else { &b };
+        let v = family_vector(i, i, DIM);
+        let r = http
+            .put(format!("http://{at}/v1/collections/c/points"))
+            .json(&json!({"points": [{"id": i, "vector": v}]}))
+            .send()
+            .await;
+        let ok = match r {
+            Ok(r) if r.status() == 200 => {
+                acked.insert(i, v);
+                true
+            }
+            Ok(r) => {
+                let (status, body) = (r.status(), r.text().await.unwrap());
+                assert_eq!(status, 503, "write {i} at {at}: {body}");
+                refusals.push(format!("{:.1} s at {at}: {body}", t.as_secs_f64()));
+                false
+            }
+            Err(e) => panic!("write {i} at {at}: {e}"),
+        };
+        outcomes.push((t, ok));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_nats, servers_back) = chaos.join().unwrap();
+    for r in &refusals {
+        eprintln!("refused {r}");
+    }
+    // The longest time between two acknowledgements: JetStream electing leaders.
+    let acks: Vec<Duration> = outcomes.iter().filter(|o| o.1).map(|o| o.0).collect();
+    let longest = acks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    eprintln!(
+        "{} writes, {} acknowledged; longest without an acknowledgement {longest:?}",
+        outcomes.len(),
+        acks.len()
+    );
+    assert!(
+        longest < Duration::from_secs(12),
+        "no write acknowledged for {longest:?}: {refusals:?}"
+    );
+    let settled = servers_back + Duration::from_secs(3);
+    let late: Vec<_> = outcomes.iter().filter(|o| o.0 > settled && !o.1).collect();
+    assert!(
+        late.is_empty(),
+        "writes refused after the servers were back: {refusals:?}"
+    );
+    for node in [&a, &b] {
+        for (id, v) in &acked {
+            assert!(
+                until_held(&http, node, *id, Some(v), Duration::from_secs(10)).await,
+                "acknowledged write of {id} missing on {node}"
+            );
+        }
+    }
+}

@@ -77,6 +77,9 @@ struct Shared {
     /// The last position applied, per log.
     applied: Mutex<HashMap<LogName, u64>>,
     advanced: Condvar,
+    /// Per log, held while an entry is applied: the follower and a direct pull
+    /// ([`Shared::pull_through`]) may both offer the same position, which applies once.
+    applying: Mutex<HashMap<LogName, Arc<Mutex<()>>>>,
     /// Per collection name, the catalog sequence of its last create or drop applied here.
     name_sequences: Mutex<HashMap<String, u64>>,
     /// Per (edge, collection identity), the catalog sequence of the last step or reset of
@@ -98,6 +101,10 @@ struct Shared {
     /// Held by the one caller catching up with the catalog (the others do not wait).
     catching_up: Mutex<()>,
 }
+
+/// How long a caller waiting on a position leaves it to the follower before also pulling the
+/// entries itself ([`JetStreamLog::settle`]): above a loaded follower's usual lag.
+const FOLLOWER_GRACE: Duration = Duration::from_millis(50);
 
 /// The header of a create naming its shard count.
 const SHARDS_HEADER: &str = "Tiervec-Shards";
@@ -175,6 +182,34 @@ impl Shared {
         }
     }
 
+    /// The stream that carries `log`.
+    fn stream_of(&self, log: LogName) -> String {
+        match log {
+            LogName::Shard(id, shard) => self.shard_stream((id, shard)),
+            LogName::Catalog | LogName::Embedded => self.catalog_stream(),
+        }
+    }
+
+    /// Applies `log` through `position` from entries read one by one from the stream's leader
+    /// (no consumer): a write or a read waiting on a position goes on while the follower's
+    /// consumer is still being re-created after a NATS server was lost, which takes JetStream
+    /// seconds longer than electing the stream's new leader.
+    async fn pull_through(self: &Arc<Self>, log: LogName, position: u64) -> Result<(), String> {
+        let name = self.stream_of(log);
+        let stream = stream_if_present(self, &name)
+            .await?
+            .ok_or_else(|| format!("stream {name} is gone"))?;
+        while self.applied(log) < position {
+            let next = self.applied(log) + 1;
+            let message = stream
+                .get_raw_message(next)
+                .await
+                .map_err(|e| format!("reading {name} at {next}: {e}"))?;
+            self.apply(log, next, &message.payload, Some(&message.headers));
+        }
+        Ok(())
+    }
+
     /// The shards this node follows and has applied through the position their stream had
     /// when following began.
     fn ready(&self) -> Vec<ShardKey> {
@@ -194,18 +229,24 @@ impl Shared {
     /// Applies the entry at `position` of `log` (once: a position at or below the last
     /// applied is skipped); a create's shard count comes from its header, and its shards are
     /// observed from then on.
-    fn apply(self: &Arc<Self>, log: LogName, position: u64, message: &async_nats::Message) {
+    fn apply(
+        self: &Arc<Self>,
+        log: LogName,
+        position: u64,
+        body: &[u8],
+        headers: Option<&async_nats::HeaderMap>,
+    ) {
+        let lock = self.applying.lock().entry(log).or_default().clone();
+        let _applying = lock.lock();
         if position <= self.applied(log) {
             return;
         }
-        match WalEntry::decode(&message.payload) {
+        match WalEntry::decode(body) {
             Ok(entry) => {
                 self.state.apply(position, &entry);
                 match &entry {
                     WalEntry::CreateCollection { name, id, .. } => {
-                        let shards = message
-                            .headers
-                            .as_ref()
+                        let shards = headers
                             .and_then(|h| h.get(SHARDS_HEADER))
                             .and_then(|v| v.as_str().parse::<u32>().ok())
                             .filter(|s| (1..=MAX_SHARDS).contains(s))
@@ -234,7 +275,7 @@ impl Shared {
             }
             // A body no tiervec wrote: skipped loudly, never a stop of the follower.
             Err(e) => {
-                error!(?log, position, subject = %message.subject, error = %e, "undecodable entry skipped")
+                error!(?log, position, error = %e, "undecodable entry skipped")
             }
         }
         self.replayed.fetch_add(1, Ordering::Relaxed);
@@ -397,7 +438,7 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
         // Entries of this stream not yet delivered here: how far this replica trails.
         metrics::gauge!("tiervec_cluster_replica_lag_entries", "stream" => name.to_owned())
             .set(pending as f64);
-        shared.apply(log, position, &message);
+        shared.apply(log, position, &message.payload, message.headers.as_ref());
     }
     Err("the consumer's messages ended".into())
 }
@@ -467,6 +508,7 @@ impl JetStreamLog {
                 state,
                 applied: Mutex::new(HashMap::new()),
                 advanced: Condvar::new(),
+                applying: Mutex::new(HashMap::new()),
                 name_sequences: Mutex::new(HashMap::new()),
                 cache_sequences: Mutex::new(HashMap::new()),
                 layouts: Mutex::new(HashMap::new()),
@@ -775,6 +817,35 @@ impl JetStreamLog {
     fn runtime(&self) -> &tokio::runtime::Runtime {
         self.runtime.as_ref().expect("present until dropped")
     }
+
+    /// Waits until `log` is applied through `position`: for the follower alone during
+    /// [`FOLLOWER_GRACE`], then also pulling the missing entries from the stream directly
+    /// (only for a log this node follows); false at `deadline`. Callers may be async workers,
+    /// so the pull runs on the NATS runtime and this thread only waits.
+    fn settle(&self, log: LogName, position: u64, deadline: Instant) -> bool {
+        let shared = &self.shared;
+        let grace = (Instant::now() + FOLLOWER_GRACE).min(deadline);
+        if shared.wait_applied(log, position, grace) {
+            return true;
+        }
+        let followed = match log {
+            LogName::Shard(id, s) => shared.followers.lock().contains_key(&(id, s)),
+            LogName::Catalog => true,
+            LogName::Embedded => false,
+        };
+        if followed {
+            let puller = shared.clone();
+            self.runtime().spawn(async move {
+                let pulled = puller.pull_through(log, position);
+                match tokio::time::timeout_at(deadline.into(), pulled).await {
+                    Ok(Ok(())) => debug!(?log, position, "applied by a direct pull"),
+                    Ok(Err(e)) => debug!(?log, position, error = %e, "direct pull failed"),
+                    Err(_) => debug!(?log, position, "direct pull timed out"),
+                }
+            });
+        }
+        shared.wait_applied(log, position, deadline)
+    }
 }
 
 impl Drop for JetStreamLog {
@@ -834,7 +905,7 @@ impl JetStreamLog {
             } else {
                 LogName::Catalog
             };
-            if !self.shared.wait_applied(log, position, deadline) {
+            if !self.settle(log, position, deadline) {
                 // Durable in the cluster, but this node has not applied it: the caller must
                 // not answer as if it were visible here, and must not claim it failed either.
                 return Err(ClusterError::Unavailable(format!(
@@ -900,8 +971,7 @@ impl DurableLog for JetStreamLog {
     }
 
     fn wait_applied(&self, log: LogName, position: u64, within: Duration) -> bool {
-        self.shared
-            .wait_applied(log, position, Instant::now() + within)
+        self.settle(log, position, Instant::now() + within)
     }
 
     /// Asks JetStream for the catalog stream's last sequence and waits until it is applied.
@@ -923,7 +993,7 @@ impl DurableLog for JetStreamLog {
             let _ = tx.send(last);
         });
         match rx.recv_timeout(within) {
-            Ok(Ok(last)) => self.shared.wait_applied(LogName::Catalog, last, deadline),
+            Ok(Ok(last)) => self.settle(LogName::Catalog, last, deadline),
             _ => false,
         }
     }
