@@ -959,7 +959,7 @@ async fn writes_at_every_node_go_on_across_nats_server_kills_and_restarts() {
     let mut i = 0u64;
     while started.elapsed() < Duration::from_secs(40) {
         let t = started.elapsed();
-        let at = if i % 2 == 0 { &a } else { &b };
+        let at = if i.is_multiple_of(2) { &a } else { &b };
         let v = family_vector(i, i, DIM);
         let r = http
             .put(format!("http://{at}/v1/collections/c/points"))
