@@ -11,7 +11,7 @@ use tiervec_cloud::certs::CertDir;
 use tiervec_edge::cache::{CacheConfig, EdgeCache};
 use tiervec_edge::link::LinkConfig;
 use tiervec_edge::node::{EdgeNode, NodeConfig, Source};
-use tiervec_test_support::nats::NatsCluster;
+use tiervec_test_support::nats::{NatsCluster, NatsTls};
 use tiervec_test_support::net::free_udp_addr;
 use tiervec_test_support::process::{ChildGuard, read_addr_file};
 use tiervec_test_support::vectors::family_vector;
@@ -399,6 +399,84 @@ async fn a_node_the_nats_servers_refuse_stops_and_says_why() {
     );
     let addr = read_addr_file(&node_dir.join("addr"), Duration::from_secs(60));
     wait_ready(&client(), &addr).await;
+}
+
+/// NATS servers on mutual TLS: a node with the CA and its client certificate serves and writes;
+/// a node without a client certificate, or without the CA, stops at once, non-zero, saying
+/// that TLS with the servers failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_nats_over_mutual_tls_and_one_without_a_certificate_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = CertDir {
+        dir: dir.path().join("certs"),
+        deployment: "nats-tls".into(),
+    };
+    certs.ensure_ca().unwrap();
+    certs
+        .issue_server(&["127.0.0.1".into(), "localhost".into()])
+        .unwrap();
+    certs.issue_edge("node-a").unwrap();
+    let tls = NatsTls {
+        cert: certs.server_cert(),
+        key: certs.server_key(),
+        ca: certs.ca_cert(),
+    };
+    let nats = NatsCluster::start_with_tls(dir.path(), 1, &tls);
+    let urls = nats.urls();
+    let ca = format!("cluster.tls_ca={:?}", certs.ca_cert().to_str().unwrap());
+    let cert = format!(
+        "cluster.tls_cert={:?}",
+        certs.edge_cert("node-a").to_str().unwrap()
+    );
+    let key = format!(
+        "cluster.tls_key={:?}",
+        certs.edge_key("node-a").to_str().unwrap()
+    );
+
+    for (name, extra) in [("no-cert", vec![ca.as_str()]), ("no-tls", vec![])] {
+        let node_dir = dir.path().join(name);
+        let mut node = start_node(&node_dir, &urls, &extra);
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = node.child_mut().try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{name}: a node the servers refuse must stop; its log: {}",
+                std::fs::read_to_string(node_dir.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success());
+        let log = std::fs::read_to_string(node_dir.join("server.log")).unwrap();
+        assert!(
+            log.contains("TLS with the NATS servers failed"),
+            "{name}: the reason is not in the log: {log}"
+        );
+    }
+
+    let node_dir = dir.path().join("node-a");
+    let _node = start_node(&node_dir, &urls, &[&ca, &cert, &key]);
+    let a = read_addr_file(&node_dir.join("addr"), Duration::from_secs(60));
+    let http = client();
+    wait_ready(&http, &a).await;
+    let r = http
+        .post(format!("http://{a}/v1/collections"))
+        .json(&json!({"name": "c", "dim": DIM, "metric": "l2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let v = family_vector(1, 1, DIM);
+    let r = http
+        .put(format!("http://{a}/v1/collections/c/points"))
+        .json(&json!({"points": [{"id": 1, "vector": v}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert!(until_held(&http, &a, 1, Some(&v), Duration::ZERO).await);
 }
 
 /// An edge given both nodes' QUIC addresses answers from the cloud through the first; when that

@@ -19,6 +19,15 @@ pub struct NatsServer {
     process: Option<ChildGuard>,
 }
 
+/// The server certificate of every member and the CA that its clients' certificates must be
+/// signed by (PEM files).
+#[derive(Debug)]
+pub struct NatsTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
 /// A JetStream cluster of `nats-server` processes, stopped when dropped.
 #[derive(Debug)]
 pub struct NatsCluster {
@@ -48,6 +57,21 @@ impl NatsCluster {
 
     /// [`NatsCluster::start`] with clients required to log in as `user` (name, password).
     pub fn start_with_user(dir: &Path, n: usize, user: Option<(&str, &str)>) -> NatsCluster {
+        NatsCluster::start_with(dir, n, user, None)
+    }
+
+    /// [`NatsCluster::start`] with client connections over TLS and clients required to
+    /// present a certificate signed by `tls`'s CA (`verify: true`).
+    pub fn start_with_tls(dir: &Path, n: usize, tls: &NatsTls) -> NatsCluster {
+        NatsCluster::start_with(dir, n, None, Some(tls))
+    }
+
+    fn start_with(
+        dir: &Path,
+        n: usize,
+        user: Option<(&str, &str)>,
+        tls: Option<&NatsTls>,
+    ) -> NatsCluster {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_tcp_port()).collect();
         let routes: Vec<String> = cluster_ports
             .iter()
@@ -72,9 +96,16 @@ impl NatsCluster {
                 }
                 None => String::new(),
             };
+            let tls = match tls {
+                Some(t) => format!(
+                    "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\n",
+                    t.cert, t.key, t.ca
+                ),
+                None => String::new(),
+            };
             let config = format!(
                 "server_name: n{i}\nlisten: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{monitor_port}\n\
-                 max_payload: 8MB\n{authorization}\
+                 max_payload: 8MB\n{authorization}{tls}\
                  jetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB }}\n{cluster}",
                 server_dir.join("store").to_str().expect("a UTF-8 path"),
             );

@@ -1,5 +1,7 @@
 //! The `[cluster]` section of a cloud node's configuration, checked before anything connects.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::storage::contract::ClusterError;
@@ -38,6 +40,13 @@ pub struct ClusterConfig {
     /// NATS user and password, when the servers require them.
     pub user: Option<String>,
     pub password: Option<String>,
+    /// TLS to the NATS servers (required when set): the PEM file of the CA that signed
+    /// their certificates.
+    pub tls_ca: Option<PathBuf>,
+    /// This node's client certificate and key (PEM), for servers that verify clients
+    /// (`tls { verify: true }`): node ↔ NATS authenticated both ways. Both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -55,6 +64,9 @@ impl Default for ClusterConfig {
             shard_timeout_ms: 1_000,
             user: None,
             password: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -89,6 +101,27 @@ impl ClusterConfig {
                 "`cluster.replication` = {} is outside 1..=5",
                 self.replication
             )));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ClusterError::Config(
+                "`cluster.tls_cert` and `cluster.tls_key` go together".into(),
+            ));
+        }
+        if self.tls_cert.is_some() && self.tls_ca.is_none() {
+            return Err(ClusterError::Config(
+                "a client certificate (`cluster.tls_cert`) needs `cluster.tls_ca`, the CA of the NATS servers".into(),
+            ));
+        }
+        for path in [&self.tls_ca, &self.tls_cert, &self.tls_key]
+            .into_iter()
+            .flatten()
+        {
+            if !path.is_file() {
+                return Err(ClusterError::Config(format!(
+                    "TLS file {} (cluster.tls_*) does not exist",
+                    path.display()
+                )));
+            }
         }
         if self.heartbeat_ms == 0 || self.node_timeout_ms < 2 * self.heartbeat_ms {
             return Err(ClusterError::Config(format!(

@@ -443,6 +443,26 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
     Err("the consumer's messages ended".into())
 }
 
+/// Whether connecting failed on TLS itself (a certificate missing, unknown or refused on either
+/// side), which waiting does not mend.
+fn tls_refused(e: &async_nats::ConnectError) -> bool {
+    if e.kind() == async_nats::ConnectErrorKind::Tls {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map_or(s, |i| i as &(dyn std::error::Error + 'static));
+        if inner.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 impl JetStreamLog {
     /// Connects to the cluster, creates the catalog stream if it does not exist, and applies
     /// every stream to `state` up to the position it has now (a fresh node replays all; there
@@ -477,6 +497,12 @@ impl JetStreamLog {
                 if let (Some(user), Some(password)) = (&config.user, &config.password) {
                     options = options.user_and_password(user.clone(), password.clone());
                 }
+                if let Some(ca) = &config.tls_ca {
+                    options = options.require_tls(true).add_root_certificates(ca.clone());
+                }
+                if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+                    options = options.add_client_certificate(cert.clone(), key.clone());
+                }
                 match options.connect(addrs.clone()).await {
                     Ok(client) => break client,
                     Err(e) if matches!(
@@ -487,6 +513,11 @@ impl JetStreamLog {
                     {
                         return Err(ClusterError::Connect(format!(
                             "the NATS servers refused this node's credentials (cluster.user, cluster.password): {e}"
+                        )));
+                    }
+                    Err(e) if tls_refused(&e) => {
+                        return Err(ClusterError::Connect(format!(
+                            "TLS with the NATS servers failed (cluster.tls_ca, cluster.tls_cert, cluster.tls_key): {e}"
                         )));
                     }
                     Err(e) if Instant::now() < deadline => {
