@@ -37,8 +37,12 @@ pub enum PeerRequest {
         /// Whether hits carry their payloads.
         payloads: bool,
     },
-    /// One point, by id.
-    Get { collection: [u8; 16], id: u64 },
+    /// Points by id (their vectors only when `vectors`; LSNs and payloads always).
+    Points {
+        collection: [u8; 16],
+        ids: Vec<u64>,
+        vectors: bool,
+    },
 }
 
 /// A hit as it travels between nodes.
@@ -59,11 +63,11 @@ pub enum PeerAnswer {
         ready: Vec<u32>,
         exact: bool,
     },
-    /// The point, if its shard is held here and the point exists; `held` says whether the
-    /// shard is.
-    Point {
-        held: bool,
-        point: Option<(Vec<f32>, u64, Option<String>)>,
+    /// Per id asked, in order, the point (vector, LSN, payload) if it exists; answered only
+    /// for the ids of the shards in `ready` (those held caught up here).
+    Points {
+        ready: Vec<u32>,
+        points: Vec<Option<(Vec<f32>, u64, Option<String>)>>,
     },
     /// The request could not be answered here (an unknown collection, a shard not caught up).
     Refused(String),
@@ -283,6 +287,119 @@ pub fn merge(mut hits: Vec<Hit>, k: usize) -> Vec<Hit> {
     hits
 }
 
+/// The most ids one request between nodes names: with vectors an answer stays well under
+/// NATS's default 1 MB payload (a 384-d vector is ~4.6 KB of JSON); LSNs alone are small.
+const POINTS_PER_REQUEST_WITH_VECTORS: usize = 128;
+const POINTS_PER_REQUEST: usize = 8_192;
+
+/// Points `ids` of `c`, in order (`None`: no such point), each from this node when it holds
+/// the id's shard, else from a node that does: every node asked at once, in batches, and the
+/// shards a node did not answer for asked once more at other replicas. Vectors travel only
+/// when `vectors` (otherwise they are empty: LSNs for reconciling a cache, say).
+pub fn get_many(
+    peers: &dyn Peers,
+    c: &Collection,
+    ids: &[u64],
+    vectors: bool,
+    shard_timeout: Duration,
+) -> Result<Vec<Option<Point>>, FanOutError> {
+    let collection = c.info.id.0;
+    let shards = peers.shards(collection);
+    let local = peers.ready_here(collection);
+    let strip = |mut p: Point| {
+        if !vectors {
+            p.vector = Vec::new();
+        }
+        p
+    };
+    let mut found: Vec<Option<Option<Point>>> = vec![None; ids.len()];
+    // Per shard not held here, the indexes of its ids.
+    let mut wanted: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, &id) in ids.iter().enumerate() {
+        let shard = shard_of(id, shards);
+        if local.contains(&shard) {
+            found[i] = Some(c.get(id).map(strip));
+        } else {
+            wanted.entry(shard).or_default().push(i);
+        }
+    }
+    let batch = if vectors {
+        POINTS_PER_REQUEST_WITH_VECTORS
+    } else {
+        POINTS_PER_REQUEST
+    };
+    let spread = SPREAD.fetch_add(1, Ordering::Relaxed);
+    let mut failed: Vec<String> = Vec::new();
+    for _round in 0..2 {
+        if wanted.is_empty() {
+            break;
+        }
+        let settled: Vec<u32> = (0..shards).filter(|s| !wanted.contains_key(s)).collect();
+        let plan = plan_fan_out(
+            shards,
+            &settled,
+            &peers.candidates(collection),
+            &failed,
+            spread,
+        );
+        let deadline = Instant::now() + shard_timeout;
+        let mut asked = Vec::new();
+        for (node, node_shards) in plan.remote {
+            let indexes: Vec<usize> = node_shards
+                .iter()
+                .flat_map(|s| wanted.get(s).into_iter().flatten().copied())
+                .collect();
+            for chunk in indexes.chunks(batch) {
+                let body = serde_json::to_vec(&PeerRequest::Points {
+                    collection,
+                    ids: chunk.iter().map(|&i| ids[i]).collect(),
+                    vectors,
+                })
+                .expect("a request serialises");
+                let rx = peers.ask(&node, body, deadline);
+                asked.push((node.clone(), chunk.to_vec(), rx));
+            }
+        }
+        for (node, chunk, rx) in asked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let answer = rx
+                .recv_timeout(left)
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|b| serde_json::from_slice::<PeerAnswer>(&b).ok());
+            match answer {
+                Some(PeerAnswer::Points { ready, points }) if points.len() == chunk.len() => {
+                    for (&i, point) in chunk.iter().zip(points) {
+                        if ready.contains(&shard_of(ids[i], shards)) {
+                            found[i] = Some(point.map(|(vector, lsn, payload)| Point {
+                                id: ids[i],
+                                vector,
+                                lsn,
+                                payload: payload.map(Arc::from),
+                            }));
+                        }
+                    }
+                }
+                other => {
+                    debug!(node, ?other, "a node did not answer a get");
+                    failed.push(node);
+                }
+            }
+        }
+        wanted.retain(|_, indexes| {
+            indexes.retain(|&i| found[i].is_none());
+            !indexes.is_empty()
+        });
+    }
+    if let Some((&shard, indexes)) = wanted.iter().next() {
+        return Err(FanOutError::ShardUnavailable {
+            shard,
+            id: ids[indexes[0]],
+        });
+    }
+    Ok(found.into_iter().map(Option::flatten).collect())
+}
+
 /// Gets point `id` of `c` from this node or a node holding its shard.
 pub fn get(
     peers: &dyn Peers,
@@ -290,31 +407,9 @@ pub fn get(
     id: u64,
     shard_timeout: Duration,
 ) -> Result<Option<Point>, FanOutError> {
-    let collection = c.info.id.0;
-    let shard = shard_of(id, peers.shards(collection));
-    if peers.ready_here(collection).contains(&shard) {
-        return Ok(c.get(id));
-    }
-    let body = serde_json::to_vec(&PeerRequest::Get { collection, id }).expect("serialises");
-    for (node, held) in peers.candidates(collection) {
-        if !held.contains(&shard) {
-            continue;
-        }
-        let rx = peers.ask(&node, body.clone(), Instant::now() + shard_timeout);
-        let answer = rx.recv_timeout(shard_timeout).ok().and_then(Result::ok);
-        match answer.and_then(|b| serde_json::from_slice::<PeerAnswer>(&b).ok()) {
-            Some(PeerAnswer::Point { held: true, point }) => {
-                return Ok(point.map(|(vector, lsn, payload)| Point {
-                    id,
-                    vector,
-                    lsn,
-                    payload: payload.map(Arc::from),
-                }));
-            }
-            other => debug!(node, ?other, "a node did not answer a get"),
-        }
-    }
-    Err(FanOutError::ShardUnavailable { shard, id })
+    Ok(get_many(peers, c, &[id], true, shard_timeout)?
+        .pop()
+        .flatten())
 }
 
 /// Answers another node's request from what this node holds (never asking further).
@@ -374,18 +469,32 @@ pub fn answer(
                 }
             }
         },
-        Ok(PeerRequest::Get { collection, id }) => match find(collection) {
+        Ok(PeerRequest::Points {
+            collection,
+            ids,
+            vectors,
+        }) => match find(collection) {
             None => PeerAnswer::Refused("no such collection here".into()),
+            Some(_) if ids.len() > POINTS_PER_REQUEST => {
+                PeerAnswer::Refused(format!("more than {POINTS_PER_REQUEST} ids"))
+            }
             Some(c) => {
-                let shard = shard_of(id, peers.shards(collection));
-                let held = peers.ready_here(collection).contains(&shard);
-                PeerAnswer::Point {
-                    held,
-                    point: held
-                        .then(|| c.get(id))
-                        .flatten()
-                        .map(|p| (p.vector, p.lsn, p.payload.map(|s| s.to_string()))),
-                }
+                let shards = peers.shards(collection);
+                let ready = peers.ready_here(collection);
+                let points = ids
+                    .iter()
+                    .map(|&id| {
+                        ready
+                            .contains(&shard_of(id, shards))
+                            .then(|| c.get(id))
+                            .flatten()
+                            .map(|p| {
+                                let vector = if vectors { p.vector } else { Vec::new() };
+                                (vector, p.lsn, p.payload.map(|s| s.to_string()))
+                            })
+                    })
+                    .collect();
+                PeerAnswer::Points { ready, points }
             }
         },
     };

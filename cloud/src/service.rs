@@ -869,6 +869,20 @@ impl Service {
         })
     }
 
+    /// Points `ids` of `c`, in order, each from this node or a node holding its shard, in
+    /// one batch per node (vectors left empty unless `vectors`).
+    pub fn get_many_from(
+        &self,
+        c: &Collection,
+        ids: &[u64],
+        vectors: bool,
+    ) -> Result<Vec<Option<Point>>, ServiceError> {
+        Ok(match self.log.peers() {
+            Some(peers) => fanout::get_many(peers, c, ids, vectors, self.shard_timeout())?,
+            None => ids.iter().map(|&id| c.get(id)).collect(),
+        })
+    }
+
     /// How many rows a search of `name` scans exactly ([`Collection::scanned_rows`]).
     pub fn scanned_rows(&self, name: &str, exact: bool) -> Result<usize, ServiceError> {
         Ok(self.collection(name)?.scanned_rows(exact))

@@ -220,10 +220,16 @@ pub(super) fn follow_certificates(
 /// Ids a cache holds at an older LSN than the collection's, or that no longer exist: found
 /// when an edge connects, for writes whose invalidation never reached it.
 pub(super) fn outdated(manifest: &Manifest, corpus: &impl Corpus) -> Vec<(u64, u64)> {
-    manifest
-        .ids()
-        .filter_map(|(id, held)| match corpus.get(id) {
-            Some(p) if p.lsn <= held.lsn => None,
+    let held: Vec<(u64, u64)> = manifest.ids().map(|(id, h)| (id, h.lsn)).collect();
+    let ids: Vec<u64> = held.iter().map(|(id, _)| *id).collect();
+    // A shard no replica answers for: nothing is judged now, the next connect looks again.
+    let Some(points) = corpus.get_many(&ids, false) else {
+        return Vec::new();
+    };
+    held.iter()
+        .zip(points)
+        .filter_map(|(&(id, lsn), point)| match point {
+            Some(p) if p.lsn <= lsn => None,
             Some(p) => Some((id, p.lsn)),
             None => Some((id, corpus.deleted_at(id).unwrap_or(u64::MAX))),
         })

@@ -13,6 +13,13 @@ pub trait Corpus {
     fn info(&self) -> &CollectionInfo;
     /// The live point `id`.
     fn get(&self, id: u64) -> Option<Point>;
+    /// The live points `ids`, in order (vectors may be left empty unless `vectors`); `None`
+    /// when some could not be read (a shard without a live replica). One batch, so that a
+    /// cluster asks each node once rather than once per id.
+    fn get_many(&self, ids: &[u64], vectors: bool) -> Option<Vec<Option<Point>>> {
+        let _ = vectors;
+        Some(ids.iter().map(|&id| self.get(id)).collect())
+    }
     /// The ids of the `k` points the graph search finds nearest `query` (prepared) with beam
     /// `ef`; `None` if the search fails.
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Option<Vec<u64>>;
@@ -81,6 +88,12 @@ impl Corpus for ServiceCorpus {
 
     fn get(&self, id: u64) -> Option<Point> {
         self.service.get_from(&self.collection, id).ok().flatten()
+    }
+
+    fn get_many(&self, ids: &[u64], vectors: bool) -> Option<Vec<Option<Point>>> {
+        self.service
+            .get_many_from(&self.collection, ids, vectors)
+            .ok()
     }
 
     fn search(&self, query: &[f32], k: usize, ef: usize) -> Option<Vec<u64>> {

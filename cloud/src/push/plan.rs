@@ -87,6 +87,15 @@ pub(super) fn plan(
             ))
         })
         .collect();
+    // Every point this plan may push, read at once (on a cluster, one request per node).
+    let fetched = fetch_unheld(
+        corpus,
+        manifest,
+        anchors
+            .iter()
+            .flat_map(|(a, _)| a.members.iter().copied())
+            .chain(hot_ids.iter().map(|e| e.id)),
+    );
     // Drop the coldest candidates until the rest fit by evicting only colder entries.
     let (anchors, vectors, evict, evict_anchors, added) = loop {
         let mut vectors = Vec::new();
@@ -94,7 +103,7 @@ pub(super) fn plan(
         for (a, _) in &anchors {
             for &id in &a.members {
                 if manifest.held(id).is_none() && seen.insert(id) {
-                    vectors.extend(as_pushed(corpus, id));
+                    vectors.extend(fetched.get(&id).cloned());
                 }
             }
         }
@@ -143,7 +152,7 @@ pub(super) fn plan(
     let pushed: HashSet<u64> = vectors.iter().map(|v| v.id).collect();
     for e in &hot_ids {
         if manifest.held(e.id).is_none() && !pushed.contains(&e.id) {
-            match as_pushed(corpus, e.id) {
+            match fetched.get(&e.id).cloned() {
                 Some(v) if push_cost(&v, dim) <= room.min(delta_room) => {
                     room -= push_cost(&v, dim);
                     delta_room -= push_cost(&v, dim);
@@ -224,15 +233,31 @@ pub(super) fn plan(
     Some(Plan { delta, step, more })
 }
 
-/// Point `id` as pushed, if it exists.
-fn as_pushed(corpus: &impl Corpus, id: u64) -> Option<PushedVector> {
-    let p = corpus.get(id)?;
-    Some(PushedVector {
-        id,
-        lsn: p.lsn,
-        vector: p.vector,
-        payload: p.payload.map(|t| t.to_string()),
-    })
+/// The points of `ids` the cache does not hold, as pushed, by id (those that exist; none
+/// when some could not be read: nothing is pushed that could be incomplete).
+fn fetch_unheld(
+    corpus: &impl Corpus,
+    manifest: &Manifest,
+    ids: impl Iterator<Item = u64>,
+) -> HashMap<u64, PushedVector> {
+    let mut ids: Vec<u64> = ids.filter(|&id| manifest.held(id).is_none()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    corpus
+        .get_many(&ids, true)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|p| {
+            let pushed = PushedVector {
+                id: p.id,
+                lsn: p.lsn,
+                vector: p.vector,
+                payload: p.payload.map(|t| t.to_string()),
+            };
+            (p.id, pushed)
+        })
+        .collect()
 }
 
 /// A pushed vector's cost in the byte model.

@@ -49,6 +49,9 @@ impl RestorePolicy {
     }
 }
 
+/// Points read per batch while building a restore.
+const RESTORE_BATCH: usize = 512;
+
 /// A snapshot file of what `logged` held, at the points' current versions (deleted ones left
 /// out), with the anchors whose points `anchor_vector` still knows, all within `budget` bytes
 /// of the byte model (vectors first, newest first), at manifest `version`; and the inventory that file is (what the
@@ -74,18 +77,21 @@ pub fn build(
     held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut used = 0u64;
     let mut kept = std::collections::HashSet::new();
-    for (id, _) in held {
-        let Some(point) = collection.get(id) else {
-            continue;
-        };
-        let payload = point.payload.as_deref().unwrap_or_default();
-        let cost = vector_bytes(dim, payload.len());
-        if used + cost > budget {
-            break;
+    // Read in batches (on a cluster, one request per node and batch); a batch that cannot be
+    // read whole (a shard without a live replica) leaves its points out of the restore.
+    'fill: for batch in held.chunks(RESTORE_BATCH) {
+        let ids: Vec<u64> = batch.iter().map(|(id, _)| *id).collect();
+        let points = collection.get_many(&ids, true).unwrap_or_default();
+        for point in points.into_iter().flatten() {
+            let payload = point.payload.as_deref().unwrap_or_default();
+            let cost = vector_bytes(dim, payload.len());
+            if used + cost > budget {
+                break 'fill;
+            }
+            writer.push(point.id, point.lsn, &point.vector, Some(payload))?;
+            used += cost;
+            kept.insert(point.id);
         }
-        writer.push(id, point.lsn, &point.vector, Some(payload))?;
-        used += cost;
-        kept.insert(id);
     }
     for (anchor, members) in logged.anchors() {
         let Some(vector) = anchor_vector(anchor) else {
