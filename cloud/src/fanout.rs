@@ -54,6 +54,9 @@ pub struct PeerHit {
     pub payload: Option<String>,
 }
 
+/// A point as it travels between nodes: vector (empty when not asked for), LSN, payload.
+pub type PeerPoint = (Vec<f32>, u64, Option<String>);
+
 /// The answer to a [`PeerRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerAnswer {
@@ -67,7 +70,7 @@ pub enum PeerAnswer {
     /// for the ids of the shards in `ready` (those held caught up here).
     Points {
         ready: Vec<u32>,
-        points: Vec<Option<(Vec<f32>, u64, Option<String>)>>,
+        points: Vec<Option<PeerPoint>>,
     },
     /// The request could not be answered here (an unknown collection, a shard not caught up).
     Refused(String),
