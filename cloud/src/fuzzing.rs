@@ -14,7 +14,7 @@ use tiervec_shared::snapshot::MAX_DIM;
 
 use crate::collection::gpu::{ExactEngine, GpuConfig, GpuError};
 use crate::collection::{Collection, SearchParams};
-use crate::push::state::{PushAction, PushState};
+use crate::push::state::{COMMIT_RETRY, PushAction, PushState};
 use crate::service::{Catalog, Invalidation};
 use crate::storage::{Apply, Image, WalEntry};
 
@@ -68,6 +68,8 @@ pub enum PushOp {
     FinishPlan(bool),
     FinishBuild(bool),
     FinishCommit,
+    /// Logging the step failed, not durable (the log unavailable).
+    FailCommit,
     Ack,
     StrayAck(u64),
 }
@@ -84,6 +86,7 @@ pub fn push_op() -> impl proptest::strategy::Strategy<Value = PushOp> {
         any::<bool>().prop_map(PushOp::FinishPlan),
         any::<bool>().prop_map(PushOp::FinishBuild),
         Just(PushOp::FinishCommit),
+        Just(PushOp::FailCommit),
         Just(PushOp::Ack),
         (0u64..20).prop_map(PushOp::StrayAck),
     ]
@@ -94,8 +97,8 @@ fn push_ops(data: &[u8]) -> Vec<PushOp> {
     let mut ops = Vec::new();
     let mut bytes = data.iter().copied();
     while let Some(b) = bytes.next() {
-        let high = b / 9;
-        ops.push(match b % 9 {
+        let high = b / 10;
+        ops.push(match b % 10 {
             0 => PushOp::Invalidate,
             1 => PushOp::AnchorHot,
             2 => PushOp::Tick(u16::from(bytes.next().unwrap_or(0)) * 8),
@@ -104,6 +107,7 @@ fn push_ops(data: &[u8]) -> Vec<PushOp> {
             5 => PushOp::FinishBuild(high & 1 == 1),
             6 => PushOp::FinishCommit,
             7 => PushOp::Ack,
+            8 => PushOp::FailCommit,
             _ => PushOp::StrayAck(u64::from(high % 20)),
         });
     }
@@ -129,6 +133,10 @@ struct Driver {
     sending: Option<u64>,
     handed: u64,
     built: Vec<u64>,
+    /// The writes of the batch being delivered (until its step is logged).
+    batch: Vec<u64>,
+    /// Writes of batches whose step the log did not take: what a reconcile finds outdated.
+    lost: Vec<u64>,
 }
 
 impl Driver {
@@ -136,14 +144,17 @@ impl Driver {
         self.building || self.committing.is_some() || self.sending.is_some()
     }
 
-    fn take(&mut self, action: PushAction) {
+    /// Carries out `action`; a reconcile's findings are returned.
+    fn take(&mut self, action: PushAction) -> Option<Vec<Invalidation>> {
         match action {
-            PushAction::Reconcile => {}
+            PushAction::Reconcile => {
+                return Some(self.lost.drain(..).map(inv).collect());
+            }
             PushAction::BuildInvalidation(batch) => {
                 assert!(!self.delivering(), "a build while delivering");
                 assert!(!batch.revoke_certificates);
-                self.built
-                    .extend(batch.invalidations.iter().map(|inv| inv.lsn));
+                self.batch = batch.invalidations.iter().map(|inv| inv.lsn).collect();
+                self.built.extend(&self.batch);
                 self.building = true;
             }
             PushAction::PlanNeeded => {
@@ -165,11 +176,14 @@ impl Driver {
                 self.sending = Some(delta.version);
             }
         }
+        None
     }
 
     fn drain(&mut self, s: &mut PushState) {
         while let Some(action) = s.poll() {
-            self.take(action);
+            if let Some(found) = self.take(action) {
+                s.handle_reconciled(found);
+            }
         }
     }
 }
@@ -207,13 +221,26 @@ pub fn push_events(ops: &[PushOp]) {
             PushOp::FinishBuild(found) => {
                 if d.building {
                     d.building = false;
+                    if !found {
+                        d.batch.clear();
+                    }
                     s.handle_built(found.then(|| delta(d.logged + 1)));
                 }
             }
             PushOp::FinishCommit => {
                 if let Some(v) = d.committing.take() {
                     d.logged = v;
+                    d.batch.clear();
                     s.handle_committed(v);
+                }
+            }
+            PushOp::FailCommit => {
+                if d.committing.take().is_some() {
+                    // Not delivered after all: built again once a reconcile finds them.
+                    let lost = std::mem::take(&mut d.batch);
+                    d.built.truncate(d.built.len() - lost.len());
+                    d.lost.extend(lost);
+                    s.handle_commit_failed(now, d.logged);
                 }
             }
             PushOp::Ack => {
@@ -229,7 +256,10 @@ pub fn push_events(ops: &[PushOp]) {
         }
         d.drain(&mut s);
     }
-    // Finishing all work delivers every invalidation, in the order they came.
+    // Past any pause after a failed step; then finishing all work delivers every invalidation,
+    // in the order they came.
+    s.handle_tick(now + COMMIT_RETRY);
+    d.drain(&mut s);
     for _ in 0..4 * (d.handed + 4) {
         if let Some(from) = d.plan_from.take() {
             s.handle_planned(Some(delta(from + 1)), false);
@@ -240,6 +270,7 @@ pub fn push_events(ops: &[PushOp]) {
         }
         if let Some(v) = d.committing.take() {
             d.logged = v;
+            d.batch.clear();
             s.handle_committed(v);
         }
         if let Some(v) = d.sending.take() {

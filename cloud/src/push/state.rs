@@ -31,6 +31,9 @@ pub const MAX_QUEUED_IDS: usize = 65_536;
 /// frame limit).
 pub const MAX_IDS_PER_DELTA: usize = 16_384;
 
+/// How long deliveries wait after logging a step failed with the log unavailable.
+pub const COMMIT_RETRY: Duration = Duration::from_millis(500);
+
 /// What the driver is to do next.
 #[derive(Debug, PartialEq)]
 pub enum PushAction {
@@ -103,6 +106,8 @@ pub struct PushState {
     /// The next batch revokes the cache's certificates.
     revoke: bool,
     delivery: Delivery,
+    /// Deliveries wait until then: logging a step failed (the log unavailable).
+    paused_until: Option<Instant>,
 }
 
 impl PushState {
@@ -126,6 +131,7 @@ impl PushState {
             queued_ids: 0,
             revoke: false,
             delivery: Delivery::Idle,
+            paused_until: None,
         }
     }
 
@@ -208,6 +214,9 @@ impl PushState {
 
     /// The time passed `now`: pushes that are due become wanted.
     pub fn handle_tick(&mut self, now: Instant) {
+        if self.paused_until.is_some_and(|until| now >= until) {
+            self.paused_until = None;
+        }
         if now >= self.next_period {
             self.push_wanted = true;
             self.next_period = now + self.period;
@@ -220,10 +229,10 @@ impl PushState {
 
     /// When [`PushState::handle_tick`] is next due.
     pub fn poll_timeout(&self) -> Instant {
-        match self.push_due {
-            Some(due) => due.min(self.next_period),
-            None => self.next_period,
-        }
+        [self.push_due, self.paused_until]
+            .into_iter()
+            .flatten()
+            .fold(self.next_period, Instant::min)
     }
 
     /// A plan finished: its delta and step, or nothing to push. `more`: it left out demand
@@ -256,6 +265,21 @@ impl PushState {
         }
     }
 
+    /// Logging the step in progress failed with the log unavailable (JetStream electing
+    /// leaders, say): nothing was sent, and the connection stays. The delta is dropped and
+    /// nothing is delivered for `COMMIT_RETRY`; then the cache is reconciled (what an
+    /// invalidation carried comes back as an outdated id) and planned again, against the
+    /// manifest as now `logged` (the failed step may have become durable after all).
+    pub fn handle_commit_failed(&mut self, now: Instant, logged: u64) {
+        if matches!(self.delivery, Delivery::Committing(_)) {
+            self.delivery = Delivery::Idle;
+            self.logged = logged;
+            self.reconcile = true;
+            self.push_wanted = true;
+            self.paused_until = Some(now + COMMIT_RETRY);
+        }
+    }
+
     /// The edge acknowledged version `version`.
     pub fn handle_ack(&mut self, version: u64) {
         if matches!(self.delivery, Delivery::Sending(v) if v == version) {
@@ -268,6 +292,9 @@ impl PushState {
 
     /// The next action, if any.
     pub fn poll(&mut self) -> Option<PushAction> {
+        if self.paused_until.is_some() {
+            return None;
+        }
         match std::mem::replace(&mut self.delivery, Delivery::Idle) {
             Delivery::Idle => {}
             Delivery::ToCommit(delta, step) => {
@@ -375,6 +402,36 @@ mod tests {
             None,
             "a write the cache does not hold sends nothing"
         );
+    }
+
+    #[test]
+    fn a_step_the_log_could_not_take_pauses_deliveries_then_reconciles_and_plans_again() {
+        let t0 = Instant::now();
+        let mut s = settled(3, t0);
+        s.handle_invalidation(inv(1));
+        assert_eq!(s.poll(), Some(batch(&[1])));
+        let (d, step) = delta(4);
+        s.handle_built(Some((d, step.clone())));
+        assert_eq!(s.poll(), Some(PushAction::CommitStep(step)));
+        // The log was unavailable; the step may have become durable after all (logged 4).
+        s.handle_commit_failed(t0, 4);
+        s.handle_invalidation(inv(2));
+        assert_eq!(s.poll(), None, "nothing is delivered while paused");
+        assert_eq!(s.poll_timeout(), t0 + COMMIT_RETRY);
+        s.handle_tick(t0 + COMMIT_RETRY);
+        // Write 1 comes back through the reconcile; write 2 is still queued.
+        assert_eq!(s.poll(), Some(PushAction::Reconcile));
+        s.handle_reconciled(vec![inv(1)]);
+        assert_eq!(s.poll(), Some(batch(&[1, 2])));
+        let (d, step) = delta(5);
+        s.handle_built(Some((d, step.clone())));
+        assert_eq!(
+            s.poll(),
+            Some(PushAction::CommitStep(step)),
+            "the next step follows the version now logged"
+        );
+        deliver(&mut s, 5);
+        assert_eq!(s.poll(), Some(PushAction::PlanNeeded));
     }
 
     #[test]

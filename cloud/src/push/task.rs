@@ -29,6 +29,7 @@ use super::restore::{self, RestoreError};
 use super::state::{PushAction, PushState};
 use crate::collection::Collection;
 use crate::service::{Invalidation, ServiceError};
+use crate::storage::ClusterError;
 
 /// Why a push failed; the connection is then closed, and the edge resyncs when it reconnects.
 #[derive(Debug, Error)]
@@ -408,14 +409,24 @@ pub async fn push_loop(hub: Arc<PushHub>, session: PushSession) {
                     }
                 }
                 PushAction::CommitStep(step) => {
-                    let (service, edge, version) =
+                    let (service, edge_name, version) =
                         (hub.service.clone(), edge.clone(), step.version);
                     let committed = tokio::task::spawn_blocking(move || {
-                        service.commit_edge_step(&edge, collection_id, step)
+                        service.commit_edge_step(&edge_name, collection_id, step)
                     })
                     .await;
                     match committed {
                         Ok(Ok(_)) => state.handle_committed(version),
+                        // The log is out for a while (JetStream electing leaders): the link
+                        // stays up and the cache keeps answering; deliveries resume after a
+                        // pause, from a reconcile.
+                        Ok(Err(ServiceError::Cluster(ClusterError::Unavailable(why)))) => {
+                            warn!(edge = %edge, version, error = %why, "the cluster log did not take the cache's step; pushing again shortly");
+                            state.handle_commit_failed(
+                                Instant::now(),
+                                logged_version().unwrap_or(0),
+                            );
+                        }
                         Ok(Err(e)) => break 'run Err(e.into()),
                         Err(e) => break 'run Err(e.into()),
                     }
