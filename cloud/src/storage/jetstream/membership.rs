@@ -341,9 +341,14 @@ pub(super) async fn place_collection<S: Member>(
     let Some((_, bucket)) = shared.view().buckets() else {
         return;
     };
-    for shard in 0..shards.min(MAX_SHARDS) {
+    let placed = placement::place(
+        &id,
+        shards.min(MAX_SHARDS),
+        live,
+        shared.config().replication,
+    );
+    for (shard, wanted) in (0..).zip(placed) {
         let key = (id, shard);
-        let wanted = placement::place(&id, shard, live, shared.config().replication);
         let current = shared.view().placement.lock().get(&key).cloned();
         if wanted.is_empty() || current.as_ref().is_some_and(|(nodes, _)| *nodes == wanted) {
             continue;
