@@ -67,6 +67,10 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         .requests
         .unwrap_or(if args.output.quick { 3_000 } else { 20_000 });
     args.requests = Some(requests_per_edge);
+    args.deadline_ms = Some(
+        args.deadline_ms
+            .unwrap_or(if args.cluster { 200 } else { 50 }),
+    );
     if args.cluster {
         return cluster::run(args);
     }
@@ -216,7 +220,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         budget_bytes: args.budget_mb << 20,
         edge_ef: args.edge_ef,
         cloud_ef,
-        deadline_ms: args.deadline_ms,
+        deadline_ms: args.deadline_ms.expect("set above"),
         cpus: pinning.then_some("0"),
         certify: !args.no_certify,
         wasm_guest: guest.as_deref(),
@@ -356,7 +360,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             "k": K,
             "edge_ef": args.edge_ef,
             "cloud_ef": cloud_ef,
-            "deadline_ms": args.deadline_ms,
+            "deadline_ms": args.deadline_ms.expect("set above"),
             "target_recall": args.target_recall,
             "calibration_margin": args.calibration_margin,
             "anchor_distance": args.anchor_distance,

@@ -52,9 +52,10 @@ pub struct DemoArgs {
     /// `ef` of the edges' local search.
     #[arg(long, default_value_t = 64)]
     pub edge_ef: usize,
-    /// The edges' deadline for the cloud.
-    #[arg(long, default_value_t = 50)]
-    pub deadline_ms: u64,
+    /// The edges' deadline for the cloud (default 50 ms; 200 ms with `--cluster`, whose
+    /// cloud answers go through the fan-out: p99 ~180 ms with ten processes on two cores).
+    #[arg(long)]
+    pub deadline_ms: Option<u64>,
     /// Each edge cache's byte budget (MiB, in the shared byte model), what the cloud may push.
     #[arg(long, default_value_t = 24)]
     pub budget_mb: u64,
