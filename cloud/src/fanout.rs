@@ -154,7 +154,7 @@ pub fn search(
     } else {
         catch_up
     };
-    let deadline = started + waits + shard_timeout;
+    let mut deadline = started + waits + shard_timeout;
     let mut pending: Vec<(String, Vec<u32>, _)> = plan
         .remote
         .drain(..)
@@ -223,7 +223,8 @@ pub fn search(
         }
         // Once more, for what is left, at other replicas.
         let retry = plan_fan_out(shards, &covered, &peers.candidates(id), &failed, spread);
-        let deadline = Instant::now() + shard_timeout;
+        // The second round's own deadline, which its answers are awaited against.
+        deadline = Instant::now() + shard_timeout;
         pending = retry
             .remote
             .into_iter()

@@ -65,8 +65,9 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
-    /// Make a deployment's certificates: a CA (kept if it exists), the server certificate, and
-    /// one client certificate per edge (the edge id is its Common Name), for mutual TLS.
+    /// Make a deployment's certificates: a CA (kept if it exists), the server certificate, one
+    /// client certificate per edge (the edge id is its Common Name), and one per cluster node
+    /// for the QUIC between nodes, for mutual TLS.
     Certs {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
@@ -76,6 +77,9 @@ enum Command {
         /// DNS names or IP addresses of the cloud (repeat); none keeps the server certificate.
         #[arg(long = "server-name")]
         server_names: Vec<String>,
+        /// Cluster node names to issue certificates for, for the QUIC between nodes (repeat).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
         /// Edge ids to issue certificates for (repeat).
         #[arg(long = "edge")]
         edges: Vec<String>,
@@ -235,6 +239,7 @@ fn main() -> anyhow::Result<()> {
             dir,
             deployment,
             server_names,
+            nodes,
             edges,
         } => {
             let certs = tiervec_cloud::certs::CertDir { dir, deployment };
@@ -248,6 +253,10 @@ fn main() -> anyhow::Result<()> {
                     certs.server_cert().display(),
                     server_names.join(", ")
                 );
+            }
+            for node in &nodes {
+                certs.issue_node(node)?;
+                eprintln!("issued {} for node {node}", certs.node_cert(node).display());
             }
             for edge in &edges {
                 certs.issue_edge(edge)?;

@@ -689,13 +689,19 @@ async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing(
     let nats = NatsCluster::start(dir.path(), 3);
     let urls = nats.urls();
     let http = client();
+    // Requests between the nodes go over QUIC (mutual TLS with node certificates).
+    let certs = CertDir {
+        dir: dir.path().join("certs"),
+        deployment: "three".into(),
+    };
+    certs.ensure_ca().unwrap();
+    let peer_certs = format!("cluster.peer_certs={:?}", certs.dir.to_str().unwrap());
+    let mut settings: Vec<&str> = QUICK_MEMBERSHIP.to_vec();
+    settings.extend(["cluster.peer_addr=\"127.0.0.1:0\"", peer_certs.as_str()]);
     let mut nodes = Vec::new();
     for name in ["n0", "n1", "n2"] {
-        nodes.push(spawn_node_with(
-            &dir.path().join(name),
-            &urls,
-            &QUICK_MEMBERSHIP,
-        ));
+        certs.issue_node(name).unwrap();
+        nodes.push(spawn_node_with(&dir.path().join(name), &urls, &settings));
     }
     for (_, addr) in &nodes {
         wait_ready(&http, addr).await;
@@ -854,7 +860,7 @@ async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing(
     for i in [first, second] {
         let node_dir = dir.path().join(format!("n{i}"));
         let _ = std::fs::remove_dir_all(node_dir.join("data"));
-        nodes[i] = spawn_node_with(&node_dir, &urls, &QUICK_MEMBERSHIP);
+        nodes[i] = spawn_node_with(&node_dir, &urls, &settings);
         wait_ready(&http, &nodes[i].1).await;
     }
     let addrs: Vec<String> = nodes.iter().map(|(_, a)| a.clone()).collect();
@@ -868,6 +874,24 @@ async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing(
             assert_eq!(ids, truth(&written, q), "{addr} after the restarts");
         }
     }
+    // The fan-out went over QUIC between the nodes, not NATS.
+    let mut over_quic = 0;
+    for addr in &addrs {
+        let text = http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        over_quic += text
+            .lines()
+            .filter_map(|l| l.strip_prefix("tiervec_cluster_peer_requests_total{path=\"quic\"} "))
+            .map(|n| n.trim().parse::<u64>().unwrap())
+            .sum::<u64>();
+    }
+    assert!(over_quic > 0, "no request between nodes went over QUIC");
 }
 
 /// An edge served by a node that holds only some shards (one replica per shard, three nodes)

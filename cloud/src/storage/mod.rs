@@ -35,6 +35,7 @@ pub use contract::{
 };
 pub use embedded::{Embedded, StartReport};
 pub use entry::{LogName, UndecodableEntry, WalEntry};
+pub use jetstream::peer;
 pub use jetstream::placement::{self, FanOut, MAX_SHARDS, plan_fan_out, shard_of};
 pub use jetstream::{ClusterConfig, JetStreamLog};
 pub use wal::WalError;

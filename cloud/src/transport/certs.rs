@@ -2,8 +2,12 @@
 //! certificate per edge. An edge's id is the Common Name of its certificate; the cloud's QUIC
 //! endpoint (mutual TLS) accepts only edges whose certificate this CA signed.
 //!
+//! A cluster's nodes get a certificate each for the QUIC between them (mutual TLS, Common
+//! Name `tiervec node <name>` — a name no edge id can take, since edge ids have no spaces).
+//!
 //! Layout of the directory: `ca.pem`, `ca.key`, `server.pem`, `server.key`,
-//! `edges/<edge-id>.pem`, `edges/<edge-id>.key`. Keys are written with mode 0600, atomically.
+//! `edges/<edge-id>.pem`, `edges/<edge-id>.key`, `nodes/<node>.pem`, `nodes/<node>.key`. Keys
+//! are written with mode 0600, atomically.
 
 use std::path::{Path, PathBuf};
 
@@ -25,7 +29,12 @@ pub enum CertError {
     },
     #[error("edge id `{0}` must be 1–64 characters of A-Z, a-z, 0-9, _ and -")]
     BadEdgeId(String),
+    #[error("node name `{0}` must be 1–64 characters of A-Z, a-z, 0-9, _, - and .")]
+    BadNodeName(String),
 }
+
+/// The Common Name of a cluster node's certificate is this followed by its name.
+pub use crate::storage::peer::{NODE_NAME_PREFIX, NODE_SERVER_NAME};
 
 /// The CA's subject: fixed, so an issuer can be rebuilt from the key alone to sign more edges.
 fn ca_params(deployment: &str) -> Result<CertificateParams, rcgen::Error> {
@@ -125,6 +134,40 @@ impl CertDir {
         let cert = params.signed_by(&key, &issuer)?;
         write(&self.server_key(), &key.serialize_pem(), true)?;
         write(&self.server_cert(), &cert.pem(), false)
+    }
+
+    pub fn node_cert(&self, node: &str) -> PathBuf {
+        self.dir.join("nodes").join(format!("{node}.pem"))
+    }
+
+    pub fn node_key(&self, node: &str) -> PathBuf {
+        self.dir.join("nodes").join(format!("{node}.key"))
+    }
+
+    /// Issues cluster node `node`'s certificate for the QUIC between nodes: Common Name
+    /// `tiervec node <node>`, DNS name `tiervec-node`, for server and client use.
+    pub fn issue_node(&self, node: &str) -> Result<(), CertError> {
+        let ok = !node.is_empty()
+            && node.len() <= 64
+            && node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !ok {
+            return Err(CertError::BadNodeName(node.to_owned()));
+        }
+        let issuer = self.issuer()?;
+        let mut params = CertificateParams::new(vec![NODE_SERVER_NAME.to_owned()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{NODE_NAME_PREFIX}{node}"));
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        write(&self.node_key(node), &key.serialize_pem(), true)?;
+        write(&self.node_cert(node), &cert.pem(), false)
     }
 
     /// Issues a client certificate whose Common Name is the edge's id.

@@ -1,5 +1,6 @@
 //! The `[cluster]` section of a cloud node's configuration, checked before anything connects.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,13 @@ pub struct ClusterConfig {
     /// (`tls { verify: true }`): node ↔ NATS authenticated both ways. Both or neither.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Direct QUIC between nodes for the fan-out (mutual TLS): the UDP address this node takes
+    /// other nodes' requests on. Its bound address is announced in the heartbeat, so it must
+    /// be one they reach (not `0.0.0.0`). Unset: requests between nodes go over NATS.
+    pub peer_addr: Option<SocketAddr>,
+    /// The cluster's certificates for it, as `tiervec-cloud certs --node NAME` lays them out:
+    /// `ca.pem`, `nodes/<node>.pem`, `nodes/<node>.key`.
+    pub peer_certs: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -67,6 +75,8 @@ impl Default for ClusterConfig {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            peer_addr: None,
+            peer_certs: None,
         }
     }
 }
@@ -122,6 +132,11 @@ impl ClusterConfig {
                     path.display()
                 )));
             }
+        }
+        if self.peer_addr.is_some() != self.peer_certs.is_some() {
+            return Err(ClusterError::Config(
+                "`cluster.peer_addr` and `cluster.peer_certs` go together".into(),
+            ));
         }
         if self.heartbeat_ms == 0 || self.node_timeout_ms < 2 * self.heartbeat_ms {
             return Err(ClusterError::Config(format!(

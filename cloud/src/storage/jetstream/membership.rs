@@ -16,6 +16,7 @@
 //! placement costs no request.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use tracing::{debug, info, warn};
 use async_nats::jetstream;
 
 use super::config::ClusterConfig;
+use super::peer::PeerEndpoint;
 use super::placement::{self, MAX_SHARDS, ShardKey};
 use crate::storage::contract::ClusterError;
 
@@ -51,6 +53,8 @@ pub(super) trait Member: Send + Sync + 'static {
     fn follow(self: Arc<Self>, key: ShardKey);
     /// Answers another node's request; `None` while the service has not set its handler.
     fn handle(&self, body: &[u8]) -> Option<Vec<u8>>;
+    /// This node's QUIC endpoint for other nodes, when `cluster.peer_addr` is set.
+    fn peer_endpoint(&self) -> Option<&PeerEndpoint>;
 }
 
 pub(super) fn hex(id: &[u8; 16]) -> String {
@@ -68,6 +72,9 @@ pub(super) struct Heartbeat {
     pub node: String,
     /// (collection identity in hex, shard).
     pub ready: Vec<(String, u32)>,
+    /// Where the node takes requests over QUIC (absent: over NATS only).
+    #[serde(default)]
+    pub peer: Option<SocketAddr>,
 }
 
 /// The nodes that should hold one shard.
@@ -92,6 +99,11 @@ pub(super) struct View {
 }
 
 impl View {
+    /// Where `node` takes requests over QUIC, as its last heartbeat said.
+    pub fn peer_addr(&self, node: &str) -> Option<SocketAddr> {
+        self.nodes.lock().get(node).and_then(|(beat, _)| beat.peer)
+    }
+
     /// The nodes heard from within `timeout`, by name.
     pub fn live(&self, timeout: Duration) -> Vec<String> {
         let mut live: Vec<String> = self
@@ -325,6 +337,7 @@ pub(super) fn announce(shared: &impl Member) -> Vec<u8> {
             .into_iter()
             .map(|(id, s)| (hex(&id), s))
             .collect(),
+        peer: shared.peer_endpoint().and_then(PeerEndpoint::local_addr),
     };
     serde_json::to_vec(&beat).expect("a heartbeat serialises")
 }
@@ -474,6 +487,21 @@ pub(super) async fn ask(
     body: Vec<u8>,
     deadline: Instant,
 ) -> Result<Vec<u8>, ClusterError> {
+    if let (Some(endpoint), Some(addr)) = (shared.peer_endpoint(), shared.view().peer_addr(node)) {
+        match endpoint.ask(addr, &body, deadline).await {
+            Ok(answer) => {
+                metrics::counter!("tiervec_cluster_peer_requests_total", "path" => "quic")
+                    .increment(1);
+                return Ok(answer);
+            }
+            // The link failed, or the node refused: NATS while time is left.
+            Err(e) if Instant::now() < deadline => {
+                debug!(node, error = %e, "QUIC to the node failed; asking over NATS");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    metrics::counter!("tiervec_cluster_peer_requests_total", "path" => "nats").increment(1);
     let subject = rpc_subject(&shared.config().prefix, node);
     let asked = shared.client().request(subject, body.into());
     match tokio::time::timeout_at(deadline.into(), asked).await {

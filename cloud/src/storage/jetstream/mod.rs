@@ -55,6 +55,7 @@ use super::entry::{LogName, WalEntry};
 
 mod config;
 mod membership;
+pub mod peer;
 pub mod placement;
 
 pub use config::ClusterConfig;
@@ -100,6 +101,8 @@ struct Shared {
     replayed: AtomicU64,
     /// Held by the one caller catching up with the catalog (the others do not wait).
     catching_up: Mutex<()>,
+    /// Direct QUIC to and from other nodes, when configured.
+    peer: Option<peer::PeerEndpoint>,
 }
 
 /// How long a caller waiting on a position leaves it to the follower before also pulling the
@@ -532,6 +535,12 @@ impl JetStreamLog {
                 }
             };
             let js = jetstream::new(client.clone());
+            let peer = match (config.peer_addr, &config.peer_certs) {
+                (Some(addr), Some(certs)) => {
+                    Some(peer::PeerEndpoint::bind(addr, certs, &config.node)?)
+                }
+                _ => None,
+            };
             let shared = Arc::new(Shared {
                 config: config.clone(),
                 client,
@@ -550,7 +559,15 @@ impl JetStreamLog {
                 acknowledged: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
                 catching_up: Mutex::new(()),
+                peer,
             });
+            if let Some(endpoint) = &shared.peer {
+                let weak = Arc::downgrade(&shared);
+                endpoint.serve(Arc::new(move |body: &[u8]| {
+                    weak.upgrade().and_then(|shared| shared.handle(body))
+                }));
+                info!(addr = ?endpoint.local_addr(), "QUIC endpoint for other nodes (mutual TLS)");
+            }
             let catalog = shared.catalog_stream();
             let subjects = vec![format!("{}.catalog.>", config.prefix)];
             let mut stream = loop {
@@ -1068,6 +1085,10 @@ impl Member for Shared {
 
     fn handle(&self, body: &[u8]) -> Option<Vec<u8>> {
         self.handler.get().map(|handle| handle(body))
+    }
+
+    fn peer_endpoint(&self) -> Option<&peer::PeerEndpoint> {
+        self.peer.as_ref()
     }
 }
 
