@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
+use tiervec_cloud::certs::CertDir;
 use tiervec_test_support::nats::NatsCluster;
 
 use super::Row;
@@ -45,8 +46,21 @@ pub struct ClusterArgs {
     /// Cloud nodes holding each shard.
     #[arg(long, default_value_t = 2)]
     pub replication: usize,
+    /// Requests between nodes over direct QUIC (`cluster.peer_addr`, node certificates)
+    /// rather than NATS request/reply.
+    #[arg(long)]
+    pub peer_quic: bool,
     #[arg(long, default_value = "target/tiervec-bench/cluster")]
     pub work_dir: PathBuf,
+}
+
+/// How a cluster node is started: the NATS servers, the replication, and the certificates
+/// directory when requests between nodes go over QUIC.
+#[derive(Clone, Copy)]
+struct NodeSpec<'a> {
+    nats: &'a [String],
+    replication: usize,
+    peer_certs: Option<&'a Path>,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,7 +90,7 @@ struct Node {
     base: String,
 }
 
-fn start_node(dir: &Path, name: &str, cluster: Option<(&[String], usize)>) -> anyhow::Result<Node> {
+fn start_node(dir: &Path, name: &str, cluster: Option<NodeSpec>) -> anyhow::Result<Node> {
     std::fs::create_dir_all(dir)?;
     let addr_file = dir.join(format!("{name}.addr"));
     let _ = std::fs::remove_file(&addr_file);
@@ -91,8 +105,13 @@ fn start_node(dir: &Path, name: &str, cluster: Option<(&[String], usize)>) -> an
         "--addr-file".into(),
         addr_file.to_string_lossy().into_owned(),
     ];
-    if let Some((urls, replication)) = cluster {
-        let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+    if let Some(NodeSpec {
+        nats,
+        replication,
+        peer_certs,
+    }) = cluster
+    {
+        let urls: Vec<String> = nats.iter().map(|u| format!("{u:?}")).collect();
         args.extend([
             "--set".into(),
             format!("cluster.nats=[{}]", urls.join(",")),
@@ -103,6 +122,14 @@ fn start_node(dir: &Path, name: &str, cluster: Option<(&[String], usize)>) -> an
             "--set".into(),
             format!("cluster.replication={replication}"),
         ]);
+        if let Some(certs) = peer_certs {
+            args.extend([
+                "--set".into(),
+                "cluster.peer_addr=\"127.0.0.1:0\"".into(),
+                "--set".into(),
+                format!("cluster.peer_certs={:?}", certs.to_string_lossy()),
+            ]);
+        }
     }
     let mut process = Process::start(
         name,
@@ -318,7 +345,22 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
     // 2. The cluster: three nats-servers, `nodes` cloud nodes.
     let nats = NatsCluster::start(&args.work_dir.join("nats"), 3);
     let urls = nats.urls();
-    let cluster = Some((&urls[..], args.replication));
+    let certs_dir = args.work_dir.join("certs");
+    if args.peer_quic {
+        let certs = CertDir {
+            dir: certs_dir.clone(),
+            deployment: "bench".into(),
+        };
+        certs.ensure_ca()?;
+        for i in 0..args.nodes {
+            certs.issue_node(&format!("node{i}"))?;
+        }
+    }
+    let cluster = Some(NodeSpec {
+        nats: &urls,
+        replication: args.replication,
+        peer_certs: args.peer_quic.then_some(certs_dir.as_path()),
+    });
     let mut nodes = (0..args.nodes)
         .map(|i| start_node(&args.work_dir, &format!("node{i}"), cluster))
         .collect::<anyhow::Result<Vec<Node>>>()?;
@@ -428,6 +470,7 @@ pub fn run(mut args: ClusterArgs) -> anyhow::Result<()> {
             "acknowledgement": "single: WAL fsync; cluster: JetStream R3 ack (a quorum holds it in memory, not fsynced) + the node's own apply",
             "placement": "every process on the same 2 cores, unpinned; searches at the node holding the fewest shards (search_node), writes round-robin over the nodes",
             "shards": args.shards, "replication": args.replication,
+            "between_nodes": if args.peer_quic { "direct QUIC, mutual TLS" } else { "NATS request/reply" },
             "catch_up": "node 0 killed and restarted from an empty data folder within the node timeout; seconds until ready (its shards replayed)",
         }),
         cloud_nodes: args.nodes,
