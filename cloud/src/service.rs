@@ -517,7 +517,12 @@ impl Service {
         let catalog = Arc::new(Catalog::new(engine));
         let (log, start): (Arc<dyn DurableLog>, StartReport) = match &config.cluster {
             Some(cluster) => {
-                let (log, start) = JetStreamLog::open(cluster, catalog.clone())?;
+                let (log, start) = JetStreamLog::open(
+                    cluster,
+                    &dir,
+                    catalog.clone(),
+                    config.checkpoint_chunk_bytes,
+                )?;
                 (Arc::new(log), start)
             }
             None => {
@@ -526,6 +531,9 @@ impl Service {
                 (Arc::new(log), start)
             }
         };
+        metrics::gauge!("tiervec_recovery_seconds").set(start.seconds);
+        metrics::gauge!("tiervec_recovery_wal_records_replayed")
+            .set(start.wal.records_replayed as f64);
         info!(
             seconds = start.seconds,
             replayed = start.wal.records_replayed,

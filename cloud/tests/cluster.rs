@@ -1116,3 +1116,141 @@ async fn writes_at_every_node_go_on_across_nats_server_kills_and_restarts() {
         }
     }
 }
+
+/// A gauge's value in node `addr`'s `/metrics`.
+async fn gauge(http: &reqwest::Client, addr: &str, name: &str) -> f64 {
+    let text = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// A node checkpoints locally as its streams grow (a cut: one position per stream) and,
+/// killed with SIGKILL, comes back from its newest checkpoint replaying only the entries after
+/// the cut — deletes and a replaced vector among them — with every acknowledged write as it
+/// was. Started on NATS servers that do not hold the streams its checkpoint follows on from,
+/// it stops, non-zero, saying so, rather than serve a state no stream holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarts_from_its_checkpoint_replaying_only_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&dir.path().join("nats"), 3);
+    let urls = nats.urls();
+    let http = client();
+    let node_dir = dir.path().join("a");
+    let small_checkpoints = ["checkpoint_wal_bytes=4096"];
+    let (mut node, a) = spawn_node_with(&node_dir, &urls, &small_checkpoints);
+    wait_ready(&http, &a).await;
+    let r = http
+        .post(format!("http://{a}/v1/collections"))
+        .json(&json!({"name": "c", "dim": DIM, "metric": "l2", "shards": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+
+    let mut acked: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    for batch in 0..40u64 {
+        let points: Vec<(u64, Vec<f32>)> = (batch * 10..batch * 10 + 10)
+            .map(|id| (id, family_vector(3, id, DIM)))
+            .collect();
+        let body: Vec<Value> = points
+            .iter()
+            .map(|(id, v)| json!({"id": id, "vector": v}))
+            .collect();
+        let r = http
+            .put(format!("http://{a}/v1/collections/c/points"))
+            .json(&json!({"points": body}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        acked.extend(points);
+    }
+    // The maintenance pass checkpoints once 4 KiB of entries are applied past the last cut.
+    let data = node_dir.join("data");
+    let checkpoints = || {
+        std::fs::read_dir(&data)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while checkpoints() == 0 {
+        assert!(Instant::now() < deadline, "no checkpoint written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The tail, small enough that no checkpoint covers it: a delete on both shards, a vector
+    // replaced.
+    let deleted: Vec<u64> = (0..20).collect();
+    let r = http
+        .post(format!("http://{a}/v1/collections/c/points/delete"))
+        .json(&json!({"ids": deleted}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for id in &deleted {
+        acked.remove(id);
+    }
+    let replaced = family_vector(9, 25, DIM);
+    let r = http
+        .put(format!("http://{a}/v1/collections/c/points"))
+        .json(&json!({"points": [{"id": 25, "vector": replaced}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    acked.insert(25, replaced);
+    let written = 1 + 40 * 2 + 2 + 1;
+
+    node.kill().unwrap();
+    let (_node, a) = spawn_node_with(&node_dir, &urls, &small_checkpoints);
+    wait_ready(&http, &a).await;
+    let replayed = gauge(&http, &a, "tiervec_recovery_wal_records_replayed").await;
+    eprintln!("{replayed} of {written} entries replayed after the restart");
+    assert!(
+        (3.0..written as f64 / 2.0).contains(&replayed),
+        "{replayed} entries replayed of {written} written: the tail (3 entries at least), not the whole"
+    );
+    let log = std::fs::read_to_string(node_dir.join("server.log")).unwrap();
+    assert!(log.contains("checkpoint loaded"), "{log}");
+    for id in 0..400u64 {
+        assert_eq!(
+            point(&http, &a, id).await.as_ref(),
+            acked.get(&id),
+            "point {id} after the restart"
+        );
+    }
+    drop(_node);
+    drop(nats);
+
+    // Other NATS servers (a new cluster): the checkpoint follows on from streams they lack.
+    let other = NatsCluster::start(&dir.path().join("other-nats"), 3);
+    let mut stray = start_node(&node_dir, &other.urls(), &small_checkpoints);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = stray.child_mut().try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "a node whose checkpoint no stream holds must stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(node_dir.join("server.log")).unwrap();
+    assert!(
+        log.contains("do not hold this cluster's streams"),
+        "the reason is not in the log: {log}"
+    );
+}

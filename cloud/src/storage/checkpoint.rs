@@ -3,6 +3,10 @@
 //! loads the newest checkpoint and replays the WAL records after its LSN; the graph is rebuilt
 //! from the vectors (in parallel), so no index file is ever trusted.
 //!
+//! A cluster node's checkpoint (version 4) ends with a [`Chunk::Cluster`] naming the position
+//! of every stream it covers ([`ClusterCut`]); the header's LSN then only orders that node's
+//! checkpoints.
+//!
 //! Chunks exist because rkyv's layout is pinned to 32-bit relative pointers for the whole
 //! workspace (the edge snapshot shares it): one archive cannot exceed 2 GiB, about 1.4 M 384-d
 //! vectors. Each chunk holds at most [`CHUNK_BYTES`] of points (one point at the least), so a
@@ -27,10 +31,12 @@ use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const MAGIC: [u8; 8] = *b"TVCKPT\r\n";
-/// Version 3 writes the body in chunks; version 2 (one archive) is read; version 1 lacked the
-/// edges' cache manifests and is refused with an error naming the versions read.
-pub const FORMAT_VERSION: u32 = 3;
-const PREVIOUS_VERSION: u32 = 2;
+/// Version 4 adds the cluster's cut chunk to version 3's chunked body; versions 3 (chunks
+/// without it) and 2 (one archive) are read; version 1 lacked the edges' cache manifests and
+/// is refused with an error naming the versions read.
+pub const FORMAT_VERSION: u32 = 4;
+const CHUNKED_VERSION: u32 = 3;
+const SINGLE_ARCHIVE_VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
 const CHUNK_HEADER_LEN: usize = 16;
 /// The points one chunk holds at most, in bytes of ids, LSNs, vectors and payloads: far below
@@ -62,12 +68,63 @@ pub struct EdgeCacheImage {
     pub manifest: tiervec_shared::push::Inventory,
 }
 
-/// Everything durable as of `lsn`. Version 2 files are one archive of it.
-#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+/// Everything durable as of `lsn` (for a cluster node: as of its `cluster` cut).
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct CheckpointBody {
     pub lsn: u64,
     pub collections: Vec<CollectionImage>,
     pub edge_caches: Vec<EdgeCacheImage>,
+    /// Present in a cluster node's checkpoint, absent in the embedded store's.
+    pub cluster: Option<ClusterCut>,
+}
+
+/// A version 2 body: one archive of these fields.
+#[derive(Archive, Serialize, Deserialize)]
+struct SingleArchiveBody {
+    lsn: u64,
+    collections: Vec<CollectionImage>,
+    edge_caches: Vec<EdgeCacheImage>,
+}
+
+/// What a cluster node's checkpoint covers: every entry of the catalog stream through
+/// `catalog` and of each shard stream through its `position`, with the state the node keeps
+/// beside the collections to publish conditionally and to follow the shards.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ClusterCut {
+    pub catalog: u64,
+    pub shards: Vec<ShardPosition>,
+    /// Per collection name, the catalog sequence of its last create or drop.
+    pub names: Vec<NameSequence>,
+    /// Per edge cache, the catalog sequence of its last step or reset.
+    pub caches: Vec<CacheSequence>,
+    /// Shards per live collection.
+    pub layouts: Vec<Layout>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ShardPosition {
+    pub collection: [u8; 16],
+    pub shard: u32,
+    pub position: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NameSequence {
+    pub name: String,
+    pub sequence: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CacheSequence {
+    pub edge: String,
+    pub collection: [u8; 16],
+    pub sequence: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub collection: [u8; 16],
+    pub shards: u32,
 }
 
 /// A collection's identity and parameters; its `points` follow in [`Chunk::Points`].
@@ -94,6 +151,8 @@ pub enum Chunk {
         payloads: Vec<Option<String>>,
     },
     EdgeCache(EdgeCacheImage),
+    /// Version 4, last and at most once: a cluster node's cut.
+    Cluster(ClusterCut),
 }
 
 #[derive(Debug, Error)]
@@ -129,7 +188,7 @@ pub enum DecodeError {
     #[error("bad magic")]
     Magic,
     #[error(
-        "format version {0}; this build reads versions {PREVIOUS_VERSION} and {FORMAT_VERSION} (start the version that wrote it and take a checkpoint, or move the file aside if the WAL holds every record)"
+        "format version {0}; this build reads versions {SINGLE_ARCHIVE_VERSION} to {FORMAT_VERSION} (start the version that wrote it and take a checkpoint, or move the file aside if the WAL holds every record)"
     )]
     Version(u32),
     #[error("header checksum mismatch")]
@@ -219,7 +278,9 @@ fn chunks(body: &CheckpointBody, chunk_bytes: usize) -> impl Iterator<Item = Chu
             payloads: c.payloads[r].to_vec(),
         }))
     });
-    collections.chain(body.edge_caches.iter().cloned().map(Chunk::EdgeCache))
+    collections
+        .chain(body.edge_caches.iter().cloned().map(Chunk::EdgeCache))
+        .chain(body.cluster.iter().cloned().map(Chunk::Cluster))
 }
 
 /// Writes the chunks of `body` to `out` (the header, which needs their count and length, is
@@ -247,7 +308,7 @@ fn write_body(
     Ok((count, len))
 }
 
-/// Encodes a version 3 checkpoint into memory (tests and small tools; [`write`] streams).
+/// Encodes a checkpoint into memory (tests and small tools; [`write`] streams).
 pub fn encode(body: &CheckpointBody, chunk_bytes: usize) -> Result<Vec<u8>, EncodeError> {
     let mut out = vec![0u8; HEADER_LEN];
     let (count, len) = write_body(&mut out, body, chunk_bytes)?;
@@ -298,7 +359,7 @@ pub fn decode_from(input: &mut impl Read, total: u64) -> Result<CheckpointBody, 
     }
     let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
     let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION && version != PREVIOUS_VERSION {
+    if !(SINGLE_ARCHIVE_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(DecodeError::Version(version).into());
     }
     if u64_at(56) != xxh3_64(&h[..56]) {
@@ -313,10 +374,10 @@ pub fn decode_from(input: &mut impl Read, total: u64) -> Result<CheckpointBody, 
         }
         .into());
     }
-    let body = if version == PREVIOUS_VERSION {
+    let body = if version == SINGLE_ARCHIVE_VERSION {
         decode_v2(input, body_len, word, lsn)?
     } else {
-        decode_chunks(input, body_len, word, lsn)?
+        decode_chunks(input, body_len, word, lsn, version)?
     };
     for c in &body.collections {
         let n = c.ids.len();
@@ -327,7 +388,7 @@ pub fn decode_from(input: &mut impl Read, total: u64) -> Result<CheckpointBody, 
     Ok(body)
 }
 
-/// Version 2: the body is one archive of [`CheckpointBody`], `word` its checksum.
+/// Version 2: the body is one archive of [`SingleArchiveBody`], `word` its checksum.
 fn decode_v2(
     input: &mut impl Read,
     body_len: u64,
@@ -342,20 +403,27 @@ fn decode_v2(
     if xxh3_64(&aligned) != word {
         return Err(DecodeError::BodyChecksum.into());
     }
-    let body = rkyv::from_bytes::<CheckpointBody, rancor::Error>(&aligned)
+    let body = rkyv::from_bytes::<SingleArchiveBody, rancor::Error>(&aligned)
         .map_err(DecodeError::Archive)?;
     if body.lsn != lsn {
         return Err(DecodeError::LsnMismatch.into());
     }
-    Ok(body)
+    Ok(CheckpointBody {
+        lsn: body.lsn,
+        collections: body.collections,
+        edge_caches: body.edge_caches,
+        cluster: None,
+    })
 }
 
-/// Version 3: `count` chunks filling `body_len` bytes exactly.
+/// Versions 3 and 4: `count` chunks filling `body_len` bytes exactly (a cluster cut, in
+/// version 4 only, last).
 fn decode_chunks(
     input: &mut impl Read,
     body_len: u64,
     count: u64,
     lsn: u64,
+    version: u32,
 ) -> Result<CheckpointBody, ReadError> {
     let mut body = CheckpointBody {
         lsn,
@@ -385,7 +453,7 @@ fn decode_chunks(
             rkyv::from_bytes::<Chunk, rancor::Error>(&aligned).map_err(DecodeError::Archive)?;
         match decoded {
             Chunk::Collection(h) => {
-                if owed != 0 || !body.edge_caches.is_empty() {
+                if owed != 0 || !body.edge_caches.is_empty() || body.cluster.is_some() {
                     return Err(DecodeError::ChunkOrder {
                         chunk,
                         kind: "a collection",
@@ -431,7 +499,7 @@ fn decode_chunks(
                 c.payloads.extend(payloads);
             }
             Chunk::EdgeCache(e) => {
-                if owed != 0 {
+                if owed != 0 || body.cluster.is_some() {
                     return Err(DecodeError::ChunkOrder {
                         chunk,
                         kind: "an edge cache",
@@ -439,6 +507,16 @@ fn decode_chunks(
                     .into());
                 }
                 body.edge_caches.push(e);
+            }
+            Chunk::Cluster(cut) => {
+                if owed != 0 || body.cluster.is_some() || version == CHUNKED_VERSION {
+                    return Err(DecodeError::ChunkOrder {
+                        chunk,
+                        kind: "a cluster cut",
+                    }
+                    .into());
+                }
+                body.cluster = Some(cut);
             }
         }
     }
@@ -604,6 +682,38 @@ mod tests {
                     anchors: vec![(99, vec![7])],
                 },
             }],
+            cluster: None,
+        }
+    }
+
+    fn cut() -> ClusterCut {
+        ClusterCut {
+            catalog: 12,
+            shards: vec![
+                ShardPosition {
+                    collection: [2; 16],
+                    shard: 0,
+                    position: 40,
+                },
+                ShardPosition {
+                    collection: [2; 16],
+                    shard: 2,
+                    position: 7,
+                },
+            ],
+            names: vec![NameSequence {
+                name: "a".into(),
+                sequence: 3,
+            }],
+            caches: vec![CacheSequence {
+                edge: "edge-a".into(),
+                collection: [2; 16],
+                sequence: 11,
+            }],
+            layouts: vec![Layout {
+                collection: [2; 16],
+                shards: 3,
+            }],
         }
     }
 
@@ -622,6 +732,14 @@ mod tests {
     fn round_trips_and_refuses_damage() {
         let bytes = encode(&body(), CHUNK_BYTES).unwrap();
         assert_eq!(decode(&bytes).unwrap(), body());
+        let clustered = CheckpointBody {
+            cluster: Some(cut()),
+            ..body()
+        };
+        assert_eq!(
+            decode(&encode(&clustered, CHUNK_BYTES).unwrap()).unwrap(),
+            clustered
+        );
         for at in [
             0,
             9,
@@ -650,6 +768,7 @@ mod tests {
             lsn: 9,
             collections: vec![collection("big", 1_000, 16), collection("small", 3, 16)],
             edge_caches: body().edge_caches,
+            cluster: Some(cut()),
         };
         let chunk_bytes = 4 << 10;
         let bytes = encode(&body, chunk_bytes).unwrap();
@@ -678,6 +797,7 @@ mod tests {
             lsn: 1,
             collections: vec![huge],
             edge_caches: vec![],
+            cluster: None,
         };
         assert_eq!(decode(&encode(&body, chunk_bytes).unwrap()).unwrap(), body);
     }
@@ -716,11 +836,16 @@ mod tests {
                 points,
             })
         };
+        let cluster = Chunk::Cluster(cut());
         assert!(decode(&file(&[head(1), points.clone()])).is_ok());
+        assert!(decode(&file(&[head(1), points.clone(), cluster.clone()])).is_ok());
         for (chunks, at) in [
             (vec![points.clone()], 0),
             (vec![head(1), points.clone(), points.clone()], 2),
             (vec![head(2), points.clone(), head(0)], 2),
+            (vec![cluster.clone(), head(0)], 1),
+            (vec![head(1), cluster.clone(), points.clone()], 1),
+            (vec![cluster.clone(), cluster.clone()], 1),
         ] {
             match decode(&file(&chunks)) {
                 Err(ReadError::Decode(DecodeError::ChunkOrder { chunk, .. })) => {
@@ -750,9 +875,15 @@ mod tests {
             Some(r#"{"text":"point number 5"}"#)
         );
 
-        let archived = rkyv::to_bytes::<rancor::Error>(&body()).unwrap();
+        let b = body();
+        let archived = rkyv::to_bytes::<rancor::Error>(&SingleArchiveBody {
+            lsn: b.lsn,
+            collections: b.collections,
+            edge_caches: b.edge_caches,
+        })
+        .unwrap();
         let mut v2 = header(
-            PREVIOUS_VERSION,
+            SINGLE_ARCHIVE_VERSION,
             42,
             archived.len() as u64,
             xxh3_64(&archived),
@@ -764,10 +895,40 @@ mod tests {
         v1[..HEADER_LEN].copy_from_slice(&header(1, 42, archived.len() as u64, xxh3_64(&archived)));
         match decode(&v1) {
             Err(ReadError::Decode(e @ DecodeError::Version(1))) => {
-                assert!(e.to_string().contains("versions 2 and 3"), "{e}")
+                assert!(e.to_string().contains("versions 2 to 4"), "{e}")
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A version 3 file written by the previous release (`tests/fixtures/checkpoint-v3.tvck`:
+    /// the same six points, made by `tiervec-cloud serve` at 960f272) still loads; a version 3
+    /// file cannot carry a cluster cut.
+    #[test]
+    fn version_3_files_are_read() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-v3.tvck");
+        let old = read(&fixture).unwrap();
+        assert_eq!((old.lsn, old.cluster.clone()), (2, None));
+        let c = &old.collections[0];
+        assert_eq!((c.name.as_str(), c.dim, c.ids.len()), ("fixture", 4, 6));
+        assert_eq!(c.ids, (0..6).collect::<Vec<u64>>());
+        assert_eq!(
+            c.payloads[5].as_deref(),
+            Some(r#"{"text":"point number 5"}"#)
+        );
+
+        let clustered = CheckpointBody {
+            cluster: Some(cut()),
+            ..body()
+        };
+        let mut v3 = encode(&clustered, CHUNK_BYTES).unwrap();
+        let (len, count) = (
+            u64::from_le_bytes(v3[24..32].try_into().unwrap()),
+            u64::from_le_bytes(v3[32..40].try_into().unwrap()),
+        );
+        v3[..HEADER_LEN].copy_from_slice(&header(CHUNKED_VERSION, 42, len, count));
+        assert_refused(&v3, "a cluster cut in version 3");
     }
 
     #[test]

@@ -66,9 +66,6 @@ impl Embedded {
             }
         })?;
         start.seconds = started.elapsed().as_secs_f64();
-        metrics::gauge!("tiervec_recovery_seconds").set(start.seconds);
-        metrics::gauge!("tiervec_recovery_wal_records_replayed")
-            .set(start.wal.records_replayed as f64);
         Ok((
             Embedded {
                 dir: dir.to_owned(),
@@ -99,6 +96,7 @@ impl DurableLog for Embedded {
                 lsn,
                 collections: image.collections,
                 edge_caches: image.edge_caches,
+                cluster: None,
             },
             self.checkpoint_chunk_bytes,
         )?;

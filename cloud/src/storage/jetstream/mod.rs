@@ -30,6 +30,13 @@
 //! `Nats-Msg-Id`, and one that timed out is retried with the same id, so JetStream keeps a
 //! retried entry once.
 //!
+//! A node checkpoints locally ([`JetStreamLog::checkpoint`]): its collections and edge caches
+//! as of a cut — one position per stream, taken with every stream's apply lock held — in the
+//! same checkpoint file as the embedded store (`storage::checkpoint`, version 4). At start it
+//! loads its newest checkpoint and follows each stream from the position after the cut's; a
+//! stream that ends before that position, or starts after it, belongs to other NATS servers
+//! or was purged, and the node refuses to start rather than serve a state no stream holds.
+//!
 //! An append returns after JetStream's acknowledgement for every shard it touched (the
 //! stream's quorum holds the entry) *and* after this node applied it where this node holds the
 //! shard, so a write is visible on the node that acknowledged it; other replicas apply it when
@@ -38,6 +45,7 @@
 //! each entry once, in order.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -47,8 +55,13 @@ use futures::StreamExt;
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, error, info, warn};
 
+use super::checkpoint::{
+    self, CacheSequence, CheckpointBody, CheckpointError, ClusterCut, Layout, NameSequence,
+    ShardPosition,
+};
 use super::contract::{
-    Appended, Apply, Checkpointed, ClusterError, DurableLog, PeerHandler, Peers, StorageError,
+    Appended, Apply, Checkpointed, ClusterError, Cut, DurableLog, Image, PeerHandler, Peers,
+    StorageError,
 };
 use super::embedded::StartReport;
 use super::entry::{LogName, WalEntry};
@@ -103,6 +116,17 @@ struct Shared {
     catching_up: Mutex<()>,
     /// Direct QUIC to and from other nodes, when configured.
     peer: Option<peer::PeerEndpoint>,
+    /// Where this node's checkpoints live, and the most bytes of points in one chunk.
+    dir: PathBuf,
+    checkpoint_chunk_bytes: usize,
+    /// Bytes of entries applied since the last checkpoint's cut (what a restart replays).
+    applied_bytes: AtomicU64,
+    /// The number ordering the last checkpoint written or loaded; held while one is written.
+    last_checkpoint: Mutex<u64>,
+    /// Why this node's state no longer matches the streams (a stream behind or purged past
+    /// the position this node applied): it stops taking part until restarted on a state the
+    /// streams hold.
+    diverged: Mutex<Option<String>>,
 }
 
 /// How long a caller waiting on a position leaves it to the follower before also pulling the
@@ -282,8 +306,91 @@ impl Shared {
             }
         }
         self.replayed.fetch_add(1, Ordering::Relaxed);
+        self.applied_bytes
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         self.applied.lock().insert(log, position);
         self.advanced.notify_all();
+    }
+
+    /// Takes up from a checkpoint's cut: the positions applied, the sequences conditional
+    /// publishes expect, the collections' layouts (whose shards are observed from here on).
+    fn resume_from(self: &Arc<Self>, cut: &ClusterCut) {
+        let mut applied = self.applied.lock();
+        applied.insert(LogName::Catalog, cut.catalog);
+        for s in &cut.shards {
+            applied.insert(LogName::Shard(s.collection, s.shard), s.position);
+        }
+        drop(applied);
+        self.name_sequences
+            .lock()
+            .extend(cut.names.iter().map(|n| (n.name.clone(), n.sequence)));
+        self.cache_sequences.lock().extend(
+            cut.caches
+                .iter()
+                .map(|c| ((c.edge.clone(), c.collection), c.sequence)),
+        );
+        self.layouts
+            .lock()
+            .extend(cut.layouts.iter().map(|l| (l.collection, l.shards)));
+        for l in &cut.layouts {
+            for shard in 0..l.shards {
+                self.observe_shard((l.collection, shard));
+            }
+        }
+    }
+
+    /// The state and the positions it covers, taken together with every log's apply lock
+    /// held (and the map of them, so no log starts applying meanwhile); with the bytes
+    /// applied up to then.
+    fn cut(&self) -> (Image, ClusterCut, u64) {
+        let locks = self.applying.lock();
+        let held: Vec<Arc<Mutex<()>>> = locks.values().cloned().collect();
+        let _guards: Vec<_> = held.iter().map(|l| l.lock()).collect();
+        let bytes = self.applied_bytes.load(Ordering::Relaxed);
+        let image = self.state.image();
+        let applied = self.applied.lock();
+        let mut shards: Vec<ShardPosition> = applied
+            .iter()
+            .filter_map(|(log, &position)| match *log {
+                LogName::Shard(collection, shard) => Some(ShardPosition {
+                    collection,
+                    shard,
+                    position,
+                }),
+                LogName::Catalog | LogName::Embedded => None,
+            })
+            .collect();
+        shards.sort_by_key(|s| (s.collection, s.shard));
+        let cut = ClusterCut {
+            catalog: applied.get(&LogName::Catalog).copied().unwrap_or(0),
+            shards,
+            names: self
+                .name_sequences
+                .lock()
+                .iter()
+                .map(|(name, &sequence)| NameSequence {
+                    name: name.clone(),
+                    sequence,
+                })
+                .collect(),
+            caches: self
+                .cache_sequences
+                .lock()
+                .iter()
+                .map(|((edge, collection), &sequence)| CacheSequence {
+                    edge: edge.clone(),
+                    collection: *collection,
+                    sequence,
+                })
+                .collect(),
+            layouts: self
+                .layouts
+                .lock()
+                .iter()
+                .map(|(&collection, &shards)| Layout { collection, shards })
+                .collect(),
+        };
+        (image, cut, bytes)
     }
 
     /// Starts following a shard placed on this node (once; a node keeps every shard it
@@ -416,13 +523,29 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
         }
         return Ok(());
     };
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .clone();
+    let applied = shared.applied(log);
+    // A stream behind what this node applied is not the stream it applied (other NATS
+    // servers, or a stream deleted and made again); one starting past the next position was
+    // purged: the entries in between are nowhere.
+    if state.last_sequence < applied || (state.messages > 0 && state.first_sequence > applied + 1) {
+        let why = format!(
+            "stream {name} holds positions {}..={}, but this node applied it through {applied}: \
+             these NATS servers do not hold the entries its checkpoint follows on from; \
+             move the checkpoints out of the data directory to rebuild this node from the streams",
+            state.first_sequence, state.last_sequence
+        );
+        error!(stream = name, "{why}");
+        *shared.diverged.lock() = Some(why.clone());
+        return Err(why);
+    }
     if let LogName::Shard(id, s) = log {
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .state
-            .last_sequence;
+        let last = state.last_sequence;
         let mut followers = shared.followers.lock();
         let start = followers.entry((id, s)).or_insert(None);
         if start.is_none() {
@@ -467,15 +590,39 @@ fn tls_refused(e: &async_nats::ConnectError) -> bool {
 }
 
 impl JetStreamLog {
-    /// Connects to the cluster, creates the catalog stream if it does not exist, and applies
-    /// every stream to `state` up to the position it has now (a fresh node replays all; there
-    /// are no local checkpoints yet), then keeps following them.
+    /// Loads this node's newest checkpoint from `dir` into `state` (a fresh node has none),
+    /// connects to the cluster, creates the catalog stream if it does not exist, and applies
+    /// every stream to `state` from the checkpoint's cut up to the position it has now, then
+    /// keeps following them. Checkpoints are written in chunks of at most
+    /// `checkpoint_chunk_bytes` of points.
     pub fn open(
         config: &ClusterConfig,
+        dir: &Path,
         state: Arc<dyn Apply>,
+        checkpoint_chunk_bytes: usize,
     ) -> Result<(JetStreamLog, StartReport), StorageError> {
         let started = Instant::now();
         config.check()?;
+        let mut report = StartReport::default();
+        let cut = match checkpoint::load_latest(dir)? {
+            None => ClusterCut::default(),
+            Some((path, body)) => {
+                let Some(cut) = body.cluster else {
+                    return Err(ClusterError::Config(format!(
+                        "{} is a single-node checkpoint: a cluster node starts from an empty data directory or from its own checkpoints",
+                        path.display()
+                    ))
+                    .into());
+                };
+                info!(path = %path.display(), catalog = cut.catalog, shards = cut.shards.len(), "checkpoint loaded");
+                report.checkpoint = Some((path, body.lsn));
+                state.restore(Image {
+                    collections: body.collections,
+                    edge_caches: body.edge_caches,
+                });
+                cut
+            }
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tiervec-nats")
@@ -560,7 +707,13 @@ impl JetStreamLog {
                 replayed: AtomicU64::new(0),
                 catching_up: Mutex::new(()),
                 peer,
+                dir: dir.to_owned(),
+                checkpoint_chunk_bytes,
+                applied_bytes: AtomicU64::new(0),
+                last_checkpoint: Mutex::new(report.checkpoint.as_ref().map_or(0, |(_, l)| *l)),
+                diverged: Mutex::new(None),
             });
+            shared.resume_from(&cut);
             if let Some(endpoint) = &shared.peer {
                 let weak = Arc::downgrade(&shared);
                 endpoint.serve(Arc::new(move |body: &[u8]| {
@@ -595,6 +748,13 @@ impl JetStreamLog {
                 .map_err(|e| ClusterError::Connect(e.to_string()))?
                 .state
                 .last_sequence;
+            if last < cut.catalog {
+                return Err(ClusterError::Config(format!(
+                    "the catalog stream {catalog} ends at {last}, but this node's checkpoint covers it through {}: these NATS servers do not hold this cluster's streams (move the checkpoints out of {} to join them as a new node)",
+                    cut.catalog,
+                    dir.display()
+                )));
+            }
             tokio::spawn(follow(shared.clone(), LogName::Catalog, catalog));
             // Like the catalog stream: JetStream may be electing leaders (a server just back).
             loop {
@@ -639,6 +799,9 @@ impl JetStreamLog {
             if read && pending == 0 {
                 break;
             }
+            if let Some(why) = shared.diverged.lock().clone() {
+                return Err(ClusterError::Config(why).into());
+            }
             if Instant::now() > deadline {
                 return Err(ClusterError::Connect(format!(
                     "{pending} shards not caught up within {recovery:?}"
@@ -648,10 +811,7 @@ impl JetStreamLog {
             std::thread::sleep(Duration::from_millis(10));
         }
         let seconds = started.elapsed().as_secs_f64();
-        let mut report = StartReport {
-            seconds,
-            ..StartReport::default()
-        };
+        report.seconds = seconds;
         report.wal.records_replayed = shared.replayed.load(Ordering::Relaxed);
         info!(
             seconds,
@@ -1002,16 +1162,48 @@ impl DurableLog for JetStreamLog {
         Some(self)
     }
 
+    /// Writes this node's state as of a cut of its streams (see the module above) and removes
+    /// its older checkpoints.
     fn checkpoint(&self) -> Result<Checkpointed, StorageError> {
-        Err(ClusterError::Unsupported(
-            "a cluster node writes no checkpoints yet: it recovers by replaying the cluster's streams",
-        )
-        .into())
+        let started = Instant::now();
+        let shared = &self.shared;
+        let mut last = shared.last_checkpoint.lock();
+        let (image, cut, bytes) = shared.cut();
+        let covered = cut.catalog + cut.shards.iter().map(|s| s.position).sum::<u64>();
+        let lsn = covered.max(*last + 1);
+        let logs = std::iter::once((LogName::Catalog, cut.catalog))
+            .chain(
+                cut.shards
+                    .iter()
+                    .map(|s| (LogName::Shard(s.collection, s.shard), s.position)),
+            )
+            .collect();
+        let path = checkpoint::write(
+            &shared.dir,
+            &CheckpointBody {
+                lsn,
+                collections: image.collections,
+                edge_caches: image.edge_caches,
+                cluster: Some(cut),
+            },
+            shared.checkpoint_chunk_bytes,
+        )?;
+        *last = lsn;
+        shared.applied_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        checkpoint::remove_before(&shared.dir, lsn).map_err(|source| CheckpointError::Io {
+            path: shared.dir.clone(),
+            source,
+        })?;
+        info!(lsn, seconds = started.elapsed().as_secs_f64(), path = %path.display(), "checkpoint written");
+        Ok(Checkpointed {
+            path,
+            cut: Cut(logs),
+        })
     }
 
-    /// No local log grows, so no checkpoint is ever due.
+    /// Bytes of entries applied since the last checkpoint: what a restart would replay.
     fn bytes(&self) -> u64 {
-        0
+        self.shared.applied_bytes.load(Ordering::Relaxed)
     }
 
     fn flushes(&self) -> u64 {
@@ -1047,6 +1239,9 @@ impl DurableLog for JetStreamLog {
     }
 
     fn failure(&self) -> Option<String> {
+        if let Some(why) = self.shared.diverged.lock().clone() {
+            return Some(why);
+        }
         match self.shared.client.connection_state() {
             async_nats::connection::State::Connected => None,
             state => Some(format!("NATS connection {state}")),
@@ -1191,12 +1386,27 @@ mod tests {
             node: "a".into(),
             ..ClusterConfig::default()
         };
-        let (a, _) = JetStreamLog::open(&config, Arc::new(Applied::default())).unwrap();
+        for node in ["a", "b"] {
+            std::fs::create_dir(dir.path().join(node)).unwrap();
+        }
+        let (a, _) = JetStreamLog::open(
+            &config,
+            &dir.path().join("a"),
+            Arc::new(Applied::default()),
+            checkpoint::CHUNK_BYTES,
+        )
+        .unwrap();
         let config_b = ClusterConfig {
             node: "b".into(),
             ..config
         };
-        let (b, _) = JetStreamLog::open(&config_b, Arc::new(Applied::default())).unwrap();
+        let (b, _) = JetStreamLog::open(
+            &config_b,
+            &dir.path().join("b"),
+            Arc::new(Applied::default()),
+            checkpoint::CHUNK_BYTES,
+        )
+        .unwrap();
         let stale = b.expected_sequence(&step(1, 1));
         assert_eq!(stale, Some(0), "b has applied no step of this cache");
         let first = a.append(step(1, 1)).unwrap().position;
