@@ -27,7 +27,7 @@ use crate::fanout::{self, Answer, FanOutError};
 use crate::storage::{
     Appended, Apply, CheckpointError, Checkpointed, ClusterConfig, ClusterError, CollectionImage,
     DurableLog, EdgeCacheImage, Embedded, Image, JetStreamLog, MAX_SHARDS, StartReport,
-    StorageError, WalEntry, WalError,
+    StorageError, WalEntry, WalError, shard_of,
 };
 
 /// What the service needs to know: where its data lives and its limits (the `tiervec-cloud
@@ -389,6 +389,59 @@ impl Apply for Catalog {
         }
     }
 
+    fn shard_image(
+        &self,
+        collection: [u8; 16],
+        shards: u32,
+        shard: u32,
+    ) -> Option<CollectionImage> {
+        let c = self.by_id(collection)?;
+        let points = c.live_image_where(|id| shard_of(id, shards) == shard);
+        Some(collection_image(&c, points))
+    }
+
+    fn replace_shard(
+        &self,
+        image: &CollectionImage,
+        shards: u32,
+        shard: u32,
+        from: u64,
+        position: u64,
+    ) -> bool {
+        let Some(c) = self.by_id(image.id) else {
+            return false;
+        };
+        let dim = c.info.dim;
+        if image.dim as usize != dim
+            || image.vectors.len() != image.ids.len() * dim
+            || image.lsns.len() != image.ids.len()
+            || image.payloads.len() != image.ids.len()
+        {
+            // A snapshot that disagrees with its collection is never applied half.
+            tracing::error!(collection = %c.info.name, shard, "shard snapshot inconsistent with its collection refused");
+            return false;
+        }
+        let kept: HashSet<u64> = image.ids.iter().copied().collect();
+        let (gone, ..) =
+            c.live_image_where(|id| shard_of(id, shards) == shard && !kept.contains(&id));
+        c.apply_delete(position, &gone);
+        self.invalidate(image.id, &gone, position);
+        let mut changed = Vec::new();
+        for (i, (&id, &lsn)) in image.ids.iter().zip(&image.lsns).enumerate() {
+            c.apply_upsert(
+                lsn,
+                &[id],
+                &image.vectors[i * dim..(i + 1) * dim],
+                std::slice::from_ref(&image.payloads[i]),
+            );
+            if lsn > from {
+                changed.push(id);
+            }
+        }
+        self.invalidate(image.id, &changed, position);
+        true
+    }
+
     fn image(&self) -> Image {
         let edge_caches: Vec<EdgeCacheImage> = self
             .edge_caches
@@ -402,27 +455,32 @@ impl Apply for Catalog {
         let collections = self
             .all()
             .iter()
-            .map(|c| {
-                let (ids, lsns, vectors, payloads) = c.live_image();
-                CollectionImage {
-                    name: c.info.name.clone(),
-                    id: c.info.id.0,
-                    dim: c.info.dim as u32,
-                    metric: c.info.metric.code(),
-                    m: c.info.params.m as u32,
-                    ef_construction: c.info.params.ef_construction as u32,
-                    seed: c.info.params.seed,
-                    ids,
-                    lsns,
-                    vectors,
-                    payloads,
-                }
-            })
+            .map(|c| collection_image(c, c.live_image()))
             .collect();
         Image {
             collections,
             edge_caches,
         }
+    }
+}
+
+/// `c` as a checkpoint holds it, with `points` (ids, LSNs, vectors, payloads).
+fn collection_image(
+    c: &Collection,
+    (ids, lsns, vectors, payloads): (Vec<u64>, Vec<u64>, Vec<f32>, Vec<Option<String>>),
+) -> CollectionImage {
+    CollectionImage {
+        name: c.info.name.clone(),
+        id: c.info.id.0,
+        dim: c.info.dim as u32,
+        metric: c.info.metric.code(),
+        m: c.info.params.m as u32,
+        ef_construction: c.info.params.ef_construction as u32,
+        seed: c.info.params.seed,
+        ids,
+        lsns,
+        vectors,
+        payloads,
     }
 }
 

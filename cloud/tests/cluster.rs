@@ -1254,3 +1254,176 @@ async fn a_node_restarts_from_its_checkpoint_replaying_only_the_tail() {
         "the reason is not in the log: {log}"
     );
 }
+
+/// The first and last positions of stream `name` as a nats-server's monitor reports them.
+async fn stream_range(http: &reqwest::Client, monitor_port: u16, name: &str) -> Option<(u64, u64)> {
+    let jsz: Value = http
+        .get(format!("http://127.0.0.1:{monitor_port}/jsz?streams=true"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    jsz["account_details"]
+        .as_array()?
+        .iter()
+        .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+        .find(|s| s["name"].as_str().is_some_and(|n| n.starts_with(name)))
+        .and_then(|s| {
+            Some((
+                s["state"]["first_seq"].as_u64()?,
+                s["state"]["last_seq"].as_u64()?,
+            ))
+        })
+}
+
+/// Writes points `ids` one entry each at node `addr`, recording each acknowledged one.
+async fn write_each(
+    http: &reqwest::Client,
+    addr: &str,
+    ids: std::ops::Range<u64>,
+    family: u64,
+    acked: &mut BTreeMap<u64, Vec<f32>>,
+) {
+    for id in ids {
+        let v = family_vector(family, id, DIM);
+        let r = http
+            .put(format!("http://{addr}/v1/collections/c/points"))
+            .json(&json!({"points": [{"id": id, "vector": v}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        acked.insert(id, v);
+    }
+}
+
+/// Waits until node `addr` holds every point of `acked` as acknowledged and none of `gone`.
+async fn until_all_held(
+    http: &reqwest::Client,
+    addr: &str,
+    acked: &BTreeMap<u64, Vec<f32>>,
+    gone: &[u64],
+) {
+    for (id, v) in acked {
+        assert!(
+            until_held(http, addr, *id, Some(v), Duration::from_secs(30)).await,
+            "node {addr}: point {id} not as acknowledged"
+        );
+    }
+    for id in gone {
+        assert!(
+            until_held(http, addr, *id, None, Duration::from_secs(30)).await,
+            "node {addr}: deleted point {id} still there"
+        );
+    }
+}
+
+/// Shard snapshots in the object store let a stream be trimmed: with a snapshot every 20
+/// entries, the shard's stream is purged below the previous snapshot's position while writes
+/// go on. A node killed with its local checkpoint, back after the stream was trimmed past it,
+/// catches up from the snapshot plus the tail — deletes and a replaced vector made while it
+/// was away among them —, and so does a new node from an empty folder; each, left alone,
+/// answers every acknowledged write as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trimmed_stream_is_caught_up_from_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&dir.path().join("nats"), 3);
+    let urls = nats.urls();
+    let monitor = nats.servers[0].monitor_port;
+    let http = client();
+    let mut settings = QUICK_MEMBERSHIP.to_vec();
+    settings.extend(["cluster.snapshot_entries=20", "checkpoint_wal_bytes=1024"]);
+    let (mut node_a, a) = spawn_node_with(&dir.path().join("a"), &urls, &settings);
+    let (mut node_b, b) = spawn_node_with(&dir.path().join("b"), &urls, &settings);
+    wait_ready(&http, &a).await;
+    wait_ready(&http, &b).await;
+    let r = http
+        .post(format!("http://{a}/v1/collections"))
+        .json(&json!({"name": "c", "dim": DIM, "metric": "l2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+
+    let mut acked: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    write_each(&http, &a, 0..60, 1, &mut acked).await;
+    until_all_held(&http, &b, &acked, &[]).await;
+    let data_b = dir.path().join("b").join("data");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_dir(&data_b).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("checkpoint-")
+    }) {
+        assert!(Instant::now() < deadline, "node b wrote no checkpoint");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node_b.kill().unwrap();
+    // Node a alone: it becomes the shard's first placed node, and snapshots go on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    write_each(&http, &a, 60..130, 1, &mut acked).await;
+    let gone: Vec<u64> = (0..10).collect();
+    let r = http
+        .post(format!("http://{a}/v1/collections/c/points/delete"))
+        .json(&json!({"ids": gone}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for id in &gone {
+        acked.remove(id);
+    }
+    write_each(&http, &a, 15..16, 9, &mut acked).await;
+    // Trimmed past where node b stopped (its 60 entries and the create are far behind).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (first, last) = loop {
+        let range = stream_range(&http, monitor, "T_SHARD_").await;
+        if let Some((first, last)) = range
+            && first > 70
+        {
+            break (first, last);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shard's stream was not trimmed: {range:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("the shard's stream holds positions {first}..={last}");
+
+    // Node b back with its checkpoint, then alone.
+    let (_node_b, b) = spawn_node_with(&dir.path().join("b"), &urls, &settings);
+    wait_ready(&http, &b).await;
+    until_all_held(&http, &b, &acked, &gone).await;
+    node_a.kill().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for id in 0..130u64 {
+        assert_eq!(
+            point(&http, &b, id).await.as_ref(),
+            acked.get(&id),
+            "node b alone, point {id}"
+        );
+    }
+    let log = std::fs::read_to_string(dir.path().join("b").join("server.log")).unwrap();
+    assert!(log.contains("checkpoint loaded"), "{log}");
+    assert!(log.contains("shard caught up from its snapshot"), "{log}");
+
+    // A new node from an empty folder, then alone.
+    let (_node_c, c) = spawn_node_with(&dir.path().join("c"), &urls, &settings);
+    wait_ready(&http, &c).await;
+    until_all_held(&http, &c, &acked, &gone).await;
+    drop(_node_b);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for id in 0..130u64 {
+        assert_eq!(
+            point(&http, &c, id).await.as_ref(),
+            acked.get(&id),
+            "node c alone, point {id}"
+        );
+    }
+    let log = std::fs::read_to_string(dir.path().join("c").join("server.log")).unwrap();
+    assert!(log.contains("shard caught up from its snapshot"), "{log}");
+}

@@ -316,15 +316,27 @@ impl Collection {
 
     /// The live points (ids, LSNs, vectors, payloads) in slot order, for checkpoints.
     pub fn live_image(&self) -> (Vec<u64>, Vec<u64>, Vec<f32>, Vec<Option<String>>) {
+        self.live_image_where(|_| true)
+    }
+
+    /// The live points whose id `keep` takes, in slot order (a shard's, for its snapshot).
+    pub fn live_image_where(
+        &self,
+        keep: impl Fn(u64) -> bool,
+    ) -> (Vec<u64>, Vec<u64>, Vec<f32>, Vec<Option<String>>) {
         let p = self.points.read();
         let dim = self.info.dim;
+        let slots: Vec<usize> = (0..p.slots())
+            .filter(|&s| p.live[s] && keep(p.ids[s]))
+            .collect();
+        let n = slots.len();
         let mut out = (
-            Vec::with_capacity(p.live_count),
-            Vec::with_capacity(p.live_count),
-            Vec::with_capacity(p.live_count * dim),
-            Vec::with_capacity(p.live_count),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n * dim),
+            Vec::with_capacity(n),
         );
-        for slot in (0..p.slots()).filter(|&s| p.live[s]) {
+        for slot in slots {
             out.0.push(p.ids[slot]);
             out.1.push(p.lsns[slot]);
             out.2

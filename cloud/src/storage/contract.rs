@@ -85,6 +85,32 @@ pub trait Apply: Send + Sync {
     /// Hears a durable write of a shard this node does not hold: nothing is stored, but what
     /// the write changed is announced (edge caches this node serves may hold those ids).
     fn observe(&self, position: u64, entry: &WalEntry);
+    /// The live points of shard `shard` (of `shards`) of `collection`, for a snapshot of the
+    /// shard; `None` for a collection not held (by default: a state that holds no shards).
+    /// Called with the shard's log not applying.
+    fn shard_image(
+        &self,
+        _collection: [u8; 16],
+        _shards: u32,
+        _shard: u32,
+    ) -> Option<CollectionImage> {
+        None
+    }
+    /// Makes shard `shard` (of `shards`) of `image`'s collection what a snapshot of it at
+    /// `position` holds, this node having applied the shard through `from` (< `position`):
+    /// points of the shard not in `image` are deleted at `position`, those in it upserted at
+    /// their own positions, and every id that changed after `from` is announced. False (and
+    /// nothing done) when the collection is not held here.
+    fn replace_shard(
+        &self,
+        _image: &CollectionImage,
+        _shards: u32,
+        _shard: u32,
+        _from: u64,
+        _position: u64,
+    ) -> bool {
+        false
+    }
 }
 
 /// Where an appended entry became durable.

@@ -55,6 +55,11 @@ pub struct ClusterConfig {
     /// The cluster's certificates for it, as `tiervec-cloud certs --node NAME` lays them out:
     /// `ca.pem`, `nodes/<node>.pem`, `nodes/<node>.key`.
     pub peer_certs: Option<PathBuf>,
+    /// A shard's first placed node writes a snapshot of it to the `P_SNAPSHOTS` object store
+    /// every this many entries of its stream, and trims the stream below the previous one; a
+    /// replica behind the trimmed part catches up from the snapshot. 0: no snapshots, and
+    /// streams keep every entry.
+    pub snapshot_entries: u64,
 }
 
 impl Default for ClusterConfig {
@@ -77,6 +82,7 @@ impl Default for ClusterConfig {
             tls_key: None,
             peer_addr: None,
             peer_certs: None,
+            snapshot_entries: 100_000,
         }
     }
 }

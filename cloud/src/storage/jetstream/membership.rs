@@ -153,6 +153,15 @@ impl View {
             .collect()
     }
 
+    /// The nodes shard `key` is placed on, first first.
+    pub fn placed(&self, key: ShardKey) -> Vec<String> {
+        self.placement
+            .lock()
+            .get(&key)
+            .map(|(nodes, _)| nodes.clone())
+            .unwrap_or_default()
+    }
+
     /// Whether the placements the bucket held at start are known here.
     pub fn placement_read(&self) -> bool {
         self.placement_read
@@ -164,7 +173,7 @@ impl View {
     }
 }
 
-fn placement_key((id, shard): ShardKey) -> String {
+pub(super) fn placement_key((id, shard): ShardKey) -> String {
     format!("{}.{shard}", hex(&id))
 }
 

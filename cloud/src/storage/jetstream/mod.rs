@@ -44,7 +44,7 @@
 //! after the last one applied; it recreates itself after a gap or a lost server, so it applies
 //! each entry once, in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +70,7 @@ mod config;
 mod membership;
 pub mod peer;
 pub mod placement;
+mod snapshot;
 
 pub use config::ClusterConfig;
 use membership::{HEADER_ROOM, Member, RETRY_FIRST, hex, hex_bytes};
@@ -127,6 +128,14 @@ struct Shared {
     /// the position this node applied): it stops taking part until restarted on a state the
     /// streams hold.
     diverged: Mutex<Option<String>>,
+    /// The shard snapshots' buckets, once open.
+    snapshots: std::sync::OnceLock<snapshot::Snapshots>,
+    /// Per shard this node follows, the position of the snapshot in force as last seen.
+    snapshot_at: Mutex<HashMap<ShardKey, u64>>,
+    /// The shards whose snapshot this node is writing.
+    snapshotting: Mutex<HashSet<ShardKey>>,
+    /// The runtime the NATS client and the followers run on.
+    handle: tokio::runtime::Handle,
 }
 
 /// How long a caller waiting on a position leaves it to the follower before also pulling the
@@ -196,6 +205,17 @@ impl Shared {
         self.applied.lock().get(&log).copied().unwrap_or(0)
     }
 
+    /// Records `log` applied through `position` and wakes those waiting on it.
+    fn set_applied(&self, log: LogName, position: u64) {
+        self.applied.lock().insert(log, position);
+        self.advanced.notify_all();
+    }
+
+    /// The lock held while an entry of `log` is applied.
+    fn log_lock(&self, log: LogName) -> Arc<Mutex<()>> {
+        self.applying.lock().entry(log).or_default().clone()
+    }
+
     /// Waits until `log` is applied through `position`; false at `deadline`.
     fn wait_applied(&self, log: LogName, position: u64, deadline: Instant) -> bool {
         let mut applied = self.applied.lock();
@@ -263,7 +283,7 @@ impl Shared {
         body: &[u8],
         headers: Option<&async_nats::HeaderMap>,
     ) {
-        let lock = self.applying.lock().entry(log).or_default().clone();
+        let lock = self.log_lock(log);
         let _applying = lock.lock();
         if position <= self.applied(log) {
             return;
@@ -308,8 +328,34 @@ impl Shared {
         self.replayed.fetch_add(1, Ordering::Relaxed);
         self.applied_bytes
             .fetch_add(body.len() as u64, Ordering::Relaxed);
-        self.applied.lock().insert(log, position);
-        self.advanced.notify_all();
+        self.set_applied(log, position);
+        if let LogName::Shard(id, shard) = log {
+            self.snapshot_if_due((id, shard), position);
+        }
+    }
+
+    /// Starts writing a snapshot of shard `key` (applied through `position`) when this node is
+    /// its first placed node and `snapshot_entries` entries went by since the one in force.
+    fn snapshot_if_due(self: &Arc<Self>, key: ShardKey, position: u64) {
+        let every = self.config.snapshot_entries;
+        let last = self.snapshot_at.lock().get(&key).copied();
+        let due = every > 0 && last.is_some_and(|at| position >= at + every);
+        if !due
+            || self.membership.placed(key).first() != Some(&self.config.node)
+            || !self.snapshotting.lock().insert(key)
+        {
+            return;
+        }
+        let (shared, shards) = (self.clone(), self.shards(&key.0));
+        self.handle.spawn(async move {
+            if let Err(e) = snapshot::write(&shared, key, shards).await {
+                warn!(collection = %hex(&key.0), shard = key.1, error = %e, "shard snapshot not written; tried again after another interval");
+                let mut known = shared.snapshot_at.lock();
+                let known = known.entry(key).or_default();
+                *known = (*known).max(position);
+            }
+            shared.snapshotting.lock().remove(&key);
+        });
     }
 
     /// Takes up from a checkpoint's cut: the positions applied, the sequences conditional
@@ -533,7 +579,20 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
     // A stream behind what this node applied is not the stream it applied (other NATS
     // servers, or a stream deleted and made again); one starting past the next position was
     // purged: the entries in between are nowhere.
-    if state.last_sequence < applied || (state.messages > 0 && state.first_sequence > applied + 1) {
+    if let (LogName::Shard(id, s), Some(snapshots)) = (log, shared.snapshots.get()) {
+        let at = snapshots.position((id, s)).await?;
+        let mut known = shared.snapshot_at.lock();
+        let known = known.entry((id, s)).or_default();
+        *known = (*known).max(at);
+    }
+    if let LogName::Shard(id, s) = log
+        && state.first_sequence > applied + 1
+        && state.last_sequence >= applied
+    {
+        snapshot::restore(shared, (id, s), state.first_sequence - 1).await?;
+    }
+    let applied = shared.applied(log);
+    if state.last_sequence < applied || state.first_sequence > applied + 1 {
         let why = format!(
             "stream {name} holds positions {}..={}, but this node applied it through {applied}: \
              these NATS servers do not hold the entries its checkpoint follows on from; \
@@ -561,6 +620,14 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
         let message = message.map_err(|e| e.to_string())?;
         let info = message.info().map_err(|e| e.to_string())?;
         let (position, pending) = (info.stream_sequence, info.pending);
+        // Entries skipped: the stream was trimmed past this node meanwhile; starting again
+        // catches up from the snapshot.
+        if position > shared.applied(log) + 1 {
+            return Err(format!(
+                "{name} delivered {position} after {}: trimmed meanwhile",
+                shared.applied(log)
+            ));
+        }
         // Entries of this stream not yet delivered here: how far this replica trails.
         metrics::gauge!("tiervec_cluster_replica_lag_entries", "stream" => name.to_owned())
             .set(pending as f64);
@@ -712,6 +779,10 @@ impl JetStreamLog {
                 applied_bytes: AtomicU64::new(0),
                 last_checkpoint: Mutex::new(report.checkpoint.as_ref().map_or(0, |(_, l)| *l)),
                 diverged: Mutex::new(None),
+                snapshots: std::sync::OnceLock::new(),
+                snapshot_at: Mutex::new(HashMap::new()),
+                snapshotting: Mutex::new(HashSet::new()),
+                handle: tokio::runtime::Handle::current(),
             });
             shared.resume_from(&cut);
             if let Some(endpoint) = &shared.peer {
@@ -758,8 +829,15 @@ impl JetStreamLog {
             tokio::spawn(follow(shared.clone(), LogName::Catalog, catalog));
             // Like the catalog stream: JetStream may be electing leaders (a server just back).
             loop {
-                match membership::open_buckets(&*shared).await {
-                    Ok(()) => break,
+                let opened = match membership::open_buckets(&*shared).await {
+                    Ok(()) => snapshot::Snapshots::open(&shared).await,
+                    Err(e) => Err(e),
+                };
+                match opened {
+                    Ok(snapshots) => {
+                        let _ = shared.snapshots.set(snapshots);
+                        break;
+                    }
                     Err(e) if Instant::now() < deadline => {
                         debug!(error = %e, "membership buckets not ready");
                         tokio::time::sleep(Duration::from_millis(200)).await;
