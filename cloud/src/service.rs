@@ -400,6 +400,13 @@ impl Apply for Catalog {
         Some(collection_image(&c, points))
     }
 
+    fn forget_shard(&self, collection: [u8; 16], shards: u32, shard: u32) {
+        if let Some(c) = self.by_id(collection) {
+            let forgotten = c.forget_where(|id| shard_of(id, shards) == shard);
+            info!(collection = %c.info.name, shard, points = forgotten, "shard copy dropped: other nodes hold it");
+        }
+    }
+
     fn replace_shard(
         &self,
         image: &CollectionImage,

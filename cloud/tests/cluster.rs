@@ -696,7 +696,14 @@ async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing(
     };
     certs.ensure_ca().unwrap();
     let peer_certs = format!("cluster.peer_certs={:?}", certs.dir.to_str().unwrap());
-    let mut settings: Vec<&str> = QUICK_MEMBERSHIP.to_vec();
+    // A node dead after 4 s: the second kill comes while the first node's shards are still
+    // placed on it (the checks between the kills take a few seconds on a loaded machine, the
+    // first request to a killed node over QUIC waiting out `shard_timeout_ms`).
+    let mut settings = vec![
+        "cluster.heartbeat_ms=200",
+        "cluster.node_timeout_ms=4000",
+        "cluster.shard_timeout_ms=1000",
+    ];
     settings.extend(["cluster.peer_addr=\"127.0.0.1:0\"", peer_certs.as_str()]);
     let mut nodes = Vec::new();
     for name in ["n0", "n1", "n2"] {
@@ -1426,4 +1433,132 @@ async fn a_trimmed_stream_is_caught_up_from_its_snapshot() {
     }
     let log = std::fs::read_to_string(dir.path().join("c").join("server.log")).unwrap();
     assert!(log.contains("shard caught up from its snapshot"), "{log}");
+}
+
+/// The live points of collection `c` node `addr` holds itself, as its `/readyz` says.
+async fn points_held(http: &reqwest::Client, addr: &str) -> u64 {
+    let r: Value = http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["collections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "c")
+        .and_then(|c| c["points"].as_u64())
+        .unwrap_or(0)
+}
+
+/// One replica per shard: a node joining two takes its share of a 4-shard collection, and
+/// the node whose shard moved frees its copy once the new one holds it caught up — the points
+/// held over all nodes come back to the points written —, while every point stays readable
+/// and every search whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_takes_its_share_and_the_other_frees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(&dir.path().join("nats"), 3);
+    let urls = nats.urls();
+    let http = client();
+    let mut settings = QUICK_MEMBERSHIP.to_vec();
+    settings.push("cluster.replication=1");
+    let (_node_a, a) = spawn_node_with(&dir.path().join("a"), &urls, &settings);
+    let (_node_b, b) = spawn_node_with(&dir.path().join("b"), &urls, &settings);
+    wait_ready(&http, &a).await;
+    wait_ready(&http, &b).await;
+    let r = http
+        .post(format!("http://{a}/v1/collections"))
+        .json(&json!({"name": "c", "dim": DIM, "metric": "l2", "shards": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let mut acked: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    for batch in 0..10u64 {
+        let points: Vec<(u64, Vec<f32>)> = (batch * 20..batch * 20 + 20)
+            .map(|id| (id, family_vector(5, id, DIM)))
+            .collect();
+        let body: Vec<Value> = points
+            .iter()
+            .map(|(id, v)| json!({"id": id, "vector": v}))
+            .collect();
+        let r = http
+            .put(format!("http://{a}/v1/collections/c/points"))
+            .json(&json!({"points": body}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        acked.extend(points);
+    }
+    let total = acked.len() as u64;
+    let held_over = |nodes: Vec<String>| {
+        let http = http.clone();
+        async move {
+            let mut sum = 0;
+            for n in &nodes {
+                sum += points_held(&http, n).await;
+            }
+            sum
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held_over(vec![a.clone(), b.clone()]).await != total {
+        assert!(
+            Instant::now() < deadline,
+            "a and b do not hold one copy of each point"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (_node_c, c) = spawn_node_with(&dir.path().join("c"), &urls, &settings);
+    wait_ready(&http, &c).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let on_c = points_held(&http, &c).await;
+        let all = held_over(vec![a.clone(), b.clone(), c.clone()]).await;
+        if on_c > 0 && all == total {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "c holds {on_c} points, all nodes {all} of {total}: no share taken, or not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let released = ["a", "b"].iter().any(|n| {
+        std::fs::read_to_string(dir.path().join(n).join("server.log"))
+            .unwrap()
+            .contains("released a shard")
+    });
+    assert!(released, "neither a nor b says it released a shard");
+    for (id, v) in &acked {
+        for node in [&a, &b, &c] {
+            assert_eq!(
+                point(&http, node, *id).await.as_ref(),
+                Some(v),
+                "point {id} at {node}"
+            );
+        }
+    }
+    for node in [&a, &b, &c] {
+        let r: Value = http
+            .post(format!("http://{node}/v1/collections/c/search"))
+            .json(&json!({"vector": family_vector(5, 7, DIM), "k": 10, "exact": true}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["hits"][0]["id"], json!(7), "{r}");
+        assert!(
+            r["missing_shards"].as_array().is_none_or(|m| m.is_empty()),
+            "{r}"
+        );
+    }
 }

@@ -230,6 +230,24 @@ impl Collection {
         }
     }
 
+    /// Drops the live points whose id `gone` takes from this copy without remembering a
+    /// deletion (the points live on elsewhere: a shard placed on other nodes); returns how many.
+    pub fn forget_where(&self, gone: impl Fn(u64) -> bool) -> usize {
+        let mut p = self.points.write();
+        let slots: Vec<(u64, u32)> = p
+            .slot_of
+            .iter()
+            .filter(|(id, _)| gone(**id))
+            .map(|(&id, &slot)| (id, slot))
+            .collect();
+        for &(id, slot) in &slots {
+            p.tombstone(slot);
+            p.slot_of.remove(&id);
+            self.note_tombstone(slot);
+        }
+        slots.len()
+    }
+
     /// Deleted ids remembered with their deletion LSN.
     pub fn remembered_deletions(&self) -> usize {
         self.points.read().deleted_at.len()

@@ -96,6 +96,9 @@ pub trait Apply: Send + Sync {
     ) -> Option<CollectionImage> {
         None
     }
+    /// Drops this node's copy of shard `shard` (of `shards`) of `collection`, which other
+    /// nodes hold: no deletion is remembered or announced.
+    fn forget_shard(&self, _collection: [u8; 16], _shards: u32, _shard: u32) {}
     /// Makes shard `shard` (of `shards`) of `image`'s collection what a snapshot of it at
     /// `position` holds, this node having applied the shard through `from` (< `position`):
     /// points of the shard not in `image` are deleted at `position`, those in it upserted at

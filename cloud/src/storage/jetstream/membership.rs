@@ -51,6 +51,10 @@ pub(super) trait Member: Send + Sync + 'static {
     fn layouts(&self) -> Vec<([u8; 16], u32)>;
     /// Starts following a shard placed on this node (once).
     fn follow(self: Arc<Self>, key: ShardKey);
+    /// The shards this node holds a copy of.
+    fn held(&self) -> Vec<ShardKey>;
+    /// Stops following a shard and drops this node's copy of it.
+    fn release(self: &Arc<Self>, key: ShardKey);
     /// Answers another node's request; `None` while the service has not set its handler.
     fn handle(&self, body: &[u8]) -> Option<Vec<u8>>;
     /// This node's QUIC endpoint for other nodes, when `cluster.peer_addr` is set.
@@ -96,12 +100,26 @@ pub(super) struct View {
     buckets: std::sync::OnceLock<(kv::Store, kv::Store)>,
     /// Whether the placement watcher has read every placement the bucket held when it began.
     placement_read: std::sync::atomic::AtomicBool,
+    /// Nodes whose QUIC request failed, and when: asked over NATS until a heartbeat of theirs
+    /// arrives later (NATS answers at once for a node that is gone, where QUIC waits).
+    suspects: Mutex<HashMap<String, Instant>>,
 }
 
 impl View {
-    /// Where `node` takes requests over QUIC, as its last heartbeat said.
+    /// Where `node` takes requests over QUIC, as its last heartbeat said; none while the node
+    /// is suspected (see [`View::suspect`]).
     pub fn peer_addr(&self, node: &str) -> Option<SocketAddr> {
-        self.nodes.lock().get(node).and_then(|(beat, _)| beat.peer)
+        let suspected = self.suspects.lock().get(node).copied();
+        self.nodes
+            .lock()
+            .get(node)
+            .filter(|(_, heard)| suspected.is_none_or(|at| *heard > at))
+            .and_then(|(beat, _)| beat.peer)
+    }
+
+    /// Marks `node` suspected: its QUIC request failed.
+    pub fn suspect(&self, node: &str) {
+        self.suspects.lock().insert(node.to_owned(), Instant::now());
     }
 
     /// The nodes heard from within `timeout`, by name.
@@ -151,6 +169,14 @@ impl View {
                 (!shards.is_empty()).then_some((n, shards))
             })
             .collect()
+    }
+
+    /// Whether `node` was heard from within `timeout` announcing shard `key` caught up.
+    pub fn ready_on(&self, node: &str, (id, shard): ShardKey, timeout: Duration) -> bool {
+        let id = hex(&id);
+        self.nodes.lock().get(node).is_some_and(|(beat, at)| {
+            at.elapsed() < timeout && beat.ready.iter().any(|(c, s)| *c == id && *s == shard)
+        })
     }
 
     /// The nodes shard `key` is placed on, first first.
@@ -327,12 +353,33 @@ async fn heartbeat<S: Member>(shared: Arc<S>) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_millis(shared.config().node_timeout_ms);
+        release_moved(&shared, timeout);
         let live = shared.view().live(timeout);
         if live.first() == Some(&shared.config().node) {
             for (id, shards) in shared.layouts() {
                 place_collection(&shared, id, shards, &live).await;
             }
             forget_dropped(&*shared).await;
+        }
+    }
+}
+
+/// Releases the shards this node holds that are placed elsewhere now, once every node they
+/// are placed on announces them caught up: a joining node takes its share, and the node it
+/// took it from frees the memory (before that, both answer for it); a node back with a
+/// checkpoint frees the shards placed elsewhere while it was away.
+fn release_moved<S: Member>(shared: &Arc<S>, timeout: Duration) {
+    let me = &shared.config().node;
+    for key in shared.held() {
+        let placed = shared.view().placed(key);
+        if placed.is_empty() || placed.contains(me) {
+            continue;
+        }
+        if placed
+            .iter()
+            .all(|node| shared.view().ready_on(node, key, timeout))
+        {
+            shared.release(key);
         }
     }
 }
@@ -503,11 +550,16 @@ pub(super) async fn ask(
                     .increment(1);
                 return Ok(answer);
             }
-            // The link failed, or the node refused: NATS while time is left.
+            // The link failed, or the node refused: NATS while time is left, and for the
+            // node's next requests until it is heard from again.
             Err(e) if Instant::now() < deadline => {
+                shared.view().suspect(node);
                 debug!(node, error = %e, "QUIC to the node failed; asking over NATS");
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                shared.view().suspect(node);
+                return Err(e);
+            }
         }
     }
     metrics::counter!("tiervec_cluster_peer_requests_total", "path" => "nats").increment(1);

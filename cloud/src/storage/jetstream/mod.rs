@@ -136,6 +136,10 @@ struct Shared {
     snapshotting: Mutex<HashSet<ShardKey>>,
     /// The runtime the NATS client and the followers run on.
     handle: tokio::runtime::Handle,
+    /// The follower task of each shard followed, to stop it when the shard is released.
+    follower_tasks: Mutex<HashMap<ShardKey, tokio::task::AbortHandle>>,
+    /// The shards released whose copy is not dropped yet.
+    releasing: Mutex<HashSet<ShardKey>>,
 }
 
 /// How long a caller waiting on a position leaves it to the follower before also pulling the
@@ -211,6 +215,57 @@ impl Shared {
         self.advanced.notify_all();
     }
 
+    /// Whether this node applies `log`: the catalog, and the shards it follows.
+    fn holds(&self, log: LogName) -> bool {
+        match log {
+            LogName::Shard(id, s) => self.followers.lock().contains_key(&(id, s)),
+            LogName::Catalog => true,
+            LogName::Embedded => false,
+        }
+    }
+
+    /// The shards this node holds a copy of: those it follows, and those its checkpoint
+    /// brought that are not placed here any more.
+    fn held(&self) -> Vec<ShardKey> {
+        let mut keys: HashSet<ShardKey> = self.followers.lock().keys().copied().collect();
+        keys.extend(self.applied.lock().keys().filter_map(|log| match *log {
+            LogName::Shard(id, s) => Some((id, s)),
+            LogName::Catalog | LogName::Embedded => None,
+        }));
+        keys.into_iter().collect()
+    }
+
+    /// Stops following shard `key`, which the nodes it is placed on hold caught up (its
+    /// writes are heard by its observer from here on), and after `shard_timeout_ms` — the
+    /// requests that found it held here have been answered — drops this node's copy of it,
+    /// unless it was placed here again meanwhile.
+    fn release(self: &Arc<Self>, key: ShardKey) {
+        let log = LogName::Shard(key.0, key.1);
+        if !self.releasing.lock().insert(key) {
+            return;
+        }
+        self.followers.lock().remove(&key);
+        if let Some(task) = self.follower_tasks.lock().remove(&key) {
+            task.abort();
+        }
+        info!(collection = %hex(&key.0), shard = key.1, "released a shard the nodes it is placed on hold");
+        let shared = self.clone();
+        let grace = Duration::from_millis(self.config.shard_timeout_ms);
+        self.handle.spawn(async move {
+            tokio::time::sleep(grace).await;
+            let lock = shared.log_lock(log);
+            let _applying = lock.lock();
+            if !shared.holds(log) {
+                shared
+                    .state
+                    .forget_shard(key.0, shared.shards(&key.0), key.1);
+                shared.applied.lock().remove(&log);
+                shared.snapshot_at.lock().remove(&key);
+            }
+            shared.releasing.lock().remove(&key);
+        });
+    }
+
     /// The lock held while an entry of `log` is applied.
     fn log_lock(&self, log: LogName) -> Arc<Mutex<()>> {
         self.applying.lock().entry(log).or_default().clone()
@@ -247,6 +302,9 @@ impl Shared {
             .await?
             .ok_or_else(|| format!("stream {name} is gone"))?;
         while self.applied(log) < position {
+            if !self.holds(log) {
+                return Err(format!("{name} is no longer followed here"));
+            }
             let next = self.applied(log) + 1;
             let message = stream
                 .get_raw_message(next)
@@ -285,7 +343,7 @@ impl Shared {
     ) {
         let lock = self.log_lock(log);
         let _applying = lock.lock();
-        if position <= self.applied(log) {
+        if position <= self.applied(log) || !self.holds(log) {
             return;
         }
         match WalEntry::decode(body) {
@@ -348,7 +406,7 @@ impl Shared {
         }
         let (shared, shards) = (self.clone(), self.shards(&key.0));
         self.handle.spawn(async move {
-            if let Err(e) = snapshot::write(&shared, key, shards).await {
+            if let Err(e) = write_snapshot(&shared, key, shards).await {
                 warn!(collection = %hex(&key.0), shard = key.1, error = %e, "shard snapshot not written; tried again after another interval");
                 let mut known = shared.snapshot_at.lock();
                 let known = known.entry(key).or_default();
@@ -450,10 +508,11 @@ impl Shared {
         drop(followers);
         info!(collection = %hex(&key.0), shard = key.1, "following a shard placed on this node");
         let shared = self.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let stream = shared.shard_stream(key);
             follow(shared, LogName::Shard(key.0, key.1), stream).await
         });
+        self.follower_tasks.lock().insert(key, task.abort_handle());
     }
 }
 
@@ -589,7 +648,7 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
         && state.first_sequence > applied + 1
         && state.last_sequence >= applied
     {
-        snapshot::restore(shared, (id, s), state.first_sequence - 1).await?;
+        restore_snapshot(shared, (id, s), state.first_sequence - 1).await?;
     }
     let applied = shared.applied(log);
     if state.last_sequence < applied || state.first_sequence > applied + 1 {
@@ -634,6 +693,129 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
         shared.apply(log, position, &message.payload, message.headers.as_ref());
     }
     Err("the consumer's messages ended".into())
+}
+
+/// Writes a snapshot of shard `key` (of a collection of `shards`) as this node applied it,
+/// makes it the one in force, and trims the stream below the position of the one it replaced
+/// (see `snapshot.rs`). Does nothing when the snapshot in force is as new.
+async fn write_snapshot(shared: &Arc<Shared>, key: ShardKey, shards: u32) -> Result<(), String> {
+    let snapshots = shared.snapshots.get().ok_or("no snapshot buckets")?;
+    let log = LogName::Shard(key.0, key.1);
+    let written = {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let folder = snapshot::scratch(&shared.dir, key)?;
+            let (position, image) = {
+                let lock = shared.log_lock(log);
+                let _applying = lock.lock();
+                let position = shared.applied(log);
+                match shared.state.shard_image(key.0, shards, key.1) {
+                    Some(image) => (position, image),
+                    None => return Ok(None),
+                }
+            };
+            let points = image.ids.len() as u64;
+            let file = snapshot::write_file(
+                &folder,
+                key,
+                shards,
+                position,
+                image,
+                shared.checkpoint_chunk_bytes,
+            )?;
+            Ok::<_, String>(Some((file, position, points)))
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+    let Some((file, position, points)) = written else {
+        return Ok(());
+    };
+    let published = snapshots.publish(key, &file, position, points).await;
+    let _ = std::fs::remove_file(&file);
+    let at = match published? {
+        snapshot::Published::Stale(at) => at,
+        snapshot::Published::InForce { trim_below } => {
+            info!(collection = %hex(&key.0), shard = key.1, position, points, "shard snapshot written");
+            if trim_below > 0 {
+                trim(shared, key, trim_below).await?;
+            }
+            position
+        }
+    };
+    let mut known = shared.snapshot_at.lock();
+    let known = known.entry(key).or_default();
+    *known = (*known).max(at);
+    Ok(())
+}
+
+/// Purges the entries of shard `key`'s stream below position `below` (which is kept).
+async fn trim(shared: &Shared, key: ShardKey, below: u64) -> Result<(), String> {
+    let name = shared.shard_stream(key);
+    let Some(stream) = stream_if_present(shared, &name).await? else {
+        return Ok(());
+    };
+    let purged = stream
+        .purge()
+        .sequence(below)
+        .await
+        .map_err(|e| format!("trimming {name} below {below}: {e}"))?;
+    info!(
+        stream = name,
+        below,
+        entries = purged.purged,
+        "stream trimmed below a snapshot's position"
+    );
+    metrics::counter!("tiervec_cluster_entries_trimmed_total").increment(purged.purged);
+    Ok(())
+}
+
+/// Brings shard `key` up to the snapshot in force, which must hold every entry through
+/// `needed` (the stream's first position, less one): its points replace this node's copy of
+/// the shard. Err when no snapshot covers it, or when the collection is not known here yet
+/// (the follower tries again).
+async fn restore_snapshot(shared: &Arc<Shared>, key: ShardKey, needed: u64) -> Result<(), String> {
+    let snapshots = shared.snapshots.get().ok_or("no snapshot buckets")?;
+    let file = snapshot::scratch(&shared.dir, key)?.join("restore.tvck");
+    let pointer = snapshots.fetch(key, needed, &file).await?;
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let read = snapshot::read_file(&file, key, pointer.position);
+        let _ = std::fs::remove_file(&file);
+        let (image, shards) = read?;
+        let log = LogName::Shard(key.0, key.1);
+        let lock = shared.log_lock(log);
+        let _applying = lock.lock();
+        let from = shared.applied(log);
+        if !shared.holds(log) {
+            return Err(format!(
+                "shard {} is no longer followed here",
+                pointer.object
+            ));
+        }
+        if from < pointer.position {
+            if !shared
+                .state
+                .replace_shard(&image, shards, key.1, from, pointer.position)
+            {
+                return Err(format!(
+                    "the collection of snapshot {} is not known here yet",
+                    pointer.object
+                ));
+            }
+            shared.set_applied(log, pointer.position);
+            info!(
+                snapshot = pointer.object,
+                from,
+                position = pointer.position,
+                points = pointer.points,
+                "shard caught up from its snapshot"
+            );
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Whether connecting failed on TLS itself (a certificate missing, unknown or refused on either
@@ -783,6 +965,8 @@ impl JetStreamLog {
                 snapshot_at: Mutex::new(HashMap::new()),
                 snapshotting: Mutex::new(HashSet::new()),
                 handle: tokio::runtime::Handle::current(),
+                follower_tasks: Mutex::new(HashMap::new()),
+                releasing: Mutex::new(HashSet::new()),
             });
             shared.resume_from(&cut);
             if let Some(endpoint) = &shared.peer {
@@ -830,7 +1014,7 @@ impl JetStreamLog {
             // Like the catalog stream: JetStream may be electing leaders (a server just back).
             loop {
                 let opened = match membership::open_buckets(&*shared).await {
-                    Ok(()) => snapshot::Snapshots::open(&shared).await,
+                    Ok(()) => snapshot::Snapshots::open(&shared.js, &shared.config).await,
                     Err(e) => Err(e),
                 };
                 match opened {
@@ -1114,12 +1298,7 @@ impl JetStreamLog {
         if shared.wait_applied(log, position, grace) {
             return true;
         }
-        let followed = match log {
-            LogName::Shard(id, s) => shared.followers.lock().contains_key(&(id, s)),
-            LogName::Catalog => true,
-            LogName::Embedded => false,
-        };
-        if followed {
+        if shared.holds(log) {
             let puller = shared.clone();
             self.runtime().spawn(async move {
                 let pulled = puller.pull_through(log, position);
@@ -1354,6 +1533,14 @@ impl Member for Shared {
 
     fn follow(self: Arc<Self>, key: ShardKey) {
         self.follow_shard(key);
+    }
+
+    fn held(&self) -> Vec<ShardKey> {
+        Shared::held(self)
+    }
+
+    fn release(self: &Arc<Self>, key: ShardKey) {
+        Shared::release(self, key);
     }
 
     fn handle(&self, body: &[u8]) -> Option<Vec<u8>> {

@@ -1,33 +1,27 @@
-//! Snapshots of shards in the JetStream object store, and trimming the shard streams below
-//! them (docs/cluster.md, "Snapshots and trimming").
+//! Snapshots of shards in the JetStream object store (docs/cluster.md, "Snapshots and
+//! trimming"): the buckets, the pointer to the snapshot in force, and a snapshot's file. When
+//! to write one, trimming the stream and catching a replica up from one are the store's
+//! (`JetStreamLog`).
 //!
 //! * `P_SNAPSHOTS` (object store): object `<identity in hex>.<shard>.<position>`, a checkpoint
 //!   file (`storage::checkpoint`, version 4) holding the shard's live points as of `position`
-//!   and a cut naming that position;
+//!   and a cut naming that position and the collection's shard count;
 //! * `P_SNAPSHOT_AT` (KV bucket): per shard (`<identity in hex>.<shard>`), the snapshot in
 //!   force ([`Pointer`]), moved forward only, with compare-and-set.
-//!
-//! A shard's first placed node writes a snapshot every `cluster.snapshot_entries` entries of
-//! its stream; once the pointer names it, the stream is purged below the position of the
-//! snapshot before it. A replica trailing by less than one interval follows on from the
-//! stream; one further behind (a node back after long, a new replica) finds the stream
-//! starting after the next position it needs, loads the snapshot in force and follows on
-//! from its position. So the stream is trimmed only below a snapshot that exists, and no
-//! entry a replica needs is ever only in a trimmed part.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use async_nats::jetstream::{kv, object_store};
+use async_nats::jetstream::{self, kv, object_store};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::warn;
 
+use super::config::ClusterConfig;
 use super::membership::{hex, placement_key};
 use super::placement::ShardKey;
-use super::{Shared, stream_if_present};
-use crate::storage::checkpoint::{self, CheckpointBody, ClusterCut, Layout, ShardPosition};
+use crate::storage::checkpoint::{
+    self, CheckpointBody, ClusterCut, CollectionImage, Layout, ShardPosition,
+};
 use crate::storage::contract::ClusterError;
-use crate::storage::entry::LogName;
 
 /// The two buckets.
 pub(super) struct Snapshots {
@@ -37,38 +31,46 @@ pub(super) struct Snapshots {
 
 /// The snapshot in force for one shard.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Pointer {
-    object: String,
+pub(super) struct Pointer {
+    pub object: String,
     /// The shard's stream position the snapshot holds every entry through.
-    position: u64,
-    points: u64,
+    pub position: u64,
+    pub points: u64,
     /// The position of the snapshot in force before it (0: none): the stream is kept from
     /// there on.
-    previous: u64,
+    pub previous: u64,
+}
+
+/// What publishing a snapshot did.
+pub(super) enum Published {
+    /// The pointer names it now; the stream may be trimmed below `trim_below` (0: not yet).
+    InForce { trim_below: u64 },
+    /// The snapshot in force is as new (at this position).
+    Stale(u64),
 }
 
 impl Snapshots {
     /// Creates (or opens) the buckets.
-    pub(super) async fn open(shared: &Shared) -> Result<Snapshots, ClusterError> {
-        let p = &shared.config.prefix;
-        let replicas = shared.config.stream_replicas();
-        let objects = shared
-            .js
+    pub(super) async fn open(
+        js: &jetstream::Context,
+        config: &ClusterConfig,
+    ) -> Result<Snapshots, ClusterError> {
+        let p = &config.prefix;
+        let objects = js
             .create_object_store(object_store::Config {
                 bucket: format!("{p}_SNAPSHOTS"),
-                storage: async_nats::jetstream::stream::StorageType::File,
-                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: config.stream_replicas(),
                 ..Default::default()
             })
             .await
             .map_err(|e| ClusterError::Connect(format!("object store {p}_SNAPSHOTS: {e}")))?;
-        let pointers = shared
-            .js
+        let pointers = js
             .create_key_value(kv::Config {
                 bucket: format!("{p}_SNAPSHOT_AT"),
                 history: 1,
-                storage: async_nats::jetstream::stream::StorageType::File,
-                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: config.stream_replicas(),
                 ..Default::default()
             })
             .await
@@ -98,45 +100,118 @@ impl Snapshots {
     pub(super) async fn position(&self, key: ShardKey) -> Result<u64, String> {
         Ok(self.pointer(key).await?.map_or(0, |(p, _)| p.position))
     }
-}
 
-/// A file of this node's snapshot folder, for one shard.
-fn scratch(shared: &Shared, key: ShardKey, what: &str) -> Result<PathBuf, String> {
-    let dir = shared.dir.join("snapshots");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(dir.join(format!("{what}-{}-{}", hex(&key.0), key.1)))
-}
-
-/// Writes a snapshot of shard `key` (of a collection of `shards`) as this node applied it,
-/// moves the pointer to it, deletes the snapshot it replaces and trims the stream below that
-/// one's position. Does nothing when the snapshot in force is as new.
-pub(super) async fn write(shared: &Arc<Shared>, key: ShardKey, shards: u32) -> Result<(), String> {
-    let snapshots = shared.snapshots.get().ok_or("no snapshot buckets")?;
-    let log = LogName::Shard(key.0, key.1);
-    let taken = {
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let lock = shared.log_lock(log);
-            let _applying = lock.lock();
-            let position = shared.applied(log);
-            let image = shared.state.shard_image(key.0, shards, key.1)?;
-            Some((position, image))
+    /// Uploads `file`, a snapshot of `key` at `position` holding `points`, and moves the
+    /// pointer to it unless the one in force is as new; deletes the snapshot it replaces.
+    pub(super) async fn publish(
+        &self,
+        key: ShardKey,
+        file: &Path,
+        position: u64,
+        points: u64,
+    ) -> Result<Published, String> {
+        let current = self.pointer(key).await?;
+        if let Some((p, _)) = current.as_ref().filter(|(p, _)| p.position >= position) {
+            return Ok(Published::Stale(p.position));
+        }
+        let object = format!("{}.{}.{position}", hex(&key.0), key.1);
+        let mut reader = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        self.objects
+            .put(object.as_str(), &mut reader)
+            .await
+            .map_err(|e| format!("uploading snapshot {object}: {e}"))?;
+        let pointer = Pointer {
+            object: object.clone(),
+            position,
+            points,
+            previous: current.as_ref().map_or(0, |(p, _)| p.position),
+        };
+        let value = serde_json::to_vec(&pointer).expect("a pointer serialises");
+        let moved = match &current {
+            Some((_, revision)) => self
+                .pointers
+                .update(placement_key(key), value.into(), *revision)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => self
+                .pointers
+                .create(placement_key(key), value.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = moved {
+            // Another node moved the pointer meanwhile: its snapshot stands.
+            let _ = self.objects.delete(&object).await;
+            return Err(format!("snapshot pointer of {object} not moved: {e}"));
+        }
+        let Some((old, _)) = current else {
+            return Ok(Published::InForce { trim_below: 0 });
+        };
+        if let Err(e) = self.objects.delete(&old.object).await {
+            warn!(object = old.object, error = %e, "replaced shard snapshot not deleted");
+        }
+        Ok(Published::InForce {
+            trim_below: old.previous,
         })
-        .await
-        .map_err(|e| e.to_string())?
-    };
-    let Some((position, image)) = taken else {
-        return Ok(());
-    };
-    let current = snapshots.pointer(key).await?;
-    if let Some((p, _)) = current.as_ref().filter(|(p, _)| p.position >= position) {
-        let mut known = shared.snapshot_at.lock();
-        let known = known.entry(key).or_default();
-        *known = (*known).max(p.position);
-        return Ok(());
     }
-    let points = image.ids.len() as u64;
-    let folder = scratch(shared, key, "write")?;
+
+    /// Downloads the snapshot in force for `key` into `file`, if it holds every entry
+    /// through `needed`. Err when none does (the entries in between are nowhere).
+    pub(super) async fn fetch(
+        &self,
+        key: ShardKey,
+        needed: u64,
+        file: &Path,
+    ) -> Result<Pointer, String> {
+        let name = placement_key(key);
+        let Some((pointer, _)) = self.pointer(key).await? else {
+            return Err(format!(
+                "shard {name}'s stream was trimmed below position {needed} and no snapshot of it exists"
+            ));
+        };
+        if pointer.position < needed {
+            return Err(format!(
+                "shard {name}'s snapshot holds positions through {}, but its stream starts after {needed}",
+                pointer.position
+            ));
+        }
+        let mut object = self
+            .objects
+            .get(&pointer.object)
+            .await
+            .map_err(|e| format!("snapshot {}: {e}", pointer.object))?;
+        let mut out = tokio::fs::File::create(file)
+            .await
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        tokio::io::copy(&mut object, &mut out)
+            .await
+            .map_err(|e| format!("downloading snapshot {}: {e}", pointer.object))?;
+        Ok(pointer)
+    }
+}
+
+/// The folder, under a node's data folder `dir`, where shard `key`'s snapshot files are made.
+pub(super) fn scratch(dir: &Path, key: ShardKey) -> Result<PathBuf, String> {
+    let folder = dir
+        .join("snapshots")
+        .join(format!("{}-{}", hex(&key.0), key.1));
+    std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+    Ok(folder)
+}
+
+/// Writes `image`, shard `key` (of `shards`) at `position`, as a snapshot file in `folder`.
+pub(super) fn write_file(
+    folder: &Path,
+    key: ShardKey,
+    shards: u32,
+    position: u64,
+    image: CollectionImage,
+    chunk_bytes: usize,
+) -> Result<PathBuf, String> {
     let body = CheckpointBody {
         lsn: position,
         collections: vec![image],
@@ -154,174 +229,37 @@ pub(super) async fn write(shared: &Arc<Shared>, key: ShardKey, shards: u32) -> R
             ..ClusterCut::default()
         }),
     };
-    let chunk_bytes = shared.checkpoint_chunk_bytes;
-    let file = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&folder).map_err(|e| e.to_string())?;
-        checkpoint::write(&folder, &body, chunk_bytes).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())??;
-    let object = format!("{}.{}.{position}", hex(&key.0), key.1);
-    let uploaded = upload(snapshots, &object, &file).await;
-    let _ = std::fs::remove_file(&file);
-    uploaded?;
-    let previous = current.as_ref().map_or(0, |(p, _)| p.position);
-    let pointer = Pointer {
-        object: object.clone(),
-        position,
-        points,
-        previous,
-    };
-    let value = serde_json::to_vec(&pointer).expect("a pointer serialises");
-    let moved = match &current {
-        Some((_, revision)) => snapshots
-            .pointers
-            .update(placement_key(key), value.into(), *revision)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        None => snapshots
-            .pointers
-            .create(placement_key(key), value.into())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-    };
-    if let Err(e) = moved {
-        // Another node moved the pointer meanwhile: its snapshot stands.
-        let _ = snapshots.objects.delete(&object).await;
-        return Err(format!("snapshot pointer of {object} not moved: {e}"));
-    }
-    *shared.snapshot_at.lock().entry(key).or_default() = position;
-    info!(collection = %hex(&key.0), shard = key.1, position, points, "shard snapshot written");
-    if let Some((old, _)) = current {
-        if old.object != object
-            && let Err(e) = snapshots.objects.delete(&old.object).await
-        {
-            warn!(object = old.object, error = %e, "replaced shard snapshot not deleted");
-        }
-        if old.previous > 0 {
-            trim(shared, key, old.previous).await?;
-        }
-    }
-    Ok(())
+    checkpoint::write(folder, &body, chunk_bytes).map_err(|e| e.to_string())
 }
 
-/// Purges the entries of shard `key`'s stream below position `through` (which is kept).
-async fn trim(shared: &Shared, key: ShardKey, through: u64) -> Result<(), String> {
-    let name = shared.shard_stream(key);
-    let Some(stream) = stream_if_present(shared, &name).await? else {
-        return Ok(());
-    };
-    let purged = stream
-        .purge()
-        .sequence(through)
-        .await
-        .map_err(|e| format!("trimming {name} below {through}: {e}"))?;
-    info!(
-        stream = name,
-        below = through,
-        entries = purged.purged,
-        "stream trimmed below a snapshot's position"
-    );
-    metrics::counter!("tiervec_cluster_entries_trimmed_total").increment(purged.purged);
-    Ok(())
-}
-
-async fn upload(snapshots: &Snapshots, object: &str, file: &Path) -> Result<(), String> {
-    let mut reader = tokio::fs::File::open(file)
-        .await
-        .map_err(|e| format!("{}: {e}", file.display()))?;
-    snapshots
-        .objects
-        .put(object, &mut reader)
-        .await
-        .map_err(|e| format!("uploading snapshot {object}: {e}"))?;
-    Ok(())
-}
-
-/// Brings shard `key` up to the snapshot in force, whose position must reach `needed` (the
-/// stream's first position, less one). Err when no snapshot covers it (the entries in between
-/// are nowhere), or when the collection is not known here yet (the caller tries again).
-pub(super) async fn restore(
-    shared: &Arc<Shared>,
+/// Reads a snapshot file of shard `key` at `position`: its points and the collection's
+/// shard count; Err for a file that holds anything else.
+pub(super) fn read_file(
+    file: &Path,
     key: ShardKey,
-    needed: u64,
-) -> Result<(), String> {
-    let snapshots = shared.snapshots.get().ok_or("no snapshot buckets")?;
-    let name = format!("{}.{}", hex(&key.0), key.1);
-    let Some((pointer, _)) = snapshots.pointer(key).await? else {
-        return Err(format!(
-            "shard {name}'s stream was trimmed below position {needed} and no snapshot of it exists"
-        ));
-    };
-    if pointer.position < needed {
-        return Err(format!(
-            "shard {name}'s snapshot holds positions through {}, but its stream starts after {needed}",
-            pointer.position
-        ));
-    }
-    let file = scratch(shared, key, "restore")?;
-    let mut object = snapshots
-        .objects
-        .get(&pointer.object)
-        .await
-        .map_err(|e| format!("snapshot {}: {e}", pointer.object))?;
-    let mut out = tokio::fs::File::create(&file)
-        .await
-        .map_err(|e| format!("{}: {e}", file.display()))?;
-    tokio::io::copy(&mut object, &mut out)
-        .await
-        .map_err(|e| format!("downloading snapshot {}: {e}", pointer.object))?;
-    drop(out);
-    let shared = shared.clone();
-    tokio::task::spawn_blocking(move || {
-        let body = checkpoint::read(&file);
-        let _ = std::fs::remove_file(&file);
-        let body = body.map_err(|e| e.to_string())?;
-        let cut = body.cluster.unwrap_or_default();
-        let holds = cut
-            .shards
-            .first()
-            .map(|s| (s.collection, s.shard, s.position));
-        let layout = cut.layouts.first().map(|l| (l.collection, l.shards));
-        let (image, shards) = match (holds, layout, body.collections.as_slice()) {
-            (Some((c, s, p)), Some((l, shards)), [image])
-                if (c, s, p) == (key.0, key.1, pointer.position)
-                    && l == key.0
-                    && image.id == key.0 =>
-            {
-                (image, shards)
-            }
-            _ => {
-                return Err(format!(
-                    "snapshot {} does not hold shard {name} at {}",
-                    pointer.object, pointer.position
-                ));
-            }
-        };
-        let log = LogName::Shard(key.0, key.1);
-        let lock = shared.log_lock(log);
-        let _applying = lock.lock();
-        let from = shared.applied(log);
-        if from < pointer.position {
-            if !shared
-                .state
-                .replace_shard(image, shards, key.1, from, pointer.position)
-            {
-                return Err(format!("shard {name}'s collection is not known here yet"));
-            }
-            shared.set_applied(log, pointer.position);
-            info!(
-                shard = name,
-                from,
-                position = pointer.position,
-                points = pointer.points,
-                "shard caught up from its snapshot"
-            );
+    position: u64,
+) -> Result<(CollectionImage, u32), String> {
+    let body = checkpoint::read(file).map_err(|e| e.to_string())?;
+    let cut = body.cluster.unwrap_or_default();
+    let holds = cut
+        .shards
+        .first()
+        .map(|s| (s.collection, s.shard, s.position));
+    let layout = cut.layouts.first().map(|l| (l.collection, l.shards));
+    match (
+        holds,
+        layout,
+        <[CollectionImage; 1]>::try_from(body.collections),
+    ) {
+        (Some(h), Some((l, shards)), Ok([image]))
+            if h == (key.0, key.1, position) && l == key.0 && image.id == key.0 =>
+        {
+            Ok((image, shards))
         }
-        Ok(())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+        _ => Err(format!(
+            "snapshot file {} does not hold shard {} at {position}",
+            file.display(),
+            placement_key(key)
+        )),
+    }
 }
