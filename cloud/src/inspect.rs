@@ -5,8 +5,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
-use tiervec_shared::Metric;
 use tiervec_shared::log::{self as record_log, LogKind};
+use tiervec_shared::{CollectionId, Metric};
 
 use crate::storage::{checkpoint, wal};
 
@@ -57,6 +57,18 @@ pub fn report(dir: &Path, out: &mut impl Write) -> Result<(), InspectError> {
                         Metric::from_code(c.metric).map_or("?", Metric::name),
                         c.ids.len()
                     )?;
+                }
+                if let Some(cut) = &body.cluster {
+                    writeln!(out, "  cluster cut: catalog stream through {}", cut.catalog)?;
+                    for s in &cut.shards {
+                        writeln!(
+                            out,
+                            "  cluster cut: shard {} of collection {} through {}",
+                            s.shard,
+                            CollectionId(s.collection),
+                            s.position
+                        )?;
+                    }
                 }
             }
             Err(checkpoint::CheckpointError::Corrupt { source, .. }) => writeln!(

@@ -882,23 +882,16 @@ async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing(
         }
     }
     // The fan-out went over QUIC between the nodes, not NATS.
-    let mut over_quic = 0;
+    let mut over_quic = 0.0;
     for addr in &addrs {
-        let text = http
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        over_quic += text
-            .lines()
-            .filter_map(|l| l.strip_prefix("tiervec_cluster_peer_requests_total{path=\"quic\"} "))
-            .map(|n| n.trim().parse::<u64>().unwrap())
-            .sum::<u64>();
+        over_quic += metric(
+            &http,
+            addr,
+            "tiervec_cluster_peer_requests_total{path=\"quic\"}",
+        )
+        .await;
     }
-    assert!(over_quic > 0, "no request between nodes went over QUIC");
+    assert!(over_quic > 0.0, "no request between nodes went over QUIC");
 }
 
 /// An edge served by a node that holds only some shards (one replica per shard, three nodes)
@@ -1124,8 +1117,9 @@ async fn writes_at_every_node_go_on_across_nats_server_kills_and_restarts() {
     }
 }
 
-/// A gauge's value in node `addr`'s `/metrics`.
-async fn gauge(http: &reqwest::Client, addr: &str, name: &str) -> f64 {
+/// A metric's value in node `addr`'s `/metrics` (`name` with its labels, if any); 0 when
+/// absent (a counter never incremented).
+async fn metric(http: &reqwest::Client, addr: &str, name: &str) -> f64 {
     let text = http
         .get(format!("http://{addr}/metrics"))
         .send()
@@ -1135,8 +1129,8 @@ async fn gauge(http: &reqwest::Client, addr: &str, name: &str) -> f64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// A node checkpoints locally as its streams grow (a cut: one position per stream) and,
@@ -1154,32 +1148,9 @@ async fn a_node_restarts_from_its_checkpoint_replaying_only_the_tail() {
     let small_checkpoints = ["checkpoint_wal_bytes=4096"];
     let (mut node, a) = spawn_node_with(&node_dir, &urls, &small_checkpoints);
     wait_ready(&http, &a).await;
-    let r = http
-        .post(format!("http://{a}/v1/collections"))
-        .json(&json!({"name": "c", "dim": DIM, "metric": "l2", "shards": 2}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-
+    create_c(&http, &a, 2).await;
     let mut acked: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
-    for batch in 0..40u64 {
-        let points: Vec<(u64, Vec<f32>)> = (batch * 10..batch * 10 + 10)
-            .map(|id| (id, family_vector(3, id, DIM)))
-            .collect();
-        let body: Vec<Value> = points
-            .iter()
-            .map(|(id, v)| json!({"id": id, "vector": v}))
-            .collect();
-        let r = http
-            .put(format!("http://{a}/v1/collections/c/points"))
-            .json(&json!({"points": body}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-        acked.extend(points);
-    }
+    write_batches(&http, &a, 0..400, 10, 3, &mut acked).await;
     // The maintenance pass checkpoints once 4 KiB of entries are applied past the last cut.
     let data = node_dir.join("data");
     let checkpoints = || {
@@ -1198,31 +1169,14 @@ async fn a_node_restarts_from_its_checkpoint_replaying_only_the_tail() {
     // The tail, small enough that no checkpoint covers it: a delete on both shards, a vector
     // replaced.
     let deleted: Vec<u64> = (0..20).collect();
-    let r = http
-        .post(format!("http://{a}/v1/collections/c/points/delete"))
-        .json(&json!({"ids": deleted}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    for id in &deleted {
-        acked.remove(id);
-    }
-    let replaced = family_vector(9, 25, DIM);
-    let r = http
-        .put(format!("http://{a}/v1/collections/c/points"))
-        .json(&json!({"points": [{"id": 25, "vector": replaced}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    acked.insert(25, replaced);
+    delete_c(&http, &a, &deleted, &mut acked).await;
+    write_batches(&http, &a, 25..26, 1, 9, &mut acked).await;
     let written = 1 + 40 * 2 + 2 + 1;
 
     node.kill().unwrap();
     let (_node, a) = spawn_node_with(&node_dir, &urls, &small_checkpoints);
     wait_ready(&http, &a).await;
-    let replayed = gauge(&http, &a, "tiervec_recovery_wal_records_replayed").await;
+    let replayed = metric(&http, &a, "tiervec_recovery_wal_records_replayed").await;
     eprintln!("{replayed} of {written} entries replayed after the restart");
     assert!(
         (3.0..written as f64 / 2.0).contains(&replayed),
@@ -1285,24 +1239,64 @@ async fn stream_range(http: &reqwest::Client, monitor_port: u16, name: &str) -> 
         })
 }
 
-/// Writes points `ids` one entry each at node `addr`, recording each acknowledged one.
-async fn write_each(
+/// Creates collection `c` (`DIM`, l2) of `shards` shards at node `addr`.
+async fn create_c(http: &reqwest::Client, addr: &str, shards: u32) {
+    let r = http
+        .post(format!("http://{addr}/v1/collections"))
+        .json(&json!({"name": "c", "dim": DIM, "metric": "l2", "shards": shards}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+}
+
+/// Deletes points `ids` of collection `c` at node `addr`, forgetting them in `acked`.
+async fn delete_c(
+    http: &reqwest::Client,
+    addr: &str,
+    ids: &[u64],
+    acked: &mut BTreeMap<u64, Vec<f32>>,
+) {
+    let r = http
+        .post(format!("http://{addr}/v1/collections/c/points/delete"))
+        .json(&json!({ "ids": ids }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for id in ids {
+        acked.remove(id);
+    }
+}
+
+/// Writes points `ids` of collection `c` at node `addr`, `batch` per request (one entry per
+/// shard each), recording each acknowledged one.
+async fn write_batches(
     http: &reqwest::Client,
     addr: &str,
     ids: std::ops::Range<u64>,
+    batch: usize,
     family: u64,
     acked: &mut BTreeMap<u64, Vec<f32>>,
 ) {
-    for id in ids {
-        let v = family_vector(family, id, DIM);
+    let ids: Vec<u64> = ids.collect();
+    for chunk in ids.chunks(batch) {
+        let points: Vec<(u64, Vec<f32>)> = chunk
+            .iter()
+            .map(|&id| (id, family_vector(family, id, DIM)))
+            .collect();
+        let body: Vec<Value> = points
+            .iter()
+            .map(|(id, v)| json!({"id": id, "vector": v}))
+            .collect();
         let r = http
             .put(format!("http://{addr}/v1/collections/c/points"))
-            .json(&json!({"points": [{"id": id, "vector": v}]}))
+            .json(&json!({"points": body}))
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-        acked.insert(id, v);
+        acked.extend(points);
     }
 }
 
@@ -1342,20 +1336,13 @@ async fn a_trimmed_stream_is_caught_up_from_its_snapshot() {
     let http = client();
     let mut settings = QUICK_MEMBERSHIP.to_vec();
     settings.extend(["cluster.snapshot_entries=20", "checkpoint_wal_bytes=1024"]);
-    let (mut node_a, a) = spawn_node_with(&dir.path().join("a"), &urls, &settings);
+    let (node_a, a) = spawn_node_with(&dir.path().join("a"), &urls, &settings);
     let (mut node_b, b) = spawn_node_with(&dir.path().join("b"), &urls, &settings);
     wait_ready(&http, &a).await;
     wait_ready(&http, &b).await;
-    let r = http
-        .post(format!("http://{a}/v1/collections"))
-        .json(&json!({"name": "c", "dim": DIM, "metric": "l2"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-
+    create_c(&http, &a, 1).await;
     let mut acked: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
-    write_each(&http, &a, 0..60, 1, &mut acked).await;
+    write_batches(&http, &a, 0..60, 1, 1, &mut acked).await;
     until_all_held(&http, &b, &acked, &[]).await;
     let data_b = dir.path().join("b").join("data");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1371,19 +1358,10 @@ async fn a_trimmed_stream_is_caught_up_from_its_snapshot() {
     node_b.kill().unwrap();
     // Node a alone: it becomes the shard's first placed node, and snapshots go on.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    write_each(&http, &a, 60..130, 1, &mut acked).await;
+    write_batches(&http, &a, 60..130, 1, 1, &mut acked).await;
     let gone: Vec<u64> = (0..10).collect();
-    let r = http
-        .post(format!("http://{a}/v1/collections/c/points/delete"))
-        .json(&json!({"ids": gone}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    for id in &gone {
-        acked.remove(id);
-    }
-    write_each(&http, &a, 15..16, 9, &mut acked).await;
+    delete_c(&http, &a, &gone, &mut acked).await;
+    write_batches(&http, &a, 15..16, 1, 9, &mut acked).await;
     // Trimmed past where node b stopped (its 60 entries and the create are far behind).
     let deadline = Instant::now() + Duration::from_secs(20);
     let (first, last) = loop {
@@ -1402,36 +1380,41 @@ async fn a_trimmed_stream_is_caught_up_from_its_snapshot() {
     eprintln!("the shard's stream holds positions {first}..={last}");
 
     // Node b back with its checkpoint, then alone.
-    let (_node_b, b) = spawn_node_with(&dir.path().join("b"), &urls, &settings);
-    wait_ready(&http, &b).await;
-    until_all_held(&http, &b, &acked, &gone).await;
-    node_a.kill().unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for id in 0..130u64 {
-        assert_eq!(
-            point(&http, &b, id).await.as_ref(),
-            acked.get(&id),
-            "node b alone, point {id}"
-        );
-    }
-    let log = std::fs::read_to_string(dir.path().join("b").join("server.log")).unwrap();
+    let (node_b, b) = spawn_node_with(&dir.path().join("b"), &urls, &settings);
+    let b_log = dir.path().join("b").join("server.log");
+    caught_up_from_a_snapshot(&http, &b, &b_log, node_a, &acked, &gone).await;
+    let log = std::fs::read_to_string(&b_log).unwrap();
     assert!(log.contains("checkpoint loaded"), "{log}");
-    assert!(log.contains("shard caught up from its snapshot"), "{log}");
 
     // A new node from an empty folder, then alone.
     let (_node_c, c) = spawn_node_with(&dir.path().join("c"), &urls, &settings);
-    wait_ready(&http, &c).await;
-    until_all_held(&http, &c, &acked, &gone).await;
-    drop(_node_b);
+    let c_log = dir.path().join("c").join("server.log");
+    caught_up_from_a_snapshot(&http, &c, &c_log, node_b, &acked, &gone).await;
+}
+
+/// Node `addr` (logging to `log`) says it caught up from a snapshot and holds every point of
+/// `acked` as acknowledged and none of `gone`; once `other`, the only other node, is killed,
+/// it alone answers them so.
+async fn caught_up_from_a_snapshot(
+    http: &reqwest::Client,
+    addr: &str,
+    log: &Path,
+    mut other: ChildGuard,
+    acked: &BTreeMap<u64, Vec<f32>>,
+    gone: &[u64],
+) {
+    wait_ready(http, addr).await;
+    until_all_held(http, addr, acked, gone).await;
+    other.kill().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    for id in 0..130u64 {
+    for id in acked.keys().chain(gone) {
         assert_eq!(
-            point(&http, &c, id).await.as_ref(),
-            acked.get(&id),
-            "node c alone, point {id}"
+            point(http, addr, *id).await.as_ref(),
+            acked.get(id),
+            "node {addr} alone, point {id}"
         );
     }
-    let log = std::fs::read_to_string(dir.path().join("c").join("server.log")).unwrap();
+    let log = std::fs::read_to_string(log).unwrap();
     assert!(log.contains("shard caught up from its snapshot"), "{log}");
 }
 
@@ -1470,31 +1453,9 @@ async fn a_joining_node_takes_its_share_and_the_other_frees_it() {
     let (_node_b, b) = spawn_node_with(&dir.path().join("b"), &urls, &settings);
     wait_ready(&http, &a).await;
     wait_ready(&http, &b).await;
-    let r = http
-        .post(format!("http://{a}/v1/collections"))
-        .json(&json!({"name": "c", "dim": DIM, "metric": "l2", "shards": 4}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    create_c(&http, &a, 4).await;
     let mut acked: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
-    for batch in 0..10u64 {
-        let points: Vec<(u64, Vec<f32>)> = (batch * 20..batch * 20 + 20)
-            .map(|id| (id, family_vector(5, id, DIM)))
-            .collect();
-        let body: Vec<Value> = points
-            .iter()
-            .map(|(id, v)| json!({"id": id, "vector": v}))
-            .collect();
-        let r = http
-            .put(format!("http://{a}/v1/collections/c/points"))
-            .json(&json!({"points": body}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-        acked.extend(points);
-    }
+    write_batches(&http, &a, 0..200, 20, 5, &mut acked).await;
     let total = acked.len() as u64;
     let held_over = |nodes: Vec<String>| {
         let http = http.clone();

@@ -529,7 +529,7 @@ fn write_docs(docs: &Path, args: &ClusterArgs, r: &Report) -> anyhow::Result<()>
     }
     md.push_str(&format!(
         "\n- search p50 cluster ÷ single: {:.2}× (p99 {:.2}×): the collection has {} shards on {} of the nodes each; the searched node holds {} of them, \
-         answers those itself and asks another node for the rest (NATS request/reply), then merges\n\
+         answers those itself and asks another node for the rest ({}), then merges\n\
          - single-point write p50 cluster ÷ single: {:.2}×\n\
          - `cluster_visible_at_another_node`: after node 0 acknowledged a write, a search at node 1 naming its shard positions \
          (answered once node 1 applied it): how far behind another node sees a write, search included\n\
@@ -539,6 +539,7 @@ fn write_docs(docs: &Path, args: &ClusterArgs, r: &Report) -> anyhow::Result<()>
          **extrapolated** linearly from this run, not measured at a million\n",
         r.search_p50_ratio_cluster_to_single, r.search_p99_ratio_cluster_to_single, args.shards, args.replication,
         r.search_node_shards,
+        if args.peer_quic { "direct QUIC, mutual TLS" } else { "NATS request/reply" },
         r.write_p50_ratio_cluster_to_single,
         r.single_load_vectors_per_second, r.cluster_load_vectors_per_second, r.catch_up_vectors, r.catch_up_seconds,
         r.catch_up_seconds_per_million_extrapolated

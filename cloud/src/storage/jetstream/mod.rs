@@ -497,8 +497,7 @@ impl Shared {
         (image, cut, bytes)
     }
 
-    /// Starts following a shard placed on this node (once; a node keeps every shard it
-    /// followed until it restarts).
+    /// Starts following a shard placed on this node (once, until it is released).
     fn follow_shard(self: &Arc<Self>, key: ShardKey) {
         let mut followers = self.followers.lock();
         if followers.contains_key(&key) {
@@ -635,9 +634,6 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
         .state
         .clone();
     let applied = shared.applied(log);
-    // A stream behind what this node applied is not the stream it applied (other NATS
-    // servers, or a stream deleted and made again); one starting past the next position was
-    // purged: the entries in between are nowhere.
     if let (LogName::Shard(id, s), Some(snapshots)) = (log, shared.snapshots.get()) {
         let at = snapshots.position((id, s)).await?;
         let mut known = shared.snapshot_at.lock();
@@ -650,6 +646,9 @@ async fn follow_once(shared: &Arc<Shared>, log: LogName, name: &str) -> Result<(
     {
         restore_snapshot(shared, (id, s), state.first_sequence - 1).await?;
     }
+    // A stream behind what this node applied is not the stream it applied (other NATS
+    // servers, or a stream deleted and made again); one starting past the next position with
+    // no snapshot to take up from was purged: the entries in between are nowhere.
     let applied = shared.applied(log);
     if state.last_sequence < applied || state.first_sequence > applied + 1 {
         let why = format!(

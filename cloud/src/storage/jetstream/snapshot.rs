@@ -36,14 +36,12 @@ pub(super) struct Pointer {
     /// The shard's stream position the snapshot holds every entry through.
     pub position: u64,
     pub points: u64,
-    /// The position of the snapshot in force before it (0: none): the stream is kept from
-    /// there on.
-    pub previous: u64,
 }
 
 /// What publishing a snapshot did.
 pub(super) enum Published {
-    /// The pointer names it now; the stream may be trimmed below `trim_below` (0: not yet).
+    /// The pointer names it now; the stream may be trimmed below `trim_below`, the position
+    /// of the snapshot it replaced (0: none).
     InForce { trim_below: u64 },
     /// The snapshot in force is as new (at this position).
     Stale(u64),
@@ -126,7 +124,6 @@ impl Snapshots {
             object: object.clone(),
             position,
             points,
-            previous: current.as_ref().map_or(0, |(p, _)| p.position),
         };
         let value = serde_json::to_vec(&pointer).expect("a pointer serialises");
         let moved = match &current {
@@ -155,7 +152,7 @@ impl Snapshots {
             warn!(object = old.object, error = %e, "replaced shard snapshot not deleted");
         }
         Ok(Published::InForce {
-            trim_below: old.previous,
+            trim_below: old.position,
         })
     }
 
