@@ -114,6 +114,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     for name in &edge_names {
         certs.issue_edge(name)?;
     }
+    let mut settings = vec![
+        format!("cluster.replication={REPLICATION}"),
+        "cluster.heartbeat_ms=500".into(),
+        "cluster.node_timeout_ms=2000".into(),
+    ];
+    if args.peer_quic {
+        for i in 0..NODES {
+            certs.issue_node(&format!("node{i}"))?;
+        }
+        settings.extend([
+            "cluster.peer_addr=\"127.0.0.1:0\"".into(),
+            format!("cluster.peer_certs={:?}", certs.dir.to_string_lossy()),
+        ]);
+    }
     let quic: Vec<SocketAddr> = (0..NODES)
         .map(|_| Ok(format!("127.0.0.1:{}", procs::free_udp_port()?).parse()?))
         .collect::<anyhow::Result<_>>()?;
@@ -127,11 +141,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                     nats: &urls,
                     node: &format!("node{i}"),
                     quic_addr: quic[i],
-                    settings: vec![
-                        format!("cluster.replication={REPLICATION}"),
-                        "cluster.heartbeat_ms=500".into(),
-                        "cluster.node_timeout_ms=2000".into(),
-                    ],
+                    settings: settings.clone(),
                 },
             )
         })
@@ -374,6 +384,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "shards": SHARDS, "replication": REPLICATION,
             "nats_server": "Debian nats-server 2.9.10, 3 servers, JetStream file storage, streams R3",
             "membership": "heartbeat 500 ms, node timeout 2 s, edge idle timeout 3 s",
+            "between_nodes": if args.peer_quic { "direct QUIC, mutual TLS" } else { "NATS request/reply" },
             "edges_connect_to": "node 0, failing over to nodes 1 then 2",
             "kills": "node 0 SIGKILL at 1/3 of the trace, nats-server 0 SIGKILL at 1/2, both restarted at 2/3 (node 0 from an empty data folder)",
             "writer": "upserts of new ids (negated base vectors, far from every query) round-robin over the nodes, the next node on a refusal",
@@ -622,7 +633,7 @@ async fn chaos(
 fn write_docs(docs: &Path, args: &DemoArgs, r: &ClusterReport) -> anyhow::Result<()> {
     let md = format!(
         "## demo --cluster — the trace against three cloud nodes while one node and one nats-server die\n\n\
-         Command: `cargo run --release -p tiervec-testbed -- demo --cluster{} --json target/demo-cluster.json --docs docs`  \n\
+         Command: `cargo run --release -p tiervec-testbed -- demo --cluster{}{} --json target/demo-cluster.json --docs docs`  \n\
          Machine: {} ({} cpus), every process unpinned on the same cores. {} cloud nodes on three \
          nats-servers (Debian 2.9.10, streams R3), the collection in {SHARDS} shards × {REPLICATION} replicas; \
          {} edges whose cloud is node 0, failing over to nodes 1 and 2; {} requests; a writer at {:.0} writes/s. \
@@ -639,6 +650,7 @@ fn write_docs(docs: &Path, args: &DemoArgs, r: &ClusterReport) -> anyhow::Result
          | local / cloud fraction | {:.3} / {:.3} |\n\
          | degraded fraction outside / inside the kill windows | {:.4} / {:.4} |\n",
         if args.output.quick { " --quick" } else { "" },
+        if args.peer_quic { " --peer-quic" } else { "" },
         r.machine.cpu_model,
         r.machine.cpus,
         r.cloud_nodes,

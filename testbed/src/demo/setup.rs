@@ -86,6 +86,10 @@ pub struct DemoArgs {
     /// node and a nats-server during the trace (`demo::cluster`; needs `nats-server`).
     #[arg(long)]
     pub cluster: bool,
+    /// `--cluster`: requests between the cloud nodes over direct QUIC with mutual TLS
+    /// (`cluster.peer_addr`, node certificates) rather than NATS request/reply.
+    #[arg(long)]
+    pub peer_quic: bool,
     /// `--cluster`: upserts a second by the steady writer.
     #[arg(long, default_value_t = 20.0)]
     pub write_rate: f64,
