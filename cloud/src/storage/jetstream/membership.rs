@@ -179,6 +179,15 @@ impl View {
         })
     }
 
+    /// Whether `node` is the first of those shard `key` is placed on.
+    pub fn first_placed(&self, key: ShardKey, node: &str) -> bool {
+        self.placement
+            .lock()
+            .get(&key)
+            .and_then(|(nodes, _)| nodes.first())
+            .is_some_and(|first| first == node)
+    }
+
     /// The nodes shard `key` is placed on, first first.
     pub fn placed(&self, key: ShardKey) -> Vec<String> {
         self.placement

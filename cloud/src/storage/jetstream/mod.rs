@@ -399,7 +399,7 @@ impl Shared {
         let last = self.snapshot_at.lock().get(&key).copied();
         let due = every > 0 && last.is_some_and(|at| position >= at + every);
         if !due
-            || self.membership.placed(key).first() != Some(&self.config.node)
+            || !self.membership.first_placed(key, &self.config.node)
             || !self.snapshotting.lock().insert(key)
         {
             return;
