@@ -179,6 +179,18 @@ impl View {
         })
     }
 
+    /// Whether some live node has a shard placed on it that it does not announce caught up yet
+    /// (it is replaying that shard's stream).
+    pub fn catching_up(&self, timeout: Duration) -> bool {
+        let live = self.live(timeout);
+        let placement = self.placement.lock();
+        placement.iter().any(|(key, (placed, _))| {
+            placed
+                .iter()
+                .any(|node| live.contains(node) && !self.ready_on(node, *key, timeout))
+        })
+    }
+
     /// Whether `node` is the first of those shard `key` is placed on.
     pub fn first_placed(&self, key: ShardKey, node: &str) -> bool {
         self.placement
@@ -376,8 +388,13 @@ async fn heartbeat<S: Member>(shared: Arc<S>) -> Result<(), String> {
 /// Releases the shards this node holds that are placed elsewhere now, once every node they
 /// are placed on announces them caught up: a joining node takes its share, and the node it
 /// took it from frees the memory (before that, both answer for it); a node back with a
-/// checkpoint frees the shards placed elsewhere while it was away.
+/// checkpoint frees the shards placed elsewhere while it was away. Nothing is released while
+/// any node still catches up a shard: dropping a copy tombstones its points, and the graph
+/// rebuild that follows would take the cores that node replays on.
 fn release_moved<S: Member>(shared: &Arc<S>, timeout: Duration) {
+    if shared.view().catching_up(timeout) {
+        return;
+    }
     let me = &shared.config().node;
     for key in shared.held() {
         let placed = shared.view().placed(key);
@@ -604,5 +621,37 @@ mod tests {
         assert_eq!(parse_placement_key(&placement_key(key)), Some(key));
         assert_eq!(parse_placement_key("zz.1"), None);
         assert_eq!(parse_placement_key("abab.1"), None);
+    }
+
+    fn beat(view: &View, node: &str, ready: &[ShardKey]) {
+        let beat = Heartbeat {
+            node: node.to_owned(),
+            ready: ready.iter().map(|(c, s)| (hex(c), *s)).collect(),
+            peer: None,
+        };
+        view.nodes
+            .lock()
+            .insert(node.to_owned(), (beat, Instant::now()));
+    }
+
+    #[test]
+    fn a_live_node_without_a_placed_shard_ready_is_catching_up() {
+        let view = View::default();
+        let (a, b) = (([1; 16], 0), ([1; 16], 1));
+        view.placement
+            .lock()
+            .insert(a, (vec!["n0".into(), "n1".into()], 1));
+        view.placement
+            .lock()
+            .insert(b, (vec!["n1".into(), "n2".into()], 1));
+        let timeout = Duration::from_secs(5);
+        beat(&view, "n0", &[a]);
+        beat(&view, "n1", &[a, b]);
+        // n2 is not heard from: a dead node's placement is not a catch-up.
+        assert!(!view.catching_up(timeout));
+        beat(&view, "n2", &[]);
+        assert!(view.catching_up(timeout));
+        beat(&view, "n2", &[b]);
+        assert!(!view.catching_up(timeout));
     }
 }
