@@ -367,13 +367,21 @@ async fn heartbeat<S: Member>(shared: Arc<S>) -> Result<(), String> {
     let key = hex_bytes(shared.config().node.as_bytes());
     let mut ticks = tokio::time::interval(Duration::from_millis(shared.config().heartbeat_ms));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = Duration::from_millis(shared.config().node_timeout_ms);
+    // A failed put ends this task (it restarts): while the bucket could not be written, no
+    // node's heartbeat arrived, so who looks dead is only known again once heartbeats have
+    // flowed for a node timeout. Until then nothing is placed or released — a NATS server
+    // restarting would otherwise make every node place every shard on itself alone.
+    let beating_since = Instant::now();
     loop {
         ticks.tick().await;
         nodes
             .put(&key, announce(&*shared).into())
             .await
             .map_err(|e| e.to_string())?;
-        let timeout = Duration::from_millis(shared.config().node_timeout_ms);
+        if beating_since.elapsed() < timeout {
+            continue;
+        }
         release_moved(&shared, timeout);
         let live = shared.view().live(timeout);
         if live.first() == Some(&shared.config().node) {
