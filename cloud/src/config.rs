@@ -75,6 +75,10 @@ pub struct CloudConfig {
     /// Run as a node of a cluster whose logs are NATS JetStream streams
     /// (`storage/jetstream.rs`, `docs/cluster.md`); without it the embedded WAL holds them.
     pub cluster: Option<ClusterConfig>,
+    /// The embedding model's folder (a sentence-transformers BERT model: `config.json`,
+    /// `model.safetensors`, `tokenizer.json`), for texts in place of vectors (`text.rs`);
+    /// none: requests carry vectors only.
+    pub model_dir: Option<PathBuf>,
 }
 
 impl Default for CloudConfig {
@@ -102,6 +106,7 @@ impl Default for CloudConfig {
             http: HttpLimits::default(),
             quic: QuicLimits::default(),
             cluster: None,
+            model_dir: None,
         }
     }
 }

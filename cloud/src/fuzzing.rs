@@ -452,7 +452,8 @@ fn model_replay(
                 }
             }
         }
-        WalEntry::EdgeStep { .. } | WalEntry::EdgeReset { .. } => {}
+        // What the model compares is points; a collection's embedding model is not one.
+        WalEntry::EdgeStep { .. } | WalEntry::EdgeReset { .. } | WalEntry::SetModel { .. } => {}
     }
 }
 
@@ -680,7 +681,7 @@ impl HttpHarness {
         };
         let keys = Arc::new(crate::transport::http::KeyTable::new(&[]).expect("no keys"));
         let cell = Arc::new(OnceLock::new());
-        let state = crate::server::api_state(&config, keys, cell.clone());
+        let state = crate::server::api_state(&config, keys, cell.clone(), Default::default());
         let service = crate::service::Service::open(config).expect("the service opens");
         let _ = cell.set(Arc::new(service));
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -16,7 +16,8 @@
 //! * [`service`] — the [`service::Catalog`] of collections and edge-cache manifests, the write
 //!   path (validate → log → apply → acknowledge), recovery, checkpoints, and the maintenance
 //!   thread; configured by a plain [`service::ServiceConfig`] and given its exact engine.
-//!   [`hot`] keeps the heavy-hitter tables of what edges ask for.
+//!   [`hot`] keeps the heavy-hitter tables of what edges ask for; [`text`] embeds texts in
+//!   place of vectors (feature `embed`), only for collections that record the same model.
 //! * [`push`] — what the cloud pushes into edge caches: anchor tables, planning within each
 //!   cache's byte budget, certificates (exact balls), invalidations, whole-cache restores, and
 //!   the per-cache push task.
@@ -41,6 +42,7 @@ pub mod push;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod text;
 
 mod transport;
 

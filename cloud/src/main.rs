@@ -290,6 +290,7 @@ async fn load_over_api(
                     m: None,
                     ef_construction: None,
                     shards: None,
+                    model: None,
                 })
                 .await?;
         }

@@ -15,6 +15,7 @@ use crate::config::CloudConfig;
 use crate::hot::HotIds;
 use crate::push::PushHub;
 use crate::service::{Service, ServiceError};
+use crate::text::{TextError, Texts};
 use crate::transport::certs::CertDir;
 use crate::transport::http::{AppState, KeyError, KeyTable, RequestGate, router};
 use crate::transport::quic::{self, AccessList, QuicError};
@@ -35,6 +36,8 @@ pub enum ServerError {
     Keys(#[from] KeyError),
     #[error("the server stopped before binding its address")]
     NotBound,
+    #[error(transparent)]
+    Text(#[from] TextError),
 }
 
 /// The process-wide Prometheus recorder (installed once; later calls share it).
@@ -74,10 +77,12 @@ pub fn api_state(
     config: &CloudConfig,
     keys: Arc<KeyTable>,
     service: Arc<OnceLock<Arc<Service>>>,
+    texts: Arc<Texts>,
 ) -> AppState {
     AppState {
         service,
         keys,
+        texts,
         metrics: prometheus(),
         max_body_bytes: config.max_body_bytes,
         hot: Arc::new(HotIds::new(config.hot.clone())),
@@ -102,6 +107,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let keys = Arc::new(KeyTable::new(&config.api_keys)?);
+    // A model folder that holds no model stops the server before it listens.
+    let model_dir = config.model_dir.clone();
+    let texts = tokio::task::spawn_blocking(move || Texts::open(model_dir.as_deref())).await??;
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
     let addr = listener.local_addr()?;
     on_bound(addr);
@@ -109,7 +117,7 @@ pub async fn serve(
         tracing::warn!("no API keys configured: the API is open to anyone who can reach {addr}");
     }
     let cell: Arc<OnceLock<Arc<Service>>> = Arc::new(OnceLock::new());
-    let state = api_state(&config, keys, cell.clone());
+    let state = api_state(&config, keys, cell.clone(), Arc::new(texts));
     let scans = state.scans.clone();
     let hot = state.hot.clone();
     let push_config = config.push.clone();

@@ -18,7 +18,7 @@ use tiervec_shared::hnsw::{HnswParams, M_RANGE, MAX_EF_CONSTRUCTION};
 use tiervec_shared::push::{Inventory, MAX_PAYLOAD_BYTES, Manifest, ManifestStep, vector_bytes};
 use tiervec_shared::query::{QueryError, validate_vector};
 use tiervec_shared::snapshot::MAX_DIM;
-use tiervec_shared::{CollectionId, Metric};
+use tiervec_shared::{CollectionId, Metric, ModelIdentity};
 use tracing::{debug, info, warn};
 
 use crate::collection::gpu::ExactEngine;
@@ -26,7 +26,7 @@ use crate::collection::{Collection, CollectionInfo, Point, SearchParams};
 use crate::fanout::{self, Answer, FanOutError};
 use crate::storage::{
     Appended, Apply, CheckpointError, Checkpointed, ClusterConfig, ClusterError, CollectionImage,
-    DurableLog, EdgeCacheImage, Embedded, Image, JetStreamLog, MAX_SHARDS, StartReport,
+    DurableLog, EdgeCacheImage, Embedded, Image, JetStreamLog, MAX_SHARDS, ModelImage, StartReport,
     StorageError, WalEntry, WalError, shard_of,
 };
 
@@ -134,6 +134,8 @@ pub struct Catalog {
     invalidations: OnceLock<tokio::sync::mpsc::UnboundedSender<Invalidation>>,
     /// The engine of every collection's exact scans.
     engine: Arc<ExactEngine>,
+    /// Collection identity → the embedding model its vectors were made with.
+    models: RwLock<HashMap<[u8; 16], ModelIdentity>>,
 }
 
 impl Catalog {
@@ -143,7 +145,13 @@ impl Catalog {
             edge_caches: RwLock::default(),
             invalidations: OnceLock::new(),
             engine,
+            models: RwLock::default(),
         }
+    }
+
+    /// The embedding model collection `id` records, if it was made for texts.
+    pub fn model(&self, id: [u8; 16]) -> Option<ModelIdentity> {
+        self.models.read().get(&id).cloned()
     }
 
     /// The engine of every collection's exact scans.
@@ -257,6 +265,18 @@ impl Apply for Catalog {
             map.insert(image.name, Arc::new(c));
         }
         drop(map);
+        self.models
+            .write()
+            .extend(image.models.into_iter().map(|m| {
+                (
+                    m.collection,
+                    ModelIdentity {
+                        name: m.name,
+                        dim: m.dim,
+                        checksum: m.checksum,
+                    },
+                )
+            }));
         let dims: HashMap<[u8; 16], usize> = self
             .all()
             .iter()
@@ -319,6 +339,7 @@ impl Apply for Catalog {
                     map.remove(name);
                 }
                 self.edge_caches.write().retain(|(_, c), _| c != id);
+                self.models.write().remove(id);
             }
             WalEntry::Upsert {
                 collection,
@@ -372,6 +393,27 @@ impl Apply for Catalog {
                     self.edge_caches.write().insert(
                         (edge.clone(), *collection),
                         Manifest::from_inventory(inventory, c.info.dim),
+                    );
+                }
+            }
+            WalEntry::SetModel {
+                collection,
+                name,
+                dim,
+                checksum,
+            } => {
+                // The service logs a model of the collection's dimension only.
+                if self
+                    .by_id(*collection)
+                    .is_some_and(|c| c.info.dim == *dim as usize)
+                {
+                    self.models.write().insert(
+                        *collection,
+                        ModelIdentity {
+                            name: name.clone(),
+                            dim: *dim,
+                            checksum: *checksum,
+                        },
                     );
                 }
             }
@@ -464,9 +506,21 @@ impl Apply for Catalog {
             .iter()
             .map(|c| collection_image(c, c.live_image()))
             .collect();
+        let models = self
+            .models
+            .read()
+            .iter()
+            .map(|(collection, m)| ModelImage {
+                collection: *collection,
+                name: m.name.clone(),
+                dim: m.dim,
+                checksum: m.checksum,
+            })
+            .collect();
         Image {
             collections,
             edge_caches,
+            models,
         }
     }
 }
@@ -850,6 +904,24 @@ impl Service {
     }
 
     /// Drops a collection; acknowledged (returns the LSN) once durable.
+    /// Records that collection `name` holds embeddings of texts by `model` (of its dimension):
+    /// text queries of it are then embedded by that model only.
+    pub fn set_model(&self, name: &str, model: &ModelIdentity) -> Result<u64, ServiceError> {
+        let c = self.collection(name)?;
+        if c.info.dim != model.dim as usize {
+            return Err(ServiceError::Invalid(format!(
+                "model {model} makes {}-d vectors; collection `{name}` holds {}-d ones",
+                model.dim, c.info.dim
+            )));
+        }
+        self.commit(WalEntry::SetModel {
+            collection: c.info.id.0,
+            name: model.name.clone(),
+            dim: model.dim,
+            checksum: model.checksum,
+        })
+    }
+
     pub fn drop_collection(&self, name: &str) -> Result<u64, ServiceError> {
         let c = self.collection(name)?;
         self.commit(WalEntry::DropCollection {

@@ -228,6 +228,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
         m: None,
         ef_construction: None,
         shards: None,
+        model: None,
     })
     .await
     .unwrap();
@@ -295,12 +296,7 @@ async fn killing_the_cloud_mid_trace_degrades_the_edge_and_it_reconnects_by_itse
         )
         .unwrap(),
     );
-    let state = tiervec_edge::http::EdgeState {
-        node: node.clone(),
-        default_ef: 32,
-        collection: "c".into(),
-        metrics: metrics.clone(),
-    };
+    let state = tiervec_edge::http::EdgeState::new(node.clone(), 32, "c".into(), metrics.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let edge_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, tiervec_edge::http::router(state)).await });
@@ -496,6 +492,7 @@ async fn pushes_survive_a_killed_cloud_and_resume_after_its_restart() {
         m: None,
         ef_construction: None,
         shards: None,
+        model: None,
     })
     .await
     .unwrap();

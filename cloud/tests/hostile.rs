@@ -41,6 +41,7 @@ impl Apply for Discard {
         Image {
             collections: Vec::new(),
             edge_caches: Vec::new(),
+            models: Vec::new(),
         }
     }
     fn observe(&self, _: u64, _: &WalEntry) {}

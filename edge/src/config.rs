@@ -79,6 +79,10 @@ pub struct EdgeConfig {
     pub worker_threads: Option<usize>,
     /// The cloud link; none answers locally only (every unconfident answer degraded).
     pub cloud: Option<CloudLinkConfig>,
+    /// The embedding model's folder (feature `embed`): searches may send `text`, embedded
+    /// here, and the vector goes to the cloud on a fallback. It must be the model the cloud's
+    /// collection records.
+    pub model_dir: Option<PathBuf>,
 }
 
 impl Default for EdgeConfig {
@@ -102,6 +106,7 @@ impl Default for EdgeConfig {
             cloud_ef: 128,
             worker_threads: None,
             cloud: None,
+            model_dir: None,
         }
     }
 }

@@ -24,7 +24,12 @@ use crate::node::EdgeNode;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearchRequest {
-    pub vector: Vec<f32>,
+    /// The query vector; or send `text` (an edge started with `model_dir`).
+    #[serde(default)]
+    pub vector: Option<Vec<f32>>,
+    /// The query as text, embedded here (`query::MAX_TEXT_BYTES` bytes at most).
+    #[serde(default)]
+    pub text: Option<String>,
     pub k: usize,
     pub ef: Option<usize>,
     #[serde(default)]
@@ -56,6 +61,9 @@ pub struct SearchResponse {
     /// the confidence rule), when it had them.
     pub kth_distance: Option<f32>,
     pub anchor_distance: Option<f32>,
+    /// Microseconds spent embedding the query's `text` (absent for a vector query).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed_us: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,13 +87,98 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Shared state: the node, its default `ef`, and the metrics to render at `/metrics`.
+/// Shared state: the node, its default `ef`, the metrics to render at `/metrics`, and the
+/// embedding model of texts sent in place of vectors (feature `embed`).
 #[derive(Clone)]
 pub struct EdgeState {
     pub node: Arc<EdgeNode>,
     pub default_ef: usize,
     pub collection: String,
     pub metrics: PrometheusHandle,
+    #[cfg(feature = "embed")]
+    embedder: Option<Arc<tiervec_embed::Embedder>>,
+}
+
+impl EdgeState {
+    /// The state of an edge that takes vectors only.
+    pub fn new(
+        node: Arc<EdgeNode>,
+        default_ef: usize,
+        collection: String,
+        metrics: PrometheusHandle,
+    ) -> EdgeState {
+        EdgeState {
+            node,
+            default_ef,
+            collection,
+            metrics,
+            #[cfg(feature = "embed")]
+            embedder: None,
+        }
+    }
+
+    /// Takes texts too, embedded by `embedder`.
+    #[cfg(feature = "embed")]
+    pub fn with_embedder(self, embedder: Arc<tiervec_embed::Embedder>) -> EdgeState {
+        EdgeState {
+            embedder: Some(embedder),
+            ..self
+        }
+    }
+}
+
+/// The vector of `req`: its `vector`, or its `text` embedded on a blocking thread (with the
+/// time that took).
+async fn query_vector(
+    state: &EdgeState,
+    req: &mut SearchRequest,
+) -> Result<(Vec<f32>, Option<u64>), ApiError> {
+    match (req.vector.take(), req.text.take()) {
+        (Some(vector), None) => Ok((vector, None)),
+        (None, Some(text)) => embed(state, text).await.map(|(v, us)| (v, Some(us))),
+        _ => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "a search carries `vector` or `text`: send one".into(),
+        )),
+    }
+}
+
+#[cfg(feature = "embed")]
+async fn embed(state: &EdgeState, text: String) -> Result<(Vec<f32>, u64), ApiError> {
+    let embedder = state.embedder.clone().ok_or_else(no_model)?;
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        embedder
+            .embed(&text)
+            .map(|v| (v, started.elapsed().as_micros() as u64))
+            .map_err(|e| {
+                if e.is_input() {
+                    ApiError(StatusCode::BAD_REQUEST, "invalid_text", e.to_string())
+                } else {
+                    ApiError(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "embedding_failed",
+                        e.to_string(),
+                    )
+                }
+            })
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
+#[cfg(not(feature = "embed"))]
+async fn embed(_: &EdgeState, _: String) -> Result<(Vec<f32>, u64), ApiError> {
+    Err(no_model())
+}
+
+fn no_model() -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        "no_model",
+        "this edge runs no embedding model: start it with `model_dir`, or send vectors".into(),
+    )
 }
 
 /// Installs the process-wide Prometheus recorder, with histogram buckets from 25 µs (a local
@@ -118,7 +211,7 @@ async fn search(
     Path(name): Path<String>,
     body: Result<Json<SearchRequest>, JsonRejection>,
 ) -> Result<Json<SearchResponse>, ApiError> {
-    let Json(req) =
+    let Json(mut req) =
         body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "invalid_json", e.body_text()))?;
     if name != state.collection {
         return Err(ApiError(
@@ -129,15 +222,14 @@ async fn search(
     }
     let started = Instant::now();
     let span = tracing::info_span!("edge_http_search", collection = %name, k = req.k);
+    let (vector, embed_us) = query_vector(&state, &mut req)
+        .instrument(span.clone())
+        .await?;
     let ef = req.ef.unwrap_or(state.default_ef);
     let answer = if req.local_only {
-        span.in_scope(|| state.node.search_local(&req.vector, req.k, ef))
+        span.in_scope(|| state.node.search_local(&vector, req.k, ef))
     } else {
-        state
-            .node
-            .search(&req.vector, req.k, ef)
-            .instrument(span)
-            .await
+        state.node.search(&vector, req.k, ef).instrument(span).await
     };
     let answer = answer.map_err(|e| match e {
         EdgeError::Query(q) => ApiError(StatusCode::BAD_REQUEST, "invalid_request", q.to_string()),
@@ -167,6 +259,7 @@ async fn search(
         certified: answer.certified,
         kth_distance: answer.kth_distance,
         anchor_distance: answer.anchor_distance,
+        embed_us,
     }))
 }
 

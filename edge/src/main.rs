@@ -156,12 +156,28 @@ fn main() -> anyhow::Result<ExitCode> {
                     node = node.with_wasm(engine);
                 }
                 let node = std::sync::Arc::new(node);
-                let state = tiervec_edge::http::EdgeState {
+                let state = tiervec_edge::http::EdgeState::new(
                     node,
-                    default_ef: config.default_ef,
-                    collection: config.collection.clone(),
+                    config.default_ef,
+                    config.collection.clone(),
                     metrics,
+                );
+                #[cfg(feature = "embed")]
+                let state = match config.model_dir.clone() {
+                    Some(dir) => {
+                        let embedder = tokio::task::spawn_blocking(move || {
+                            tiervec_embed::Embedder::open(&dir)
+                        })
+                        .await??;
+                        state.with_embedder(std::sync::Arc::new(embedder))
+                    }
+                    None => state,
                 };
+                #[cfg(not(feature = "embed"))]
+                anyhow::ensure!(
+                    config.model_dir.is_none(),
+                    "`model_dir` is set, but this edge was built without the embedder (cargo feature `embed`)"
+                );
                 let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
                 tracing::info!(addr = %listener.local_addr()?, "edge serving");
                 // Small JSON answers must not wait on Nagle's algorithm.

@@ -25,7 +25,7 @@ use tiervec_shared::snapshot::{self, Snapshot, SnapshotBody, SnapshotSpec};
 use tiervec_shared::vecs::{Matrix, parse_fvecs};
 use tiervec_shared::{CollectionId, Metric};
 use tiervec_test_support::net::free_tcp_port;
-use tiervec_test_support::paths::workspace_root;
+use tiervec_test_support::paths::data_dir;
 use tiervec_test_support::process::ChildGuard;
 
 const SLICE: usize = 2_000;
@@ -35,12 +35,6 @@ const COLLECTION: CollectionId = CollectionId::from_u128(0x77);
 /// The guest with its test exports.
 fn guest() -> &'static Path {
     tiervec_test_support::guest::test_guest()
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("TIERVEC_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/data"))
 }
 
 /// The first `rows` vectors of an `.fvecs` file (only those bytes are read).

@@ -1,4 +1,5 @@
-//! Collection identity: which incarnation of a named collection a snapshot or answer belongs to.
+//! Identities: which incarnation of a named collection a snapshot or answer belongs to, and
+//! which embedding model a collection's vectors were made with.
 
 use std::fmt;
 
@@ -46,5 +47,23 @@ mod tests {
     fn displays_as_a_uuid() {
         let id = CollectionId::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
         assert_eq!(id.to_string(), "01234567-89ab-cdef-0011-223344556677");
+    }
+}
+
+/// The embedding model a collection's vectors were made with: text queries are embedded only
+/// by the same model (`tiervec-embed` computes it from the model's files).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    /// The model folder's name, e.g. `all-MiniLM-L6-v2`.
+    pub name: String,
+    /// Dimension of its embeddings.
+    pub dim: u32,
+    /// xxh3-64 of its weights file followed by its `tokenizer.json`.
+    pub checksum: u64,
+}
+
+impl fmt::Display for ModelIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}-d, {:016x})", self.name, self.dim, self.checksum)
     }
 }

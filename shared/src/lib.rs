@@ -58,6 +58,6 @@ pub mod query;
 pub mod snapshot;
 pub mod vecs;
 
-pub use identity::CollectionId;
+pub use identity::{CollectionId, ModelIdentity};
 pub use metric::Metric;
 pub use query::QueryError;

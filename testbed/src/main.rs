@@ -98,6 +98,10 @@ enum Bench {
     /// cloud restart: answers per source, errors (none allowed), reconnections, the edge's
     /// memory (--quick: 4 s phases).
     Faults(tiervec_testbed::bench::faults::FaultsArgs),
+    /// Text embedding (all-MiniLM-L6-v2 on candle) against ONNX Runtime with the int8 export
+    /// of the same model, same texts and threads, with the edge's search beside it (--quick:
+    /// 500 texts).
+    Embed(tiervec_testbed::bench::embed::EmbedArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,6 +138,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             bench: Bench::Faults(args),
         } => tiervec_testbed::bench::faults::run(args),
+        Command::Bench {
+            bench: Bench::Embed(args),
+        } => tiervec_testbed::bench::embed::run(args),
         Command::QuicEcho { certs, addr_file } => {
             tiervec_testbed::bench::e2e::echo_server(&certs, &addr_file)
         }

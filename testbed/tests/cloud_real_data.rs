@@ -37,6 +37,7 @@ async fn real_slice_over_http_has_high_recall() {
             m: None,
             ef_construction: None,
             shards: None,
+            model: None,
         })
         .await
         .unwrap();
@@ -71,7 +72,8 @@ async fn real_slice_over_http_has_high_recall() {
             .search(
                 "wordnet",
                 &SearchRequest {
-                    vector: query.to_vec(),
+                    vector: Some(query.to_vec()),
+                    text: None,
                     k: 10,
                     ef: Some(64),
                     exact: false,

@@ -358,12 +358,7 @@ async fn the_edge_falls_back_degrades_and_reconnects() {
     assert_eq!((source, hits[0].id), (Source::Cloud, 250));
 
     // The applications' HTTP endpoint: the cloud's shapes plus `source` and `certified`.
-    let state = tiervec_edge::http::EdgeState {
-        node: node.clone(),
-        default_ef: 32,
-        collection: "c".into(),
-        metrics,
-    };
+    let state = tiervec_edge::http::EdgeState::new(node.clone(), 32, "c".into(), metrics);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, tiervec_edge::http::router(state)).await });

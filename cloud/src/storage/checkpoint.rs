@@ -5,7 +5,8 @@
 //!
 //! A cluster node's checkpoint (version 4) ends with a [`Chunk::Cluster`] naming the position
 //! of every stream it covers ([`ClusterCut`]); the header's LSN then only orders that node's
-//! checkpoints.
+//! checkpoints. Version 5 adds a [`Chunk::Model`] per collection made for texts (the
+//! embedding model it records), after the edge caches and before the cut.
 //!
 //! Chunks exist because rkyv's layout is pinned to 32-bit relative pointers for the whole
 //! workspace (the edge snapshot shares it): one archive cannot exceed 2 GiB, about 1.4 M 384-d
@@ -31,11 +32,13 @@ use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const MAGIC: [u8; 8] = *b"TVCKPT\r\n";
-/// Version 4 adds the cluster's cut chunk to version 3's chunked body; versions 3 (chunks
-/// without it) and 2 (one archive) are read; version 1 lacked the edges' cache manifests and
-/// is refused with an error naming the versions read.
-pub const FORMAT_VERSION: u32 = 4;
+/// Version 5 adds the collections' embedding models; version 4 added the cluster's cut chunk to
+/// version 3's chunked body; versions 4, 3 (chunks without either) and 2 (one archive) are
+/// read; version 1 lacked the edges' cache manifests and is refused with an error naming the
+/// versions read.
+pub const FORMAT_VERSION: u32 = 5;
 const CHUNKED_VERSION: u32 = 3;
+const MODELS_VERSION: u32 = 5;
 const SINGLE_ARCHIVE_VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
 const CHUNK_HEADER_LEN: usize = 16;
@@ -74,8 +77,19 @@ pub struct CheckpointBody {
     pub lsn: u64,
     pub collections: Vec<CollectionImage>,
     pub edge_caches: Vec<EdgeCacheImage>,
+    /// The embedding model of each collection made for texts.
+    pub models: Vec<ModelImage>,
     /// Present in a cluster node's checkpoint, absent in the embedded store's.
     pub cluster: Option<ClusterCut>,
+}
+
+/// The embedding model a collection records (see `WalEntry::SetModel`).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelImage {
+    pub collection: [u8; 16],
+    pub name: String,
+    pub dim: u32,
+    pub checksum: u64,
 }
 
 /// A version 2 body: one archive of these fields.
@@ -153,6 +167,8 @@ pub enum Chunk {
     EdgeCache(EdgeCacheImage),
     /// Version 4, last and at most once: a cluster node's cut.
     Cluster(ClusterCut),
+    /// Version 5, after the edge caches: a collection's embedding model.
+    Model(ModelImage),
 }
 
 #[derive(Debug, Error)]
@@ -280,6 +296,7 @@ fn chunks(body: &CheckpointBody, chunk_bytes: usize) -> impl Iterator<Item = Chu
     });
     collections
         .chain(body.edge_caches.iter().cloned().map(Chunk::EdgeCache))
+        .chain(body.models.iter().cloned().map(Chunk::Model))
         .chain(body.cluster.iter().cloned().map(Chunk::Cluster))
 }
 
@@ -412,12 +429,13 @@ fn decode_v2(
         lsn: body.lsn,
         collections: body.collections,
         edge_caches: body.edge_caches,
+        models: Vec::new(),
         cluster: None,
     })
 }
 
-/// Versions 3 and 4: `count` chunks filling `body_len` bytes exactly (a cluster cut, in
-/// version 4 only, last).
+/// Versions 3 to 5: `count` chunks filling `body_len` bytes exactly (models from version 5,
+/// a cluster cut from version 4, last).
 fn decode_chunks(
     input: &mut impl Read,
     body_len: u64,
@@ -453,7 +471,11 @@ fn decode_chunks(
             rkyv::from_bytes::<Chunk, rancor::Error>(&aligned).map_err(DecodeError::Archive)?;
         match decoded {
             Chunk::Collection(h) => {
-                if owed != 0 || !body.edge_caches.is_empty() || body.cluster.is_some() {
+                if owed != 0
+                    || !body.edge_caches.is_empty()
+                    || !body.models.is_empty()
+                    || body.cluster.is_some()
+                {
                     return Err(DecodeError::ChunkOrder {
                         chunk,
                         kind: "a collection",
@@ -499,7 +521,7 @@ fn decode_chunks(
                 c.payloads.extend(payloads);
             }
             Chunk::EdgeCache(e) => {
-                if owed != 0 || body.cluster.is_some() {
+                if owed != 0 || !body.models.is_empty() || body.cluster.is_some() {
                     return Err(DecodeError::ChunkOrder {
                         chunk,
                         kind: "an edge cache",
@@ -517,6 +539,16 @@ fn decode_chunks(
                     .into());
                 }
                 body.cluster = Some(cut);
+            }
+            Chunk::Model(m) => {
+                if owed != 0 || body.cluster.is_some() || version < MODELS_VERSION {
+                    return Err(DecodeError::ChunkOrder {
+                        chunk,
+                        kind: "a model",
+                    }
+                    .into());
+                }
+                body.models.push(m);
             }
         }
     }
@@ -682,6 +714,7 @@ mod tests {
                     anchors: vec![(99, vec![7])],
                 },
             }],
+            models: Vec::new(),
             cluster: None,
         }
     }
@@ -768,6 +801,7 @@ mod tests {
             lsn: 9,
             collections: vec![collection("big", 1_000, 16), collection("small", 3, 16)],
             edge_caches: body().edge_caches,
+            models: vec![model([2; 16])],
             cluster: Some(cut()),
         };
         let chunk_bytes = 4 << 10;
@@ -797,6 +831,7 @@ mod tests {
             lsn: 1,
             collections: vec![huge],
             edge_caches: vec![],
+            models: vec![],
             cluster: None,
         };
         assert_eq!(decode(&encode(&body, chunk_bytes).unwrap()).unwrap(), body);
@@ -846,6 +881,8 @@ mod tests {
             (vec![cluster.clone(), head(0)], 1),
             (vec![head(1), cluster.clone(), points.clone()], 1),
             (vec![cluster.clone(), cluster.clone()], 1),
+            (vec![cluster.clone(), Chunk::Model(model([2; 16]))], 1),
+            (vec![Chunk::Model(model([2; 16])), head(0)], 1),
         ] {
             match decode(&file(&chunks)) {
                 Err(ReadError::Decode(DecodeError::ChunkOrder { chunk, .. })) => {
@@ -904,10 +941,38 @@ mod tests {
         v1[..HEADER_LEN].copy_from_slice(&header(1, 42, archived.len() as u64, xxh3_64(&archived)));
         match decode(&v1) {
             Err(ReadError::Decode(e @ DecodeError::Version(1))) => {
-                assert!(e.to_string().contains("versions 2 to 4"), "{e}")
+                assert!(e.to_string().contains("versions 2 to 5"), "{e}")
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn model(collection: [u8; 16]) -> ModelImage {
+        ModelImage {
+            collection,
+            name: "all-MiniLM-L6-v2".into(),
+            dim: 384,
+            checksum: 0xfeed_f00d,
+        }
+    }
+
+    /// Version 5 carries the collections' models between the edge caches and the cut; an
+    /// older version, or a model out of place, is refused.
+    #[test]
+    fn models_round_trip_in_version_5_only() {
+        let with_models = CheckpointBody {
+            models: vec![model([2; 16]), model([3; 16])],
+            cluster: Some(cut()),
+            ..body()
+        };
+        let mut bytes = encode(&with_models, CHUNK_BYTES).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), with_models);
+        let (len, count) = (
+            u64::from_le_bytes(bytes[24..32].try_into().unwrap()),
+            u64::from_le_bytes(bytes[32..40].try_into().unwrap()),
+        );
+        bytes[..HEADER_LEN].copy_from_slice(&header(4, 42, len, count));
+        assert_refused(&bytes, "a model in version 4");
     }
 
     /// A version 3 file written by the previous release (`tests/fixtures/checkpoint-v3.tvck`:

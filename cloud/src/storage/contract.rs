@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use super::checkpoint::{CheckpointError, CollectionImage, EdgeCacheImage};
+use super::checkpoint::{CheckpointError, CollectionImage, EdgeCacheImage, ModelImage};
 use super::entry::{LogName, WalEntry};
 use super::wal::WalError;
 
@@ -71,6 +71,8 @@ pub struct Checkpointed {
 pub struct Image {
     pub collections: Vec<CollectionImage>,
     pub edge_caches: Vec<EdgeCacheImage>,
+    /// The embedding model of each collection made for texts.
+    pub models: Vec<ModelImage>,
 }
 
 /// The state a store's entries are applied to (the catalog).

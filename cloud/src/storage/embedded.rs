@@ -53,6 +53,7 @@ impl Embedded {
             state.restore(Image {
                 collections: body.collections,
                 edge_caches: body.edge_caches,
+                models: body.models,
             });
         }
         let (report, last) = wal::recover(dir, after, |lsn, entry| state.apply(lsn, &entry))?;
@@ -96,6 +97,7 @@ impl DurableLog for Embedded {
                 lsn,
                 collections: image.collections,
                 edge_caches: image.edge_caches,
+                models: image.models,
                 cluster: None,
             },
             self.checkpoint_chunk_bytes,

@@ -60,6 +60,16 @@ pub enum WalEntry {
         collection: [u8; 16],
         inventory: Inventory,
     },
+    /// The collection with this identity holds embeddings of texts by this model (logged
+    /// right after its create): text queries are embedded only by the same model. Added
+    /// after the other variants and smaller than the largest, so the archived entry keeps its
+    /// size and every older record still decodes.
+    SetModel {
+        collection: [u8; 16],
+        name: String,
+        dim: u32,
+        checksum: u64,
+    },
 }
 
 /// A record body that is not a [`WalEntry`] archive (bytecheck refused it).
@@ -87,6 +97,19 @@ impl WalEntry {
 mod tests {
     use super::*;
 
+    /// Records are decoded from the end of their bytes, where the root is: an entry type of
+    /// another archived size would misread every record written before it.
+    #[test]
+    fn the_archived_entry_keeps_its_size() {
+        assert_eq!(
+            std::mem::size_of::<ArchivedWalEntry>(),
+            ARCHIVED_ENTRY_BYTES
+        );
+    }
+
+    /// The archived size of [`WalEntry`] in format version 1.
+    const ARCHIVED_ENTRY_BYTES: usize = 72;
+
     #[test]
     fn entries_round_trip_and_garbage_is_refused() {
         let e = WalEntry::Upsert {
@@ -97,6 +120,13 @@ mod tests {
         };
         assert_eq!(WalEntry::decode(&e.encode()).unwrap(), e);
         assert!(WalEntry::decode(&[0xff; 40]).is_err());
+        let model = WalEntry::SetModel {
+            collection: [9; 16],
+            name: "all-MiniLM-L6-v2".into(),
+            dim: 384,
+            checksum: 0x1234_5678_9abc_def0,
+        };
+        assert_eq!(WalEntry::decode(&model.encode()).unwrap(), model);
         assert!(WalEntry::decode(&[]).is_err());
     }
 }

@@ -28,7 +28,7 @@ mod contract;
 mod embedded;
 mod jetstream;
 
-pub use checkpoint::{CheckpointError, CollectionImage, DecodeError, EdgeCacheImage};
+pub use checkpoint::{CheckpointError, CollectionImage, DecodeError, EdgeCacheImage, ModelImage};
 pub use contract::{
     Appended, Apply, Checkpointed, ClusterError, Cut, DurableLog, Image, PeerHandler, Peers,
     StorageError,

@@ -37,6 +37,7 @@ use crate::fanout::FanOutError;
 use crate::hot::HotIds;
 use crate::service::{Service, ServiceError};
 use crate::storage::{Appended, ClusterError, MAX_SHARDS, WalError};
+use crate::text::{TextError, Texts};
 use crate::transport::ScanSlots;
 pub use crate::transport::spec::{MAX_BATCH_SEARCHES, MAX_HOT_IDS};
 
@@ -70,6 +71,8 @@ pub struct AppState {
     pub scans: ScanSlots,
     /// Points per upsert or delete (`max_batch`), stated in the API document.
     pub max_batch: usize,
+    /// The embedding model of texts sent in place of vectors.
+    pub texts: Arc<Texts>,
 }
 
 /// Admission of API requests (`/v1/collections…`): a fixed number served at once, each under a
@@ -183,6 +186,24 @@ impl From<ServiceError> for ApiError {
     }
 }
 
+impl From<TextError> for ApiError {
+    fn from(e: TextError) -> ApiError {
+        let (status, code) = match &e {
+            TextError::NoModel | TextError::CollectionHasNoModel { .. } => {
+                (StatusCode::BAD_REQUEST, "no_model")
+            }
+            TextError::UnknownModel { .. } => (StatusCode::BAD_REQUEST, "unknown_model"),
+            // The collection's vectors live in another model's space.
+            TextError::ModelMismatch { .. } => (StatusCode::CONFLICT, "model_mismatch"),
+            TextError::Input(_) => (StatusCode::BAD_REQUEST, "invalid_text"),
+            TextError::Failed(_) | TextError::Load(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "embedding_failed")
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
 /// `Json<T>` whose rejections are API errors: 413 for a body over the limit, 400 otherwise.
 pub struct ApiJson<T>(pub T);
 
@@ -271,6 +292,10 @@ mod components {
 
     /// The largest magnitude a component may have: `query::MAX_COMPONENT`, exactly.
     pub const MAX: f64 = tiervec_shared::query::MAX_COMPONENT as f64;
+
+    pub fn option_vector<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<f32>>, D::Error> {
+        vector(d).map(Some)
+    }
 
     pub fn vector<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
         struct V;
@@ -408,6 +433,20 @@ pub struct CreateCollection {
     /// a cluster). Fixed at creation.
     #[serde(default, deserialize_with = "whole::option_u32")]
     pub shards: Option<u32>,
+    /// The embedding model this cloud runs (`model_dir`), by its folder's name (e.g.
+    /// `all-MiniLM-L6-v2`): the collection is made for its texts — searches may send `text`
+    /// in place of `vector` — and `dim` must be the model's.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// The embedding model a collection records.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelDescription {
+    pub name: String,
+    pub dim: u32,
+    /// xxh3-64 of the model's weights and tokenizer, in hex.
+    pub checksum: String,
 }
 
 /// A collection's description.
@@ -434,6 +473,10 @@ pub struct CollectionDescription {
     /// Why: the device and precision on the GPU; on the CPU why not the GPU (e.g. `built
     /// without the gpu feature`, `no CUDA driver (libcuda.so not found)`).
     pub exact_engine_reason: String,
+    /// The embedding model the collection was made with (texts may be sent in place of
+    /// vectors); absent for a collection of vectors only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelDescription>,
 }
 
 /// `GET /v1/collections`
@@ -549,8 +592,13 @@ pub struct PointOut {
 #[derive(Debug, Serialize, Deserialize, ToSchema, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct SearchRequest {
-    #[serde(deserialize_with = "components::vector")]
-    pub vector: Vec<f32>,
+    /// The query vector; or send `text`.
+    #[serde(default, deserialize_with = "components::option_vector")]
+    pub vector: Option<Vec<f32>>,
+    /// The query as text, embedded by the collection's model (`query::MAX_TEXT_BYTES`
+    /// bytes at most); or send `vector`.
+    #[serde(default)]
+    pub text: Option<String>,
     /// Results wanted, 1..=1024.
     #[serde(deserialize_with = "whole::usize")]
     pub k: usize,
@@ -601,6 +649,10 @@ pub struct SearchResponse {
     /// On a cluster, shards no live node answered: the hits are the nearest among the other
     /// shards only. Empty for a complete answer.
     pub missing_shards: Vec<u32>,
+    /// Microseconds spent embedding the query's `text` (absent for a vector query; for a
+    /// batch, the time of the whole batch's texts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed_us: Option<u64>,
 }
 
 /// `POST /v1/collections/{name}/search/batch`
@@ -644,6 +696,11 @@ fn describe(svc: &Service, c: &Collection) -> CollectionDescription {
         }
         .into(),
         exact_engine_reason: engine.reason,
+        model: svc.catalog().model(c.info.id.0).map(|m| ModelDescription {
+            name: m.name,
+            dim: m.dim,
+            checksum: format!("{:016x}", m.checksum),
+        }),
     }
 }
 
@@ -760,15 +817,35 @@ async fn create_collection(
         ef_construction: req.ef_construction.unwrap_or(defaults.ef_construction),
         seed: defaults.seed,
     };
+    // The model is checked before anything is created.
+    let model = req
+        .model
+        .as_deref()
+        .map(|asked| state.texts.model_named(asked))
+        .transpose()?;
+    if let Some(m) = &model
+        && m.dim as usize != req.dim
+    {
+        return Err(ApiError::from(ServiceError::Invalid(format!(
+            "model {m} makes {}-d vectors; the collection is asked to hold {}-d ones",
+            m.dim, req.dim
+        ))));
+    }
     let s = svc.clone();
     let info = blocking(move || {
-        s.create_sharded_collection(
+        let info = s.create_sharded_collection(
             &req.name,
             req.dim,
             req.metric,
             params,
             req.shards.unwrap_or(1),
-        )
+        )?;
+        // Logged after the create: a crash between the two leaves a collection of vectors
+        // only, and the create unacknowledged (drop it and create it again).
+        if let Some(m) = &model {
+            s.set_model(&info.name, m)?;
+        }
+        Ok::<_, ServiceError>(info)
     })
     .await?;
     let c = svc
@@ -931,7 +1008,7 @@ fn run_search(
         .collect();
     let answer = svc.search_after(
         name,
-        &req.vector,
+        query_vector(req)?,
         &params,
         &after,
         MAX_CATCH_UP_WAIT,
@@ -979,7 +1056,60 @@ fn run_search(
             Engine::Exact => "exact".into(),
         },
         missing_shards: answer.missing_shards,
+        embed_us: None,
     })
+}
+
+/// The vector of a search whose texts [`embed_texts`] has embedded.
+fn query_vector(req: &SearchRequest) -> Result<&[f32], ApiError> {
+    req.vector.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "a search carries `vector` or `text`".to_owned(),
+        )
+    })
+}
+
+/// Embeds the `text` of each search into its `vector` with the collection's model, on a
+/// blocking thread; returns the time spent, or none when no search had a text.
+async fn embed_texts(
+    state: &AppState,
+    svc: &Arc<Service>,
+    name: &str,
+    searches: &mut [SearchRequest],
+) -> Result<Option<Duration>, ApiError> {
+    if let Some((i, _)) = searches
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.vector.is_some() == s.text.is_some())
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("search {i} carries both or neither of `vector` and `text`: send one"),
+        ));
+    }
+    let texts: Vec<String> = searches.iter_mut().filter_map(|s| s.text.take()).collect();
+    if texts.is_empty() {
+        return Ok(None);
+    }
+    let c = svc.collection(name)?;
+    let recorded = svc.catalog().model(c.info.id.0);
+    let model = state.texts.clone();
+    let name = name.to_owned();
+    let (vectors, took) = blocking(move || {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        model
+            .embed(&name, recorded.as_ref(), &refs)
+            .map_err(ApiError::from)
+    })
+    .await?;
+    let mut vectors = vectors.into_iter();
+    for s in searches.iter_mut().filter(|s| s.vector.is_none()) {
+        s.vector = vectors.next();
+    }
+    Ok(Some(took))
 }
 
 #[utoipa::path(post, path = "/v1/collections/{name}/search", params(("name" = String, Path)), request_body = SearchRequest,
@@ -987,9 +1117,15 @@ fn run_search(
 async fn search(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
-    ApiJson(req): ApiJson<SearchRequest>,
+    ApiJson(mut req): ApiJson<SearchRequest>,
 ) -> Result<axum::Json<SearchResponse>, ApiError> {
     let svc = service(&state)?;
+    let embedded = embed_texts(&state, &svc, &name, std::slice::from_mut(&mut req)).await?;
+    let embed_us = embedded.map(|d| d.as_micros() as u64);
+    let answer = |mut r: SearchResponse| {
+        r.embed_us = embed_us;
+        axum::Json(r)
+    };
     if req.after_shards.len() > MAX_SHARDS as usize {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1002,7 +1138,7 @@ async fn search(
     }
     // A search that waits for writes, or asks other nodes, never holds an async worker.
     if req.after_lsn.is_some() || !req.after_shards.is_empty() || svc.fans_out(&name) {
-        return Ok(axum::Json(
+        return Ok(answer(
             blocking(move || run_search(&svc, &name, &req, &mut { MAX_ANSWER_BYTES })).await?,
         ));
     }
@@ -1011,10 +1147,10 @@ async fn search(
     // a scan slot and runs there.
     let rows = svc.scanned_rows(&name, req.exact)?;
     match state.scans.slot_for(rows).await {
-        None => Ok(axum::Json(run_search(&svc, &name, &req, &mut {
+        None => Ok(answer(run_search(&svc, &name, &req, &mut {
             MAX_ANSWER_BYTES
         })?)),
-        Some(slot) => Ok(axum::Json(
+        Some(slot) => Ok(answer(
             blocking(move || {
                 let _slot = slot;
                 run_search(&svc, &name, &req, &mut { MAX_ANSWER_BYTES })
@@ -1029,7 +1165,7 @@ async fn search(
 async fn search_batch(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
-    ApiJson(req): ApiJson<BatchSearchRequest>,
+    ApiJson(mut req): ApiJson<BatchSearchRequest>,
 ) -> Result<axum::Json<BatchSearchResponse>, ApiError> {
     let svc = service(&state)?;
     svc.collection(&name)?;
@@ -1057,6 +1193,7 @@ async fn search_batch(
         ));
     }
     let started = Instant::now();
+    let embedded = embed_texts(&state, &svc, &name, &mut req.searches).await?;
     // The batch holds one scan slot however it is answered (its exact scans spread over the
     // cores).
     let slot = state.scans.slot_for(usize::MAX).await;
@@ -1067,10 +1204,15 @@ async fn search_batch(
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                run_search(&svc, &name, s, &mut answer_budget).map_err(|e| ApiError {
-                    message: format!("search {i}: {}", e.message),
-                    ..e
-                })
+                run_search(&svc, &name, s, &mut answer_budget)
+                    .map(|mut r| {
+                        r.embed_us = embedded.map(|d| d.as_micros() as u64);
+                        r
+                    })
+                    .map_err(|e| ApiError {
+                        message: format!("search {i}: {}", e.message),
+                        ..e
+                    })
             })
             .collect::<Result<Vec<_>, _>>()
     })

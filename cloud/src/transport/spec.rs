@@ -122,6 +122,11 @@ pub fn state_bounds(spec: &mut Value, max_batch: usize) {
     );
     bound(
         spec,
+        &format!("{s}/SearchRequest/properties/text"),
+        json!({"maxLength": tiervec_shared::query::MAX_TEXT_BYTES}),
+    );
+    bound(
+        spec,
         &format!("{s}/SearchRequest/properties/k"),
         json!({"minimum": 1, "maximum": MAX_K}),
     );
@@ -215,7 +220,7 @@ pub fn state_bounds(spec: &mut Value, max_batch: usize) {
             let mut answers = vec![
                 (
                     "400",
-                    "`invalid_json` (a path, query or body that does not parse), `invalid_request` (a value out of its bounds)",
+                    "`invalid_json` (a path, query or body that does not parse), `invalid_request` (a value out of its bounds), `invalid_text` (an empty text, or one over 16 KiB), `no_model` (a text for a collection, or a cloud, without an embedding model), `unknown_model` (a model this cloud does not run)",
                 ),
                 (
                     "401",
@@ -229,6 +234,9 @@ pub fn state_bounds(spec: &mut Value, max_batch: usize) {
             ];
             if has_body {
                 answers.push(("413", "`payload_too_large`: the body is over `max_body_bytes`, a payload over 1 MiB, or one write's log entry over 64 MiB"));
+            }
+            if path.contains("/search") {
+                answers.push(("409", "`model_mismatch`: the collection was made with another embedding model than this cloud runs"));
             }
             if takes_vectors {
                 answers.push(("422", "`dimension_mismatch` (a vector's length is not the collection's dimension), `answer_too_large` (the hits asked for, with their payloads, exceed the 16 MiB an answer may carry)"));

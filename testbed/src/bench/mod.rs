@@ -6,6 +6,7 @@
 pub mod cloud;
 pub mod cluster;
 pub mod e2e;
+pub mod embed;
 pub mod faults;
 pub mod gpu;
 pub mod load;

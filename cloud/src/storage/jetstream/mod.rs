@@ -6,7 +6,8 @@
 //! Streams and subjects (`P` is [`ClusterConfig::prefix`]):
 //! * `P_CATALOG`, subjects `P.catalog.>`: creates and drops on `P.catalog.name.<name>` (a
 //!   create carries its shard count in the `Tiervec-Shards` header), the steps and resets of
-//!   one edge's cache of one collection on `P.catalog.edge.<edge name in hex>.<identity in hex>`;
+//!   one edge's cache of one collection on `P.catalog.edge.<edge name in hex>.<identity in hex>`,
+//!   the embedding model a collection records on `P.catalog.model.<identity in hex>`;
 //! * `P_SHARD_<identity in hex>_<shard>`, subject `P.shard.<identity in hex>.<shard>`: the
 //!   upserts and deletes of one shard of one collection (a point's shard is
 //!   [`placement::shard_of`] its id), created (by whichever node logs the create) before the
@@ -182,6 +183,9 @@ impl Shared {
             ),
             WalEntry::CreateCollection { name, .. } | WalEntry::DropCollection { name, .. } => {
                 self.name_subject(name)
+            }
+            WalEntry::SetModel { collection, .. } => {
+                format!("{p}.catalog.model.{}", hex(collection))
             }
             WalEntry::Upsert { .. } | WalEntry::Delete { .. } => {
                 unreachable!("point writes go to their shards' streams")
@@ -375,7 +379,9 @@ impl Shared {
                         let key = (edge.clone(), *collection);
                         self.cache_sequences.lock().insert(key, position);
                     }
-                    WalEntry::Upsert { .. } | WalEntry::Delete { .. } => {}
+                    WalEntry::Upsert { .. }
+                    | WalEntry::Delete { .. }
+                    | WalEntry::SetModel { .. } => {}
                 }
             }
             // A body no tiervec wrote: skipped loudly, never a stop of the follower.
@@ -867,6 +873,7 @@ impl JetStreamLog {
                 state.restore(Image {
                     collections: body.collections,
                     edge_caches: body.edge_caches,
+                    models: body.models,
                 });
                 cut
             }
@@ -1440,6 +1447,7 @@ impl DurableLog for JetStreamLog {
                 lsn,
                 collections: image.collections,
                 edge_caches: image.edge_caches,
+                models: image.models,
                 cluster: Some(cut),
             },
             shared.checkpoint_chunk_bytes,
@@ -1615,6 +1623,7 @@ mod tests {
             Image {
                 collections: Vec::new(),
                 edge_caches: Vec::new(),
+                models: Vec::new(),
             }
         }
         fn observe(&self, _: u64, _: &WalEntry) {}

@@ -213,6 +213,7 @@ pub(super) fn write_file(
         lsn: position,
         collections: vec![image],
         edge_caches: Vec::new(),
+        models: Vec::new(),
         cluster: Some(ClusterCut {
             shards: vec![ShardPosition {
                 collection: key.0,
