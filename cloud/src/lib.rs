@@ -25,7 +25,8 @@
 //!   axum API, OpenAPI at `/v1/openapi.json`, Prometheus `/metrics`, API keys).
 //! * [`server`] — the composition root (`serve`, `spawn`, the metrics recorder), configured by
 //!   [`config::CloudConfig`]; [`inspect`] reports a data directory; [`client`] is a small HTTP
-//!   client of the API (bulk loads, tests, benchmarks). `main.rs` is glue.
+//!   client of the API (bulk loads, tests, benchmarks); [`load`] reads a user's data for bulk
+//!   loads (JSON lines, `.fvecs`, `.npy`) and keeps their progress. `main.rs` is glue.
 //! * `fuzzing` (feature `fuzzing`, and in tests) — invariant checks the fuzz targets of
 //!   `cloud/fuzz` and the property tests share: the push state machine under any sequence of
 //!   events, WAL record bodies as recovery decodes them.
@@ -38,6 +39,7 @@ pub mod fanout;
 pub mod fuzzing;
 pub mod hot;
 pub mod inspect;
+pub mod load;
 pub mod push;
 pub mod server;
 pub mod service;

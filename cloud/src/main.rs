@@ -1,19 +1,20 @@
 //! `tiervec-cloud`: serve the cloud tier, bulk-load vectors, inspect the data directory.
 //! Thin glue over the `tiervec_cloud` library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::value::RawValue;
 use tiervec_cloud::client::{Client, ClientError};
 use tiervec_cloud::config::CloudConfig;
 use tiervec_cloud::http::{CreateCollection, PointIn};
+use tiervec_cloud::load::{Progress, Record, read_jsonl, read_vectors};
 use tiervec_cloud::service::Service;
-use tiervec_shared::Metric;
 use tiervec_shared::hnsw::HnswParams;
+use tiervec_shared::vecs::Matrix;
+use tiervec_shared::{Metric, ModelIdentity};
 
 #[derive(Parser)]
 #[command(name = "tiervec-cloud", version, about = "tiervec cloud tier")]
@@ -37,16 +38,30 @@ enum Command {
         #[arg(long)]
         addr_file: Option<PathBuf>,
     },
-    /// Bulk-load an .fvecs file (and optional .jsonl texts as payloads) into a collection,
-    /// through a running server's API, or directly into a stopped server's data directory.
+    /// Bulk-load a user's data into a collection — JSON lines whose texts are embedded, or
+    /// vectors (.fvecs, .npy) with or without JSON lines for ids and payloads — through a
+    /// running server's API, or directly into a stopped server's data directory; an
+    /// interrupted load goes on where it stopped.
     Load {
         #[arg(long)]
         collection: String,
-        #[arg(long)]
-        fvecs: PathBuf,
-        /// JSON lines whose `text` becomes each point's payload `{"text": …}`.
+        /// JSON lines, one point each: its `--id-field` is the point's id (line numbers when no
+        /// line has one), the whole object its payload, its `--text-field` the text embedded
+        /// when no `--vectors` are given.
         #[arg(long)]
         jsonl: Option<PathBuf>,
+        /// Vectors, row i for line i of `--jsonl` (ids 0, 1, … without it): `.fvecs`, or
+        /// `.npy` (a float32 array of shape (rows, dimension)).
+        #[arg(long, alias = "fvecs")]
+        vectors: Option<PathBuf>,
+        #[arg(long, default_value = "id")]
+        id_field: String,
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// The embedding model's folder, to embed the texts (the cloud must run the same
+        /// model, `model_dir`, for text searches).
+        #[arg(long, env = "TIERVEC_MODEL")]
+        model: Option<PathBuf>,
         /// Server URL (API mode).
         #[arg(long, default_value = "http://127.0.0.1:6380")]
         url: String,
@@ -56,14 +71,19 @@ enum Command {
         /// directory lock refuses a second writer).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Create the collection (dimension from the file) if it does not exist.
+        /// The metric of the collection, when the load creates it.
         #[arg(long, default_value = "cosine")]
         metric: Metric,
-        #[arg(long, default_value_t = 1000)]
+        /// Points per write (and texts per embedding call).
+        #[arg(long, default_value_t = 256)]
         batch: usize,
-        /// Load only the first N vectors.
+        /// Load only the first N records.
         #[arg(long)]
         limit: Option<usize>,
+        /// Load from the first record, not from where an interrupted load of the same input
+        /// into the same collection stopped (`.tiervec-load/<collection>.<input>.loaded`).
+        #[arg(long)]
+        restart: bool,
     },
     /// Make a deployment's certificates: a CA (kept if it exists), the server certificate, one
     /// client certificate per edge (the edge id is its Common Name), and one per cluster node
@@ -133,73 +153,73 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Load {
             collection,
-            fvecs,
             jsonl,
+            vectors,
+            id_field,
+            text_field,
+            model,
             url,
             api_key,
             data_dir,
             metric,
             batch,
             limit,
+            restart,
         } => {
             init_logs(false);
-            let bytes =
-                std::fs::read(&fvecs).with_context(|| format!("reading {}", fvecs.display()))?;
-            let m = tiervec_shared::vecs::parse_fvecs(&bytes)
-                .with_context(|| format!("parsing {}", fvecs.display()))?;
-            let n = limit.unwrap_or(usize::MAX).min(m.rows());
-            let texts = match &jsonl {
-                Some(p) => Some(read_texts(p)?),
-                None => None,
+            let source = Source::open(
+                jsonl.as_deref(),
+                vectors.as_deref(),
+                &id_field,
+                &text_field,
+                model.as_deref(),
+                limit,
+            )?;
+            let input = jsonl.or(vectors).expect("Source::open needs an input");
+            let progress = Progress::new(Path::new(".tiervec-load"), &input, &collection);
+            let sink = match data_dir {
+                Some(dir) => Sink::Direct(Box::new(Service::open(CloudConfig {
+                    data_dir: dir,
+                    ..CloudConfig::default()
+                })?)),
+                None => Sink::Api(
+                    Client::new(&url, api_key),
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?,
+                ),
             };
-            let points: Vec<(u64, Vec<f32>, Option<String>)> = (0..n)
-                .map(|i| {
-                    let payload = texts
-                        .as_ref()
-                        .and_then(|t| t.get(i))
-                        .map(|t| serde_json::json!({ "text": t }).to_string());
-                    (i as u64, m.row(i).to_vec(), payload)
-                })
-                .collect();
-            let bar = ProgressBar::new(n as u64).with_style(
-                ProgressStyle::with_template("{bar:40} {pos}/{len} vectors {per_sec} eta {eta}")
+            let identity = sink.prepare(&collection, source.dim(), metric, source.model())?;
+            let from = if restart {
+                0
+            } else {
+                progress.done(&identity)?.min(source.len())
+            };
+            if from > 0 {
+                eprintln!(
+                    "resuming after {from} records already loaded ({}; --restart loads from the start)",
+                    progress.path().display()
+                );
+            }
+            let bar = ProgressBar::new(source.len() as u64).with_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} points {per_sec} eta {eta}")
                     .expect("valid template"),
             );
+            bar.set_position(from as u64);
             let started = Instant::now();
-            match data_dir {
-                Some(dir) => {
-                    let config = CloudConfig {
-                        data_dir: dir,
-                        ..CloudConfig::default()
-                    };
-                    let svc = Service::open(config)?;
-                    if svc.catalog().get(&collection).is_none() {
-                        svc.create_collection(&collection, m.dim, metric, HnswParams::default())?;
-                    }
-                    for chunk in points.chunks(batch.max(1)) {
-                        svc.upsert(&collection, chunk.to_vec())?;
-                        bar.inc(chunk.len() as u64);
-                    }
-                }
-                None => {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    rt.block_on(load_over_api(
-                        &url,
-                        api_key,
-                        &collection,
-                        m.dim,
-                        metric,
-                        &points,
-                        batch,
-                        &bar,
-                    ))?;
-                }
+            let mut done = from;
+            while done < source.len() {
+                let end = (done + batch.max(1)).min(source.len());
+                let points = source.points(done..end)?;
+                sink.upsert(&collection, points)?;
+                done = end;
+                progress.record(&identity, done)?;
+                bar.set_position(done as u64);
             }
             bar.finish();
             eprintln!(
-                "loaded {n} vectors into `{collection}` in {:.1} s",
+                "loaded {} points into `{collection}` in {:.1} s",
+                source.len() - from,
                 started.elapsed().as_secs_f64()
             );
             Ok(())
@@ -268,66 +288,232 @@ fn main() -> anyhow::Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn load_over_api(
-    url: &str,
-    key: Option<String>,
-    collection: &str,
-    dim: usize,
-    metric: Metric,
-    points: &[(u64, Vec<f32>, Option<String>)],
-    batch: usize,
-    bar: &ProgressBar,
-) -> anyhow::Result<()> {
-    let client = Client::new(url, key);
-    match client.collection(collection).await {
-        Ok(_) => {}
-        Err(ClientError::Api { status, .. }) if status == reqwest::StatusCode::NOT_FOUND => {
-            client
-                .create_collection(&CreateCollection {
-                    name: collection.to_owned(),
-                    dim,
-                    metric,
-                    m: None,
-                    ef_construction: None,
-                    shards: None,
-                    model: None,
-                })
-                .await?;
-        }
-        Err(e) => return Err(e.into()),
-    }
-    for chunk in points.chunks(batch.max(1)) {
-        let body = chunk
-            .iter()
-            .map(|(id, v, p)| {
-                Ok(PointIn {
-                    id: *id,
-                    vector: v.clone(),
-                    payload: p.clone().map(RawValue::from_string).transpose()?,
-                })
-            })
-            .collect::<Result<Vec<_>, serde_json::Error>>()?;
-        client.upsert(collection, body).await?;
-        bar.inc(chunk.len() as u64);
-    }
-    Ok(())
+/// What a load reads: records and vectors, or records whose texts it embeds.
+struct Source {
+    records: Option<Vec<Record>>,
+    vectors: Option<Matrix<f32>>,
+    #[cfg(feature = "embed")]
+    embedder: Option<tiervec_embed::Embedder>,
+    len: usize,
 }
 
-fn read_texts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
-    #[derive(serde::Deserialize)]
-    struct Line {
-        text: String,
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str::<Line>(l)
-                .map(|l| l.text)
-                .with_context(|| format!("{} line {}", path.display(), i + 1))
+impl Source {
+    fn open(
+        jsonl: Option<&Path>,
+        vectors: Option<&Path>,
+        id_field: &str,
+        text_field: &str,
+        model: Option<&Path>,
+        limit: Option<usize>,
+    ) -> anyhow::Result<Source> {
+        let limit = limit.unwrap_or(usize::MAX);
+        let mut records = jsonl
+            .map(|p| read_jsonl(p, id_field, text_field))
+            .transpose()?;
+        let vectors = vectors.map(read_vectors).transpose()?;
+        if let Some(r) = &mut records {
+            r.truncate(limit);
+        }
+        let len = match (&records, &vectors) {
+            (Some(r), Some(v)) => {
+                anyhow::ensure!(
+                    v.rows() >= r.len(),
+                    "{} records but {} vectors: row i is the vector of line i",
+                    r.len(),
+                    v.rows()
+                );
+                r.len()
+            }
+            (Some(r), None) => {
+                if let Some(i) = r.iter().position(|r| r.text.is_none()) {
+                    anyhow::bail!(
+                        "record {i} has no `{text_field}` to embed; give every record one, or --vectors"
+                    );
+                }
+                r.len()
+            }
+            (None, Some(v)) => v.rows().min(limit),
+            (None, None) => anyhow::bail!("nothing to load: give --jsonl, --vectors, or both"),
+        };
+        let embeds = vectors.is_none();
+        #[cfg(feature = "embed")]
+        let embedder = match (embeds, model) {
+            (false, _) => None,
+            (true, Some(dir)) => Some(tiervec_embed::Embedder::open(dir)?),
+            (true, None) => anyhow::bail!(
+                "the texts need the embedding model's folder: --model DIR (or TIERVEC_MODEL)"
+            ),
+        };
+        #[cfg(not(feature = "embed"))]
+        {
+            let _ = model;
+            anyhow::ensure!(
+                !embeds,
+                "this build has no embedder (cargo feature `embed`): give --vectors"
+            );
+        }
+        Ok(Source {
+            records,
+            vectors,
+            #[cfg(feature = "embed")]
+            embedder,
+            len,
         })
-        .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn dim(&self) -> usize {
+        match &self.vectors {
+            Some(v) => v.dim,
+            None => self.model().map_or(0, |m| m.dim as usize),
+        }
+    }
+
+    /// The model the texts are embedded with, when they are.
+    fn model(&self) -> Option<&ModelIdentity> {
+        #[cfg(feature = "embed")]
+        {
+            self.embedder.as_ref().map(|e| e.identity())
+        }
+        #[cfg(not(feature = "embed"))]
+        {
+            None
+        }
+    }
+
+    /// The points of records `range`: their vectors read or embedded.
+    fn points(&self, range: std::ops::Range<usize>) -> anyhow::Result<Vec<PointIn>> {
+        let vectors: Vec<Vec<f32>> = match &self.vectors {
+            Some(v) => range.clone().map(|i| v.row(i).to_vec()).collect(),
+            None => self.embed(range.clone())?,
+        };
+        range
+            .zip(vectors)
+            .map(|(i, vector)| {
+                let (id, payload) = match &self.records {
+                    Some(r) => (r[i].id, Some(RawValue::from_string(r[i].payload.clone())?)),
+                    None => (i as u64, None),
+                };
+                Ok(PointIn {
+                    id,
+                    vector,
+                    payload,
+                })
+            })
+            .collect()
+    }
+
+    #[cfg(feature = "embed")]
+    fn embed(&self, range: std::ops::Range<usize>) -> anyhow::Result<Vec<Vec<f32>>> {
+        let (Some(records), Some(embedder)) = (&self.records, &self.embedder) else {
+            anyhow::bail!("no texts to embed");
+        };
+        let texts: Vec<&str> = records[range]
+            .iter()
+            .map(|r| r.text.as_deref().unwrap_or_default())
+            .collect();
+        texts
+            .chunks(tiervec_embed::MAX_BATCH_TEXTS)
+            .map(|chunk| embedder.embed_batch(chunk))
+            .try_fold(Vec::new(), |mut all, part| {
+                all.extend(part?);
+                Ok(all)
+            })
+    }
+
+    #[cfg(not(feature = "embed"))]
+    fn embed(&self, _: std::ops::Range<usize>) -> anyhow::Result<Vec<Vec<f32>>> {
+        anyhow::bail!("this build has no embedder (cargo feature `embed`)")
+    }
+}
+
+/// Where a load writes: a running cloud's API, or a stopped cloud's data directory.
+enum Sink {
+    Api(Client, tokio::runtime::Runtime),
+    Direct(Box<Service>),
+}
+
+impl Sink {
+    /// Creates the collection if it does not exist (recording `model` when the texts are
+    /// embedded), and checks that one that does exist records the same model; returns the
+    /// collection's identity.
+    fn prepare(
+        &self,
+        collection: &str,
+        dim: usize,
+        metric: Metric,
+        model: Option<&ModelIdentity>,
+    ) -> anyhow::Result<String> {
+        let (identity, recorded) = match self {
+            Sink::Api(client, rt) => rt.block_on(async {
+                let description = match client.collection(collection).await {
+                    Ok(d) => d,
+                    Err(ClientError::Api { status, .. })
+                        if status == reqwest::StatusCode::NOT_FOUND =>
+                    {
+                        client
+                            .create_collection(&CreateCollection {
+                                name: collection.to_owned(),
+                                dim,
+                                metric,
+                                m: None,
+                                ef_construction: None,
+                                shards: None,
+                                model: model.map(|m| m.name.clone()),
+                            })
+                            .await?
+                    }
+                    Err(e) => return Err(anyhow::Error::from(e)),
+                };
+                Ok((description.id, description.model.map(|m| m.checksum)))
+            })?,
+            Sink::Direct(svc) => {
+                if svc.catalog().get(collection).is_none() {
+                    svc.create_collection(collection, dim, metric, HnswParams::default())?;
+                    if let Some(m) = model {
+                        svc.set_model(collection, m)?;
+                    }
+                }
+                let c = svc.collection(collection)?;
+                let recorded = svc
+                    .catalog()
+                    .model(c.info.id.0)
+                    .map(|m| format!("{:016x}", m.checksum));
+                (c.info.id.to_string(), recorded)
+            }
+        };
+        if let Some(m) = model {
+            let ours = format!("{:016x}", m.checksum);
+            anyhow::ensure!(
+                recorded.as_deref() == Some(ours.as_str()),
+                "collection `{collection}` records {} but the texts are embedded with {m}: load into a collection made with this model",
+                recorded.map_or("no model".to_owned(), |c| format!("model checksum {c}"))
+            );
+        }
+        Ok(identity)
+    }
+
+    /// Writes `points`; returns once they are durable.
+    fn upsert(&self, collection: &str, points: Vec<PointIn>) -> anyhow::Result<()> {
+        match self {
+            Sink::Api(client, rt) => {
+                rt.block_on(client.upsert(collection, points))?;
+            }
+            Sink::Direct(svc) => {
+                svc.upsert(
+                    collection,
+                    points
+                        .into_iter()
+                        .map(|p| (p.id, p.vector, p.payload.map(|r| r.get().to_owned())))
+                        .collect(),
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn init_logs(json: bool) {

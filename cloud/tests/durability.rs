@@ -452,6 +452,7 @@ fn load_into_a_stopped_servers_directory_and_inspect_it() {
     let data_dir = dir.path().join("data");
     let bin = env!("CARGO_BIN_EXE_tiervec-cloud");
     let out = std::process::Command::new(bin)
+        .current_dir(dir.path())
         .args(["load", "--collection", "c", "--batch", "16", "--data-dir"])
         .arg(&data_dir)
         .arg("--fvecs")
@@ -478,9 +479,11 @@ fn load_into_a_stopped_servers_directory_and_inspect_it() {
     assert_eq!(svc.catalog().get("c").unwrap().len(), 40);
     assert_eq!(
         svc.get("c", 7).unwrap().payload.as_deref(),
-        Some("{\"text\":\"t7\"}")
+        Some("{\"id\":7,\"text\":\"t7\"}"),
+        "the payload is the line's whole object"
     );
     let refused = std::process::Command::new(bin)
+        .current_dir(dir.path())
         .args(["load", "--collection", "c", "--data-dir"])
         .arg(&data_dir)
         .arg("--fvecs")

@@ -53,7 +53,8 @@ impl RestorePolicy {
 const RESTORE_BATCH: usize = 512;
 
 /// A snapshot file of what `logged` held, at the points' current versions (deleted ones left
-/// out), with the anchors whose points `anchor_vector` still knows, all within `budget` bytes
+/// out), with the anchors whose points `anchor_vector` still knows and whose members are all
+/// in the file (or deleted), all within `budget` bytes
 /// of the byte model (vectors first, newest first), at manifest `version`; and the inventory that file is (what the
 /// edge's manifest will be once it installs it).
 pub fn build(
@@ -77,16 +78,31 @@ pub fn build(
     held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut used = 0u64;
     let mut kept = std::collections::HashSet::new();
-    // Read in batches (on a cluster, one request per node and batch); a batch that cannot be
-    // read whole (a shard without a live replica) leaves its points out of the restore.
-    'fill: for batch in held.chunks(RESTORE_BATCH) {
+    // Points left out though they exist (or may): their batch could not be read (on a cluster,
+    // a shard without a live replica), or the budget ran out first. An anchor missing one of
+    // them is left out too: the edge would answer near it confidently without that neighbour.
+    // (A member deleted since is no neighbour any more; its anchor stays.)
+    let mut left_out = std::collections::HashSet::new();
+    let mut full = false;
+    for batch in held.chunks(RESTORE_BATCH) {
         let ids: Vec<u64> = batch.iter().map(|(id, _)| *id).collect();
-        let points = collection.get_many(&ids, true).unwrap_or_default();
-        for point in points.into_iter().flatten() {
+        let points = match (full, collection.get_many(&ids, true)) {
+            (false, Some(points)) => points,
+            _ => {
+                left_out.extend(ids);
+                continue;
+            }
+        };
+        for (id, point) in ids.into_iter().zip(points) {
+            let Some(point) = point else {
+                continue;
+            };
             let payload = point.payload.as_deref().unwrap_or_default();
             let cost = vector_bytes(dim, payload.len());
-            if used + cost > budget {
-                break 'fill;
+            if full || used + cost > budget {
+                full = true;
+                left_out.insert(id);
+                continue;
             }
             writer.push(point.id, point.lsn, &point.vector, Some(payload))?;
             used += cost;
@@ -94,6 +110,9 @@ pub fn build(
         }
     }
     for (anchor, members) in logged.anchors() {
+        if members.iter().any(|m| left_out.contains(m)) {
+            continue;
+        }
         let Some(vector) = anchor_vector(anchor) else {
             continue;
         };
@@ -117,4 +136,133 @@ pub fn build(
         .manifest()
         .inventory();
     Ok((opened.into_inner(), inventory))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tiervec_shared::hnsw::HnswParams;
+    use tiervec_shared::push::HeldVector;
+    use tiervec_shared::{CollectionId, Metric};
+
+    use super::*;
+    use crate::collection::{CollectionInfo, Point};
+
+    /// Points by id; `get_many` of a batch holding an id of `unreadable` fails whole, as a
+    /// cluster's does for a shard without a live replica.
+    struct Points {
+        info: CollectionInfo,
+        points: HashMap<u64, Point>,
+        unreadable: Vec<u64>,
+    }
+
+    impl Corpus for Points {
+        fn info(&self) -> &CollectionInfo {
+            &self.info
+        }
+        fn get(&self, id: u64) -> Option<Point> {
+            self.points.get(&id).cloned()
+        }
+        fn get_many(&self, ids: &[u64], _: bool) -> Option<Vec<Option<Point>>> {
+            (!ids.iter().any(|id| self.unreadable.contains(id)))
+                .then(|| ids.iter().map(|id| self.get(*id)).collect())
+        }
+        fn search(&self, _: &[f32], _: usize, _: usize) -> Option<Vec<u64>> {
+            None
+        }
+        fn exact(&self, _: &[f32], _: usize) -> Option<Vec<u64>> {
+            None
+        }
+        fn deleted_at(&self, _: u64) -> Option<u64> {
+            None
+        }
+    }
+
+    const DIM: usize = 4;
+
+    fn corpus(unreadable: Vec<u64>) -> Points {
+        let points = (1..=6u64)
+            .map(|id| {
+                let point = Point {
+                    id,
+                    vector: vec![id as f32, 1.0, 0.0, 0.0],
+                    lsn: 70 - 10 * id,
+                    payload: None,
+                };
+                (id, point)
+            })
+            .collect();
+        Points {
+            info: CollectionInfo {
+                name: "c".into(),
+                id: CollectionId([4; 16]),
+                dim: DIM,
+                metric: Metric::L2,
+                params: HnswParams::default(),
+            },
+            points,
+            unreadable,
+        }
+    }
+
+    /// Logged: points 1..=6 and 9 (deleted since), anchors 100 → [1, 2], 101 → [3, 4],
+    /// 102 → [5, 6], 103 → [1, 9].
+    fn logged() -> Manifest {
+        let vectors = [1u64, 2, 3, 4, 5, 6, 9]
+            .iter()
+            .map(|&id| HeldVector {
+                id,
+                lsn: 70u64.saturating_sub(10 * id),
+                bytes: vector_bytes(DIM, 0),
+            })
+            .collect();
+        Manifest::from_inventory(
+            &Inventory {
+                collection_id: [4; 16],
+                version: 3,
+                vectors,
+                anchors: vec![
+                    (100, vec![1, 2]),
+                    (101, vec![3, 4]),
+                    (102, vec![5, 6]),
+                    (103, vec![1, 9]),
+                ],
+            },
+            DIM,
+        )
+    }
+
+    fn members_of_restored(corpus: &Points, budget: u64) -> Vec<Vec<u64>> {
+        let (_, inventory) = build(
+            corpus,
+            &logged(),
+            |anchor| Some(vec![anchor as f32, 0.0, 0.0, 1.0]),
+            4,
+            budget,
+        )
+        .unwrap();
+        let mut members: Vec<Vec<u64>> = inventory.anchors.into_iter().map(|(_, m)| m).collect();
+        members.iter_mut().for_each(|m| m.sort_unstable());
+        members.sort();
+        members
+    }
+
+    #[test]
+    fn an_anchor_is_restored_only_with_every_member_that_still_exists() {
+        let everything = 10 * (vector_bytes(DIM, 0) + anchor_bytes(DIM, 2));
+        // All read: every anchor, the one of a deleted member without it.
+        assert_eq!(
+            members_of_restored(&corpus(vec![]), everything),
+            vec![vec![1], vec![1, 2], vec![3, 4], vec![5, 6]]
+        );
+        // The budget holds the four newest points: the anchor of the two oldest is left out.
+        let four = 4 * vector_bytes(DIM, 0) + 3 * anchor_bytes(DIM, 2);
+        assert_eq!(
+            members_of_restored(&corpus(vec![]), four),
+            vec![vec![1], vec![1, 2], vec![3, 4]]
+        );
+        // Nothing could be read: no anchor claims a neighbourhood the file lacks.
+        assert!(members_of_restored(&corpus(vec![3]), everything).is_empty());
+    }
 }
