@@ -14,7 +14,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tiervec_cloud::config::CloudConfig;
-use tiervec_shared::query::MAX_TEXT_BYTES;
+use tiervec_shared::query::MAX_TEXT_CHARS;
 use tiervec_test_support::paths::{data_dir, model_dir};
 
 const POINTS: usize = 300;
@@ -134,7 +134,7 @@ async fn texts_are_searched_with_the_model_their_collection_records() {
     .await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("unknown_model")),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_model")),
         "{body}"
     );
     let (status, body) = post(
@@ -221,7 +221,7 @@ async fn texts_are_searched_with_the_model_their_collection_records() {
         (json!({"k": 1}), "invalid_request"),
         (json!({"text": "  ", "k": 1}), "invalid_text"),
         (
-            json!({"text": "x".repeat(MAX_TEXT_BYTES + 1), "k": 1}),
+            json!({"text": "x".repeat(MAX_TEXT_CHARS + 1), "k": 1}),
             "invalid_text",
         ),
     ] {
@@ -232,8 +232,7 @@ async fn texts_are_searched_with_the_model_their_collection_records() {
             "{answer}"
         );
     }
-    let (status, answer) =
-        search(json!({"text": "word ".repeat(MAX_TEXT_BYTES / 5), "k": 1})).await;
+    let (status, answer) = search(json!({"text": "é".repeat(MAX_TEXT_CHARS), "k": 1})).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     let (status, body) = post(
         addr,
@@ -251,7 +250,7 @@ async fn texts_are_searched_with_the_model_their_collection_records() {
     .await;
     assert_eq!(
         (status, answer["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("no_model")),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("no_model")),
         "{answer}"
     );
 
@@ -337,7 +336,7 @@ async fn a_cloud_without_a_model_refuses_texts_and_models() {
     .await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("no_model")),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("no_model")),
         "{body}"
     );
     let (status, _) = post(
@@ -355,7 +354,7 @@ async fn a_cloud_without_a_model_refuses_texts_and_models() {
     .await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("no_model")),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("no_model")),
         "{body}"
     );
 

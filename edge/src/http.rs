@@ -27,7 +27,7 @@ pub struct SearchRequest {
     /// The query vector; or send `text` (an edge started with `model_dir`).
     #[serde(default)]
     pub vector: Option<Vec<f32>>,
-    /// The query as text, embedded here (`query::MAX_TEXT_BYTES` bytes at most).
+    /// The query as text, embedded here (`query::MAX_TEXT_CHARS` characters at most).
     #[serde(default)]
     pub text: Option<String>,
     pub k: usize,

@@ -6,10 +6,11 @@
 
 use thiserror::Error;
 
-/// Bytes of UTF-8 one query or document text may have where a text stands in for a vector:
-/// the embedding model reads 256 tokens at most (rarely more than ~2,000 bytes), so this only
-/// bounds what a client can make the tokenizer read.
-pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+/// Characters (Unicode scalar values) one query or document text may have where a text stands
+/// in for a vector: the embedding model reads 256 tokens at most (rarely more than ~2,000
+/// characters), so this only bounds what a client can make the tokenizer read. Counted in
+/// characters, as JSON Schema's `maxLength` counts, so the API document states it exactly.
+pub const MAX_TEXT_CHARS: usize = 4_096;
 
 /// The largest `k` a search accepts. Answers are meant for an LLM's context window; a larger
 /// `k` is almost always a bug in the caller, and it bounds the work and memory of one request.

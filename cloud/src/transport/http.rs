@@ -189,10 +189,12 @@ impl From<ServiceError> for ApiError {
 impl From<TextError> for ApiError {
     fn from(e: TextError) -> ApiError {
         let (status, code) = match &e {
+            // Valid requests this deployment or collection cannot serve, like
+            // `shards_need_a_cluster`.
             TextError::NoModel | TextError::CollectionHasNoModel { .. } => {
-                (StatusCode::BAD_REQUEST, "no_model")
+                (StatusCode::UNPROCESSABLE_ENTITY, "no_model")
             }
-            TextError::UnknownModel { .. } => (StatusCode::BAD_REQUEST, "unknown_model"),
+            TextError::UnknownModel { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_model"),
             // The collection's vectors live in another model's space.
             TextError::ModelMismatch { .. } => (StatusCode::CONFLICT, "model_mismatch"),
             TextError::Input(_) => (StatusCode::BAD_REQUEST, "invalid_text"),
@@ -595,7 +597,7 @@ pub struct SearchRequest {
     /// The query vector; or send `text`.
     #[serde(default, deserialize_with = "components::option_vector")]
     pub vector: Option<Vec<f32>>,
-    /// The query as text, embedded by the collection's model (`query::MAX_TEXT_BYTES`
+    /// The query as text, embedded by the collection's model (`query::MAX_TEXT_CHARS`
     /// bytes at most); or send `vector`.
     #[serde(default)]
     pub text: Option<String>,

@@ -120,10 +120,23 @@ pub fn state_bounds(spec: &mut Value, max_batch: usize) {
         &format!("{s}/SearchRequest/properties/vector"),
         vector(),
     );
-    bound(
+    // A text has something to embed (not only whitespace) and is at most the limit's bytes;
+    // a search carries exactly one of `vector` and `text`.
+    set(
         spec,
         &format!("{s}/SearchRequest/properties/text"),
-        json!({"maxLength": tiervec_shared::query::MAX_TEXT_BYTES}),
+        json!({
+            "type": "string",
+            "minLength": 1,
+            "maxLength": tiervec_shared::query::MAX_TEXT_CHARS,
+            "pattern": "\\S",
+            "description": "The query as text, embedded by the collection's model (cut at 256 tokens)"
+        }),
+    );
+    bound(
+        spec,
+        &format!("{s}/SearchRequest"),
+        json!({"oneOf": [{"required": ["vector"]}, {"required": ["text"]}]}),
     );
     bound(
         spec,
@@ -220,7 +233,7 @@ pub fn state_bounds(spec: &mut Value, max_batch: usize) {
             let mut answers = vec![
                 (
                     "400",
-                    "`invalid_json` (a path, query or body that does not parse), `invalid_request` (a value out of its bounds), `invalid_text` (an empty text, or one over 16 KiB), `no_model` (a text for a collection, or a cloud, without an embedding model), `unknown_model` (a model this cloud does not run)",
+                    "`invalid_json` (a path, query or body that does not parse), `invalid_request` (a value out of its bounds, or a search with both or neither of `vector` and `text`), `invalid_text` (a text of whitespace only, or over 4,096 characters)",
                 ),
                 (
                     "401",
@@ -239,7 +252,7 @@ pub fn state_bounds(spec: &mut Value, max_batch: usize) {
                 answers.push(("409", "`model_mismatch`: the collection was made with another embedding model than this cloud runs"));
             }
             if takes_vectors {
-                answers.push(("422", "`dimension_mismatch` (a vector's length is not the collection's dimension), `answer_too_large` (the hits asked for, with their payloads, exceed the 16 MiB an answer may carry)"));
+                answers.push(("422", "`dimension_mismatch` (a vector's length is not the collection's dimension), `answer_too_large` (the hits asked for, with their payloads, exceed the 16 MiB an answer may carry), `no_model` (a text for a collection, or a cloud, without an embedding model)"));
             }
             for (status, description) in answers {
                 responses

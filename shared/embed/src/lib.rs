@@ -24,7 +24,7 @@ use tracing::info;
 
 /// Tokens a text is truncated at (`[CLS]` and `[SEP]` included), as the dataset was made.
 pub const MAX_TOKENS: usize = 256;
-pub use tiervec_shared::query::MAX_TEXT_BYTES;
+pub use tiervec_shared::query::MAX_TEXT_CHARS;
 /// Texts one call embeds at most.
 pub const MAX_BATCH_TEXTS: usize = 256;
 /// Texts embedded in one forward pass of [`Embedder::embed_batch`] (padded to the longest,
@@ -43,8 +43,8 @@ pub enum EmbedError {
     Model { dir: PathBuf, reason: String },
     #[error("the text is empty (only whitespace)")]
     EmptyText,
-    #[error("the text has {bytes} bytes; at most {limit} are embedded (split it)")]
-    TextTooLong { bytes: usize, limit: usize },
+    #[error("the text has {chars} characters; at most {limit} are embedded (split it)")]
+    TextTooLong { chars: usize, limit: usize },
     #[error("{texts} texts in one call; at most {limit} (send them in batches)")]
     TooManyTexts { texts: usize, limit: usize },
     #[error("embedding failed: {0}")]
@@ -165,10 +165,12 @@ impl Embedder {
 
     /// The token ids of `text`, checked and truncated.
     fn tokens(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
-        if text.len() > MAX_TEXT_BYTES {
+        // Counting stops just past the limit: a huge text costs no more than a long one.
+        let chars = text.chars().take(MAX_TEXT_CHARS + 1).count();
+        if chars > MAX_TEXT_CHARS {
             return Err(EmbedError::TextTooLong {
-                bytes: text.len(),
-                limit: MAX_TEXT_BYTES,
+                chars: text.chars().count(),
+                limit: MAX_TEXT_CHARS,
             });
         }
         if text.trim().is_empty() {

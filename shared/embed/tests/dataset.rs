@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, Read};
 
-use tiervec_embed::{EmbedError, Embedder, MAX_BATCH_TEXTS, MAX_TEXT_BYTES};
+use tiervec_embed::{EmbedError, Embedder, MAX_BATCH_TEXTS, MAX_TEXT_CHARS};
 use tiervec_test_support::paths::{data_dir, model_dir};
 
 const TEXTS: usize = 1_000;
@@ -83,13 +83,14 @@ fn the_first_thousand_base_texts_embed_to_the_shipped_vectors() {
 #[test]
 fn limits_hold_at_limit_plus_one() {
     let embedder = embedder();
-    let at_limit = "word ".repeat(MAX_TEXT_BYTES / 5);
-    assert!(at_limit.len() <= MAX_TEXT_BYTES);
+    // Multi-byte characters count once each.
+    let at_limit = "é".repeat(MAX_TEXT_CHARS);
+    assert_eq!(at_limit.chars().count(), MAX_TEXT_CHARS);
     assert_eq!(embedder.embed(&at_limit).expect("embeds").len(), 384);
-    let over = "x".repeat(MAX_TEXT_BYTES + 1);
+    let over = "x".repeat(MAX_TEXT_CHARS + 1);
     assert!(matches!(
         embedder.embed(&over),
-        Err(EmbedError::TextTooLong { bytes, limit }) if bytes == MAX_TEXT_BYTES + 1 && limit == MAX_TEXT_BYTES
+        Err(EmbedError::TextTooLong { chars, limit }) if chars == MAX_TEXT_CHARS + 1 && limit == MAX_TEXT_CHARS
     ));
     assert!(matches!(
         embedder.embed(" \n\t"),
