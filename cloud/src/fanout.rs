@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use crate::collection::{Collection, Engine, Hit, Point, SearchParams};
 use crate::storage::{ClusterError, DurableLog, LogName, Peers, plan_fan_out, shard_of};
+use tiervec_shared::query::MAX_K;
 
 /// A request of one node to another.
 #[derive(Debug, Serialize, Deserialize)]
@@ -168,9 +169,9 @@ pub fn search(
     let mut covered: Vec<u32> = Vec::new();
     if !plan.local.is_empty() {
         wait_local(log, id, &plan.local, after, catch_up)?;
-        let (local_hits, engine) = c.search(query, params)?;
+        let (local_hits, engine) = search_ready(c, query, params, shards, &local)?;
         all_exact &= engine == Engine::Exact;
-        hits.extend(held_only(local_hits, shards, &local));
+        hits.extend(local_hits);
         covered.extend(&plan.local);
     }
     let mut failed: Vec<String> = Vec::new();
@@ -275,11 +276,34 @@ fn wait_local(
     Ok(())
 }
 
-/// The hits of shards this node holds caught up (a shard still catching up may hold stale
-/// points; another replica answers for it).
-fn held_only(hits: Vec<Hit>, shards: u32, ready: &[u32]) -> impl Iterator<Item = Hit> + '_ {
-    hits.into_iter()
-        .filter(move |h| ready.contains(&shard_of(h.id, shards)))
+/// The nearest `params.k` points of `c` in the shards this node holds caught up (`ready`, of
+/// `shards`). The collection may also hold points of shards it is still catching up with (stale;
+/// another replica answers for them) or releasing; those would crowd its top-k and, filtered
+/// out after it, leave fewer and farther hits than the ready shards have — an answer, an
+/// anchor's members or a certificate short of true neighbours. So the search asks for more
+/// until `k` of its hits are of ready shards, or it returned all it could.
+fn search_ready(
+    c: &Collection,
+    query: &[f32],
+    params: &SearchParams,
+    shards: u32,
+    ready: &[u32],
+) -> Result<(Vec<Hit>, Engine), tiervec_shared::query::QueryError> {
+    let mut asked = *params;
+    loop {
+        let (hits, engine) = c.search(query, &asked)?;
+        let returned = hits.len();
+        let mut kept: Vec<Hit> = hits
+            .into_iter()
+            .filter(|h| ready.contains(&shard_of(h.id, shards)))
+            .collect();
+        if kept.len() >= params.k || returned < asked.k || asked.k >= MAX_K {
+            kept.truncate(params.k);
+            return Ok((kept, engine));
+        }
+        asked.k = (asked.k * 2).min(MAX_K);
+        asked.ef = asked.ef.max(asked.k);
+    }
 }
 
 /// The `k` nearest of several answers, each id once, nearest first (ties by id).
@@ -453,23 +477,24 @@ pub fn answer(
                     &after,
                     Duration::from_millis(wait_ms.min(10_000)),
                 );
-                match waited.and_then(|()| Ok(c.search(&vector, &params)?)) {
+                let shards = peers.shards(collection);
+                let searched =
+                    waited.and_then(|()| Ok(search_ready(&c, &vector, &params, shards, &ready)?));
+                match searched {
                     Err(e) => PeerAnswer::Refused(e.to_string()),
-                    Ok((hits, engine)) => {
-                        let shards = peers.shards(collection);
-                        PeerAnswer::Hits {
-                            hits: held_only(hits, shards, &ready)
-                                .map(|h| PeerHit {
-                                    id: h.id,
-                                    distance: h.distance,
-                                    lsn: h.lsn,
-                                    payload: h.payload.filter(|_| payloads).map(|p| p.to_string()),
-                                })
-                                .collect(),
-                            ready,
-                            exact: engine == Engine::Exact,
-                        }
-                    }
+                    Ok((hits, engine)) => PeerAnswer::Hits {
+                        hits: hits
+                            .into_iter()
+                            .map(|h| PeerHit {
+                                id: h.id,
+                                distance: h.distance,
+                                lsn: h.lsn,
+                                payload: h.payload.filter(|_| payloads).map(|p| p.to_string()),
+                            })
+                            .collect(),
+                        ready,
+                        exact: engine == Engine::Exact,
+                    },
                 }
             }
         },
@@ -515,6 +540,53 @@ mod tests {
             distance,
             lsn: 1,
             payload: None,
+        }
+    }
+
+    /// Points of a shard still catching up lie nearest the query: the ready shards' own
+    /// nearest are still found, exactly as a brute force over them finds them.
+    #[test]
+    fn a_search_of_ready_shards_is_not_crowded_out_by_the_others() {
+        use tiervec_shared::hnsw::HnswParams;
+        use tiervec_shared::{CollectionId, Metric};
+        let engine = crate::collection::gpu::ExactEngine::start(&Default::default());
+        let c = Collection::with_engine(
+            crate::collection::CollectionInfo {
+                name: "c".into(),
+                id: CollectionId([1; 16]),
+                dim: 2,
+                metric: Metric::L2,
+                params: HnswParams::default(),
+            },
+            engine,
+        );
+        let shards = 3;
+        let ids: Vec<u64> = (0..600).collect();
+        // Shard 2's points at distance ~1 of the origin, the others' farther.
+        let vectors: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| {
+                let r = if shard_of(id, shards) == 2 { 1.0 } else { 5.0 } + id as f32 * 1e-3;
+                [r, 0.0]
+            })
+            .collect();
+        c.apply_upsert(1, &ids, &vectors, &vec![None; ids.len()]);
+        for exact in [true, false] {
+            let params = SearchParams {
+                k: 10,
+                ef: 64,
+                exact,
+                max_distance: None,
+            };
+            let (hits, _) = search_ready(&c, &[0.0, 0.0], &params, shards, &[0, 1]).unwrap();
+            let mut want: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|&id| shard_of(id, shards) != 2)
+                .collect();
+            want.truncate(10);
+            let got: Vec<u64> = hits.iter().map(|h| h.id).collect();
+            assert_eq!(got, want, "exact: {exact}");
         }
     }
 
