@@ -95,6 +95,9 @@ pub struct Span {
     pub degraded_fraction: f64,
     /// Recall@10 of the local answers in this span.
     pub local_recall_at_10: f64,
+    /// Local answers certified exact, and of those the ones that were not the exact top-10.
+    pub certified: usize,
+    pub certified_not_exact: usize,
 }
 
 /// The outcomes in ten equal spans of the trace's time.
@@ -130,6 +133,8 @@ fn timeline(outcomes: &[Vec<Outcome>]) -> Vec<Span> {
                 local_fraction: share("local"),
                 degraded_fraction: share("degraded"),
                 local_recall_at_10: mean(local.into_iter()),
+                certified: span.iter().filter(|o| o.certified).count(),
+                certified_not_exact: span.iter().filter(|o| o.certified && !o.exact).count(),
             }
         })
         .collect()
@@ -473,12 +478,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     for span in &report.timeline {
         eprintln!(
-            "  from {:>5.1} s: {} requests, local {:.3} at recall@10 {:.3}, degraded {:.3}",
+            "  from {:>5.1} s: {} requests, local {:.3} at recall@10 {:.3}, degraded {:.3}, certified {} ({} not exact)",
             span.from_s,
             span.requests,
             span.local_fraction,
             span.local_recall_at_10,
-            span.degraded_fraction
+            span.degraded_fraction,
+            span.certified,
+            span.certified_not_exact
         );
     }
     eprintln!(
