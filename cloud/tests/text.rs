@@ -516,6 +516,21 @@ async fn an_edge_answers_texts_from_its_cache_and_through_the_cloud() {
     }
     assert!(node.connected(), "the edge never connected");
 
+    let readiness: Value = reqwest::get(format!("http://{edge}/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readiness["ready"], true, "{readiness}");
+    assert_eq!(readiness["link_up"], true, "{readiness}");
+    assert_eq!(readiness["takes_text"], true, "{readiness}");
+    assert_eq!(
+        readiness["cached_vectors"].as_u64(),
+        Some(CACHED as u64),
+        "{readiness}"
+    );
+
     let (mut local, mut cloud) = (0, 0);
     for i in (0..POINTS).step_by(3) {
         let (status, answer) = post(

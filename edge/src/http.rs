@@ -263,10 +263,42 @@ async fn search(
     }))
 }
 
+/// `GET /readyz`: the edge is served only once its cache is open, so it is ready whenever it
+/// answers; the link's state is a field, not a condition — an edge cut off from the cloud still
+/// answers (degraded where it is not confident), so it stays in rotation.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub link_up: bool,
+    pub collection: String,
+    pub cached_vectors: usize,
+    pub cached_anchors: usize,
+    pub cache_version: u64,
+    pub takes_text: bool,
+}
+
+async fn readyz(State(state): State<EdgeState>) -> Json<Readiness> {
+    let cache = state.node.cache();
+    let (vectors, anchors, _) = cache.usage();
+    Json(Readiness {
+        ready: true,
+        link_up: state.node.connected(),
+        collection: state.collection.clone(),
+        cached_vectors: vectors,
+        cached_anchors: anchors,
+        cache_version: cache.version(),
+        #[cfg(feature = "embed")]
+        takes_text: state.embedder.is_some(),
+        #[cfg(not(feature = "embed"))]
+        takes_text: false,
+    })
+}
+
 /// The router of the edge's local endpoint.
 pub fn router(state: EdgeState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route(
             "/metrics",
             get(|State(state): State<EdgeState>| async move { state.metrics.render() }),

@@ -68,6 +68,9 @@ def test_async_cloud_client(servers, records):
 def test_edge_answers_texts(servers, records):
     with EdgeClient(servers["edge"]) as edge:
         assert edge.healthy()
+        readiness = edge.readiness()
+        assert readiness["ready"] and readiness["link_up"] and readiness["takes_text"]
+        assert readiness["collection"] == COLLECTION
         for record in records[60:66]:
             result = edge.search(COLLECTION, text=record["text"], k=3)
             assert result.source in ("local", "cloud")

@@ -13,7 +13,7 @@ use tiervec_shared::protocol::frame::{
 use tiervec_shared::protocol::session::{ClientAction, ClientEvent, ClientSession};
 use tiervec_shared::protocol::transfer::SnapshotReceiver;
 use tokio::io::AsyncWriteExt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::stream::exchange;
 use super::tls::LinkError;
@@ -82,7 +82,10 @@ pub(super) async fn resync(
                 match action {
                     ClientAction::InventoryAcked(v) if v == version => {
                         metrics::counter!("tiervec_edge_resyncs_total").increment(1);
-                        debug!(version, held, parts, "cloud adopted the cache's inventory");
+                        info!(
+                            version,
+                            held, parts, "resynced: the cloud adopted the cache's inventory"
+                        );
                         return Ok(());
                     }
                     ClientAction::Close { message, .. } => {

@@ -660,11 +660,13 @@ async fn chaos(
         .await
         .context("node 0 never caught up")?;
     bases.lock()[0] = base.clone();
-    // Its shards were placed elsewhere while it was gone: caught up once placement gives it
-    // its share back (bounded-load placement gives each node the same number of shards) and
-    // it announces each of them caught up. (The points it holds change with the writer's
-    // writes, so they cannot say when it is done.)
-    let share = (SHARDS * REPLICATION as u32 / NODES as u32) as usize;
+    // Its shards were placed elsewhere while it was gone: caught up once placement has given
+    // it shards back and it announces them caught up, the set unchanged for a second (the
+    // time of its last change is reported). How many it gets back is placement's choice, and
+    // the points it holds change with the writer's writes, so neither can say when it is done.
+    let mut last: Vec<u64> = Vec::new();
+    let mut points = 0;
+    let mut changed_at = Instant::now();
     let (catch_up_seconds, catch_up_points) = loop {
         let d: serde_json::Value = http
             .get(format!("{base}/v1/collections/{COLLECTION}"))
@@ -672,9 +674,13 @@ async fn chaos(
             .await?
             .json()
             .await?;
-        let held: Vec<u32> = serde_json::from_value(d["shards_held"].clone()).unwrap_or_default();
-        if held.len() >= share {
-            break (t.elapsed().as_secs_f64(), d["points"].as_u64().unwrap_or(0));
+        let held: Vec<u64> = serde_json::from_value(d["shards_held"].clone()).unwrap_or_default();
+        if held != last {
+            last = held;
+            points = d["points"].as_u64().unwrap_or(0);
+            changed_at = Instant::now();
+        } else if !last.is_empty() && changed_at.elapsed() > Duration::from_secs(1) {
+            break (changed_at.duration_since(t).as_secs_f64(), points);
         }
         anyhow::ensure!(
             t.elapsed() < Duration::from_secs(600),

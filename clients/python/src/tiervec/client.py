@@ -190,6 +190,11 @@ class EdgeClient:
         except httpx.TransportError:
             return False
 
+    def readiness(self) -> Dict[str, Any]:
+        """``/readyz``: ``ready`` (the cache is open), ``link_up``, what the cache holds, and
+        whether the edge takes texts."""
+        return _answer(self._http.get("/readyz"))
+
     def search(
         self,
         collection: str,
