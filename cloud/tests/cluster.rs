@@ -18,6 +18,11 @@ use tiervec_test_support::vectors::family_vector;
 
 const DIM: usize = 8;
 
+/// One cluster at a time: each test runs three nats-servers and up to three nodes, and ten of
+/// them at once on a two-core machine starve heartbeats and server starts into timeouts that
+/// test the machine, not the code. Run one after another they take about as long.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A cloud node on the cluster's streams, its data in `dir`; its HTTP address.
 fn spawn_node(dir: &Path, nats: &[String]) -> (ChildGuard, String) {
     spawn_node_with(dir, nats, &[])
@@ -142,6 +147,7 @@ async fn until_held(
 /// catches up from the streams; every acknowledged write and deletion is on both at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_every_acknowledged_write_across_kills() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut nats = NatsCluster::start(dir.path(), 3);
     let urls = nats.urls();
@@ -364,6 +370,7 @@ async fn two_nodes_share_every_acknowledged_write_across_kills() {
 /// with the right one serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_the_nats_servers_refuse_stops_and_says_why() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start_with_user(dir.path(), 1, Some(("tiervec", "right")));
     let urls = nats.urls();
@@ -406,6 +413,7 @@ async fn a_node_the_nats_servers_refuse_stops_and_says_why() {
 /// that TLS with the servers failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_reach_nats_over_mutual_tls_and_one_without_a_certificate_stops() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let certs = CertDir {
         dir: dir.path().join("certs"),
@@ -485,6 +493,7 @@ async fn nodes_reach_nats_over_mutual_tls_and_one_without_a_certificate_stops() 
 /// the first answer from the other node, with a 1 s idle timeout on the link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_fails_over_to_another_node_when_its_node_is_killed() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(dir.path(), 3);
     let urls = nats.urls();
@@ -685,6 +694,7 @@ fn truth(points: &BTreeMap<u64, Vec<f32>>, q: &[f32]) -> Vec<u64> {
 /// again. Both killed nodes restarted from empty folders: every node answers whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(dir.path(), 3);
     let urls = nats.urls();
@@ -900,6 +910,7 @@ async fn three_nodes_answer_a_sharded_collection_whole_and_name_what_is_missing(
 /// leaves the edge's cache within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_gets_and_loses_vectors_of_shards_its_node_does_not_hold() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(dir.path(), 3);
     let urls = nats.urls();
@@ -1027,6 +1038,7 @@ async fn an_edge_gets_and_loses_vectors_of_shards_its_node_does_not_hold() {
 /// every write is acknowledged, and every acknowledged write is on both nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_at_every_node_go_on_across_nats_server_kills_and_restarts() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut nats = NatsCluster::start(dir.path(), 3);
     let urls = nats.urls();
@@ -1140,6 +1152,7 @@ async fn metric(http: &reqwest::Client, addr: &str, name: &str) -> f64 {
 /// it stops, non-zero, saying so, rather than serve a state no stream holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarts_from_its_checkpoint_replaying_only_the_tail() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&dir.path().join("nats"), 3);
     let urls = nats.urls();
@@ -1329,6 +1342,7 @@ async fn until_all_held(
 /// answers every acknowledged write as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trimmed_stream_is_caught_up_from_its_snapshot() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&dir.path().join("nats"), 3);
     let urls = nats.urls();
@@ -1443,6 +1457,7 @@ async fn points_held(http: &reqwest::Client, addr: &str) -> u64 {
 /// and every search whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_node_takes_its_share_and_the_other_frees_it() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&dir.path().join("nats"), 3);
     let urls = nats.urls();
