@@ -24,6 +24,8 @@ pub enum LoadError {
     },
     #[error("{path}: {why}")]
     Vectors { path: PathBuf, why: String },
+    #[error("progress file {path}: {why}")]
+    Progress { path: PathBuf, why: String },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
@@ -197,7 +199,7 @@ impl Progress {
     }
 
     fn damaged(&self, text: &str) -> LoadError {
-        LoadError::Vectors {
+        LoadError::Progress {
             path: self.path.clone(),
             why: format!(
                 "`{}` is not a collection identity and a count of records; delete the file to load from the start",
