@@ -133,6 +133,38 @@ impl Client {
             .await
     }
 
+    /// A first snapshot file for an edge of collection `name`: at most `max_vectors` (the
+    /// server's default when `None`), carrying the collection's identity.
+    pub async fn edge_snapshot(
+        &self,
+        name: &str,
+        max_vectors: Option<usize>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut req = self
+            .http
+            .get(self.url(&format!("/v1/collections/{name}/snapshot")));
+        if let Some(n) = max_vectors {
+            req = req.query(&[("max_vectors", n)]);
+        }
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.bytes().await?.to_vec());
+        }
+        let body: ErrorBody = resp.json().await.unwrap_or(ErrorBody {
+            code: "unknown".into(),
+            message: String::new(),
+        });
+        Err(ClientError::Api {
+            status,
+            code: body.code,
+            message: body.message,
+        })
+    }
+
     pub async fn ready(&self) -> bool {
         matches!(self.http.get(self.url("/readyz")).send().await, Ok(r) if r.status().is_success())
     }

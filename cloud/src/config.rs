@@ -1,7 +1,8 @@
 //! `tiervec-cloud serve` configuration: a plain struct with defaults, read from TOML, and every
-//! field overridable by an environment variable `TIERVEC_CLOUD_<FIELD>` and by a flag
-//! `--set <field>=<value>` (values in TOML syntax, `table.field` for a field of a table; flags
-//! win over env, env over the file).
+//! field overridable by an environment variable `TIERVEC_CLOUD_<FIELD>` (`__` between nested
+//! keys: `TIERVEC_CLOUD_HTTP__MAX_CONNECTIONS`) and by a flag `--set <field>=<value>` (values in
+//! TOML syntax, `table.field` for a field of a table; flags win over env, env over the file),
+//! layered by figment (`tiervec_shared::layered`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,10 @@ pub struct CloudConfig {
     pub quic_addr: Option<SocketAddr>,
     /// Certificates made by `tiervec-cloud certs` (CA, server certificate and key).
     pub certs_dir: PathBuf,
+    /// Development only: make what `tiervec-cloud certs` makes in `certs_dir` where it is
+    /// missing — a CA (its key beside it), a server certificate for `localhost`, and one
+    /// certificate per edge named in `edges` — so that a first run needs no certificate step.
+    pub dev_certs: bool,
     /// Which collections each edge (by certificate Common Name) may query; `"*"` grants all.
     pub edges: std::collections::HashMap<String, Vec<String>>,
     /// Hotness tables over what edges ask the cloud (`hot.rs`).
@@ -99,6 +104,7 @@ impl Default for CloudConfig {
             json_logs: false,
             quic_addr: None,
             certs_dir: PathBuf::from("certs"),
+            dev_certs: false,
             edges: std::collections::HashMap::new(),
             hot: HotConfig::default(),
             push: PushConfig::default(),
@@ -129,64 +135,12 @@ impl CloudConfig {
         }
     }
 
-    /// Reads `file` (if given), then applies `TIERVEC_CLOUD_*` variables from `env`, then the
-    /// `field=value` overrides.
-    pub fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-        overrides: &[String],
-    ) -> Result<CloudConfig, ConfigError> {
-        let mut table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!("cannot read config {}: {e}", path.display()))
-                })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?
-            }
-            None => toml::Table::new(),
-        };
-        for (key, value) in env {
-            if let Some(field) = key.strip_prefix(ENV_PREFIX) {
-                set(&mut table, &field.to_ascii_lowercase(), &value)
-                    .map_err(|e| ConfigError(format!("environment variable {key}: {e}")))?;
-            }
-        }
-        for o in overrides {
-            let (field, value) = o
-                .split_once('=')
-                .ok_or_else(|| ConfigError(format!("--set {o}: expected field=value")))?;
-            set(&mut table, field.trim(), value.trim())
-                .map_err(|e| ConfigError(format!("--set {o}: {e}")))?;
-        }
-        CloudConfig::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError(format!("configuration: {e}")))
+    /// Reads `file` (if given), then the `TIERVEC_CLOUD_*` environment variables, then the
+    /// `field=value` overrides (`tiervec_shared::layered`).
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<CloudConfig, ConfigError> {
+        tiervec_shared::layered::load(file, ENV_PREFIX, overrides)
+            .map_err(|e| ConfigError(e.to_string()))
     }
-}
-
-/// Sets `field` to `value` parsed as a TOML value (bare words are taken as strings).
-fn set(table: &mut toml::Table, field: &str, value: &str) -> Result<(), &'static str> {
-    let parsed = format!("v = {value}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
-    // `http.max_connections` names a field of the `[http]` table.
-    let mut parts: Vec<&str> = field.split('.').collect();
-    if parts.iter().any(|p| p.is_empty()) {
-        return Err("empty field name");
-    }
-    let last = parts.pop().ok_or("empty field name")?;
-    let mut table = table;
-    for part in parts {
-        table = table
-            .entry(part)
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .ok_or("a dotted field goes through a value that is not a table")?;
-    }
-    table.insert(last.to_owned(), parsed);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -204,18 +158,29 @@ mod tests {
             "data_dir = \"/srv/a\"\ndefault_ef = 80\n[[api_keys]]\nkey = \"k1\"\nrole = \"read_only\"\n",
         )
         .unwrap();
-        let env = vec![
-            ("TIERVEC_CLOUD_DEFAULT_EF".to_owned(), "96".to_owned()),
-            ("TIERVEC_CLOUD_DATA_DIR".to_owned(), "/srv/b".to_owned()),
-            ("UNRELATED".to_owned(), "x".to_owned()),
-        ];
-        let c = CloudConfig::load(Some(&path), env, &["default_ef=128".into()]).unwrap();
-        assert_eq!(c.default_ef, 128);
-        assert_eq!(c.data_dir, PathBuf::from("/srv/b"));
-        assert_eq!(c.api_keys[0].role, Role::ReadOnly);
-        assert_eq!(c.max_batch, CloudConfig::default().max_batch);
-        assert!(CloudConfig::load(None, vec![], &["no_such_field=1".into()]).is_err());
-        assert!(CloudConfig::load(None, vec![], &["default_ef=\"x\"".into()]).is_err());
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TIERVEC_CLOUD_DEFAULT_EF", "96");
+            jail.set_env("TIERVEC_CLOUD_DATA_DIR", "/srv/b");
+            jail.set_env("TIERVEC_CLOUD_HTTP__MAX_CONNECTIONS", "7");
+            jail.set_env("UNRELATED", "x");
+            let c = CloudConfig::load(Some(&path), &["default_ef=128".into()]).unwrap();
+            assert_eq!(c.default_ef, 128, "a flag wins over the environment");
+            assert_eq!(c.data_dir, PathBuf::from("/srv/b"), "the environment over the file");
+            assert_eq!(c.http.max_connections, 7, "a nested key from the environment");
+            assert_eq!(c.api_keys[0].role, Role::ReadOnly);
+            assert_eq!(c.max_batch, CloudConfig::default().max_batch);
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TIERVEC_CLOUD_NO_SUCH_FIELD", "1");
+            let e = CloudConfig::load(None, &[]).unwrap_err().to_string();
+            assert!(e.contains("no_such_field"), "{e}");
+            Ok(())
+        });
+        let e = CloudConfig::load(None, &["no_such_field=1".into()]).unwrap_err();
+        assert!(e.to_string().contains("no_such_field"), "{e}");
+        assert!(CloudConfig::load(None, &["default_ef=\"x\"".into()]).is_err());
+        assert!(CloudConfig::load(Some(&dir.path().join("missing.toml")), &[]).is_err());
     }
 
     /// The node configurations under `docs/deploy/` are ones the cloud takes: the systemd
@@ -225,7 +190,7 @@ mod tests {
     fn the_deployment_examples_are_valid_configurations() {
         let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy");
         let node =
-            CloudConfig::load(Some(&deploy.join("systemd/cloud-node.toml")), vec![], &[]).unwrap();
+            CloudConfig::load(Some(&deploy.join("systemd/cloud-node.toml")), &[]).unwrap();
         let cluster = node.cluster.expect("a cluster node");
         assert_eq!(cluster.nats.len(), 3);
         assert_eq!(cluster.stream_replicas(), 3);
@@ -241,30 +206,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cloud.toml");
         std::fs::write(&path, text).unwrap();
-        let env = vec![
-            (
-                "TIERVEC_CLOUD_CLUSTER.PASSWORD".to_owned(),
-                "secret".to_owned(),
-            ),
-            (
-                "TIERVEC_CLOUD_CLUSTER.NODE".to_owned(),
-                "cloud-2".to_owned(),
-            ),
-        ];
-        let pod = CloudConfig::load(Some(&path), env, &[]).unwrap();
-        let cluster = pod.cluster.expect("a cluster node");
-        cluster.check().unwrap();
-        assert_eq!(cluster.node, "cloud-2");
-        assert_eq!(cluster.password.as_deref(), Some("secret"));
-        assert_eq!(cluster.user.as_deref(), Some("tiervec"));
-        assert!(pod.quic_addr.is_some());
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TIERVEC_CLOUD_CLUSTER.PASSWORD", "secret");
+            jail.set_env("TIERVEC_CLOUD_CLUSTER__NODE", "cloud-2");
+            let pod = CloudConfig::load(Some(&path), &[]).unwrap();
+            let cluster = pod.cluster.expect("a cluster node");
+            cluster.check().unwrap();
+            assert_eq!(cluster.node, "cloud-2");
+            assert_eq!(cluster.password.as_deref(), Some("secret"));
+            assert_eq!(cluster.user.as_deref(), Some("tiervec"));
+            assert!(pod.quic_addr.is_some());
+            Ok(())
+        });
     }
 
     #[test]
     fn a_dotted_flag_sets_one_field_of_a_table() {
         let c = CloudConfig::load(
             None,
-            vec![],
             &[
                 "http.max_connections=8".into(),
                 "http.header_timeout_ms=250".into(),
@@ -281,7 +240,7 @@ mod tests {
         );
         for bad in ["http..max_connections=1", "default_ef.x=1", "http.nope=1"] {
             assert!(
-                CloudConfig::load(None, vec![], &[bad.into()]).is_err(),
+                CloudConfig::load(None, &[bad.into()]).is_err(),
                 "{bad}"
             );
         }
@@ -289,11 +248,10 @@ mod tests {
 
     #[test]
     fn gpu_section_defaults_and_overrides() {
-        let c = CloudConfig::load(None, vec![], &[]).unwrap();
+        let c = CloudConfig::load(None, &[]).unwrap();
         assert_eq!(c.gpu, GpuConfig::default());
         let c = CloudConfig::load(
             None,
-            vec![],
             &["gpu={precision=\"f16\", memory_budget_bytes=1073741824, device=1}".into()],
         )
         .unwrap();
@@ -301,6 +259,6 @@ mod tests {
         assert_eq!(c.gpu.memory_budget_bytes, Some(1 << 30));
         assert_eq!(c.gpu.device, 1);
         assert_eq!(c.gpu.min_rows, GpuConfig::default().min_rows);
-        assert!(CloudConfig::load(None, vec![], &["gpu={precision=\"f8\"}".into()]).is_err());
+        assert!(CloudConfig::load(None, &["gpu={precision=\"f8\"}".into()]).is_err());
     }
 }

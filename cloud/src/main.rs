@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::value::RawValue;
@@ -104,6 +105,24 @@ enum Command {
         #[arg(long = "edge")]
         edges: Vec<String>,
     },
+    /// Write an edge's first snapshot of a collection, from a running server: it carries the
+    /// collection's identity (so the cloud accepts the edge) and the points edges ask for most,
+    /// then the others in the order they were written.
+    Snapshot {
+        #[arg(long)]
+        collection: String,
+        /// The snapshot file to write (atomically); an edge's `snapshot` setting.
+        #[arg(long)]
+        out: PathBuf,
+        /// Most vectors in it (default 10,000; at most 50,000).
+        #[arg(long)]
+        max_vectors: Option<usize>,
+        /// Server URL.
+        #[arg(long, default_value = "http://127.0.0.1:6380")]
+        url: String,
+        #[arg(long, env = "TIERVEC_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
     /// Print the checkpoints and WAL segments of a data directory (read-only).
     Inspect {
         #[arg(long)]
@@ -121,6 +140,9 @@ enum Command {
     },
 }
 
+/// How long `load` waits for a server that is starting to become ready.
+const SERVER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve {
@@ -128,7 +150,7 @@ fn main() -> anyhow::Result<()> {
             overrides,
             addr_file,
         } => {
-            let config = CloudConfig::load(config.as_deref(), std::env::vars(), &overrides)?;
+            let config = CloudConfig::load(config.as_deref(), &overrides)?;
             init_logs(config.json_logs);
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = config.worker_threads {
@@ -149,6 +171,35 @@ fn main() -> anyhow::Result<()> {
                     },
                     shutdown_signal(),
                 ))?;
+            Ok(())
+        }
+        Command::Snapshot {
+            collection,
+            out,
+            max_vectors,
+            url,
+            api_key,
+        } => {
+            let bytes = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(Client::new(&url, api_key).edge_snapshot(&collection, max_vectors))?;
+            // Checked as the edge will open it before it replaces anything.
+            let mut aligned = tiervec_shared::snapshot::AlignedBytes::with_capacity(bytes.len());
+            aligned.extend_from_slice(&bytes);
+            let snapshot = tiervec_shared::snapshot::Snapshot::open(aligned)
+                .context("the server's snapshot does not validate")?;
+            let header = snapshot.header();
+            tiervec_shared::durable::write_atomic(&out, &bytes, true)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {}: {} vectors of `{collection}` (dimension {}, identity {}), {} bytes",
+                out.display(),
+                header.count,
+                header.spec.dim,
+                header.spec.collection,
+                bytes.len()
+            );
             Ok(())
         }
         Command::Load {
@@ -449,6 +500,15 @@ impl Sink {
     ) -> anyhow::Result<String> {
         let (identity, recorded) = match self {
             Sink::Api(client, rt) => rt.block_on(async {
+                // A server started a moment ago may still be binding or recovering.
+                let deadline = Instant::now() + SERVER_WAIT;
+                while !client.ready().await {
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "the server is not ready (GET /readyz) after {SERVER_WAIT:?}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
                 let description = match client.collection(collection).await {
                     Ok(d) => d,
                     Err(ClientError::Api { status, .. })

@@ -38,6 +38,8 @@ pub enum ServerError {
     NotBound,
     #[error(transparent)]
     Text(#[from] TextError),
+    #[error("development certificates: {0}")]
+    DevCerts(#[from] crate::certs::CertError),
 }
 
 /// The process-wide Prometheus recorder (installed once; later calls share it).
@@ -101,6 +103,30 @@ pub fn api_state(
 
 /// Binds `config.http_addr`, starts recovery in the background and serves until `shutdown`
 /// resolves. `on_bound` receives the bound address (port 0 picks one) before recovery starts.
+/// `dev_certs`: what `tiervec-cloud certs --server-name localhost --edge …` makes, for every
+/// edge of the access list, where it is missing (an existing CA and certificates are kept).
+fn make_dev_certs<'a>(
+    certs: &CertDir,
+    edges: impl Iterator<Item = &'a String>,
+) -> Result<(), crate::certs::CertError> {
+    if certs.ensure_ca()? {
+        tracing::warn!(
+            dir = %certs.dir.display(),
+            "dev_certs: made a CA whose key sits beside the certificates; for development only"
+        );
+    }
+    if !certs.server_cert().exists() {
+        certs.issue_server(&["localhost".to_owned()])?;
+    }
+    for edge in edges.filter(|e| e.as_str() != "*") {
+        if !certs.edge_cert(edge).exists() {
+            certs.issue_edge(edge)?;
+            tracing::info!(edge = %edge, cert = %certs.edge_cert(edge).display(), "dev_certs: issued");
+        }
+    }
+    Ok(())
+}
+
 pub async fn serve(
     config: CloudConfig,
     on_bound: impl FnOnce(SocketAddr),
@@ -128,6 +154,9 @@ pub async fn serve(
                 dir: config.certs_dir.clone(),
                 deployment: String::new(),
             };
+            if config.dev_certs {
+                make_dev_certs(&certs, config.edges.keys())?;
+            }
             let endpoint = quic::bind(quic_addr, &certs, &config.quic)?;
             tracing::info!(addr = %endpoint.local_addr()?, "QUIC endpoint for edges (mutual TLS)");
             Some((

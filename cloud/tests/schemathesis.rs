@@ -4,8 +4,9 @@
 //! accepted (or refused with a documented 422, `schemathesis/schemathesis.toml` says why), every
 //! schema-violating one refused. Two passes: collection names as generated (with the stateful
 //! phase, which creates collections and follows the API's links), then every name pinned to an
-//! existing collection (`schemathesis/pinned.toml`). Each pass runs `TIERVEC_SCHEMATHESIS_SECONDS`
-//! (default 30; docs/reliability.md has a longer run).
+//! existing collection (`schemathesis/pinned.toml` and the hook in `schemathesis/pin_docs.py`).
+//! Each pass runs `TIERVEC_SCHEMATHESIS_SECONDS` (default 30; docs/reliability.md has a longer
+//! run).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,8 +14,12 @@ use std::time::Duration;
 
 use tiervec_test_support::process::{ChildGuard, read_addr_file, wait_http_ready};
 
-fn schemathesis(config: &Path, url: &str, seconds: u64, extra: &[&str]) {
-    let output = Command::new("schemathesis")
+fn schemathesis(config: &Path, hooks: Option<&Path>, url: &str, seconds: u64, extra: &[&str]) {
+    let mut command = Command::new("schemathesis");
+    if let Some(hooks) = hooks {
+        command.env("SCHEMATHESIS_HOOKS", hooks);
+    }
+    let output = command
         .arg("--config-file")
         .arg(config)
         .args(["run", url, "--checks", "all", "--mode", "all", "--workers", "1"])
@@ -89,9 +94,10 @@ fn the_api_conforms_to_its_document_under_schemathesis() {
 
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis");
     let url = format!("http://{addr}/v1/openapi.json");
-    schemathesis(&here.join("schemathesis.toml"), &url, seconds, &[]);
+    schemathesis(&here.join("schemathesis.toml"), None, &url, seconds, &[]);
     schemathesis(
         &here.join("pinned.toml"),
+        Some(&here.join("pin_docs.py")),
         &url,
         seconds,
         &["--phases", "coverage,fuzzing", "--exclude-method", "DELETE"],

@@ -680,7 +680,7 @@ impl EdgeCache {
             metric: shape.metric,
             params,
         };
-        let mut writer = SnapshotWriter::new(spec, &collection_name, Payloads::Text);
+        let mut writer = SnapshotWriter::new(spec, &collection_name, Payloads::Json);
         let bad = |e: SnapshotError| CacheError::Compaction(e.to_string());
         if let Some(index) = &state.snapshot {
             let view = index.view();
@@ -694,14 +694,14 @@ impl EdgeCache {
                         id,
                         view.lsn(node).unwrap_or(0),
                         view.vector(node).unwrap_or_default(),
-                        Some(view.payload(node).unwrap_or_default()),
+                        view.payload(node).as_deref(),
                     )
                     .map_err(bad)?;
             }
         }
         for (id, lsn, v, payload) in local.overlay_rows() {
             writer
-                .push(id, lsn, v, Some(payload.unwrap_or_default()))
+                .push(id, lsn, v, payload)
                 .map_err(bad)?;
         }
         if writer.is_empty() {

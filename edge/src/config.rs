@@ -1,12 +1,14 @@
-//! `tiervec-edge serve` configuration: a plain struct with defaults, read from TOML.
+//! `tiervec-edge serve` configuration: a plain struct with defaults, read from a TOML file,
+//! environment variables and `--set` flags in layers ([`EdgeConfig::load`]).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use tiervec_shared::confidence::ConfidenceRule;
+use tiervec_shared::layered::LayerError;
 
 use crate::cache::CacheConfig;
 use crate::link::LinkConfig;
@@ -111,7 +113,18 @@ impl Default for EdgeConfig {
     }
 }
 
+/// Environment variables that override fields start with this.
+pub const ENV_PREFIX: &str = "TIERVEC_EDGE_";
+
 impl EdgeConfig {
+    /// Reads `file` (TOML, if given), then the `TIERVEC_EDGE_<FIELD>` environment variables
+    /// (`__` between nested keys: `TIERVEC_EDGE_CLOUD__ADDR`), then the `field=value`
+    /// overrides of `--set` (TOML values, `table.field` for nested keys): each layer wins over
+    /// the one before (`tiervec_shared::layered`).
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<EdgeConfig, LayerError> {
+        tiervec_shared::layered::load(file, ENV_PREFIX, overrides)
+    }
+
     pub fn node(&self) -> NodeConfig {
         NodeConfig {
             collection: self.collection.clone(),

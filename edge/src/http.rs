@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tracing::Instrument;
 
 use metrics_exporter_prometheus::{BuildError, PrometheusHandle};
@@ -44,8 +45,10 @@ pub struct SearchHit {
     pub id: u64,
     pub distance: f32,
     pub lsn: u64,
+    /// The point's payload (any JSON value), with `with_payload`, wherever the hit was
+    /// answered.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload: Option<String>,
+    pub payload: Option<Box<RawValue>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -229,13 +232,22 @@ async fn search(
     let answer = if req.local_only {
         span.in_scope(|| state.node.search_local(&vector, req.k, ef))
     } else {
-        state.node.search(&vector, req.k, ef).instrument(span).await
+        state
+            .node
+            .search_with(&vector, req.k, ef, req.with_payload)
+            .instrument(span)
+            .await
     };
     let answer = answer.map_err(|e| match e {
         EdgeError::Query(q) => ApiError(StatusCode::BAD_REQUEST, "invalid_request", q.to_string()),
         EdgeError::GuestQuery(message) => {
             ApiError(StatusCode::BAD_REQUEST, "invalid_request", message)
         }
+        EdgeError::AnswerTooLarge(message) => ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "answer_too_large",
+            format!("{message}: ask for fewer hits (k) or without payloads"),
+        ),
         other => ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -250,7 +262,10 @@ async fn search(
                 id: h.id,
                 distance: h.distance,
                 lsn: h.lsn,
-                payload: if req.with_payload { h.payload } else { None },
+                payload: h
+                    .payload
+                    .filter(|_| req.with_payload)
+                    .and_then(json_payload),
             })
             .collect(),
         took_us: started.elapsed().as_micros() as u64,
@@ -261,6 +276,17 @@ async fn search(
         anchor_distance: answer.anchor_distance,
         embed_us,
     }))
+}
+
+/// A hit's payload as the JSON value it is (snapshots of format 2 and the cloud's pushes and
+/// answers hold JSON texts); a payload that is not JSON (a snapshot some other writer made)
+/// is answered as a JSON string rather than dropped.
+fn json_payload(payload: String) -> Option<Box<RawValue>> {
+    if serde_json::from_str::<&RawValue>(&payload).is_ok() {
+        RawValue::from_string(payload).ok()
+    } else {
+        serde_json::value::to_raw_value(&payload).ok()
+    }
 }
 
 /// `GET /readyz`: the edge is served only once its cache is open, so it is ready whenever it

@@ -1,5 +1,6 @@
 //! [`EdgeIndex`]: an open snapshot and the edge's search API over it.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -31,16 +32,22 @@ pub enum EdgeError {
     /// The WASM guest refused the request as invalid (its message).
     #[error("invalid search request: {0}")]
     GuestQuery(String),
+    /// The cloud's answer with its payloads would not fit in a frame (its message says how
+    /// large): ask for fewer hits or without payloads.
+    #[error("answer too large: {0}")]
+    AnswerTooLarge(String),
 }
 
 /// One search result: the cloud id, its distance (see `tiervec_shared::metric`), the LSN of
-/// its last write and, when the snapshot carries text, its payload borrowed from the snapshot.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// its last write and, when the snapshot carries payloads, its payload (borrowed from a version
+/// 2 snapshot, converted from a version 1 file's text).
+#[derive(Clone, Debug, PartialEq)]
 pub struct Hit<'a> {
     pub id: u64,
     pub distance: f32,
     pub lsn: u64,
-    pub payload: Option<&'a str>,
+    /// The payload as a JSON text.
+    pub payload: Option<Cow<'a, str>>,
 }
 
 /// Reusable buffers for one search at a time: the graph search's marks and heaps, and room for

@@ -30,9 +30,14 @@ enum Command {
     /// Serve applications over local HTTP, answering from the snapshot and falling back to the
     /// cloud over QUIC when not confident.
     Serve {
-        /// TOML configuration (fields: `tiervec_edge::config::EdgeConfig`).
+        /// TOML configuration (fields: `tiervec_edge::config::EdgeConfig`, docs/edge.md);
+        /// environment variables `TIERVEC_EDGE_<FIELD>` and `--set` override it.
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Override one field, e.g. `--set http_addr="127.0.0.1:0"` (TOML value syntax,
+        /// `table.field` for a nested one).
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        overrides: Vec<String>,
         /// What answers local searches: this process (`native`) or WASM guests run by wasmtime
         /// (`wasm`), as a CDN edge worker would.
         #[arg(long, value_enum, default_value_t = Engine::Native)]
@@ -100,15 +105,13 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Serve {
             config,
+            overrides,
             engine,
             guest,
             module_cache,
             guest_deadline_ms,
         } => {
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading {}", config.display()))?;
-            let config: tiervec_edge::config::EdgeConfig =
-                toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+            let config = tiervec_edge::config::EdgeConfig::load(config.as_deref(), &overrides)?;
             // One worker means one thread: the current-thread scheduler, so that a request, the
             // QUIC driver and the HTTP connection never wake each other across threads.
             let mut rt = match config.worker_threads {
@@ -205,7 +208,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     "{}\t{:.6}\t{}",
                     hit.id,
                     hit.distance,
-                    hit.payload.unwrap_or("")
+                    hit.payload.as_deref().unwrap_or("")
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 use tiervec_shared::backoff::Backoff;
 use tiervec_shared::confidence::{ConfidenceRule, ThresholdTuner};
 use tiervec_shared::local::LocalHit;
-use tiervec_shared::protocol::frame::{Answer, Query, WireCollection};
+use tiervec_shared::protocol::frame::{Answer, ErrorCode, Query, WireCollection};
 use tiervec_shared::protocol::session::QueryFailure;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -136,7 +136,7 @@ struct Pending {
 /// An answer of the node.
 #[derive(Clone, Debug)]
 pub struct NodeAnswer {
-    /// Nearest first; payload text only on hits from the local cache.
+    /// Nearest first; payloads (JSON texts) on local hits, and on the cloud's when asked.
     pub hits: Vec<LocalHit>,
     pub source: Source,
     /// A local answer given while the lease is over (cut off from the cloud too long).
@@ -276,7 +276,7 @@ impl EdgeNode {
         let Some(collection) = link.collection(&self.config.collection) else {
             return;
         };
-        let mut q = self.wire_query(collection, query, k, &tracing::Span::current());
+        let mut q = self.wire_query(collection, query, k, false, &tracing::Span::current());
         q.shadow = true;
         let local: Vec<u64> = local.iter().map(|h| h.id).collect();
         let (learned, deadline) = (self.learned.clone(), self.config.deadline);
@@ -310,17 +310,31 @@ impl EdgeNode {
     }
 
     /// Answers a search: certified or confident local answers locally, else the cloud's, else
-    /// local marked degraded.
+    /// local marked degraded. Hits from the cloud come without payloads (see
+    /// [`search_with`](Self::search_with)).
     pub async fn search(
         &self,
         query: &[f32],
         k: usize,
         ef: usize,
     ) -> Result<NodeAnswer, EdgeError> {
+        self.search_with(query, k, ef, false).await
+    }
+
+    /// [`search`](Self::search), asking the cloud for its hits' payloads too when
+    /// `with_payload` (local hits always carry theirs): every hit then has the payload its
+    /// point holds, wherever it was answered.
+    pub async fn search_with(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        with_payload: bool,
+    ) -> Result<NodeAnswer, EdgeError> {
         let started = Instant::now();
         let span = info_span!("edge_query", k, ef, source = tracing::field::Empty);
         let (hits, source, signals, certified) = self
-            .answer(query, k, ef, &span)
+            .answer(query, k, ef, with_payload, &span)
             .instrument(span.clone())
             .await?;
         span.record("source", source.name());
@@ -370,6 +384,7 @@ impl EdgeNode {
         query: &[f32],
         k: usize,
         ef: usize,
+        with_payload: bool,
         span: &tracing::Span,
     ) -> Result<Settled, EdgeError> {
         let LocalDecision { answer, confident } = self.local(query, k, ef)?;
@@ -394,24 +409,35 @@ impl EdgeNode {
             return Ok((local, Source::Degraded, signals, false));
         };
         let asked = Instant::now();
-        let outcome = self.ask_cloud(uplink, query, k, span).await;
+        let outcome = self
+            .ask_cloud(uplink, query, k, with_payload, span)
+            .await;
         metrics::histogram!("tiervec_edge_fallback_seconds").record(asked.elapsed().as_secs_f64());
         match outcome {
-            Ok(answer) => Ok((
-                answer
-                    .hits
-                    .iter()
-                    .map(|h| LocalHit {
-                        id: h.id,
-                        distance: h.distance,
-                        lsn: h.lsn,
-                        payload: None,
-                    })
-                    .collect(),
-                Source::Cloud,
-                signals,
-                false,
-            )),
+            Ok(answer) => {
+                let mut payloads = answer.payloads.into_iter();
+                Ok((
+                    answer
+                        .hits
+                        .iter()
+                        .map(|h| LocalHit {
+                            id: h.id,
+                            distance: h.distance,
+                            lsn: h.lsn,
+                            payload: payloads.next().flatten(),
+                        })
+                        .collect(),
+                    Source::Cloud,
+                    signals,
+                    false,
+                ))
+            }
+            // Answering locally would hide the request's own mistake (payloads too large for
+            // an answer), which the cloud would refuse again.
+            Err(QueryFailure::Refused {
+                code: ErrorCode::AnswerTooLarge,
+                message,
+            }) => Err(EdgeError::AnswerTooLarge(message)),
             Err(reason) => {
                 let label = match &reason {
                     QueryFailure::Timeout => "timeout",
@@ -435,6 +461,7 @@ impl EdgeNode {
         collection: &WireCollection,
         query: &[f32],
         k: usize,
+        with_payload: bool,
         span: &tracing::Span,
     ) -> Query {
         Query {
@@ -446,6 +473,7 @@ impl EdgeNode {
             ef: self.config.cloud_ef.max(k as u32),
             span_id: span.id().map_or(0, |id| id.into_u64()),
             shadow: false,
+            with_payload,
         }
     }
 
@@ -456,11 +484,12 @@ impl EdgeNode {
         uplink: &Uplink,
         query: &[f32],
         k: usize,
+        with_payload: bool,
         span: &tracing::Span,
     ) -> Result<Answer, QueryFailure> {
         let deadline = self.config.deadline;
         let not_allowed = || QueryFailure::Refused {
-            code: tiervec_shared::protocol::frame::ErrorCode::NotAllowed,
+            code: ErrorCode::NotAllowed,
             message: format!(
                 "the cloud does not offer collection `{}` to this edge",
                 self.config.collection
@@ -470,7 +499,7 @@ impl EdgeNode {
             let collection = link
                 .collection(&self.config.collection)
                 .ok_or_else(not_allowed)?;
-            let q = self.wire_query(collection, query, k, span);
+            let q = self.wire_query(collection, query, k, with_payload, span);
             return link.query(q, deadline).await;
         }
         let collection = uplink
@@ -479,7 +508,7 @@ impl EdgeNode {
             .ok_or(QueryFailure::NotReady)?;
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
-            query: self.wire_query(&collection, query, k, span),
+            query: self.wire_query(&collection, query, k, with_payload, span),
             reply,
         };
         uplink

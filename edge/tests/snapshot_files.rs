@@ -112,7 +112,7 @@ fn search_returns_ids_distances_lsns_and_payloads() {
         assert_eq!(hits.len(), 3);
         assert_eq!(hits[0].id, 420, "ids are the cloud ids, not node numbers");
         assert_eq!(hits[0].lsn, 42);
-        assert_eq!(hits[0].payload, Some("text of 42"));
+        assert_eq!(hits[0].payload.as_deref(), Some("text of 42"));
         assert!(hits[0].distance.abs() < 1e-5);
         assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
     }
@@ -360,7 +360,8 @@ proptest! {
         prop_assert_eq!(view.to_body().unwrap(), body);
         for i in 0..n as u32 {
             prop_assert_eq!(view.lsn(i), Some(lsns[i as usize]));
-            prop_assert_eq!(view.payload(i), payloads.then(|| texts[i as usize].as_str()));
+            let payload = view.payload(i);
+            prop_assert_eq!(payload.as_deref(), payloads.then(|| texts[i as usize].as_str()));
             let q = view.vector(i).unwrap();
             // Skip zero rows: every row is then equally far from them.
             if q.iter().all(|&x| x == 0.0) {

@@ -372,6 +372,7 @@ pub fn client_session(data: &[u8]) {
                     ef: 0,
                     span_id: 0,
                     shadow: false,
+                    with_payload: arg % 2 == 1,
                 },
                 deadline_us: now + u64::from(arg) * 1_000,
             },
@@ -550,6 +551,7 @@ mod tests {
                     lsn: 2,
                 }],
                 took_us: 40,
+                payloads: vec![Some("{}".into())],
             }),
             Frame::Ping(9),
             Frame::SnapshotBegin(SnapshotBegin {

@@ -30,8 +30,11 @@
 //!   certificates, status codes), shared by the guest (`tiervec-wasm`) and its host in the edge.
 //! * [`backoff`] is retry timing (exponential, with jitter the caller draws): the edge's
 //!   reconnections and the cloud's checkpoint retries.
-//! * `durable` (feature `fs`, off in the WASM guest) is the one module that does IO: atomic
-//!   file replacement and directory syncs for the edge and the cloud.
+//! * `durable` (feature `fs`, off in the WASM guest) does IO: atomic file replacement and
+//!   directory syncs for the edge and the cloud.
+//! * `layered` (feature `config`, off in the WASM guest) reads the edge's and the cloud's
+//!   configuration in layers (defaults, TOML file, environment, flags) with figment; it reads
+//!   a file and the environment, the only other IO here.
 //! * `fuzzing` (feature `fuzzing`, and in tests) holds the invariant checks the fuzz targets
 //!   of `shared/fuzz` run, so that stable tests replay their corpora.
 
@@ -48,6 +51,8 @@ pub mod hnsw;
 pub mod hot;
 pub mod identity;
 pub mod kernels;
+#[cfg(feature = "config")]
+pub mod layered;
 pub mod local;
 pub mod log;
 pub mod metric;

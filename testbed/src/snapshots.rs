@@ -14,7 +14,7 @@ pub const DATASET_COLLECTION: CollectionId =
     CollectionId::from_u128(0x7469_6572_7665_6300_0000_0000_0000_0001);
 
 /// Builds and encodes a cosine snapshot of base rows `0..count`, with their texts as payloads
-/// when given. Ids are the row numbers; LSNs are 1-based row numbers.
+/// (`{"text": …}`, as the cloud holds them) when given. Ids are the row numbers; LSNs are 1-based row numbers.
 pub fn build(
     base: &Matrix<f32>,
     count: usize,
@@ -46,7 +46,7 @@ pub fn build_rows(
         params,
     };
     let payloads = if texts.is_some() {
-        Payloads::Text
+        Payloads::Json
     } else {
         Payloads::Absent
     };
@@ -58,20 +58,20 @@ pub fn build_rows(
                 base.rows()
             )));
         }
-        let text = match texts {
-            Some(t) => Some(t.get(row).ok_or_else(|| {
+        let payload = match texts {
+            Some(t) => Some(text_payload(t.get(row).ok_or_else(|| {
                 SnapshotError::Write(format!("no text for row {row} ({} texts)", t.len()))
-            })?),
+            })?)),
             None => None,
         };
-        writer.push(
-            row as u64,
-            lsn_of(row),
-            base.row(row),
-            text.map(String::as_str),
-        )?;
+        writer.push(row as u64, lsn_of(row), base.row(row), payload.as_deref())?;
     }
     writer.finish()
+}
+
+/// The payload a dataset text becomes, in the cloud and in snapshots alike.
+pub fn text_payload(text: &str) -> String {
+    serde_json::json!({ "text": text }).to_string()
 }
 
 /// Encodes a cosine snapshot of base rows `0..graph's node count` over a graph built elsewhere

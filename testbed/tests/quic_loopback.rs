@@ -74,6 +74,7 @@ fn query(collection: &str, id: [u8; 16], v: Vec<f32>) -> Query {
         ef: 32,
         span_id: 0,
         shadow: false,
+        with_payload: false,
     }
 }
 

@@ -104,7 +104,10 @@ fn snapshot_search_recall_on_real_queries() {
                 truth.iter().any(|t| t.id as u64 == h.id) || (h.distance - tenth).abs() <= 1e-5
             })
             .count();
-        assert_eq!(hits[0].payload, Some(texts[hits[0].id as usize].as_str()));
+        assert_eq!(
+            hits[0].payload.as_deref(),
+            Some(snapshots::text_payload(&texts[hits[0].id as usize]).as_str())
+        );
     }
     let recall = found as f64 / 5_000.0;
     assert!(recall >= 0.95, "recall@10 = {recall}");

@@ -332,6 +332,17 @@ impl Collection {
         p.deleted_at.get(&id).copied()
     }
 
+    /// The ids of the first `limit` live points in slot order (the order they were first
+    /// written), for a new edge's first snapshot.
+    pub fn live_ids(&self, limit: usize) -> Vec<u64> {
+        let p = self.points.read();
+        (0..p.slots())
+            .filter(|&s| p.live[s])
+            .map(|s| p.ids[s])
+            .take(limit)
+            .collect()
+    }
+
     /// The live points (ids, LSNs, vectors, payloads) in slot order, for checkpoints.
     pub fn live_image(&self) -> (Vec<u64>, Vec<u64>, Vec<f32>, Vec<Option<String>>) {
         self.live_image_where(|_| true)

@@ -23,7 +23,8 @@
 //! with none: the edge forgets its certificates when it connects.
 //!
 //! Inside, each file using only those before it: `clock.rs` (the one wall-clock reading),
-//! `corpus.rs` (the [`Corpus`] trait over collections), [`restore`] (whole-cache snapshots),
+//! `corpus.rs` (the [`Corpus`] trait over collections), [`restore`] (whole-cache snapshots, and
+//! a new edge's first one),
 //! [`config`], `anchors.rs` (the anchor tables), `certify.rs` (balls, invalidation deltas),
 //! `plan.rs` (a delta within the budget), [`state`] (the sans-IO decisions), `hub.rs` (what the
 //! tasks share, routing), `task.rs` (the tokio driver).
@@ -40,7 +41,7 @@ pub mod state;
 mod task;
 
 pub use config::PushConfig;
-pub use corpus::Corpus;
+pub use corpus::{Corpus, ServiceCorpus};
 pub use hub::PushHub;
 pub use restore::RestorePolicy;
 pub use state::{PushAction, PushState};

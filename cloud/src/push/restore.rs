@@ -49,6 +49,17 @@ impl RestorePolicy {
     }
 }
 
+/// A first snapshot for a new edge: the live points `ids`, in order (those edges ask for most
+/// first, then as held), at their current versions, without anchors, at manifest version 0 —
+/// an edge opening it announces that version, and the cloud adopts the inventory it sends.
+pub fn seed(collection: &impl Corpus, ids: &[u64]) -> Result<AlignedVec, RestoreError> {
+    let mut manifest = Manifest::new(collection.info().id.0, 0);
+    for &id in ids {
+        manifest.insert(id, 0, 0);
+    }
+    Ok(build(collection, &manifest, |_| None, 0, u64::MAX)?.0)
+}
+
 /// Points read per batch while building a restore.
 const RESTORE_BATCH: usize = 512;
 
@@ -72,7 +83,7 @@ pub fn build(
         metric: info.metric,
         params: info.params,
     };
-    let mut writer = SnapshotWriter::new(spec, &info.name, Payloads::Text);
+    let mut writer = SnapshotWriter::new(spec, &info.name, Payloads::Json);
     let mut held: Vec<(u64, u64)> = logged.ids().map(|(id, h)| (id, h.lsn)).collect();
     // Deterministic order, newest first, so a smaller budget keeps the freshest.
     held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -35,11 +35,14 @@ use crate::collection::gpu::EngineKind;
 use crate::collection::{Collection, Engine, SearchParams};
 use crate::fanout::FanOutError;
 use crate::hot::HotIds;
+use crate::push::{ServiceCorpus, restore};
 use crate::service::{Service, ServiceError};
 use crate::storage::{Appended, ClusterError, MAX_SHARDS, WalError};
 use crate::text::{TextError, Texts};
 use crate::transport::ScanSlots;
-pub use crate::transport::spec::{MAX_BATCH_SEARCHES, MAX_HOT_IDS};
+pub use crate::transport::spec::{
+    DEFAULT_SNAPSHOT_VECTORS, MAX_BATCH_SEARCHES, MAX_HOT_IDS, MAX_SNAPSHOT_VECTORS,
+};
 
 /// An API key and what it may do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -562,6 +565,16 @@ pub struct HotQuery {
     pub n: Option<usize>,
 }
 
+/// `GET /v1/collections/{name}/snapshot` parameters.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SnapshotQuery {
+    /// How many vectors at most (default [`DEFAULT_SNAPSHOT_VECTORS`], at most
+    /// [`MAX_SNAPSHOT_VECTORS`]).
+    #[serde(default, deserialize_with = "whole::option")]
+    pub max_vectors: Option<usize>,
+}
+
 /// One hot id: its decayed count (an upper bound) and the error bound within it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct HotId {
@@ -979,6 +992,56 @@ async fn hot_ids(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/collections/{name}/snapshot", params(("name" = String, Path), SnapshotQuery),
+    responses((status = 200, description = "An edge snapshot file (docs/snapshot-format.md) carrying the collection's identity: the points edges asked for most first, then the others in the order they were written, up to `max_vectors`", content_type = "application/octet-stream"),
+        (status = 404, body = ErrorBody)))]
+async fn edge_snapshot(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<SnapshotQuery>,
+) -> Result<Response, ApiError> {
+    let svc = service(&state)?;
+    let max = q.max_vectors.unwrap_or(DEFAULT_SNAPSHOT_VECTORS);
+    if !(1..=MAX_SNAPSHOT_VECTORS).contains(&max) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("max_vectors = {max} is outside 1..={MAX_SNAPSHOT_VECTORS}"),
+        ));
+    }
+    let collection = svc.collection(&name)?;
+    let (_, hot) = state
+        .hot
+        .top(collection.info.id.0, None, max.min(MAX_HOT_IDS));
+    // Building the graph is a scan's worth of work: it takes one of their slots.
+    let slot = state.scans.slot_for(usize::MAX).await;
+    let bytes = blocking(move || {
+        let _slot = slot;
+        let mut ids: Vec<u64> = hot.iter().map(|e| e.id).collect();
+        let mut seen: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        ids.extend(
+            collection
+                .live_ids(max + ids.len())
+                .into_iter()
+                .filter(|id| seen.insert(*id)),
+        );
+        ids.truncate(max);
+        let corpus = ServiceCorpus {
+            service: svc,
+            collection,
+        };
+        restore::seed(&corpus, &ids).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })
+    })
+    .await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes.into_vec(),
+    )
+        .into_response())
+}
+
 fn run_search(
     svc: &Service,
     name: &str,
@@ -1243,6 +1306,7 @@ async fn search_batch(
         delete_points,
         get_point,
         hot_ids,
+        edge_snapshot,
         search,
         search_batch
     ),
@@ -1488,6 +1552,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/collections/{name}/points/delete", post(delete_points))
         .route("/v1/collections/{name}/points/{id}", get(get_point))
         .route("/v1/collections/{name}/hot", get(hot_ids))
+        .route("/v1/collections/{name}/snapshot", get(edge_snapshot))
         .route("/v1/collections/{name}/search", post(search))
         .route("/v1/collections/{name}/search/batch", post(search_batch))
         .fallback(unknown_route)

@@ -559,16 +559,24 @@ async fn exchange(
                 })
                 .await;
                 if let Ok(frame) = frame {
-                    if let Frame::Answer(a) = &frame {
-                        answered.push(Answered {
-                            collection,
-                            collection_id,
-                            ids: a.hits.iter().map(|h| h.id).collect(),
-                            shadow,
-                            vector,
-                        });
-                    }
+                    let start = out.len();
                     frame.encode(&mut out);
+                    if let Frame::Answer(a) = &frame {
+                        if out.len() - start - PREFIX_LEN > DEFAULT_MAX_FRAME {
+                            out.truncate(start);
+                            let payload_bytes = a.payloads.iter().flatten().map(String::len).sum();
+                            answer_too_large(a.query_id, a.hits.len(), payload_bytes)
+                                .encode(&mut out);
+                        } else {
+                            answered.push(Answered {
+                                collection,
+                                collection_id,
+                                ids: a.hits.iter().map(|h| h.id).collect(),
+                                shadow,
+                                vector,
+                            });
+                        }
+                    }
                 }
             }
             ServerAction::Refused(code) => {
@@ -687,6 +695,19 @@ async fn count_answered(peer: &Peer, answered: Vec<Answered>, early: bool) {
     }
 }
 
+/// The refusal of an answer whose hits and payloads do not fit in a frame: the edge's decoder
+/// would refuse it, so it is refused here, named.
+fn answer_too_large(query_id: u64, hits: usize, payload_bytes: usize) -> Frame {
+    Frame::Error(tiervec_shared::protocol::frame::ErrorFrame {
+        query_id,
+        code: ErrorCode::AnswerTooLarge as u16,
+        message: format!(
+            "{hits} hits with {payload_bytes} bytes of payloads exceed the {DEFAULT_MAX_FRAME}-byte \
+             frame an answer must fit in"
+        ),
+    })
+}
+
 /// Runs one edge query. `tiervec_quic_searches_total` counts the searches run (0-RTT data the
 /// handshake later refused included), as `tiervec_quic_queries_total` counts answers.
 fn search(service: &Service, q: Query) -> Frame {
@@ -699,7 +720,15 @@ fn search(service: &Service, q: Query) -> Frame {
         exact: false,
         max_distance: None,
     };
-    match service.search(&q.collection, &q.vector, &params) {
+    let answer = service.search_after(
+        &q.collection,
+        &q.vector,
+        &params,
+        &[],
+        Duration::ZERO,
+        q.with_payload,
+    );
+    match answer {
         // An edge takes an answer as the whole collection's: a short one is refused instead.
         Ok(answer) if !answer.missing_shards.is_empty() => {
             Frame::Error(tiervec_shared::protocol::frame::ErrorFrame {
@@ -711,20 +740,42 @@ fn search(service: &Service, q: Query) -> Frame {
                 ),
             })
         }
-        Ok(answer) => Frame::Answer(Answer {
-            query_id: q.query_id,
-            collection_id: q.collection_id,
-            hits: answer
+        Ok(answer) => {
+            let payload_bytes: usize = answer
                 .hits
                 .iter()
-                .map(|h| WireHit {
-                    id: h.id,
-                    distance: h.distance,
-                    lsn: h.lsn,
-                })
-                .collect(),
-            took_us: started.elapsed().as_micros() as u32,
-        }),
+                .filter_map(|h| h.payload.as_ref().map(|p| p.len()))
+                .sum();
+            // Payloads alone over a frame are refused before they are copied (up to k × 1 MiB);
+            // the encoded answer is held to the limit exactly where it is encoded.
+            if q.with_payload && payload_bytes > DEFAULT_MAX_FRAME {
+                return answer_too_large(q.query_id, answer.hits.len(), payload_bytes);
+            }
+            let payloads: Vec<Option<String>> = if q.with_payload {
+                answer
+                    .hits
+                    .iter()
+                    .map(|h| h.payload.as_deref().map(str::to_owned))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Frame::Answer(Answer {
+                query_id: q.query_id,
+                collection_id: q.collection_id,
+                hits: answer
+                    .hits
+                    .iter()
+                    .map(|h| WireHit {
+                        id: h.id,
+                        distance: h.distance,
+                        lsn: h.lsn,
+                    })
+                    .collect(),
+                took_us: started.elapsed().as_micros() as u32,
+                payloads,
+            })
+        }
         Err(e) => Frame::Error(tiervec_shared::protocol::frame::ErrorFrame {
             query_id: q.query_id,
             code: ErrorCode::Internal as u16,

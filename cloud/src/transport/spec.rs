@@ -18,6 +18,11 @@ pub const MAX_BATCH_SEARCHES: usize = 1_024;
 /// Most ids `GET …/hot` returns.
 pub const MAX_HOT_IDS: usize = 10_000;
 
+/// Most vectors `GET …/snapshot` puts in an edge's first snapshot (its graph is built while
+/// the request waits, within `http.request_timeout_ms`), and how many when none is asked.
+pub const MAX_SNAPSHOT_VECTORS: usize = 50_000;
+pub const DEFAULT_SNAPSHOT_VECTORS: usize = 10_000;
+
 /// The pattern of a collection name (`service::check_name`).
 pub const NAME_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
 
@@ -210,6 +215,9 @@ pub fn state_bounds(spec: &mut Value, max_batch: usize) {
                     }
                     Some("id") => id(),
                     Some("n") => json!({"type": "integer", "minimum": 0, "maximum": MAX_HOT_IDS}),
+                    Some("max_vectors") => {
+                        json!({"type": "integer", "minimum": 1, "maximum": MAX_SNAPSHOT_VECTORS})
+                    }
                     _ => continue,
                 };
                 parameter["schema"] = schema;

@@ -9,6 +9,7 @@
 //!
 //! Certification: see [`crate::certificate`].
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -35,6 +36,7 @@ pub struct LocalHit {
     pub id: u64,
     pub distance: f32,
     pub lsn: u64,
+    /// The vector's payload as a JSON text.
     pub payload: Option<String>,
 }
 
@@ -124,7 +126,7 @@ impl LocalCache {
         let mut nodes = HashMap::with_capacity(view.len());
         for node in 0..view.len() as u32 {
             let id = view.ids()[node as usize];
-            let payload = view.payload(node).map_or(0, str::len);
+            let payload = view.stored_payload(node).map_or(0, str::len);
             manifest.insert(id, view.lsn(node).unwrap_or(0), vector_bytes(dim, payload));
             nodes.insert(id, node);
         }
@@ -322,10 +324,14 @@ impl LocalCache {
         })
     }
 
-    /// The payload of a held vector.
-    fn payload<'v>(&'v self, snapshot: Option<&SnapshotView<'v>>, at: Held) -> Option<&'v str> {
+    /// The payload of a held vector, a JSON text.
+    fn payload<'v>(
+        &'v self,
+        snapshot: Option<&SnapshotView<'v>>,
+        at: Held,
+    ) -> Option<Cow<'v, str>> {
         match at {
-            Held::Overlay(slot) => self.overlay.payloads[slot].as_deref(),
+            Held::Overlay(slot) => self.overlay.payloads[slot].as_deref().map(Cow::Borrowed),
             Held::Snapshot(node) => snapshot?.payload(node),
         }
     }
@@ -414,7 +420,7 @@ impl LocalCache {
             id: c.id,
             distance: c.distance,
             lsn: c.lsn,
-            payload: self.payload(snapshot, c.at).map(str::to_owned),
+            payload: self.payload(snapshot, c.at).map(Cow::into_owned),
         };
         Ok(LocalSearch {
             hits: if certified {

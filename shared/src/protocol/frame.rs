@@ -1,4 +1,4 @@
-//! Frames of the edge–cloud protocol, version 5: a 5-byte prefix (body length `u32` LE, frame
+//! Frames of the edge–cloud protocol, version 6: a 5-byte prefix (body length `u32` LE, frame
 //! type `u8`) and an rkyv body, validated with bytecheck before use. The length is checked
 //! against the configured maximum before anything is buffered or allocated.
 
@@ -13,9 +13,11 @@ use crate::push::{CacheAnnouncement, Delta, Inventory};
 /// Version 2 added the push frames and the cache announcement; version 3 certificates (anchor
 /// radii, certificate updates, the announcement's `certify`); version 4 whole caches streamed
 /// as snapshot files (`SnapshotBegin`, `SnapshotChunk`); version 5 inventories larger than a
-/// frame, sent in parts (`InventoryPart`). Edges older than 4 are refused.
-pub const PROTOCOL_VERSION: u16 = 5;
-pub const MIN_PROTOCOL_VERSION: u16 = 4;
+/// frame, sent in parts (`InventoryPart`); version 6 payloads on answers (the query's
+/// `with_payload`, the answer's `payloads`, `AnswerTooLarge`). The query and answer frames
+/// changed layout in 6, so older peers are refused.
+pub const PROTOCOL_VERSION: u16 = 6;
+pub const MIN_PROTOCOL_VERSION: u16 = 6;
 /// ALPN of QUIC connections carrying this protocol.
 pub const ALPN: &[u8] = b"tiervec/1";
 /// Default largest frame body (a 1,024-dim query or a k=1,024 answer is far below).
@@ -77,6 +79,9 @@ pub struct Query {
     pub span_id: u64,
     /// A shadow query (measuring the edge's accuracy) that must not count towards hotness.
     pub shadow: bool,
+    /// Return each hit's payload (version 6); an answer too large for a frame with them is
+    /// refused with [`ErrorCode::AnswerTooLarge`].
+    pub with_payload: bool,
 }
 
 /// One hit of an [`Answer`].
@@ -94,6 +99,9 @@ pub struct Answer {
     pub collection_id: [u8; 16],
     pub hits: Vec<WireHit>,
     pub took_us: u32,
+    /// With `with_payload`: one entry per hit, in order, the payload as a JSON text (`None`: the
+    /// point has none); otherwise empty.
+    pub payloads: Vec<Option<String>>,
 }
 
 /// Why a frame or a query was refused.
@@ -112,6 +120,9 @@ pub enum ErrorCode {
     /// A cloud cluster could not search every shard of the collection (no live replica of
     /// some): refused rather than answered short. An edge that predates it reads `Internal`.
     PartialAnswer = 10,
+    /// The hits asked for, with their payloads, do not fit in one frame (version 6): ask for
+    /// fewer hits or without payloads.
+    AnswerTooLarge = 11,
 }
 
 impl ErrorCode {
@@ -128,6 +139,7 @@ impl ErrorCode {
             Unexpected,
             Internal,
             PartialAnswer,
+            AnswerTooLarge,
         ]
         .into_iter()
         .find(|c| *c as u16 == code)
@@ -146,6 +158,7 @@ impl ErrorCode {
             ErrorCode::Unexpected => "unexpected",
             ErrorCode::Internal => "internal",
             ErrorCode::PartialAnswer => "partial_answer",
+            ErrorCode::AnswerTooLarge => "answer_too_large",
         }
     }
 }
@@ -170,7 +183,7 @@ pub struct ErrorFrame {
     pub message: String,
 }
 
-/// Every frame of protocol version 4. Types 16..=31 are the push messages.
+/// Every frame of protocol version 6. Types 16..=31 are the push messages.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
     Hello(Hello),
@@ -459,6 +472,7 @@ mod tests {
                 ef: 64,
                 span_id: 99,
                 shadow: false,
+                with_payload: true,
             }),
             Frame::Answer(Answer {
                 query_id: 7,
@@ -469,6 +483,7 @@ mod tests {
                     lsn: 5,
                 }],
                 took_us: 120,
+                payloads: vec![Some(r#"{"text":"one"}"#.into())],
             }),
             Frame::Error(ErrorFrame {
                 query_id: 7,

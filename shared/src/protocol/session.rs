@@ -567,6 +567,7 @@ mod tests {
             ef: 16,
             span_id: 5,
             shadow: false,
+            with_payload: false,
         }
     }
 
@@ -630,6 +631,7 @@ mod tests {
                 lsn: 2,
             }],
             took_us: 80,
+            payloads: vec![],
         };
         let got = edge.handle(
             ClientEvent::Received(wire(&Frame::Answer(answer.clone()))),
@@ -669,6 +671,7 @@ mod tests {
             collection_id: [1; 16],
             hits: vec![],
             took_us: 1,
+            payloads: vec![],
         };
         assert!(
             edge.handle(ClientEvent::Received(Frame::Answer(late)), 160)
@@ -900,6 +903,7 @@ mod tests {
                         collection_id: q.collection_id,
                         hits: vec![],
                         took_us: 1,
+                        payloads: vec![],
                     })),
                     other => panic!("{other:?}"),
                 }

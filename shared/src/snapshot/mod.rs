@@ -1,4 +1,4 @@
-//! The edge cache snapshot file, format version 1 — the one place that defines it.
+//! The edge cache snapshot file, format version 2 — the one place that defines it.
 //!
 //! Documented in `docs/snapshot-format.md`. A snapshot is a fixed 128-byte little-endian header
 //! followed, at byte [`BODY_OFFSET`], by an rkyv archive of [`SnapshotBody`]:
@@ -6,7 +6,7 @@
 //! | offset | size | field                                                       |
 //! |-------:|-----:|-------------------------------------------------------------|
 //! |      0 |    8 | magic `TVSNAP\r\n`                                          |
-//! |      8 |    4 | format version (`1`)                                        |
+//! |      8 |    4 | format version (`2`; `1` is read)                           |
 //! |     12 |    4 | header length (`128`)                                       |
 //! |     16 |    4 | dimension                                                   |
 //! |     20 |    1 | metric code (1 cosine, 2 l2, 3 dot)                         |
@@ -22,6 +22,10 @@
 //! |     80 |    8 | xxh3-64 of the body                                         |
 //! |     88 |   32 | reserved, zero                                              |
 //! |    120 |    8 | xxh3-64 of header bytes 0..120                              |
+//!
+//! Version 2 changed what a payload is, not the layout: each payload is a JSON text (the cloud
+//! stores any JSON value), and an empty one means none. A version 1 file's payloads are plain
+//! texts, read as `{"text": …}` ([`SnapshotView::payload`]), so answers carry one convention.
 //!
 //! [`Snapshot::open`] validates a file once — magic, version, header checksum, lengths, body
 //! checksum, rkyv's bytecheck, then every index the search will follow — and search afterwards
@@ -55,7 +59,7 @@ use crate::metric::Metric;
 /// transfer, as PNG's signature does.
 pub const MAGIC: [u8; 8] = *b"TVSNAP\r\n";
 /// The format version this build writes, and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build reads.
 pub const OLDEST_SUPPORTED_VERSION: u32 = 1;
 /// Length of the fixed header.

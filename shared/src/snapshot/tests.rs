@@ -166,7 +166,7 @@ fn body_round_trips_through_the_archive() {
     let body = small_body();
     let snap = Snapshot::open(encode(&spec(4), &body).unwrap()).unwrap();
     assert_eq!(snap.view().to_body().unwrap(), body);
-    assert_eq!(snap.view().payload(3), Some("é3"));
+    assert_eq!(snap.view().payload(3).as_deref(), Some("é3"));
 }
 
 fn small_row(i: u64) -> [f32; 4] {
@@ -177,7 +177,7 @@ fn small_row(i: u64) -> [f32; 4] {
 #[test]
 fn the_writer_writes_what_the_parts_assemble() {
     let texts: Vec<String> = (0..40).map(|i| format!("é{i}")).collect();
-    let mut writer = SnapshotWriter::new(spec(4), "t", Payloads::Text);
+    let mut writer = SnapshotWriter::new(spec(4), "t", Payloads::Json);
     for i in 0..40u64 {
         writer
             .push(i, 1, &small_row(i), Some(&texts[i as usize]))
@@ -195,8 +195,10 @@ fn the_writer_writes_what_the_parts_assemble() {
 
 #[test]
 fn the_writer_keeps_ids_lsns_payloads_anchors_and_the_manifest_version() {
-    let mut writer = SnapshotWriter::new(spec(4), "t", Payloads::Text);
-    writer.push(70, 5, &small_row(1), Some("seventy")).unwrap();
+    let mut writer = SnapshotWriter::new(spec(4), "t", Payloads::Json);
+    writer
+        .push(70, 5, &small_row(1), Some(r#"{"text":"seventy"}"#))
+        .unwrap();
     writer.push(71, 6, &small_row(2), None).unwrap();
     writer.push_anchor(&small_row(3), &[70, 71]);
     writer.set_manifest_version(9);
@@ -205,8 +207,9 @@ fn the_writer_keeps_ids_lsns_payloads_anchors_and_the_manifest_version() {
     assert_eq!(view.ids(), &[70, 71]);
     assert_eq!((view.lsn(0), view.lsn(1)), (Some(5), Some(6)));
     assert_eq!(
-        (view.payload(0), view.payload(1)),
-        (Some("seventy"), Some(""))
+        (view.payload(0).as_deref(), view.payload(1)),
+        (Some(r#"{"text":"seventy"}"#), None),
+        "a JSON payload as written, none as none"
     );
     let body = view.to_body().unwrap();
     assert_eq!(body.manifest_version, 9);

@@ -1,5 +1,6 @@
 //! Opening validated bytes and searching them in place.
 
+use std::borrow::Cow;
 use std::ops::Deref;
 
 use rkyv::rancor;
@@ -140,8 +141,20 @@ impl<'a> SnapshotView<'a> {
         self.vectors.get(start..start + dim)
     }
 
-    /// Node `node`'s payload text, if the snapshot carries payloads.
-    pub fn payload(&self, node: u32) -> Option<&'a str> {
+    /// Node `node`'s payload as a JSON text, if it has one: version 2 files store JSON (an
+    /// empty payload is none); a version 1 file's plain text `t` reads as `{"text": t}`.
+    pub fn payload(&self, node: u32) -> Option<Cow<'a, str>> {
+        let stored = self.stored_payload(node).filter(|p| !p.is_empty())?;
+        Some(if self.header.version >= 2 {
+            Cow::Borrowed(stored)
+        } else {
+            Cow::Owned(serde_json::json!({ "text": stored }).to_string())
+        })
+    }
+
+    /// Node `node`'s payload bytes as the file stores them (for the byte accounting of the
+    /// cache budget).
+    pub fn stored_payload(&self, node: u32) -> Option<&'a str> {
         let offsets: &'a [u32] = cast(&self.body.payload_offsets);
         let (start, end) = (
             *offsets.get(node as usize)?,

@@ -60,13 +60,13 @@ pub struct SnapshotWriter {
     manifest_version: u64,
 }
 
-/// Whether a snapshot carries a payload text per vector.
+/// Whether a snapshot carries a payload per vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Payloads {
     /// No payload section (the header's payload flag is clear).
     Absent,
-    /// One text per vector; a vector pushed without one gets the empty text.
-    Text,
+    /// One JSON text per vector; a vector pushed without one gets the empty text (none).
+    Json,
 }
 
 impl SnapshotWriter {
@@ -79,15 +79,16 @@ impl SnapshotWriter {
             collection_name: collection_name.to_owned(),
             ids: Vec::new(),
             lsns: Vec::new(),
-            payloads: (payloads == Payloads::Text).then(Vec::new),
+            payloads: (payloads == Payloads::Json).then(Vec::new),
             anchors: AnchorSection::default(),
             manifest_version: 0,
         }
     }
 
-    /// Adds vector `id` at `lsn` (prepared for the metric on insertion) with its payload text.
-    /// Fails on a vector the graph refuses (wrong dimension, a non-finite component), or a
-    /// payload given to a writer made with [`Payloads::Absent`].
+    /// Adds vector `id` at `lsn` (prepared for the metric on insertion) with its payload, a
+    /// JSON text (the writer does not parse it: the cloud and the edge hand it payloads they
+    /// hold as JSON already). Fails on a vector the graph refuses (wrong dimension, a
+    /// non-finite component), or a payload given to a writer made with [`Payloads::Absent`].
     pub fn push(
         &mut self,
         id: u64,

@@ -125,7 +125,7 @@ pub fn run(mut args: CloudArgs) -> anyhow::Result<()> {
                 (
                     i as u64,
                     ds.base.row(i).to_vec(),
-                    Some(serde_json::json!({ "text": texts[i] }).to_string()),
+                    Some(crate::snapshots::text_payload(&texts[i])),
                 )
             })
             .collect();

@@ -158,6 +158,7 @@ fn wire_query(ds: &Dataset, q: usize, collection_id: [u8; 16], ef: usize) -> Que
         ef: ef as u32,
         span_id: 0,
         shadow: false,
+        with_payload: false,
     }
 }
 

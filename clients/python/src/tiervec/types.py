@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -19,16 +18,13 @@ class TiervecError(Exception):
 
 
 def payload_of(raw: Any) -> Optional[Dict[str, Any]]:
-    """A payload as JSON: the cloud sends an object; an edge may send a string — JSON text, or
-    plain text from an older snapshot, read as ``{"text": …}``."""
+    """A payload as a JSON object: both tiers answer with the JSON value the point holds; a
+    string (a payload some other snapshot writer stored as plain text) reads as
+    ``{"text": …}``, any other value as ``{"value": …}``."""
     if raw is None or isinstance(raw, dict):
         return raw
     if isinstance(raw, str):
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return {"text": raw}
-        return value if isinstance(value, dict) else {"text": raw}
+        return {"text": raw}
     return {"value": raw}
 
 
