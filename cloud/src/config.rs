@@ -149,38 +149,42 @@ mod tests {
     use crate::collection::gpu::Precision;
     use crate::transport::http::Role;
 
+    /// Every test that loads a configuration runs in a figment `Jail`: it reads the process's
+    /// environment, which a jail alone may change, one jail at a time.
     #[test]
     fn file_env_and_flags_layer_in_that_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.toml");
-        std::fs::write(
-            &path,
-            "data_dir = \"/srv/a\"\ndefault_ef = 80\n[[api_keys]]\nkey = \"k1\"\nrole = \"read_only\"\n",
-        )
-        .unwrap();
         figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "cloud.toml",
+                "data_dir = \"/srv/a\"\ndefault_ef = 80\n[[api_keys]]\nkey = \"k1\"\nrole = \"read_only\"\n",
+            )?;
+            let path = Path::new("cloud.toml");
             jail.set_env("TIERVEC_CLOUD_DEFAULT_EF", "96");
             jail.set_env("TIERVEC_CLOUD_DATA_DIR", "/srv/b");
             jail.set_env("TIERVEC_CLOUD_HTTP__MAX_CONNECTIONS", "7");
             jail.set_env("UNRELATED", "x");
-            let c = CloudConfig::load(Some(&path), &["default_ef=128".into()]).unwrap();
+            let c = CloudConfig::load(Some(path), &["default_ef=128".into()]).unwrap();
             assert_eq!(c.default_ef, 128, "a flag wins over the environment");
-            assert_eq!(c.data_dir, PathBuf::from("/srv/b"), "the environment over the file");
-            assert_eq!(c.http.max_connections, 7, "a nested key from the environment");
+            assert_eq!(
+                c.data_dir,
+                PathBuf::from("/srv/b"),
+                "the environment over the file"
+            );
+            assert_eq!(
+                c.http.max_connections, 7,
+                "a nested key from the environment"
+            );
             assert_eq!(c.api_keys[0].role, Role::ReadOnly);
             assert_eq!(c.max_batch, CloudConfig::default().max_batch);
-            Ok(())
-        });
-        figment::Jail::expect_with(|jail| {
+            let e = CloudConfig::load(None, &["no_such_field=1".into()]).unwrap_err();
+            assert!(e.to_string().contains("no_such_field"), "{e}");
+            assert!(CloudConfig::load(None, &["default_ef=\"x\"".into()]).is_err());
+            assert!(CloudConfig::load(Some(Path::new("missing.toml")), &[]).is_err());
             jail.set_env("TIERVEC_CLOUD_NO_SUCH_FIELD", "1");
             let e = CloudConfig::load(None, &[]).unwrap_err().to_string();
-            assert!(e.contains("no_such_field"), "{e}");
+            assert!(e.contains("NO_SUCH_FIELD"), "{e}");
             Ok(())
         });
-        let e = CloudConfig::load(None, &["no_such_field=1".into()]).unwrap_err();
-        assert!(e.to_string().contains("no_such_field"), "{e}");
-        assert!(CloudConfig::load(None, &["default_ef=\"x\"".into()]).is_err());
-        assert!(CloudConfig::load(Some(&dir.path().join("missing.toml")), &[]).is_err());
     }
 
     /// The node configurations under `docs/deploy/` are ones the cloud takes: the systemd
@@ -188,25 +192,25 @@ mod tests {
     /// as the StatefulSet passes it.
     #[test]
     fn the_deployment_examples_are_valid_configurations() {
-        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy");
-        let node =
-            CloudConfig::load(Some(&deploy.join("systemd/cloud-node.toml")), &[]).unwrap();
-        let cluster = node.cluster.expect("a cluster node");
-        assert_eq!(cluster.nats.len(), 3);
-        assert_eq!(cluster.stream_replicas(), 3);
-        cluster.check().unwrap();
-
-        let manifest = std::fs::read_to_string(deploy.join("kubernetes/cloud.yaml")).unwrap();
-        let start = manifest.find("cloud.toml: |\n").unwrap() + "cloud.toml: |\n".len();
-        let text: String = manifest[start..]
-            .lines()
-            .take_while(|l| l.is_empty() || l.starts_with("    "))
-            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
-            .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.toml");
-        std::fs::write(&path, text).unwrap();
         figment::Jail::expect_with(|jail| {
+            let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy");
+            let node =
+                CloudConfig::load(Some(&deploy.join("systemd/cloud-node.toml")), &[]).unwrap();
+            let cluster = node.cluster.expect("a cluster node");
+            assert_eq!(cluster.nats.len(), 3);
+            assert_eq!(cluster.stream_replicas(), 3);
+            cluster.check().unwrap();
+
+            let manifest = std::fs::read_to_string(deploy.join("kubernetes/cloud.yaml")).unwrap();
+            let start = manifest.find("cloud.toml: |\n").unwrap() + "cloud.toml: |\n".len();
+            let text: String = manifest[start..]
+                .lines()
+                .take_while(|l| l.is_empty() || l.starts_with("    "))
+                .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+                .collect();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("cloud.toml");
+            std::fs::write(&path, text).unwrap();
             jail.set_env("TIERVEC_CLOUD_CLUSTER.PASSWORD", "secret");
             jail.set_env("TIERVEC_CLOUD_CLUSTER__NODE", "cloud-2");
             let pod = CloudConfig::load(Some(&path), &[]).unwrap();
@@ -220,45 +224,60 @@ mod tests {
         });
     }
 
+    /// The example cloud of the README's "Your own texts" is one the cloud takes.
+    #[test]
+    fn the_example_cloud_is_a_valid_configuration() {
+        figment::Jail::expect_with(|_| {
+            let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/cloud.toml");
+            let c = CloudConfig::load(Some(&example), &[]).unwrap();
+            assert!(c.dev_certs && c.model_dir.is_some() && c.quic_addr.is_some());
+            assert_eq!(c.edges.len(), 2);
+            Ok(())
+        });
+    }
+
     #[test]
     fn a_dotted_flag_sets_one_field_of_a_table() {
-        let c = CloudConfig::load(
-            None,
-            &[
-                "http.max_connections=8".into(),
-                "http.header_timeout_ms=250".into(),
-            ],
-        )
-        .unwrap();
-        assert_eq!(
-            c.http,
-            HttpLimits {
-                max_connections: 8,
-                header_timeout_ms: 250,
-                ..HttpLimits::default()
-            }
-        );
-        for bad in ["http..max_connections=1", "default_ef.x=1", "http.nope=1"] {
-            assert!(
-                CloudConfig::load(None, &[bad.into()]).is_err(),
-                "{bad}"
+        figment::Jail::expect_with(|_| {
+            let c = CloudConfig::load(
+                None,
+                &[
+                    "http.max_connections=8".into(),
+                    "http.header_timeout_ms=250".into(),
+                ],
+            )
+            .unwrap();
+            assert_eq!(
+                c.http,
+                HttpLimits {
+                    max_connections: 8,
+                    header_timeout_ms: 250,
+                    ..HttpLimits::default()
+                }
             );
-        }
+            for bad in ["http..max_connections=1", "default_ef.x=1", "http.nope=1"] {
+                assert!(CloudConfig::load(None, &[bad.into()]).is_err(), "{bad}");
+            }
+            Ok(())
+        });
     }
 
     #[test]
     fn gpu_section_defaults_and_overrides() {
-        let c = CloudConfig::load(None, &[]).unwrap();
-        assert_eq!(c.gpu, GpuConfig::default());
-        let c = CloudConfig::load(
-            None,
-            &["gpu={precision=\"f16\", memory_budget_bytes=1073741824, device=1}".into()],
-        )
-        .unwrap();
-        assert_eq!(c.gpu.precision, Precision::F16);
-        assert_eq!(c.gpu.memory_budget_bytes, Some(1 << 30));
-        assert_eq!(c.gpu.device, 1);
-        assert_eq!(c.gpu.min_rows, GpuConfig::default().min_rows);
-        assert!(CloudConfig::load(None, &["gpu={precision=\"f8\"}".into()]).is_err());
+        figment::Jail::expect_with(|_| {
+            let c = CloudConfig::load(None, &[]).unwrap();
+            assert_eq!(c.gpu, GpuConfig::default());
+            let c = CloudConfig::load(
+                None,
+                &["gpu={precision=\"f16\", memory_budget_bytes=1073741824, device=1}".into()],
+            )
+            .unwrap();
+            assert_eq!(c.gpu.precision, Precision::F16);
+            assert_eq!(c.gpu.memory_budget_bytes, Some(1 << 30));
+            assert_eq!(c.gpu.device, 1);
+            assert_eq!(c.gpu.min_rows, GpuConfig::default().min_rows);
+            assert!(CloudConfig::load(None, &["gpu={precision=\"f8\"}".into()]).is_err());
+            Ok(())
+        });
     }
 }

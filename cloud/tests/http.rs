@@ -775,3 +775,102 @@ async fn several_shards_need_a_cluster() {
     .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
 }
+
+/// `GET …/snapshot`: a snapshot file an edge opens, of the collection's identity, with the
+/// points as written and their payloads as JSON; `max_vectors` bounded at
+/// `MAX_SNAPSHOT_VECTORS` (one more is refused) and at least 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_snapshot_carries_the_collection_its_points_and_payloads() {
+    use reqwest::Method as M;
+    use tiervec_cloud::http::MAX_SNAPSHOT_VECTORS;
+    use tiervec_shared::snapshot::{AlignedBytes, Snapshot};
+    let s = start(1 << 20).await;
+    let a = s.addr;
+    let (st, created) = call(
+        a,
+        M::POST,
+        "/v1/collections",
+        Some(RW),
+        Some(json!({"name": "notes", "dim": 8, "metric": "cosine"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let points: Vec<Value> = (0..40u64)
+        .map(|i| json!({"id": 1000 + i, "vector": vector(i, 8), "payload": {"text": format!("note {i}"), "n": i}}))
+        .collect();
+    let (st, body) = call(
+        a,
+        M::PUT,
+        "/v1/collections/notes/points",
+        Some(RW),
+        Some(json!({ "points": points })),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+
+    let get = |query: String| {
+        let url = format!("http://{a}/v1/collections/notes/snapshot{query}");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(RO)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let resp = get("?max_vectors=25".into()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+    let raw = resp.bytes().await.unwrap();
+    let mut bytes = AlignedBytes::with_capacity(raw.len());
+    bytes.extend_from_slice(&raw);
+    let snapshot = Snapshot::open(bytes).expect("a valid snapshot");
+    let header = snapshot.header();
+    assert_eq!(header.count, 25, "the first 25 points written");
+    assert_eq!(header.spec.dim, 8);
+    assert_eq!(
+        header.spec.collection.to_string(),
+        created["id"].as_str().unwrap(),
+        "the collection's identity"
+    );
+    let view = snapshot.view();
+    for node in 0..25u32 {
+        let id = view.ids()[node as usize];
+        assert!((1000..1025).contains(&id), "{id}");
+        let payload: Value = serde_json::from_str(&view.payload(node).unwrap()).unwrap();
+        assert_eq!(
+            payload,
+            json!({"text": format!("note {}", id - 1000), "n": id - 1000})
+        );
+    }
+    assert_eq!(
+        get(String::new()).await.status(),
+        StatusCode::OK,
+        "the default"
+    );
+    for bad in [0, MAX_SNAPSHOT_VECTORS + 1] {
+        let resp = get(format!("?max_vectors={bad}")).await;
+        assert_eq!(
+            resp.status(),
+            StatusCode::BAD_REQUEST,
+            "max_vectors = {bad}"
+        );
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], "invalid_request", "{body}");
+    }
+    assert_eq!(
+        get(format!("?max_vectors={MAX_SNAPSHOT_VECTORS}"))
+            .await
+            .status(),
+        StatusCode::OK,
+        "at the limit"
+    );
+    let missing = reqwest::Client::new()
+        .get(format!("http://{a}/v1/collections/nope/snapshot"))
+        .bearer_auth(RO)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+}

@@ -166,3 +166,68 @@ impl EdgeConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file, then `TIERVEC_EDGE_*` (nested with `__`), then `--set`, each winning over the
+    /// one before; unknown fields are errors in every layer. (Every test that loads runs in a
+    /// figment `Jail`: loading reads the process's environment, which a jail alone changes.)
+    #[test]
+    fn file_env_and_flags_layer_in_that_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "edge.toml",
+                "name = \"edge-7\"\ncollection = \"notes\"\ndeadline_ms = 80\n\
+                 [cloud]\naddr = \"127.0.0.1:6381\"\nserver_name = \"localhost\"\n\
+                 ca_cert = \"ca.pem\"\ncert = \"e.pem\"\nkey = \"e.key\"\n",
+            )?;
+            jail.set_env("TIERVEC_EDGE_DEADLINE_MS", "90");
+            jail.set_env("TIERVEC_EDGE_CLOUD__SERVER_NAME", "cloud.example");
+            jail.set_env("TIERVEC_EDGE_COLLECTION", "from-env");
+            let c = EdgeConfig::load(
+                Some(Path::new("edge.toml")),
+                &[
+                    "collection=from-flag".into(),
+                    "confidence.max_kth_distance=0.25".into(),
+                ],
+            )
+            .unwrap();
+            assert_eq!(c.name, "edge-7", "the file");
+            assert_eq!(c.deadline_ms, 90, "the environment over the file");
+            assert_eq!(c.collection, "from-flag", "a flag over the environment");
+            let cloud = c.cloud.expect("the file's link");
+            assert_eq!(cloud.server_name, "cloud.example", "a nested variable");
+            assert_eq!(cloud.addr.port(), 6381);
+            assert_eq!(c.confidence.max_kth_distance, Some(0.25), "a nested flag");
+            assert_eq!(c.budget_bytes, EdgeConfig::default().budget_bytes);
+            jail.set_env("TIERVEC_EDGE_NO_SUCH", "1");
+            let e = EdgeConfig::load(None, &[]).unwrap_err().to_string();
+            assert!(e.contains("NO_SUCH"), "{e}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|_| {
+            assert!(EdgeConfig::load(None, &["deadline_ms=soon".into()]).is_err());
+            assert!(EdgeConfig::load(None, &["=1".into()]).is_err());
+            assert!(EdgeConfig::load(Some(Path::new("/no/such/edge.toml")), &[]).is_err());
+            Ok(())
+        });
+    }
+
+    /// The example configurations of the README's "Your own texts" are ones the edge takes.
+    #[test]
+    fn the_example_edges_are_valid_configurations() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
+        figment::Jail::expect_with(|_| {
+            for (n, port) in [(1, 6390), (2, 6391)] {
+                let file = examples.join(format!("edge-{n}.toml"));
+                let c = EdgeConfig::load(Some(&file), &[]).unwrap();
+                assert_eq!(c.name, format!("edge-{n}"));
+                assert_eq!(c.http_addr.port(), port);
+                assert!(c.cloud.is_some() && c.model_dir.is_some());
+            }
+            Ok(())
+        });
+    }
+}

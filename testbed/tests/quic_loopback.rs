@@ -1512,3 +1512,92 @@ fn node_config(rule: tiervec_shared::confidence::ConfidenceRule) -> tiervec_edge
         certify: false,
     }
 }
+
+/// Payloads over QUIC (protocol 6): an answer carries each hit's payload when asked and none
+/// otherwise, and hits whose payloads do not fit in a frame are refused with `AnswerTooLarge`
+/// (at the limit they fit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_payloads_when_asked_within_the_frame_limit() {
+    use tiervec_shared::protocol::frame::DEFAULT_MAX_FRAME;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = cert_dir(&dir.path().join("certs"), "ours");
+    let service = cloud_with_points(dir.path(), 0);
+    // Six points carry payloads of 1,000,000 bytes of JSON (four fit in a frame, five do
+    // not) and one a small payload.
+    let big = serde_json::to_string(&"x".repeat(1_000_000 - 2)).unwrap();
+    service
+        .upsert(
+            "c",
+            (100..106u64)
+                .map(|i| (i, vector(1_000 + i, DIM), Some(big.clone())))
+                .chain([(7, vector(7, DIM), Some(r#"{"text":"seven"}"#.to_owned()))])
+                .collect(),
+        )
+        .unwrap();
+    assert!(4 * big.len() < DEFAULT_MAX_FRAME && 5 * big.len() > DEFAULT_MAX_FRAME);
+    let endpoint = quic::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &certs,
+        &tiervec_cloud::quic::QuicLimits::default(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(quic::serve(
+        endpoint,
+        service.clone(),
+        Arc::new(AccessList(HashMap::from([(
+            "edge-1".to_owned(),
+            vec!["c".to_owned()],
+        )]))),
+        quiet_hub(&service, hot()),
+        tiervec_cloud::ScanSlots::new(2),
+        tiervec_cloud::quic::QuicLimits::default(),
+    ));
+    let edge = CloudLink::connect(&link(addr, &certs, Some(&certs), "edge-1"))
+        .await
+        .unwrap();
+    let id = edge.collections()[0].id;
+    let ask = |v: Vec<f32>, k: u32, with_payload: bool| Query {
+        k,
+        with_payload,
+        ..query("c", id, v)
+    };
+    let answer = edge
+        .query(ask(vector(7, DIM), 1, true), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(answer.hits[0].id, 7);
+    assert_eq!(
+        answer.payloads,
+        vec![Some(r#"{"text":"seven"}"#.to_owned())]
+    );
+    let answer = edge
+        .query(ask(vector(7, DIM), 3, false), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(answer.payloads.is_empty(), "none unless asked");
+    let answer = edge
+        .query(ask(vector(1_100, DIM), 4, true), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.payloads.len(),
+        4,
+        "four hits fit, whichever they are"
+    );
+    assert_eq!(answer.payloads[0].as_deref(), Some(&big[..]));
+    match edge
+        .query(ask(vector(1_100, DIM), 7, true), Duration::from_secs(5))
+        .await
+    {
+        Err(QueryFailure::Refused { code, message }) => {
+            assert_eq!(code, ErrorCode::AnswerTooLarge, "{message}")
+        }
+        other => panic!("six large payloads: {other:?}"),
+    }
+    let answer = edge
+        .query(ask(vector(1_100, DIM), 7, false), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(answer.hits.len(), 7, "the same hits without payloads");
+}

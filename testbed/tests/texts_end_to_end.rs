@@ -78,7 +78,15 @@ async fn text_questions_through_an_edge_return_each_records_payload_from_both_ti
     let (cloud_bin, edge_bin) = (binary("tiervec-cloud"), binary("tiervec-edge"));
     let certs = work.join("certs");
     run(
-        Command::new(&cloud_bin).args(["certs", "--server-name", "localhost", "--edge", "edge-1", "--dir"])
+        Command::new(&cloud_bin)
+            .args([
+                "certs",
+                "--server-name",
+                "localhost",
+                "--edge",
+                "edge-1",
+                "--dir",
+            ])
             .arg(&certs),
         "tiervec-cloud certs",
     );
@@ -197,9 +205,14 @@ async fn text_questions_through_an_edge_return_each_records_payload_from_both_ti
             .json()
             .await
             .unwrap();
-        let source = answer["source"].as_str().unwrap_or_else(|| panic!("{answer}"));
+        let source = answer["source"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{answer}"));
         *answered_by.entry(source.to_owned()).or_default() += 1;
-        kth.push((i < IN_SNAPSHOT, answer["kth_distance"].as_f64().unwrap_or(f64::NAN)));
+        kth.push((
+            i < IN_SNAPSHOT,
+            answer["kth_distance"].as_f64().unwrap_or(f64::NAN),
+        ));
         let hits = answer["hits"].as_array().unwrap();
         assert_eq!(hits.len(), K, "question {i}: {answer}");
         // The record's own text finds the record first wherever it is held: in the cache, or
