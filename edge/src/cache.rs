@@ -700,9 +700,7 @@ impl EdgeCache {
             }
         }
         for (id, lsn, v, payload) in local.overlay_rows() {
-            writer
-                .push(id, lsn, v, payload)
-                .map_err(bad)?;
+            writer.push(id, lsn, v, payload).map_err(bad)?;
         }
         if writer.is_empty() {
             return Ok(None);

@@ -409,9 +409,7 @@ impl EdgeNode {
             return Ok((local, Source::Degraded, signals, false));
         };
         let asked = Instant::now();
-        let outcome = self
-            .ask_cloud(uplink, query, k, with_payload, span)
-            .await;
+        let outcome = self.ask_cloud(uplink, query, k, with_payload, span).await;
         metrics::histogram!("tiervec_edge_fallback_seconds").record(asked.elapsed().as_secs_f64());
         match outcome {
             Ok(answer) => {
