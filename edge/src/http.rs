@@ -150,6 +150,21 @@ async fn query_vector(
 #[cfg(feature = "embed")]
 async fn embed(state: &EdgeState, text: String) -> Result<(Vec<f32>, u64), ApiError> {
     let embedder = state.embedder.clone().ok_or_else(no_model)?;
+    // A text embedded by another model than the collection's would be answered, wrongly.
+    if let Some(recorded) = state.node.cloud_collection().and_then(|c| c.model_checksum)
+        && recorded != embedder.identity().checksum
+    {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "model_mismatch",
+            format!(
+                "this edge embeds with {}, but collection `{}` was made with another model \
+                 (checksum {recorded:016x}): set model_dir to the collection's model",
+                embedder.identity(),
+                state.collection
+            ),
+        ));
+    }
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         embedder

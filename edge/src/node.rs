@@ -291,6 +291,15 @@ impl EdgeNode {
         );
     }
 
+    /// The collection as the cloud last announced it (its identity, dimension and embedding
+    /// model), if a link ever connected.
+    pub fn cloud_collection(&self) -> Option<WireCollection> {
+        self.uplink
+            .as_ref()?
+            .connector
+            .known_collection(&self.config.collection)
+    }
+
     /// Whether the lease is over: the link has been down longer than the lease (an edge with
     /// no link configured has no lease to lose).
     pub fn stale(&self) -> bool {

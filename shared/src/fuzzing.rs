@@ -236,12 +236,14 @@ pub fn server_session(data: &[u8]) {
             id: [5; 16],
             dim: 384,
             metric: Metric::Cosine.code(),
+            model_checksum: None,
         },
         WireCollection {
             name: "small".into(),
             id: [6; 16],
             dim: 4,
             metric: Metric::L2.code(),
+            model_checksum: None,
         },
     ];
     let mut session = ServerSession::new(allowed.clone(), vec![([5; 16], 4)]);

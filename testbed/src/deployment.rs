@@ -425,6 +425,8 @@ pub struct EdgeSpec<'a> {
     pub wasm_guest: Option<&'a Path>,
     /// The QUIC addresses of the cloud's other nodes, failed over to in this order.
     pub other_clouds: &'a [SocketAddr],
+    /// The embedding model's folder: the edge then takes questions as text.
+    pub model_dir: Option<&'a Path>,
 }
 
 /// A running edge process and its applications' endpoint.
@@ -465,6 +467,7 @@ pub fn start_edge_via(
         cloud_ef: spec.cloud_ef as u32,
         worker_threads: Some(1),
         certify: spec.certify,
+        model_dir: spec.model_dir.map(Path::to_owned),
         cloud: Some(CloudLinkConfig {
             addr: cloud_addr,
             other_addrs: spec.other_clouds.to_vec(),

@@ -151,20 +151,20 @@ pub struct SweepLines {
     pub local_fraction: Vec<(f64, f64)>,
 }
 
-/// Recall@10 and local fraction (y) against the threshold (x), for the reported trace (solid)
-/// and the calibration trace (dashed), with the chosen threshold and the measured point
-/// `(local fraction, recall@10)`.
+/// Recall@10 and local fraction (y) against the threshold (x) of the rule in use, over the
+/// whole reported trace (solid) and its second half, once the caches warmed (dashed), with the
+/// chosen threshold and the measured point `(local fraction, recall@10)`.
 pub fn threshold_sweep(
     path: &Path,
     title: &str,
     x_desc: &str,
     reported: &SweepLines,
-    calibration: &SweepLines,
+    warm: &SweepLines,
     chosen: f64,
     measured: (f64, f64),
 ) -> Result<(), PlotError> {
     let fail = prepare(path)?;
-    let x1 = [reported, calibration]
+    let x1 = [reported, warm]
         .iter()
         .flat_map(|l| l.recall_at_10.iter().chain(&l.local_fraction))
         .map(|p| p.0)
@@ -188,8 +188,8 @@ pub fn threshold_sweep(
     let recall = RGBColor(31, 119, 180).to_rgba();
     let local = RGBColor(44, 160, 44).to_rgba();
     for (lines, dashed, name) in [
-        (reported, false, "reported"),
-        (calibration, true, "calibration"),
+        (reported, false, "whole"),
+        (warm, true, "second half of the"),
     ] {
         for (color, what, line) in [
             (recall, "recall@10", &lines.recall_at_10),

@@ -8,7 +8,7 @@ use std::process::Command;
 fn bench(name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_tiervec-testbed"))
-        .args(["bench", name, "--quick", "--no-docs", "--work-dir"])
+        .args(["bench", name, "--quick", "--work-dir"])
         .arg(dir.path().join("work"))
         .arg("--json")
         .arg(dir.path().join("report.json"))

@@ -242,4 +242,84 @@ async fn text_questions_through_an_edge_return_each_records_payload_from_both_ti
          distances (cached record?, distance): {kth:?}"
     );
     eprintln!("answers by source: {answered_by:?}");
+
+    // An edge whose model is not the collection's (the same weights, another tokenizer file:
+    // another checksum) refuses text questions once the cloud has told it the collection's
+    // model, rather than answer them with vectors of another space; vectors still pass.
+    let other_model = work.join("other-model");
+    std::fs::create_dir(&other_model).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(model.join(file), other_model.join(file)).unwrap();
+    }
+    let mut tokenizer = std::fs::read(other_model.join("tokenizer.json")).unwrap();
+    tokenizer.push(b'\n');
+    std::fs::write(other_model.join("tokenizer.json"), tokenizer).unwrap();
+    let other_port = free_tcp_port();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let other_config = work.join("edge-other.toml");
+    std::fs::write(
+        &other_config,
+        text.replace(
+            &format!("{snapshot:?}"),
+            &format!("{:?}", work.join("other.tvs")),
+        )
+        .replace(&format!(":{edge_port}"), &format!(":{other_port}"))
+        .replace(&format!("{model:?}"), &format!("{other_model:?}")),
+    )
+    .unwrap();
+    let _other = ChildGuard::new(
+        Command::new(&edge_bin)
+            .args(["serve", "--config"])
+            .arg(&other_config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.join("edge-other.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let other = format!("http://127.0.0.1:{other_port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready: Option<Value> = match http.get(format!("{other}/readyz")).send().await {
+            Ok(r) => r.json().await.ok(),
+            Err(_) => None,
+        };
+        if ready.is_some_and(|r| r["link_up"] == json!(true)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other edge's link was not up within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = http
+        .post(format!("{other}/v1/collections/{COLLECTION}/search"))
+        .json(&json!({"text": records[0]["text"], "k": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::CONFLICT);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "model_mismatch", "{body}");
+    let point: Value = http
+        .get(format!(
+            "{cloud}/v1/collections/{COLLECTION}/points/{}",
+            records[0]["id"]
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let answer: Value = http
+        .post(format!("{other}/v1/collections/{COLLECTION}/search"))
+        .json(&json!({"vector": point["vector"], "k": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["hits"][0]["id"], records[0]["id"], "{answer}");
 }

@@ -410,6 +410,7 @@ async fn connection(
             id: c.info.id.0,
             dim: c.info.dim as u32,
             metric: c.info.metric.code(),
+            model_checksum: service.catalog().model(c.info.id.0).map(|m| m.checksum),
         })
         .collect();
     for oldest in edges.admit(&edge, &conn, limits.max_connections_per_edge) {

@@ -45,6 +45,9 @@ pub struct WireCollection {
     pub id: [u8; 16],
     pub dim: u32,
     pub metric: u8,
+    /// The checksum of the embedding model the collection records (version 6; `None`: made
+    /// from vectors): an edge embedding texts with another model refuses them.
+    pub model_checksum: Option<u64>,
 }
 
 /// The cloud's answer to [`Hello`]: the version chosen and the collections this edge may query.
@@ -460,6 +463,7 @@ mod tests {
                     id: [9; 16],
                     dim: 4,
                     metric: 1,
+                    model_checksum: None,
                 }],
                 cache_version: Some(2),
             }),

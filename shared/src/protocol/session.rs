@@ -554,6 +554,7 @@ mod tests {
             id: [1; 16],
             dim: 3,
             metric: Metric::Cosine.code(),
+            model_checksum: None,
         }]
     }
 

@@ -265,6 +265,7 @@ pub fn run(mut args: E2eArgs) -> anyhow::Result<()> {
         certify: false,
         wasm_guest: None,
         other_clouds: &[],
+        model_dir: None,
     };
     let mut fallback = deployment::start_edge(&cloud, &spec(0, -1.0))?;
     let mut local = deployment::start_edge(&cloud, &spec(1, f32::MAX))?;

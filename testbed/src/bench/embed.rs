@@ -109,9 +109,10 @@ pub fn run(mut args: EmbedArgs) -> anyhow::Result<()> {
         args.threads, args.batch
     );
 
-    let model = args.model.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/all-MiniLM-L6-v2")
-    });
+    let model = args
+        .model
+        .clone()
+        .unwrap_or_else(tiervec_test_support::paths::model_dir);
     let loading = Instant::now();
     let embedder = Embedder::open(&model)
         .with_context(|| format!("opening the model in {}", model.display()))?;

@@ -141,6 +141,7 @@ pub fn run(mut args: FaultsArgs) -> anyhow::Result<()> {
                 certify: false,
                 wasm_guest: None,
                 other_clouds: &[],
+                model_dir: None,
             },
             relay.addr(),
         )?;

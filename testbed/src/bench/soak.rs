@@ -221,6 +221,7 @@ pub fn run(mut args: SoakArgs) -> anyhow::Result<()> {
             certify: false,
             wasm_guest: None,
             other_clouds: &[],
+            model_dir: None,
         },
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -281,6 +281,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         certify: !args.no_certify,
         wasm_guest: None,
         other_clouds: &others,
+        model_dir: None,
     };
     let mut edges = Vec::new();
     for e in 0..args.edges {
@@ -702,7 +703,7 @@ async fn chaos(
 fn write_docs(docs: &Path, args: &DemoArgs, r: &ClusterReport) -> anyhow::Result<()> {
     let md = format!(
         "## demo --cluster — the trace against three cloud nodes while one node and one nats-server die\n\n\
-         Command: `cargo run --release -p tiervec-testbed -- demo --cluster{}{} --json target/demo-cluster.json --docs docs`  \n\
+         Command: `cargo run --release -p tiervec-testbed -- demo --cluster{}{} --json target/demo-cluster.json`  \n\
          Machine: {} ({} cpus), every process unpinned on the same cores. {} cloud nodes on three \
          nats-servers (Debian 2.9.10, streams R3), the collection in {SHARDS} shards × {REPLICATION} replicas; \
          {} edges whose cloud is node 0, failing over to nodes 1 and 2; {} requests; a writer at {:.0} writes/s. \
@@ -718,7 +719,7 @@ fn write_docs(docs: &Path, args: &DemoArgs, r: &ClusterReport) -> anyhow::Result
          | recall@10 | {:.4} |\n\
          | local / cloud fraction | {:.3} / {:.3} |\n\
          | degraded fraction outside / inside the kill windows | {:.4} / {:.4} |\n",
-        if args.output.quick { " --quick" } else { "" },
+        args.output.quick_flag(),
         if args.peer_quic { " --peer-quic" } else { "" },
         r.machine.cpu_model,
         r.machine.cpus,

@@ -30,6 +30,7 @@
 
 mod calibration;
 mod cluster;
+mod questions;
 mod replay;
 mod report;
 mod setup;
@@ -48,7 +49,7 @@ use tiervec_shared::hnsw::HnswParams;
 
 use self::calibration::{LocalAnswer, Rule, local_answers, predict, sweep, thin};
 use self::replay::Outcome;
-use self::report::{EdgeSummary, Report, fraction, mean, source_rows, table, timeline};
+use self::report::{EdgeSummary, Report, fraction, headline, mean, source_rows, table, timeline};
 use self::setup::{build_snapshots, cache_rows, traces};
 use crate::dataset::Dataset;
 use crate::deployment::{self, Edge, EdgeSpec};
@@ -213,6 +214,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let model = tiervec_test_support::paths::model_dir();
     let spec = |e: usize| EdgeSpec {
         name: &edge_names[e],
         snapshot: &snapshot_paths[e],
@@ -225,6 +227,8 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         certify: !args.no_certify,
         wasm_guest: guest.as_deref(),
         other_clouds: &[],
+        // Edge 0 takes questions as text too, for the three the demo shows.
+        model_dir: (e == 0).then_some(model.as_path()),
     };
     let mut edges = Vec::new();
     for e in 0..edge_names.len() {
@@ -301,6 +305,15 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     })?;
     let invalidation_ack = Exposition::parse(&cloud_metrics)
         .histogram("tiervec_push_ack_seconds", &[("kind", "invalidation")]);
+    // Three real questions, as text, of edge 0 (the one that takes texts).
+    let query_texts =
+        crate::dataset::read_texts(&crate::dataset::data_dir().join("queries.jsonl"))?;
+    let questions = rt.block_on(questions::ask_three(
+        &http,
+        &edge_urls[0],
+        &reported[0],
+        &query_texts,
+    ))?;
     for edge in &mut edges {
         edge.process.check_alive()?;
     }
@@ -445,8 +458,11 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         sweep: reported_sweep,
         warm_sweep,
         calibration_sweep: thin(&calibration_sweep, 60),
+        questions,
         seconds: started.elapsed().as_secs_f64(),
     };
+    println!("{}", headline(&report));
+    print!("{}", questions::render(&edge_names[0], &report.questions));
     print!("{}", table(&report));
     args.output.write_json(&report)?;
     if let Some(docs) = &docs {

@@ -20,12 +20,12 @@ pub struct OutputArgs {
     /// Write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Update benchmarks.md and the SVGs under this folder (default: docs, on a full run).
+    /// Update benchmarks.md and the SVGs under this folder.
     #[arg(long)]
     pub docs: Option<PathBuf>,
-    /// Leave docs alone.
+    /// Record this full run: replace its section of docs/benchmarks.md and its plots.
     #[arg(long)]
-    pub no_docs: bool,
+    pub record: bool,
 }
 
 /// Why a run's output could not be written.
@@ -45,26 +45,26 @@ pub enum OutputError {
 }
 
 impl OutputArgs {
-    /// Where this run writes its docs section and plots, if anywhere. The one rule: a full run
-    /// writes to `--docs` (default `docs`); a `--quick` run writes only to a folder `--docs`
-    /// names, never to the recorded `docs/` (its reduced figures would replace the full run's);
-    /// `--no-docs` writes nothing. Checked before a run starts, so a refused folder costs no
-    /// measurement.
+    /// Where this run writes its docs section and plots, if anywhere. The one rule: docs are
+    /// written only when asked — `--record` (the recorded `docs/`) or `--docs DIR` — and a
+    /// `--quick` run never writes the recorded `docs/` (its reduced figures would replace the
+    /// full run's). Checked before a run starts, so a refused folder costs no measurement.
     pub fn docs_dir(&self) -> Result<Option<&Path>, OutputError> {
-        if self.no_docs {
-            return Ok(None);
-        }
-        match (&self.docs, self.quick) {
-            (None, true) => Ok(None),
-            (None, false) => Ok(Some(Path::new(RECORDED_DOCS))),
-            (Some(dir), true) if is_recorded_docs(dir) => Err(OutputError::QuickIntoRecordedDocs),
-            (Some(dir), _) => Ok(Some(dir)),
+        match (&self.docs, self.record, self.quick) {
+            (Some(dir), _, true) if is_recorded_docs(dir) => {
+                Err(OutputError::QuickIntoRecordedDocs)
+            }
+            (None, true, true) => Err(OutputError::QuickIntoRecordedDocs),
+            (Some(dir), _, _) => Ok(Some(dir)),
+            (None, true, false) => Ok(Some(Path::new(RECORDED_DOCS))),
+            (None, false, _) => Ok(None),
         }
     }
 
-    /// ` --quick` when the run is reduced, for the command line a docs section quotes.
+    /// The flag a docs section quotes in the command that made it: ` --quick` for a reduced
+    /// run, ` --record` for a full one (which writes docs only when recorded).
     pub fn quick_flag(&self) -> &'static str {
-        if self.quick { " --quick" } else { "" }
+        if self.quick { " --quick" } else { " --record" }
     }
 
     /// Writes `report` to `--json`, when given, and `section(report, quick_flag)` as the `name`
@@ -154,22 +154,29 @@ mod tests {
     }
 
     #[test]
-    fn a_quick_run_never_writes_the_recorded_docs() {
-        let args = |quick, docs: Option<&str>, no_docs| OutputArgs {
+    fn docs_are_written_when_asked_and_never_the_recorded_ones_by_a_quick_run() {
+        let args = |quick, docs: Option<&str>, record| OutputArgs {
             quick,
             json: None,
             docs: docs.map(PathBuf::from),
-            no_docs,
+            record,
         };
         let dir = |a: &OutputArgs| a.docs_dir().unwrap().map(Path::to_owned);
-        assert_eq!(dir(&args(false, None, false)), Some(PathBuf::from("docs")));
+        assert_eq!(dir(&args(false, None, false)), None, "only when asked");
+        assert_eq!(dir(&args(false, None, true)), Some(PathBuf::from("docs")));
         assert_eq!(dir(&args(true, None, false)), None);
         assert_eq!(
             dir(&args(true, Some("target/ci/docs"), false)),
             Some(PathBuf::from("target/ci/docs"))
         );
-        assert_eq!(dir(&args(false, Some("docs"), true)), None);
-        assert_eq!(dir(&args(true, Some("target/ci/docs"), true)), None);
+        assert_eq!(
+            dir(&args(false, Some("target/x"), true)),
+            Some(PathBuf::from("target/x"))
+        );
+        assert!(matches!(
+            args(true, None, true).docs_dir(),
+            Err(OutputError::QuickIntoRecordedDocs)
+        ));
         for recorded in ["docs", "./docs", "docs/"] {
             assert!(matches!(
                 args(true, Some(recorded), false).docs_dir(),
