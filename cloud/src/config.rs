@@ -258,6 +258,20 @@ mod tests {
             for bad in ["http..max_connections=1", "default_ef.x=1", "http.nope=1"] {
                 assert!(CloudConfig::load(None, &[bad.into()]).is_err(), "{bad}");
             }
+            // Values as TOML reads them: exponents, inline tables with quoted keys; a bare
+            // word is a string.
+            let c = CloudConfig::load(
+                None,
+                &[
+                    "push={anchor_hot_count=1e12, hot_id_count=1e12}".into(),
+                    r#"edges={"edge-1"=["*"]}"#.into(),
+                    "certs_dir=/srv/certs".into(),
+                ],
+            )
+            .unwrap();
+            assert_eq!(c.push.anchor_hot_count, 1e12);
+            assert_eq!(c.edges["edge-1"], vec!["*".to_owned()]);
+            assert_eq!(c.certs_dir, PathBuf::from("/srv/certs"));
             Ok(())
         });
     }

@@ -202,6 +202,9 @@ mod tests {
             assert_eq!(cloud.addr.port(), 6381);
             assert_eq!(c.confidence.max_kth_distance, Some(0.25), "a nested flag");
             assert_eq!(c.budget_bytes, EdgeConfig::default().budget_bytes);
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
             jail.set_env("TIERVEC_EDGE_NO_SUCH", "1");
             let e = EdgeConfig::load(None, &[]).unwrap_err().to_string();
             assert!(e.contains("NO_SUCH"), "{e}");

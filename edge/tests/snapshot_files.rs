@@ -249,12 +249,12 @@ fn every_corruption_has_its_own_typed_error() {
 
     // A newer (and an older) format version.
     let mut newer = good.clone();
-    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    newer[8..12].copy_from_slice(&(snapshot::FORMAT_VERSION + 1).to_le_bytes());
     assert_eq!(
         open_err(&write_raw(dir.path(), "t.tvs", &newer)),
         SnapshotError::NewerVersion {
-            found: 2,
-            newest: 1
+            found: snapshot::FORMAT_VERSION + 1,
+            newest: snapshot::FORMAT_VERSION
         }
     );
     let mut older = good.clone();
@@ -304,7 +304,7 @@ fn inspect_reports_valid_and_corrupt_files() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     for needle in [
-        "format version:  1",
+        "format version:  2",
         "vectors:         120",
         "dimension:       16",
         "layer 0: 120 nodes",

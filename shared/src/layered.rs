@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use figment::Figment;
+use figment::Provider;
 use figment::providers::{Env, Format, Serialized, Toml};
-use figment::value::Value;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
@@ -20,10 +20,11 @@ pub struct LayerError(String);
 /// Reads `T`: its defaults, then `file` (TOML, which must exist when given), then the
 /// environment variables `<env_prefix><FIELD>` (`__` between nested keys, e.g.
 /// `TIERVEC_CLOUD_HTTP__MAX_CONNECTIONS`; a `.` works too where the environment allows one),
-/// then each `field=value` of `overrides` (`--set`; `table.field` for nested keys). Values of
-/// variables and flags are read as TOML values where they parse as one (numbers, booleans,
-/// arrays, inline tables), as strings otherwise. A field `T` does not have is an error in any
-/// layer.
+/// then each `field=value` of `overrides` (`--set`; `table.field` for nested keys). A flag's
+/// value is a TOML value where it parses as one, a string otherwise; a variable's is read by
+/// figment's own rules (numbers, booleans, arrays and inline tables, else a string; exponents
+/// such as `1e12` are strings there: write them out, or use a flag). A field `T` does not have
+/// is an error in any layer.
 pub fn load<T: Serialize + DeserializeOwned + Default>(
     file: Option<&Path>,
     env_prefix: &str,
@@ -48,8 +49,20 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
         if field.is_empty() || field.split('.').any(str::is_empty) {
             return Err(LayerError(format!("--set {o}: empty field name")));
         }
-        let value: Value = value.trim().parse().unwrap_or_else(|e| match e {});
-        figment = figment.merge(Serialized::default(field, value));
+        // A TOML assignment, so values read as in the file (`1e12`, inline tables with quoted
+        // keys); a value that is not TOML is the string it spells.
+        let value = value.trim();
+        let assignment = format!("{field} = {value}");
+        let layer = if Toml::string(&assignment).data().is_ok() {
+            Toml::string(&assignment)
+        } else {
+            let quoted = serde_json::to_string(value).expect("a string serialises");
+            Toml::string(&format!("{field} = {quoted}"))
+        };
+        if let Err(e) = layer.data() {
+            return Err(LayerError(format!("--set {o}: {e}")));
+        }
+        figment = figment.merge(layer);
     }
     figment
         .extract()

@@ -112,11 +112,10 @@ impl ClientSession {
     }
 
     /// The frames that send `inventory`, each on its own stream, in order: one `Inventory`
-    /// frame when it fits a frame, else (protocol version 5 and later) `InventoryPart`s. Refused
-    /// before anything is sent when the inventory lists more than [`MAX_INVENTORY_ITEMS`] or the
-    /// cloud speaks a version that cannot take it.
+    /// frame when it fits a frame, else `InventoryPart`s. Refused before anything is sent when
+    /// the inventory lists more than [`MAX_INVENTORY_ITEMS`].
     pub fn inventory_flight(&self, inventory: Inventory) -> Result<Vec<Frame>, String> {
-        let ClientState::Ready(version) = self.state else {
+        let ClientState::Ready(_) = self.state else {
             return Err("no connection to send the inventory on".into());
         };
         if inventory.items() > MAX_INVENTORY_ITEMS {
@@ -127,12 +126,6 @@ impl ClientSession {
         }
         if inventory.archived_bytes() <= DEFAULT_MAX_FRAME {
             return Ok(vec![Frame::Inventory(inventory)]);
-        }
-        if version < 5 {
-            return Err(format!(
-                "the inventory takes more than one frame and the cloud speaks protocol version \
-                 {version}, which cannot take it in parts (version 5 can)"
-            ));
         }
         let parts = inventory.split(DEFAULT_MAX_FRAME);
         let count = parts.len();
@@ -445,9 +438,7 @@ impl ServerSession {
                 self.gathering = None;
                 self.adopt(inv)
             }
-            (ServerState::Ready(version), Frame::InventoryPart(part)) if version >= 5 => {
-                self.gather(part)
-            }
+            (ServerState::Ready(_), Frame::InventoryPart(part)) => self.gather(part),
             (_, Frame::Ping(n)) => vec![ServerAction::Send(Frame::Pong(n))],
             (_, Frame::Pong(_)) => Vec::new(),
             (_, other) => self.close(
@@ -974,7 +965,7 @@ mod tests {
     /// Past the item limit: the edge does not send it, and a cloud sent one closes the
     /// connection; parts to a cloud that negotiated version 4 are refused on both sides.
     #[test]
-    fn inventories_past_the_limit_or_the_version_are_refused() {
+    fn inventories_past_the_limit_are_refused() {
         let (edge, mut cloud) = handshake();
         let over = held(MAX_INVENTORY_ITEMS as u64 - 3);
         assert_eq!(over.items(), MAX_INVENTORY_ITEMS + 1);
@@ -1011,37 +1002,6 @@ mod tests {
             )),
             "{closed:?}"
         );
-
-        // Version 4 on the cloud's side: parts are an unexpected frame.
-        let mut old_cloud = ServerSession::new(collections(), Vec::new());
-        let ack = old_cloud.handle(Frame::Hello(Hello {
-            version: 4,
-            min_version: 4,
-            edge_name: "old".into(),
-            cache: None,
-        }));
-        let ServerAction::Send(Frame::HelloAck(ack)) = &ack[0] else {
-            panic!("{ack:?}")
-        };
-        assert_eq!(ack.version, 4);
-        let part = Frame::InventoryPart(InventoryPart {
-            last: true,
-            inventory: held(1),
-        });
-        assert!(old_cloud.handle(part).iter().any(|a| matches!(
-            a,
-            ServerAction::Close {
-                code: ErrorCode::Unexpected,
-                ..
-            }
-        )));
-        // …and on the edge's: a large inventory is refused before anything is sent.
-        let mut old_edge = ClientSession::new("e", None);
-        old_edge.handle(ClientEvent::Connected, 0);
-        old_edge.handle(ClientEvent::Received(Frame::HelloAck(ack.clone())), 1);
-        assert!(old_edge.is_ready());
-        assert!(old_edge.inventory_flight(held(400_000)).is_err());
-        assert!(old_edge.inventory_flight(held(10)).is_ok());
     }
 
     #[test]
