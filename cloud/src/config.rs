@@ -144,6 +144,8 @@ impl CloudConfig {
 }
 
 #[cfg(test)]
+// `figment::Jail::expect_with` takes closures returning figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use crate::collection::gpu::Precision;

@@ -168,6 +168,8 @@ impl EdgeConfig {
 }
 
 #[cfg(test)]
+// `figment::Jail::expect_with` takes closures returning figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
