@@ -101,8 +101,6 @@ pub fn api_state(
     }
 }
 
-/// Binds `config.http_addr`, starts recovery in the background and serves until `shutdown`
-/// resolves. `on_bound` receives the bound address (port 0 picks one) before recovery starts.
 /// `dev_certs`: what `tiervec-cloud certs --server-name localhost --edge …` makes, for every
 /// edge of the access list, where it is missing (an existing CA and certificates are kept).
 fn make_dev_certs<'a>(
@@ -127,6 +125,8 @@ fn make_dev_certs<'a>(
     Ok(())
 }
 
+/// Binds `config.http_addr`, starts recovery in the background and serves until `shutdown`
+/// resolves. `on_bound` receives the bound address (port 0 picks one) before recovery starts.
 pub async fn serve(
     config: CloudConfig,
     on_bound: impl FnOnce(SocketAddr),

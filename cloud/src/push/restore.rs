@@ -49,15 +49,16 @@ impl RestorePolicy {
     }
 }
 
-/// A first snapshot for a new edge: the live points `ids`, in order (those edges ask for most
-/// first, then as held), at their current versions, without anchors, at manifest version 0 —
-/// an edge opening it announces that version, and the cloud adopts the inventory it sends.
-pub fn seed(collection: &impl Corpus, ids: &[u64]) -> Result<AlignedVec, RestoreError> {
-    let mut manifest = Manifest::new(collection.info().id.0, 0);
-    for &id in ids {
-        manifest.insert(id, 0, 0);
-    }
-    Ok(build(collection, &manifest, |_| None, 0, u64::MAX)?.0)
+/// A first snapshot for a new edge: the live points `ids`, in that order (those edges ask for
+/// most first, then as held), at their current versions, until `budget` bytes of the byte
+/// model are used, without anchors, at manifest version 0 — an edge opening it announces that
+/// version, and the cloud adopts the inventory it sends.
+pub fn seed(
+    collection: &impl Corpus,
+    ids: &[u64],
+    budget: u64,
+) -> Result<AlignedVec, RestoreError> {
+    Ok(write(collection, ids, std::iter::empty(), |_| None, 0, budget)?.into_inner())
 }
 
 /// Points read per batch while building a restore.
@@ -75,6 +76,37 @@ pub fn build(
     version: u64,
     budget: u64,
 ) -> Result<(AlignedVec, Inventory), RestoreError> {
+    let mut held: Vec<(u64, u64)> = logged.ids().map(|(id, h)| (id, h.lsn)).collect();
+    // Deterministic order, newest first, so a smaller budget keeps the freshest.
+    held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let ids: Vec<u64> = held.iter().map(|(id, _)| *id).collect();
+    let opened = write(
+        collection,
+        &ids,
+        logged.anchors(),
+        anchor_vector,
+        version,
+        budget,
+    )?;
+    // The inventory is read back from the file itself, exactly as the edge will read it.
+    let inventory = LocalCache::over_snapshot(&opened.view())
+        .manifest()
+        .inventory();
+    Ok((opened.into_inner(), inventory))
+}
+
+/// The snapshot file of the points `held`, in that order, at their current versions (deleted
+/// ones left out), with those of `anchors` whose vectors `anchor_vector` still knows and whose
+/// members are all in the file (or deleted), within `budget` bytes of the byte model (points
+/// first), at manifest `version`.
+fn write<'m>(
+    collection: &impl Corpus,
+    held: &[u64],
+    anchors: impl Iterator<Item = (u64, &'m [u64])>,
+    anchor_vector: impl Fn(u64) -> Option<Vec<f32>>,
+    version: u64,
+    budget: u64,
+) -> Result<Snapshot<AlignedVec>, RestoreError> {
     let info = collection.info();
     let dim = info.dim;
     let spec = SnapshotSpec {
@@ -84,9 +116,6 @@ pub fn build(
         params: info.params,
     };
     let mut writer = SnapshotWriter::new(spec, &info.name, Payloads::Json);
-    let mut held: Vec<(u64, u64)> = logged.ids().map(|(id, h)| (id, h.lsn)).collect();
-    // Deterministic order, newest first, so a smaller budget keeps the freshest.
-    held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut used = 0u64;
     let mut kept = std::collections::HashSet::new();
     // Points left out though they exist (or may): their batch could not be read (on a cluster,
@@ -96,7 +125,7 @@ pub fn build(
     let mut left_out = std::collections::HashSet::new();
     let mut full = false;
     for batch in held.chunks(RESTORE_BATCH) {
-        let ids: Vec<u64> = batch.iter().map(|(id, _)| *id).collect();
+        let ids = batch.to_vec();
         let points = match (full, collection.get_many(&ids, true)) {
             (false, Some(points)) => points,
             _ => {
@@ -120,7 +149,7 @@ pub fn build(
             kept.insert(point.id);
         }
     }
-    for (anchor, members) in logged.anchors() {
+    for (anchor, members) in anchors {
         if members.iter().any(|m| left_out.contains(m)) {
             continue;
         }
@@ -140,13 +169,8 @@ pub fn build(
         writer.push_anchor(&vector, &members);
     }
     writer.set_manifest_version(version);
-    let file = writer.finish()?;
-    // The inventory is read back from the file itself, exactly as the edge will read it.
-    let opened = Snapshot::open(file)?;
-    let inventory = LocalCache::over_snapshot(&opened.view())
-        .manifest()
-        .inventory();
-    Ok((opened.into_inner(), inventory))
+    // Opened as the edge will open it: a file that does not validate is never sent.
+    Ok(Snapshot::open(writer.finish()?)?)
 }
 
 #[cfg(test)]
@@ -275,5 +299,21 @@ mod tests {
         );
         // Nothing could be read: no anchor claims a neighbourhood the file lacks.
         assert!(members_of_restored(&corpus(vec![3]), everything).is_empty());
+    }
+
+    /// A new edge's first snapshot keeps the order it is given (the hottest first), leaves out
+    /// what does not exist, and stops at its byte budget.
+    #[test]
+    fn a_seed_keeps_its_order_and_its_budget() {
+        let corpus = corpus(Vec::new());
+        let ids_of = |budget: u64| {
+            let file = seed(&corpus, &[5, 2, 9, 6, 1], budget).unwrap();
+            let snapshot = Snapshot::open(file).unwrap();
+            assert_eq!(snapshot.header().spec.collection, CollectionId([4; 16]));
+            assert_eq!(snapshot.view().manifest_version(), 0);
+            snapshot.view().ids().to_vec()
+        };
+        assert_eq!(ids_of(u64::MAX), vec![5, 2, 6, 1], "9 does not exist");
+        assert_eq!(ids_of(2 * vector_bytes(DIM, 0)), vec![5, 2], "two fit");
     }
 }

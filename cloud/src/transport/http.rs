@@ -41,7 +41,8 @@ use crate::storage::{Appended, ClusterError, MAX_SHARDS, WalError};
 use crate::text::{TextError, Texts};
 use crate::transport::ScanSlots;
 pub use crate::transport::spec::{
-    DEFAULT_SNAPSHOT_VECTORS, MAX_BATCH_SEARCHES, MAX_HOT_IDS, MAX_SNAPSHOT_VECTORS,
+    DEFAULT_SNAPSHOT_VECTORS, MAX_BATCH_SEARCHES, MAX_HOT_IDS, MAX_SNAPSHOT_BYTES,
+    MAX_SNAPSHOT_VECTORS,
 };
 
 /// An API key and what it may do.
@@ -1017,7 +1018,12 @@ async fn edge_snapshot(
     let slot = state.scans.slot_for(usize::MAX).await;
     let bytes = blocking(move || {
         let _slot = slot;
-        let mut ids: Vec<u64> = hot.iter().map(|e| e.id).collect();
+        // A hot id deleted since would take a place and then be left out of the file.
+        let mut ids: Vec<u64> = hot
+            .iter()
+            .map(|e| e.id)
+            .filter(|id| collection.deleted_at(*id).is_none())
+            .collect();
         let mut seen: std::collections::HashSet<u64> = ids.iter().copied().collect();
         ids.extend(
             collection
@@ -1030,7 +1036,7 @@ async fn edge_snapshot(
             service: svc,
             collection,
         };
-        restore::seed(&corpus, &ids).map_err(|e| {
+        restore::seed(&corpus, &ids, MAX_SNAPSHOT_BYTES).map_err(|e| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })
     })

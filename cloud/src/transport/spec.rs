@@ -22,6 +22,10 @@ pub const MAX_HOT_IDS: usize = 10_000;
 /// the request waits, within `http.request_timeout_ms`), and how many when none is asked.
 pub const MAX_SNAPSHOT_VECTORS: usize = 50_000;
 pub const DEFAULT_SNAPSHOT_VECTORS: usize = 10_000;
+/// What those vectors may weigh in the cache's byte model (`push::vector_bytes`: components and
+/// payload): past it the file stops short, so that a request cannot make the cloud build a file
+/// of many large payloads or dimensions.
+pub const MAX_SNAPSHOT_BYTES: u64 = 256 << 20;
 
 /// The pattern of a collection name (`service::check_name`).
 pub const NAME_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";

@@ -963,7 +963,7 @@ mod tests {
     }
 
     /// Past the item limit: the edge does not send it, and a cloud sent one closes the
-    /// connection; parts to a cloud that negotiated version 4 are refused on both sides.
+    /// connection.
     #[test]
     fn inventories_past_the_limit_are_refused() {
         let (edge, mut cloud) = handshake();

@@ -24,8 +24,9 @@
 //! |    120 |    8 | xxh3-64 of header bytes 0..120                              |
 //!
 //! Version 2 changed what a payload is, not the layout: each payload is a JSON text (the cloud
-//! stores any JSON value), and an empty one means none. A version 1 file's payloads are plain
-//! texts, read as `{"text": …}` ([`SnapshotView::payload`]), so answers carry one convention.
+//! stores any JSON value), and an empty one means none. A version 1 file's payload that parses
+//! as JSON is read as that JSON (the cloud's restores wrote JSON), any other as `{"text": …}`
+//! ([`SnapshotView::payload`]), so answers carry one convention.
 //!
 //! [`Snapshot::open`] validates a file once — magic, version, header checksum, lengths, body
 //! checksum, rkyv's bytecheck, then every index the search will follow — and search afterwards

@@ -240,3 +240,33 @@ fn a_writer_without_payloads_refuses_one_and_a_bad_vector_names_its_id() {
     let snapshot = Snapshot::open(writer.finish().unwrap()).unwrap();
     assert!(!snapshot.header().has_payloads);
 }
+
+#[test]
+fn a_version_1_payload_reads_as_json_whether_it_held_text_or_json() {
+    let mut writer = SnapshotWriter::new(spec(4), "t", Payloads::Json);
+    writer
+        .push(1, 1, &small_row(1), Some("plain words"))
+        .unwrap();
+    writer
+        .push(2, 1, &small_row(2), Some(r#"{"text":"restored"}"#))
+        .unwrap();
+    let mut bytes = writer.finish().unwrap();
+    // As version 1 wrote it: the same layout, another version field and header checksum.
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let sum = xxh3_64(&bytes[..120]);
+    bytes[120..128].copy_from_slice(&sum.to_le_bytes());
+    let snapshot = Snapshot::open(bytes).unwrap();
+    assert_eq!(snapshot.header().version, 1);
+    let view = snapshot.view();
+    let payload = |node| view.payload(node).map(std::borrow::Cow::into_owned);
+    assert_eq!(
+        payload(0).as_deref(),
+        Some(r#"{"text":"plain words"}"#),
+        "a testbed's plain text"
+    );
+    assert_eq!(
+        payload(1).as_deref(),
+        Some(r#"{"text":"restored"}"#),
+        "a cloud restore's JSON, not wrapped again"
+    );
+}

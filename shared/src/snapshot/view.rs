@@ -142,10 +142,13 @@ impl<'a> SnapshotView<'a> {
     }
 
     /// Node `node`'s payload as a JSON text, if it has one: version 2 files store JSON (an
-    /// empty payload is none); a version 1 file's plain text `t` reads as `{"text": t}`.
+    /// empty payload is none). Version 1 files hold either plain text (the testbed's) or the
+    /// JSON text of the cloud's payload (its restores, and edge compactions of them): a version
+    /// 1 payload that parses as JSON is that JSON, any other text `t` reads as `{"text": t}`.
     pub fn payload(&self, node: u32) -> Option<Cow<'a, str>> {
         let stored = self.stored_payload(node).filter(|p| !p.is_empty())?;
-        Some(if self.header.version >= 2 {
+        let is_json = || serde_json::from_str::<serde::de::IgnoredAny>(stored).is_ok();
+        Some(if self.header.version >= 2 || is_json() {
             Cow::Borrowed(stored)
         } else {
             Cow::Owned(serde_json::json!({ "text": stored }).to_string())

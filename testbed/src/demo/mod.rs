@@ -308,12 +308,18 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     // Three real questions, as text, of edge 0 (the one that takes texts).
     let query_texts =
         crate::dataset::read_texts(&crate::dataset::data_dir().join("queries.jsonl"))?;
-    let questions = rt.block_on(questions::ask_three(
-        &http,
-        &edge_urls[0],
-        &reported[0],
-        &query_texts,
-    ))?;
+    // Shown, not measured: a failure is said and the run's figures still stand.
+    let questions = rt
+        .block_on(questions::ask_three(
+            &http,
+            &edge_urls[0],
+            &reported[0],
+            &query_texts,
+        ))
+        .unwrap_or_else(|e| {
+            eprintln!("  the three text questions could not be asked: {e:#}");
+            Vec::new()
+        });
     for edge in &mut edges {
         edge.process.check_alive()?;
     }

@@ -161,7 +161,6 @@ pub fn source_rows(outcomes: &[Vec<Outcome>]) -> Vec<SourceRow> {
         .collect()
 }
 
-/// The markdown of the run: its figures in prose, the per-source table, each rule's best point.
 /// The one line the demo's output opens with.
 pub fn headline(r: &Report) -> String {
     let p50 = |source: &str| {
@@ -185,6 +184,7 @@ pub fn headline(r: &Report) -> String {
     )
 }
 
+/// The markdown of the run: its figures in prose, the per-source table, each rule's best point.
 pub fn table(r: &Report) -> String {
     let ms = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
     let rule = match r.max_distance {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -18,13 +19,17 @@ class TiervecError(Exception):
 
 
 def payload_of(raw: Any) -> Optional[Dict[str, Any]]:
-    """A payload as a JSON object: both tiers answer with the JSON value the point holds; a
-    string (a payload some other snapshot writer stored as plain text) reads as
-    ``{"text": …}``, any other value as ``{"value": …}``."""
+    """A payload as a JSON object: both tiers answer with the JSON value the point holds. A
+    string is read as the JSON text it may hold (an edge older than protocol 6 sent payloads
+    as strings), else as ``{"text": …}``; any other value as ``{"value": …}``."""
     if raw is None or isinstance(raw, dict):
         return raw
     if isinstance(raw, str):
-        return {"text": raw}
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return {"text": raw}
+        return value if isinstance(value, dict) else {"text": raw}
     return {"value": raw}
 
 
