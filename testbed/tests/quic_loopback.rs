@@ -1600,4 +1600,29 @@ async fn answers_carry_payloads_when_asked_within_the_frame_limit() {
         .await
         .unwrap();
     assert_eq!(answer.hits.len(), 7, "the same hits without payloads");
+
+    // Payloads just under the frame (4 × 1,048,000 bytes) pass the check made before they are
+    // copied; with 1,024 hits the encoded answer is over it and is refused where it is encoded.
+    service.delete("c", (100..106u64).collect()).unwrap();
+    let just_under = serde_json::to_string(&"y".repeat(1_048_000 - 2)).unwrap();
+    service
+        .upsert(
+            "c",
+            (200..204u64)
+                .map(|i| (i, vector(i, DIM), Some(just_under.clone())))
+                .chain((1_000..2_100u64).map(|i| (i, vector(i, DIM), None)))
+                .collect(),
+        )
+        .unwrap();
+    assert!(4 * just_under.len() <= DEFAULT_MAX_FRAME);
+    let every = Query {
+        ef: 1_024,
+        ..ask(vector(200, DIM), 1_024, true)
+    };
+    match edge.query(every, Duration::from_secs(10)).await {
+        Err(QueryFailure::Refused { code, message }) => {
+            assert_eq!(code, ErrorCode::AnswerTooLarge, "{message}")
+        }
+        other => panic!("1,024 hits around four large payloads: {other:?}"),
+    }
 }
