@@ -23,6 +23,21 @@ pub enum ClientError {
     },
 }
 
+/// The error an unsuccessful response is: its status and the API's error body (code and
+/// message), or `unknown` where the body is not one.
+async fn refusal(resp: reqwest::Response) -> ClientError {
+    let status = resp.status();
+    let body: ErrorBody = resp.json().await.unwrap_or(ErrorBody {
+        code: "unknown".into(),
+        message: String::new(),
+    });
+    ClientError::Api {
+        status,
+        code: body.code,
+        message: body.message,
+    }
+}
+
 /// An API client bound to one server and (optionally) one API key.
 #[derive(Clone)]
 pub struct Client {
@@ -50,19 +65,10 @@ impl Client {
             None => req,
         };
         let resp = req.send().await?;
-        let status = resp.status();
-        if status.is_success() {
+        if resp.status().is_success() {
             return Ok(resp.json().await?);
         }
-        let body: ErrorBody = resp.json().await.unwrap_or(ErrorBody {
-            code: "unknown".into(),
-            message: String::new(),
-        });
-        Err(ClientError::Api {
-            status,
-            code: body.code,
-            message: body.message,
-        })
+        Err(refusal(resp).await)
     }
 
     fn url(&self, path: &str) -> String {
@@ -150,19 +156,10 @@ impl Client {
             req = req.bearer_auth(k);
         }
         let resp = req.send().await?;
-        let status = resp.status();
-        if status.is_success() {
+        if resp.status().is_success() {
             return Ok(resp.bytes().await?.to_vec());
         }
-        let body: ErrorBody = resp.json().await.unwrap_or(ErrorBody {
-            code: "unknown".into(),
-            message: String::new(),
-        });
-        Err(ClientError::Api {
-            status,
-            code: body.code,
-            message: body.message,
-        })
+        Err(refusal(resp).await)
     }
 
     pub async fn ready(&self) -> bool {

@@ -70,6 +70,28 @@ fn records() -> Vec<Value> {
         .collect()
 }
 
+/// The edge at `url`'s `/readyz` once its link to the cloud is up, waited for up to 60 s.
+async fn wait_link_up(http: &reqwest::Client, url: &str, log: &Path) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready: Option<Value> = match http.get(format!("{url}/readyz")).send().await {
+            Ok(r) => r.json().await.ok(),
+            Err(_) => None,
+        };
+        if let Some(ready) = ready
+            && ready["link_up"] == json!(true)
+        {
+            return ready;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edge's link was not up within 60 s (see {})",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_questions_through_an_edge_return_each_records_payload_from_both_tiers() {
     let dir = tempfile::tempdir().unwrap();
@@ -168,26 +190,9 @@ async fn text_questions_through_an_edge_return_each_records_payload_from_both_ti
     let http = reqwest::Client::new();
     // Ready once its cache is open; the questions wait for the link, so that the cloud answers
     // what the cache cannot.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready: Option<Value> = match http.get(format!("{edge}/readyz")).send().await {
-            Ok(r) => r.json().await.ok(),
-            Err(_) => None,
-        };
-        if let Some(ready) = ready
-            && ready["link_up"] == json!(true)
-        {
-            assert_eq!(ready["cached_vectors"], json!(IN_SNAPSHOT), "{ready}");
-            assert_eq!(ready["takes_text"], json!(true), "{ready}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the edge's link was not up within 60 s (see {})",
-            work.join("edge.log").display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ready = wait_link_up(&http, &edge, &work.join("edge.log")).await;
+    assert_eq!(ready["cached_vectors"], json!(IN_SNAPSHOT), "{ready}");
+    assert_eq!(ready["takes_text"], json!(true), "{ready}");
 
     let by_id: std::collections::HashMap<u64, &Value> = records
         .iter()
@@ -277,21 +282,7 @@ async fn text_questions_through_an_edge_return_each_records_payload_from_both_ti
             .unwrap(),
     );
     let other = format!("http://127.0.0.1:{other_port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready: Option<Value> = match http.get(format!("{other}/readyz")).send().await {
-            Ok(r) => r.json().await.ok(),
-            Err(_) => None,
-        };
-        if ready.is_some_and(|r| r["link_up"] == json!(true)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the other edge's link was not up within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_link_up(&http, &other, &work.join("edge-other.log")).await;
     let refused = http
         .post(format!("{other}/v1/collections/{COLLECTION}/search"))
         .json(&json!({"text": records[0]["text"], "k": 1}))
